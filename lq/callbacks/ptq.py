@@ -1,0 +1,88 @@
+"""``Int8PTQ``: post-training quantization as a Lightning callback (paper Section 4 and 6, "PTQ").
+
+    trainer = Trainer(callbacks=[Int8PTQ()])
+    trainer.test(model, datamodule=dm)      # the int8 (fake-quant) accuracy in one line
+
+Swaps the layers in ``setup``, calibrates at the start of the stage (fit, validate, test or predict) on
+training data, and leaves the training schedule alone.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import lightning.pytorch as pl
+
+from lq.callbacks.base import QuantizationCallback
+from lq.callbacks.evaluation import metric_evaluator
+from lq.callbacks.loaders import stage_loader, val_loader
+from lq.quant.config import CALIBRATORS, QuantConfig
+
+
+class Int8PTQ(QuantizationCallback):
+    """Quantize and calibrate a LightningModule without changing how it trains.
+
+    Args:
+        config: ``lq.QuantConfig`` (default: per-channel max weights, per-tensor entropy activations).
+        num_samples: calibration samples (1024, paper Appendix A).
+        calibration_data: DataLoader / iterable / ``forward_loop(model)``; default: the training loader.
+        method: override the activation calibrator ("max", "entropy", "percentile", "mse", "auto").
+        monitor, mode: the validation metric "auto" maximises (or minimises with ``mode="min"``).
+    """
+
+    def __init__(
+        self,
+        config: QuantConfig | None = None,
+        num_samples: int = 1024,
+        calibration_data: Iterable | Callable | None = None,
+        method: str | None = None,
+        monitor: str | None = "val_acc",
+        mode: str = "max",
+    ) -> None:
+        super().__init__(config, num_samples, calibration_data)
+        if method is not None and method not in CALIBRATORS:
+            raise ValueError(f"method must be one of {CALIBRATORS} or None, got {method!r}")
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+        self.method = method
+        self.monitor = monitor
+        self.mode = mode
+
+    @property
+    def wants_auto(self) -> bool:
+        return self.method == "auto" or (self.method is None and self.config.activation.calibrator == "auto")
+
+    def _calibrate_once(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage_data: Any = None) -> None:
+        if self._restored or self.is_calibrated(pl_module):
+            return
+        try:
+            data = self._calibration_source(trainer, pl_module)
+        except (ValueError, AttributeError, RuntimeError):
+            if stage_data is None:
+                raise
+            warnings.warn(
+                f"{type(self).__name__}: no training data available in this stage; calibrating on the stage's "
+                "own data. Pass calibration_data=<train DataLoader> to calibrate on training samples",
+                stacklevel=2,
+            )
+            data = stage_data
+        kwargs: dict[str, Any] = {"method": self.method}
+        if self.wants_auto:
+            evaluate, _ = metric_evaluator(pl_module, val_loader(trainer, pl_module) or stage_data, self.monitor)
+            kwargs["evaluate"] = evaluate if self.mode == "max" else (lambda m: -evaluate(m))
+        self.calibrate(trainer, pl_module, data, **kwargs)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._calibrate_once(trainer, pl_module)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "validate":
+            self._calibrate_once(trainer, pl_module, stage_loader(trainer, "validate"))
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._calibrate_once(trainer, pl_module, stage_loader(trainer, "test"))
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._calibrate_once(trainer, pl_module, stage_loader(trainer, "predict"))

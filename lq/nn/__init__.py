@@ -1,0 +1,39 @@
+"""Quantized layers, layer swapping, BN folding, GELU10."""
+
+from lq.nn.fold_bn import fold_bn
+from lq.nn.gelu10 import GELU10
+from lq.nn.matmul import Matmul, QuantMatmul
+from lq.nn.mixin import QuantMixin
+from lq.nn.quant_conv import QuantConv1d, QuantConv2d, QuantConv3d, QuantConvTranspose2d
+from lq.nn.quant_linear import QuantLinear
+from lq.nn.swap import (
+    QUANT_MODULES,
+    QuantizationReport,
+    is_quantized,
+    quantization_report,
+    quantize,
+    quantized_layers,
+    restore,
+    swap,
+)
+
+__all__ = [
+    "GELU10",
+    "Matmul",
+    "QUANT_MODULES",
+    "QuantConv1d",
+    "QuantConv2d",
+    "QuantConv3d",
+    "QuantConvTranspose2d",
+    "QuantLinear",
+    "QuantMatmul",
+    "QuantMixin",
+    "QuantizationReport",
+    "fold_bn",
+    "is_quantized",
+    "quantization_report",
+    "quantize",
+    "quantized_layers",
+    "restore",
+    "swap",
+]

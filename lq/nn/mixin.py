@@ -1,0 +1,37 @@
+"""What every quantized layer shares: an input quantizer per input and a weight quantizer.
+
+Quantized layers *subclass* the float layer and are made by changing the class of the existing module
+(``lq.nn.swap``), so ``weight`` and ``bias`` stay the very same Parameters: optimizer state, DDP buckets and
+``torch.nn.utils.prune`` (which re-registers ``weight``) keep working. Inputs and weights are quantized; the
+output stays in float (paper Section 4: the next layer quantizes its own input).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from lq.quant.config import QuantConfig
+from lq.quant.quantizer import TensorQuantizer
+
+
+class QuantMixin:
+    """Adds ``input_quantizer`` and ``weight_quantizer`` to a float layer whose class was swapped."""
+
+    #: the float class this quantized class stands for (set by each subclass)
+    float_class: type[nn.Module]
+    #: axis of the weight that indexes output channels (0 for Linear/Conv, 1 for ConvTranspose)
+    weight_channel_axis: int = 0
+
+    def init_quantizers(self, config: QuantConfig, name: str) -> None:
+        w = config.weight
+        self.input_quantizer = TensorQuantizer(config.activation, axis=None, name=f"{name}.input")
+        self.weight_quantizer = TensorQuantizer(
+            w,
+            axis=self.weight_channel_axis,
+            num_channels=self.weight.shape[self.weight_channel_axis],
+            dynamic=w.calibrator == "max",
+            name=f"{name}.weight",
+        )
+
+    def quantizers(self) -> dict[str, TensorQuantizer]:
+        return {n: m for n, m in self.named_children() if isinstance(m, TensorQuantizer)}

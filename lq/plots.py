@@ -1,0 +1,74 @@
+"""Figures and tables for people: the sensitivity chart (paper Fig. 3), logged to the trainer's loggers
+(W&B gets a table and an image; any logger gets scalars) and saved as PNG for users without W&B."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from lq.workflow import PartialQuantization, SensitivityReport
+
+log = logging.getLogger(__name__)
+
+
+def sensitivity_figure(report: SensitivityReport, result: PartialQuantization | None, metric: str, top: int = 20):
+    """Bars: the metric with only each layer quantized (most sensitive first); line: the metric with that
+    layer and all to its left kept in float (partial quantization), as in the paper's Fig. 3."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    names = report.ranking()[:top]
+    values = [report.layers[n] for n in names]
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(names) + 2), 4.5))
+    ax.bar(range(len(names)), values, color="tab:blue", label="sensitivity (only this layer quantized)")
+    if result is not None and len(result.history) > 1:
+        ks = [k for k, _ in result.history[1:] if k <= len(names)]
+        ax.plot([k - 1 for k in ks], [v for k, v in result.history[1:] if k <= len(names)], "o-", color="tab:orange",
+                label="partial quantization (this and left in float)")
+    ax.axhline(report.fp32, color="k", ls="--", lw=1, label=f"fp32 {report.fp32:.4f}")
+    ax.axhline(report.int8, color="tab:red", ls=":", lw=1, label=f"all int8 {report.int8:.4f}")
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
+    lo = min(values + [report.int8]) if values else report.int8
+    ax.set_ylim(lo - 0.1 * (abs(report.fp32 - lo) + 1e-6), report.fp32 + 0.05 * (abs(report.fp32 - lo) + 1e-6))
+    ax.set_ylabel(metric)
+    ax.set_title("Per-layer sensitivity (Wu et al. 2020, Fig. 3)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def _log_dir(trainer: Any) -> str:
+    d = getattr(trainer, "log_dir", None) or trainer.default_root_dir
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def log_sensitivity(trainer: Any, report: SensitivityReport, result: PartialQuantization | None, metric: str) -> str:
+    """Save the chart as PNG in the run's log dir and send table/image/scalars to the loggers. Returns
+    the PNG path."""
+    import matplotlib.pyplot as plt
+
+    fig = sensitivity_figure(report, result, metric)
+    path = os.path.join(_log_dir(trainer), "lq_sensitivity.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    rows = [[n, v, d, n in (result.skipped if result else [])] for n, v, d in report.rows()]
+    for logger in trainer.loggers:
+        try:
+            from lightning.pytorch.loggers import WandbLogger
+
+            if isinstance(logger, WandbLogger):
+                logger.log_table("lq/sensitivity", columns=["layer", metric, "relative_drop", "kept_float"], data=rows)
+                logger.log_image("lq/sensitivity_chart", images=[path])
+            scalars = {f"lq/sensitivity/{n}": v for n, v, _ in report.rows()}
+            scalars.update({"lq/fp32": report.fp32, "lq/int8": report.int8})
+            if result is not None:
+                scalars.update({"lq/partial_int8": result.metric, "lq/skipped_layers": float(len(result.skipped))})
+            logger.log_metrics(scalars, step=trainer.global_step)
+        except Exception as err:  # noqa: BLE001 - a logger failing must not lose the analysis
+            log.warning("lq: could not log sensitivity to %s: %s", type(logger).__name__, err)
+    log.info("lq: sensitivity chart saved to %s", path)
+    return path

@@ -1,0 +1,125 @@
+"""What to quantize and how: ``QuantSpec`` for one tensor kind, ``QuantConfig`` for a model.
+
+The defaults are the paper's recommendation (Wu et al. 2020, Section 6): weights per-channel with max
+calibration, activations per-tensor (entropy here; the paper tries max, entropy and percentiles), scale
+quantization with the symmetric range [-127, 127]. Hydra builds both from YAML (see ``conf/quant``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from lq.quant.functional import check_bits
+
+GRANULARITIES = ("per_tensor", "per_channel")
+CALIBRATORS = ("max", "entropy", "percentile", "mse", "auto")
+#: The candidates that ``calibrator="auto"`` tries (the paper's Table 5 columns, plus mse).
+AUTO_CANDIDATES = (
+    ("max", None),
+    ("entropy", None),
+    ("percentile", 99.9),
+    ("percentile", 99.99),
+    ("percentile", 99.999),
+    ("percentile", 99.9999),
+    ("mse", None),
+)
+#: Layer kinds ``lq.quantize`` knows how to swap (names match ``lq.nn.QUANT_MODULES``).
+LAYER_KINDS = ("Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose2d", "Matmul")
+
+
+@dataclass
+class QuantSpec:
+    """How to quantize one kind of tensor (weights or activations).
+
+    Args:
+        bits: integer width b, 2..16 (eq. 6: the range is [-(2^(b-1) - 1), 2^(b-1) - 1]).
+        granularity: ``"per_tensor"`` or ``"per_channel"`` (Section 3.2). Per-channel for weights means one
+            range per output channel (axis 0 of Linear/Conv weights, axis 1 of ConvTranspose weights).
+        calibrator: ``"max"``, ``"entropy"``, ``"percentile"``, ``"mse"`` or ``"auto"`` (Section 3.4; auto
+            tries each and keeps the best on an evaluate function: the paper's "PTQ best").
+        percentile: the percentile for ``calibrator="percentile"`` (e.g. 99.99 keeps 99.99% of |x| values).
+        num_bins: histogram bins for entropy / percentile / mse calibration.
+        learn_range: make amax a trainable parameter during QAT (PACT/LSQ, Section 5.3).
+        enabled: quantize this kind of tensor at all (``False`` keeps e.g. activations in float).
+    """
+
+    bits: int = 8
+    granularity: str = "per_tensor"
+    calibrator: str = "max"
+    percentile: float = 99.99
+    num_bins: int = 2048
+    learn_range: bool = False
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits)
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.calibrator not in CALIBRATORS:
+            raise ValueError(f"calibrator must be one of {CALIBRATORS}, got {self.calibrator!r}")
+        if not 0.0 < float(self.percentile) <= 100.0:
+            raise ValueError(f"percentile must be in (0, 100], got {self.percentile!r}")
+        if int(self.num_bins) < 128:
+            raise ValueError(f"num_bins must be >= 128 (entropy calibration searches 128 levels), got {self.num_bins}")
+
+    @property
+    def per_channel(self) -> bool:
+        return self.granularity == "per_channel"
+
+
+def _default_weight() -> QuantSpec:
+    return QuantSpec(bits=8, granularity="per_channel", calibrator="max")
+
+
+def _default_activation() -> QuantSpec:
+    return QuantSpec(bits=8, granularity="per_tensor", calibrator="entropy")
+
+
+@dataclass
+class QuantConfig:
+    """Which layers to quantize and how.
+
+    Args:
+        weight: spec for the weights of every quantized layer (per-channel max by default, Section 4.1).
+        activation: spec for the layer inputs (per-tensor, entropy by default, Section 4.2).
+        skip: fnmatch globs on module names (``model.named_modules()``) to keep in float, e.g. ``["head.*"]``.
+        only: if given, quantize only modules whose names match one of these globs.
+        layers: layer kinds to quantize, from ``LAYER_KINDS``.
+        gelu10: replace ``nn.GELU`` (and transformers' GELU activations) by GELU10, which clips the output
+            at 10 so max calibration keeps resolution for the small negative values (Appendix D).
+    """
+
+    weight: QuantSpec = field(default_factory=_default_weight)
+    activation: QuantSpec = field(default_factory=_default_activation)
+    skip: list[str] = field(default_factory=list)
+    only: list[str] | None = None
+    layers: list[str] = field(default_factory=lambda: list(LAYER_KINDS))
+    gelu10: bool = False
+
+    def __post_init__(self) -> None:
+        # Hydra hands over DictConfig / ListConfig objects: normalise them to plain Python types.
+        if not isinstance(self.weight, QuantSpec):
+            self.weight = QuantSpec(**dict(self.weight))
+        if not isinstance(self.activation, QuantSpec):
+            self.activation = QuantSpec(**dict(self.activation))
+        if isinstance(self.skip, str) or (self.only is not None and isinstance(self.only, str)):
+            raise TypeError("skip and only take a list of glob patterns, e.g. skip=['head.*'], not a string")
+        self.skip = [str(p) for p in self.skip]
+        self.only = None if self.only is None else [str(p) for p in self.only]
+        self.layers = [str(k) for k in self.layers]
+        unknown = sorted(set(self.layers) - set(LAYER_KINDS))
+        if unknown:
+            raise ValueError(f"unknown layer kinds {unknown}; allowed: {list(LAYER_KINDS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
+        d = dict(d)
+        d["weight"] = QuantSpec(**d.get("weight", {})) if isinstance(d.get("weight"), dict) else d.get("weight")
+        d["activation"] = (
+            QuantSpec(**d.get("activation", {})) if isinstance(d.get("activation"), dict) else d.get("activation")
+        )
+        return cls(**{k: v for k, v in d.items() if v is not None or k == "only"})

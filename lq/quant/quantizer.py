@@ -1,0 +1,194 @@
+"""``TensorQuantizer``: the module that sits on one input of a quantized layer.
+
+It holds the calibrated range ``amax`` as a buffer (a Parameter when the range is learned, Section 5.3)
+and runs in one of three modes:
+
+- ``"off"``: pass-through, the float reference (used by sensitivity analysis and partial quantization).
+- ``"calibrate"``: pass-through, while a calibrator (``lq.calib``) collects range statistics (Section 3.4).
+- ``"quantize"``: fake quantization, eq. 12, with the STE of eq. 13.
+
+Weight quantizers with max calibration are *dynamic*: amax follows ``|W|.max()`` per channel at every
+forward, so fine-tuning and BN folding never leave a stale range (the paper's per-channel max, Section 4.1).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lq.calib import Calibrator, MaxCalibrator, make_calibrator
+from lq.quant.config import QuantSpec
+from lq.quant.functional import fake_quant, fake_quant_learned_range
+
+MODES = ("off", "calibrate", "quantize")
+
+
+class TensorQuantizer(nn.Module):
+    """Fake-quantizes one tensor with a calibrated, fixed (or learned) symmetric range.
+
+    Args:
+        spec: bits, granularity, calibrator (``QuantSpec``).
+        axis: the channel axis when ``spec.granularity == "per_channel"`` (ignored per tensor).
+        num_channels: the size of that axis (per-channel amax has one value per channel).
+        dynamic: recompute amax as the per-channel/per-tensor max of the input at every forward (weights).
+        name: the owning layer's name, used in error messages.
+    """
+
+    def __init__(
+        self,
+        spec: QuantSpec,
+        axis: int | None = None,
+        num_channels: int = 1,
+        dynamic: bool = False,
+        name: str = "",
+    ) -> None:
+        super().__init__()
+        self.spec = spec
+        self.axis = axis if spec.per_channel else None
+        if spec.per_channel and axis is None:
+            raise ValueError(f"{name or 'quantizer'}: per_channel quantization needs a channel axis")
+        self.dynamic = bool(dynamic) and not spec.learn_range
+        self.name = name
+        shape = (num_channels,) if self.axis is not None else ()
+        init = torch.full(shape, float("nan"))  # NaN = "not calibrated yet"
+        if spec.learn_range:
+            self.amax = nn.Parameter(init)
+        else:
+            self.register_buffer("amax", init)
+        # Quantizing from the start: an uncalibrated activation quantizer fails loudly at its first
+        # forward instead of silently running in float.
+        self._mode = "quantize" if spec.enabled else "off"
+        self._calibrator: Calibrator | None = None
+        self._num_collected = 0
+
+    # ----------------------------------------------------------------------------------------- state
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        if value not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {value!r}")
+        if not self.spec.enabled:
+            value = "off"
+        if value == "calibrate" and self._calibrator is None:
+            self.start_calibration()
+        self._mode = value
+
+    def start_calibration(self, method: str | None = None) -> None:
+        """Fresh statistics for ``method`` (default: the spec's calibrator) and calibrate mode."""
+        method = method or self.spec.calibrator
+        self._calibrator = make_calibrator(method, axis=self.axis, num_bins=self.spec.num_bins)
+        self._num_collected = 0
+        self._mode = "calibrate" if self.spec.enabled else "off"
+
+    @property
+    def is_calibrated(self) -> bool:
+        return bool(torch.isfinite(self.amax).all())
+
+    @property
+    def has_calib_data(self) -> bool:
+        """True once the calibrator has collected at least one tensor since the last reset."""
+        return self._calibrator is not None and self._num_collected > 0
+
+    @property
+    def calibrator(self) -> Calibrator | None:
+        return self._calibrator
+
+    def reset_calibration(self) -> None:
+        """Forget collected statistics (the calibrated amax stays until the next ``load_calib_amax``)."""
+        if self._calibrator is not None:
+            self._calibrator.reset()
+        self._num_collected = 0
+
+    @torch.no_grad()
+    def load_calib_amax(self, method: str | None = None, percentile: float | None = None) -> torch.Tensor:
+        """Set amax from the collected statistics with ``method`` (default: the spec's calibrator).
+
+        ``method`` is one of "max", "entropy", "percentile", "mse"; a histogram collected once serves all.
+        """
+        if self._calibrator is None:
+            raise RuntimeError(f"{self.name}: no calibration data was collected; run lq.calibrate(model, data)")
+        method = method or self.spec.calibrator
+        if method == "auto":
+            method = "entropy"
+        try:
+            if isinstance(self._calibrator, MaxCalibrator):
+                if method != "max":
+                    raise ValueError(
+                        f"{self.name}: the max calibrator keeps only the maximum and cannot give {method!r}; "
+                        "calibrate with calibrator 'entropy', 'percentile', 'mse' or 'auto' (one histogram "
+                        "serves all methods)"
+                    )
+                amax = self._calibrator.compute_amax()
+            else:
+                pct = float(percentile if percentile is not None else self.spec.percentile)
+                amax = self._calibrator.compute_amax(method=method, percentile=pct, bits=self.spec.bits)
+        except RuntimeError as err:
+            raise RuntimeError(f"{self.name}: {err}") from err
+        self.set_amax(amax)
+        return self.amax.detach()
+
+    @torch.no_grad()
+    def set_amax(self, amax: torch.Tensor) -> None:
+        amax = torch.as_tensor(amax, dtype=torch.float32, device=self.amax.device).reshape(self.amax.shape)
+        self.amax.data.copy_(amax)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # A float checkpoint (or a Lightning checkpoint whose quantizer state lives in the lq callback's own
+        # section) has no amax: keep the current range instead of failing a strict load. A present amax of
+        # another shape (a checkpoint from another config) still fails loudly below.
+        key = prefix + "amax"
+        if key in state_dict and state_dict[key].shape != self.amax.shape:
+            error_msgs.append(
+                f"{self.name}: checkpoint amax has shape {tuple(state_dict[key].shape)} but this quantizer has "
+                f"{tuple(self.amax.shape)}; the checkpoint comes from another quantization config (granularity)"
+            )
+            return
+        before = len(missing_keys)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if key not in state_dict:
+            del missing_keys[before:]
+
+    # --------------------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._mode == "off":
+            return x
+        if not x.is_floating_point():
+            raise TypeError(
+                f"{self.name}: quantized layers take floating-point inputs (fp32/fp16/bf16), got {x.dtype}"
+            )
+        if self._mode == "calibrate":
+            try:
+                self._calibrator.collect(x.detach())
+            except ValueError as err:
+                raise ValueError(f"layer '{self.name}': {err}") from err
+            self._num_collected += 1
+            return x
+        if self.dynamic:
+            with torch.no_grad():
+                if self.axis is None:
+                    self.amax.copy_(x.detach().abs().amax().float())
+                else:
+                    dims = [d for d in range(x.dim()) if d != self.axis % x.dim()]
+                    self.amax.copy_(x.detach().abs().amax(dim=dims).float())
+        elif not self.is_calibrated:
+            raise RuntimeError(
+                f"layer '{self.name}' is quantized but has no calibrated range: run "
+                "lq.calibrate(model, data) first (or disable it with lq.quantization_disabled)"
+            )
+        if self.spec.learn_range and self.training:
+            return fake_quant_learned_range(x, self.amax, self.spec.bits, self.axis)
+        return fake_quant(x, self.amax, self.spec.bits, self.axis)
+
+    def extra_repr(self) -> str:
+        gran = f"per_channel(axis={self.axis})" if self.axis is not None else "per_tensor"
+        if self.is_calibrated:
+            a = self.amax.detach()
+            amax = f"{a.item():.4g}" if a.numel() == 1 else f"[{a.min().item():.4g}, {a.max().item():.4g}]({a.numel()})"
+        else:
+            amax = "uncalibrated"
+        extra = ", dynamic" if self.dynamic else ""
+        extra += ", learned" if self.spec.learn_range else ""
+        return f"bits={self.spec.bits}, {gran}, amax={amax}, calibrator={self.spec.calibrator}, mode={self._mode}{extra}"

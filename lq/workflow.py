@@ -1,0 +1,399 @@
+"""The paper's recommended workflow (Wu et al. 2020, Section 6, Fig. 5) as plain functions.
+
+PTQ: ``quantize`` then ``calibrate`` (max / entropy / percentile / mse, or "auto" = the best on an evaluate
+function). Partial quantization: ``sensitivity`` (one layer quantized at a time, Section 5.1) then
+``partial_quantize`` (keep the most sensitive layers in float until the metric is within target). The
+Lightning callbacks in ``lq.callbacks`` are doors onto these functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lq.batches import batch_size, forward_batch
+from lq.nn.swap import quantized_layers
+from lq.quant.config import AUTO_CANDIDATES
+from lq.quant.quantizer import TensorQuantizer
+
+log = logging.getLogger(__name__)
+
+Evaluate = Callable[[nn.Module], float]
+
+
+def quantizers(model: nn.Module) -> dict[str, TensorQuantizer]:
+    """``{name: TensorQuantizer}`` for every quantizer in the model."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, TensorQuantizer)}
+
+
+def _require_quantized(model: nn.Module, what: str) -> dict[str, nn.Module]:
+    layers = quantized_layers(model)
+    if not layers:
+        raise ValueError(f"{what}: the model has no quantized layers; call lq.quantize(model, config) first")
+    return layers
+
+
+@contextlib.contextmanager
+def _eval_no_grad(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _run_data(model: nn.Module, data: Any, num_samples: int | None) -> int:
+    """Forward ``data`` (an iterable of batches, or a ``forward_loop(model)`` callable) through the model.
+    Returns how many samples were seen (``-1`` for a forward_loop, which counts for itself)."""
+    if callable(data) and not isinstance(data, (torch.utils.data.DataLoader, Iterable)):
+        data(model)
+        return -1
+    if not isinstance(data, Iterable):
+        raise TypeError(
+            f"calibration data must be a DataLoader/iterable of batches or a forward_loop(model) callable, "
+            f"got {type(data).__name__}"
+        )
+    seen = 0
+    for batch in data:
+        n = batch_size(batch)
+        if num_samples is not None and seen + n > num_samples:
+            batch = _take(batch, num_samples - seen)
+            n = num_samples - seen
+        forward_batch(model, batch)
+        seen += n
+        if num_samples is not None and seen >= num_samples:
+            break
+    if seen == 0:
+        raise ValueError(
+            "calibration data is empty (the data loader yielded no batch, or it is an exhausted iterator); "
+            "pass a DataLoader over training samples"
+        )
+    return seen
+
+
+def _take(batch: Any, n: int) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch[:n]
+    if isinstance(batch, dict):
+        return {k: _take(v, n) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_take(v, n) for v in batch)
+    return batch
+
+
+def calibrate(
+    model: nn.Module,
+    data: Any,
+    num_samples: int | None = 1024,
+    method: str | None = None,
+    evaluate: Evaluate | None = None,
+    percentile: float | None = None,
+) -> nn.Module:
+    """Calibrate every quantizer of a quantized model (Section 3.4, Appendix A: 1024 samples for CNNs).
+
+    Weights with max calibration need no data (their range is the per-channel max, recomputed at every
+    forward); other weight calibrators see the weights once. Activation statistics are collected on the
+    float model (quantization off), in eval mode under no_grad, then ranges are computed with each
+    quantizer's calibrator, or ``method`` for all activations ("max", "entropy", "percentile", "mse",
+    "auto"). "auto" (the paper's "PTQ best") tries max, entropy, 99.9..99.9999% percentiles and mse from one
+    histogram and keeps the best by ``evaluate(model) -> float`` (higher is better).
+
+    Under torch.distributed the statistics are reduced across ranks, so every rank ends with the same amax.
+
+    Args:
+        data: a DataLoader / iterable of batches (tensor, ``(x, y, ...)`` tuple or dict of keyword inputs),
+            or a callable ``forward_loop(model)`` that runs the forward passes itself.
+        num_samples: stop after this many samples (``None``: the whole iterable).
+    Returns the model, calibrated and in quantize mode.
+    """
+    layers = _require_quantized(model, "lq.calibrate")
+    if num_samples is not None and (not isinstance(num_samples, int) or num_samples <= 0):
+        raise ValueError(f"num_samples must be a positive int or None, got {num_samples!r}")
+    qs = quantizers(model)
+    wanted_auto = method == "auto" or any(q.spec.calibrator == "auto" and q.spec.enabled for q in qs.values())
+    if wanted_auto and evaluate is None:
+        raise ValueError("calibrator 'auto' keeps the best calibration by a metric: pass evaluate=fn(model)->float")
+    previous = {n: q.mode for n, q in qs.items()}
+    weight_ids = {id(getattr(m, "weight_quantizer", None)) for m in layers.values()}
+    weights = {n: q for n, q in qs.items() if id(q) in weight_ids and q.spec.enabled and not q.dynamic}
+    act = {n: q for n, q in qs.items() if id(q) not in weight_ids and q.spec.enabled}
+    missing: list[str] = []
+    try:
+        # Weights: static, one look each.
+        for name, q in weights.items():
+            q.start_calibration()
+            q(model.get_submodule(name.rpartition(".")[0]).weight.detach())
+            q.load_calib_amax()
+        # Activations: collected on the float model (every other quantizer off).
+        for q in qs.values():
+            q.mode = "off"
+        for q in act.values():
+            q.start_calibration(method)
+        with _eval_no_grad(model):
+            seen = _run_data(model, data, num_samples)
+        if num_samples is not None and 0 <= seen < num_samples:
+            warnings.warn(
+                f"lq.calibrate: asked for {num_samples} samples but the data held {seen}; calibrated on {seen}",
+                stacklevel=2,
+            )
+        for name, q in act.items():
+            if not q.has_calib_data:
+                missing.append(name)
+                continue
+            q.calibrator.sync()
+            q.load_calib_amax(method if method not in (None, "auto") else None, percentile=percentile)
+    finally:
+        # Back to the previous modes; a quantizer that was calibrating quantizes now.
+        for n, q in qs.items():
+            q.mode = "quantize" if previous[n] == "calibrate" else previous[n]
+    for name in missing:
+        qs[name].mode = "off"
+    if missing:
+        warnings.warn(
+            f"lq.calibrate: {len(missing)} quantizers saw no data during calibration and stay in float: "
+            f"{missing[:10]}. If these layers run in forward, check that the data reaches them; otherwise "
+            "add them to QuantConfig.skip",
+            stacklevel=2,
+        )
+    log.info("lq.calibrate: calibrated %d layers on %s samples", len(layers), "all" if seen < 0 else seen)
+    if wanted_auto:
+        choose_calibration(model, evaluate)
+    return model
+
+
+@dataclass
+class CalibrationChoice:
+    """Result of trying several activation calibrations (the paper's Table 5 row for one model)."""
+
+    best: str
+    scores: dict[str, float]
+
+
+def _candidate_name(method: str, percentile: float | None) -> str:
+    return f"percentile_{percentile:g}" if method == "percentile" else method
+
+
+def choose_calibration(
+    model: nn.Module,
+    evaluate: Evaluate,
+    candidates: Iterable[tuple[str, float | None]] = AUTO_CANDIDATES,
+    mode: str = "max",
+) -> CalibrationChoice:
+    """Load each candidate activation calibration, evaluate, and keep the best (Section 6, "PTQ").
+
+    Needs histogram statistics from a previous ``calibrate`` with an "entropy"/"percentile"/"mse"/"auto"
+    activation calibrator. The chosen amax values are loaded; the choice is stored on the model and
+    returned.
+    """
+    _check_mode(mode)
+    act = {
+        n: q
+        for n, q in quantizers(model).items()
+        if not q.dynamic and q.has_calib_data and q.mode == "quantize"
+    }
+    if not act:
+        raise ValueError("choose_calibration: no calibrated activation quantizers; run lq.calibrate first")
+    if any(type(q.calibrator).__name__ == "MaxCalibrator" for q in act.values()):
+        raise ValueError(
+            "choose_calibration needs histograms: use calibrator 'entropy', 'percentile', 'mse' or 'auto' "
+            "for activations (a max calibrator keeps only the maximum)"
+        )
+    scores: dict[str, float] = {}
+    for method, pct in candidates:
+        for q in act.values():
+            q.load_calib_amax(method, percentile=pct)
+        scores[_candidate_name(method, pct)] = _score(evaluate, model)
+    best_name = (max if mode == "max" else min)(scores, key=scores.get)
+    best = dict((_candidate_name(m, p), (m, p)) for m, p in candidates)[best_name]
+    for q in act.values():
+        q.load_calib_amax(best[0], percentile=best[1])
+    choice = CalibrationChoice(best=best_name, scores=scores)
+    model._lq_calibration = choice  # noqa: SLF001
+    log.info("lq: calibration scores %s; kept %s", scores, best_name)
+    return choice
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in ("max", "min"):
+        raise ValueError(f"mode must be 'max' (higher metric is better) or 'min', got {mode!r}")
+
+
+def _score(evaluate: Evaluate, model: nn.Module) -> float:
+    value = evaluate(model)
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    try:
+        value = float(value)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"evaluate(model) must return a number, got {type(value).__name__}") from err
+    if not math.isfinite(value):
+        raise ValueError(f"evaluate(model) returned {value}; the metric must be finite")
+    return value
+
+
+# ------------------------------------------------------------------------------- enabling / disabling
+def _layer_names(model: nn.Module, layers: Iterable[str] | None) -> list[str]:
+    all_layers = quantized_layers(model)
+    if layers is None:
+        return list(all_layers)
+    layers = [layers] if isinstance(layers, str) else list(layers)
+    unknown = [n for n in layers if n not in all_layers]
+    if unknown:
+        raise ValueError(f"not quantized layers of this model: {unknown}; quantized layers: {list(all_layers)[:10]}...")
+    return layers
+
+
+def set_quantization(model: nn.Module, enabled: bool, layers: Iterable[str] | None = None) -> None:
+    """Turn quantization of ``layers`` (default: all) on or off. Off = the layer runs in float."""
+    all_layers = quantized_layers(model)
+    for name in _layer_names(model, layers):
+        for q in all_layers[name].quantizers().values():
+            q.mode = "quantize" if enabled else "off"
+
+
+@contextlib.contextmanager
+def quantization_disabled(
+    model: nn.Module, layers: Iterable[str] | None = None, keep: Iterable[str] | None = None
+) -> Iterator[nn.Module]:
+    """Run the float reference inside the block: quantizers of ``layers`` (default: all) are off,
+    except those of ``keep``. The previous modes come back on exit."""
+    qs = quantizers(model)
+    previous = {n: q.mode for n, q in qs.items()}
+    try:
+        set_quantization(model, False, layers)
+        if keep is not None:
+            set_quantization(model, True, keep)
+        yield model
+    finally:
+        for n, q in qs.items():
+            q.mode = previous[n]
+
+
+def enabled_layers(model: nn.Module) -> list[str]:
+    """Names of quantized layers whose quantizers are on."""
+    return [n for n, m in quantized_layers(model).items() if any(q.mode != "off" for q in m.quantizers().values())]
+
+
+# ------------------------------------------------------------------------------- sensitivity (5.1)
+@dataclass
+class SensitivityReport:
+    """One-at-a-time sensitivity analysis (Section 5.1, Fig. 3).
+
+    ``layers`` maps each layer to the metric with only that layer quantized, ordered from the most
+    sensitive (worst metric) to the least.
+    """
+
+    fp32: float
+    int8: float
+    layers: dict[str, float]
+    mode: str = "max"
+
+    def ranking(self) -> list[str]:
+        return list(self.layers)
+
+    def rows(self) -> list[tuple[str, float, float]]:
+        """(layer, metric with only it quantized, drop vs fp32 relative)."""
+        return [(n, v, _relative_drop(self.fp32, v, self.mode)) for n, v in self.layers.items()]
+
+
+def _relative_drop(ref: float, value: float, mode: str) -> float:
+    """(ref - value) / |ref| for a higher-is-better metric (the paper's relative accuracy change, negated)."""
+    diff = ref - value if mode == "max" else value - ref
+    return diff / abs(ref) if ref != 0 else diff
+
+
+def sensitivity(
+    model: nn.Module,
+    evaluate: Evaluate,
+    mode: str = "max",
+    layers: Iterable[str] | None = None,
+    progress: Callable[[Iterable], Iterable] | None = None,
+) -> SensitivityReport:
+    """Quantize one layer at a time and evaluate (Section 5.1). The model's modes are restored after.
+
+    ``evaluate(model) -> float`` is the metric (higher is better with ``mode="max"``). Layers already
+    turned off (e.g. by partial quantization) are measured too; ``layers`` restricts the sweep.
+    """
+    _check_mode(mode)
+    _require_quantized(model, "lq.sensitivity")
+    names = _layer_names(model, layers)
+    with quantization_disabled(model):
+        fp32 = _score(evaluate, model)
+    with quantization_disabled(model, keep=names):
+        int8 = _score(evaluate, model)
+    per_layer = {}
+    for name in progress(names) if progress else names:
+        with quantization_disabled(model, keep=[name]):
+            per_layer[name] = _score(evaluate, model)
+    ordered = dict(sorted(per_layer.items(), key=lambda kv: kv[1], reverse=(mode == "min")))
+    report = SensitivityReport(fp32=fp32, int8=int8, layers=ordered, mode=mode)
+    log.info("lq.sensitivity: fp32 %.4f, all quantized %.4f, most sensitive %s", fp32, int8, list(ordered)[:5])
+    return report
+
+
+@dataclass
+class PartialQuantization:
+    """Result of ``partial_quantize``: which layers stay in float and the metric reached."""
+
+    skipped: list[str]
+    metric: float
+    fp32: float
+    target: float
+    reached: bool
+    history: list[tuple[int, float]] = field(default_factory=list)
+    report: SensitivityReport | None = None
+
+
+def partial_quantize(
+    model: nn.Module,
+    evaluate: Evaluate,
+    target: float = 0.01,
+    mode: str = "max",
+    report: SensitivityReport | None = None,
+    max_skipped: int | None = None,
+) -> PartialQuantization:
+    """Keep the most sensitive layers in float until the metric is within ``target`` (relative) of fp32.
+
+    Section 5.1 / Table 6: sort layers by one-at-a-time sensitivity, skip quantization of the most
+    sensitive first, and stop at the smallest skip set that meets the target. The model is left with
+    those layers' quantizers off; the result lists them.
+    """
+    _check_mode(mode)
+    if not 0 <= target < 1:
+        raise ValueError(f"target is a relative drop in [0, 1), e.g. 0.01 for 1%, got {target!r}")
+    _require_quantized(model, "lq.partial_quantize")
+    report = report or sensitivity(model, evaluate, mode=mode, layers=enabled_layers(model))
+    order = [n for n in report.ranking() if n in quantized_layers(model)]
+    limit = len(order) if max_skipped is None else min(max_skipped, len(order))
+    history = []
+    skipped: list[str] = []
+    metric = report.int8
+    for k in range(limit + 1):
+        skipped = order[:k]
+        with quantization_disabled(model, layers=skipped) if skipped else contextlib.nullcontext():
+            metric = report.int8 if k == 0 else _score(evaluate, model)
+        history.append((k, metric))
+        if _relative_drop(report.fp32, metric, mode) <= target:
+            break
+    reached = _relative_drop(report.fp32, metric, mode) <= target
+    if skipped:
+        set_quantization(model, False, skipped)
+    if not reached:
+        warnings.warn(
+            f"lq.partial_quantize: skipping {len(skipped)} layers reached {metric:.4f} vs fp32 {report.fp32:.4f}, "
+            f"not within {target:.2%}; consider QAT (lq.callbacks.Int8QAT)",
+            stacklevel=2,
+        )
+    model._lq_skipped = list(skipped)  # noqa: SLF001
+    log.info("lq.partial_quantize: %d layers in float %s -> metric %.4f (fp32 %.4f)", len(skipped), skipped, metric, report.fp32)
+    return PartialQuantization(skipped, metric, report.fp32, target, reached, history, report)
