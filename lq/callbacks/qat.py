@@ -20,7 +20,7 @@ from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch.optim.lr_scheduler import LambdaLR
 
 from lq.callbacks.ptq import Int8PTQ
-from lq.callbacks.schedule import CosineFactor
+from lq.schedule import CosineFactor
 from lq.quant.config import QuantConfig
 from lq.workflow import quantizers
 

@@ -1,0 +1,288 @@
+"""Int8PTQ / Int8QAT / Int8Sensitivity on a plain LightningModule that knows nothing of lq (issue 3)."""
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ModelPruning
+from sklearn.datasets import load_digits
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import lq
+from lq.callbacks import Int8PTQ, Int8QAT, Int8Sensitivity
+
+
+def digits(split):
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x, dtype=torch.float32) / 16.0
+    y = torch.tensor(y)
+    sl = slice(0, 1400) if split == "train" else slice(1400, None)
+    return TensorDataset(x[sl], y[sl])
+
+
+class Plain(pl.LightningModule):
+    """A user's module: nothing about quantization in it."""
+
+    def __init__(self, lr=0.5):
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_acc", (self(x).argmax(1) == y).float().mean())
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("test_acc", (self(x).argmax(1) == y).float().mean())
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+        return [opt], [torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)]
+
+
+class DigitsData(pl.LightningDataModule):
+    def __init__(self, batch_size=100, shuffle=True):
+        super().__init__()
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+
+    def train_dataloader(self):
+        return DataLoader(digits("train"), batch_size=self.batch_size, shuffle=self.shuffle,
+                          generator=torch.Generator().manual_seed(0))
+
+    def val_dataloader(self):
+        return DataLoader(digits("val"), batch_size=200)
+
+    def test_dataloader(self):
+        return DataLoader(digits("val"), batch_size=200)
+
+
+def trainer(tmp_path, callbacks, **kw):
+    args = dict(
+        accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path, deterministic=True,
+    )
+    args.update(kw)
+    return pl.Trainer(callbacks=callbacks, **args)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    pl.seed_everything(0)
+    m = Plain()
+    t = trainer(tmp_path_factory.mktemp("pre"), [], max_epochs=4, enable_checkpointing=False)
+    t.fit(m, DigitsData())
+    return m.state_dict()
+
+
+def fresh(pretrained):
+    m = Plain()
+    m.load_state_dict(pretrained)
+    return m
+
+
+class LRRecorder(Callback):
+    def __init__(self):
+        self.lrs = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_qat_lr_schedule_paper_appendix_a2(tmp_path, pretrained):
+    rec = LRRecorder()
+    qat = Int8QAT(num_samples=256)
+    t = trainer(tmp_path, [qat, rec], enable_checkpointing=False)
+    with pytest.warns(UserWarning, match="replaces the 1 LR scheduler"):
+        t.fit(fresh(pretrained), DigitsData())
+    total = 2 * math.ceil(1400 / 100)
+    assert len(rec.lrs) == total
+    start = 0.5 * 0.01
+    final = start * 0.01
+    # cosine: lr(k) = final + (start - final) (1 + cos(pi k / T)) / 2 ; the user's StepLR is gone
+    assert rec.lrs[0] == pytest.approx(start)
+    assert rec.lrs[total // 2] == pytest.approx(final + (start - final) * 0.5, rel=1e-6)
+    assert rec.lrs[-1] == pytest.approx(final + (start - final) * 0.5 * (1 + math.cos(math.pi * (total - 1) / total)))
+    assert t.optimizers[0].param_groups[0]["lr"] == pytest.approx(final)
+    assert all(a >= b for a, b in zip(rec.lrs, rec.lrs[1:]))
+
+
+def test_qat_trains_and_test_ckpt_best_is_quantized(tmp_path, pretrained):
+    fp32 = trainer(tmp_path, []).validate(fresh(pretrained), DigitsData(), verbose=False)[0]["val_acc"]
+    pl.seed_everything(1)
+    qat = Int8QAT(num_samples=512)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, monitor="val_acc", mode="max", save_last=True)
+    t = trainer(tmp_path, [qat, ckpt])
+    m = fresh(pretrained)
+    t.fit(m, DigitsData())
+    assert set(lq.quantized_layers(m)) == {"net.0", "net.2", "net.4"}
+    x = digits("val").tensors[0]
+    m.eval()
+    out_end = m(x).detach()
+    acc_fit = t.validate(m, DigitsData(), verbose=False)[0]["val_acc"]
+    # trainer.test(ckpt_path="best") with the callback: the quantized model (Lightning 1.x #12896)
+    res = t.test(m, DigitsData(), ckpt_path="best", verbose=False)[0]["test_acc"]
+    assert res >= 0.98 * fp32  # same split as val: QAT keeps fp32 accuracy
+    assert all(q.is_calibrated for q in lq.quantizers(m).values())
+    # the user's own load_from_checkpoint does not trip on quantizer keys (#6457)
+    plain = Plain.load_from_checkpoint(ckpt.last_model_path)
+    assert not lq.quantized_layers(plain)
+    # one lq call gives the quantized model back with its ranges: same outputs as at the end of fit
+    back = lq.load_from_checkpoint(Plain, ckpt.last_model_path)
+    assert set(lq.quantized_layers(back)) == {"net.0", "net.2", "net.4"}
+    torch.testing.assert_close(back(x), out_end)
+    with lq.quantization_disabled(back):
+        assert not torch.allclose(back(x), out_end)
+    assert acc_fit >= 0.98 * fp32
+
+
+class Interrupt(Exception):
+    pass
+
+
+class InterruptAtEpoch(Callback):
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            raise Interrupt
+
+
+def test_resume_matches_uninterrupted_run(tmp_path, pretrained):
+    def run(root, ckpt_path=None, interrupt=None):
+        pl.seed_everything(3)
+        m = fresh(pretrained)
+        ck = ModelCheckpoint(dirpath=root, save_last=True, every_n_epochs=1)
+        extra = [InterruptAtEpoch(interrupt)] if interrupt is not None else []
+        t = trainer(root, [Int8QAT(num_samples=256), ck] + extra, max_epochs=3)
+        # no shuffling: a fresh DataLoader generator on resume would reorder epochs (not lq's business)
+        t.fit(m, DigitsData(shuffle=False), ckpt_path=ckpt_path)
+        return m, ck
+
+    full, _ = run(tmp_path / "a")
+    with pytest.raises(Interrupt):
+        run(tmp_path / "b", interrupt=1)  # killed after epoch 0's checkpoint
+    resumed, _ = run(tmp_path / "b", ckpt_path=str(tmp_path / "b" / "last.ckpt"))
+    assert full.state_dict().keys() == resumed.state_dict().keys()
+    for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=n)  # weights and every quantizer's amax
+
+
+def test_forward_with_keyword_arguments(tmp_path):
+    class KW(Plain):
+        def forward(self, x, *, scale=1.0):
+            return self.net(x) * scale
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self(x=x, scale=2.0), y)
+
+    m = KW()
+    t = trainer(tmp_path, [Int8QAT(num_samples=128)], max_epochs=1, enable_checkpointing=False)
+    t.fit(m, DigitsData())
+    assert m(x=torch.randn(2, 64), scale=3.0).shape == (2, 10)
+
+
+def test_qat_with_model_pruning(tmp_path, pretrained):
+    m = fresh(pretrained)
+    prune = ModelPruning("l1_unstructured", amount=0.3, use_global_unstructured=False, verbose=0)
+    t = trainer(tmp_path, [Int8QAT(num_samples=128), prune], max_epochs=1, enable_checkpointing=False)
+    t.fit(m, DigitsData())
+    assert isinstance(m.net[0], lq.nn.QuantLinear)
+    assert (m.net[0].weight == 0).float().mean() >= 0.29
+
+
+def test_ptq_in_one_line_with_trainer_test(tmp_path, pretrained):
+    m = fresh(pretrained)
+    t = trainer(tmp_path, [Int8PTQ(num_samples=512)])
+    fp32 = trainer(tmp_path, []).test(fresh(pretrained), DigitsData(), verbose=False)[0]["test_acc"]
+    int8 = t.test(m, DigitsData(), verbose=False)[0]["test_acc"]
+    assert lq.quantized_layers(m) and all(q.is_calibrated for q in lq.quantizers(m).values())
+    assert abs(int8 - fp32) / fp32 < 0.02
+
+
+def test_sensitivity_ranks_layers_and_applies_partial_quantization(tmp_path, pretrained):
+    m = fresh(pretrained)
+    sens = Int8Sensitivity(monitor="val_acc", target=0.0, num_samples=256)
+    t = trainer(tmp_path, [sens])
+    t.validate(m, DigitsData(), verbose=False)
+    assert sorted(sens.report.ranking()) == ["net.0", "net.2", "net.4"]
+    values = list(sens.report.layers.values())
+    assert values == sorted(values)
+    assert sens.result.reached
+    assert sens.result.metric >= sens.report.fp32
+    assert lq.enabled_layers(m) == [n for n in ["net.0", "net.2", "net.4"] if n not in sens.result.skipped]
+    assert (tmp_path / "lq_sensitivity.png").exists()
+
+
+# ------------------------------------------------------------------------------------- bad input
+def test_monitor_never_logged_lists_logged_keys(tmp_path, pretrained):
+    t = trainer(tmp_path, [Int8Sensitivity(monitor="val_accuracy", num_samples=64)])
+    with pytest.raises(ValueError, match=r"val_accuracy.*logged keys: \['val_acc'\]"):
+        t.validate(fresh(pretrained), DigitsData(), verbose=False)
+
+
+def test_no_train_dataloader_is_a_clear_error(tmp_path, pretrained):
+    class NoTrain(DigitsData):
+        train_dataloader = None
+
+    dm = DigitsData()
+    t = trainer(tmp_path, [Int8QAT()], max_steps=1)
+    with pytest.raises(ValueError, match="calibration_data"):
+        Int8QAT()._calibration_source(t, fresh(pretrained))
+    del dm, NoTrain
+
+
+def test_constructor_validation():
+    with pytest.raises(ValueError, match="lr_scale"):
+        Int8QAT(lr_scale=0)
+    with pytest.raises(ValueError, match="compute"):
+        Int8QAT(compute="int4")
+    with pytest.raises(ValueError, match="num_samples"):
+        Int8PTQ(num_samples=0)
+    with pytest.raises(ValueError, match="method"):
+        Int8PTQ(method="kl")
+    with pytest.raises(ValueError, match="target"):
+        Int8Sensitivity(target=2)
+
+
+def test_nothing_to_quantize(tmp_path):
+    class NoLayers(Plain):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Flatten(), nn.Identity())
+            self.w = nn.Parameter(torch.zeros(64, 10))
+
+        def forward(self, x):
+            return self.net(x) @ self.w
+
+    with pytest.raises(ValueError, match="nothing to quantize"):
+        trainer(tmp_path, [Int8QAT()], max_steps=1).fit(NoLayers(), DigitsData())
+
+
+def test_optimizer_without_lr(tmp_path, pretrained):
+    class NoLR(Plain):
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=0.1)
+            for g in opt.param_groups:
+                del g["lr"]
+            return opt
+
+    m = NoLR()
+    m.load_state_dict(pretrained)
+    with pytest.raises(ValueError, match="no 'lr'"):
+        trainer(tmp_path, [Int8QAT(num_samples=64)], max_steps=1).fit(m, DigitsData())
