@@ -147,10 +147,12 @@ def calibrate(
                 stacklevel=2,
             )
         for name, q in act.items():
-            if not q.has_calib_data:
+            # Every rank joins every reduction (a rank that saw no data for a layer still takes part), so
+            # DDP never waits on a rank that skipped; afterwards has_data is true if any rank collected.
+            q.calibrator.sync()
+            if not q.calibrator.has_data:
                 missing.append(name)
                 continue
-            q.calibrator.sync()
             q.load_calib_amax(method if method not in (None, "auto") else None, percentile=percentile)
     finally:
         # Back to the previous modes; a quantizer that was calibrating quantizes now.
@@ -199,7 +201,7 @@ def choose_calibration(
     act = {
         n: q
         for n, q in quantizers(model).items()
-        if not q.dynamic and q.has_calib_data and q.mode == "quantize"
+        if not q.dynamic and q.calibrator is not None and q.calibrator.has_data and q.mode == "quantize"
     }
     if not act:
         raise ValueError("choose_calibration: no calibrated activation quantizers; run lq.calibrate first")

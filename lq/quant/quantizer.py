@@ -59,7 +59,6 @@ class TensorQuantizer(nn.Module):
         # forward instead of silently running in float.
         self._mode = "quantize" if spec.enabled else "off"
         self._calibrator: Calibrator | None = None
-        self._num_collected = 0
 
     # ----------------------------------------------------------------------------------------- state
     @property
@@ -80,7 +79,6 @@ class TensorQuantizer(nn.Module):
         """Fresh statistics for ``method`` (default: the spec's calibrator) and calibrate mode."""
         method = method or self.spec.calibrator
         self._calibrator = make_calibrator(method, axis=self.axis, num_bins=self.spec.num_bins)
-        self._num_collected = 0
         self._mode = "calibrate" if self.spec.enabled else "off"
 
     @property
@@ -90,7 +88,7 @@ class TensorQuantizer(nn.Module):
     @property
     def has_calib_data(self) -> bool:
         """True once the calibrator has collected at least one tensor since the last reset."""
-        return self._calibrator is not None and self._num_collected > 0
+        return self._calibrator is not None and self._calibrator.has_data
 
     @property
     def calibrator(self) -> Calibrator | None:
@@ -100,7 +98,6 @@ class TensorQuantizer(nn.Module):
         """Forget collected statistics (the calibrated amax stays until the next ``load_calib_amax``)."""
         if self._calibrator is not None:
             self._calibrator.reset()
-        self._num_collected = 0
 
     @torch.no_grad()
     def load_calib_amax(self, method: str | None = None, percentile: float | None = None) -> torch.Tensor:
@@ -164,7 +161,6 @@ class TensorQuantizer(nn.Module):
                 self._calibrator.collect(x.detach())
             except ValueError as err:
                 raise ValueError(f"layer '{self.name}': {err}") from err
-            self._num_collected += 1
             return x
         if self.dynamic:
             with torch.no_grad():

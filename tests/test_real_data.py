@@ -1,0 +1,75 @@
+"""PTQ on real data (DATA.md): the pretrained MNIST CNN and a Fashion-MNIST CNN with BatchNorm (issue 2)."""
+
+import pytest
+import torch
+
+import lq
+
+mnist = pytest.importorskip("lq.data").load_split
+models = pytest.importorskip("lq.models")
+
+
+def accuracy(model, x, y, batch=2500):
+    model.eval()
+    with torch.no_grad():
+        return sum((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum().item() for i in range(0, len(x), batch)) / len(x)
+
+
+@pytest.fixture(scope="module")
+def mnist_ptq():
+    """The pretrained CNN, quantized, with one histogram calibration pass over 1024 train samples."""
+    try:
+        x_train, _ = mnist("mnist", "train")
+        x_test, y_test = mnist("mnist", "test")
+        model = models.pretrained_mnist_cnn()
+    except (ImportError, FileNotFoundError) as err:
+        pytest.skip(f"MNIST data or weights not installed ({err}); run scripts/setup.sh")
+    fp32 = accuracy(model, x_test, y_test)
+    torch.manual_seed(0)
+    calib = x_train[torch.randperm(len(x_train))[:1024]]
+    lq.quantize(model, lq.QuantConfig(activation=lq.QuantSpec(calibrator="entropy")))
+    lq.calibrate(model, calib.split(256), num_samples=None)
+    return model, fp32, x_test, y_test, calib
+
+
+def load_all(model, method, pct=None):
+    for q in lq.quantizers(model).values():
+        if not q.dynamic:
+            q.load_calib_amax(method, percentile=pct)
+
+
+def test_mnist_fp32_reference(mnist_ptq):
+    _, fp32, *_ = mnist_ptq
+    assert fp32 == pytest.approx(0.9905, abs=5e-4)  # DATA.md
+
+
+@pytest.mark.parametrize("method,pct", [("max", None), ("percentile", 99.99), ("percentile", 99.999), ("mse", None)])
+def test_mnist_ptq_within_half_percent_relative(mnist_ptq, method, pct):
+    model, fp32, x, y, _ = mnist_ptq
+    load_all(model, method, pct)
+    int8 = accuracy(model, x, y)
+    assert (fp32 - int8) / fp32 <= 0.005, f"{method} {pct}: {int8:.4f} vs fp32 {fp32:.4f}"
+
+
+def test_mnist_entropy_with_partial_quantization_within_half_percent(mnist_ptq):
+    """Entropy (KL) calibration clips this model's first two inputs hard: |x| of the normalised background is
+    one spike at 0.4242 holding ~80% of the mass, and KL prefers to represent the spike (clip ~0.43). The
+    paper's remedy is the workflow: sensitivity, then keep the most sensitive layers in float (Section 5.1)."""
+    model, fp32, x, y, _ = mnist_ptq
+    load_all(model, "entropy")
+    xs, ys = x[:2000], y[:2000]
+    result = lq.partial_quantize(model, lambda m: accuracy(m, xs, ys), target=0.002)
+    try:
+        int8 = accuracy(model, x, y)
+        assert result.skipped and len(result.skipped) < len(lq.quantized_layers(model))
+        assert (fp32 - int8) / fp32 <= 0.005, f"entropy + {result.skipped} in float: {int8:.4f} vs {fp32:.4f}"
+    finally:
+        lq.set_quantization(model, True)
+
+
+def test_mnist_auto_calibration_keeps_ptq_best(mnist_ptq):
+    model, fp32, x, y, _ = mnist_ptq
+    xs, ys = x[:2000], y[:2000]
+    choice = lq.choose_calibration(model, lambda m: accuracy(m, xs, ys))
+    assert choice.scores[choice.best] == max(choice.scores.values())
+    assert (fp32 - accuracy(model, x, y)) / fp32 <= 0.005
