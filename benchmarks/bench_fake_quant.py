@@ -1,0 +1,86 @@
+"""Cost of fake quantization (issue 2 "Numbers"), as ratios measured in one run, 2 threads.
+
+    python benchmarks/bench_fake_quant.py
+
+1. QAT training step (forward + backward + SGD step) of a ResNet-like conv net with fake-quantized inputs
+   and weights vs the same step in fp32. Target <= 1.2x.
+2. Entropy calibration (histogram collection on every quantized input) over 1024 samples vs the plain
+   forward passes over the same samples. Target <= 1.5x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import lq
+from lq.models import SmallResNet
+
+
+def timed(fn, repeats: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def make_step(model, x, y):
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--widths", type=int, nargs="+", default=[32, 64, 128])
+    p.add_argument("--repeats", type=int, default=15)
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, 1, 28, 28)
+    y = torch.randint(0, 10, (args.batch,))
+    fp32 = SmallResNet(widths=tuple(args.widths)).train()
+    qat = SmallResNet(widths=tuple(args.widths)).train()
+    qat.load_state_dict(fp32.state_dict())
+    lq.quantize(qat, lq.QuantConfig(activation=lq.QuantSpec(calibrator="max")))
+    lq.calibrate(qat, [x], method="max")
+
+    t_fp32 = timed(make_step(fp32, x, y), args.repeats)
+    t_qat = timed(make_step(qat, x, y), args.repeats)
+    print(f"SmallResNet widths={args.widths}, batch {args.batch}, {len(lq.quantized_layers(qat))} quantized layers")
+    print(f"  train step fp32 {t_fp32 * 1e3:.1f} ms, fake-quant {t_qat * 1e3:.1f} ms: ratio {t_qat / t_fp32:.2f}x (target <= 1.2x)")
+
+    data = torch.randn(1024, 1, 28, 28).split(args.batch)
+    calib_model = SmallResNet(widths=tuple(args.widths)).eval()
+    lq.quantize(calib_model, lq.QuantConfig(activation=lq.QuantSpec(calibrator="entropy")))
+
+    def plain():
+        with torch.no_grad(), lq.quantization_disabled(calib_model):
+            for b in data:
+                calib_model(b)
+
+    def entropy():
+        lq.calibrate(calib_model, data, num_samples=1024)
+
+    t_plain = timed(plain, max(3, args.repeats // 3), warmup=1)
+    t_ent = timed(entropy, max(3, args.repeats // 3), warmup=1)
+    print(f"  1024 samples: plain forward {t_plain:.3f} s, entropy calibration {t_ent:.3f} s: "
+          f"ratio {t_ent / t_plain:.2f}x (target <= 1.5x)")
+
+
+if __name__ == "__main__":
+    main()
