@@ -286,3 +286,33 @@ def test_optimizer_without_lr(tmp_path, pretrained):
     m.load_state_dict(pretrained)
     with pytest.raises(ValueError, match="no 'lr'"):
         trainer(tmp_path, [Int8QAT(num_samples=64)], max_steps=1).fit(m, DigitsData())
+
+
+def test_qat_learned_ranges_get_own_group_without_weight_decay(tmp_path, pretrained):
+    class WD(Plain):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-3)
+
+    m = WD()
+    m.load_state_dict(pretrained)
+    cfg = lq.QuantConfig(activation=lq.QuantSpec(calibrator="max", learn_range=True))
+    t = trainer(tmp_path, [Int8QAT(cfg, num_samples=256, range_lr=0.01)], max_epochs=1, enable_checkpointing=False)
+    t.fit(m, DigitsData())
+    groups = t.optimizers[0].param_groups
+    ranges = [q.amax for q in lq.quantizers(m).values() if isinstance(q.amax, nn.Parameter)]
+    assert len(ranges) == 3
+    range_group = [g for g in groups if g.get("lq_range")]
+    assert len(range_group) == 1 and range_group[0]["weight_decay"] == 0.0
+    assert {id(p) for p in range_group[0]["params"]} == {id(p) for p in ranges}
+    assert all(id(p) not in {id(r) for r in ranges} for g in groups if not g.get("lq_range") for p in g["params"])
+    # the ranges were trained: max calibration of digits' first input gives exactly 1.0
+    assert m.net[0].input_quantizer.amax.item() != 1.0
+
+
+def test_auto_calibration_picks_best_on_validation_metric(tmp_path, pretrained):
+    m = fresh(pretrained)
+    cfg = lq.QuantConfig(activation=lq.QuantSpec(calibrator="auto"))
+    t = trainer(tmp_path, [Int8QAT(cfg, num_samples=256)], max_steps=1, enable_checkpointing=False)
+    t.fit(m, DigitsData())
+    choice = m._lq_calibration
+    assert len(choice.scores) == 7 and choice.scores[choice.best] == max(choice.scores.values())
