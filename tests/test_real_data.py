@@ -73,3 +73,40 @@ def test_mnist_auto_calibration_keeps_ptq_best(mnist_ptq):
     choice = lq.choose_calibration(model, lambda m: accuracy(m, xs, ys))
     assert choice.scores[choice.best] == max(choice.scores.values())
     assert (fp32 - accuracy(model, x, y)) / fp32 <= 0.005
+
+
+def test_fashion_mnist_cnn_fold_bn_then_ptq_within_one_percent(tmp_path):
+    """A small CNN with BatchNorm trained here on real Fashion-MNIST, BN folded (Appendix C), then PTQ."""
+    import lightning.pytorch as pl
+
+    data = pytest.importorskip("lq.data")
+    try:
+        dm = data.FashionMNISTDataModule(batch_size=128, limit_train=8000)
+        dm.setup("fit")
+        x_test, y_test = data.load_split("fashion_mnist", "test")
+    except (ImportError, FileNotFoundError) as err:
+        pytest.skip(f"Fashion-MNIST not installed ({err}); run scripts/setup.sh")
+    pl.seed_everything(0)
+    lit = models.LitClassifier(arch="small_cnn", arch_kwargs={"width": 16}, lr=0.1, scheduler="cosine")
+    pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, default_root_dir=tmp_path).fit(lit, dm)
+    model = lit.model.eval()
+    fp32 = accuracy(model, x_test, y_test)
+    assert fp32 > 0.6  # one short epoch: a sanity bound, the point is the int8 vs fp32 gap below
+    folded = lq.fold_bn(model)
+    assert len(folded) == 3 and not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert accuracy(model, x_test, y_test) == pytest.approx(fp32, abs=5e-4)  # folding is exact up to fp rounding
+    x_train = dm.split_tensors("train")[0]
+    lq.quantize(model, lq.QuantConfig(activation=lq.QuantSpec(calibrator="entropy")))
+    lq.calibrate(model, x_train[:1024].split(256), num_samples=None)
+    for method, pct in [("max", None), ("percentile", 99.99), ("mse", None)]:
+        load_all(model, method, pct)
+        int8 = accuracy(model, x_test, y_test)
+        assert (fp32 - int8) / fp32 <= 0.01, f"{method}: {int8:.4f} vs fp32 {fp32:.4f}"
+    # Entropy clips the first conv's input at the normalised background value (one |x| spike holding most of
+    # the mass, as on MNIST); the workflow's answer is partial quantization (Section 5.1).
+    load_all(model, "entropy")
+    result = lq.partial_quantize(model, lambda m: accuracy(m, x_test[:2000], y_test[:2000]), target=0.005)
+    int8 = accuracy(model, x_test, y_test)
+    assert len(result.skipped) < len(lq.quantized_layers(model))
+    assert (fp32 - int8) / fp32 <= 0.01, f"entropy + {result.skipped} in float: {int8:.4f} vs fp32 {fp32:.4f}"

@@ -1,0 +1,100 @@
+"""``Int8ComputeConfig``: the switches of the int8 training ops (one frozen dataclass, torchao style).
+
+Bits are the symmetric ranges of Wu et al. 2020 eq. 6-8 (``qmax = 2^(b-1) - 1``; 8 bits -> [-127, 127]).
+The gradient options are Zhu et al. 2020, *Towards Unified INT8 Training for Convolutional Neural Network*
+(CVPR): per-layer dynamic gradient scale, direction-sensitive gradient clipping (Sec. 4.1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from lq.quant.functional import check_bits
+
+_ACT_SCALES = ("dynamic", "static")
+_GRAD_GRANULARITIES = ("row", "tensor")
+
+
+@dataclass(frozen=True)
+class Int8ComputeConfig:
+    """How an int8 op computes its forward GEMM/conv and its two backward GEMMs/convs.
+
+    Args:
+        act_bits: bits of the quantized activation (the saved int8 input). 8 -> [-127, 127].
+        weight_bits: bits of the quantized weight (per output channel).
+        grad_bits: bits of the quantized output gradient.
+        act_scale: ``"dynamic"`` (amax of the current batch: per row for linear, per tensor for conv) or
+            ``"static"`` (a calibrated per-tensor ``act_amax`` must be passed to the op).
+        int8_grad_input: compute ``grad_input`` as an int8 GEMM/conv (else fp32 on the dequantized weight).
+        int8_grad_weight: compute ``grad_weight`` as an int8 GEMM (else fp32 on the dequantized saved input).
+        quantize_grad: master switch for gradient quantization; ``False`` makes both backward products fp32
+            (int8 forward only, like int8 inference + straight-through training).
+        grad_granularity: ``"row"``: one scale per row of the gradient for ``grad_input`` of linear (finer);
+            ``"tensor"``: one scale per layer (Zhu et al.'s per-layer dynamic scale). Conv ``grad_input``
+            always uses one scale per layer (the oneDNN kernel takes one activation scale).
+        grad_clip: direction-sensitive gradient clipping (Zhu et al. Sec. 4.1): pick, among ``clip_ratios``,
+            the clipping value ``ratio * amax`` that maximises cos(g, dequant(quant(clip(g)))).
+        clip_ratios: candidate ratios of the clipping value to the gradient amax (1.0 = no clipping).
+        clip_samples: about how many elements (whole rows/channels) score the candidates for per-row/
+            channel scales; per-layer scales use up to 16x as many (whole batch samples). The chosen ratio
+            is then applied to the whole tensor.
+        use_fast_kernels: ``False`` forces the portable reference kernels (tests, debugging).
+    """
+
+    act_bits: int = 8
+    weight_bits: int = 8
+    grad_bits: int = 8
+    act_scale: Literal["dynamic", "static"] = "dynamic"
+    int8_grad_input: bool = True
+    int8_grad_weight: bool = True
+    quantize_grad: bool = True
+    grad_granularity: Literal["row", "tensor"] = "row"
+    grad_clip: bool = True
+    clip_ratios: tuple[float, ...] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
+    clip_samples: int = 16384
+    use_fast_kernels: bool = True
+
+    def __post_init__(self) -> None:
+        for field in ("act_bits", "weight_bits", "grad_bits"):
+            bits = check_bits(getattr(self, field))
+            if bits > 8:
+                raise ValueError(f"Int8ComputeConfig.{field} must be <= 8 for int8 kernels, got {bits}")
+        if self.act_scale not in _ACT_SCALES:
+            raise ValueError(f"act_scale must be one of {_ACT_SCALES}, got {self.act_scale!r}")
+        if self.grad_granularity not in _GRAD_GRANULARITIES:
+            raise ValueError(
+                f"grad_granularity must be one of {_GRAD_GRANULARITIES}, got {self.grad_granularity!r}"
+            )
+        ratios = tuple(float(r) for r in self.clip_ratios)
+        if not ratios or any(not 0.0 < r <= 1.0 for r in ratios):
+            raise ValueError(f"clip_ratios must be a non-empty tuple of values in (0, 1], got {self.clip_ratios!r}")
+        object.__setattr__(self, "clip_ratios", ratios)
+        if self.clip_samples < 1:
+            raise ValueError(f"clip_samples must be >= 1, got {self.clip_samples}")
+
+    @property
+    def int8_grad_input_enabled(self) -> bool:
+        return self.quantize_grad and self.int8_grad_input
+
+    @property
+    def int8_grad_weight_enabled(self) -> bool:
+        return self.quantize_grad and self.int8_grad_weight
+
+    @classmethod
+    def for_this_machine(cls, device: str = "cpu", **overrides: object) -> Int8ComputeConfig:
+        """8/8/8 bits where the int8 kernels compute them exactly and fast (CUDA, x86 with VNNI), else
+        ``for_cpu_without_vnni`` (so the fast kernels run instead of the exact reference fallback)."""
+        from lq.ops import hardware
+
+        if device.startswith("cpu") and not hardware.cpu_has_vnni():
+            return cls.for_cpu_without_vnni(**overrides)
+        return cls(**overrides)  # type: ignore[arg-type]
+
+    @classmethod
+    def for_cpu_without_vnni(cls, **overrides: object) -> Int8ComputeConfig:
+        """7-bit activations and weights, 8-bit gradients: the widest ranges that x86 CPUs without VNNI
+        (AVX2 / AVX-512 w/o VNNI) multiply exactly in oneDNN's u8 x s8 kernels (see ``lq.ops.hardware``)."""
+        kw: dict[str, object] = {"act_bits": 7, "weight_bits": 7, "grad_bits": 8}
+        kw.update(overrides)
+        return cls(**kw)  # type: ignore[arg-type]

@@ -1,0 +1,206 @@
+"""Gradient quantization of Zhu et al. 2020, *Towards Unified INT8 Training for Convolutional Neural
+Network* (CVPR; arXiv 1912.12607).
+
+* **Per-layer dynamic scale**: the gradient's scale is recomputed from the current gradient at every
+  backward (no calibration: gradient ranges change by orders of magnitude during training, their
+  Sec. 3 "evolving" observation). ``axis`` optionally keeps one scale per row/channel instead (finer; the
+  kept axis must not be the GEMM's reduced dimension, see ``lq.ops.quantize``).
+* **Direction-sensitive gradient clipping** (Sec. 4.1): the clipping value ``c`` is the one that minimises
+  the cosine distance ``1 - cos(g, Q_c(g))`` between the float gradient and its quantize-dequantize
+  ``Q_c(g) = step * clamp(round(g / step), -qmax, qmax)``, ``step = c / qmax``. We search ``c = r * amax``
+  over a few ratios ``r``, all candidates at once in fused (compiled) reductions: per-layer scales exactly
+  on the whole gradient, per-row/channel scales exactly on a sample of whole rows/channels.
+* **Deviation-counteractive learning-rate scaling** (Sec. 4.2): ``deviation_lr_factor`` returns the factor
+  ``phi(d) = max(exp(-alpha * d), beta)`` by which to multiply the learning rate, where ``d`` is the
+  gradient's cosine distance (averaged over layers); the paper's defaults are ``alpha = 20``,
+  ``beta = 0.1``. (Formula as we read Sec. 4.2 of the paper; check it against the paper before citing
+  numbers from it.) ``GradDeviationTracker`` collects ``d`` from the int8 ops for a callback.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from lq.ops import fused
+from lq.ops.quantize import check_finite
+from lq.quant.functional import AMAX_EPS
+
+__all__ = [
+    "GradDeviationTracker",
+    "GradQuantResult",
+    "deviation_lr_factor",
+    "direction_sensitive_clip_ratio",
+    "quantize_grad",
+]
+
+
+@dataclass
+class GradQuantResult:
+    """``q`` int8 gradient, ``step`` (real value of one unit, per kept index or ``[1]``), chosen clip
+    ``ratio`` and the cosine similarity ``cos`` of the quantized gradient with the float one (on the sample)."""
+
+    q: torch.Tensor
+    step: torch.Tensor
+    ratio: float
+    cos: float
+
+
+def _slice_sample(
+    g: torch.Tensor, amax: torch.Tensor, axis: int, num: int, mult: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole slices (index ``i`` of ``axis``), evenly spread, about ``num`` elements in all: ``[C_s, L]`` and
+    their amax ``[C_s, 1]``. Whole slices keep each slice's tail (its largest values), which decides
+    whether clipping pays; a strided element sample would miss those rare values."""
+    c = g.shape[axis]
+    length = max(1, g.numel() // max(1, c))
+    n_slices = max(1, min(c, num // length))
+    sel = torch.linspace(0, c - 1, n_slices, device=g.device).round().long().unique()
+    sub = g.index_select(axis, sel).float()
+    if mult is not None:
+        sub = sub * mult  # mult has size 1 along axis: broadcasts onto the selected slices
+    return sub.movedim(axis, 0).reshape(sel.numel(), -1), amax.index_select(0, sel).reshape(-1, 1)
+
+
+def _leading_slices(
+    g: torch.Tensor, mult: torch.Tensor | None, num: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The whole tensor if it has at most ``num`` elements, else evenly spread whole slices of dim 0 (e.g.
+    samples of the batch) with about ``num`` elements; ``mult`` follows when it varies along dim 0."""
+    if g.numel() <= num or g.dim() < 2 or g.shape[0] == 1:
+        return g, mult
+    n_slices = max(1, num // max(1, g[0].numel()))
+    sel = torch.linspace(0, g.shape[0] - 1, n_slices, device=g.device).round().long().unique()
+    if mult is not None and mult.dim() == g.dim() and mult.shape[0] > 1:
+        mult = mult.index_select(0, sel)
+    return g.index_select(0, sel), mult
+
+
+def _tensor_clip_cosines(
+    g: torch.Tensor, mult: torch.Tensor | None, amax: torch.Tensor, r: torch.Tensor, qmax: int
+) -> torch.Tensor:
+    """cos(g*mult, Q_r(g*mult)) for every ratio ``r [R]``, one scale per tensor, exact over the whole tensor
+    (compiled into fused reductions: no ``[R, numel]`` tensor is materialised)."""
+    y = (g.float() if mult is None else g.float() * mult).reshape(1, -1)
+    step = (r.reshape(-1, 1) * amax.reshape(1, 1)).clamp_min(AMAX_EPS) / qmax  # [R, 1]
+    deq = torch.clamp(torch.round(y / step), -qmax, qmax) * step  # [R, N]
+    dot = (deq * y).sum(1)
+    norm = torch.sqrt((deq * deq).sum(1) * (y * y).sum())
+    return torch.where(norm > 0, dot / norm.clamp_min(1e-30), torch.ones_like(dot))
+
+
+def direction_sensitive_clip_ratio(
+    sample: torch.Tensor, amax: torch.Tensor, qmax: int, ratios: tuple[float, ...]
+) -> tuple[float, float]:
+    """Zhu et al. Sec. 4.1: the ratio ``r`` (clip value ``r * amax``) maximising ``cos(g, Q_r(g))``.
+
+    ``sample``: ``[C, L]`` fp32 whole slices, ``amax``: ``[C, 1]`` (each slice clipped at ``r`` times its
+    own amax). Returns ``(ratio, cos)``. All ratios are scored in one broadcast ``[R, C, L]`` computation.
+    """
+    r = torch.tensor(ratios, dtype=torch.float32, device=sample.device).reshape(-1, 1, 1)
+    cos = fused.call("clip_cosines", _clip_cosines, sample, amax, r, qmax)
+    best = int(torch.argmax(cos))
+    return ratios[best], float(cos[best])
+
+
+def _clip_cosines(sample: torch.Tensor, amax: torch.Tensor, r: torch.Tensor, qmax: int) -> torch.Tensor:
+    step = (r * amax.unsqueeze(0)).clamp_min(AMAX_EPS) / qmax  # [R, C, 1]
+    deq = torch.clamp(torch.round(sample.unsqueeze(0) / step), -qmax, qmax) * step  # [R, C, L]
+    dot = (deq * sample).sum(dim=(1, 2))
+    norm = torch.sqrt((deq * deq).sum(dim=(1, 2)) * (sample * sample).sum())
+    return torch.where(norm > 0, dot / norm.clamp_min(1e-30), torch.ones_like(dot))
+
+
+def quantize_grad(
+    g: torch.Tensor,
+    qmax: int,
+    axis: int | None,
+    ratios: tuple[float, ...] = (1.0,),
+    clip: bool = True,
+    num_samples: int = 16384,
+    name: str | None = None,
+    what: str = "output gradient",
+    mult: torch.Tensor | None = None,
+) -> GradQuantResult:
+    """Quantize the gradient ``g * mult`` to int8 with a dynamic scale per layer (``axis=None``) or per index
+    of ``axis``, after direction-sensitive clipping (Zhu et al. Sec. 4.1) when ``clip`` and
+    ``len(ratios) > 1``. ``mult`` (broadcastable, size 1 along ``axis``) folds another operand's scale into
+    the gradient inside the fused kernels, without materialising ``g * mult``.
+
+    Clip search cost: per layer, fused reductions (about one pass per candidate) over at most
+    ``16 * num_samples`` elements (whole slices of dim 0, e.g. batch samples, beyond that); per row/channel,
+    an exact search on about ``num_samples`` elements of whole rows/channels. Raises ``FloatingPointError`` naming ``name`` on NaN/Inf.
+    """
+    axis = None if axis is None else axis % g.dim()
+    amax = fused.amax_along(g, axis, mult)
+    check_finite(amax, what, name)
+    ratio, cos = 1.0, 1.0
+    search = clip and len(ratios) > 1
+    if (search or _ACTIVE) and g.numel() > 0:
+        cand = ratios if search else (1.0,)
+        if axis is None:
+            r = torch.tensor(cand, dtype=torch.float32, device=g.device)
+            gs, ms = _leading_slices(g, mult, num_samples * 16)
+            cosines = fused.call("tensor_clip_cosines", _tensor_clip_cosines, gs, ms, amax, r, qmax)
+            best = int(torch.argmax(cosines))
+            ratio, cos = cand[best], float(cosines[best])
+        else:
+            sample, s_amax = _slice_sample(g, amax, axis, num_samples, mult)
+            ratio, cos = direction_sensitive_clip_ratio(sample, s_amax, qmax, cand)
+    s = fused.scale_from_amax(amax * ratio, qmax)
+    q = fused.quantize_with_scale(g, s, qmax, axis, mult)
+    _report(name, what, 1.0 - cos)
+    return GradQuantResult(q=q, step=1.0 / s, ratio=ratio, cos=cos)
+
+
+def deviation_lr_factor(deviation: float | torch.Tensor, alpha: float = 20.0, beta: float = 0.1) -> float:
+    """Zhu et al. Sec. 4.2, deviation-counteractive learning-rate scaling: ``max(exp(-alpha * d), beta)``.
+
+    ``deviation`` is the cosine distance ``d = 1 - cos(g, g_hat)`` of the quantized gradients (e.g. the
+    mean over layers from ``GradDeviationTracker.mean()``). Multiply the learning rate by the result:
+    larger deviation -> smaller step, never below ``beta`` times the base rate.
+    """
+    d = float(deviation)
+    if not math.isfinite(d) or d < 0:
+        raise ValueError(f"deviation must be a finite cosine distance >= 0, got {deviation!r}")
+    if alpha < 0 or not 0 < beta <= 1:
+        raise ValueError(f"need alpha >= 0 and 0 < beta <= 1, got alpha={alpha}, beta={beta}")
+    return max(math.exp(-alpha * d), beta)
+
+
+@dataclass
+class GradDeviationTracker:
+    """Collects the cosine distance of every gradient quantization done by the int8 ops while active.
+
+    ``with GradDeviationTracker() as t: loss.backward()``; then ``t.mean()`` feeds ``deviation_lr_factor``.
+    Entries are keyed by the op's ``name`` (``"<unnamed>"`` when none was given).
+    """
+
+    deviations: dict[str, list[float]] = field(default_factory=dict)
+
+    def __enter__(self) -> GradDeviationTracker:  # noqa: PYI034
+        _ACTIVE.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _ACTIVE.remove(self)
+
+    def record(self, name: str | None, what: str, deviation: float) -> None:
+        self.deviations.setdefault(f"{name or '<unnamed>'}:{what}", []).append(deviation)
+
+    def mean(self) -> float:
+        values = [d for ds in self.deviations.values() for d in ds]
+        return sum(values) / len(values) if values else 0.0
+
+    def reset(self) -> None:
+        self.deviations.clear()
+
+
+_ACTIVE: list[GradDeviationTracker] = []
+
+
+def _report(name: str | None, what: str, deviation: float) -> None:
+    for tracker in _ACTIVE:
+        tracker.record(name, what, deviation)

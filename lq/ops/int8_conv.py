@@ -1,0 +1,133 @@
+"""Int8 conv2d with int8 forward, grad_input and grad_weight (Wu et al. 2020 eq. 10; gradients quantized
+as in Zhu et al. 2020, CVPR, who apply int8 to exactly these three convolutions).
+
+Layouts (``x [N, C, H, W]``, ``W [O, C/g, kh, kw]``, ``g = dL/dy [N, O, Ho, Wo]``); scales must be constant
+along each product's reduced dimensions (eq. 10):
+
+* forward reduces (C/g, kh, kw): ``x`` per tensor (oneDNN takes one activation scale), ``W`` per output
+  channel O.
+* grad_input (transposed conv) reduces (O/g, kh, kw): ``W``'s per-O scale varies along it, so it is folded
+  into the gradient, ``g * step_w[o]``, which is quantized with one scale per layer (Zhu et al.'s
+  per-layer dynamic scale) and multiplied by the saved integer ``W_q``.
+* grad_weight reduces (N, Ho, Wo): ``g`` gets one scale per output channel O (constant along N, Ho, Wo),
+  ``x_q`` keeps its per-tensor scale. Only int8 ``x_q`` + one fp32 scale are saved for backward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch.nn.modules.utils import _pair
+
+from lq.ops import int8_conv_kernels as K
+from lq.ops.config import Int8ComputeConfig
+from lq.ops.grad_quant import quantize_grad
+from lq.ops.quantize import check_finite, dequantize_along, quantize_along
+from lq.quant.functional import qmax as _qmax
+
+__all__ = ["Int8Conv2dFunction", "int8_conv2d"]
+
+
+class Int8Conv2dFunction(torch.autograd.Function):
+    """conv2d with int8 products forward and backward (see module docstring for the layouts)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, config: Int8ComputeConfig, name, act_amax):
+        qa, qw = _qmax(config.act_bits), _qmax(config.weight_bits)
+        if config.act_scale == "static":
+            if act_amax is None:
+                raise ValueError(f"int8_conv2d '{name}': act_scale='static' needs act_amax (a calibrated amax)")
+            amax = torch.as_tensor(act_amax, device=x.device)
+            xq, x_step = quantize_along(x, qa, None, amax=amax, name=name)
+        else:
+            xq, x_step = quantize_along(x, qa, None, name=name)
+        wq, w_step = quantize_along(weight, qw, 0, name=name, what="weight")
+        fast = config.use_fast_kernels
+        fwd = K.int8_conv2d_fwd if fast else K.conv2d_fwd_reference
+        y = fwd(xq, wq, x_step, w_step, qa, qw, bias, stride, padding, dilation, groups)
+        ctx.save_for_backward(xq, x_step, wq, w_step)
+        ctx.args = (stride, padding, dilation, groups)
+        ctx.config, ctx.name, ctx.x_dtype = config, name, x.dtype
+        ctx.static, ctx.has_bias = config.act_scale == "static", bias is not None
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xq, x_step, wq, w_step = ctx.saved_tensors
+        cfg: Int8ComputeConfig = ctx.config
+        stride, padding, dilation, groups = ctx.args
+        qa, qw, qg = _qmax(cfg.act_bits), _qmax(cfg.weight_bits), _qmax(cfg.grad_bits)
+        g = grad_out.float()
+        fast = cfg.use_fast_kernels
+        grad_x = grad_w = grad_b = None
+        need_quant = (ctx.needs_input_grad[0] and cfg.int8_grad_input_enabled) or (
+            ctx.needs_input_grad[1] and cfg.int8_grad_weight_enabled
+        )
+        if not need_quant:
+            check_finite(g.abs().amax().reshape(1), "output gradient", ctx.name)
+        if ctx.needs_input_grad[0]:
+            if cfg.int8_grad_input_enabled:
+                r = quantize_grad(
+                    g, qg, None, cfg.clip_ratios, cfg.grad_clip, cfg.clip_samples,
+                    ctx.name, "output gradient (grad_input conv)", mult=w_step.reshape(1, -1, 1, 1),
+                )
+                op = K.int8_conv2d_grad_input if fast else K.conv2d_grad_input_reference
+                grad_x = op(r.q, wq, r.step, qg, qw, list(xq.shape), stride, padding, dilation, groups)
+            else:
+                w = dequantize_along(wq, w_step, 0)
+                grad_x = torch.nn.grad.conv2d_input(list(xq.shape), w, g, stride, padding, dilation, groups)
+            if ctx.static:
+                grad_x = grad_x.masked_fill_(xq.abs() >= qa, 0.0)  # eq. 13 (clipped inputs get no gradient)
+            grad_x = grad_x.to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            wsize = list(wq.shape)
+            if cfg.int8_grad_weight_enabled:
+                axis = 1 if cfg.grad_granularity == "row" else None
+                r = quantize_grad(
+                    g, qg, axis, cfg.clip_ratios, cfg.grad_clip, cfg.clip_samples,
+                    ctx.name, "output gradient (grad_weight conv)",
+                )
+                op = K.int8_conv2d_grad_weight if fast else K.conv2d_grad_weight_reference
+                grad_w = op(r.q, xq, r.step, x_step, qg, qa, wsize, stride, padding, dilation, groups)
+            else:
+                x = dequantize_along(xq, x_step, None)
+                grad_w = torch.nn.grad.conv2d_weight(x, wsize, g, stride, padding, dilation, groups)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g.sum((0, 2, 3))
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+
+
+def int8_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    groups: int = 1,
+    config: Int8ComputeConfig = Int8ComputeConfig(),  # noqa: B008 (frozen, immutable)
+    name: str | None = None,
+    act_amax: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """``F.conv2d`` computed with int8 convolutions/GEMMs in forward, grad_input and grad_weight.
+
+    ``x [N, C, H, W]`` (output has ``x``'s dtype), ``weight [O, C/groups, kh, kw]``; numeric ``padding``
+    only (no ``"same"``). ``act_amax``: calibrated per-tensor amax (static activation scale).
+    """
+    if isinstance(padding, str):
+        raise ValueError(  # noqa: TRY004 (a wrong value of an accepted F.conv2d argument)
+            f"int8_conv2d '{name}': string padding {padding!r} is not supported; pass integers"
+        )
+    if x.dim() != 4 or weight.dim() != 4:
+        raise ValueError(
+            f"int8_conv2d '{name}': needs 4-D input and weight, got {tuple(x.shape)} and {tuple(weight.shape)}"
+        )
+    if x.shape[1] != weight.shape[1] * groups or weight.shape[0] % groups:
+        raise ValueError(
+            f"int8_conv2d '{name}': input channels {x.shape[1]} / weight {tuple(weight.shape)} / groups {groups} mismatch"
+        )
+    if act_amax is not None and config.act_scale == "dynamic":
+        config = replace(config, act_scale="static")
+    st, pa, di = (list(_pair(v)) for v in (stride, padding, dilation))
+    return Int8Conv2dFunction.apply(x, weight, bias, st, pa, di, groups, config, name, act_amax)

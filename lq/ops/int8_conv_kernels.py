@@ -1,0 +1,311 @@
+"""Int8 conv2d kernels as ``torch.library`` custom ops: forward, grad_input, grad_weight.
+
+Each op has a portable reference (default kernel: exact float64 convolution of the integer values,
+scaled afterwards; ground truth in tests, runs on any device with float64 conv) and a CPU fast kernel:
+
+* ``lq::int8_conv2d`` (forward): oneDNN ``qconv_prepack`` + ``qconv2d_pointwise`` on a uint8 source with
+  zero point (the symmetric int8 activation shifted, ``lq.ops.hardware.to_biased_u8``), int8 weight with
+  per-output-channel scales, fp32 output. oneDNN pads with the zero point, i.e. with real zeros.
+* ``lq::int8_conv2d_grad_input``: the transposed convolution written as a stride-1 convolution with the
+  same oneDNN op: zero-insert the gradient (``stride - 1`` zeros between pixels), pad it by
+  ``dilation * (k - 1) - padding`` (plus ``output_padding`` at the bottom/right; negative pads crop), and
+  convolve with the weight flipped in space and with its in/out channels swapped per group.
+* ``lq::int8_conv2d_grad_weight``: int8 im2col (strided view of the zero-padded int8 input, one int8
+  copy -- never fp32 ``F.unfold``) and one ``lq::int8_mm`` per group; ``lq::int8_mm`` splits the
+  reduction (N * H_out * W_out, up to ~10^5 in ResNets) so int32 can never overflow.
+
+Shapes/ranges the fast kernel cannot compute exactly fall back to the reference with a one-time warning.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lq.ops import hardware as hw
+from lq.ops.int8_mm import int8_mm, onednn_qlinear
+
+__all__ = [
+    "conv2d_fwd_reference",
+    "conv2d_grad_input_reference",
+    "conv2d_grad_weight_reference",
+    "int8_conv2d_fwd",
+    "int8_conv2d_grad_input",
+    "int8_conv2d_grad_weight",
+    "int8_unfold",
+]
+
+
+def _scale_channels(out: torch.Tensor, step: torch.Tensor, dim: int) -> torch.Tensor:
+    if step.numel() == 1:
+        return out.mul_(step.reshape(()).to(out.dtype))
+    shape = [1] * out.dim()
+    shape[dim] = -1
+    return out.mul_(step.reshape(shape).to(out.dtype))
+
+
+def _out_size(h: int, k: int, s: int, p: int, d: int) -> int:
+    return (h + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+# --------------------------------------------------------------------------------------- references
+def conv2d_fwd_reference(x, w, x_step, w_step, x_qmax, w_qmax, bias, stride, padding, dilation, groups):
+    """Exact ``conv2d(x_q, w_q)`` (float64 on integer values) * x_step * w_step[o] + bias, fp32."""
+    acc = F.conv2d(x.double(), w.double(), None, stride, padding, dilation, groups)
+    acc = _scale_channels(_scale_channels(acc, x_step, 1), w_step, 1)
+    if bias is not None:
+        acc = acc + bias.double().reshape(1, -1, 1, 1)
+    return acc.float()
+
+
+def _output_padding(input_size, g_shape, w_shape, stride, padding, dilation) -> list[int]:
+    op = []
+    for i in range(2):
+        base = (g_shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (w_shape[2 + i] - 1) + 1
+        op.append(input_size[2 + i] - base)
+        if not 0 <= op[-1] < max(stride[i], dilation[i]):
+            raise ValueError(f"input_size {input_size} is inconsistent with the gradient shape {tuple(g_shape)}")
+    return op
+
+
+def conv2d_grad_input_reference(g, w, g_step, g_qmax, w_qmax, input_size, stride, padding, dilation, groups):
+    """Exact ``conv_transpose2d(g_q, w_q)`` (float64) * g_step, fp32: the input gradient of conv2d."""
+    op = _output_padding(input_size, g.shape, w.shape, stride, padding, dilation)
+    acc = F.conv_transpose2d(g.double(), w.double(), None, stride, padding, op, groups, dilation)
+    return _scale_channels(acc, g_step, 1).float()
+
+
+def conv2d_grad_weight_reference(g, x, g_step, x_step, g_qmax, x_qmax, weight_size, stride, padding, dilation, groups):
+    """Exact ``sum_{n,h,w} g_q x_q`` weight gradient of conv2d (float64) * g_step[o] * x_step, fp32."""
+    acc = torch.nn.grad.conv2d_weight(x.double(), list(weight_size), g.double(), stride, padding, dilation, groups)
+    return _scale_channels(_scale_channels(acc, g_step, 0), x_step, 0).float()
+
+
+# ------------------------------------------------------------------------------------ custom ops
+@torch.library.custom_op("lq::int8_conv2d", mutates_args=())
+def int8_conv2d_fwd(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    x_step: torch.Tensor,
+    w_step: torch.Tensor,
+    x_qmax: int,
+    w_qmax: int,
+    bias: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+) -> torch.Tensor:
+    """conv2d of int8 ``x [N, C, H, W]`` (per-tensor ``x_step [1]``) and int8 ``w [O, C/g, kh, kw]``
+    (``w_step [O]``), fp32 output ``+ bias``. Scales factor out of the (C/g, kh, kw) reduction (eq. 10)."""
+    return conv2d_fwd_reference(x, w, x_step, w_step, x_qmax, w_qmax, bias, stride, padding, dilation, groups)
+
+
+@int8_conv2d_fwd.register_fake
+def _(x, w, x_step, w_step, x_qmax, w_qmax, bias, stride, padding, dilation, groups):
+    h = _out_size(x.shape[2], w.shape[2], stride[0], padding[0], dilation[0])
+    wo = _out_size(x.shape[3], w.shape[3], stride[1], padding[1], dilation[1])
+    return x.new_empty((x.shape[0], w.shape[0], h, wo), dtype=torch.float32)
+
+
+@torch.library.custom_op("lq::int8_conv2d_grad_input", mutates_args=())
+def int8_conv2d_grad_input(
+    g: torch.Tensor,
+    w: torch.Tensor,
+    g_step: torch.Tensor,
+    g_qmax: int,
+    w_qmax: int,
+    input_size: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+) -> torch.Tensor:
+    """Input gradient of conv2d from int8 ``g [N, O, Ho, Wo]`` (per-tensor ``g_step``) and the int8 weight.
+
+    The weight's own scale varies along O, which this product sums over, so the caller folds it into ``g``
+    before quantizing ``g`` (then the integer weight enters unscaled)."""
+    return conv2d_grad_input_reference(g, w, g_step, g_qmax, w_qmax, input_size, stride, padding, dilation, groups)
+
+
+@int8_conv2d_grad_input.register_fake
+def _(g, w, g_step, g_qmax, w_qmax, input_size, stride, padding, dilation, groups):
+    return g.new_empty(list(input_size), dtype=torch.float32)
+
+
+@torch.library.custom_op("lq::int8_conv2d_grad_weight", mutates_args=())
+def int8_conv2d_grad_weight(
+    g: torch.Tensor,
+    x: torch.Tensor,
+    g_step: torch.Tensor,
+    x_step: torch.Tensor,
+    g_qmax: int,
+    x_qmax: int,
+    weight_size: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+) -> torch.Tensor:
+    """Weight gradient of conv2d from int8 ``g [N, O, Ho, Wo]`` (``g_step [O]``: one scale per output
+    channel, constant along the reduced N, Ho, Wo) and the saved int8 input (per-tensor ``x_step``)."""
+    return conv2d_grad_weight_reference(
+        g, x, g_step, x_step, g_qmax, x_qmax, weight_size, stride, padding, dilation, groups
+    )
+
+
+@int8_conv2d_grad_weight.register_fake
+def _(g, x, g_step, x_step, g_qmax, x_qmax, weight_size, stride, padding, dilation, groups):
+    return g.new_empty(list(weight_size), dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------------ CPU kernels
+def _qconv(u, zp, u_scale, w, w_scale, bias, stride, padding, dilation, groups):
+    """oneDNN int8 conv: ``conv((u - zp) * u_scale, w * w_scale[o]) + bias``, fp32 output."""
+    o = w.shape[0]
+    packed = torch.ops.onednn.qconv_prepack(w, w_scale, u_scale, zp, stride, padding, dilation, groups, None)
+    w_zp = torch.zeros(o, dtype=torch.int64)
+    return torch.ops.onednn.qconv2d_pointwise(
+        u, u_scale, zp, packed, w_scale, w_zp, bias, stride, padding, dilation, groups,
+        1.0, 0, torch.float32, "none", [], "",
+    )
+
+
+def _fast_conv_ok(kind: str, u_qmax: int, w_qmax: int, reduction: int) -> bool:
+    if not hw.u8s8_exact(u_qmax, w_qmax):
+        hw.warn_once(
+            f"conv:{kind}:{u_qmax}:{w_qmax}",
+            f"lq::{kind}: this CPU has no VNNI, so oneDNN's u8 x s8 conv saturates on {u_qmax}- x "
+            f"{w_qmax}-range operands; using the exact (slow) reference kernel. "
+            "Int8ComputeConfig.for_cpu_without_vnni() (7-bit activations and weights) enables the fast kernel.",
+        )
+        return False
+    if reduction > hw.max_exact_reduction(hw.biased_u8_max(u_qmax), w_qmax):
+        hw.warn_once(
+            f"conv:{kind}:reduction",
+            f"lq::{kind}: reduction length {reduction} could overflow oneDNN's int32 accumulator; "
+            "using the exact reference kernel.",
+        )
+        return False
+    return True
+
+
+@int8_conv2d_fwd.register_kernel("cpu")
+def _conv_fwd_cpu(x, w, x_step, w_step, x_qmax, w_qmax, bias, stride, padding, dilation, groups):
+    reduction = w.shape[1] * w.shape[2] * w.shape[3]
+    if not _fast_conv_ok("int8_conv2d", x_qmax, w_qmax, reduction):
+        return conv2d_fwd_reference(x, w, x_step, w_step, x_qmax, w_qmax, bias, stride, padding, dilation, groups)
+    u, zp = hw.to_biased_u8(x.contiguous(), x_qmax)
+    o = w.shape[0]
+    w_scale = w_step.float().reshape(-1).expand(o).contiguous()
+    b = None if bias is None else bias.float().contiguous()
+    return _qconv(u, zp, float(x_step), w.contiguous(), w_scale, b, stride, padding, dilation, groups)
+
+
+def transposed_conv_weight(w: torch.Tensor, groups: int) -> torch.Tensor:
+    """``w [O, C/g, kh, kw]`` -> ``[C, O/g, kh, kw]`` flipped in space: the weight that turns the transposed
+    convolution (input gradient) into an ordinary convolution."""
+    o, cg, kh, kw = w.shape
+    wt = w.reshape(groups, o // groups, cg, kh, kw).transpose(1, 2).reshape(groups * cg, o // groups, kh, kw)
+    return wt.flip(-1, -2).contiguous()
+
+
+@int8_conv2d_grad_input.register_kernel("cpu")
+def _conv_grad_input_cpu(g, w, g_step, g_qmax, w_qmax, input_size, stride, padding, dilation, groups):
+    o, _, kh, kw = w.shape
+    reduction = (o // groups) * kh * kw
+    if not _fast_conv_ok("int8_conv2d_grad_input", g_qmax, w_qmax, reduction):
+        return conv2d_grad_input_reference(g, w, g_step, g_qmax, w_qmax, input_size, stride, padding, dilation, groups)
+    op = _output_padding(input_size, g.shape, w.shape, stride, padding, dilation)
+    u, zp = hw.to_biased_u8(g.contiguous(), g_qmax)
+    n, _, ho, wo = g.shape
+    k = (kh, kw)
+    lo = [dilation[i] * (k[i] - 1) - padding[i] for i in range(2)]
+    hi = [lo[i] + op[i] for i in range(2)]
+    if stride == [1, 1] and lo[0] == hi[0] >= 0 and lo[1] == hi[1] >= 0:
+        canvas, conv_pad = u, [lo[0], lo[1]]  # plain stride-1 case: oneDNN pads with the zero point itself
+    else:
+        # zero-insertion (stride) and asymmetric padding, all with the zero point (= real 0)
+        hd = [(ho - 1) * stride[0] + 1, (wo - 1) * stride[1] + 1]
+        pad_lo = [max(v, 0) for v in lo]
+        pad_hi = [max(v, 0) for v in hi]
+        canvas = u.new_full((n, o, hd[0] + pad_lo[0] + pad_hi[0], hd[1] + pad_lo[1] + pad_hi[1]), zp)
+        canvas[:, :, pad_lo[0] : pad_lo[0] + hd[0] : stride[0], pad_lo[1] : pad_lo[1] + hd[1] : stride[1]] = u
+        crop_lo = [max(-v, 0) for v in lo]
+        crop_hi = [max(-v, 0) for v in hi]
+        canvas = canvas[:, :, crop_lo[0] : canvas.shape[2] - crop_hi[0], crop_lo[1] : canvas.shape[3] - crop_hi[1]]
+        canvas = canvas.contiguous()
+        conv_pad = [0, 0]
+    wt = transposed_conv_weight(w, groups)
+    w_scale = torch.ones(wt.shape[0], dtype=torch.float32)
+    return _qconv(canvas, zp, float(g_step), wt, w_scale, None, [1, 1], conv_pad, list(dilation), groups)
+
+
+def int8_unfold(x: torch.Tensor, kernel: tuple[int, int], stride, padding, dilation, pad_value: int = 0) -> torch.Tensor:
+    """im2col on 8-bit data: ``[N, C, H, W]`` -> ``[C, kh, kw, N, Ho, Wo]`` (one contiguous int8/uint8 copy).
+
+    The layout puts the GEMM's reduced dimension (N * Ho * Wo) last and contiguous, and the weight's
+    (C, kh, kw) first, so each group's slice is directly a ``[C/g*kh*kw, R]`` GEMM operand. Zero padding is
+    exact in symmetric int8 (0 means real 0); a uint8-shifted input pads with its zero point ``pad_value``.
+    """
+    n, c, h, w = x.shape
+    kh, kw = kernel
+    if any(padding):
+        xp = F.pad(x, (padding[1], padding[1], padding[0], padding[0]), value=pad_value)
+    else:
+        xp = x.contiguous()
+    ho = _out_size(h, kh, stride[0], padding[0], dilation[0])
+    wo = _out_size(w, kw, stride[1], padding[1], dilation[1])
+    sn, sc, sh, sw = xp.stride()
+    view = xp.as_strided(
+        (c, kh, kw, n, ho, wo),
+        (sc, sh * dilation[0], sw * dilation[1], sn, sh * stride[0], sw * stride[1]),
+    )
+    return view.contiguous()
+
+
+def _grad_weight_onednn(g, x, g_step, x_step, g_qmax, x_qmax, weight_size, stride, padding, dilation, groups):
+    """CPU without fast ``_int_mm``: the unfolded input is the big operand, so it is oneDNN's *uint8
+    source* -- shifted once on the small input before unfolding (the padding takes the zero point), so
+    no extra pass over the 9x larger column matrix -- and the gradient ``[O, R]`` is the (small) int8
+    weight that oneDNN reorders. Its per-output-channel scale is oneDNN's per-channel weight scale, the
+    input's per-tensor scale the source scale: the kernel returns the final fp32 values."""
+    o, cg, kh, kw = weight_size
+    u, zp = hw.to_biased_u8(x.contiguous(), x_qmax)
+    cols = int8_unfold(u, (kh, kw), stride, padding, dilation, pad_value=zp)  # uint8 [C, kh, kw, N, Ho, Wo]
+    r = cols.shape[3] * cols.shape[4] * cols.shape[5]
+    cols = cols.reshape(groups, cg * kh * kw, r)
+    gm = g.transpose(0, 1).reshape(groups, o // groups, r)  # [O, N*Ho*Wo]: reduced dim contiguous
+    g_scale = g_step.float().reshape(-1).expand(o).reshape(groups, o // groups)
+    chunk = hw.max_exact_reduction(hw.biased_u8_max(x_qmax), g_qmax)
+    outs = []
+    for i in range(groups):
+        acc = None
+        for r0 in range(0, r, chunk):
+            uc = cols[i, :, r0 : r0 + chunk]
+            wc = gm[i, :, r0 : r0 + chunk]
+            part = onednn_qlinear(uc.contiguous(), zp, wc.contiguous(), float(x_step), g_scale[i].contiguous())
+            acc = part if acc is None else acc.add_(part)
+        outs.append(acc.t())  # [O/g, C/g*kh*kw]
+    out = torch.cat(outs, 0) if groups > 1 else outs[0]
+    return out.reshape(o, cg, kh, kw)
+
+
+@int8_conv2d_grad_weight.register_kernel("cpu")
+def _conv_grad_weight_cpu(g, x, g_step, x_step, g_qmax, x_qmax, weight_size, stride, padding, dilation, groups):
+    if not hw.cpu_int_mm_is_fast() and hw.u8s8_exact(x_qmax, g_qmax):
+        return _grad_weight_onednn(g, x, g_step, x_step, g_qmax, x_qmax, weight_size, stride, padding, dilation, groups)
+    o, cg, kh, kw = weight_size
+    cols = int8_unfold(x, (kh, kw), stride, padding, dilation)  # [C, kh, kw, N, Ho, Wo]
+    r = cols.shape[3] * cols.shape[4] * cols.shape[5]
+    cols = cols.reshape(groups, cg * kh * kw, r)
+    # g [N, O, Ho, Wo] -> [O, N*Ho*Wo]: rows are output channels (they keep their own scale), the reduced
+    # dimension is contiguous, matching ``cols``.
+    gm = g.transpose(0, 1).reshape(groups, o // groups, r)
+    g_step = g_step.float().reshape(-1).expand(o).reshape(groups, o // groups)
+    x_step1 = x_step.float().reshape(1)
+    outs = [
+        int8_mm(gm[i].contiguous(), cols[i], g_step[i].contiguous(), x_step1, g_qmax, x_qmax, None)
+        for i in range(groups)
+    ]
+    return torch.cat(outs, 0).reshape(o, cg, kh, kw) if groups > 1 else outs[0].reshape(o, cg, kh, kw)

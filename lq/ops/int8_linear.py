@@ -1,0 +1,133 @@
+"""Int8 linear with int8 forward and int8 backward GEMMs (Wu et al. 2020 eq. 10; gradients quantized as in
+Zhu et al. 2020, CVPR). One ``autograd.Function`` covers the three GEMMs of the layer; an
+``Int8ComputeConfig`` toggles them (torchao ``int8_mixed_precision`` style).
+
+Layouts (``x [M, K]``, ``W [N, K]``, ``g = dL/dy [M, N]``). In an int8 GEMM the scales factor out of the
+sum only if they are constant along the *reduced* dimension (eq. 10), so each GEMM quantizes its operands
+with scales along the dimensions it keeps:
+
+* forward ``y = x W^T`` reduces K: ``x`` per row (M) or per tensor (static), ``W`` per output channel (N).
+* grad_input ``dx = g W`` reduces N. ``W``'s forward scale varies along N, so instead of re-quantizing
+  ``W`` per input channel we fold its scale into the gradient: ``g W = (g * step_w[None, :]) W_q``, then
+  quantize ``g * step_w`` **per row** (M; constant along N) and multiply by the saved integer ``W_q``.
+* grad_weight ``dW = g^T x`` reduces M. The saved ``x_q`` has one scale per *row* (varies along M), so
+  again fold it into the gradient: ``g^T x = (g * step_x[:, None])^T x_q``, and quantize
+  ``g * step_x`` **per column** (N; constant along M) -- i.e. ``g^T`` row-wise. The saved int8 ``x_q`` is
+  used as is: no float activation is kept for backward (int8 + one fp32 per row: ~0.25x fp32 memory).
+
+Both backward GEMMs therefore compute the exact gradient of the *quantized* forward (straight-through for
+the rounding of eq. 13) up to the rounding of the gradient itself.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lq.ops.config import Int8ComputeConfig
+from lq.ops.grad_quant import quantize_grad
+from lq.ops.int8_mm import int8_mm, int8_mm_reference
+from lq.ops.quantize import check_finite, dequantize_along, quantize_along
+from lq.quant.functional import qmax as _qmax
+
+__all__ = ["Int8LinearFunction", "int8_linear"]
+
+
+def _mm(cfg: Int8ComputeConfig, *args):
+    return int8_mm(*args) if cfg.use_fast_kernels else int8_mm_reference(*args)
+
+
+class Int8LinearFunction(torch.autograd.Function):
+    """``y = x W^T + b`` with int8 GEMMs forward and backward (see module docstring for the layouts)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, config: Int8ComputeConfig, name, act_amax):
+        qa, qw = _qmax(config.act_bits), _qmax(config.weight_bits)
+        k = x.shape[-1]
+        x2 = x.reshape(-1, k)
+        if config.act_scale == "static":
+            if act_amax is None:
+                raise ValueError(f"int8_linear '{name}': act_scale='static' needs act_amax (a calibrated amax)")
+            xq, x_step = quantize_along(
+                x2, qa, None, amax=torch.as_tensor(act_amax, device=x.device), name=name
+            )
+        else:
+            xq, x_step = quantize_along(x2, qa, 0, name=name)
+        wq, w_step = quantize_along(weight, qw, 0, name=name, what="weight")
+        y = _mm(config, xq, wq, x_step, w_step, qa, qw, bias)
+        ctx.save_for_backward(xq, x_step, wq, w_step)
+        ctx.config, ctx.name, ctx.x_shape, ctx.x_dtype = config, name, x.shape, x.dtype
+        ctx.static = config.act_scale == "static"
+        ctx.has_bias = bias is not None
+        return y.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xq, x_step, wq, w_step = ctx.saved_tensors
+        cfg: Int8ComputeConfig = ctx.config
+        qa, qw, qg = _qmax(cfg.act_bits), _qmax(cfg.weight_bits), _qmax(cfg.grad_bits)
+        n = wq.shape[0]
+        g = grad_out.reshape(-1, n).float()
+        grad_x = grad_w = grad_b = None
+        one = torch.ones(1, dtype=torch.float32, device=g.device)
+        need_quant = (ctx.needs_input_grad[0] and cfg.int8_grad_input_enabled) or (
+            ctx.needs_input_grad[1] and cfg.int8_grad_weight_enabled
+        )
+        if not need_quant:
+            check_finite(g.abs().amax().reshape(1), "output gradient", ctx.name)
+        if ctx.needs_input_grad[0]:
+            if cfg.int8_grad_input_enabled:
+                # fold W's per-output-channel step into g (N is reduced here), quantize per row (or per layer)
+                axis = 0 if cfg.grad_granularity == "row" else None
+                r = quantize_grad(
+                    g, qg, axis, cfg.clip_ratios, cfg.grad_clip, cfg.clip_samples,
+                    ctx.name, "output gradient (grad_input GEMM)", mult=w_step.reshape(1, -1),
+                )
+                # b operand must be [K, N] (reduced dim last): the integer weight transposed, int8 copy.
+                grad_x = _mm(cfg, r.q, wq.t().contiguous(), r.step, one, qg, qw, None)
+            else:
+                grad_x = g @ dequantize_along(wq, w_step, 0)
+            if ctx.static:
+                # eq. 13: no gradient where the input was clipped by the calibrated range (|x_q| = qmax).
+                grad_x = grad_x.masked_fill_(xq.abs() >= qa, 0.0)
+            grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            if cfg.int8_grad_weight_enabled:
+                # fold x's per-row step into g (M is reduced here), quantize per column N (constant along M)
+                xs = x_step.reshape(-1, 1) if x_step.numel() > 1 else x_step.reshape(1, 1)
+                axis = 1 if cfg.grad_granularity == "row" else None
+                r = quantize_grad(
+                    g, qg, axis, cfg.clip_ratios, cfg.grad_clip, cfg.clip_samples,
+                    ctx.name, "output gradient (grad_weight GEMM)", mult=xs,
+                )
+                # a = g^T [N, M], b = x_q^T [K, M]: both with the reduced M last (int8 transposed copies).
+                grad_w = _mm(cfg, r.q.t().contiguous(), xq.t().contiguous(), r.step, one, qg, qa, None)
+            else:
+                grad_w = g.t() @ dequantize_along(xq, x_step, 0 if x_step.numel() > 1 else None)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g.sum(0)
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+def int8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    config: Int8ComputeConfig = Int8ComputeConfig(),  # noqa: B008 (frozen, immutable)
+    name: str | None = None,
+    act_amax: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """``x W^T + b`` computed with int8 GEMMs in forward and backward.
+
+    ``x [..., K]`` (any float dtype; output has ``x``'s dtype), ``weight [N, K]``, ``bias [N]``.
+    ``act_amax``: calibrated per-tensor amax for ``config.act_scale == "static"`` (if given with the default
+    dynamic config, it switches the op to static). ``name`` labels error messages and gradient statistics.
+    """
+    if act_amax is not None and config.act_scale == "dynamic":
+        from dataclasses import replace
+
+        config = replace(config, act_scale="static")
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"int8_linear '{name}': input has {x.shape[-1]} features but weight is {tuple(weight.shape)}"
+        )
+    return Int8LinearFunction.apply(x, weight, bias, config, name, act_amax)

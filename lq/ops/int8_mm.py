@@ -1,0 +1,199 @@
+"""``lq::int8_mm``: ``out = (a @ b^T) * a_step[:, None] * b_step[None, :] + bias`` on int8 ``a [M, K]``,
+``b [N, K]`` with exact int32-style accumulation (Wu et al. eq. 10), fp32 output.
+
+Organised like bitsandbytes' ``backends/{default,cpu,cuda}/ops.py``: a ``torch.library`` custom op whose
+default kernel is the portable reference (``int8_mm_reference``; ground truth in tests, used on any device
+without a fast kernel), plus device kernels:
+
+* CPU with AVX-512 VNNI: ``bitsandbytes::int8_linear_matmul`` (dispatches to ``torch._int_mm``).
+* CPU without VNNI (AVX2): oneDNN ``qlinear_pointwise`` on a uint8-shifted operand (``_int_mm`` is a
+  scalar loop there), provided the operand ranges cannot saturate (``lq.ops.hardware.u8s8_exact``).
+* CUDA: ``torch._int_mm`` where its shape constraints hold.
+
+Every kernel splits the reduction so that an int32 accumulator can never overflow; shapes a fast kernel
+does not cover fall back to the reference with a one-time warning, never to wrong numbers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lq.ops import hardware as hw
+
+__all__ = ["exact_int_matmul", "int8_mm", "int8_mm_reference"]
+
+
+def _exact_fp32_ok(device: torch.device) -> bool:
+    # fp32 GEMM on integer-valued data is exact while every partial sum stays <= 2^24 -- unless the
+    # backend is allowed to drop precision (TF32 on CUDA, bf16 on CPU under "medium" precision).
+    return device.type == "cpu" and torch.get_float32_matmul_precision() == "highest"
+
+
+def exact_int_matmul(a: torch.Tensor, b: torch.Tensor, a_qmax: int = 127, b_qmax: int = 127) -> torch.Tensor:
+    """``a @ b^T`` of int8 matrices, exact, as float64 (plain torch, any device).
+
+    On CPU the reduction is cut into chunks of ``K_c`` with ``K_c * a_qmax * b_qmax <= 2^24`` so that each
+    chunk is an exact fp32 GEMM (fast), and the chunks are summed in float64 (exact below 2^53). Elsewhere
+    float64 GEMMs are used directly.
+    """
+    k = a.shape[1]
+    if not _exact_fp32_ok(a.device):
+        return a.double() @ b.double().t()
+    chunk = max(1, hw.FP32_EXACT_INT // max(1, a_qmax * b_qmax))
+    out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
+    for k0 in range(0, k, chunk):
+        k1 = min(k, k0 + chunk)
+        out += (a[:, k0:k1].float() @ b[:, k0:k1].float().t()).double()
+    return out
+
+
+def _finish(acc: torch.Tensor, a_step: torch.Tensor, b_step: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    out = acc.mul_(a_step.reshape(-1, 1).to(acc.dtype)).mul_(b_step.reshape(1, -1).to(acc.dtype))
+    if bias is not None:
+        out = out.add_(bias.to(acc.dtype))
+    return out.float()
+
+
+def _check(a: torch.Tensor, b: torch.Tensor) -> None:
+    if a.dtype != torch.int8 or b.dtype != torch.int8:
+        raise TypeError(f"lq::int8_mm needs int8 operands, got {a.dtype} and {b.dtype}")
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"lq::int8_mm needs a [M, K] and b [N, K], got {tuple(a.shape)} and {tuple(b.shape)}")
+
+
+def int8_mm_reference(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a_step: torch.Tensor,
+    b_step: torch.Tensor,
+    a_qmax: int,
+    b_qmax: int,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """Portable reference of ``lq::int8_mm`` (exact integer sums, scaled in float64, returned as fp32)."""
+    _check(a, b)
+    return _finish(exact_int_matmul(a, b, a_qmax, b_qmax), a_step, b_step, bias)
+
+
+@torch.library.custom_op("lq::int8_mm", mutates_args=())
+def int8_mm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a_step: torch.Tensor,
+    b_step: torch.Tensor,
+    a_qmax: int,
+    b_qmax: int,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """``(a @ b^T) * a_step[:, None] * b_step[None, :] + bias``; a int8 [M, K], b int8 [N, K], fp32 out.
+
+    ``a_step``: ``[M]`` or ``[1]``; ``b_step``: ``[N]`` or ``[1]``; ``|a| <= a_qmax``, ``|b| <= b_qmax``
+    (used to pick exact kernels and overflow-free chunking).
+    """
+    return int8_mm_reference(a, b, a_step, b_step, a_qmax, b_qmax, bias)
+
+
+@int8_mm.register_fake
+def _(a, b, a_step, b_step, a_qmax, b_qmax, bias):
+    return a.new_empty((a.shape[0], b.shape[0]), dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------------------------- CPU
+def _int_mm_chunked(a: torch.Tensor, b: torch.Tensor, a_qmax: int, b_qmax: int) -> torch.Tensor:
+    """int32 ``a @ b^T`` via bitsandbytes' ``int8_linear_matmul`` (-> ``torch._int_mm``), reduction split so
+    that no chunk can overflow int32; chunk partials are summed in fp32 (returned fp32)."""
+    import bitsandbytes  # noqa: F401  (registers torch.ops.bitsandbytes)
+
+    k = a.shape[1]
+    chunk = hw.max_exact_reduction(a_qmax, b_qmax)
+    if k <= chunk:
+        return torch.ops.bitsandbytes.int8_linear_matmul.default(a, b).float()
+    out = None
+    for k0 in range(0, k, chunk):
+        part = torch.ops.bitsandbytes.int8_linear_matmul.default(
+            a[:, k0 : k0 + chunk].contiguous(), b[:, k0 : k0 + chunk].contiguous()
+        ).float()
+        out = part if out is None else out.add_(part)
+    return out
+
+
+def onednn_qlinear(u: torch.Tensor, zp: int, w: torch.Tensor, u_scale: float, w_scale: torch.Tensor) -> torch.Tensor:
+    """oneDNN ``(u - zp) @ w^T * u_scale * w_scale[None, :]`` with u uint8 [M, K], w int8 [N, K], fp32 out."""
+    packed = torch.ops.onednn.qlinear_prepack(w, None)
+    w_zp = torch.zeros(w.shape[0], dtype=torch.int64)
+    return torch.ops.onednn.qlinear_pointwise(
+        u, u_scale, zp, packed, w_scale, w_zp, None, 1.0, 0, torch.float32, "none", [], ""
+    )
+
+
+def _onednn_mm(
+    u_src: torch.Tensor, u_qmax: int, u_step: torch.Tensor, w: torch.Tensor, w_qmax: int, w_step: torch.Tensor
+) -> torch.Tensor:
+    """``u_src @ w^T`` scaled, u_src the operand oneDNN sees as unsigned (shifted by its zero point)."""
+    u, zp = hw.to_biased_u8(u_src.contiguous(), u_qmax)
+    w = w.contiguous()
+    n = w.shape[0]
+    w_scale = w_step.float().reshape(-1).expand(n).contiguous() if w_step.numel() == 1 else w_step.float().contiguous()
+    per_tensor = u_step.numel() == 1
+    u_scale = float(u_step) if per_tensor else 1.0
+    k = u.shape[1]
+    chunk = hw.max_exact_reduction(hw.biased_u8_max(u_qmax), w_qmax)
+    out = None
+    for k0 in range(0, k, chunk):
+        uc = u if k <= chunk else u[:, k0 : k0 + chunk].contiguous()
+        wc = w if k <= chunk else w[:, k0 : k0 + chunk].contiguous()
+        part = onednn_qlinear(uc, zp, wc, u_scale, w_scale)
+        out = part if out is None else out.add_(part)
+    if not per_tensor:
+        out.mul_(u_step.float().reshape(-1, 1))  # caller adds the bias afterwards
+    return out
+
+
+@int8_mm.register_kernel("cpu")
+def _int8_mm_cpu(a, b, a_step, b_step, a_qmax, b_qmax, bias):
+    _check(a, b)
+    if hw.cpu_int_mm_is_fast():
+        out = _int_mm_chunked(a, b, a_qmax, b_qmax)
+        out.mul_(a_step.float().reshape(-1, 1)).mul_(b_step.float().reshape(1, -1))
+    elif hw.u8s8_exact(a_qmax, b_qmax):
+        out = _onednn_mm(a, a_qmax, a_step, b, b_qmax, b_step)
+    elif hw.u8s8_exact(b_qmax, a_qmax):
+        # out^T = b @ a^T: the operand with the narrower range becomes oneDNN's unsigned source.
+        out = _onednn_mm(b, b_qmax, b_step, a, a_qmax, a_step).t()
+    else:
+        hw.warn_once(
+            f"int8_mm:{a_qmax}:{b_qmax}",
+            f"lq::int8_mm: this CPU has no VNNI, so oneDNN's u8 x s8 kernels saturate on {a_qmax}- x "
+            f"{b_qmax}-range operands; using the exact (slower) reference kernel. Int8ComputeConfig."
+            "for_cpu_without_vnni() (7-bit activations and weights) enables the fast kernels.",
+        )
+        return int8_mm_reference(a, b, a_step, b_step, a_qmax, b_qmax, bias)
+    if bias is not None:
+        out = out + bias.float()
+    return out
+
+
+# -------------------------------------------------------------------------------------------- CUDA
+@int8_mm.register_kernel("cuda")
+def _int8_mm_cuda(a, b, a_step, b_step, a_qmax, b_qmax, bias):
+    _check(a, b)
+    m, k = a.shape
+    n = b.shape[0]
+    # torch._int_mm (cuBLASLt IGEMM) needs M > 16 and K, N multiples of 8.
+    if m <= 16 or k % 8 or n % 8:
+        hw.warn_once(
+            "int8_mm:cuda-shape",
+            f"lq::int8_mm: shape M={m}, K={k}, N={n} is outside torch._int_mm's CUDA constraints "
+            "(M > 16, K and N multiples of 8); using the reference kernel for such shapes.",
+        )
+        return int8_mm_reference(a, b, a_step, b_step, a_qmax, b_qmax, bias)
+    chunk = hw.max_exact_reduction(a_qmax, b_qmax) // 8 * 8
+    out = None
+    for k0 in range(0, k, chunk):
+        # mat2 = b_chunk^T [Kc, N] as a column-major view, the layout cuBLASLt's IGEMM wants
+        part = torch._int_mm(a[:, k0 : k0 + chunk].contiguous(), b[:, k0 : k0 + chunk].contiguous().t()).float()
+        out = part if out is None else out.add_(part)
+    out.mul_(a_step.float().reshape(-1, 1)).mul_(b_step.float().reshape(1, -1))
+    if bias is not None:
+        out = out + bias.float()
+    return out

@@ -1,0 +1,57 @@
+"""Fast symmetric int8 quantization of activations and weights for the int8 ops (Wu et al. eq. 6-8).
+
+``q = clamp(round(s * x), -qmax, qmax)`` with ``s = qmax / amax``; the ops carry ``step = 1 / s`` (the real
+value of one integer unit) because that is what multiplies an int32 accumulator back to real numbers
+(eq. 10: ``y = (1 / (s_x s_w)) * sum_k x_q w_q``).
+
+Where the scale sits decides whether it factors out of a GEMM (eq. 10): a scale may vary along every
+dimension *except* the one summed over. ``quantize_along`` therefore takes the dimension(s) that keep their
+own scale (``keep_dim``) and reduces amax over the others.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lq.ops import fused
+
+
+def quantize_along(
+    x: torch.Tensor,
+    qmax: int,
+    keep_dim: int | None,
+    amax: torch.Tensor | None = None,
+    name: str | None = None,
+    what: str = "input",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``x`` to int8 with one scale per index of ``keep_dim`` (``None``: one scale per tensor).
+
+    Returns ``(q, step)``; ``step`` has shape ``[x.shape[keep_dim]]`` (or ``[1]``), fp32. ``amax``
+    overrides the data's own amax (static calibration; values beyond it are clipped, eq. 7). Raises
+    ``FloatingPointError`` naming ``name`` when ``x`` holds NaN/Inf (checked on the amax reduction, which
+    for a static amax costs one extra reduction pass).
+    """
+    data_amax = fused.amax_along(x, None if amax is not None else keep_dim)
+    check_finite(data_amax, what, name)  # a NaN would otherwise become garbage int8
+    amax = data_amax if amax is None else amax.to(x.device).float().reshape(-1)
+    s = fused.scale_from_amax(amax, qmax)
+    return fused.quantize_with_scale(x, s, qmax, keep_dim), 1.0 / s
+
+
+def dequantize_along(q: torch.Tensor, step: torch.Tensor, keep_dim: int | None) -> torch.Tensor:
+    """Eq. 8: ``q * step`` with ``step`` broadcast along ``keep_dim`` (``None``: per tensor), fp32."""
+    if keep_dim is None or step.numel() == 1:
+        return q.float() * step.reshape(())
+    shape = [1] * q.dim()
+    shape[keep_dim % q.dim()] = -1
+    return q.float() * step.reshape(shape)
+
+
+def check_finite(amax: torch.Tensor, what: str, name: str | None) -> None:
+    """Raise ``FloatingPointError`` naming the layer when ``amax`` holds NaN/Inf (never cast NaN to int8)."""
+    if not bool(torch.isfinite(amax).all()):
+        layer = f"layer '{name}'" if name else "an unnamed layer (pass name=... to the op to see which)"
+        raise FloatingPointError(
+            f"lq int8 op: non-finite values (NaN or Inf) in the {what} of {layer}; int8 cannot represent "
+            "them. Lower the learning rate, enable gradient clipping, or keep this layer in float."
+        )

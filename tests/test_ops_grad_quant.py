@@ -1,0 +1,103 @@
+"""Zhu et al. 2020 gradient quantization: per-layer dynamic scale, direction-sensitive clipping,
+deviation-counteractive learning-rate factor, NaN/Inf errors."""
+
+from __future__ import annotations
+
+import os
+
+# Eager quantization kernels in tests: torch.compile of the fused kernels costs ~20 s per variant on a
+# loaded 2-core machine; test_compiled_quantizers_match_eager covers the compiled path once.
+os.environ.setdefault("LQ_COMPILE_QUANT", "0")
+
+import math
+
+import pytest
+import torch
+
+from lq.ops import GradDeviationTracker, deviation_lr_factor, quantize_grad
+from lq.ops.grad_quant import direction_sensitive_clip_ratio
+
+RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.3, 0.1)
+
+
+def _cos(g, r):
+    deq = r.q.float() * (r.step if r.step.numel() == 1 else r.step.reshape(-1, 1))
+    return torch.nn.functional.cosine_similarity(deq.reshape(1, -1), g.reshape(1, -1)).item()
+
+
+def test_per_layer_dynamic_scale_without_clipping():
+    g = torch.randn(64, 32) * 1e-4  # gradients are tiny: the scale follows the data, no calibration
+    r = quantize_grad(g, 127, None, clip=False)
+    assert r.q.dtype == torch.int8 and r.step.numel() == 1
+    torch.testing.assert_close(r.step, g.abs().max().reshape(1) / 127)
+    assert r.q.abs().max() == 127
+
+
+def test_clipping_helps_heavy_tailed_gradients_and_is_skipped_for_uniform_ones():
+    torch.manual_seed(0)
+    heavy = torch.randn(256, 256) ** 3  # heavy tails: Zhu et al.'s "sharp and wide" gradient distribution
+    for q in (127, 31, 7):
+        r = quantize_grad(heavy, q, None, RATIOS, clip=True)
+        assert r.ratio < 1.0
+        unclipped = quantize_grad(heavy, q, None, clip=False)
+        assert _cos(heavy, r) > _cos(heavy, unclipped)  # better on the full tensor, not only the estimate
+        assert abs(_cos(heavy, r) - r.cos) < 1e-4  # the search scores the whole tensor
+    uniform = torch.rand(256, 256) * 2 - 1
+    assert quantize_grad(uniform, 127, None, RATIOS, clip=True).ratio == 1.0
+
+
+def test_clip_search_picks_the_best_candidate():
+    torch.manual_seed(1)
+    sample = torch.randn(4, 1000) ** 3
+    amax = sample.abs().amax(1, keepdim=True)
+    ratio, cos = direction_sensitive_clip_ratio(sample, amax, 127, RATIOS)
+    for rr in RATIOS:  # brute force, one candidate at a time
+        step = rr * amax / 127
+        deq = torch.clamp(torch.round(sample / step), -127, 127) * step
+        c = torch.nn.functional.cosine_similarity(deq.reshape(1, -1), sample.reshape(1, -1)).item()
+        assert c <= cos + 1e-6
+    assert ratio in RATIOS
+
+
+def test_per_row_scale_and_zero_rows():
+    g = torch.randn(10, 20)
+    g[3] = 0.0
+    r = quantize_grad(g, 127, 0, RATIOS, clip=True)
+    assert r.step.shape == (10,) and torch.isfinite(r.step).all()
+    assert (r.q[3] == 0).all()
+
+
+def test_all_zero_gradient():
+    r = quantize_grad(torch.zeros(5, 5), 127, None, RATIOS, clip=True)
+    assert (r.q == 0).all() and r.ratio == 1.0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_gradient_raises_naming_layer(bad):
+    g = torch.randn(4, 4)
+    g[1, 2] = bad
+    with pytest.raises(FloatingPointError, match="head.proj"):
+        quantize_grad(g, 127, 1, name="head.proj")
+
+
+def test_deviation_lr_factor():
+    assert deviation_lr_factor(0.0) == 1.0
+    assert deviation_lr_factor(0.01) == pytest.approx(math.exp(-0.2))
+    assert deviation_lr_factor(1.0) == 0.1  # floor beta
+    values = [deviation_lr_factor(d) for d in (0.0, 0.01, 0.05, 0.1, 0.5)]
+    assert values == sorted(values, reverse=True)
+    assert deviation_lr_factor(torch.tensor(0.02), alpha=10.0, beta=0.5) == pytest.approx(max(math.exp(-0.2), 0.5))
+    with pytest.raises(ValueError):
+        deviation_lr_factor(float("nan"))
+    with pytest.raises(ValueError):
+        deviation_lr_factor(0.1, beta=0.0)
+
+
+def test_tracker_records_cosine_distance():
+    g = torch.randn(32, 32)
+    with GradDeviationTracker() as t:
+        r = quantize_grad(g, 127, None, RATIOS, clip=True, name="l1")
+    assert list(t.deviations) == ["l1:output gradient"]
+    assert t.mean() == pytest.approx(1 - r.cos)
+    quantize_grad(g, 127, None, RATIOS, clip=True, name="l2")  # outside the context: not recorded
+    assert len(t.deviations) == 1
