@@ -69,9 +69,15 @@ class Int8QAT(Int8PTQ):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if self.compute == "int8":
-            from lq.ops.layers import use_int8_compute
+            from lq.nn.int8_compute import use_int8_compute
+            from lq.ops import Int8ComputeConfig
 
-            use_int8_compute(pl_module, True)
+            # The config's bit widths, so the int8 GEMMs give the fake-quant numbers (eq. 10 == eq. 9).
+            config = Int8ComputeConfig(
+                act_bits=self.config.activation.bits, weight_bits=self.config.weight.bits, act_scale="static"
+            )
+            names = use_int8_compute(pl_module, config)
+            rank_zero_info(f"Int8QAT: {len(names)} layers run int8 GEMMs with the calibrated input ranges")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)  # calibrate unless restored from a checkpoint

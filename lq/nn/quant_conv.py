@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lq.nn.int8_compute import int8_compute_config, int8_conv2d_forward
 from lq.nn.mixin import QuantMixin
 
 
@@ -23,6 +24,14 @@ class QuantConv1d(_QuantConvNd, nn.Conv1d):
 
 class QuantConv2d(_QuantConvNd, nn.Conv2d):
     float_class = nn.Conv2d
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        config = int8_compute_config(self)
+        if config is not None:
+            out = int8_conv2d_forward(self, input, config)
+            if out is not None:
+                return out
+        return super().forward(input)
 
 
 class QuantConv3d(_QuantConvNd, nn.Conv3d):

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lq.nn.int8_compute import int8_compute_config, int8_linear_forward
 from lq.nn.mixin import QuantMixin
 
 
@@ -17,4 +18,9 @@ class QuantLinear(QuantMixin, nn.Linear):
     weight_channel_axis = 0
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        config = int8_compute_config(self)
+        if config is not None:
+            out = int8_linear_forward(self, input, config)
+            if out is not None:
+                return out
         return F.linear(self.input_quantizer(input), self.weight_quantizer(self.weight), self.bias)

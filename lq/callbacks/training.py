@@ -1,0 +1,92 @@
+"""``Int8Training``: train (from scratch or fine-tune) with int8 compute, Zhu et al. 2020.
+
+    trainer = Trainer(callbacks=[Int8Training()])
+    trainer.fit(model, datamodule=dm)
+
+Every Linear and Conv2d runs its forward, grad_input and grad_weight as int8 products (``lq.ops``) with
+dynamic per-batch scales: activations and weights quantized in the forward, output gradients quantized
+with a per-layer dynamic scale and direction-sensitive clipping where they are consumed (so nothing is
+lost at residual adds). Optionally the learning rate is scaled down by the measured gradient deviation
+(deviation-counteractive LR scaling). Parameters stay fp32; the optimizer is untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
+
+from lq.callbacks.base import QuantizationCallback
+from lq.nn.int8_compute import use_int8_compute
+from lq.nn.swap import quantization_report, quantize, quantized_layers
+from lq.quant.config import QuantConfig, QuantSpec
+
+
+class Int8Training(QuantizationCallback):
+    """int8 forward and backward GEMMs for an unmodified LightningModule.
+
+    Args:
+        compute: an ``lq.ops.Int8ComputeConfig`` (bits, which backward GEMMs run in int8, gradient clipping);
+            default ``Int8ComputeConfig.for_this_machine()`` (8/8/8 bits where the int8 kernels are exact
+            and fast; 7-bit activations/weights on x86 CPUs without VNNI).
+        skip: fnmatch globs of layers kept in float (e.g. the first conv and the classifier head).
+        deviation_lr_scaling: scale each step's LR by ``lq.ops.deviation_lr_factor`` of the mean gradient
+            deviation measured in that step's backward (Zhu et al.).
+    """
+
+    def __init__(self, compute: Any = None, skip: list[str] | None = None, deviation_lr_scaling: bool = False) -> None:
+        off = QuantSpec(enabled=False)
+        config = QuantConfig(weight=off, activation=QuantSpec(enabled=False), skip=list(skip or []),
+                             layers=["Linear", "Conv2d"])
+        super().__init__(config=config, num_samples=1)
+        from lq.ops import Int8ComputeConfig
+
+        if compute is not None and not isinstance(compute, Int8ComputeConfig):
+            raise TypeError(f"compute must be an lq.ops.Int8ComputeConfig, got {type(compute).__name__}")
+        if compute is not None and compute.act_scale != "dynamic":
+            raise ValueError("Int8Training uses dynamic scales (act_scale='dynamic'); for calibrated static "
+                             "scales use Int8QAT(compute='int8')")
+        self.compute = compute
+        self.deviation_lr_scaling = bool(deviation_lr_scaling)
+        self._tracker = None
+        self._saved_lrs: list[list[float]] | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not quantized_layers(pl_module):
+            quantize(pl_module, self.config)
+            rank_zero_info(str(quantization_report(pl_module)))
+        self._module = pl_module
+        names = use_int8_compute(pl_module, self.compute)
+        rank_zero_info(f"Int8Training: {len(names)} layers compute in int8 (forward and backward)")
+
+    # ----------------------------------------------------------- deviation-counteractive LR (Zhu et al.)
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
+        if self.deviation_lr_scaling:
+            from lq.ops import GradDeviationTracker
+
+            self._tracker = GradDeviationTracker().__enter__()
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._tracker is not None:
+            self._tracker.__exit__(None, None, None)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if self._tracker is None:
+            return
+        from lq.ops import deviation_lr_factor
+
+        factor = deviation_lr_factor(self._tracker.mean())
+        self._saved_lrs = [g["lr"] for g in optimizer.param_groups]
+        for g in optimizer.param_groups:
+            g["lr"] = g["lr"] * factor
+        self._optimizer = optimizer
+        pl_module.log("lq/deviation_lr_factor", factor, on_step=True, on_epoch=False)
+        self._tracker = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        # The scaled LR applied to this step only; the schedule continues from the unscaled value.
+        if self._saved_lrs is not None:
+            for g, lr in zip(self._optimizer.param_groups, self._saved_lrs):
+                g["lr"] = lr
+            self._saved_lrs = None
