@@ -265,3 +265,18 @@ def test_fold_bn_recalibrates_quantized_static_weight_ranges():
 def test_fold_bn_warns_when_nothing_to_fold():
     with pytest.warns(UserWarning, match="nothing folded"):
         assert lq.fold_bn(nn.Sequential(nn.Linear(2, 2)).eval()) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_quantize_and_calibrate(dtype):
+    torch.manual_seed(0)
+    m = Net().to(dtype)
+    x = torch.randn(4, 1, 8, 8).to(dtype)
+    ref = m(x).float()
+    lq.quantize(m)
+    lq.calibrate(m, [x])
+    y = m(x)
+    assert y.dtype == dtype and torch.isfinite(y.float()).all()
+    assert m.head.input_quantizer.amax.dtype == torch.float32
+    # int8 rounding is far below the fp16/bf16 output spread
+    assert (y.float() - ref).abs().max() < 0.1 * ref.abs().max() + 0.05
