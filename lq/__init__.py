@@ -8,6 +8,7 @@
 """
 
 from lq.checkpoint import load_from_checkpoint
+from lq.deploy import convert, export_onnx
 from lq.nn.fold_bn import fold_bn
 from lq.nn.swap import quantization_report, quantize, quantized_layers
 from lq.quant.config import QuantConfig, QuantSpec
@@ -29,7 +30,9 @@ __all__ = [
     "QuantSpec",
     "calibrate",
     "choose_calibration",
+    "convert",
     "enabled_layers",
+    "export_onnx",
     "fold_bn",
     "load_from_checkpoint",
     "partial_quantize",

