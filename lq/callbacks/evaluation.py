@@ -36,6 +36,7 @@ def logged_metrics(pl_module: pl.LightningModule, loader: Any, limit_batches: in
     device = pl_module.device
     was_training = pl_module.training
     accelerator, devices = _accelerator(device)
+    limits = {} if limit_batches == 1.0 else {"limit_val_batches": limit_batches}
     trainer = pl.Trainer(
         accelerator=accelerator,
         devices=devices,
@@ -44,7 +45,7 @@ def logged_metrics(pl_module: pl.LightningModule, loader: Any, limit_batches: in
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=[],
-        limit_val_batches=limit_batches,
+        **limits,
     )
     try:
         results = trainer.validate(pl_module, dataloaders=loader, verbose=False)
