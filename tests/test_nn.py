@@ -280,3 +280,16 @@ def test_half_precision_models_quantize_and_calibrate(dtype):
     assert m.head.input_quantizer.amax.dtype == torch.float32
     # int8 rounding is far below the fp16/bf16 output spread
     assert (y.float() - ref).abs().max() < 0.1 * ref.abs().max() + 0.05
+
+
+def test_eval_weight_cache_follows_in_place_updates():
+    m = lq.quantize(nn.Sequential(nn.Linear(6, 3)))
+    x = torch.randn(4, 6)
+    lq.calibrate(m, [x], method="max")
+    with torch.no_grad():
+        y1 = m(x)
+        assert torch.equal(m(x), y1)  # cached fake-quantized weight
+        m[0].weight.mul_(2.0)  # optimizer steps / fold_bn / load_state_dict update in place
+        w = m[0].weight
+        expected = F.linear(fq(x, x.abs().max()), fq(w, w.abs().amax(1), axis=0), m[0].bias)
+        torch.testing.assert_close(m(x), expected)

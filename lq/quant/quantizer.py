@@ -163,13 +163,25 @@ class TensorQuantizer(nn.Module):
                 raise ValueError(f"layer '{self.name}': {err}") from err
             return x
         if self.dynamic:
+            # Without autograd (evaluation, sensitivity sweeps, calibration of other layers) an unchanged
+            # weight Parameter gives the same fake-quantized weight: reuse it instead of two passes plus a
+            # fake-quant. Only Parameters: a weight recomputed each forward (pruning's weight_orig * mask)
+            # is a new tensor whose address and version counter could repeat with other values.
+            cacheable = isinstance(x, nn.Parameter) and not torch.is_grad_enabled()
+            key = (x.data_ptr(), x._version, x.shape, x.dtype, x.device)
+            cached = self.__dict__.get("_dynamic_cache")
+            if cacheable and cached is not None and cached[0] == key:
+                return cached[1]
             with torch.no_grad():
                 if self.axis is None:
                     self.amax.copy_(x.detach().abs().amax().float())
                 else:
                     dims = [d for d in range(x.dim()) if d != self.axis % x.dim()]
                     self.amax.copy_(x.detach().abs().amax(dim=dims).float())
-        elif not self.is_calibrated:
+            out = fake_quant(x, self.amax, self.spec.bits, self.axis)
+            self.__dict__["_dynamic_cache"] = (key, out.detach()) if cacheable else None
+            return out
+        if not self.is_calibrated:
             raise RuntimeError(
                 f"layer '{self.name}' is quantized but has no calibrated range: run "
                 "lq.calibrate(model, data) first (or disable it with lq.quantization_disabled)"
