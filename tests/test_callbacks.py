@@ -316,3 +316,21 @@ def test_auto_calibration_picks_best_on_validation_metric(tmp_path, pretrained):
     t.fit(m, DigitsData())
     choice = m._lq_calibration
     assert len(choice.scores) == 7 and choice.scores[choice.best] == max(choice.scores.values())
+
+
+def test_export_onnx_and_converted_model_at_fit_end(tmp_path, pretrained):
+    import onnxruntime as ort
+
+    m = fresh(pretrained)
+    onnx_path, conv_path = tmp_path / "m.onnx", tmp_path / "m_int8.pt"
+    cb = Int8QAT(num_samples=256, export_onnx=str(onnx_path), export_converted=str(conv_path))
+    trainer(tmp_path, [cb], max_steps=2, enable_checkpointing=False).fit(m, DigitsData())
+    x = digits("val").tensors[0][:8]
+    m.eval()
+    ref = m(x).detach()
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    assert abs(out - ref.numpy()).max() < 0.05 * abs(ref.numpy()).max()
+    converted = torch.load(conv_path, weights_only=False)
+    torch.testing.assert_close(converted(x), ref, atol=0.05 * ref.abs().max().item(), rtol=0)
+    assert isinstance(m.net[0], lq.nn.QuantLinear) and m.net[0].weight.requires_grad  # the module stays trainable

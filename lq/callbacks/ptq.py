@@ -16,6 +16,7 @@ from typing import Any
 import lightning.pytorch as pl
 
 from lq.callbacks.base import QuantizationCallback
+from lq.callbacks.export import export_after_fit
 from lq.callbacks.evaluation import metric_evaluator
 from lq.callbacks.loaders import stage_loader, val_loader
 from lq.quant.config import CALIBRATORS, QuantConfig
@@ -30,6 +31,10 @@ class Int8PTQ(QuantizationCallback):
         calibration_data: DataLoader / iterable / ``forward_loop(model)``; default: the training loader.
         method: override the activation calibrator ("max", "entropy", "percentile", "mse", "auto").
         monitor, mode: the validation metric "auto" maximises (or minimises with ``mode="min"``).
+        export_onnx: at the end of fit, write the quantized model as ONNX with Q/DQ nodes to this path
+            (``lq.export_onnx``; the example input is one sample of the training data).
+        export_converted: at the end of fit, save a converted int8 copy of the model (``lq.convert``) with
+            ``torch.save`` to this path (load it with ``torch.load(path, weights_only=False)``).
     """
 
     def __init__(
@@ -40,8 +45,12 @@ class Int8PTQ(QuantizationCallback):
         method: str | None = None,
         monitor: str | None = "val_acc",
         mode: str = "max",
+        export_onnx: str | None = None,
+        export_converted: str | None = None,
     ) -> None:
         super().__init__(config, num_samples, calibration_data)
+        self.export_onnx = export_onnx
+        self.export_converted = export_converted
         if method is not None and method not in CALIBRATORS:
             raise ValueError(f"method must be one of {CALIBRATORS} or None, got {method!r}")
         if mode not in ("max", "min"):
@@ -76,6 +85,10 @@ class Int8PTQ(QuantizationCallback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._calibrate_once(trainer, pl_module)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero and (self.export_onnx or self.export_converted):
+            export_after_fit(trainer, pl_module, self.export_onnx, self.export_converted)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn == "validate":
