@@ -22,14 +22,21 @@ from lq.models import SmallResNet
 
 
 def timed(fn, repeats: int, warmup: int = 3) -> float:
+    return timed_pair(fn, fn, repeats, warmup)[0]
+
+
+def timed_pair(a, b, repeats: int, warmup: int = 3) -> tuple[float, float]:
+    """Median times of a and b, measured alternately so that background load hits both alike."""
     for _ in range(warmup):
-        fn()
-    times = []
+        a()
+        b()
+    ta, tb = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for fn, out in ((a, ta), (b, tb)):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return statistics.median(ta), statistics.median(tb)
 
 
 def make_step(model, x, y):
@@ -48,8 +55,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--widths", type=int, nargs="+", default=[32, 64, 128])
     p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     x = torch.randn(args.batch, 1, 28, 28)
     y = torch.randint(0, 10, (args.batch,))
@@ -59,8 +67,7 @@ def main() -> None:
     lq.quantize(qat, lq.QuantConfig(activation=lq.QuantSpec(calibrator="max")))
     lq.calibrate(qat, [x], method="max")
 
-    t_fp32 = timed(make_step(fp32, x, y), args.repeats)
-    t_qat = timed(make_step(qat, x, y), args.repeats)
+    t_fp32, t_qat = timed_pair(make_step(fp32, x, y), make_step(qat, x, y), args.repeats)
     print(f"SmallResNet widths={args.widths}, batch {args.batch}, {len(lq.quantized_layers(qat))} quantized layers")
     print(f"  train step fp32 {t_fp32 * 1e3:.1f} ms, fake-quant {t_qat * 1e3:.1f} ms: ratio {t_qat / t_fp32:.2f}x (target <= 1.2x)")
 
@@ -76,8 +83,7 @@ def main() -> None:
     def entropy():
         lq.calibrate(calib_model, data, num_samples=1024)
 
-    t_plain = timed(plain, max(3, args.repeats // 3), warmup=1)
-    t_ent = timed(entropy, max(3, args.repeats // 3), warmup=1)
+    t_plain, t_ent = timed_pair(plain, entropy, max(3, args.repeats // 3), warmup=1)
     print(f"  1024 samples: plain forward {t_plain:.3f} s, entropy calibration {t_ent:.3f} s: "
           f"ratio {t_ent / t_plain:.2f}x (target <= 1.5x)")
 

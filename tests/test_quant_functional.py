@@ -106,3 +106,38 @@ def test_learned_range_gradient_pact_for_clipped_values():
     assert torch.allclose(y, torch.clamp(x, -2, 2))
     y.sum().backward()
     assert amax.grad.item() == pytest.approx(3.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("axis", [None, 0, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_fake_quant_matches_torch_fused_kernel_values_and_eq13_gradient(axis, dtype):
+    torch.manual_seed(3)
+    x = (torch.randn(6, 5, 4) * 3).to(dtype).requires_grad_()
+    amax = torch.tensor(2.0) if axis is None else torch.rand(x.shape[axis]) * 3 + 0.5
+    step = amax / 127
+    y = F.fake_quant(x, amax, axis=axis)
+    y.backward(torch.ones_like(y))
+    x2 = x.detach().clone().requires_grad_()
+    if axis is None:
+        ref = torch.fake_quantize_per_tensor_affine(x2, step.reshape(()), torch.zeros((), dtype=torch.int32), -127, 127)
+    else:
+        ref = torch.fake_quantize_per_channel_affine(x2, step, torch.zeros(step.shape, dtype=torch.int32), axis, -127, 127)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y, ref, atol=0, rtol=0)
+    # eq. 13: 1 on [-amax, amax], 0 outside. (torch's kernel masks on the *rounded* value, so it passes the
+    # gradient up to half a step beyond amax; lq follows the paper.)
+    a = amax if axis is None else amax.reshape([-1 if d == axis else 1 for d in range(3)])
+    inside = (x.detach().float() >= -a) & (x.detach().float() <= a)
+    torch.testing.assert_close(x.grad, inside.to(dtype), atol=0, rtol=0)
+
+
+def test_cpu_fake_quant_compiled_equals_eager(monkeypatch):
+    from lq.quant import fake_quant_cpu
+
+    x = torch.randn(3, 7, 5) * 4
+    step = torch.tensor(2.5 / 127)
+    eager = fake_quant_cpu._forward_eager(x, 1 / step, step, 127)
+    monkeypatch.setenv("LQ_COMPILE_FAKE_QUANT", "1")
+    compiled = fake_quant_cpu._forward(x, 1 / step, step, 127)
+    torch.testing.assert_close(compiled[0], eager[0], atol=0, rtol=0)
+    assert torch.equal(compiled[1], eager[1])
