@@ -83,6 +83,12 @@ def make_trainer(cfg: DictConfig, out: str, logger: Any, callbacks: Sequence[Any
     )
 
 
+
+def test_metric(cfg: DictConfig, out: str, logger: Any, model: Any, dm: Any, callbacks: Sequence[Any] = ()) -> float:
+    """``trainer.test`` with the run's trainer settings; the logged ``cfg.metric`` (default ``test_acc``)."""
+    trainer = make_trainer(cfg, out, logger, callbacks)
+    return float(trainer.test(model, datamodule=dm, verbose=False)[0][cfg.get("metric", "test_acc")])
+
 def quant_config(cfg: DictConfig, **activation: Any) -> Any:
     """``lq.QuantConfig`` from the ``quant`` group, with activation-spec fields replaced by ``activation``."""
     node = OmegaConf.to_container(cfg.quant, resolve=True)

@@ -21,7 +21,6 @@ from lq import tracking
 from lq.recipes.common import (
     candidate_label,
     make_callback,
-    make_trainer,
     parse_candidate,
     print_table,
     quant_config,
@@ -29,14 +28,10 @@ from lq.recipes.common import (
     run_dir,
     setup,
     start_logger,
+    test_metric,
 )
 
 log = logging.getLogger(__name__)
-
-
-def _test_acc(cfg: DictConfig, out: str, logger: Any, model: Any, dm: Any, callbacks: list = ()) -> float:
-    trainer = make_trainer(cfg, out, logger, callbacks)
-    return float(trainer.test(model, datamodule=dm, verbose=False)[0][cfg.get("metric", "test_acc")])
 
 
 def run(cfg: DictConfig) -> dict:
@@ -48,7 +43,7 @@ def run(cfg: DictConfig) -> dict:
         dm = instantiate(cfg.data)
         model = instantiate(cfg.model)
         t0 = time.perf_counter()
-        fp32 = _test_acc(cfg, out, logger, model, dm)
+        fp32 = test_metric(cfg, out, logger, model, dm)
 
         spec = cfg.quant.activation
         if spec.calibrator == "auto":
@@ -60,7 +55,7 @@ def run(cfg: DictConfig) -> dict:
             candidates = [(str(spec.calibrator), float(spec.percentile) if spec.calibrator == "percentile" else None)]
             collect = str(spec.calibrator)
         callback = make_callback(cfg, quant_config(cfg, calibrator=collect))
-        first_acc = _test_acc(cfg, out, logger, model, dm, [callback])  # swaps, calibrates, tests
+        first_acc = test_metric(cfg, out, logger, model, dm, [callback])  # swaps, calibrates, tests
 
         acts = {n: q for n, q in lq.quantizers(model).items() if not n.endswith("weight_quantizer") and q.mode != "off"}
         results: dict[str, float] = {}
@@ -74,7 +69,7 @@ def run(cfg: DictConfig) -> dict:
             else:
                 for q in acts.values():
                     q.load_calib_amax(method, percentile=pct)
-                acc = _test_acc(cfg, out, logger, model, dm, [callback])
+                acc = test_metric(cfg, out, logger, model, dm, [callback])
             results[label] = acc
             amax[label] = {n: float(q.amax.max()) for n, q in acts.items()}
         elapsed = time.perf_counter() - t0

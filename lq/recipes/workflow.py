@@ -33,13 +33,10 @@ from lq.recipes.common import (
     run_dir,
     setup,
     start_logger,
+    test_metric,
 )
 
 log = logging.getLogger(__name__)
-
-
-def _test(cfg: DictConfig, out: str, logger: Any, model: Any, dm: Any, callbacks: list = ()) -> float:
-    return float(make_trainer(cfg, out, logger, callbacks).test(model, datamodule=dm, verbose=False)[0]["test_acc"])
 
 
 def run(cfg: DictConfig) -> dict:
@@ -55,21 +52,21 @@ def run(cfg: DictConfig) -> dict:
         trainer = make_trainer(cfg, out, logger)
         trainer.fit(model, datamodule=dm)
         fp32_steps = trainer.global_step
-        fp32 = _test(cfg, out, logger, model, dm)
+        fp32 = test_metric(cfg, out, logger, model, dm)
         rows: dict[str, float] = {"fp32": fp32}
         timings = {"fp32 training": time.perf_counter() - t0}
 
         folded = copy.deepcopy(model).eval()
         if cfg.get("fold_bn", True):
             pairs = lq.fold_bn(folded)
-            rows[f"fp32, {len(pairs)} BN folded"] = _test(cfg, out, logger, folded, dm)
+            rows[f"fp32, {len(pairs)} BN folded"] = test_metric(cfg, out, logger, folded, dm)
 
         ptq: dict[str, tuple[float, Any, tuple[str, float | None]]] = {}
         for name in cfg.calibrators:
             method, pct = parse_candidate(name)
             m = copy.deepcopy(folded)
             qcfg = quant_config(cfg, calibrator=method, **({"percentile": pct} if pct else {}))
-            acc = _test(cfg, out, logger, m, dm, [Int8PTQ(qcfg, num_samples=num_samples)])
+            acc = test_metric(cfg, out, logger, m, dm, [Int8PTQ(qcfg, num_samples=num_samples)])
             label = f"PTQ {candidate_label(method, pct)}"
             ptq[label] = (acc, m, (method, pct))
             rows[label] = acc
@@ -90,7 +87,7 @@ def run(cfg: DictConfig) -> dict:
         )
         make_trainer(cfg, out, logger, [sens]).validate(best_model, datamodule=dm, verbose=False)
         skipped = list(sens.result.skipped) if sens.result else []
-        rows[f"{best} + partial ({len(skipped)} in float)"] = _test(cfg, out, logger, best_model, dm)
+        rows[f"{best} + partial ({len(skipped)} in float)"] = test_metric(cfg, out, logger, best_model, dm)
 
         qat_model = copy.deepcopy(model)
         qat_steps = int(cfg.get("qat_steps") or max(1, round(fp32_steps * float(cfg.get("qat_fraction", 0.1)))))
@@ -100,7 +97,7 @@ def run(cfg: DictConfig) -> dict:
             qat_model, datamodule=dm
         )
         timings["QAT"] = time.perf_counter() - t1
-        rows[f"QAT {qat_steps} steps from PTQ {candidate_label(best_method, best_pct)}"] = _test(
+        rows[f"QAT {qat_steps} steps from PTQ {candidate_label(best_method, best_pct)}"] = test_metric(
             cfg, out, logger, qat_model, dm
         )
 
