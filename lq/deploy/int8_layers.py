@@ -158,13 +158,7 @@ class Int8Linear(Int8Module):
         _same_bits(name, bits_w, bits_x)
         dev = layer.weight.device
         m = cls(layer.in_features, layer.out_features, layer.bias is not None, bits_w, name, backend, dev, bits_x)
-        w_q, s_w = quantize_weight(layer.weight, weight_amax, bits_w, axis=0)
-        m.weight.copy_(w_q)
-        m.weight_scale.copy_(s_w)
-        m.input_scale.copy_(1.0 / steps_from_amax(layer.input_quantizer.amax, bits_x).reshape(()))
-        if layer.bias is not None:
-            m.bias.copy_(layer.bias.detach().float())
-        return m
+        return _load_quantized(m, layer, weight_amax, axis=0)
 
     def _packed_linear(self, signed: bool) -> torch.Tensor:
         key = f"packed_linear_{signed}"
@@ -253,13 +247,7 @@ class Int8ConvNd(Int8Module):
         bits_w, bits_x = conv.weight_quantizer.spec.bits, conv.input_quantizer.spec.bits
         _same_bits(name, bits_w, bits_x)
         m = cls(conv, name, bits_w, backend, bits_x)
-        w_q, s_w = quantize_weight(conv.weight, weight_amax, bits_w, axis=0)
-        m.weight.copy_(w_q)
-        m.weight_scale.copy_(s_w)
-        m.input_scale.copy_(1.0 / steps_from_amax(conv.input_quantizer.amax, bits_x).reshape(()))
-        if conv.bias is not None:
-            m.bias.copy_(conv.bias.detach().float())
-        return m
+        return _load_quantized(m, conv, weight_amax, axis=0)
 
     def _packed(self, signed: bool) -> torch.Tensor:
         key = f"packed_{signed}"
@@ -328,13 +316,7 @@ class Int8ConvTranspose2d(Int8Module):
         bits_w, bits_x = conv.weight_quantizer.spec.bits, conv.input_quantizer.spec.bits
         _same_bits(name, bits_w, bits_x)
         m = cls(conv, name, bits_w, backend, bits_x)
-        w_q, s_w = quantize_weight(conv.weight, weight_amax, bits_w, axis=1)
-        m.weight.copy_(w_q)
-        m.weight_scale.copy_(s_w)
-        m.input_scale.copy_(1.0 / steps_from_amax(conv.input_quantizer.amax, bits_x).reshape(()))
-        if conv.bias is not None:
-            m.bias.copy_(conv.bias.detach().float())
-        return m
+        return _load_quantized(m, conv, weight_amax, axis=1)
 
     def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
         self._check_inference(x)
@@ -406,6 +388,20 @@ def _same_bits(name: str, bits_w: int, bits_x: int) -> None:
         )
     if bits_w != bits_x:
         log.debug("%s: weight bits %d, input bits %d", name, bits_w, bits_x)
+
+@torch.no_grad()
+def _load_quantized(m: nn.Module, layer: nn.Module, weight_amax: torch.Tensor, axis: int) -> nn.Module:
+    """Fill an inference layer's int8 weight, per-channel weight scales (channels on ``axis``), input scale
+    and bias from a calibrated quantized layer (eq. 10's operands)."""
+    bits_w, bits_x = layer.weight_quantizer.spec.bits, layer.input_quantizer.spec.bits
+    w_q, s_w = quantize_weight(layer.weight, weight_amax, bits_w, axis=axis)
+    m.weight.copy_(w_q)
+    m.weight_scale.copy_(s_w)
+    m.input_scale.copy_(1.0 / steps_from_amax(layer.input_quantizer.amax, bits_x).reshape(()))
+    if layer.bias is not None:
+        m.bias.copy_(layer.bias.detach().float())
+    return m
+
 
 
 def _prod(values: tuple[int, ...]) -> int:
