@@ -18,25 +18,21 @@ from torch import nn
 
 from lq.nn.swap import quantize, quantized_layers
 from lq.quant.config import QuantConfig
-from lq.quant.quantizer import TensorQuantizer
+from lq.workflow import quantizers
 
 log = logging.getLogger(__name__)
 
 STATE_MARKER = "lq_quantizer_state"
 
 
-def _quantizers(model: nn.Module) -> dict[str, TensorQuantizer]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, TensorQuantizer)}
-
-
 def is_quantizer_key(model: nn.Module, key: str) -> bool:
-    prefixes = tuple(f"{n}." for n in _quantizers(model))
+    prefixes = tuple(f"{n}." for n in quantizers(model))
     return key.startswith(prefixes)
 
 
 def strip_quantizer_keys(model: nn.Module, state_dict: dict[str, Any]) -> dict[str, Any]:
     """Remove the quantizer entries from a state dict in place; returns what was removed."""
-    prefixes = tuple(f"{n}." for n in _quantizers(model))
+    prefixes = tuple(f"{n}." for n in quantizers(model))
     removed = {k: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(prefixes)]}
     return removed
 
@@ -50,8 +46,8 @@ def quantizer_state(model: nn.Module) -> dict[str, Any]:
         STATE_MARKER: 1,
         "config": config.to_dict(),
         "layers": list(quantized_layers(model)),
-        "amax": {n: q.amax.detach().cpu().clone() for n, q in _quantizers(model).items()},
-        "modes": {n: q.mode for n, q in _quantizers(model).items()},
+        "amax": {n: q.amax.detach().cpu().clone() for n, q in quantizers(model).items()},
+        "modes": {n: q.mode for n, q in quantizers(model).items()},
     }
 
 
@@ -74,7 +70,7 @@ def apply_quantizer_state(model: nn.Module, state: dict[str, Any]) -> nn.Module:
             f"checkpoint {sorted(want - have)[:10]}, only in the model {sorted(have - want)[:10]}. Build the "
             "model with the same QuantConfig (skip/only/layers) the checkpoint was written with"
         )
-    qs = _quantizers(model)
+    qs = quantizers(model)
     for name, amax in state["amax"].items():
         q = qs.get(name)
         if q is None or q.amax.shape != amax.shape:
