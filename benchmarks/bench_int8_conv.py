@@ -86,9 +86,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpu capability "
-          f"{torch.backends.cpu.get_cpu_capability()}, VNNI {hw.cpu_has_vnni()}")
-    cfg = Int8ComputeConfig() if hw.cpu_has_vnni() else Int8ComputeConfig.for_cpu_without_vnni()
-    label = "8/8/8 bits" if hw.cpu_has_vnni() else "7/7/8 bits (for_cpu_without_vnni)"
+          f"{torch.backends.cpu.get_cpu_capability()}, VNNI flag {hw.cpu_has_vnni()}, oneDNN u8s8 {hw.onednn_mode()}")
+    cfg = Int8ComputeConfig() if hw.onednn_mode() == hw.FULL_RANGE else Int8ComputeConfig.for_cpu_without_vnni()
+    label = "8/8/8 bits" if hw.onednn_mode() == hw.FULL_RANGE else "7/7/8 bits (for_cpu_without_vnni)"
     print(f"Conv2d fwd+bwd (grad_input, grad_weight), N={args.batch}, int8 config {label}; median of {args.repeats}")
     totals = {"fp32": 0.0, "int8": 0.0, "bf16": 0.0}
     for c, hw_size, k in SHAPES:

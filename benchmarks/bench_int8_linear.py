@@ -59,7 +59,7 @@ def main() -> None:
             return F.linear(x, w, b)
 
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpu capability "
-          f"{torch.backends.cpu.get_cpu_capability()}, VNNI {hw.cpu_has_vnni()}, "
+          f"{torch.backends.cpu.get_cpu_capability()}, VNNI flag {hw.cpu_has_vnni()}, oneDNN u8s8 {hw.onednn_mode()}, "
           f"fast _int_mm {hw.cpu_int_mm_is_fast()}")
     print(f"Linear M=K=N={n}, forward+backward (grad_input, grad_weight, grad_bias); median of {args.repeats}")
     t32 = bench(step(fp32), args.warmup, args.repeats)
@@ -67,7 +67,7 @@ def main() -> None:
     print(f"  fp32           {t32 * 1e3:8.2f} ms")
     print(f"  bf16 autocast  {tbf * 1e3:8.2f} ms")
     configs = {}
-    if hw.cpu_has_vnni():
+    if hw.onednn_mode() == hw.FULL_RANGE:
         configs["int8 (8/8/8 bits)"] = Int8ComputeConfig()
         configs["int8 (8/8/8), no clip search"] = Int8ComputeConfig(grad_clip=False)
     else:
@@ -75,11 +75,11 @@ def main() -> None:
         configs["int8 (7/7/8), no clip search"] = Int8ComputeConfig.for_cpu_without_vnni(grad_clip=False)
         configs["int8 (8/8/8) -> exact reference fallback"] = Int8ComputeConfig()
     configs["int8 fwd only (float backward GEMMs)"] = (
-        Int8ComputeConfig(quantize_grad=False) if hw.cpu_has_vnni()
+        Int8ComputeConfig(quantize_grad=False) if hw.onednn_mode() == hw.FULL_RANGE
         else Int8ComputeConfig.for_cpu_without_vnni(quantize_grad=False)
     )
     # kernel limit: one GEMM alone, operands already int8 (what the fast path can at best achieve)
-    qa = 127 if hw.cpu_has_vnni() else 63
+    qa = 127 if hw.onednn_mode() == hw.FULL_RANGE else 63
     a8 = torch.randint(-qa, qa + 1, (n, n), dtype=torch.int8)
     b8 = torch.randint(-qa, qa + 1, (n, n), dtype=torch.int8)
     one = torch.ones(1)

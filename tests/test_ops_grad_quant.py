@@ -46,6 +46,31 @@ def test_clipping_helps_heavy_tailed_gradients_and_is_skipped_for_uniform_ones()
     assert quantize_grad(uniform, 127, None, RATIOS, clip=True).ratio == 1.0
 
 
+def test_periodic_clip_search_reuses_the_ratio_between_searches():
+    """every=3: search on calls 1, 4, 7 of a layer; in between the chosen ratio is reused while the scale
+    follows the current gradient's amax (Zhu et al.'s periodic clipping update)."""
+    from lq.ops import reset_clip_state
+
+    torch.manual_seed(2)
+    heavy = torch.randn(128, 128) ** 3
+    uniform = torch.rand(128, 128) * 2 - 1
+    reset_clip_state()
+    first = quantize_grad(heavy, 127, None, RATIOS, name="fc", every=3)
+    assert first.ratio < 1.0
+    for _ in range(2):  # a search would pick 1.0 for the uniform gradient; the stored ratio is reused
+        r = quantize_grad(uniform, 127, None, RATIOS, name="fc", every=3)
+        assert r.ratio == first.ratio
+        torch.testing.assert_close(r.step, first.ratio * uniform.abs().max().reshape(1) / 127)
+    assert quantize_grad(uniform, 127, None, RATIOS, name="fc", every=3).ratio == 1.0  # 4th call: search
+    other = quantize_grad(uniform, 127, None, RATIOS, name="fc", what="grad_weight", every=3)
+    assert other.ratio == 1.0  # each (layer, gradient use) has its own ratio
+    assert quantize_grad(uniform, 127, None, RATIOS, name="fc", every=1).ratio == 1.0  # every=1: always search
+    reset_clip_state()
+    assert quantize_grad(uniform, 127, None, RATIOS, name="fc", every=3).ratio == 1.0
+    with pytest.raises(ValueError, match="every"):
+        quantize_grad(uniform, 127, None, RATIOS, name="fc", every=0)
+
+
 def test_clip_search_picks_the_best_candidate():
     torch.manual_seed(1)
     sample = torch.randn(4, 1000) ** 3

@@ -252,3 +252,44 @@ def test_compiled_quantizers_match_eager(monkeypatch):
     assert fused.compile_enabled()
     assert torch.equal(q_eager, q_comp)
     torch.testing.assert_close(s_eager, s_comp, rtol=0, atol=0)
+
+
+def test_fused_variants_get_their_own_code_object(monkeypatch):
+    """Dynamo's recompile limit (8) is per code object: each static variant (ranks, None-ness, int args such
+    as qmax / kept dim) must compile its own copy, or a network with > 8 variants silently falls back to eager."""
+    from lq.ops import fused
+
+    seen = []
+
+    def fake_compile(fn, **kwargs):
+        seen.append(fn.__code__)
+        return fn
+
+    monkeypatch.setenv("LQ_COMPILE_QUANT", "1")
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(fused, "_compiled", {})
+    x2, x4 = torch.randn(5, 6), torch.randn(2, 3, 4, 4)
+    variants = [(x2, None), (x2, 0), (x2, 1), (x4, None), (x4, 1), (x4, 0)]
+    for x, keep in variants:
+        expected = fused._amax_along(x, None, keep)
+        torch.testing.assert_close(fused.amax_along(x, keep), expected, rtol=0, atol=0)
+    fused.amax_along(x2, 0)  # same variant again: no new copy
+    assert len(seen) == len(variants)
+    assert len({id(c) for c in seen}) == len(variants)
+    assert all(c is not fused._amax_along.__code__ for c in seen)
+
+
+def test_u8s8_exact_follows_the_measured_onednn_mode(monkeypatch):
+    """One self-test (lq.ops.hardware.onednn_mode) decides for the training ops and lq.deploy alike."""
+    from lq.deploy import kernels
+
+    assert kernels.onednn_mode is hw.onednn_mode
+    monkeypatch.setattr(hw, "onednn_mode", lambda: hw.FULL_RANGE)
+    assert hw.u8s8_exact(127, 127)
+    assert Int8ComputeConfig.for_this_machine().act_bits == 8
+    monkeypatch.setattr(hw, "onednn_mode", lambda: hw.HALF_RANGE)
+    assert hw.u8s8_exact(63, 127) and not hw.u8s8_exact(127, 127)  # 2 * 255 * 127 > 32767 (vpmaddubsw)
+    assert Int8ComputeConfig.for_this_machine().act_bits == 7
+    assert Int8ComputeConfig.for_this_machine("cuda").act_bits == 8
+    monkeypatch.setattr(hw, "onednn_mode", lambda: hw.UNAVAILABLE)
+    assert not hw.u8s8_exact(63, 63)

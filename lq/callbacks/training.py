@@ -57,7 +57,10 @@ class Int8Training(QuantizationCallback):
             quantize(pl_module, self.config)
             rank_zero_info(str(quantization_report(pl_module)))
         self._module = pl_module
-        names = use_int8_compute(pl_module, self.compute)
+        from lq.ops import reset_clip_state
+
+        reset_clip_state()  # periodically searched clip ratios (clip_every > 1) start afresh per fit
+        names = use_int8_compute(pl_module, self.compute, device=trainer.strategy.root_device)
         rank_zero_info(f"Int8Training: {len(names)} layers compute in int8 (forward and backward)")
 
     # ----------------------------------------------------------- deviation-counteractive LR (Zhu et al.)

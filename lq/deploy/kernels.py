@@ -30,7 +30,6 @@ Fast paths and why each exists:
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable, Sequence
 
@@ -42,10 +41,8 @@ log = logging.getLogger(__name__)
 #: Kernel families a converted layer can be told to use (``lq.convert(model, backend=...)``).
 BACKENDS = ("auto", "onednn", "int_mm", "reference")
 
-#: oneDNN accumulation modes found by :func:`onednn_mode`
-FULL_RANGE = "full_range"  # u8 in [0, 255] x s8 exact (VNNI / AMX): zero point 128 for signed inputs
-HALF_RANGE = "half_range"  # only u8 in [0, 127] x s8 exact (AVX2 vpmaddubsw): split signed inputs
-UNAVAILABLE = "unavailable"
+#: oneDNN accumulation modes found by :func:`onednn_mode` (a self-test in ``lq.ops.hardware``)
+from lq.ops.hardware import FULL_RANGE, HALF_RANGE, UNAVAILABLE, onednn_available, onednn_mode  # noqa: E402
 
 _FP32_EXACT = 2**24
 
@@ -83,70 +80,7 @@ def _cpu_fp32_is_ieee() -> bool:
 
 
 # ------------------------------------------------------------------------------------------ oneDNN
-def onednn_available() -> bool:
-    """True if this torch build has oneDNN's int8 linear/conv ops (the CPU fast path)."""
-    ops = torch.ops.onednn
-    try:
-        return torch.backends.mkldnn.is_available() and all(
-            hasattr(ops, n) for n in ("qlinear_prepack", "qlinear_pointwise", "qconv_prepack", "qconv_pointwise")
-        )
-    except Exception:  # noqa: BLE001 - an op namespace that fails to load means "not available"
-        return False
-
-
-def _selftest_linear(u_max: int, zero_point: int) -> bool:
-    m, k, n = 4, 64, 16
-    w = torch.full((n, k), 127, dtype=torch.int8)
-    w[n // 2 :] = -127
-    u = torch.full((m, k), u_max, dtype=torch.uint8)
-    packed = torch.ops.onednn.qlinear_prepack(w, None)
-    ones = torch.ones(n)
-    y = torch.ops.onednn.qlinear_pointwise(
-        u, 1.0, zero_point, packed, ones, torch.zeros(n, dtype=torch.int64), None, 1.0, 0, torch.float32, "none", [], ""
-    )
-    ref = (u.double() - zero_point) @ w.double().t()
-    return bool(torch.equal(y.double(), ref))
-
-
-def _selftest_conv(u_max: int, zero_point: int) -> bool:
-    results = []
-    for groups, cin, cout in ((1, 32, 16), (16, 16, 16)):  # dense and depthwise kernels differ in oneDNN
-        w = torch.full((cout, cin // groups, 3, 3), 127, dtype=torch.int8)
-        w[cout // 2 :] = -127
-        u = torch.full((2, cin, 6, 6), u_max, dtype=torch.uint8)
-        ones = torch.ones(cout)
-        packed = torch.ops.onednn.qconv_prepack(w, ones, 1.0, zero_point, [1, 1], [0, 0], [1, 1], groups, None)
-        y = torch.ops.onednn.qconv_pointwise(
-            u, 1.0, zero_point, packed, ones, torch.zeros(cout, dtype=torch.int64), None,
-            [1, 1], [0, 0], [1, 1], groups, 1.0, 0, torch.float32, "none", [], "",
-        )
-        ref = F.conv2d(u.double() - zero_point, w.double(), groups=groups)
-        results.append(bool(torch.equal(y.double(), ref)))
-    return all(results)
-
-
-@functools.lru_cache(maxsize=1)
-def onednn_mode() -> str:
-    """How oneDNN's u8 x s8 kernels accumulate on this CPU, found by running worst-case operands once.
-
-    Returns ``"full_range"`` (u8 values up to 255 are exact: VNNI/AMX), ``"half_range"`` (only u8 values
-    up to 127 are exact: AVX2 without VNNI, where ``vpmaddubsw`` saturates at int16) or ``"unavailable"``
-    (no oneDNN, or not even the half range is exact: the reference kernels are used).
-    """
-    if not onednn_available():
-        return UNAVAILABLE
-    try:
-        if _selftest_linear(255, 128) and _selftest_conv(255, 128):
-            mode = FULL_RANGE
-        elif _selftest_linear(127, 0) and _selftest_conv(127, 0):
-            mode = HALF_RANGE
-        else:
-            mode = UNAVAILABLE
-    except Exception as err:  # noqa: BLE001 - any failure of the ops means "do not use them"
-        log.info("lq.deploy: oneDNN int8 self-test failed (%s); using reference int8 kernels", err)
-        mode = UNAVAILABLE
-    log.info("lq.deploy: oneDNN int8 mode on this CPU: %s", mode)
-    return mode
+# The self-test that decides the oneDNN mode lives in lq.ops.hardware (the training ops use it too).
 
 
 def onednn_zero_point(mode: str) -> int:

@@ -62,17 +62,23 @@ def int8_conv2d_forward(layer: nn.Module, x: torch.Tensor, config) -> torch.Tens
     )
 
 
-def use_int8_compute(model: nn.Module, config=None, layers: list[str] | None = None) -> list[str]:
+def use_int8_compute(
+    model: nn.Module, config=None, layers: list[str] | None = None, device: torch.device | str | None = None
+) -> list[str]:
     """Run the model's QuantLinear / QuantConv2d layers on int8 GEMMs with ``config``
-    (``lq.ops.Int8ComputeConfig``; default: ``Int8ComputeConfig.for_this_machine()``). ``config=False``
-    switches back to fake quantization. Returns the names of the layers that run in int8.
+    (``lq.ops.Int8ComputeConfig``; default: ``Int8ComputeConfig.for_this_machine(device)``, ``device`` being
+    where the model will run, by default where its parameters are now). ``config=False`` switches back to
+    fake quantization. Returns the names of the layers that run in int8.
     """
     from lq.nn.quant_conv import QuantConv2d
     from lq.nn.quant_linear import QuantLinear
     from lq.ops import Int8ComputeConfig
 
     if config is None:
-        config = Int8ComputeConfig.for_this_machine()
+        if device is None:
+            p = next(model.parameters(), None)
+            device = p.device if p is not None else "cpu"
+        config = Int8ComputeConfig.for_this_machine(str(torch.device(device)))
     names = []
     for name, m in model.named_modules():
         if layers is not None and name not in layers:

@@ -14,11 +14,11 @@ Set ``LQ_COMPILE_QUANT=0`` to skip torch.compile of the fused quantizers (``lq.o
 Custom ops (``torch.ops.lq.*``): ``int8_mm``, ``int8_conv2d``, ``int8_conv2d_grad_input``,
 ``int8_conv2d_grad_weight`` -- each a portable reference plus CPU/CUDA fast kernels.
 Gradient quantization helpers (Zhu et al.): ``quantize_grad``, ``deviation_lr_factor``,
-``GradDeviationTracker``.
+``GradDeviationTracker``, ``reset_clip_state`` (``Int8ComputeConfig(clip_every=n)``).
 """
 
 from lq.ops.config import Int8ComputeConfig
-from lq.ops.grad_quant import GradDeviationTracker, deviation_lr_factor, quantize_grad
+from lq.ops.grad_quant import GradDeviationTracker, deviation_lr_factor, quantize_grad, reset_clip_state
 from lq.ops.int8_conv import int8_conv2d
 from lq.ops.int8_linear import int8_linear
 
@@ -29,4 +29,5 @@ __all__ = [
     "int8_conv2d",
     "int8_linear",
     "quantize_grad",
+    "reset_clip_state",
 ]

@@ -36,6 +36,9 @@ class Int8ComputeConfig:
         grad_clip: direction-sensitive gradient clipping (Zhu et al. Sec. 4.1): pick, among ``clip_ratios``,
             the clipping value ``ratio * amax`` that maximises cos(g, dequant(quant(clip(g)))).
         clip_ratios: candidate ratios of the clipping value to the gradient amax (1.0 = no clipping).
+        clip_every: search the clip ratio on every ``clip_every``-th backward of each layer and reuse the
+            chosen ratio in between (the scale stays dynamic: ratio times the current amax). Zhu et al.
+            update the clipping value periodically; 1 searches every step.
         clip_samples: about how many elements (whole rows/channels) score the candidates for per-row/
             channel scales; per-layer scales use up to 16x as many (whole batch samples). The chosen ratio
             is then applied to the whole tensor.
@@ -53,6 +56,7 @@ class Int8ComputeConfig:
     grad_clip: bool = True
     clip_ratios: tuple[float, ...] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
     clip_samples: int = 16384
+    clip_every: int = 1
     use_fast_kernels: bool = True
 
     def __post_init__(self) -> None:
@@ -70,6 +74,8 @@ class Int8ComputeConfig:
         if not ratios or any(not 0.0 < r <= 1.0 for r in ratios):
             raise ValueError(f"clip_ratios must be a non-empty tuple of values in (0, 1], got {self.clip_ratios!r}")
         object.__setattr__(self, "clip_ratios", ratios)
+        if self.clip_every < 1:
+            raise ValueError(f"clip_every must be >= 1 (search the clip every n-th backward), got {self.clip_every}")
         if self.clip_samples < 1:
             raise ValueError(f"clip_samples must be >= 1, got {self.clip_samples}")
 
@@ -83,11 +89,12 @@ class Int8ComputeConfig:
 
     @classmethod
     def for_this_machine(cls, device: str = "cpu", **overrides: object) -> Int8ComputeConfig:
-        """8/8/8 bits where the int8 kernels compute them exactly and fast (CUDA, x86 with VNNI), else
-        ``for_cpu_without_vnni`` (so the fast kernels run instead of the exact reference fallback)."""
+        """8/8/8 bits where the int8 kernels compute them exactly and fast (CUDA; CPUs where oneDNN's u8 x s8
+        kernels are exact over the full range, i.e. VNNI/AMX, as measured by ``lq.ops.hardware.onednn_mode``),
+        else ``for_cpu_without_vnni`` (so the fast kernels run instead of the exact reference fallback)."""
         from lq.ops import hardware
 
-        if device.startswith("cpu") and not hardware.cpu_has_vnni():
+        if device.startswith("cpu") and hardware.onednn_mode() != hardware.FULL_RANGE:
             return cls.for_cpu_without_vnni(**overrides)
         return cls(**overrides)  # type: ignore[arg-type]
 

@@ -3,16 +3,20 @@
 In eager mode quantizing one tensor is ~6 separate passes over it (abs, amax, mul, round, clamp, cast);
 quantize/dequantize overhead decides whether int8 training is faster than fp32 at all, so these helpers
 are compiled with ``torch.compile`` (Inductor generates one C++/OpenMP loop per reduction and per
-elementwise chain). Compilation is lazy, ``dynamic=True`` (one compile per rank and ``qmax``, not per
-shape; Inductor's on-disk cache makes later processes start fast) and can be switched off with the
-environment variable ``LQ_COMPILE_QUANT=0``. If compiling fails the eager versions run, with a one-time
+elementwise chain). Compilation is lazy and ``dynamic=True`` (not one compile per shape; Inductor's
+on-disk cache makes later processes start fast). Each static variant of a helper (tensor ranks and dtypes,
+which optional operands are given, the int arguments such as ``qmax`` or the kept dim) gets its own copy of
+the function's code object, hence its own Dynamo cache: a network whose layers need more variants than
+Dynamo's per-code recompile limit (8) would otherwise fall back to eager ops after the 8th. Compiling can be
+switched off with the environment variable ``LQ_COMPILE_QUANT=0``. If compiling fails the eager versions run, with a one-time
 warning. Results are identical either way (tests compare against the eager math).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Hashable
 
 import torch
 
@@ -50,27 +54,50 @@ def _quantize_with_scale(
     return torch.clamp(torch.round(y * sb), -qmax, qmax).to(torch.int8)
 
 
-_compiled: dict[str, Callable] = {}
+_compiled: dict[tuple[str, Hashable], Callable] = {}
 
 
-def _get(name: str, fn: Callable) -> Callable:
-    if not compile_enabled():
-        return fn
-    if name not in _compiled:
-        _compiled[name] = torch.compile(fn, dynamic=True, fullgraph=True)
-    return _compiled[name]
+def _static_key(args: tuple) -> Hashable:
+    """What Dynamo guards on besides sizes: grad and inference mode, dtypes/devices/requires_grad/inference-ness of tensors and which of
+    their sizes are 0 or 1, None-ness and values of the other arguments."""
+    key: list = [torch.is_grad_enabled(), torch.is_inference_mode_enabled()]
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            # Dynamo specialises sizes 0 and 1 even with dynamic=True
+            key.append((a.dtype, a.device.type, a.requires_grad, a.is_inference(), tuple(min(n, 2) for n in a.shape)))
+        elif a is None or isinstance(a, (bool, int, float, str)):
+            key.append(a)
+        else:
+            key.append(type(a).__name__)
+    return tuple(key)
+
+
+def _fresh_copy(fn: Callable) -> Callable:
+    """``fn`` with its own code object (Dynamo keys its cache and recompile limit on the code object)."""
+    code = fn.__code__.replace()
+    copy = types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    return copy
 
 
 def call(name: str, fn: Callable, *args):
-    """Run ``fn(*args)`` compiled (cached under ``name``), or eagerly when compiling is off or failed."""
-    compiled = _get(name, fn)
+    """Run ``fn(*args)`` compiled (one compiled copy per ``name`` and static variant of ``args``), or
+    eagerly when compiling is off or failed."""
+    if not compile_enabled():
+        return fn(*args)
+    # nn.Parameter inputs get static shapes in Dynamo (one compile per weight shape): pass plain tensors
+    args = tuple(a.detach() if isinstance(a, torch.nn.Parameter) else a for a in args)
+    key = (name, _static_key(args))
+    compiled = _compiled.get(key)
+    if compiled is None:
+        compiled = _compiled[key] = torch.compile(_fresh_copy(fn), dynamic=True, fullgraph=True)
     if compiled is fn:
         return fn(*args)
     try:
         return compiled(*args)
     except Exception as err:  # noqa: BLE001 - any compiler failure: fall back to eager, once loudly
         hw.warn_once(f"fused:{name}", f"lq.ops.fused: torch.compile of {name} failed ({err!r}); using eager ops.")
-        _compiled[name] = fn
+        _compiled[key] = fn
         return fn(*args)
 
 

@@ -34,6 +34,7 @@ __all__ = [
     "deviation_lr_factor",
     "direction_sensitive_clip_ratio",
     "quantize_grad",
+    "reset_clip_state",
 ]
 
 
@@ -123,23 +124,41 @@ def quantize_grad(
     name: str | None = None,
     what: str = "output gradient",
     mult: torch.Tensor | None = None,
+    every: int = 1,
 ) -> GradQuantResult:
     """Quantize the gradient ``g * mult`` to int8 with a dynamic scale per layer (``axis=None``) or per index
     of ``axis``, after direction-sensitive clipping (Zhu et al. Sec. 4.1) when ``clip`` and
     ``len(ratios) > 1``. ``mult`` (broadcastable, size 1 along ``axis``) folds another operand's scale into
     the gradient inside the fused kernels, without materialising ``g * mult``.
 
+    ``every > 1`` (and a ``name``): search the clip ratio only on every ``every``-th call for this
+    ``(name, what)`` and reuse the chosen *ratio* in between (the scale itself stays dynamic: ``ratio *
+    amax`` of the current gradient). Zhu et al. (Sec. 5) likewise update the clipping value periodically, as
+    the optimal clipping changes slowly compared with the gradient's magnitude. ``reset_clip_state()``
+    forgets the ratios (``Int8Training`` calls it at setup).
+
     Clip search cost: per layer, fused reductions (about one pass per candidate) over at most
     ``16 * num_samples`` elements (whole slices of dim 0, e.g. batch samples, beyond that); per row/channel,
-    an exact search on about ``num_samples`` elements of whole rows/channels. Raises ``FloatingPointError`` naming ``name`` on NaN/Inf.
+    an exact search on about ``num_samples`` elements of whole rows/channels. ``cos`` is 1.0 when it was not
+    measured (no search this call and no ``GradDeviationTracker`` active). Raises ``FloatingPointError``
+    naming ``name`` on NaN/Inf.
     """
+    if every < 1:
+        raise ValueError(f"every must be >= 1 (search the clip ratio every n-th call), got {every}")
     axis = None if axis is None else axis % g.dim()
     amax = fused.amax_along(g, axis, mult)
     check_finite(amax, what, name)
     ratio, cos = 1.0, 1.0
     search = clip and len(ratios) > 1
+    cand = ratios if search else (1.0,)
+    key = (name, what)
+    if search and every > 1 and name is not None:
+        state = _CLIP_STATE.get(key)
+        if state is not None and state[0] < every:
+            state[0] += 1
+            search, cand = False, (state[1],)
+            ratio = state[1]
     if (search or _ACTIVE) and g.numel() > 0:
-        cand = ratios if search else (1.0,)
         if axis is None:
             r = torch.tensor(cand, dtype=torch.float32, device=g.device)
             gs, ms = _leading_slices(g, mult, num_samples * 16)
@@ -149,10 +168,21 @@ def quantize_grad(
         else:
             sample, s_amax = _slice_sample(g, amax, axis, num_samples, mult)
             ratio, cos = direction_sensitive_clip_ratio(sample, s_amax, qmax, cand)
+        if search and every > 1 and name is not None:
+            _CLIP_STATE[key] = [1, ratio]
     s = fused.scale_from_amax(amax * ratio, qmax)
     q = fused.quantize_with_scale(g, s, qmax, axis, mult)
     _report(name, what, 1.0 - cos)
     return GradQuantResult(q=q, step=1.0 / s, ratio=ratio, cos=cos)
+
+
+# (name, what) -> [calls since the last search, chosen ratio]; see quantize_grad(every=...).
+_CLIP_STATE: dict[tuple[str | None, str], list] = {}
+
+
+def reset_clip_state() -> None:
+    """Forget the periodically searched clip ratios (``quantize_grad(every > 1)``), e.g. for a new model."""
+    _CLIP_STATE.clear()
 
 
 def deviation_lr_factor(deviation: float | torch.Tensor, alpha: float = 20.0, beta: float = 0.1) -> float:

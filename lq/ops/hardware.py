@@ -6,7 +6,10 @@ oneDNN's int8 kernels multiply an unsigned 8-bit operand ``u`` by a signed 8-bit
 neighbouring products into a *saturating int16*: ``u_a*w_a + u_b*w_b`` must stay within 32767, else the
 result is silently wrong (measured here on an AVX2 EPYC: errors up to 1.7e5 on a 1024-deep dot product
 with full-range operands). That is why torch's x86 qconfig uses ``reduce_range`` (7-bit activations).
-``u8s8_exact`` encodes that rule; fast kernels consult it and fall back to the reference otherwise.
+Which case holds is not guessed from CPU flags: ``onednn_mode()`` runs oneDNN's int8 linear and conv
+(dense and depthwise) once per process on worst-case operands and compares with exact float math.
+``u8s8_exact`` encodes the rule on top of that; the training ops (``lq.ops``) and the converted inference
+layers (``lq.deploy``) consult it and fall back to exact reference kernels otherwise.
 
 ``torch._int_mm`` on CPU is fast only with AVX-512 (VNNI); on AVX2 it is a scalar loop, ~75x slower
 than fp32 ``mm`` on this machine, so the CPU GEMM kernel uses oneDNN's ``qlinear`` there instead.
@@ -15,9 +18,13 @@ than fp32 ``mm`` on this machine, so the CPU GEMM kernel uses oneDNN's ``qlinear
 from __future__ import annotations
 
 import functools
+import logging
 import warnings
 
 import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 _VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 INT16_MAX = 32767
@@ -26,6 +33,11 @@ INT32_MAX = 2**31 - 1
 FP32_EXACT_INT = 2**24
 
 _warned: set[str] = set()
+
+#: oneDNN accumulation modes found by :func:`onednn_mode`
+FULL_RANGE = "full_range"  # u8 in [0, 255] x s8 exact (VNNI / AMX)
+HALF_RANGE = "half_range"  # only u8 in [0, 127] x s8 exact (AVX2 vpmaddubsw saturates int16 pair sums)
+UNAVAILABLE = "unavailable"  # no oneDNN int8 ops, or not even the half range is exact
 
 
 @functools.cache
@@ -43,7 +55,8 @@ def cpu_flags() -> frozenset[str]:
 
 @functools.cache
 def cpu_has_vnni() -> bool:
-    """True when the CPU has an int8 dot-product instruction (products accumulate in int32, no saturation)."""
+    """True when the CPU flags list an int8 dot-product instruction (for reports; kernels decide by
+    :func:`onednn_mode`, which measures what oneDNN actually computes)."""
     return any(flag in cpu_flags() for flag in _VNNI_FLAGS)
 
 
@@ -82,9 +95,76 @@ def to_biased_u8(q: torch.Tensor, qmax: int) -> tuple[torch.Tensor, int]:
 
 def u8s8_exact(u_qmax: int, s_qmax: int) -> bool:
     """Whether oneDNN computes ``sum (u - zp) * w`` exactly for u from a ``u_qmax`` operand, |w| <= s_qmax."""
-    if cpu_has_vnni():
+    mode = onednn_mode()
+    if mode == FULL_RANGE:
         return True
-    return 2 * biased_u8_max(u_qmax) * s_qmax <= INT16_MAX
+    return mode == HALF_RANGE and 2 * biased_u8_max(u_qmax) * s_qmax <= INT16_MAX
+
+
+def onednn_available() -> bool:
+    """True if this torch build has oneDNN's int8 linear/conv ops (the CPU fast path)."""
+    ops = torch.ops.onednn
+    try:
+        return torch.backends.mkldnn.is_available() and all(
+            hasattr(ops, n) for n in ("qlinear_prepack", "qlinear_pointwise", "qconv_prepack", "qconv_pointwise")
+        )
+    except Exception:  # noqa: BLE001 - an op namespace that fails to load means "not available"
+        return False
+
+
+def _selftest_linear(u_max: int, zero_point: int) -> bool:
+    m, k, n = 4, 64, 16
+    w = torch.full((n, k), 127, dtype=torch.int8)
+    w[n // 2 :] = -127
+    u = torch.full((m, k), u_max, dtype=torch.uint8)
+    packed = torch.ops.onednn.qlinear_prepack(w, None)
+    ones = torch.ones(n)
+    y = torch.ops.onednn.qlinear_pointwise(
+        u, 1.0, zero_point, packed, ones, torch.zeros(n, dtype=torch.int64), None, 1.0, 0, torch.float32, "none", [], ""
+    )
+    ref = (u.double() - zero_point) @ w.double().t()
+    return bool(torch.equal(y.double(), ref))
+
+
+def _selftest_conv(u_max: int, zero_point: int) -> bool:
+    results = []
+    for groups, cin, cout in ((1, 32, 16), (16, 16, 16)):  # dense and depthwise kernels differ in oneDNN
+        w = torch.full((cout, cin // groups, 3, 3), 127, dtype=torch.int8)
+        w[cout // 2 :] = -127
+        u = torch.full((2, cin, 6, 6), u_max, dtype=torch.uint8)
+        ones = torch.ones(cout)
+        packed = torch.ops.onednn.qconv_prepack(w, ones, 1.0, zero_point, [1, 1], [0, 0], [1, 1], groups, None)
+        y = torch.ops.onednn.qconv_pointwise(
+            u, 1.0, zero_point, packed, ones, torch.zeros(cout, dtype=torch.int64), None,
+            [1, 1], [0, 0], [1, 1], groups, 1.0, 0, torch.float32, "none", [], "",
+        )
+        ref = F.conv2d(u.double() - zero_point, w.double(), groups=groups)
+        results.append(bool(torch.equal(y.double(), ref)))
+    return all(results)
+
+
+@functools.cache
+def onednn_mode() -> str:
+    """How oneDNN's u8 x s8 kernels accumulate on this CPU, found by running worst-case operands once.
+
+    Returns ``"full_range"`` (u8 values up to 255 are exact: VNNI/AMX), ``"half_range"`` (only u8 values
+    up to 127 are exact: AVX2 without VNNI, where ``vpmaddubsw`` saturates at int16) or ``"unavailable"``
+    (no oneDNN, or not even the half range is exact: the reference kernels are used).
+    """
+    if not onednn_available():
+        return UNAVAILABLE
+    try:
+        if _selftest_linear(255, 128) and _selftest_conv(255, 128):
+            mode = FULL_RANGE
+        elif _selftest_linear(127, 0) and _selftest_conv(127, 0):
+            mode = HALF_RANGE
+        else:
+            mode = UNAVAILABLE
+    except Exception as err:  # noqa: BLE001 - any failure of the ops means "do not use them"
+        log.info("lq: oneDNN int8 self-test failed (%s); using reference int8 kernels", err)
+        mode = UNAVAILABLE
+    log.info("lq: oneDNN int8 mode on this CPU: %s", mode)
+    return mode
 
 
 def max_exact_reduction(a_max: int, b_max: int) -> int:
