@@ -36,13 +36,21 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from lq.ops.hardware import (
+    FULL_RANGE,
+    HALF_RANGE,
+    UNAVAILABLE,
+    onednn_available,
+    onednn_mode,
+)
+
 log = logging.getLogger(__name__)
 
 #: Kernel families a converted layer can be told to use (``lq.convert(model, backend=...)``).
 BACKENDS = ("auto", "onednn", "int_mm", "reference")
 
-#: oneDNN accumulation modes found by :func:`onednn_mode` (a self-test in ``lq.ops.hardware``)
-from lq.ops.hardware import FULL_RANGE, HALF_RANGE, UNAVAILABLE, onednn_available, onednn_mode  # noqa: E402
+#: oneDNN accumulation modes (FULL_RANGE, HALF_RANGE, UNAVAILABLE) come from :func:`onednn_mode`, the
+#: self-test in ``lq.ops.hardware`` (imported above).
 
 _FP32_EXACT = 2**24
 

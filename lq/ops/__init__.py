@@ -18,7 +18,12 @@ Gradient quantization helpers (Zhu et al.): ``quantize_grad``, ``deviation_lr_fa
 """
 
 from lq.ops.config import Int8ComputeConfig
-from lq.ops.grad_quant import GradDeviationTracker, deviation_lr_factor, quantize_grad, reset_clip_state
+from lq.ops.grad_quant import (
+    GradDeviationTracker,
+    deviation_lr_factor,
+    quantize_grad,
+    reset_clip_state,
+)
 from lq.ops.int8_conv import int8_conv2d
 from lq.ops.int8_linear import int8_linear
 
