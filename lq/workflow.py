@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lq.batches import batch_size, forward_batch
+from lq.calib.histogram import release_scratch
 from lq.nn.swap import quantized_layers
 from lq.quant.config import AUTO_CANDIDATES
 from lq.quant.quantizer import TensorQuantizer
@@ -155,6 +156,7 @@ def calibrate(
                 continue
             q.load_calib_amax(method if method not in (None, "auto") else None, percentile=percentile)
     finally:
+        release_scratch()  # the histogram collection's reused buffers
         # Back to the previous modes; a quantizer that was calibrating quantizes now.
         for n, q in qs.items():
             q.mode = "quantize" if previous[n] == "calibrate" else previous[n]

@@ -432,6 +432,24 @@ def test_non_contiguous_and_empty_inputs():
         np.testing.assert_array_equal(counts[c].numpy(), np_hist(np.abs(x[c].numpy()).ravel(), float(ranges[c])))
 
 
+def test_per_tensor_scratch_buffers_reused_across_shapes():
+    """Per-tensor fp32 collection reuses scratch buffers: a large batch, then a smaller non-contiguous one,
+    must still count exactly the values given (vs numpy), and release_scratch() frees them."""
+    from lq.calib import histogram
+
+    big = torch.randn(40, 50, generator=gen(14)) * 3
+    small = torch.randn(7, 9, generator=gen(15)).t()  # non-contiguous, fewer elements than the scratch
+    cal = HistogramCalibrator()
+    cal.collect(big)
+    cal.collect(small)
+    counts, rng = cal.histogram()
+    absx = np.abs(np.concatenate([big.numpy().ravel(), small.numpy().ravel()])).astype(np.float64)
+    np.testing.assert_array_equal(counts.numpy(), np_hist(absx, float(rng)))
+    assert histogram._scratch
+    histogram.release_scratch()
+    assert not histogram._scratch
+
+
 # --------------------------------------------------------------------------------------------- sync
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -58,6 +58,33 @@ def _bin_index_(a: torch.Tensor, inv_width: torch.Tensor, num_bins: int) -> torc
     return a.add_(_MAGIC).view(torch.int32).sub_(_MAGIC_BITS)
 
 
+_scratch: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _bin_index_scratch(x: torch.Tensor, inv_width: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """``min(floor(|x| * inv_width), B - 1)`` as int32, computed in scratch buffers kept between calls
+    (``release_scratch()`` frees them; ``lq.calibrate`` does at its end). Three passes: scale, abs, and the
+    float -> int32 conversion, whose truncation is ``floor`` for values >= 0. Exactly ``_bin_index_`` of
+    ``|x|``: ``|x| * w == |x * w|`` for ``w > 0``."""
+    n = x.numel()
+    buf = _scratch.get(x.device)
+    if buf is None or buf[0].numel() < n:
+        buf = _scratch[x.device] = (
+            torch.empty(n, dtype=torch.float32, device=x.device),
+            torch.empty(n, dtype=torch.int32, device=x.device),
+        )
+    f, i = buf[0][:n].view(x.shape), buf[1][:n].view(x.shape)
+    torch.mul(x, inv_width, out=f).abs_()
+    if num_bins & (num_bins - 1):
+        f.clamp_(max=num_bins - 1)
+    return i.copy_(f)
+
+
+def release_scratch() -> None:
+    """Free the scratch buffers of the per-tensor histogram collection."""
+    _scratch.clear()
+
+
 def _range_exponent(m: torch.Tensor) -> torch.Tensor:
     """Smallest ``e >= MIN_EXPONENT`` with ``m < 2^e`` (int64), elementwise."""
     e = torch.frexp(m).exponent.to(torch.int64)  # m = mantissa * 2^e with mantissa in [0.5, 1)
@@ -80,9 +107,11 @@ class HistogramCalibrator(Calibrator):
         axis: ``None`` per tensor; an int for one histogram per slice along that axis.
         num_bins: bins per histogram (TensorRT uses 2048). A power of two makes range growth exact.
 
-    ``collect`` costs one ``abs``, one ``amax`` and one bincount (an ``index_add_``) over the tensor, plus
-    four in-place passes that turn ``|x|`` into bin indices without a second allocation, and one host sync
-    (the NaN/Inf check and whether the range grew). Counts are int64 on the data's device.
+    ``collect`` per tensor (fp32) costs one ``aminmax``, three passes into reused scratch buffers (scale,
+    abs, conversion to the int32 bin index) and one bincount (an ``index_add_``); per channel one ``abs``,
+    one ``amax``, four in-place passes that turn ``|x|`` into bin indices without a second allocation and
+    the bincount. Plus one host sync (the NaN/Inf check and whether the range grew). Counts are int64 on
+    the data's device.
     """
 
     def __init__(self, axis: int | None = None, num_bins: int = 2048) -> None:
@@ -140,8 +169,13 @@ class HistogramCalibrator(Calibrator):
                     "use fewer bins (num_bins) for this per-channel histogram"
                 )
 
-        # |x| in fp32, in a buffer we own (it becomes the bin index in place).
-        if x.dtype == torch.float32:
+        if axis is None and x.dtype == torch.float32:
+            # Per tensor (activations, the common case): the max without materialising |x|; the bin index
+            # is built later in reused scratch buffers (no multi-MB allocation per batch).
+            lo, hi = torch.aminmax(x)
+            m = m_native = torch.maximum(lo.neg(), hi).reshape(1)
+            a = None
+        elif x.dtype == torch.float32:  # |x| in fp32, in a buffer we own (it becomes the bin index in place).
             a = x.abs()
             m = m_native = abs_max(a, axis)
         elif x.dtype == torch.float64:
@@ -178,7 +212,9 @@ class HistogramCalibrator(Calibrator):
 
         # Bins per unit of |x|: B / 2^exp (exact in fp32 for a power-of-two B).
         inv_width = torch.ldexp(torch.full_like(m, float(self._num_bins)), -new_exp)
-        if axis is None:
+        if a is None:
+            idx = _bin_index_scratch(x, inv_width.reshape(()), self._num_bins)
+        elif axis is None:
             idx = _bin_index_(a, inv_width.reshape(()), self._num_bins)
         else:
             shape = [1] * x.dim()

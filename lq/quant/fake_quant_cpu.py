@@ -25,10 +25,14 @@ def compile_enabled() -> bool:
 
 
 def _forward_eager(x: torch.Tensor, inv_step: torch.Tensor, step: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # Five passes: scale, clamp, in-range mask (clamping left the value unchanged: -q <= x/step <= q; NaN
+    # compares unequal, so it gets no gradient), round, rescale. Clamping to the integer bounds before
+    # rounding gives the same integers as rounding first (round(q + e) >= q for 0 <= e < 0.5).
     y = x.float() * inv_step
-    mask = (y >= -q) & (y <= q)
-    y.round_().clamp_(-q, q).mul_(step)
-    return y.to(x.dtype), mask
+    c = y.clamp(-q, q)
+    mask = c == y
+    c.round_().mul_(step)
+    return c.to(x.dtype), mask
 
 
 _compiled: Callable | None = None
@@ -61,7 +65,8 @@ class FakeQuantCPU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (mask,) = ctx.saved_tensors
-        return grad * mask, None, None, None
+        # one pass; `grad * mask` would first convert the bool mask to a float tensor
+        return torch.where(mask, grad, 0.0), None, None, None
 
 
 def fake_quant_cpu(x: torch.Tensor, step: torch.Tensor, q: int) -> torch.Tensor:
