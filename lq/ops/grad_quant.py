@@ -133,8 +133,8 @@ def quantize_grad(
 
     ``every > 1`` (and a ``name``): search the clip ratio only on every ``every``-th call for this
     ``(name, what)`` and reuse the chosen *ratio* in between (the scale itself stays dynamic: ``ratio *
-    amax`` of the current gradient). Zhu et al. (Sec. 5) likewise update the clipping value periodically, as
-    the optimal clipping changes slowly compared with the gradient's magnitude. ``reset_clip_state()``
+    amax`` of the current gradient). Zhu et al. likewise update the clipping value periodically rather than
+    every iteration, to cut the search's cost (their speed section, "periodic update", as we read it). ``reset_clip_state()``
     forgets the ratios (``Int8Training`` calls it at setup).
 
     Clip search cost: per layer, fused reductions (about one pass per candidate) over at most

@@ -1,0 +1,172 @@
+"""Whole training step with int8 compute vs fp32 and bf16 autocast, and int8 Linear vs its peers (issue 4).
+
+    python benchmarks/bench_int8_step.py [--threads 2] [--repeats 10]
+
+1. SmallResNet (lq.models, the fashion_int8_train recipe's model) train step -- forward, backward, SGD --
+   on a Fashion-MNIST-sized batch: fp32, bf16 autocast, and lq int8 compute (what ``Int8Training`` runs:
+   every Conv2d/Linear forward, grad_input and grad_weight as int8 products; this machine's
+   ``Int8ComputeConfig.for_this_machine()``), with and without direction-sensitive clip search, and with the
+   clip searched every 16th step (``clip_every=16``). Steps are interleaved round after round so background
+   load hits every variant alike; medians.
+2. Linear(1024, 1024) on a 1024-row batch against the int8 peers that exist in the ecosystem:
+   bitsandbytes ``Linear8bitLt`` (trainable, has_fp16_weights=True) and torch.ao dynamic quantization
+   (``quantize_dynamic``: inference only, no backward). Forward+backward where the peer supports it,
+   forward alone for all.
+
+Prints times and RATIOS measured in this run (fp32 time / variant time: > 1 means faster than fp32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lq
+from lq.models import SmallResNet
+from lq.nn.int8_compute import use_int8_compute
+from lq.ops import Int8ComputeConfig
+from lq.ops import hardware as hw
+
+
+def interleaved(fns: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds of each callable, run in turn each round."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast: bool = False):
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def int8_model(base: nn.Module, cfg: Int8ComputeConfig) -> nn.Module:
+    """The model as ``Int8Training`` prepares it (no fake quantization; int8 products with dynamic scales)."""
+    m = copy.deepcopy(base)
+    off = lq.QuantSpec(enabled=False)
+    lq.quantize(m, lq.QuantConfig(weight=off, activation=off, layers=["Linear", "Conv2d"]))
+    use_int8_compute(m, cfg)
+    return m
+
+
+def report(title: str, times: dict[str, float], ref: str = "fp32") -> None:
+    print(title)
+    for k, t in times.items():
+        print(f"  {k:44s} {t * 1e3:9.2f} ms   {ref}/this {times[ref] / t:5.2f}x")
+
+
+def bench_step(args) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, 1, 28, 28)
+    y = torch.randint(0, 10, (args.batch,))
+    base = SmallResNet().train()
+    cfg = Int8ComputeConfig.for_this_machine()
+    fns = {
+        "fp32": train_step(copy.deepcopy(base), x, y),
+        "bf16 autocast": train_step(copy.deepcopy(base), x, y, autocast=True),
+        f"int8 ({cfg.act_bits}/{cfg.weight_bits}/{cfg.grad_bits} bits, clip search)": train_step(
+            int8_model(base, cfg), x, y),
+        "int8, clip searched every 16th step": train_step(
+            int8_model(base, Int8ComputeConfig.for_this_machine(clip_every=16)), x, y),
+        "int8, no clip search": train_step(int8_model(base, Int8ComputeConfig.for_this_machine(grad_clip=False)), x, y),
+    }
+    if args.no_bf16:
+        fns.pop("bf16 autocast")
+    times = interleaved(fns, args.repeats)
+    report(f"SmallResNet train step, batch {args.batch} x 1 x 28 x 28 (median of {args.repeats})", times)
+    if "bf16 autocast" in times:
+        k8 = next(k for k in times if k.startswith("int8 ("))
+        print(f"  int8 / bf16 autocast speed: {times['bf16 autocast'] / times[k8]:.2f}x")
+
+
+def bench_linear_peers(args) -> None:
+    n = 1024
+    torch.manual_seed(0)
+    x = torch.randn(n, n)
+    g = torch.randn(n, n)
+    fp32 = nn.Linear(n, n)
+    lq_lin = copy.deepcopy(fp32)
+    off = lq.QuantSpec(enabled=False)
+    holder = nn.Sequential(lq_lin)
+    lq.quantize(holder, lq.QuantConfig(weight=off, activation=off, layers=["Linear"]))
+    use_int8_compute(holder, Int8ComputeConfig.for_this_machine())
+    fwd_bwd = {"fp32": fp32, "lq int8 (Int8Training op)": holder}
+    fwd_only = {"fp32": fp32, "lq int8 (Int8Training op)": holder}
+    try:
+        import bitsandbytes as bnb
+
+        b = bnb.nn.Linear8bitLt(n, n, has_fp16_weights=True, threshold=0.0)
+        b.load_state_dict(fp32.state_dict())
+        fwd_bwd["bitsandbytes Linear8bitLt"] = b
+        fwd_only["bitsandbytes Linear8bitLt"] = b
+    except Exception as err:  # noqa: BLE001 - a peer that cannot run here is reported, not fatal
+        print(f"  (bitsandbytes Linear8bitLt unavailable: {err})")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ao = torch.ao.quantization.quantize_dynamic(nn.Sequential(copy.deepcopy(fp32)), {nn.Linear}, torch.qint8)
+        fwd_only["torch.ao dynamic (inference only)"] = ao
+    except Exception as err:  # noqa: BLE001
+        print(f"  (torch.ao dynamic quantization unavailable: {err})")
+
+    xr = x.clone().requires_grad_()
+
+    def fb(mod):
+        def run() -> None:
+            mod.zero_grad(set_to_none=True)
+            xr.grad = None
+            mod(xr).backward(g)
+        return run
+
+    def fo(mod):
+        def run() -> None:
+            with torch.no_grad():
+                mod(x)
+        return run
+
+    report(f"Linear {n}x{n}, {n} rows, forward+backward (median of {args.repeats})",
+           interleaved({k: fb(m) for k, m in fwd_bwd.items()}, args.repeats))
+    report(f"Linear {n}x{n}, {n} rows, forward only, no_grad (median of {args.repeats})",
+           interleaved({k: fo(m) for k, m in fwd_only.items()}, args.repeats))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--no-bf16", action="store_true", help="skip bf16 autocast (very slow without AVX512-BF16)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpu capability "
+          f"{torch.backends.cpu.get_cpu_capability()}, oneDNN u8s8 {hw.onednn_mode()}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        bench_step(args)
+        bench_linear_peers(args)
+
+
+if __name__ == "__main__":
+    main()
