@@ -1,6 +1,6 @@
 """Cost of fake quantization (issue 2 "Numbers"), as ratios measured in one run, 2 threads.
 
-    python benchmarks/bench_fake_quant.py
+    python benchmarks/bench_fake_quant.py [--repeats 20] [--threads 1] [--default-malloc]
 
 1. QAT training step (forward + backward + SGD step) of a ResNet-like conv net with fake-quantized inputs
    and weights vs the same step in fp32. Target <= 1.2x.
@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import lq
+from lq.cpu_memory import keep_freed_cpu_memory
 from lq.models import SmallResNet
 
 
@@ -56,8 +57,13 @@ def main() -> None:
     p.add_argument("--widths", type=int, nargs="+", default=[32, 64, 128])
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc's malloc settings alone (the lq callbacks apply lq.cpu_memory on CPU)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    # What the lq callbacks do when training/calibrating on CPU (see lq/cpu_memory.py).
+    kept = False if args.default_malloc else keep_freed_cpu_memory()
+    print(f"threads {args.threads}; lq.cpu_memory.keep_freed_cpu_memory applied: {kept}")
     torch.manual_seed(0)
     x = torch.randn(args.batch, 1, 28, 28)
     y = torch.randint(0, 10, (args.batch,))

@@ -334,3 +334,31 @@ def test_export_onnx_and_converted_model_at_fit_end(tmp_path, pretrained):
     converted = torch.load(conv_path, weights_only=False)
     torch.testing.assert_close(converted(x), ref, atol=0.05 * ref.abs().max().item(), rtol=0)
     assert isinstance(m.net[0], lq.nn.QuantLinear) and m.net[0].weight.requires_grad  # the module stays trainable
+
+
+def test_cpu_memory_setting_applied_by_callbacks_and_opt_out(monkeypatch):
+    """lq.cpu_memory: the callbacks keep freed CPU blocks for reuse (QAT step 1.3x -> 1.13x fp32 on the
+    project's VM); LQ_CPU_MALLOC=0 leaves malloc alone."""
+    import lq.callbacks.base as base
+    from lq import cpu_memory
+
+    cpu_memory.keep_freed_cpu_memory.cache_clear()
+    monkeypatch.setenv("LQ_CPU_MALLOC", "0")
+    assert cpu_memory.keep_freed_cpu_memory() is False
+    cpu_memory.keep_freed_cpu_memory.cache_clear()
+    monkeypatch.delenv("LQ_CPU_MALLOC")
+    import platform
+
+    expected = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert cpu_memory.keep_freed_cpu_memory() is expected
+    calls = []
+    monkeypatch.setattr(base, "keep_freed_cpu_memory", lambda: calls.append(1))
+
+    class _Strategy:
+        root_device = torch.device("cpu")
+
+    class _Trainer:
+        strategy = _Strategy()
+
+    base.cpu_memory_for(_Trainer())
+    assert calls == [1]

@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from lq.checkpoint import STATE_MARKER, apply_quantizer_state, quantizer_state, strip_quantizer_keys
+from lq.cpu_memory import keep_freed_cpu_memory
 from lq.nn.swap import quantization_report, quantize, quantized_layers
 from lq.quant.config import QuantConfig
 from lq.workflow import calibrate, quantizers
@@ -42,6 +43,12 @@ class _Progress(Iterable):
                 yield batch
                 first = batch[0] if isinstance(batch, (list, tuple)) else batch
                 bar.update(int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else 1)
+
+
+def cpu_memory_for(trainer: pl.Trainer) -> None:
+    """On CPU, keep freed blocks in the heap (``lq.cpu_memory``): quantized steps allocate more large tensors."""
+    if trainer.strategy.root_device.type == "cpu":
+        keep_freed_cpu_memory()
 
 
 class QuantizationCallback(Callback):
@@ -80,6 +87,7 @@ class QuantizationCallback(Callback):
 
     # ------------------------------------------------------------------------------------- swapping
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        cpu_memory_for(trainer)
         if not quantized_layers(pl_module):
             quantize(pl_module, self.config)
             rank_zero_info(str(quantization_report(pl_module)))

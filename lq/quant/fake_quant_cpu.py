@@ -53,6 +53,25 @@ def _forward(x: torch.Tensor, inv_step: torch.Tensor, step: torch.Tensor, q: int
         return _forward_eager(x, inv_step, step, q)
 
 
+def _forward_in_range(x: torch.Tensor, inv_step: torch.Tensor, step: torch.Tensor, q: int) -> torch.Tensor:
+    y = x.float() * inv_step
+    y.clamp_(-q, q).round_().mul_(step)
+    return y.to(x.dtype)
+
+
+class FakeQuantCPUInRange(torch.autograd.Function):
+    """Eq. 12/13 when every element is known to lie in ``[-amax, amax]`` (amax = max |x|, e.g. dynamic
+    per-channel max weights): the STE mask is all ones, so neither it nor its backward pass is computed."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, inv_step: torch.Tensor, step: torch.Tensor, q: int) -> torch.Tensor:
+        return _forward_in_range(x, inv_step, step, q)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None, None, None
+
+
 class FakeQuantCPU(torch.autograd.Function):
     """Eq. 12 forward, eq. 13 backward (gradient 1 inside the range, 0 outside)."""
 
@@ -69,10 +88,15 @@ class FakeQuantCPU(torch.autograd.Function):
         return torch.where(mask, grad, 0.0), None, None, None
 
 
-def fake_quant_cpu(x: torch.Tensor, step: torch.Tensor, q: int) -> torch.Tensor:
-    """``step`` is a scalar or already shaped to broadcast against ``x`` (per channel)."""
+def fake_quant_cpu(x: torch.Tensor, step: torch.Tensor, q: int, in_range: bool = False) -> torch.Tensor:
+    """``step`` is a scalar or already shaped to broadcast against ``x`` (per channel). ``in_range``: the
+    caller guarantees ``|x| <= amax`` everywhere (amax computed from this very ``x``)."""
     step = step.float()
     inv_step = 1.0 / step
+    if in_range:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return FakeQuantCPUInRange.apply(x, inv_step, step, q)
+        return _forward_in_range(x, inv_step, step, q)
     if torch.is_grad_enabled() and x.requires_grad:
         return FakeQuantCPU.apply(x, inv_step, step, q)
     return _forward(x, inv_step, step, q)[0]

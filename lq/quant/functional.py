@@ -116,20 +116,23 @@ def _step(amax: torch.Tensor, bits: int) -> torch.Tensor:
     return amax.detach().float().clamp_min(AMAX_EPS) / qmax(bits)
 
 
-def fake_quant(x: torch.Tensor, amax: torch.Tensor, bits: int = 8, axis: int | None = None) -> torch.Tensor:
+def fake_quant(
+    x: torch.Tensor, amax: torch.Tensor, bits: int = 8, axis: int | None = None, *, in_range: bool = False
+) -> torch.Tensor:
     """Eq. 12, ``dequantize(quantize(x))`` with the straight-through estimator of eq. 13.
 
     The gradient is 1 where ``-amax <= x <= amax`` and 0 outside. ``amax`` is a scalar (per-tensor,
     ``axis=None``) or a vector with one value per slice along ``axis`` (per-channel). Any float dtype. On
     CUDA this runs torch's fused fake-quant kernels; on CPU ``lq.quant.fake_quant_cpu`` (same numbers,
-    several times faster than torch's scalar CPU kernel).
+    several times faster than torch's scalar CPU kernel). ``in_range=True`` promises ``|x| <= amax``
+    everywhere (``amax`` is the max of this ``x``): the CPU path then skips the all-ones STE mask.
     """
     q = qmax(bits)
     step = _step(amax, bits)
     if x.device.type == "cpu":
         from lq.quant.fake_quant_cpu import fake_quant_cpu
 
-        return fake_quant_cpu(x, reshape_for_axis(step.reshape(-1), x, axis), q)
+        return fake_quant_cpu(x, reshape_for_axis(step.reshape(-1), x, axis), q, in_range=in_range)
     if axis is None:
         zero = torch.zeros((), dtype=torch.int32, device=x.device)
         return torch.fake_quantize_per_tensor_affine(x, step.reshape(()), zero, -q, q)

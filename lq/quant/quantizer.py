@@ -178,7 +178,7 @@ class TensorQuantizer(nn.Module):
                 else:
                     dims = [d for d in range(x.dim()) if d != self.axis % x.dim()]
                     self.amax.copy_(x.detach().abs().amax(dim=dims).float())
-            out = fake_quant(x, self.amax, self.spec.bits, self.axis)
+            out = fake_quant(x, self.amax, self.spec.bits, self.axis, in_range=True)  # amax = max |x|
             self.__dict__["_dynamic_cache"] = (key, out.detach()) if cacheable else None
             return out
         if not self.is_calibrated:
