@@ -535,3 +535,25 @@ def test_sync_two_ranks_equals_one_process(tmp_path):
         assert got.keys() == ref.keys()
         for key in ref:
             assert got[key].dtype == ref[key].dtype and torch.equal(got[key], ref[key]), f"rank {rank}: {key}"
+
+
+def test_parallel_counting_equals_one_serial_pass(monkeypatch):
+    """Large inputs are counted in chunks on threads; the integer sum must equal numpy's histogram."""
+    from lq.calib import histogram
+
+    monkeypatch.setattr(histogram, "PARALLEL_COUNT_MIN", 1000)
+    x = torch.randn(200_003, generator=gen(16)) * 5
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cal = HistogramCalibrator()
+        cal.collect(x)
+        with torch.inference_mode():  # Lightning's validate/test: inference tensors, thread-local mode
+            cal_inf = HistogramCalibrator()
+            cal_inf.collect(x)
+    finally:
+        torch.set_num_threads(threads)
+    absx = np.abs(x.numpy()).astype(np.float64)
+    for c in (cal, cal_inf):
+        counts, rng = c.histogram()
+        np.testing.assert_array_equal(counts.numpy(), np_hist(absx, float(rng)))
