@@ -233,12 +233,43 @@ def test_onednn_kernels_exact_at_extremes() -> None:
         torch.testing.assert_close(fast1, ref[:1], rtol=1e-6, atol=1e-4)
 
 
+def test_fbgemm_linear_exact_at_extremes_and_equal_to_fake_quant() -> None:
+    """fbgemm's fp32-in/fp32-out int8 linear (the auto Linear kernel on CPU): worst-case +-qmax operands,
+    signed and non-negative inputs, batch 1, fp16 input, and the fake-quant model's own numbers."""
+    if kernels.fbgemm_mode() == kernels.UNAVAILABLE:
+        pytest.skip("no exact fbgemm int8 kernel here")
+    torch.manual_seed(8)
+    layer = nn.Linear(256, 32)
+    with torch.no_grad():
+        layer.weight.copy_(torch.sign(torch.randn_like(layer.weight)))
+    model = Wrap(layer)
+    x = torch.sign(torch.randn(9, 256)) * 3.0
+    _quantize_calibrate(model, x)
+    with torch.no_grad():
+        fb = convert(copy.deepcopy(model), backend="fbgemm")
+        ref = convert(copy.deepcopy(model), backend="reference")
+        assert isinstance(fb.layer, Int8Linear) and fb.layer._kernel(x.device, ("fbgemm",)) == "fbgemm"
+        for inp in (x, x.abs(), x[:1], x * 10):  # x * 10: beyond the calibrated range (eq. 7's clip)
+            torch.testing.assert_close(fb(inp), ref(inp), rtol=1e-6, atol=1e-4)
+        torch.testing.assert_close(fb(x.half()).float(), ref(x.half()).float(), rtol=1e-3, atol=1e-2)
+        # ordinary data against the fake-quant model: same integers, so float rounding only
+        layer2 = nn.Linear(64, 16)
+        model2 = Wrap(layer2)
+        x2 = torch.randn(200, 64)
+        _quantize_calibrate(model2, x2)
+        y_fq = model2(x2)
+        y_fb = convert(copy.deepcopy(model2), backend="fbgemm")(x2)
+        assert (y_fb - y_fq).abs().max().item() < 1e-5
+
+
 def test_full_range_zero_point_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """The VNNI code path (u8 = x_q + 128, zero point 128), checked here with weights small enough
     (|w_q| <= 64) that even an AVX2 CPU accumulates exactly; padding must mean real zero."""
     if kernels.onednn_mode() == kernels.UNAVAILABLE:
         pytest.skip("no oneDNN int8 kernels")
     monkeypatch.setattr(kernels, "onednn_mode", lambda: kernels.FULL_RANGE)
+    fbgemm = kernels.fbgemm_mode() != kernels.UNAVAILABLE
+    monkeypatch.setattr(kernels, "fbgemm_mode", lambda: kernels.FULL_RANGE)
     torch.manual_seed(6)
     for layer, shape in ((nn.Linear(40, 24), (5, 40)), (nn.Conv2d(4, 8, 3, padding=1), (2, 4, 7, 7))):
         model = Wrap(layer)
@@ -250,7 +281,10 @@ def test_full_range_zero_point_path(monkeypatch: pytest.MonkeyPatch) -> None:
         with torch.no_grad():
             ref = model(x)
             y = convert(copy.deepcopy(model), backend="onednn")(x)
-        assert (y - ref).abs().max().item() <= _last_layer_bound(model)
+            assert (y - ref).abs().max().item() <= _last_layer_bound(model)
+            if fbgemm and isinstance(layer, nn.Linear):  # fbgemm with zero point 128 (u8 up to 255)
+                y = convert(copy.deepcopy(model), backend="fbgemm")(x)
+                assert (y - ref).abs().max().item() <= _last_layer_bound(model)
 
 
 @needs_onnx

@@ -111,9 +111,10 @@ def convert(model: nn.Module, backend: str = "auto", fold_bn: bool = True) -> nn
 
     Args:
         model: a model quantized with ``lq.quantize`` and calibrated with ``lq.calibrate``.
-        backend: ``"auto"`` (oneDNN on CPU for Linear/Conv, ``torch._int_mm`` for Linear on CUDA, exact
-            reference kernels for the rest), ``"onednn"``, ``"int_mm"`` or ``"reference"`` (integer math
-            in float, exact; slow, for checking).
+        backend: ``"auto"`` (on CPU fbgemm for Linear and oneDNN for Conv, each where its self-test shows
+            exact results; ``torch._int_mm`` for Linear on CUDA; exact reference kernels for the rest),
+            ``"fbgemm"`` (Linear), ``"onednn"``, ``"int_mm"`` or ``"reference"`` (integer math in float,
+            exact; slow, for checking).
         fold_bn: fold foldable BatchNorms into the preceding layer before converting.
 
     Raises:

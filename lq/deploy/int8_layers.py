@@ -108,6 +108,12 @@ class Int8Module(nn.Module):
             self._cache["steps"] = (float(1.0 / self.input_scale), w_step)
         return self._cache["steps"]
 
+    def _fbgemm_scale(self) -> float | None:
+        """fbgemm's input scale that reproduces the fake-quant multiplier exactly (None: not representable)."""
+        if "fbgemm_scale" not in self._cache:
+            self._cache["fbgemm_scale"] = kernels.fbgemm_scale(float(self.input_scale))
+        return self._cache["fbgemm_scale"]
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         self._cache.clear()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
@@ -116,6 +122,15 @@ class Int8Module(nn.Module):
         """The kernel family to run: the requested backend if it applies here, else the reference."""
         if self.backend == "reference":
             return "reference"
+        if (
+            device.type == "cpu"
+            and "fbgemm" in fast
+            and self.backend in ("auto", "fbgemm")
+            and self.bits <= 8
+            and kernels.fbgemm_mode() != kernels.UNAVAILABLE
+            and self._fbgemm_scale() is not None
+        ):
+            return "fbgemm"
         if (
             device.type == "cpu"
             and "onednn" in fast
@@ -181,9 +196,17 @@ class Int8Linear(Int8Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_inference(x)
         lead = x.shape[:-1]
-        t = kernels.quantize_to_grid(x.reshape(-1, self.in_features), self.input_scale, self.qmax_input)
-        kernel = self._kernel(x.device, ("onednn", "int_mm")) if x.numel() else "reference"
+        kernel = self._kernel(x.device, ("fbgemm", "onednn", "int_mm")) if x.numel() else "reference"
         step_x, w_step = self._steps()
+        if kernel == "fbgemm":
+            if "fbgemm_pack" not in self._cache:
+                self._cache["fbgemm_pack"] = kernels.fbgemm_prepack(self.weight, w_step)
+            y = kernels.fbgemm_linear(
+                x.reshape(-1, self.in_features), self._cache["fbgemm_pack"], self._fbgemm_scale(),
+                self.qmax_input, self.bias, kernels.fbgemm_mode(),
+            )
+            return y.reshape(*lead, self.out_features).to(x.dtype)
+        t = kernels.quantize_to_grid(x.reshape(-1, self.in_features), self.input_scale, self.qmax_input)
         if kernel == "onednn":
             mode = kernels.onednn_mode()
             if t.shape[0] <= SMALL_BATCH:
