@@ -537,3 +537,20 @@ def test_sync_two_ranks_equals_one_process(tmp_path):
         assert got.keys() == ref.keys()
         for key in ref:
             assert got[key].dtype == ref[key].dtype and torch.equal(got[key], ref[key]), f"rank {rank}: {key}"
+
+
+@pytest.mark.parametrize("cls", [MaxCalibrator, HistogramCalibrator])
+def test_collect_inside_then_outside_inference_mode(cls):
+    """Lightning validates/tests under torch.inference_mode; state created there must stay updatable by
+    a later collection outside it (and the histogram's reused scratch buffers too)."""
+    from lq.calib import histogram
+
+    histogram.release_scratch()
+    cal = cls()
+    a, b = torch.randn(1000, generator=gen(18)), torch.randn(500, generator=gen(19)) * 3
+    with torch.inference_mode():
+        cal.collect(a)
+    with torch.no_grad():
+        cal.collect(b)
+    assert float(cal.compute_amax("max")) == float(torch.cat([a, b]).abs().max())
+

@@ -11,7 +11,9 @@ with the same amax (MAX for maxima, SUM for histogram counts).
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -113,6 +115,19 @@ class Calibrator:
 
 
 # ---------------------------------------------------------------------------------------- helpers
+def collecting(fn: Callable) -> Callable:
+    """Decorator for ``collect``: no autograd, and *outside* inference mode even when called inside it
+    (Lightning's validate/test), so the running state (counts, maxima, scratch) stays ordinary tensors that a
+    later collection outside inference mode may update in place. Reading inference-mode inputs is allowed."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.no_grad(), torch.inference_mode(False):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def abs_max(a: torch.Tensor, axis: int | None) -> torch.Tensor:
     """``max`` of a tensor of absolute values as a ``(C,)`` vector in ``a``'s dtype.
 

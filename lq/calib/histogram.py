@@ -23,7 +23,14 @@ import math
 import torch
 import torch.distributed as dist
 
-from lq.calib.base import Calibrator, abs_max, comm_device, raise_not_finite, sync_header
+from lq.calib.base import (
+    Calibrator,
+    abs_max,
+    collecting,
+    comm_device,
+    raise_not_finite,
+    sync_header,
+)
 from lq.calib.entropy import entropy_amax
 from lq.calib.mse import mse_amax
 from lq.calib.percentile import check_percentile, percentile_amax
@@ -69,7 +76,7 @@ def _bin_index_scratch(x: torch.Tensor, inv_width: torch.Tensor, num_bins: int, 
     n = x.numel()
     buf = _scratch.get(x.device)
     if buf is None or buf[0].numel() < n:
-        buf = _scratch[x.device] = (
+        buf = _scratch[x.device] = (  # ordinary tensors: collect runs outside inference mode (@collecting)
             torch.empty(n, dtype=torch.float32, device=x.device),
             torch.empty(n, dtype=torch.int32, device=x.device),
         )
@@ -165,7 +172,7 @@ class HistogramCalibrator(Calibrator):
         return self._counts.clone(), ranges
 
     # --------------------------------------------------------------------------------------- collect
-    @torch.no_grad()
+    @collecting
     def collect(self, x: torch.Tensor) -> None:
         """Add ``|x|`` to the histogram(s), growing the range (exactly, see module doc) if needed."""
         axis = self._check_input(x)

@@ -9,7 +9,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from lq.calib.base import Calibrator, check_finite, comm_device, raise_not_finite, sync_header
+from lq.calib.base import (
+    Calibrator,
+    check_finite,
+    collecting,
+    comm_device,
+    raise_not_finite,
+    sync_header,
+)
 
 
 def _abs_max_no_copy(x: torch.Tensor, axis: int | None) -> torch.Tensor:
@@ -41,7 +48,7 @@ class MaxCalibrator(Calibrator):
     def has_data(self) -> bool:
         return self._amax is not None
 
-    @torch.no_grad()
+    @collecting
     def collect(self, x: torch.Tensor) -> None:
         """Fold ``max |x|`` (per channel: over all dims but ``axis``) into the running maximum."""
         axis = self._check_input(x)

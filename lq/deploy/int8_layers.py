@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lq.deploy import kernels
+from lq.ops import hardware as hw
 from lq.quant.functional import AMAX_EPS, qmax
 
 log = logging.getLogger(__name__)
@@ -108,12 +109,6 @@ class Int8Module(nn.Module):
             self._cache["steps"] = (float(1.0 / self.input_scale), w_step)
         return self._cache["steps"]
 
-    def _fbgemm_scale(self) -> float | None:
-        """fbgemm's input scale that reproduces the fake-quant multiplier exactly (None: not representable)."""
-        if "fbgemm_scale" not in self._cache:
-            self._cache["fbgemm_scale"] = kernels.fbgemm_scale(float(self.input_scale))
-        return self._cache["fbgemm_scale"]
-
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         self._cache.clear()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
@@ -128,13 +123,13 @@ class Int8Module(nn.Module):
             and self.backend in ("auto", "fbgemm")
             and self.bits <= 8
             and kernels.fbgemm_mode() != kernels.UNAVAILABLE
-            and self._fbgemm_scale() is not None
+            and 2 * self.in_features <= hw.max_exact_reduction(255, self.qmax)  # int32 cannot overflow
         ):
             return "fbgemm"
         if (
             device.type == "cpu"
             and "onednn" in fast
-            and self.backend in ("auto", "onednn")
+            and self.backend in ("auto", "onednn", "fbgemm")  # fbgemm: Linear only; convs take oneDNN
             and self.bits <= 8
             and kernels.onednn_mode() != kernels.UNAVAILABLE
         ):
@@ -182,6 +177,14 @@ class Int8Linear(Int8Module):
             self._cache[key] = torch.ops.onednn.qlinear_prepack(w, None)
         return self._cache[key]
 
+    def _packed_fbgemm(self, signed: bool):
+        key = f"packed_fbgemm_{signed}"
+        if key not in self._cache:
+            w = kernels.signed_weight(self.weight) if signed else self.weight
+            step_x, w_step = self._steps()
+            self._cache[key] = kernels.fbgemm_prepack(w, step_x * w_step)  # eq. 10's per-channel factor
+        return self._cache[key]
+
     def _packed_1x1(self, signed: bool) -> torch.Tensor:
         key = f"packed_1x1_{signed}"
         if key not in self._cache:
@@ -196,18 +199,12 @@ class Int8Linear(Int8Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_inference(x)
         lead = x.shape[:-1]
+        t = kernels.quantize_to_grid(x.reshape(-1, self.in_features), self.input_scale, self.qmax_input)
         kernel = self._kernel(x.device, ("fbgemm", "onednn", "int_mm")) if x.numel() else "reference"
         step_x, w_step = self._steps()
         if kernel == "fbgemm":
-            if "fbgemm_pack" not in self._cache:
-                self._cache["fbgemm_pack"] = kernels.fbgemm_prepack(self.weight, w_step)
-            y = kernels.fbgemm_linear(
-                x.reshape(-1, self.in_features), self._cache["fbgemm_pack"], self._fbgemm_scale(),
-                self.qmax_input, self.bias, kernels.fbgemm_mode(),
-            )
-            return y.reshape(*lead, self.out_features).to(x.dtype)
-        t = kernels.quantize_to_grid(x.reshape(-1, self.in_features), self.input_scale, self.qmax_input)
-        if kernel == "onednn":
+            y = kernels.fbgemm_linear(t, self._packed_fbgemm, self.bias, kernels.fbgemm_mode())
+        elif kernel == "onednn":
             mode = kernels.onednn_mode()
             if t.shape[0] <= SMALL_BATCH:
                 # oneDNN's int8 inner product is slow for a few rows (about 2x its 1x1 convolution at M=1 on

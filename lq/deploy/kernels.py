@@ -152,12 +152,14 @@ def onednn_linear(
 
 # ------------------------------------------------------------------------------------------ fbgemm
 # torch's fbgemm int8 GEMM is the fastest int8 Linear on x86 CPUs without VNNI (measured 2.2x fp32 at
-# 1024x1024, batch 64, vs 1.5x for oneDNN's qlinear; benchmarks/bench_convert.py). Its
-# ``quantized::linear_with_input_q_dq_qweight_dq_output_fp32`` takes the fp32 input with *our* scale and
-# zero point, quantizes it as torch's fake-quant kernel does (``nearbyint(x * (1 / scale))``), runs the u8 x s8
-# GEMM with int32 accumulation and returns ``acc * s_x * s_w[j]`` in fp32: eq. 10 with one call. The input is
-# clamped to ``[-amax, amax]`` first so that fbgemm's own [0, 255] clamp never applies (eq. 7's clip is ours).
-# On CPUs where only u8 <= 127 is exact (``vpmaddubsw``), signed inputs run as two calls ``f(P) - f(N)``.
+# 1024x1024, batch 64, vs 1.5x for oneDNN's qlinear; benchmarks/bench_convert.py). We use
+# ``quantized::linear_with_input_q_dq_qweight_dq_output_fp32`` only as "u8 x s8 GEMM with int32 accumulation
+# and an fp32 per-output-channel multiply": the input handed to it is already lq's integer grid (eq. 7,
+# ``quantize_to_grid``, bit-identical to the fake-quant model) with scale 1.0, so fbgemm's own rounding
+# (``fma(x, 1/scale, zero_point)``, which differs from ``round(x * s)`` just above half-integers) only ever
+# sees integers; the packed weight carries the combined scale ``step_x * step_w[j]`` (eq. 10's one float
+# multiply). Where only u8 <= 127 is exact (``vpmaddubsw``), signed inputs run as one GEMM of twice the depth,
+# ``[P, N]`` against ``[W, -W]`` (as for oneDNN, ``u8_operand``).
 _FBGEMM_OP = "linear_with_input_q_dq_qweight_dq_output_fp32"
 
 
@@ -169,8 +171,9 @@ def fbgemm_available() -> bool:
         return False
 
 
-def fbgemm_prepack(w_q: torch.Tensor, weight_step: torch.Tensor) -> Any:
-    """fbgemm's packed per-channel int8 weight (``w_q`` [N, K] int8, ``weight_step`` [N] real units/step)."""
+def fbgemm_prepack(w_q: torch.Tensor, out_scale: torch.Tensor) -> Any:
+    """fbgemm's packed per-channel int8 weight: ``w_q`` [N, K] int8, ``out_scale`` [N] the fp32 factor each
+    output channel's int32 sum is multiplied by."""
     n = w_q.shape[0]
     previous = torch.backends.quantized.engine
     try:
@@ -178,38 +181,24 @@ def fbgemm_prepack(w_q: torch.Tensor, weight_step: torch.Tensor) -> Any:
         with warnings.catch_warnings():  # quantized tensors are deprecated in torch; the pack is internal
             warnings.simplefilter("ignore")
             qw = torch._make_per_channel_quantized_tensor(
-                w_q.cpu(), weight_step.double().cpu(), torch.zeros(n, dtype=torch.int64), 0
+                w_q.cpu(), out_scale.float().double().cpu(), torch.zeros(n, dtype=torch.int64), 0
             )
             return torch.ops.quantized.linear_prepack(qw, None)
     finally:
         torch.backends.quantized.engine = previous
 
 
-def fbgemm_scale(inv_step: float) -> float | None:
-    """A scale whose fp32 reciprocal is exactly ``inv_step`` (the multiplier torch's fake quant uses), so that
-    fbgemm's ``x * (1 / scale)`` rounds exactly like the fake-quant model; None if no such fp32 value."""
-    s = torch.tensor(inv_step, dtype=torch.float32)
-    guess = torch.tensor(1.0, dtype=torch.float32) / s
-    for cand in (guess, torch.nextafter(guess, guess * 2), torch.nextafter(guess, guess * 0)):
-        if bool(torch.tensor(1.0, dtype=torch.float32) / cand == s):
-            return float(cand)
-    return None
+def fbgemm_linear(t: torch.Tensor, packed: Callable[[bool], Any], bias: torch.Tensor | None, mode: str) -> torch.Tensor:
+    """Eq. 10 for ``t`` (M, K), the integer grid as fp32: fbgemm's u8 x s8 GEMM, fp32 output (+ bias).
 
-
-def fbgemm_linear(
-    x: torch.Tensor, packed: Any, scale: float, qmax: int, bias: torch.Tensor | None, mode: str
-) -> torch.Tensor:
-    """Eq. 10 for fp32 ``x`` (M, K): clamp to the calibrated range, then fbgemm's u8 x s8 GEMM (one call, or
-    two for signed inputs when only the half u8 range is exact)."""
+    ``packed(signed)`` returns the packed weight, ``[W, -W]`` when ``signed``."""
     op = getattr(torch.ops.quantized, _FBGEMM_OP)
-    amax = qmax * scale
-    xc = x.float().clamp(-amax, amax)
     if mode == FULL_RANGE:
-        y = op(xc, scale, 128, packed)
-    elif bool(xc.min() >= 0):
-        y = op(xc, scale, 0, packed)
+        y = op(t, 1.0, 128, packed(False))
+    elif t.numel() == 0 or bool(t.min() >= 0):
+        y = op(t, 1.0, 0, packed(False))
     else:
-        y = op(xc.clamp(min=0), scale, 0, packed).sub_(op(xc.neg_().clamp_(min=0), scale, 0, packed))
+        y = op(torch.cat([t.clamp(min=0), t.neg().clamp_(min=0)], dim=1), 1.0, 0, packed(True))
     return y if bias is None else y.add_(bias)
 
 
@@ -225,7 +214,7 @@ def fbgemm_mode() -> str:
         w = torch.full((n, k), 127, dtype=torch.int8)
         w[n // 2 :] = -127
         packed = fbgemm_prepack(w, torch.ones(n))
-        x = torch.full((4, k), float(u_max - zp))
+        x = torch.full((4, k), float(u_max - zp))  # integers, as lq feeds it
         y = getattr(torch.ops.quantized, _FBGEMM_OP)(x, 1.0, zp, packed)
         return bool(torch.equal(y.double(), x.double() @ w.double().t()))
 
@@ -300,7 +289,6 @@ __all__ = [
     "fbgemm_linear",
     "fbgemm_mode",
     "fbgemm_prepack",
-    "fbgemm_scale",
     "int_mm_linear",
     "onednn_available",
     "onednn_conv",

@@ -58,13 +58,26 @@ _compiled: dict[tuple[str, Hashable], Callable] = {}
 
 
 def _static_key(args: tuple) -> Hashable:
-    """What Dynamo guards on besides sizes: grad and inference mode, dtypes/devices/requires_grad/inference-ness of tensors and which of
-    their sizes are 0 or 1, None-ness and values of the other arguments."""
-    key: list = [torch.is_grad_enabled(), torch.is_inference_mode_enabled()]
+    """What Dynamo guards on besides sizes: grad/inference/autocast modes, deterministic algorithms,
+    dtypes/devices/requires_grad/inference-ness of tensors, which sizes are 0 or 1, the memory layout
+    (contiguity, order of the strides, zero strides of expanded tensors), None-ness and other values."""
+    key: list = [
+        torch.is_grad_enabled(),
+        torch.is_inference_mode_enabled(),
+        torch.is_autocast_enabled("cpu"),
+        torch.is_autocast_enabled("cuda"),
+        torch.are_deterministic_algorithms_enabled(),
+    ]
     for a in args:
         if isinstance(a, torch.Tensor):
-            # Dynamo specialises sizes 0 and 1 even with dynamic=True
-            key.append((a.dtype, a.device.type, a.requires_grad, a.is_inference(), tuple(min(n, 2) for n in a.shape)))
+            layout = () if a.is_contiguous() else (
+                tuple(sorted(range(a.dim()), key=lambda d: (a.stride(d), d))), tuple(s == 0 for s in a.stride())
+            )
+            key.append((
+                a.dtype, a.device.type, a.requires_grad, a.is_inference(),
+                tuple(min(n, 2) for n in a.shape),  # Dynamo specialises sizes 0 and 1 even with dynamic=True
+                layout,
+            ))
         elif a is None or isinstance(a, (bool, int, float, str)):
             key.append(a)
         else:
@@ -80,10 +93,13 @@ def _fresh_copy(fn: Callable) -> Callable:
     return copy
 
 
+_failed: set[str] = set()
+
+
 def call(name: str, fn: Callable, *args):
     """Run ``fn(*args)`` compiled (one compiled copy per ``name`` and static variant of ``args``), or
-    eagerly when compiling is off or failed."""
-    if not compile_enabled():
+    eagerly when compiling is off or has failed once for ``name`` (warned once)."""
+    if not compile_enabled() or name in _failed:
         return fn(*args)
     # nn.Parameter inputs get static shapes in Dynamo (one compile per weight shape): pass plain tensors
     args = tuple(a.detach() if isinstance(a, torch.nn.Parameter) else a for a in args)
@@ -91,13 +107,11 @@ def call(name: str, fn: Callable, *args):
     compiled = _compiled.get(key)
     if compiled is None:
         compiled = _compiled[key] = torch.compile(_fresh_copy(fn), dynamic=True, fullgraph=True)
-    if compiled is fn:
-        return fn(*args)
     try:
         return compiled(*args)
     except Exception as err:  # noqa: BLE001 - any compiler failure: fall back to eager, once loudly
         hw.warn_once(f"fused:{name}", f"lq.ops.fused: torch.compile of {name} failed ({err!r}); using eager ops.")
-        _compiled[key] = fn
+        _failed.add(name)
         return fn(*args)
 
 
