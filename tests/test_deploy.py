@@ -539,3 +539,19 @@ def _tmpdir(tmp_path) -> None:
 
 def _tmp(name: str):
     return _TMP[0] / name
+
+
+def test_nan_input_to_converted_model_names_the_layer() -> None:
+    """On the fast CPU kernels a NaN would become a number in the uint8 cast: it must be an error instead,
+    naming the layer (FULL_RANGE CPUs and the reference kernel propagate NaN to the output, visibly)."""
+    if kernels.fbgemm_mode() != kernels.HALF_RANGE and kernels.onednn_mode() != kernels.HALF_RANGE:
+        pytest.skip("the check rides on the half-range sign test")
+    torch.manual_seed(9)
+    for layer, shape in ((nn.Linear(16, 8), (4, 16)), (nn.Conv2d(3, 4, 3), (2, 3, 6, 6))):
+        model = Wrap(layer)
+        x = torch.randn(shape)
+        _quantize_calibrate(model, x)
+        m = convert(copy.deepcopy(model))
+        x[0, 1] = float("nan")
+        with torch.no_grad(), pytest.raises(FloatingPointError, match="layer.*NaN"):
+            m(x)

@@ -198,6 +198,12 @@ class Int8Linear(Int8Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_inference(x)
+        try:
+            return self._forward(x)
+        except FloatingPointError as err:
+            raise FloatingPointError(f"{self.name}: {err}") from None
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         t = kernels.quantize_to_grid(x.reshape(-1, self.in_features), self.input_scale, self.qmax_input)
         kernel = self._kernel(x.device, ("fbgemm", "onednn", "int_mm")) if x.numel() else "reference"
@@ -285,6 +291,12 @@ class Int8ConvNd(Int8Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_inference(x)
+        try:
+            return self._forward(x)
+        except FloatingPointError as err:
+            raise FloatingPointError(f"{self.name}: {err}") from None
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         t = kernels.quantize_to_grid(x, self.input_scale, self.qmax_input)
         if self._pre_pad is not None:
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode

@@ -101,6 +101,17 @@ def onednn_zero_point(mode: str) -> int:
     return 128 if mode == FULL_RANGE else 0
 
 
+def nonneg_grid(t: torch.Tensor) -> bool:
+    """Whether the integer grid ``t`` has no negative value. Raises ``FloatingPointError`` if it holds NaN
+    (a NaN input; the uint8 cast would silently turn it into a number); the caller adds the layer name."""
+    lo = t.min()
+    if bool(lo.isnan()):
+        raise FloatingPointError(
+            "NaN in the input: the int8 kernels cannot represent it (check the data or the previous layer)"
+        )
+    return bool(lo >= 0)
+
+
 def u8_operand(t: torch.Tensor, mode: str, groups: int = 1) -> tuple[torch.Tensor, bool]:
     """The u8 activation oneDNN takes, from the integer grid ``t`` (fp32 integers in [-qmax, qmax]).
 
@@ -112,7 +123,7 @@ def u8_operand(t: torch.Tensor, mode: str, groups: int = 1) -> tuple[torch.Tenso
     """
     if mode == FULL_RANGE:
         return t.add(128).to(torch.uint8), False
-    if t.numel() == 0 or bool(t.min() >= 0):
+    if t.numel() == 0 or nonneg_grid(t):
         return t.to(torch.uint8), False
     pos = t.clamp(min=0)
     neg = t.neg().clamp_(min=0)
@@ -195,7 +206,7 @@ def fbgemm_linear(t: torch.Tensor, packed: Callable[[bool], Any], bias: torch.Te
     op = getattr(torch.ops.quantized, _FBGEMM_OP)
     if mode == FULL_RANGE:
         y = op(t, 1.0, 128, packed(False))
-    elif t.numel() == 0 or bool(t.min() >= 0):
+    elif t.numel() == 0 or nonneg_grid(t):
         y = op(t, 1.0, 0, packed(False))
     else:
         y = op(torch.cat([t.clamp(min=0), t.neg().clamp_(min=0)], dim=1), 1.0, 0, packed(True))
