@@ -76,3 +76,38 @@ def test_qat_int8_compute_gives_the_fake_quant_numbers(tmp_path, pretrained):  #
         use_int8_compute(m, False)
         out_fake = m(x)
     torch.testing.assert_close(out_int8, out_fake, atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_quantizers_stay_compiled_through_a_resnet(monkeypatch):
+    """A ResNet needs more variants of the fused quantizers (ranks, kept dims, sizes of 1, grad/inference
+    modes) than Dynamo's per-code recompile limit (8). Each variant must get its own compiled copy; before,
+    the 9th variant hit the limit and the helper fell back to eager ops for the rest of the run. Dynamo's
+    guards are what matter, so the cheap ``eager`` backend stands in for Inductor."""
+    import functools
+
+    from lq.models import SmallResNet
+    from lq.ops import Int8ComputeConfig, fused
+
+    monkeypatch.setenv("LQ_COMPILE_QUANT", "1")
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    monkeypatch.setattr(fused, "_compiled", {})
+    monkeypatch.setattr(fused, "_failed", set())
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = SmallResNet(widths=(8, 16, 16))
+    off = lq.QuantSpec(enabled=False)
+    lq.quantize(model, lq.QuantConfig(weight=off, activation=off, layers=["Linear", "Conv2d"]))
+    use_int8_compute(model, Int8ComputeConfig.for_this_machine())
+    x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(2):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        model(x[:1])
+    with torch.inference_mode():
+        model(x)
+    assert not fused._failed, fused._failed
+    assert len(fused._compiled) > 8  # more variants than one code object could have held
