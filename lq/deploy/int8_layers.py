@@ -114,7 +114,14 @@ class Int8Module(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def _kernel(self, device: torch.device, fast: tuple[str, ...]) -> str:
-        """The kernel family to run: the requested backend if it applies here, else the reference."""
+        """The kernel family to run: the requested backend if it applies here, else the reference (decided
+        once per device; the cache is cleared on device moves and state_dict loads)."""
+        key = ("kernel", device.type, fast)
+        if key not in self._cache:
+            self._cache[key] = self._choose_kernel(device, fast)
+        return self._cache[key]
+
+    def _choose_kernel(self, device: torch.device, fast: tuple[str, ...]) -> str:
         if self.backend == "reference":
             return "reference"
         if (
@@ -182,7 +189,7 @@ class Int8Linear(Int8Module):
         if key not in self._cache:
             w = kernels.signed_weight(self.weight) if signed else self.weight
             step_x, w_step = self._steps()
-            self._cache[key] = kernels.fbgemm_prepack(w, step_x * w_step)  # eq. 10's per-channel factor
+            self._cache[key] = kernels.fbgemm_prepack(w, step_x * w_step, self.bias)  # eq. 10's factor, bias
         return self._cache[key]
 
     def _packed_1x1(self, signed: bool) -> torch.Tensor:
@@ -209,7 +216,7 @@ class Int8Linear(Int8Module):
         kernel = self._kernel(x.device, ("fbgemm", "onednn", "int_mm")) if x.numel() else "reference"
         step_x, w_step = self._steps()
         if kernel == "fbgemm":
-            y = kernels.fbgemm_linear(t, self._packed_fbgemm, self.bias, kernels.fbgemm_mode())
+            y = kernels.fbgemm_linear(t, self._packed_fbgemm, kernels.fbgemm_mode())  # bias is in the pack
         elif kernel == "onednn":
             mode = kernels.onednn_mode()
             if t.shape[0] <= SMALL_BATCH:

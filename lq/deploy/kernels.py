@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -104,12 +105,12 @@ def onednn_zero_point(mode: str) -> int:
 def nonneg_grid(t: torch.Tensor) -> bool:
     """Whether the integer grid ``t`` has no negative value. Raises ``FloatingPointError`` if it holds NaN
     (a NaN input; the uint8 cast would silently turn it into a number); the caller adds the layer name."""
-    lo = t.min()
-    if bool(lo.isnan()):
+    lo = float(t.min())  # one host sync
+    if math.isnan(lo):
         raise FloatingPointError(
             "NaN in the input: the int8 kernels cannot represent it (check the data or the previous layer)"
         )
-    return bool(lo >= 0)
+    return lo >= 0
 
 
 def u8_operand(t: torch.Tensor, mode: str, groups: int = 1) -> tuple[torch.Tensor, bool]:
@@ -182,9 +183,9 @@ def fbgemm_available() -> bool:
         return False
 
 
-def fbgemm_prepack(w_q: torch.Tensor, out_scale: torch.Tensor) -> Any:
+def fbgemm_prepack(w_q: torch.Tensor, out_scale: torch.Tensor, bias: torch.Tensor | None = None) -> Any:
     """fbgemm's packed per-channel int8 weight: ``w_q`` [N, K] int8, ``out_scale`` [N] the fp32 factor each
-    output channel's int32 sum is multiplied by."""
+    output channel's int32 sum is multiplied by, ``bias`` [N] fp32 added after it (``acc * scale + bias``)."""
     n = w_q.shape[0]
     previous = torch.backends.quantized.engine
     try:
@@ -194,15 +195,14 @@ def fbgemm_prepack(w_q: torch.Tensor, out_scale: torch.Tensor) -> Any:
             qw = torch._make_per_channel_quantized_tensor(
                 w_q.cpu(), out_scale.float().double().cpu(), torch.zeros(n, dtype=torch.int64), 0
             )
-            return torch.ops.quantized.linear_prepack(qw, None)
+            return torch.ops.quantized.linear_prepack(qw, None if bias is None else bias.float().cpu())
     finally:
         torch.backends.quantized.engine = previous
 
 
-def fbgemm_linear(t: torch.Tensor, packed: Callable[[bool], Any], bias: torch.Tensor | None, mode: str) -> torch.Tensor:
-    """Eq. 10 for ``t`` (M, K), the integer grid as fp32: fbgemm's u8 x s8 GEMM, fp32 output (+ bias).
-
-    ``packed(signed)`` returns the packed weight, ``[W, -W]`` when ``signed``."""
+def fbgemm_linear(t: torch.Tensor, packed: Callable[[bool], Any], mode: str) -> torch.Tensor:
+    """Eq. 10 for ``t`` (M, K), the integer grid as fp32: fbgemm's u8 x s8 GEMM, fp32 output (the bias is
+    in the pack). ``packed(signed)`` returns the packed weight, ``[W, -W]`` when ``signed``."""
     op = getattr(torch.ops.quantized, _FBGEMM_OP)
     if mode == FULL_RANGE:
         y = op(t, 1.0, 128, packed(False))
@@ -210,7 +210,7 @@ def fbgemm_linear(t: torch.Tensor, packed: Callable[[bool], Any], bias: torch.Te
         y = op(t, 1.0, 0, packed(False))
     else:
         y = op(torch.cat([t.clamp(min=0), t.neg().clamp_(min=0)], dim=1), 1.0, 0, packed(True))
-    return y if bias is None else y.add_(bias)
+    return y
 
 
 @functools.cache
