@@ -11,44 +11,13 @@
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
-import torch.nn.functional as F
+from common import interleaved, train_step
 
 import lq
 from lq.cpu_memory import keep_freed_cpu_memory
 from lq.models import SmallResNet
-
-
-def timed(fn, repeats: int, warmup: int = 3) -> float:
-    return timed_pair(fn, fn, repeats, warmup)[0]
-
-
-def timed_pair(a, b, repeats: int, warmup: int = 3) -> tuple[float, float]:
-    """Median times of a and b, measured alternately so that background load hits both alike."""
-    for _ in range(warmup):
-        a()
-        b()
-    ta, tb = [], []
-    for _ in range(repeats):
-        for fn, out in ((a, ta), (b, tb)):
-            t0 = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t0)
-    return statistics.median(ta), statistics.median(tb)
-
-
-def make_step(model, x, y):
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-
-    return step
 
 
 def main() -> None:
@@ -73,7 +42,9 @@ def main() -> None:
     lq.quantize(qat, lq.QuantConfig(activation=lq.QuantSpec(calibrator="max")))
     lq.calibrate(qat, [x], method="max")
 
-    t_fp32, t_qat = timed_pair(make_step(fp32, x, y), make_step(qat, x, y), args.repeats)
+    t_fp32, t_qat = (
+        interleaved({"fp32": train_step(fp32, x, y), "qat": train_step(qat, x, y)}, args.repeats, warmup=3).values()
+    )
     print(f"SmallResNet widths={args.widths}, batch {args.batch}, {len(lq.quantized_layers(qat))} quantized layers")
     print(f"  train step fp32 {t_fp32 * 1e3:.1f} ms, fake-quant {t_qat * 1e3:.1f} ms: ratio {t_qat / t_fp32:.2f}x (target <= 1.2x)")
 
@@ -89,7 +60,7 @@ def main() -> None:
     def entropy():
         lq.calibrate(calib_model, data, num_samples=1024)
 
-    t_plain, t_ent = timed_pair(plain, entropy, max(3, args.repeats // 3), warmup=1)
+    t_plain, t_ent = interleaved({"plain": plain, "entropy": entropy}, max(3, args.repeats // 3), warmup=1).values()
     print(f"  1024 samples: plain forward {t_plain:.3f} s, entropy calibration {t_ent:.3f} s: "
           f"ratio {t_ent / t_plain:.2f}x (target <= 1.5x)")
 

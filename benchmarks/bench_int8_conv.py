@@ -9,29 +9,17 @@ Prints median times and RATIOS (fp32 time / int8 time; > 1 means int8 is faster)
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 import warnings
 
 import torch
 import torch.nn.functional as F
+from common import median_time
 
 from lq.ops import Int8ComputeConfig, int8_conv2d
 from lq.ops import hardware as hw
 
 # (channels, spatial size, kernel): ResNet-50 stage shapes, same channels in and out, stride 1
 SHAPES = [(64, 56, 3), (256, 14, 3), (128, 28, 1)]
-
-
-def bench(fn, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def run_shape(c: int, hw_size: int, k: int, cfg: Int8ComputeConfig, args: argparse.Namespace):
@@ -63,14 +51,14 @@ def run_shape(c: int, hw_size: int, k: int, cfg: Int8ComputeConfig, args: argpar
     x8 = torch.randint(-qx, qx + 1, tuple(x.shape), dtype=torch.int8)
     w8 = torch.randint(-qw, qw + 1, tuple(w.shape), dtype=torch.int8)
     one, ones = torch.ones(1), torch.ones(c)
-    tk32 = bench(lambda: F.conv2d(x.detach(), w.detach(), None, 1, pad), 1, args.repeats)
-    tk8 = bench(lambda: torch.ops.lq.int8_conv2d(x8, w8, one, ones, qx, qw, None, [1, 1], [pad, pad], [1, 1], 1),
+    tk32 = median_time(lambda: F.conv2d(x.detach(), w.detach(), None, 1, pad), 1, args.repeats)
+    tk8 = median_time(lambda: torch.ops.lq.int8_conv2d(x8, w8, one, ones, qx, qw, None, [1, 1], [pad, pad], [1, 1], 1),
                 1, args.repeats)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        t32 = bench(step(fp32), args.warmup, args.repeats)
-        t8 = bench(step(int8), args.warmup, args.repeats)
-        tbf = bench(step(bf16), 1, 2) if args.bf16 else float("nan")
+        t32 = median_time(step(fp32), args.warmup, args.repeats)
+        t8 = median_time(step(int8), args.warmup, args.repeats)
+        tbf = median_time(step(bf16), 1, 2) if args.bf16 else float("nan")
     return t32, t8, tbf, tk32, tk8
 
 

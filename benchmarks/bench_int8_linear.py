@@ -8,26 +8,14 @@ Prints median times and RATIOS (fp32 time / int8 time; > 1 means int8 is faster)
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 import warnings
 
 import torch
 import torch.nn.functional as F
+from common import median_time
 
 from lq.ops import Int8ComputeConfig, int8_linear
 from lq.ops import hardware as hw
-
-
-def bench(fn, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -62,8 +50,8 @@ def main() -> None:
           f"{torch.backends.cpu.get_cpu_capability()}, VNNI flag {hw.cpu_has_vnni()}, oneDNN u8s8 {hw.onednn_mode()}, "
           f"fast _int_mm {hw.cpu_int_mm_is_fast()}")
     print(f"Linear M=K=N={n}, forward+backward (grad_input, grad_weight, grad_bias); median of {args.repeats}")
-    t32 = bench(step(fp32), args.warmup, args.repeats)
-    tbf = bench(step(bf16), 1, max(3, args.repeats // 2))
+    t32 = median_time(step(fp32), args.warmup, args.repeats)
+    tbf = median_time(step(bf16), 1, max(3, args.repeats // 2))
     print(f"  fp32           {t32 * 1e3:8.2f} ms")
     print(f"  bf16 autocast  {tbf * 1e3:8.2f} ms")
     configs = {}
@@ -83,14 +71,14 @@ def main() -> None:
     a8 = torch.randint(-qa, qa + 1, (n, n), dtype=torch.int8)
     b8 = torch.randint(-qa, qa + 1, (n, n), dtype=torch.int8)
     one = torch.ones(1)
-    t_mm32 = bench(lambda: x.detach() @ w.detach().t(), args.warmup, args.repeats)
-    t_mm8 = bench(lambda: torch.ops.lq.int8_mm(a8, b8, one, one, qa, qa, None), args.warmup, args.repeats)
+    t_mm32 = median_time(lambda: x.detach() @ w.detach().t(), args.warmup, args.repeats)
+    t_mm8 = median_time(lambda: torch.ops.lq.int8_mm(a8, b8, one, one, qa, qa, None), args.warmup, args.repeats)
     print(f"  kernel limit: one {n}^3 GEMM fp32 {t_mm32 * 1e3:.2f} ms, lq::int8_mm {t_mm8 * 1e3:.2f} ms "
           f"-> {t_mm32 / t_mm8:.2f}x")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         for label, cfg in configs.items():
-            t8 = bench(step(lambda cfg=cfg: int8_linear(x, w, b, cfg, name="bench")), args.warmup, args.repeats)
+            t8 = median_time(step(lambda cfg=cfg: int8_linear(x, w, b, cfg, name="bench")), args.warmup, args.repeats)
             print(f"  {label:42s} {t8 * 1e3:8.2f} ms   int8/fp32 speedup {t32 / t8:5.2f}x   "
                   f"int8/bf16 speedup {tbf / t8:5.2f}x")
 

@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 import warnings
 
 import torch
-import torch.nn.functional as F
+from common import interleaved, train_step
 from torch import nn
 
 import lq
@@ -33,33 +31,6 @@ from lq.models import SmallResNet
 from lq.nn.int8_compute import use_int8_compute
 from lq.ops import Int8ComputeConfig
 from lq.ops import hardware as hw
-
-
-def interleaved(fns: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds of each callable, run in turn each round."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast: bool = False):
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-
-    return step
 
 
 def int8_model(base: nn.Module, cfg: Int8ComputeConfig) -> nn.Module:
@@ -84,13 +55,14 @@ def bench_step(args) -> None:
     base = SmallResNet().train()
     cfg = Int8ComputeConfig.for_this_machine()
     fns = {
-        "fp32": train_step(copy.deepcopy(base), x, y),
-        "bf16 autocast": train_step(copy.deepcopy(base), x, y, autocast=True),
+        "fp32": train_step(copy.deepcopy(base), x, y, momentum=0.9),
+        "bf16 autocast": train_step(copy.deepcopy(base), x, y, momentum=0.9, autocast=True),
         f"int8 ({cfg.act_bits}/{cfg.weight_bits}/{cfg.grad_bits} bits, clip search)": train_step(
-            int8_model(base, cfg), x, y),
+            int8_model(base, cfg), x, y, momentum=0.9),
         "int8, clip searched every 16th step": train_step(
-            int8_model(base, Int8ComputeConfig.for_this_machine(clip_every=16)), x, y),
-        "int8, no clip search": train_step(int8_model(base, Int8ComputeConfig.for_this_machine(grad_clip=False)), x, y),
+            int8_model(base, Int8ComputeConfig.for_this_machine(clip_every=16)), x, y, momentum=0.9),
+        "int8, no clip search": train_step(
+            int8_model(base, Int8ComputeConfig.for_this_machine(grad_clip=False)), x, y, momentum=0.9),
     }
     if args.no_bf16:
         fns.pop("bf16 autocast")

@@ -188,12 +188,13 @@ class HistogramCalibrator(Calibrator):
                     "use fewer bins (num_bins) for this per-channel histogram"
                 )
 
+        checks: list[torch.Tensor] = []  # extra flags read in the one host sync below
         if axis is None and x.dtype == torch.float32:
             # Per tensor (activations, the common case): the max without materialising |x|; the bin index
             # is built later in reused scratch buffers (no multi-MB allocation per batch).
             lo, hi = torch.aminmax(x)
             m = m_native = torch.maximum(lo.neg(), hi).reshape(1)
-            nonneg = lo >= 0  # e.g. after ReLU: |x| == x, no abs pass
+            checks = [lo >= 0]  # e.g. after ReLU: |x| == x, no abs pass
             a = None
         elif x.dtype == torch.float32:  # |x| in fp32, in a buffer we own (it becomes the bin index in place).
             a = x.abs()
@@ -216,7 +217,7 @@ class HistogramCalibrator(Calibrator):
         else:
             new_exp, grew = exp, torch.zeros((), dtype=torch.bool, device=x.device)
         flags = torch.stack(
-            [torch.isfinite(m_native).all(), torch.isfinite(m).all(), grew, nonneg if a is None else grew]
+            [torch.isfinite(m_native).all(), torch.isfinite(m).all(), grew, *checks]
         ).tolist()  # the one host sync of collect
         if not (flags[0] and flags[1]):
             raise_not_finite(x, bool(flags[0]))

@@ -17,9 +17,8 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
-from lq.callbacks.base import QuantizationCallback, cpu_memory_for
+from lq.callbacks.base import QuantizationCallback
 from lq.nn.int8_compute import use_int8_compute
-from lq.nn.swap import quantization_report, quantize, quantized_layers
 from lq.quant.config import QuantConfig, QuantSpec
 
 
@@ -53,11 +52,7 @@ class Int8Training(QuantizationCallback):
         self._saved_lrs: list[list[float]] | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        cpu_memory_for(trainer)
-        if not quantized_layers(pl_module):
-            quantize(pl_module, self.config)
-            rank_zero_info(str(quantization_report(pl_module)))
-        self._module = pl_module
+        super().setup(trainer, pl_module, stage)  # swap in the quantized layers (quantizers off)
         from lq.ops import reset_clip_state
 
         reset_clip_state()  # periodically searched clip ratios (clip_every > 1) start afresh per fit

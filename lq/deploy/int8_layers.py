@@ -83,6 +83,18 @@ class Int8Module(nn.Module):
         self.backend = backend
         self._cache: dict[str, Any] = {}
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Guards, then the layer's ``_forward``; an error raised by a kernel is re-raised naming the layer.
+        (ConvTranspose2d and Matmul take other arguments and define their own ``forward``.)"""
+        self._check_inference(x)
+        try:
+            return self._forward(x)
+        except FloatingPointError as err:
+            raise FloatingPointError(f"{self.name}: {err}") from None
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     # --------------------------------------------------------------------------------- guards and cache
     def _check_inference(self, *inputs: torch.Tensor) -> None:
         if self.training:
@@ -203,13 +215,6 @@ class Int8Linear(Int8Module):
             )
         return self._cache[key]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_inference(x)
-        try:
-            return self._forward(x)
-        except FloatingPointError as err:
-            raise FloatingPointError(f"{self.name}: {err}") from None
-
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         t = kernels.quantize_to_grid(x.reshape(-1, self.in_features), self.input_scale, self.qmax_input)
@@ -295,13 +300,6 @@ class Int8ConvNd(Int8Module):
 
     def _kernel_padding(self) -> list[int]:
         return [0] * self.dims if self._pre_pad is not None else list(self.padding)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_inference(x)
-        try:
-            return self._forward(x)
-        except FloatingPointError as err:
-            raise FloatingPointError(f"{self.name}: {err}") from None
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         t = kernels.quantize_to_grid(x, self.input_scale, self.qmax_input)

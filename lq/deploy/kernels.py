@@ -98,7 +98,8 @@ def _cpu_fp32_is_ieee() -> bool:
 
 
 def onednn_zero_point(mode: str) -> int:
-    """Activation zero point the u8 operand carries in ``mode``: 128 (full range) or 0 (half range)."""
+    """Activation zero point the u8 operand carries in ``mode`` (oneDNN and fbgemm alike): 128 (full range)
+    or 0 (half range)."""
     return 128 if mode == FULL_RANGE else 0
 
 
@@ -113,28 +114,35 @@ def nonneg_grid(t: torch.Tensor) -> bool:
     return lo >= 0
 
 
-def u8_operand(t: torch.Tensor, mode: str, groups: int = 1) -> tuple[torch.Tensor, bool]:
-    """The u8 activation oneDNN takes, from the integer grid ``t`` (fp32 integers in [-qmax, qmax]).
+def grid_operand(t: torch.Tensor, mode: str, groups: int = 1) -> tuple[torch.Tensor, bool]:
+    """The integer grid ``t`` (fp32 integers in [-qmax, qmax]) as the activation operand of a u8 x s8 kernel
+    (oneDNN or fbgemm) in ``mode``, still fp32; its zero point is ``onednn_zero_point(mode)``.
 
-    Full range: ``t + 128`` (zero point 128). Half range: ``t`` itself if no value is negative (one GEMM
-    of the layer's size), else ``signed=True`` and the positive and negative parts ``P = max(t, 0)``,
-    ``N = max(-t, 0)`` concatenated along the input channels (dim 1), per group: the layer then uses the
-    weight ``[W, -W]`` concatenated the same way, so one GEMM computes ``P W - N W = x_q W`` (eq. 10 is
-    linear in ``x_q``) with twice the reduction length, exactly, and the output needs no post-processing.
+    Full range: ``t`` itself (the kernel adds zero point 128). Half range: ``t`` itself if no value is
+    negative (one GEMM of the layer's size), else ``signed=True`` and the positive and negative parts
+    ``P = max(t, 0)``, ``N = max(-t, 0)`` concatenated along the input channels (dim 1), per group: the layer
+    then uses the weight ``[W, -W]`` concatenated the same way, so one GEMM computes ``P W - N W = x_q W``
+    (eq. 10 is linear in ``x_q``) with twice the reduction length, exactly, and the output needs no
+    post-processing.
     """
-    if mode == FULL_RANGE:
-        return t.add(128).to(torch.uint8), False
-    if t.numel() == 0 or nonneg_grid(t):
-        return t.to(torch.uint8), False
+    if mode == FULL_RANGE or t.numel() == 0 or nonneg_grid(t):
+        return t, False
     pos = t.clamp(min=0)
     neg = t.neg().clamp_(min=0)
     if groups == 1:
-        return torch.cat([pos, neg], dim=1).to(torch.uint8), True
+        return torch.cat([pos, neg], dim=1), True
     b, c = t.shape[:2]
     rest = t.shape[2:]
     pos = pos.reshape(b, groups, c // groups, *rest)
     neg = neg.reshape(b, groups, c // groups, *rest)
-    return torch.cat([pos, neg], dim=2).reshape(b, 2 * c, *rest).to(torch.uint8), True
+    return torch.cat([pos, neg], dim=2).reshape(b, 2 * c, *rest), True
+
+
+def u8_operand(t: torch.Tensor, mode: str, groups: int = 1) -> tuple[torch.Tensor, bool]:
+    """The u8 activation oneDNN takes (``grid_operand`` shifted by its zero point and cast to uint8)."""
+    operand, signed = grid_operand(t, mode, groups)
+    zp = onednn_zero_point(mode)
+    return (operand.add(zp) if zp else operand).to(torch.uint8), signed
 
 
 def signed_weight(w_q: torch.Tensor) -> torch.Tensor:
@@ -203,14 +211,8 @@ def fbgemm_prepack(w_q: torch.Tensor, out_scale: torch.Tensor, bias: torch.Tenso
 def fbgemm_linear(t: torch.Tensor, packed: Callable[[bool], Any], mode: str) -> torch.Tensor:
     """Eq. 10 for ``t`` (M, K), the integer grid as fp32: fbgemm's u8 x s8 GEMM, fp32 output (the bias is
     in the pack). ``packed(signed)`` returns the packed weight, ``[W, -W]`` when ``signed``."""
-    op = getattr(torch.ops.quantized, _FBGEMM_OP)
-    if mode == FULL_RANGE:
-        y = op(t, 1.0, 128, packed(False))
-    elif t.numel() == 0 or nonneg_grid(t):
-        y = op(t, 1.0, 0, packed(False))
-    else:
-        y = op(torch.cat([t.clamp(min=0), t.neg().clamp_(min=0)], dim=1), 1.0, 0, packed(True))
-    return y
+    operand, signed = grid_operand(t, mode)
+    return getattr(torch.ops.quantized, _FBGEMM_OP)(operand, 1.0, onednn_zero_point(mode), packed(signed))
 
 
 @functools.cache
@@ -300,6 +302,7 @@ __all__ = [
     "fbgemm_linear",
     "fbgemm_mode",
     "fbgemm_prepack",
+    "grid_operand",
     "int_mm_linear",
     "onednn_available",
     "onednn_conv",

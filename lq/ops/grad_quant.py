@@ -152,7 +152,8 @@ def quantize_grad(
     search = clip and len(ratios) > 1
     cand = ratios if search else (1.0,)
     key = (name, what)
-    if search and every > 1 and name is not None:
+    periodic = search and every > 1 and name is not None
+    if periodic:
         state = _CLIP_STATE.get(key)
         if state is not None and state[0] < every:
             state[0] += 1
@@ -168,7 +169,7 @@ def quantize_grad(
         else:
             sample, s_amax = _slice_sample(g, amax, axis, num_samples, mult)
             ratio, cos = direction_sensitive_clip_ratio(sample, s_amax, qmax, cand)
-        if search and every > 1 and name is not None:
+        if periodic and search:  # searched this call (not a reuse): restart the count
             _CLIP_STATE[key] = [1, ratio]
     s = fused.scale_from_amax(amax * ratio, qmax)
     q = fused.quantize_with_scale(g, s, qmax, axis, mult)

@@ -1,0 +1,49 @@
+"""Helpers shared by the benchmark scripts (each runs as ``python benchmarks/<name>.py``, which puts this
+folder on ``sys.path``): interleaved median timing and an SGD training step."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds of each callable, run in turn within every round so that background load hits all
+    of them alike (``warmup`` untimed rounds first)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def median_time(fn: Callable[[], object], warmup: int, repeats: int) -> float:
+    """Median seconds of ``fn`` over ``repeats`` calls after ``warmup`` untimed ones."""
+    return interleaved({"fn": fn}, repeats, warmup)["fn"]
+
+
+def train_step(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, momentum: float = 0.0, autocast: bool = False
+) -> Callable[[], None]:
+    """One forward + cross-entropy backward + SGD (lr 1e-3) step on ``(x, y)``, as a callable;
+    ``autocast`` runs the forward under CPU bf16 autocast."""
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=momentum)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+
+    return step
