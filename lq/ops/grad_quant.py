@@ -31,6 +31,7 @@ from lq.quant.functional import AMAX_EPS
 __all__ = [
     "GradDeviationTracker",
     "GradQuantResult",
+    "check_unquantized_grad",
     "deviation_lr_factor",
     "direction_sensitive_clip_ratio",
     "quantize_grad",
@@ -184,6 +185,16 @@ _CLIP_STATE: dict[tuple[str | None, str], list] = {}
 def reset_clip_state() -> None:
     """Forget the periodically searched clip ratios (``quantize_grad(every > 1)``), e.g. for a new model."""
     _CLIP_STATE.clear()
+
+
+def check_unquantized_grad(g: torch.Tensor, needs_input_grad: tuple[bool, ...], config, name: str | None) -> None:
+    """NaN/Inf check of the output gradient for a backward in which neither int8 product quantizes it
+    (``quantize_grad`` checks it whenever one does): so float backward paths report the layer as well."""
+    if not (
+        (needs_input_grad[0] and config.int8_grad_input_enabled)
+        or (needs_input_grad[1] and config.int8_grad_weight_enabled)
+    ):
+        check_finite(g.abs().amax().reshape(1), "output gradient", name)
 
 
 def deviation_lr_factor(deviation: float | torch.Tensor, alpha: float = 20.0, beta: float = 0.1) -> float:

@@ -22,8 +22,8 @@ from torch.nn.modules.utils import _pair
 
 from lq.ops import int8_conv_kernels as K
 from lq.ops.config import Int8ComputeConfig
-from lq.ops.grad_quant import quantize_grad
-from lq.ops.quantize import check_finite, dequantize_along, quantize_along
+from lq.ops.grad_quant import check_unquantized_grad, quantize_grad
+from lq.ops.quantize import dequantize_along, quantize_along
 from lq.quant.functional import qmax as _qmax
 
 __all__ = ["Int8Conv2dFunction", "int8_conv2d"]
@@ -61,11 +61,7 @@ class Int8Conv2dFunction(torch.autograd.Function):
         g = grad_out.float()
         fast = cfg.use_fast_kernels
         grad_x = grad_w = grad_b = None
-        need_quant = (ctx.needs_input_grad[0] and cfg.int8_grad_input_enabled) or (
-            ctx.needs_input_grad[1] and cfg.int8_grad_weight_enabled
-        )
-        if not need_quant:
-            check_finite(g.abs().amax().reshape(1), "output gradient", ctx.name)
+        check_unquantized_grad(g, ctx.needs_input_grad, cfg, ctx.name)
         if ctx.needs_input_grad[0]:
             if cfg.int8_grad_input_enabled:
                 r = quantize_grad(

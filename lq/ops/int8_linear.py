@@ -24,9 +24,9 @@ from __future__ import annotations
 import torch
 
 from lq.ops.config import Int8ComputeConfig
-from lq.ops.grad_quant import quantize_grad
+from lq.ops.grad_quant import check_unquantized_grad, quantize_grad
 from lq.ops.int8_mm import int8_mm, int8_mm_reference
-from lq.ops.quantize import check_finite, dequantize_along, quantize_along
+from lq.ops.quantize import dequantize_along, quantize_along
 from lq.quant.functional import qmax as _qmax
 
 __all__ = ["Int8LinearFunction", "int8_linear"]
@@ -69,11 +69,7 @@ class Int8LinearFunction(torch.autograd.Function):
         g = grad_out.reshape(-1, n).float()
         grad_x = grad_w = grad_b = None
         one = torch.ones(1, dtype=torch.float32, device=g.device)
-        need_quant = (ctx.needs_input_grad[0] and cfg.int8_grad_input_enabled) or (
-            ctx.needs_input_grad[1] and cfg.int8_grad_weight_enabled
-        )
-        if not need_quant:
-            check_finite(g.abs().amax().reshape(1), "output gradient", ctx.name)
+        check_unquantized_grad(g, ctx.needs_input_grad, cfg, ctx.name)
         if ctx.needs_input_grad[0]:
             if cfg.int8_grad_input_enabled:
                 # fold W's per-output-channel step into g (N is reduced here), quantize per row (or per layer)
