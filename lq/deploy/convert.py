@@ -14,6 +14,7 @@ import warnings
 import torch
 from torch import nn
 
+from lq.deploy.chain import fuse_sequentials
 from lq.deploy.int8_layers import (
     Int8ConvNd,
     Int8ConvTranspose2d,
@@ -93,7 +94,7 @@ def _has_foldable_bn(model: nn.Module) -> bool:
     return any(isinstance(m, _BN) and m.track_running_stats for m in model.modules())
 
 
-def convert(model: nn.Module, backend: str = "auto", fold_bn: bool = True) -> nn.Module:
+def convert(model: nn.Module, backend: str = "auto", fold_bn: bool = True, fuse: bool = True) -> nn.Module:
     """Replace every calibrated quantized layer by an int8 inference layer, in place; returns the model.
 
     For each quantized layer (``lq.quantize`` + ``lq.calibrate``) whose quantizers are all in
@@ -109,6 +110,11 @@ def convert(model: nn.Module, backend: str = "auto", fold_bn: bool = True) -> nn
     int8 weights (4x smaller than fp32) plus fp32 scales and biases; load it into another model converted
     the same way. If ``model`` is itself a quantized layer, the new int8 layer is returned instead.
 
+    With ``fuse=True``, int8 layers in an ``nn.Sequential`` that only ReLU / max-pool / flatten / identity
+    separate hand each other integers instead of floats (``lq.deploy.chain``: the requantization and ReLU
+    run in the kernel's output stage, pooling on uint8); such a Sequential becomes an ``Int8Sequential``
+    (same children, names and state_dict). Use the returned model: a root Sequential is replaced.
+
     Args:
         model: a model quantized with ``lq.quantize`` and calibrated with ``lq.calibrate``.
         backend: ``"auto"`` (on CPU fbgemm for Linear and oneDNN for Conv, each where its self-test shows
@@ -116,6 +122,8 @@ def convert(model: nn.Module, backend: str = "auto", fold_bn: bool = True) -> nn
             ``"fbgemm"`` (Linear), ``"onednn"``, ``"int_mm"`` or ``"reference"`` (integer math in float,
             exact; slow, for checking).
         fold_bn: fold foldable BatchNorms into the preceding layer before converting.
+        fuse: run int8 layers in Sequentials as integer chains (``lq.deploy.chain``); ``False`` keeps each
+            layer float in, float out.
 
     Raises:
         ValueError: the model has no quantized layers, a layer uses more than 8 bits, unknown backend.
@@ -165,6 +173,8 @@ def convert(model: nn.Module, backend: str = "auto", fold_bn: bool = True) -> nn
             stacklevel=2,
         )
     result = root_replacement if root_replacement is not None else model
+    if fuse:
+        result = fuse_sequentials(result)
     for p in result.parameters():
         p.requires_grad_(False)
     log.info(

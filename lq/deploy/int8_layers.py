@@ -204,39 +204,57 @@ class Int8Linear(Int8Module):
             self._cache[key] = kernels.fbgemm_prepack(w, step_x * w_step, self.bias)  # eq. 10's factor, bias
         return self._cache[key]
 
-    def _packed_1x1(self, signed: bool) -> torch.Tensor:
-        key = f"packed_1x1_{signed}"
+    def _packed_1x1(self, signed: bool, zero_point: int) -> torch.Tensor:
+        key = f"packed_1x1_{signed}_{zero_point}"
         if key not in self._cache:
             w = kernels.signed_weight(self.weight) if signed else self.weight
             step_x, w_step = self._steps()
             self._cache[key] = torch.ops.onednn.qconv_prepack(
-                w.reshape(w.shape[0], w.shape[1], 1, 1), w_step, step_x,
-                kernels.onednn_zero_point(kernels.onednn_mode()), [1, 1], [0, 0], [1, 1], 1, None,
+                w.reshape(w.shape[0], w.shape[1], 1, 1), w_step, step_x, zero_point, [1, 1], [0, 0], [1, 1], 1, None,
             )
         return self._cache[key]
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x)
+
+    def run(
+        self, x: torch.Tensor, grid: bool = False, out: kernels.Output = kernels.FLOAT, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """Eq. 10 with a choice of input and output form (``lq.deploy.chain`` hands integers between layers).
+
+        ``grid=False``: ``x`` is a float input, quantized here (eq. 7). ``grid=True``: ``x`` already holds this
+        layer's non-negative input integers (uint8 or fp32), e.g. from the previous layer's ``out``.
+        ``out``: float output (``dtype``, default ``x.dtype``), optionally after ReLU, or the next layer's
+        input integers (``kernels.Output``).
+        """
+        dtype = dtype or x.dtype
         lead = x.shape[:-1]
-        t = kernels.quantize_to_grid(x.reshape(-1, self.in_features), self.input_scale, self.qmax_input)
+        x2 = x.reshape(-1, self.in_features)
+        t = x2 if grid else kernels.quantize_to_grid(x2, self.input_scale, self.qmax_input)
         kernel = self._kernel(x.device, ("fbgemm", "onednn", "int_mm")) if x.numel() else "reference"
         step_x, w_step = self._steps()
+        relu_done = False
         if kernel == "fbgemm":
-            y = kernels.fbgemm_linear(t, self._packed_fbgemm, kernels.fbgemm_mode())  # bias is in the pack
+            # the bias is in the pack; fbgemm fuses ReLU but not the requantization (out.finish does it)
+            relu = out.relu or out.grid
+            y = kernels.fbgemm_linear(t, self._packed_fbgemm, kernels.fbgemm_mode(), relu=relu, nonneg=grid)
+            relu_done = relu
         elif kernel == "onednn":
-            mode = kernels.onednn_mode()
+            u, zp, signed = kernels.u8_operand(t, kernels.onednn_mode(), nonneg=grid)
             if t.shape[0] <= SMALL_BATCH:
                 # oneDNN's int8 inner product is slow for a few rows (about 2x its 1x1 convolution at M=1 on
                 # AVX2); the same GEMM as a 1x1 convolution over an (M, K, 1, 1) batch is exact and faster
                 y = kernels.onednn_conv(
-                    t.reshape(-1, self.in_features, 1, 1), self._packed_1x1, step_x, w_step, self.bias,
-                    (1, 1), (0, 0), (1, 1), 1, mode,
+                    u.reshape(-1, u.shape[1], 1, 1), zp, self._packed_1x1(signed, zp), step_x, w_step, self.bias,
+                    (1, 1), (0, 0), (1, 1), 1, out,
                 ).reshape(-1, self.out_features)
             else:
-                y = kernels.onednn_linear(t, self._packed_linear, step_x, w_step, self.bias, mode)
+                y = kernels.onednn_linear(u, zp, self._packed_linear(signed), step_x, w_step, self.bias, out)
+            relu_done = True
         elif kernel == "int_mm":
             if "padded" not in self._cache:
                 self._cache["padded"] = kernels.pad_weight_for_int_mm(self.weight)
-            acc = kernels.int_mm_linear(t, self._cache["padded"], self.out_features)
+            acc = kernels.int_mm_linear(t.float(), self._cache["padded"], self.out_features)
             y = acc.float() * (step_x * w_step)
             if self.bias is not None:
                 y = y + self.bias
@@ -246,7 +264,8 @@ class Int8Linear(Int8Module):
             y = (acc * (step_x * w_step).to(dt)).float()
             if self.bias is not None:
                 y = y + self.bias
-        return y.reshape(*lead, self.out_features).to(x.dtype)
+        y = out.finish(y, relu_done).reshape(*lead, self.out_features)
+        return y if out.grid else y.to(dtype)
 
     def extra_repr(self) -> str:
         return (
@@ -287,13 +306,13 @@ class Int8ConvNd(Int8Module):
         m = cls(conv, name, bits_w, backend, bits_x)
         return _load_quantized(m, conv, weight_amax, axis=0)
 
-    def _packed(self, signed: bool) -> torch.Tensor:
-        key = f"packed_{signed}"
+    def _packed(self, signed: bool, zero_point: int) -> torch.Tensor:
+        key = f"packed_{signed}_{zero_point}"
         if key not in self._cache:
             w = kernels.signed_weight(self.weight) if signed else self.weight
             step_x, w_step = self._steps()
             self._cache[key] = torch.ops.onednn.qconv_prepack(
-                w, w_step, step_x, kernels.onednn_zero_point(kernels.onednn_mode()),
+                w, w_step, step_x, zero_point,
                 list(self.stride), self._kernel_padding(), list(self.dilation), self.groups, None,
             )
         return self._cache[key]
@@ -302,17 +321,27 @@ class Int8ConvNd(Int8Module):
         return [0] * self.dims if self._pre_pad is not None else list(self.padding)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = kernels.quantize_to_grid(x, self.input_scale, self.qmax_input)
+        return self.run(x).contiguous(memory_format=_memory_format(x))
+
+    def run(
+        self, x: torch.Tensor, grid: bool = False, out: kernels.Output = kernels.FLOAT, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """Eq. 10 as a convolution, input and output forms as in :meth:`Int8Linear.run`. The output keeps the
+        kernel's memory layout (oneDNN: channels-last); ``forward`` restores the input's."""
+        dtype = dtype or x.dtype
+        t = x if grid else kernels.quantize_to_grid(x, self.input_scale, self.qmax_input)
         if self._pre_pad is not None:
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
-            t = F.pad(t, self._pre_pad, mode=mode)
+            t = F.pad(t.float(), self._pre_pad, mode=mode)
         step_x, w_step = self._steps()
+        relu_done = False
         if x.numel() and self._kernel(x.device, ("onednn",)) == "onednn":
+            u, zp, signed = kernels.u8_operand(t, kernels.onednn_mode(), self.groups, nonneg=grid)
             y = kernels.onednn_conv(
-                t, self._packed, step_x, w_step, self.bias,
-                self.stride, self._kernel_padding(), self.dilation, self.groups, kernels.onednn_mode(),
+                u, zp, self._packed(signed, zp), step_x, w_step, self.bias,
+                self.stride, self._kernel_padding(), self.dilation, self.groups, out,
             )
-            y = y.contiguous(memory_format=_memory_format(x))
+            relu_done = True
         else:
             terms = (self.in_channels // self.groups) * _prod(self.kernel_size)
             dt = kernels.exact_float_dtype(terms, self.qmax_input, self.qmax, x.device)
@@ -322,7 +351,8 @@ class Int8ConvNd(Int8Module):
             y = (acc * (step_x * w_step).to(dt).reshape(shape)).float()
             if self.bias is not None:
                 y = y + self.bias.reshape(shape)
-        return y.to(x.dtype)
+        y = out.finish(y, relu_done)
+        return y if out.grid else y.to(dtype)
 
     def extra_repr(self) -> str:
         return (

@@ -37,6 +37,7 @@ import logging
 import math
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -62,14 +63,57 @@ _FP32_EXACT = 2**24
 
 
 # ------------------------------------------------------------------------------------------ activations
-def quantize_to_grid(x: torch.Tensor, inv_step: torch.Tensor, qmax: int) -> torch.Tensor:
+def quantize_to_grid(x: torch.Tensor, inv_step: torch.Tensor, qmax: int, relu: bool = False) -> torch.Tensor:
     """Eq. 7 on an activation: ``clip(round(x * s), -qmax, qmax)``, kept as an fp32 tensor of integers.
 
     ``inv_step`` is ``s = 1 / step`` as an fp32 scalar tensor, the very value torch's fake-quant kernel
-    multiplies by, so the integers equal those of the fake-quant model bit for bit.
+    multiplies by, so the integers equal those of the fake-quant model bit for bit. ``relu=True`` quantizes
+    ``relu(x)`` (lower clip 0; exact, since the quantizer is monotone with ``Q(0) = 0``).
     """
     t = x.float() * inv_step
-    return t.round_().clamp_(-qmax, qmax)
+    return t.round_().clamp_(0 if relu else -qmax, qmax)
+
+
+@dataclass(frozen=True, eq=False)
+class Output:
+    """What a converted layer's kernel writes after eq. 10's multiply and bias (``lq.deploy.chain``).
+
+    ``Output()``: floats. ``Output(relu=True)``: ``relu`` of them, fused into the kernel where it can be.
+    ``Output(relu=True, inv_step=s, step=1/s, qmax=q)``: the integers ``clip(round(s * relu(y)), 0, q)``,
+    the next layer's input quantization (eq. 7) applied to this layer's output, as a ``uint8`` tensor
+    (oneDNN writes it directly) or fp32 integers (other kernels). ``inv_step`` is the next layer's
+    ``input_scale`` tensor, the value its own quantization would multiply by.
+    """
+
+    relu: bool = False
+    inv_step: torch.Tensor | None = None
+    step: float = 1.0
+    qmax: int = 127
+
+    @property
+    def grid(self) -> bool:
+        return self.inv_step is not None
+
+    def finish(self, y: torch.Tensor, relu_done: bool) -> torch.Tensor:
+        """Apply what the kernel did not: ReLU on float outputs, or the requantization to the next grid."""
+        if self.grid:
+            return y if y.dtype == torch.uint8 else quantize_to_grid(y, self.inv_step, self.qmax, relu=True)
+        return y.relu_() if self.relu and not relu_done else y
+
+
+FLOAT = Output()
+
+
+def onednn_output(out: Output) -> tuple[float, torch.dtype, str, list[float]]:
+    """oneDNN's output stage for ``out``: (output scale, dtype, post-op, its scalars).
+
+    The grid output clips ``y`` to ``[0, qmax * step]`` (``hardtanh``: ReLU plus the upper clip of eq. 7;
+    a plain ``relu`` post-op would saturate at 255) and divides by ``step`` with round-to-nearest-even into
+    uint8: eq. 7 of the next layer on ``relu(y)``.
+    """
+    if out.grid:
+        return out.step, torch.uint8, "hardtanh", [0.0, out.qmax * out.step]
+    return 1.0, torch.float32, "relu" if out.relu else "none", []
 
 
 # ------------------------------------------------------------------------------------------ reference
@@ -114,7 +158,7 @@ def nonneg_grid(t: torch.Tensor) -> bool:
     return lo >= 0
 
 
-def grid_operand(t: torch.Tensor, mode: str, groups: int = 1) -> tuple[torch.Tensor, bool]:
+def grid_operand(t: torch.Tensor, mode: str, groups: int = 1, nonneg: bool = False) -> tuple[torch.Tensor, bool]:
     """The integer grid ``t`` (fp32 integers in [-qmax, qmax]) as the activation operand of a u8 x s8 kernel
     (oneDNN or fbgemm) in ``mode``, still fp32; its zero point is ``onednn_zero_point(mode)``.
 
@@ -123,9 +167,9 @@ def grid_operand(t: torch.Tensor, mode: str, groups: int = 1) -> tuple[torch.Ten
     ``P = max(t, 0)``, ``N = max(-t, 0)`` concatenated along the input channels (dim 1), per group: the layer
     then uses the weight ``[W, -W]`` concatenated the same way, so one GEMM computes ``P W - N W = x_q W``
     (eq. 10 is linear in ``x_q``) with twice the reduction length, exactly, and the output needs no
-    post-processing.
+    post-processing. ``nonneg=True``: the caller knows no value is negative (no sign test, no host sync).
     """
-    if mode == FULL_RANGE or t.numel() == 0 or nonneg_grid(t):
+    if nonneg or mode == FULL_RANGE or t.numel() == 0 or nonneg_grid(t):
         return t, False
     pos = t.clamp(min=0)
     neg = t.neg().clamp_(min=0)
@@ -138,11 +182,17 @@ def grid_operand(t: torch.Tensor, mode: str, groups: int = 1) -> tuple[torch.Ten
     return torch.cat([pos, neg], dim=2).reshape(b, 2 * c, *rest), True
 
 
-def u8_operand(t: torch.Tensor, mode: str, groups: int = 1) -> tuple[torch.Tensor, bool]:
-    """The u8 activation oneDNN takes (``grid_operand`` shifted by its zero point and cast to uint8)."""
+def u8_operand(t: torch.Tensor, mode: str, groups: int = 1, nonneg: bool = False) -> tuple[torch.Tensor, int, bool]:
+    """The u8 activation oneDNN takes, its zero point, and whether it is the signed ``[P, N]`` split.
+
+    A non-negative grid (``nonneg=True``, e.g. a uint8 grid handed over by the previous layer) is passed
+    with zero point 0 in every mode: values up to 127 are exact even where only half the u8 range is.
+    """
+    if nonneg:
+        return (t if t.dtype == torch.uint8 else t.to(torch.uint8)), 0, False
     operand, signed = grid_operand(t, mode, groups)
     zp = onednn_zero_point(mode)
-    return (operand.add(zp) if zp else operand).to(torch.uint8), signed
+    return (operand.add(zp) if zp else operand).to(torch.uint8), zp, signed
 
 
 def signed_weight(w_q: torch.Tensor) -> torch.Tensor:
@@ -151,22 +201,23 @@ def signed_weight(w_q: torch.Tensor) -> torch.Tensor:
 
 
 def onednn_linear(
-    t: torch.Tensor,
-    packed: Callable[[bool], torch.Tensor],
+    u: torch.Tensor,
+    zero_point: int,
+    packed_weight: torch.Tensor,
     input_step: float,
     weight_step: torch.Tensor,
     bias: torch.Tensor | None,
-    mode: str,
+    out: Output = FLOAT,
 ) -> torch.Tensor:
-    """Eq. 10 for ``t`` (M, K) integer grid values: oneDNN u8 x s8 GEMM, int32 accumulation, fp32 output.
+    """Eq. 10 for the u8 operand ``u`` (M, K) of :func:`u8_operand`: oneDNN u8 x s8 GEMM, int32 accumulation,
+    then the output stage ``out`` (fp32, or the next layer's uint8 grid; :func:`onednn_output`).
 
-    ``packed(signed)`` returns the prepacked weight, ``[W, -W]`` when ``signed`` (see :func:`u8_operand`).
+    ``packed_weight`` is the prepacked weight, ``[W, -W]`` for the signed split.
     """
-    u, signed = u8_operand(t, mode)
+    scale, dtype, post_op, scalars = onednn_output(out)
     zeros = torch.zeros(weight_step.numel(), dtype=torch.int64)
     return torch.ops.onednn.qlinear_pointwise(
-        u, input_step, onednn_zero_point(mode), packed(signed), weight_step, zeros, bias,
-        1.0, 0, torch.float32, "none", [], "",
+        u, input_step, zero_point, packed_weight, weight_step, zeros, bias, scale, 0, dtype, post_op, scalars, "",
     )
 
 
@@ -181,12 +232,15 @@ def onednn_linear(
 # multiply). Where only u8 <= 127 is exact (``vpmaddubsw``), signed inputs run as one GEMM of twice the depth,
 # ``[P, N]`` against ``[W, -W]`` (as for oneDNN, ``u8_operand``).
 _FBGEMM_OP = "linear_with_input_q_dq_qweight_dq_output_fp32"
+_FBGEMM_RELU_OP = "linear_with_input_q_dq_qweight_dq_relu_output_fp32"
 
 
 def fbgemm_available() -> bool:
     """True if this torch build has fbgemm's quantized engine and the fp32-output int8 linear op."""
     try:
-        return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized, _FBGEMM_OP)
+        return "fbgemm" in torch.backends.quantized.supported_engines and all(
+            hasattr(torch.ops.quantized, op) for op in (_FBGEMM_OP, _FBGEMM_RELU_OP)
+        )
     except Exception:  # noqa: BLE001 - a missing op namespace means "not available"
         return False
 
@@ -208,11 +262,15 @@ def fbgemm_prepack(w_q: torch.Tensor, out_scale: torch.Tensor, bias: torch.Tenso
         torch.backends.quantized.engine = previous
 
 
-def fbgemm_linear(t: torch.Tensor, packed: Callable[[bool], Any], mode: str) -> torch.Tensor:
-    """Eq. 10 for ``t`` (M, K), the integer grid as fp32: fbgemm's u8 x s8 GEMM, fp32 output (the bias is
-    in the pack). ``packed(signed)`` returns the packed weight, ``[W, -W]`` when ``signed``."""
-    operand, signed = grid_operand(t, mode)
-    return getattr(torch.ops.quantized, _FBGEMM_OP)(operand, 1.0, onednn_zero_point(mode), packed(signed))
+def fbgemm_linear(
+    t: torch.Tensor, packed: Callable[[bool], Any], mode: str, relu: bool = False, nonneg: bool = False
+) -> torch.Tensor:
+    """Eq. 10 for ``t`` (M, K), the integer grid: fbgemm's u8 x s8 GEMM, fp32 output (the bias is in the
+    pack), ``relu`` fused. ``packed(signed)`` returns the packed weight, ``[W, -W]`` when ``signed``;
+    ``nonneg``: ``t`` is known to hold no negative value (zero point 0, no sign test)."""
+    operand, signed = grid_operand(t if t.dtype == torch.float32 else t.float(), mode, nonneg=nonneg)
+    op = _FBGEMM_RELU_OP if relu else _FBGEMM_OP
+    return getattr(torch.ops.quantized, op)(operand, 1.0, 0 if nonneg else onednn_zero_point(mode), packed(signed))
 
 
 @functools.cache
@@ -241,8 +299,9 @@ def fbgemm_mode() -> str:
 
 
 def onednn_conv(
-    t: torch.Tensor,
-    packed: Callable[[bool], torch.Tensor],
+    u: torch.Tensor,
+    zero_point: int,
+    packed_weight: torch.Tensor,
     input_step: float,
     weight_step: torch.Tensor,
     bias: torch.Tensor | None,
@@ -250,18 +309,19 @@ def onednn_conv(
     padding: Sequence[int],
     dilation: Sequence[int],
     groups: int,
-    mode: str,
+    out: Output = FLOAT,
 ) -> torch.Tensor:
-    """Eq. 10 as a convolution (Conv1d/2d/3d): oneDNN u8 x s8, int32 accumulation, fp32 output.
+    """Eq. 10 as a convolution (Conv1d/2d/3d) of the u8 operand ``u`` (:func:`u8_operand`): oneDNN u8 x s8,
+    int32 accumulation, then the output stage ``out`` (as in :func:`onednn_linear`).
 
     ``padding`` is zero padding of the *real* input; with a zero point of 128 oneDNN pads with the zero
-    point, so padding means real 0 in both modes. ``packed(signed)`` as in :func:`onednn_linear`.
+    point, so padding means real 0 in both modes.
     """
-    u, signed = u8_operand(t, mode, groups)
+    scale, dtype, post_op, scalars = onednn_output(out)
     zeros = torch.zeros(weight_step.numel(), dtype=torch.int64)
     return torch.ops.onednn.qconv_pointwise(
-        u, input_step, onednn_zero_point(mode), packed(signed), weight_step, zeros, bias,
-        list(stride), list(padding), list(dilation), groups, 1.0, 0, torch.float32, "none", [], "",
+        u, input_step, zero_point, packed_weight, weight_step, zeros, bias,
+        list(stride), list(padding), list(dilation), groups, scale, 0, dtype, post_op, scalars, "",
     )
 
 
@@ -294,6 +354,7 @@ def int_mm_linear(t: torch.Tensor, w_padded: torch.Tensor, n_out: int) -> torch.
 
 __all__ = [
     "BACKENDS",
+    "FLOAT",
     "FULL_RANGE",
     "HALF_RANGE",
     "UNAVAILABLE",
@@ -308,6 +369,8 @@ __all__ = [
     "onednn_conv",
     "onednn_linear",
     "onednn_mode",
+    "onednn_output",
+    "Output",
     "pad_weight_for_int_mm",
     "quantize_to_grid",
     "signed_weight",

@@ -1,0 +1,236 @@
+"""lq.deploy.chain: int8 layers in a Sequential hand each other integers (``lq.convert(fuse=True)``).
+
+The math checked: a layer's grid output is the next layer's eq. 7 applied to ``relu`` of its eq. 10 output,
+``clip(round(relu(acc * step_x * step_w + b) / step_next), 0, q)`` (computed here in float64 from the
+integer sums), and ReLU / max-pool / flatten commute with that quantizer, so the fused model equals the
+unfused converted model and the fake-quant model within one output step (the bound of test_deploy).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lq
+from lq.deploy import Int8ConvNd, Int8Linear, convert, kernels
+from lq.deploy.chain import Int8Sequential, max_pool_grid
+
+CFG = lq.QuantConfig(activation=lq.QuantSpec(calibrator="max"))
+
+
+def _calibrated(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    model.eval()
+    lq.quantize(model, CFG)
+    lq.calibrate(model, [x], num_samples=None, method="max")
+    return model
+
+
+def _bound(model: nn.Module) -> float:
+    """One quantization step of the outputs: the last quantized layer's input step times its largest |W|."""
+    layer = list(lq.quantized_layers(model).values())[-1]
+    return layer.input_quantizer.amax.item() / 127 * layer.weight.detach().abs().max().item()
+
+
+def _cnn(pool_padding: int = 0) -> nn.Module:
+    torch.manual_seed(0)
+
+    def block(cin: int, cout: int) -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
+
+    features = [
+        block(1, 8), nn.MaxPool2d(2), block(8, 16), nn.MaxPool2d(3, stride=2, padding=pool_padding, ceil_mode=True),
+        nn.Dropout(0.1), block(16, 16), nn.Flatten(),
+    ]
+    n_flat = nn.Sequential(*features)(torch.zeros(1, 1, 28, 28)).shape[1]
+    m = nn.Sequential(*features, nn.Linear(n_flat, 10)).eval()
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.normal_(0, 0.2)
+            mod.running_var.uniform_(0.5, 2.0)
+    return m
+
+
+def _images(n: int) -> torch.Tensor:
+    try:
+        from lq.data import load_split
+
+        return load_split("fashion_mnist", "test")[0][:n].contiguous()
+    except (ImportError, FileNotFoundError):
+        return torch.randn(n, 1, 28, 28)
+
+
+# ------------------------------------------------------------------------------- one layer, the equations
+def _expected_grid(acc: torch.Tensor, step_x: float, w_step: torch.Tensor, bias: torch.Tensor, step_next: float,
+                   channel_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(expected integers, mask of values within float rounding of a .5 tie) in float64."""
+    shape = [1] * acc.dim()
+    shape[channel_dim] = -1
+    y = acc * (step_x * w_step.double()).reshape(shape) + bias.double().reshape(shape)
+    v = y.relu() / step_next
+    near_tie = (v - v.floor() - 0.5).abs() < 1e-4
+    return v.round().clamp(0, 127), near_tie
+
+
+@pytest.mark.parametrize(
+    "kind,backend,rows",
+    [
+        ("conv", "auto", 4), ("conv", "reference", 4),
+        ("linear", "auto", 9), ("linear", "onednn", 9), ("linear", "onednn", 2), ("linear", "reference", 9),
+    ],
+)
+def test_grid_output_is_the_next_layers_quantization(kind: str, backend: str, rows: int) -> None:
+    torch.manual_seed(3)
+    if kind == "conv":
+        layer, x = nn.Conv2d(6, 10, 3, padding=1), torch.randn(rows, 6, 9, 9)
+    else:
+        layer, x = nn.Linear(40, 24), torch.randn(rows, 40)
+    model = _calibrated(nn.Sequential(layer), x)
+    int8 = convert(copy.deepcopy(model), backend=backend, fuse=False)[0]
+    assert isinstance(int8, (Int8ConvNd, Int8Linear))
+    step_x, w_step = int8._steps()
+    with torch.no_grad():
+        y_float = int8(x)
+    step_next = float(y_float.relu().amax()) / 127 * 0.6  # clips the top 40%: the upper clip is exercised
+    inv_next = torch.tensor(1.0 / step_next)
+    out = kernels.Output(relu=True, inv_step=inv_next, step=step_next, qmax=127)
+    with torch.no_grad():
+        grid = int8.run(x, out=out)
+    # the exact integer sums of eq. 10 from the input integers (eq. 7) and the int8 weight
+    t = kernels.quantize_to_grid(x, int8.input_scale, 127).double()
+    acc = F.conv2d(t, int8.weight.double(), None, 1, 1) if kind == "conv" else t @ int8.weight.double().t()
+    expected, near_tie = _expected_grid(acc, step_x, w_step, int8.bias, step_next, channel_dim=1)
+    got = grid.double()
+    assert got.shape == expected.shape
+    assert got.min() >= 0 and got.max() == 127  # clipped at q, never the uint8 saturation 255
+    ok = (got == expected) | (near_tie & ((got - expected).abs() <= 1))
+    assert bool(ok.all()), f"{int((~ok).sum())} integers differ from eq. 7 of eq. 10"
+    fast = ("onednn",) if kind == "conv" else ("fbgemm", "onednn", "int_mm")
+    if int8._kernel(x.device, fast) == "onednn":
+        assert grid.dtype == torch.uint8  # oneDNN writes the grid in its output stage
+
+    # and a layer started from integers gives what it gives for floats that quantize to those integers
+    if kind == "conv":
+        nxt_model, x_next = nn.Sequential(nn.Conv2d(10, 4, 3)), torch.randn(2, 10, 9, 9)
+    else:
+        nxt_model, x_next = nn.Sequential(nn.Linear(24, 7)), torch.randn(5, 24)
+    nxt = convert(_calibrated(nxt_model, x_next), backend=backend, fuse=False)[0]
+    u = grid.to(torch.uint8)
+    with torch.no_grad():
+        from_grid = nxt.run(u, grid=True, dtype=torch.float32)
+        from_float = nxt(u.float() * nxt._steps()[0])
+    torch.testing.assert_close(from_grid, from_float, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------- pooling on integers
+@pytest.mark.parametrize("args", [dict(kernel_size=2), dict(kernel_size=3, stride=2, padding=1, ceil_mode=True),
+                                  dict(kernel_size=2, dilation=2)])
+def test_max_pool_on_integers_equals_float_pool(args: dict) -> None:
+    torch.manual_seed(4)
+    pool = nn.MaxPool2d(**args)
+    u = torch.randint(0, 128, (3, 5, 11, 11), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    got = max_pool_grid(u, pool)
+    assert got.dtype == torch.uint8
+    torch.testing.assert_close(got.float(), pool(u.float()), rtol=0, atol=0)
+    torch.testing.assert_close(max_pool_grid(u.float(), pool), pool(u.float()), rtol=0, atol=0)  # float grids
+
+
+# ------------------------------------------------------------------------------- whole models
+@pytest.mark.parametrize("pool_padding", [0, 1])
+def test_fused_cnn_matches_unfused_and_fake_quant(pool_padding: int) -> None:
+    x = _images(96)
+    fq = _calibrated(_cnn(pool_padding), x[:64])
+    fused = convert(copy.deepcopy(fq))
+    plain = convert(copy.deepcopy(fq), fuse=False)
+    assert isinstance(fused, Int8Sequential) and type(plain) is nn.Sequential
+    handoffs = [s for s in fused.fused_steps if s.kind == "layer" and s.feeds is not None]
+    assert len(handoffs) == 3  # conv1 -> conv2, conv2 -> conv3 (through pools/dropout), conv3 -> flatten -> fc
+    assert fused.state_dict().keys() == plain.state_dict().keys()
+    bound = _bound(fq)
+    with torch.no_grad():
+        for xb in (x[64:], x[:1], x[64:].contiguous(memory_format=torch.channels_last)):
+            ref, y, y_plain = fq(xb), fused(xb), plain(xb)
+            assert y.shape == ref.shape and y.dtype == ref.dtype
+            assert (y - ref).abs().max().item() <= bound
+            assert (y - y_plain).abs().max().item() <= bound
+            assert (y.argmax(1) == y_plain.argmax(1)).float().mean() >= 0.99
+
+
+def test_fused_chain_keeps_the_input_layout_and_dtype() -> None:
+    torch.manual_seed(5)
+    x = torch.randn(4, 3, 12, 12)
+    fq = _calibrated(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()), x)
+    fused = convert(copy.deepcopy(fq))
+    assert isinstance(fused, Int8Sequential)
+    with torch.no_grad():
+        y = fused(x)
+        assert y.is_contiguous() and y.dtype == torch.float32
+        y.view(4, -1)  # what user code does after a features block: must not fail on a channels-last output
+        assert fused(x.contiguous(memory_format=torch.channels_last)).is_contiguous(memory_format=torch.channels_last)
+        assert fused(x.to(torch.bfloat16)).dtype == torch.bfloat16
+        torch.testing.assert_close(fused(x), convert(copy.deepcopy(fq), fuse=False)(x), rtol=0, atol=_bound(fq))
+
+
+@pytest.mark.parametrize("backend", ["auto", "fbgemm", "onednn", "reference"])
+def test_fused_mlp_backends(backend: str) -> None:
+    torch.manual_seed(6)
+    fq = _calibrated(nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(inplace=True),
+                                   nn.Dropout(), nn.Linear(48, 5)), torch.randn(64, 32))
+    fused = convert(copy.deepcopy(fq), backend=backend)
+    assert isinstance(fused, Int8Sequential)
+    bound = _bound(fq)
+    with torch.no_grad():
+        for x in (torch.randn(17, 32), torch.randn(1, 32), torch.randn(2, 3, 32), torch.randn(0, 32)):
+            ref = fq(x)
+            y = fused(x)
+            assert y.shape == ref.shape
+            if x.numel():
+                assert (y - ref).abs().max().item() <= bound, backend
+
+
+def test_fused_path_steps_aside_for_hooks_replaced_children_and_training() -> None:
+    torch.manual_seed(7)
+    x = torch.randn(8, 16)
+    fq = _calibrated(nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)), x)
+    fused = convert(copy.deepcopy(fq))
+    plain = convert(copy.deepcopy(fq), fuse=False)
+    seen = []
+    handle = fused[1].register_forward_hook(lambda mod, inp, out: seen.append(out))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), plain(x), rtol=0, atol=0)  # plain path: the hook sees floats
+    assert len(seen) == 1 and seen[0].is_floating_point() and seen[0].min() >= 0
+    handle.remove()
+
+    # a replaced child is planned again, not run from a stale plan
+    fused[1] = nn.LeakyReLU(0.5)
+    plain[1] = nn.LeakyReLU(0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), plain(x), rtol=0, atol=_bound(fq))
+    assert not any(s.feeds is fused[2] for s in fused.fused_steps)  # no hand-over through a LeakyReLU
+
+    fused.train()
+    with pytest.raises(RuntimeError, match="convert is for inference"):
+        fused(x)
+    fused.eval()
+    with pytest.raises(RuntimeError, match="convert is for inference"):
+        fused(x.requires_grad_())
+
+
+def test_small_cnn_model_state_dict_round_trip_between_fused_and_unfused() -> None:
+    from lq.models import SmallCNN
+
+    torch.manual_seed(8)
+    x = _images(32)
+    fq = _calibrated(SmallCNN(width=8), x)
+    fused, plain = convert(copy.deepcopy(fq)), convert(copy.deepcopy(fq), fuse=False)
+    assert isinstance(fused.features, Int8Sequential)
+    other = convert(_calibrated(SmallCNN(width=8), torch.randn(8, 1, 28, 28)))
+    other.load_state_dict(plain.state_dict())  # same keys: fused and unfused checkpoints are interchangeable
+    with torch.no_grad():
+        torch.testing.assert_close(other(x), fused(x), rtol=0, atol=0)
+        assert (fused(x) - fq(x)).abs().max().item() <= _bound(fq)
+    assert math.isfinite(float(fused(x).sum()))
