@@ -4,6 +4,9 @@
     python benchmarks/bench_convert.py --quick    # fewer rounds
     python benchmarks/bench_convert.py --accuracy # + MNIST 10k accuracy: fp32 / fake-quant / int8 / ONNX Runtime
 
+``lq int8 (convert)`` is the default conversion: int8 layers in Sequentials hand each other uint8 integers
+(``lq.deploy.chain``); ``fuse=False`` is the same model with every layer float in, float out.
+
 Models: (a) MLP of four 1024x1024 Linear layers with ReLU; (b) a Fashion-MNIST-sized CNN, conv 1->32->64->128
 (3x3, BN folded, ReLU, max-pool) + Linear(128, 10), 28x28 inputs (real Fashion-MNIST test images when
 installed: signed, normalised pixels, so the first layer sees negative inputs). Batch 64 and batch 1.
@@ -183,7 +186,7 @@ def profile_batch1(model: nn.Module, x: torch.Tensor) -> str:
                 model(x)
     rows = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
     total = sum(rows.values())
-    kernel = sum(v for k, v in rows.items() if "onednn::" in k)
+    kernel = sum(v for k, v in rows.items() if "onednn::q" in k or k.startswith("quantized::linear"))
     top = sorted(rows.items(), key=lambda kv: -kv[1])[:6]
     parts = ", ".join(f"{k} {v / total:.0%}" for k, v in top)
     return f"int8 kernels {kernel / total:.0%} of op time; top ops: {parts}"
@@ -287,7 +290,11 @@ def main() -> None:
             lq.fold_bn(fp32)  # the fp32 baseline gets BN folding too (int8 folds it): same graph, fair ratio
         fq = quantized(fp32, calib)
         int8 = convert(copy.deepcopy(fq))
-        variants: dict[str, nn.Module] = {"fp32": fp32, "fake-quant (lq, before convert)": fq, "lq int8 (convert)": int8}
+        unfused = convert(copy.deepcopy(fq), fuse=False)
+        variants: dict[str, nn.Module] = {
+            "fp32": fp32, "fake-quant (lq, before convert)": fq, "lq int8 (convert)": int8,
+            "lq int8 (convert, fuse=False: float between layers)": unfused,
+        }
         variants.update(peers(fp32))
         calls = {k: (lambda xb, m=m: m(xb)) for k, m in variants.items()}
         if mname.startswith("CNN"):
@@ -306,7 +313,8 @@ def main() -> None:
                 notes.append(f"{mname} batch 1: {profile_batch1(int8, x)}")
         with torch.no_grad():
             err = (int8(inputs[64]) - fq(inputs[64])).abs().max().item()
-        notes.append(f"{mname}: max |int8 - fake-quant| at batch 64 = {err:.2e}")
+            err_unfused = (int8(inputs[64]) - unfused(inputs[64])).abs().max().item()
+        notes.append(f"{mname}: max |int8 - fake-quant| at batch 64 = {err:.2e}; fused vs fuse=False {err_unfused:.2e}")
     print()
     print(f"1-min load average at the end: {load_average()} (other jobs share this machine's cores).")
     print(f"CNN inputs: {img_src}. MLP inputs: N(0,1) (signed, so layer 1 takes the two-GEMM path in half_range mode).")

@@ -234,3 +234,72 @@ def test_small_cnn_model_state_dict_round_trip_between_fused_and_unfused() -> No
         torch.testing.assert_close(other(x), fused(x), rtol=0, atol=0)
         assert (fused(x) - fq(x)).abs().max().item() <= _bound(fq)
     assert math.isfinite(float(fused(x).sum()))
+
+
+# ------------------------------------------------------------------------------- structures a review found
+class _Triple(nn.Identity):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 3 * x
+
+
+class _Flat(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.shape[0], -1)  # fails on a channels-last tensor
+
+
+def _both(model: nn.Module, x: torch.Tensor, backend: str = "auto") -> tuple[nn.Module, nn.Module]:
+    fq = _calibrated(model, x)
+    return convert(copy.deepcopy(fq), backend=backend), convert(copy.deepcopy(fq), backend=backend, fuse=False)
+
+
+@pytest.mark.parametrize(
+    "make,shape",
+    [
+        (lambda: nn.Sequential(nn.Conv1d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv1d(6, 4, 3), nn.ReLU()), (5, 3, 20)),
+        (lambda: nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 4, 3)), (2, 2, 6, 6, 6)),
+        (lambda: nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Conv2d(6, 6, 3), _Flat(), nn.Linear(6 * 8 * 8, 4)),
+         (3, 3, 12, 12)),
+        (lambda: nn.Sequential(nn.Linear(8, 16), nn.ReLU(), _Triple(), nn.Linear(16, 4)), (6, 8)),
+        (lambda: nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Flatten(), nn.Linear(16, 4)), (6, 8)),
+    ],
+    ids=["conv1d", "conv3d", "view-mid-chain", "identity-subclass", "flatten"],
+)
+def test_fused_equals_unfused_on_other_structures(make, shape) -> None:
+    torch.manual_seed(10)
+    x = torch.randn(shape)
+    fused, plain = _both(make(), x)
+    with torch.no_grad():
+        y, ref = fused(x), plain(x)
+        assert y.is_contiguous() and y.dtype == ref.dtype
+        torch.testing.assert_close(y, ref, rtol=0, atol=1e-6)
+        assert fused(x.half()).dtype == torch.float16  # the float dtype survives a Flatten on integers
+
+
+def test_edits_after_convert_replan_and_the_container_keeps_its_identity() -> None:
+    torch.manual_seed(11)
+    x = torch.randn(5, 8)
+    seq = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Sequential(nn.Linear(16, 16), nn.ReLU()), nn.Linear(16, 4))
+    seq.register_buffer("mean", torch.ones(1))
+    twin = copy.deepcopy(seq)
+    fq = _calibrated(seq, x)
+    fused = convert(fq)
+    assert fused is fq and isinstance(fused, Int8Sequential)  # in place: other references see the int8 model
+    assert "mean" in fused.state_dict()
+    plain = convert(_calibrated(twin, x), fuse=False)
+    plain.load_state_dict(fused.state_dict())
+    for edit in (lambda m: m.append(nn.Sigmoid()), lambda m: m[2].append(nn.Tanh()),
+                 lambda m: m.__setitem__(3, m[2][0]), lambda m: m.__setitem__(2, nn.Sequential(nn.Tanh()))):
+        edit(fused)
+        edit(plain)
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x), plain(x), rtol=0, atol=1e-6)
+
+
+def test_nan_input_in_a_chain_names_the_layer() -> None:
+    if kernels.fbgemm_mode() != kernels.HALF_RANGE and kernels.onednn_mode() != kernels.HALF_RANGE:
+        pytest.skip("the check rides on the half-range sign test")
+    x = torch.randn(4, 8)
+    fused, _ = _both(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), x)
+    x[1, 2] = float("nan")
+    with torch.no_grad(), pytest.raises(FloatingPointError, match="0: NaN"):
+        fused(x)

@@ -2,11 +2,12 @@
 
     lq.quantize(model); lq.calibrate(model, data)
     lq.deploy.export_onnx(model, example, "m.onnx")   # the fake-quant model -> ONNX Q/DQ (TensorRT)
-    lq.deploy.convert(model)                          # in place -> int8 weights, integer kernels
+    model = lq.deploy.convert(model)                  # int8 weights, integer kernels, int8 chains
 
 Export first: ``convert`` replaces the fake-quant layers that ``export_onnx`` reads.
 """
 
+from lq.deploy.chain import Int8Sequential
 from lq.deploy.convert import convert
 from lq.deploy.int8_layers import (
     Int8ConvNd,
@@ -24,6 +25,7 @@ __all__ = [
     "Int8Linear",
     "Int8Matmul",
     "Int8Module",
+    "Int8Sequential",
     "convert",
     "count_qdq",
     "export_onnx",

@@ -112,8 +112,8 @@ def convert(model: nn.Module, backend: str = "auto", fold_bn: bool = True, fuse:
 
     With ``fuse=True``, int8 layers in an ``nn.Sequential`` that only ReLU / max-pool / flatten / identity
     separate hand each other integers instead of floats (``lq.deploy.chain``: the requantization and ReLU
-    run in the kernel's output stage, pooling on uint8); such a Sequential becomes an ``Int8Sequential``
-    (same children, names and state_dict). Use the returned model: a root Sequential is replaced.
+    run in the kernel's output stage, pooling on uint8); such a Sequential becomes an ``Int8Sequential`` in
+    place (its class changes; children, names, buffers, hooks and state_dict stay).
 
     Args:
         model: a model quantized with ``lq.quantize`` and calibrated with ``lq.calibrate``.

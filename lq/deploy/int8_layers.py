@@ -337,11 +337,13 @@ class Int8ConvNd(Int8Module):
         relu_done = False
         if x.numel() and self._kernel(x.device, ("onednn",)) == "onednn":
             u, zp, signed = kernels.u8_operand(t, kernels.onednn_mode(), self.groups, nonneg=grid)
+            # oneDNN's quantized conv1d/conv3d take no ReLU/clip post-op: floats out, out.finish does the rest
+            stage = out if self.dims == 2 else kernels.FLOAT
             y = kernels.onednn_conv(
                 u, zp, self._packed(signed, zp), step_x, w_step, self.bias,
-                self.stride, self._kernel_padding(), self.dilation, self.groups, out,
+                self.stride, self._kernel_padding(), self.dilation, self.groups, stage,
             )
-            relu_done = True
+            relu_done = self.dims == 2
         else:
             terms = (self.in_channels // self.groups) * _prod(self.kernel_size)
             dt = kernels.exact_float_dtype(terms, self.qmax_input, self.qmax, x.device)
