@@ -197,8 +197,9 @@ def max_pool_grid(t: torch.Tensor, pool: nn.MaxPool2d) -> torch.Tensor:
 class Int8Sequential(nn.Sequential):
     """An ``nn.Sequential`` of converted layers whose forward hands integers from layer to layer (see the
     module docstring). Made in place by :func:`fuse_sequentials`; constructed directly it works as well.
-    Outputs of modules it calls, and its own output, keep the input's memory format (the unfused layers
-    return that format too; user code may ``.view`` them)."""
+    Modules it calls that are not torch.nn's own (user code may ``.view``), and its own output, get
+    tensors in the input's memory format, as the unfused layers return them; torch.nn modules get oneDNN's
+    channels-last tensors (their results do not depend on the layout)."""
 
     def __init__(self, *args) -> None:
         super().__init__(*args)
@@ -251,7 +252,9 @@ class Int8Sequential(nn.Sequential):
             elif step.kind == "pool":
                 h = max_pool_grid(h, step.module)
             elif step.kind == "call":
-                h = step.module(_in_layout(h, x.dim(), layout))
+                # torch.nn's own modules compute the same on any memory layout; other code may .view()
+                builtin = type(step.module).__module__.startswith("torch.nn.modules.")
+                h = step.module(h if builtin else _in_layout(h, x.dim(), layout))
                 if not step.on_grid and h.is_floating_point():
                     dtype = h.dtype
         return _in_layout(h, x.dim(), layout)

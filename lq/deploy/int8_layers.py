@@ -29,6 +29,9 @@ from lq.quant.functional import AMAX_EPS, qmax
 
 log = logging.getLogger(__name__)
 
+#: kernel families a Linear can run on (``Int8Module._kernel``)
+_LINEAR_KERNELS = ("fbgemm", "onednn", "int_mm")
+
 #: Linear inputs with at most this many rows run as a 1x1 int8 convolution (faster in oneDNN than its
 #: int8 inner product for a few rows); larger batches use the inner product.
 SMALL_BATCH = 4
@@ -229,9 +232,9 @@ class Int8Linear(Int8Module):
         """
         dtype = dtype or x.dtype
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # (at batch 1 every skipped call counts)
         t = x2 if grid else kernels.quantize_to_grid(x2, self.input_scale, self.qmax_input)
-        kernel = self._kernel(x.device, ("fbgemm", "onednn", "int_mm")) if x.numel() else "reference"
+        kernel = self._kernel(x.device, _LINEAR_KERNELS) if x.numel() else "reference"
         step_x, w_step = self._steps()
         relu_done = False
         if kernel == "fbgemm":
@@ -264,8 +267,10 @@ class Int8Linear(Int8Module):
             y = (acc * (step_x * w_step).to(dt)).float()
             if self.bias is not None:
                 y = y + self.bias
-        y = out.finish(y, relu_done).reshape(*lead, self.out_features)
-        return y if out.grid else y.to(dtype)
+        y = out.finish(y, relu_done)
+        if x.dim() != 2:
+            y = y.reshape(*lead, self.out_features)
+        return y if out.grid or y.dtype == dtype else y.to(dtype)
 
     def extra_repr(self) -> str:
         return (

@@ -70,7 +70,7 @@ def quantize_to_grid(x: torch.Tensor, inv_step: torch.Tensor, qmax: int, relu: b
     multiplies by, so the integers equal those of the fake-quant model bit for bit. ``relu=True`` quantizes
     ``relu(x)`` (lower clip 0; exact, since the quantizer is monotone with ``Q(0) = 0``).
     """
-    t = x.float() * inv_step
+    t = (x if x.dtype == torch.float32 else x.float()) * inv_step
     return t.round_().clamp_(0 if relu else -qmax, qmax)
 
 
