@@ -7,8 +7,8 @@
 ``lq int8 (convert)`` is the default conversion: int8 layers in Sequentials hand each other uint8 integers
 (``lq.deploy.chain``); ``fuse=False`` is the same model with every layer float in, float out.
 
-Models: (a) MLP of four 1024x1024 Linear layers with ReLU; (b) a Fashion-MNIST-sized CNN, conv 1->32->64->128
-(3x3, BN folded, ReLU, max-pool) + Linear(128, 10), 28x28 inputs (real Fashion-MNIST test images when
+Models: (a) MLP of four 1024x1024 Linear layers with ReLU; (b) the Fashion-MNIST CNN ``lq.models.SmallCNN``,
+conv 1->32->64->128 (3x3, BN folded, ReLU, max-pool) + Linear(128, 10), 28x28 inputs (real Fashion-MNIST test images when
 installed: signed, normalised pixels, so the first layer sees negative inputs). Batch 64 and batch 1.
 
 Peers in the same run: torch.ao dynamic quantization (``quantize_dynamic``, Linear only, fbgemm),
@@ -56,16 +56,12 @@ def mlp() -> nn.Module:
 
 
 def cnn() -> nn.Module:
+    """lq.models.SmallCNN (the Fashion-MNIST CNN of the recipes): conv 1->32->64->128 with BN, ReLU, two
+    max-pools, global average pool, Linear(128, 10); BN statistics randomised so folding changes weights."""
+    from lq.models import SmallCNN
+
     torch.manual_seed(0)
-
-    def block(cin: int, cout: int, pool: bool) -> list[nn.Module]:
-        out = [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
-        return out + ([nn.MaxPool2d(2)] if pool else [])
-
-    m = nn.Sequential(
-        *block(1, 32, True), *block(32, 64, True), *block(64, 128, False),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10),
-    ).eval()
+    m = SmallCNN().eval()
     for mod in m.modules():
         if isinstance(mod, nn.BatchNorm2d):
             mod.running_mean.normal_(0, 0.1)

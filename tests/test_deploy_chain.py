@@ -303,3 +303,19 @@ def test_nan_input_in_a_chain_names_the_layer() -> None:
     x[1, 2] = float("nan")
     with torch.no_grad(), pytest.raises(FloatingPointError, match="0: NaN"):
         fused(x)
+
+
+def test_a_used_converted_model_saves_loads_and_copies(tmp_path) -> None:
+    """oneDNN's packed weights (opaque tensors) are a cache: pickling drops it, the copy rebuilds it."""
+    torch.manual_seed(12)
+    x = torch.randn(4, 3, 10, 10)
+    fused, _ = _both(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 5)), x)
+    with torch.no_grad():
+        y = fused(x)  # fills the caches
+        torch.save(fused, tmp_path / "int8.pt")
+        loaded = torch.load(tmp_path / "int8.pt", weights_only=False)
+        assert isinstance(loaded, Int8Sequential)
+        torch.testing.assert_close(loaded(x), y, rtol=0, atol=0)
+        torch.testing.assert_close(copy.deepcopy(fused)(x), y, rtol=0, atol=0)
+        twin = copy.deepcopy(fused)
+        assert [s.module for s in twin.fused_steps] == [m for m in twin]  # the copy's plan runs the copy's layers

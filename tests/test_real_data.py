@@ -103,6 +103,7 @@ def test_fashion_mnist_cnn_fold_bn_then_ptq_within_one_percent(tmp_path):
         load_all(model, method, pct)
         int8 = accuracy(model, x_test, y_test)
         assert (fp32 - int8) / fp32 <= 0.01, f"{method}: {int8:.4f} vs fp32 {fp32:.4f}"
+    _deploy_checks(model, x_test, y_test, tmp_path)  # issue 6 on this real model (max calibration loaded last)
     # Entropy clips the first conv's input at the normalised background value (one |x| spike holding most of
     # the mass, as on MNIST); the workflow's answer is partial quantization (Section 5.1).
     load_all(model, "entropy")
@@ -110,3 +111,34 @@ def test_fashion_mnist_cnn_fold_bn_then_ptq_within_one_percent(tmp_path):
     int8 = accuracy(model, x_test, y_test)
     assert len(result.skipped) < len(lq.quantized_layers(model))
     assert (fp32 - int8) / fp32 <= 0.01, f"entropy + {result.skipped} in float: {int8:.4f} vs fp32 {fp32:.4f}"
+
+
+def _deploy_checks(model, x_test, y_test, tmp_path) -> None:
+    """The deployment must-shows on the trained Fashion-MNIST CNN (BN folded, PTQ max): ONNX Runtime runs the
+    Q/DQ export within one output quantization step of the fake-quant model, the graph holds one Q/DQ pair per
+    quantized input and weight, and ``lq.convert``'s int8 model (int8 chains through the Sequential) keeps
+    the fake-quant accuracy within 0.1%."""
+    import copy
+
+    from lq.deploy import Int8Sequential, convert, count_qdq, export_onnx
+
+    layers = list(lq.quantized_layers(model).values())
+    last = layers[-1]
+    bound = last.input_quantizer.amax.item() / 127 * last.weight.detach().abs().max().item()
+    with torch.no_grad():
+        ref = torch.cat([model(xb) for xb in x_test.split(2500)])
+    fq_acc = (ref.argmax(1) == y_test).float().mean().item()
+    ort = pytest.importorskip("onnxruntime")
+    path = export_onnx(model, x_test[:2], tmp_path / "fashion_cnn.onnx")
+    assert count_qdq(path) == {"QuantizeLinear": 2 * len(layers), "DequantizeLinear": 2 * len(layers)}
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the graph's own semantics
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    y_ort = torch.cat([torch.from_numpy(sess.run(None, {"input": xb.numpy()})[0]) for xb in x_test[:2000].split(500)])
+    assert (y_ort - ref[:2000]).abs().max().item() <= bound
+    int8 = convert(copy.deepcopy(model))
+    assert isinstance(int8.features, Int8Sequential)
+    with torch.no_grad():
+        y_int8 = torch.cat([int8(xb) for xb in x_test.split(2500)])
+    assert (y_int8 - ref).abs().max().item() <= bound
+    assert abs((y_int8.argmax(1) == y_test).float().mean().item() - fq_acc) <= 0.001

@@ -124,6 +124,13 @@ class Int8Module(nn.Module):
             self._cache["steps"] = (float(1.0 / self.input_scale), w_step)
         return self._cache["steps"]
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickling (``torch.save(model)``, ``copy.deepcopy``) leaves the kernel cache behind: oneDNN's packed
+        weights are opaque tensors that cannot be serialised, and every entry is rebuilt on demand."""
+        state = super().__getstate__()
+        state["_cache"] = {}
+        return state
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         self._cache.clear()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
