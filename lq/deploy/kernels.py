@@ -266,6 +266,15 @@ def fbgemm_prepack(w_q: torch.Tensor, out_scale: torch.Tensor, bias: torch.Tenso
         torch.backends.quantized.engine = previous
 
 
+@functools.cache
+def _fbgemm_op(relu: bool) -> Callable[..., torch.Tensor]:
+    """The op's C++ entry point. Python's op call checks every argument for fake script objects (tracing
+    support; ~10 us a call, as much as a batch-1 GEMM's quantization); eager calls with real packed weights
+    do not need it. Falls back to the public overload if torch renames the attribute."""
+    overload = getattr(torch.ops.quantized, _FBGEMM_RELU_OP if relu else _FBGEMM_OP).default
+    return getattr(overload, "_op", overload)
+
+
 def fbgemm_linear(
     t: torch.Tensor, packed: Callable[[bool], Any], mode: str, relu: bool = False, nonneg: bool = False
 ) -> torch.Tensor:
@@ -273,9 +282,7 @@ def fbgemm_linear(
     pack), ``relu`` fused. ``packed(signed)`` returns the packed weight, ``[W, -W]`` when ``signed``;
     ``nonneg``: ``t`` is known to hold no negative value (zero point 0, no sign test)."""
     operand, signed = grid_operand(t if t.dtype == torch.float32 else t.float(), mode, nonneg=nonneg)
-    # the resolved overload: the op packet's call checks every argument for script objects (~10 us at batch 1)
-    op = getattr(torch.ops.quantized, _FBGEMM_RELU_OP if relu else _FBGEMM_OP).default
-    return op(operand, 1.0, 0 if nonneg else onednn_zero_point(mode), packed(signed))
+    return _fbgemm_op(relu)(operand, 1.0, 0 if nonneg else onednn_zero_point(mode), packed(signed))
 
 
 @functools.cache
