@@ -127,8 +127,8 @@ def test_grid_output_is_the_next_layers_quantization(kind: str, backend: str, ro
 
 
 # ------------------------------------------------------------------------------- pooling on integers
-@pytest.mark.parametrize("args", [dict(kernel_size=2), dict(kernel_size=3, stride=2, padding=1, ceil_mode=True),
-                                  dict(kernel_size=2, dilation=2)])
+@pytest.mark.parametrize("args", [{"kernel_size": 2}, {"kernel_size": 3, "stride": 2, "padding": 1, "ceil_mode": True},
+                                  {"kernel_size": 2, "dilation": 2}])
 def test_max_pool_on_integers_equals_float_pool(args: dict) -> None:
     torch.manual_seed(4)
     pool = nn.MaxPool2d(**args)
