@@ -66,16 +66,18 @@ def _images(n: int) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------- one layer, the equations
 def _expected_grid(acc: torch.Tensor, step_x: float, w_step: torch.Tensor, bias: torch.Tensor, step_next: float,
-                   channel_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(expected integers, mask of values within float rounding of a .5 tie) in float64."""
+                   channel_dim: int, upper: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(expected integers, mask of values within float rounding of a .5 tie) in float64: eq. 7 with the next
+    step on the activation ``relu(y)`` or ``clip(y, 0, upper)`` of eq. 10's ``y``."""
     shape = [1] * acc.dim()
     shape[channel_dim] = -1
     y = acc * (step_x * w_step.double()).reshape(shape) + bias.double().reshape(shape)
-    v = y.relu() / step_next
+    v = (y.relu() if upper is None else y.clamp(0, upper)) / step_next
     near_tie = (v - v.floor() - 0.5).abs() < 1e-4
     return v.round().clamp(0, 127), near_tie
 
 
+@pytest.mark.parametrize("clip", [None, 0.8], ids=["relu", "relu6-like"])
 @pytest.mark.parametrize(
     "kind,backend,rows",
     [
@@ -83,7 +85,7 @@ def _expected_grid(acc: torch.Tensor, step_x: float, w_step: torch.Tensor, bias:
         ("linear", "auto", 9), ("linear", "onednn", 9), ("linear", "onednn", 2), ("linear", "reference", 9),
     ],
 )
-def test_grid_output_is_the_next_layers_quantization(kind: str, backend: str, rows: int) -> None:
+def test_grid_output_is_the_next_layers_quantization(kind: str, backend: str, rows: int, clip: float | None) -> None:
     torch.manual_seed(3)
     if kind == "conv":
         layer, x = nn.Conv2d(6, 10, 3, padding=1), torch.randn(rows, 6, 9, 9)
@@ -95,18 +97,21 @@ def test_grid_output_is_the_next_layers_quantization(kind: str, backend: str, ro
     step_x, w_step = int8._steps()
     with torch.no_grad():
         y_float = int8(x)
-    step_next = float(y_float.relu().amax()) / 127 * 0.6  # clips the top 40%: the upper clip is exercised
+    top = float(y_float.relu().amax())
+    step_next = top / 127 * 0.6  # clips the top 40%: the upper clip of eq. 7 is exercised
+    upper = None if clip is None else clip * top * 0.6  # a ReLU6-like clip below the grid's top
     inv_next = torch.tensor(1.0 / step_next)
-    out = kernels.Output(relu=True, inv_step=inv_next, step=step_next, qmax=127)
+    out = kernels.Output(relu=True, inv_step=inv_next, step=step_next, qmax=127, upper=upper)
     with torch.no_grad():
         grid = int8.run(x, out=out)
     # the exact integer sums of eq. 10 from the input integers (eq. 7) and the int8 weight
     t = kernels.quantize_to_grid(x, int8.input_scale, 127).double()
     acc = F.conv2d(t, int8.weight.double(), None, 1, 1) if kind == "conv" else t @ int8.weight.double().t()
-    expected, near_tie = _expected_grid(acc, step_x, w_step, int8.bias, step_next, channel_dim=1)
+    expected, near_tie = _expected_grid(acc, step_x, w_step, int8.bias, step_next, channel_dim=1, upper=upper)
     got = grid.double()
     assert got.shape == expected.shape
-    assert got.min() >= 0 and got.max() == 127  # clipped at q, never the uint8 saturation 255
+    top_int = 127 if upper is None else round(upper / step_next)
+    assert got.min() >= 0 and got.max() == top_int  # clipped at q (or the clip), never the uint8 saturation
     ok = (got == expected) | (near_tie & ((got - expected).abs() <= 1))
     assert bool(ok.all()), f"{int((~ok).sum())} integers differ from eq. 7 of eq. 10"
     fast = ("onednn",) if kind == "conv" else ("fbgemm", "onednn", "int_mm")
@@ -261,8 +266,12 @@ def _both(model: nn.Module, x: torch.Tensor, backend: str = "auto") -> tuple[nn.
          (3, 3, 12, 12)),
         (lambda: nn.Sequential(nn.Linear(8, 16), nn.ReLU(), _Triple(), nn.Linear(16, 4)), (6, 8)),
         (lambda: nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Flatten(), nn.Linear(16, 4)), (6, 8)),
+        (lambda: nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU6(), nn.MaxPool2d(2), nn.Conv2d(6, 6, 3), nn.ReLU6(),
+                               nn.Flatten(), nn.Linear(6 * 3 * 3, 4)), (5, 3, 12, 12)),
+        (lambda: nn.Sequential(nn.Linear(8, 16), nn.Hardtanh(0.0, 0.3), nn.Linear(16, 16), nn.Hardtanh(-0.5, 0.5),
+                               nn.Linear(16, 16), nn.ReLU(), nn.Hardtanh(0.0, 0.2), nn.Linear(16, 4)), (6, 8)),
     ],
-    ids=["conv1d", "conv3d", "view-mid-chain", "identity-subclass", "flatten"],
+    ids=["conv1d", "conv3d", "view-mid-chain", "identity-subclass", "flatten", "relu6", "hardtanh"],
 )
 def test_fused_equals_unfused_on_other_structures(make, shape) -> None:
     torch.manual_seed(10)
@@ -319,3 +328,15 @@ def test_a_used_converted_model_saves_loads_and_copies(tmp_path) -> None:
         torch.testing.assert_close(copy.deepcopy(fused)(x), y, rtol=0, atol=0)
         twin = copy.deepcopy(fused)
         assert [s.module for s in twin.fused_steps] == [m for m in twin]  # the copy's plan runs the copy's layers
+
+
+def test_plan_hands_over_through_relu_like_clips_only() -> None:
+    torch.manual_seed(13)
+    x = torch.randn(6, 8)
+    fused, _ = _both(nn.Sequential(nn.Linear(8, 16), nn.Hardtanh(0.0, 0.3), nn.Linear(16, 16), nn.Hardtanh(-0.5, 0.5),
+                                   nn.Linear(16, 16), nn.ReLU(), nn.ReLU6(), nn.Hardtanh(0.0, 0.2), nn.Linear(16, 4)), x)
+    layers = [s for s in fused.fused_steps if s.kind == "layer"]
+    assert [s.feeds is not None for s in layers] == [True, False, True, False]
+    assert layers[0].out.upper == pytest.approx(0.3)
+    assert layers[2].out.upper == pytest.approx(0.2)  # ReLU, ReLU6, Hardtanh(0, 0.2) compose to the smallest
+    assert not layers[1].out.relu  # Hardtanh(-0.5, 0.5) is signed: no fusion, it runs as itself

@@ -1,7 +1,8 @@
 """Int8 chains: consecutive converted layers hand over integers instead of floats (``lq.convert(fuse=True)``).
 
 A converted layer takes floats, quantizes them (eq. 7) and returns floats (eq. 10). Between two int8 layers
-that only ReLU, max pooling, flatten, identity (a folded BatchNorm) or eval-mode dropout separate, that float
+that only ReLU (or ReLU6 / Hardtanh(0, u)), max pooling, flatten, identity (a folded BatchNorm) or eval-mode
+dropout separate, that float
 round trip is wasted work: those ops commute with the next layer's quantizer ``Q(v) = clip(round(s v), -q, q)``,
 because ``Q`` is monotone non-decreasing with ``Q(0) = 0``::
 
@@ -10,7 +11,8 @@ because ``Q`` is monotone non-decreasing with ``Q(0) = 0``::
 So the first layer's kernel emits the next layer's input integers directly (oneDNN: ReLU, clip and
 requantization in the convolution's output stage, uint8 out), max pooling runs on uint8 (4x less memory
 than fp32 and a vectorised kernel), and the next layer skips its quantization and its sign test (its
-integers are known non-negative). A ReLU after a layer whose output stays float is fused into its kernel.
+integers are known non-negative). A ReLU after a layer whose output stays float is fused into its kernel. ReLU6 and Hardtanh(0, u) are
+clips ``clip(y, 0, u)`` and commute with the quantizer the same way: they fuse like ReLU.
 The integers are those of the unfused model except where ``s y`` sits within float rounding of a
 half-integer (the unfused model and the fake-quant model compute ``y`` in different summation orders too),
 and, for fp16/bf16 inputs, where the unfused model's rounding of ``y`` to half precision before the next
@@ -32,7 +34,7 @@ from __future__ import annotations
 import functools
 import logging
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -110,10 +112,31 @@ def _takes_grid(m: nn.Module) -> bool:
     return isinstance(m, Int8Linear) or (isinstance(m, Int8ConvNd) and m._pre_pad is None)
 
 
-def _between(m: nn.Module) -> str | None:
-    """How a module between two int8 layers commutes with the quantizer: "relu", "skip", "pool", "call"
-    (Flatten), or None (it does not: the chain ends)."""
+_NO_CLIP = float("inf")
+
+
+def _relu_top(m: nn.Module) -> float | None:
+    """For ReLU-like clips ``clip(y, 0, top)`` the top (inf for ReLU, 6 for ReLU6, ``max_val`` for
+    Hardtanh(0, max_val)); None for anything else. Exact types: a subclass may compute something else."""
     if type(m) is nn.ReLU:
+        return _NO_CLIP
+    if type(m) is nn.ReLU6:
+        return 6.0
+    if type(m) is nn.Hardtanh and m.min_val == 0 and m.max_val > 0:
+        return float(m.max_val)
+    return None
+
+
+def _relu_output(modules: list[nn.Module]) -> Output:
+    """The fused activation of the ReLU-like clips in ``modules`` (clips compose to the smallest top)."""
+    top = min(t for t in map(_relu_top, modules) if t is not None)
+    return Output(relu=True, upper=None if top == _NO_CLIP else top)
+
+
+def _between(m: nn.Module) -> str | None:
+    """How a module between two int8 layers commutes with the quantizer: "relu" (ReLU, ReLU6,
+    Hardtanh(0, u)), "skip", "pool", "call" (Flatten), or None (it does not: the chain ends)."""
+    if _relu_top(m) is not None:
         return "relu"
     if type(m) in _PASS:  # exact types: a subclass may compute something
         return "skip"
@@ -143,7 +166,7 @@ def plan(modules: list[nn.Module]) -> list[Step]:
         grid = i in grid_in
         if "relu" in kinds and consumer is not None:
             # m writes the consumer's input integers; everything up to the consumer runs on them
-            steps.append(Step("layer", m, grid, Output(relu=True), feeds=consumer))
+            steps.append(Step("layer", m, grid, _relu_output(modules[i + 1 : j]), feeds=consumer))
             for k, b in zip(kinds, modules[i + 1 : j]):
                 steps.append(Step("skip" if k == "relu" else k, b, on_grid=True))
             grid_in.add(j)
@@ -153,8 +176,8 @@ def plan(modules: list[nn.Module]) -> list[Step]:
         k = i + 1
         while k < n and _between(modules[k]) == "skip":
             k += 1
-        if k < n and type(modules[k]) is nn.ReLU:
-            steps.append(Step("layer", m, grid, Output(relu=True)))
+        if k < n and _relu_top(modules[k]) is not None:
+            steps.append(Step("layer", m, grid, _relu_output([modules[k]])))
             steps.extend(Step("skip", b) for b in modules[i + 1 : k + 1])
             i = k + 1
         else:
@@ -242,7 +265,7 @@ class Int8Sequential(nn.Sequential):
                 layer, out = step.module, step.out
                 if step.feeds is not None:
                     nxt = step.feeds
-                    out = Output(relu=True, inv_step=nxt.input_scale, step=nxt._steps()[0], qmax=nxt.qmax_input)
+                    out = replace(out, inv_step=nxt.input_scale, step=nxt._steps()[0], qmax=nxt.qmax_input)
                 try:
                     h = layer.run(h, grid=step.grid, out=out, dtype=dtype)
                 except FloatingPointError as err:

@@ -248,7 +248,7 @@ class Int8Linear(Int8Module):
             # the bias is in the pack; fbgemm fuses ReLU but not the requantization (out.finish does it)
             relu = out.relu or out.grid
             y = kernels.fbgemm_linear(t, self._packed_fbgemm, kernels.fbgemm_mode(), relu=relu, nonneg=grid)
-            relu_done = relu
+            relu_done = relu and out.upper is None  # fbgemm has no clip: ReLU6 / Hardtanh finish in torch
         elif kernel == "onednn":
             u, zp, signed = kernels.u8_operand(t, kernels.onednn_mode(), nonneg=grid)
             if t.shape[0] <= SMALL_BATCH:

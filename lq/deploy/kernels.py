@@ -78,10 +78,11 @@ def quantize_to_grid(x: torch.Tensor, inv_step: torch.Tensor, qmax: int, relu: b
 class Output:
     """What a converted layer's kernel writes after eq. 10's multiply and bias (``lq.deploy.chain``).
 
-    ``Output()``: floats. ``Output(relu=True)``: ``relu`` of them, fused into the kernel where it can be.
-    ``Output(relu=True, inv_step=s, step=1/s, qmax=q)``: the integers ``clip(round(s * relu(y)), 0, q)``,
-    the next layer's input quantization (eq. 7) applied to this layer's output, as a ``uint8`` tensor
-    (oneDNN writes it directly) or fp32 integers (other kernels). ``inv_step`` is the next layer's
+    ``Output()``: floats. ``Output(relu=True)``: ``relu`` of them, fused into the kernel where it can be;
+    with ``upper=u`` the activation is ``clip(y, 0, u)`` (ReLU6 / Hardtanh(0, u)).
+    ``Output(relu=True, inv_step=s, step=1/s, qmax=q)``: the integers ``clip(round(s * act(y)), 0, q)``,
+    the next layer's input quantization (eq. 7) applied to this layer's activated output, as a ``uint8``
+    tensor (oneDNN writes it directly) or fp32 integers (other kernels). ``inv_step`` is the next layer's
     ``input_scale`` tensor, the value its own quantization would multiply by.
     """
 
@@ -89,16 +90,22 @@ class Output:
     inv_step: torch.Tensor | None = None
     step: float = 1.0
     qmax: int = 127
+    upper: float | None = None
 
     @property
     def grid(self) -> bool:
         return self.inv_step is not None
 
-    def finish(self, y: torch.Tensor, relu_done: bool) -> torch.Tensor:
-        """Apply what the kernel did not: ReLU on float outputs, or the requantization to the next grid."""
-        if self.grid:
-            return y if y.dtype == torch.uint8 else quantize_to_grid(y, self.inv_step, self.qmax, relu=True)
-        return y.relu_() if self.relu and not relu_done else y
+    def finish(self, y: torch.Tensor, act_done: bool) -> torch.Tensor:
+        """Apply what the kernel did not (``act_done``: it applied the activation): the activation on
+        float outputs, then the requantization to the next grid."""
+        if y.dtype == torch.uint8:
+            return y
+        if not act_done and self.upper is not None:
+            y = y.clamp_(0.0, self.upper)
+        elif not act_done and self.relu:
+            y = y.relu_()
+        return quantize_to_grid(y, self.inv_step, self.qmax, relu=True) if self.grid else y
 
 
 FLOAT = Output()
@@ -107,12 +114,15 @@ FLOAT = Output()
 def onednn_output(out: Output) -> tuple[float, torch.dtype, str, list[float]]:
     """oneDNN's output stage for ``out``: (output scale, dtype, post-op, its scalars).
 
-    The grid output clips ``y`` to ``[0, qmax * step]`` (``hardtanh``: ReLU plus the upper clip of eq. 7;
-    a plain ``relu`` post-op would saturate at 255) and divides by ``step`` with round-to-nearest-even into
-    uint8: eq. 7 of the next layer on ``relu(y)``.
+    The grid output clips ``y`` to ``[0, min(qmax * step, upper)]`` (``hardtanh``: ReLU / ReLU6 plus the
+    upper clip of eq. 7; a plain ``relu`` post-op would saturate at 255) and divides by ``step`` with
+    round-to-nearest-even into uint8: eq. 7 of the next layer on the activated output.
     """
     if out.grid:
-        return out.step, torch.uint8, "hardtanh", [0.0, out.qmax * out.step]
+        top = out.qmax * out.step if out.upper is None else min(out.qmax * out.step, out.upper)
+        return out.step, torch.uint8, "hardtanh", [0.0, top]
+    if out.upper is not None:
+        return 1.0, torch.float32, "hardtanh", [0.0, out.upper]
     return 1.0, torch.float32, "relu" if out.relu else "none", []
 
 
