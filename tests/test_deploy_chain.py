@@ -340,3 +340,45 @@ def test_plan_hands_over_through_relu_like_clips_only() -> None:
     assert layers[0].out.upper == pytest.approx(0.3)
     assert layers[2].out.upper == pytest.approx(0.2)  # ReLU, ReLU6, Hardtanh(0, 0.2) compose to the smallest
     assert not layers[1].out.relu  # Hardtanh(-0.5, 0.5) is signed: no fusion, it runs as itself
+
+
+def test_clip_edits_after_convert_replan() -> None:
+    torch.manual_seed(14)
+    x = torch.randn(6, 8)
+    fused, plain = _both(nn.Sequential(nn.Linear(8, 16), nn.ReLU6(), nn.Linear(16, 16), nn.Hardtanh(0.0, 1.0),
+                                       nn.Linear(16, 4)), x)
+    with torch.no_grad():
+        fused(x)  # planned with the original clips
+        for m in (fused, plain):
+            m[1].max_val = 0.05
+            m[3].min_val = -1.0  # no longer a ReLU-like clip: the hand-over must stop
+        torch.testing.assert_close(fused(x), plain(x), rtol=0, atol=1e-6)
+    assert [s.feeds is not None for s in fused.fused_steps if s.kind == "layer"] == [True, False, False]
+
+
+@pytest.mark.parametrize("backend", ["auto", "onednn", "reference"])
+def test_clip_on_a_rounding_tie_matches_the_unfused_model(backend: str) -> None:
+    """Hardtanh(0, 0.5) before a layer whose input scale is 61: 0.5 * 61 = 30.5 is a tie. Every clipped value
+    sits on it, so a kernel rounding it the other way would move all of them at once."""
+    torch.manual_seed(15)
+    x = torch.randn(32, 10) * 3
+    fused, plain = _both(nn.Sequential(nn.Linear(10, 64), nn.Hardtanh(0.0, 0.5), nn.Linear(64, 4)), x, backend)
+    for m in (fused, plain):
+        m[2].input_scale.fill_(61.0)
+        m[2]._cache.clear()
+    with torch.no_grad():
+        for xb in (x, x[:3]):
+            torch.testing.assert_close(fused(xb), plain(xb), rtol=0, atol=1e-6)
+
+
+def test_unbatched_conv_input() -> None:
+    torch.manual_seed(16)
+    x = torch.randn(4, 3, 8, 8)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 3, 3), nn.ReLU())
+    fq = _calibrated(model, x)
+    with torch.no_grad():
+        ref = fq(x[0])
+        for fuse in (True, False):
+            y = convert(copy.deepcopy(fq), fuse=fuse)(x[0])
+            assert y.shape == ref.shape == (3, 4, 4)
+            assert (y - ref).abs().max().item() <= _bound(fq)

@@ -120,9 +120,7 @@ def _relu_top(m: nn.Module) -> float | None:
     Hardtanh(0, max_val)); None for anything else. Exact types: a subclass may compute something else."""
     if type(m) is nn.ReLU:
         return _NO_CLIP
-    if type(m) is nn.ReLU6:
-        return 6.0
-    if type(m) is nn.Hardtanh and m.min_val == 0 and m.max_val > 0:
+    if type(m) in (nn.Hardtanh, nn.ReLU6) and m.min_val == 0 and m.max_val > 0:  # ReLU6 = Hardtanh(0, 6)
         return float(m.max_val)
     return None
 
@@ -186,6 +184,12 @@ def plan(modules: list[nn.Module]) -> list[Step]:
     return steps
 
 
+def _plan_inputs(modules: list[nn.Module]) -> list[tuple]:
+    """What :func:`plan` read from each module beyond its identity (clip bounds, pooling indices, padding):
+    a plan is redone when any of it changes (``seq[1].max_val = 0.5`` after convert)."""
+    return [(_between(m), _relu_top(m), _takes_grid(m)) for m in modules]
+
+
 def _fused(steps: list[Step]) -> bool:
     return any(s.kind == "layer" and (s.out.relu or s.grid) for s in steps)
 
@@ -221,8 +225,9 @@ class Int8Sequential(nn.Sequential):
     """An ``nn.Sequential`` of converted layers whose forward hands integers from layer to layer (see the
     module docstring). Made in place by :func:`fuse_sequentials`; constructed directly it works as well.
     Modules it calls that are not torch.nn's own (user code may ``.view``), and its own output, get
-    tensors in the input's memory format, as the unfused layers return them; torch.nn modules get oneDNN's
-    channels-last tensors (their results do not depend on the layout)."""
+    tensors in the input's memory format (for a channels-last input this can differ from the unfused
+    model's layout, e.g. after a Linear over the last dimension; values are equal); torch.nn modules get
+    oneDNN's channels-last tensors (their results do not depend on the layout)."""
 
     def __init__(self, *args) -> None:
         super().__init__(*args)
@@ -231,12 +236,16 @@ class Int8Sequential(nn.Sequential):
     def _build(self) -> None:
         self._structure = _structure(self)
         self._leaf_list = [m for _, _, m in _leaves(self)]
+        self._plan_inputs = _plan_inputs(self._leaf_list)
         self._steps = plan(self._leaf_list)
+
+    def _stale(self) -> bool:
+        return not _unchanged(self._structure) or _plan_inputs(self._leaf_list) != self._plan_inputs
 
     @property
     def fused_steps(self) -> list[Step]:
         """The plan the fused forward runs (one :class:`Step` per leaf)."""
-        if not _unchanged(self._structure):
+        if self._stale():
             self._build()
         return self._steps
 
@@ -248,7 +257,7 @@ class Int8Sequential(nn.Sequential):
         mod = torch.nn.modules.module
         if mod._global_forward_hooks or mod._global_forward_pre_hooks:
             return False
-        if not _unchanged(self._structure):  # children added, removed or replaced: plan the new structure
+        if self._stale():  # children added, removed, replaced or re-configured: plan the new structure
             self._build()
         for leaf in self._leaf_list:
             if leaf.training or leaf._forward_hooks or leaf._forward_pre_hooks:

@@ -341,6 +341,8 @@ class Int8ConvNd(Int8Module):
         """Eq. 10 as a convolution, input and output forms as in :meth:`Int8Linear.run`. The output keeps the
         kernel's memory layout (oneDNN: channels-last); ``forward`` restores the input's."""
         dtype = dtype or x.dtype
+        if x.dim() == self.dims + 1:  # unbatched input, as nn.Conv accepts it
+            return self.run(x.unsqueeze(0), grid, out, dtype).squeeze(0)
         t = x if grid else kernels.quantize_to_grid(x, self.input_scale, self.qmax_input)
         if self._pre_pad is not None:
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode

@@ -96,6 +96,16 @@ class Output:
     def grid(self) -> bool:
         return self.inv_step is not None
 
+    def top_integer(self) -> int:
+        """The largest integer of the grid output: ``qmax``, or for a clip at ``upper`` the integer the
+        unfused model gives it, ``round(upper * s)`` in fp32 (torch's rounding, ties to even). The kernel
+        clips at this integer times the step, not at ``upper``: when ``upper * s`` is a tie, a clip at
+        ``upper`` would let the kernel's own rounding move every clipped value at once."""
+        if self.upper is None:
+            return self.qmax
+        top = torch.tensor(self.upper, dtype=torch.float32, device=self.inv_step.device) * self.inv_step
+        return int(min(self.qmax, float(top.round())))
+
     def finish(self, y: torch.Tensor, act_done: bool) -> torch.Tensor:
         """Apply what the kernel did not (``act_done``: it applied the activation): the activation on
         float outputs, then the requantization to the next grid."""
@@ -119,8 +129,7 @@ def onednn_output(out: Output) -> tuple[float, torch.dtype, str, list[float]]:
     round-to-nearest-even into uint8: eq. 7 of the next layer on the activated output.
     """
     if out.grid:
-        top = out.qmax * out.step if out.upper is None else min(out.qmax * out.step, out.upper)
-        return out.step, torch.uint8, "hardtanh", [0.0, top]
+        return out.step, torch.uint8, "hardtanh", [0.0, out.top_integer() * out.step]
     if out.upper is not None:
         return 1.0, torch.float32, "hardtanh", [0.0, out.upper]
     return 1.0, torch.float32, "relu" if out.relu else "none", []
