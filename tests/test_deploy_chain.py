@@ -132,15 +132,24 @@ def test_grid_output_is_the_next_layers_quantization(kind: str, backend: str, ro
 
 
 # ------------------------------------------------------------------------------- pooling on integers
-@pytest.mark.parametrize("args", [{"kernel_size": 2}, {"kernel_size": 3, "stride": 2, "padding": 1, "ceil_mode": True},
-                                  {"kernel_size": 2, "dilation": 2}])
+@pytest.mark.parametrize("args", [
+    {"kernel_size": 2},
+    {"kernel_size": 3, "stride": 2, "padding": 1, "ceil_mode": True},
+    {"kernel_size": 2, "dilation": 2},
+    {"kernel_size": 3, "stride": 1, "padding": 1},
+    {"kernel_size": (2, 3), "stride": (1, 2), "padding": (1, 0), "ceil_mode": True},
+    {"kernel_size": 3, "stride": 3, "ceil_mode": True},
+    {"kernel_size": 1},
+])
 def test_max_pool_on_integers_equals_float_pool(args: dict) -> None:
     torch.manual_seed(4)
     pool = nn.MaxPool2d(**args)
-    u = torch.randint(0, 128, (3, 5, 11, 11), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
-    got = max_pool_grid(u, pool)
-    assert got.dtype == torch.uint8
-    torch.testing.assert_close(got.float(), pool(u.float()), rtol=0, atol=0)
+    u = torch.randint(0, 128, (3, 5, 11, 10), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    for inp in (u, u.contiguous(), u[0], u[:, :, 1:, :9]):  # channels-last, NCHW, unbatched, a strided view
+        got = max_pool_grid(inp, pool)
+        assert got.dtype == torch.uint8
+        torch.testing.assert_close(got.float(), pool(inp.float()), rtol=0, atol=0)
+    assert max_pool_grid(u, pool).data_ptr() != u.data_ptr()  # a new tensor, never a view of the input
     torch.testing.assert_close(max_pool_grid(u.float(), pool), pool(u.float()), rtol=0, atol=0)  # float grids
 
 

@@ -31,9 +31,7 @@ the requantization runs as torch ops.
 
 from __future__ import annotations
 
-import functools
 import logging
-import warnings
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -194,31 +192,45 @@ def _fused(steps: list[Step]) -> bool:
     return any(s.kind == "layer" and (s.out.relu or s.grid) for s in steps)
 
 
-@functools.cache
-def _quantized_max_pool() -> bool:
-    """Whether torch's uint8 max pooling (``quantized::max_pool2d``, on a quint8 view) is available."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            q = torch._make_per_tensor_quantized_tensor(torch.arange(16, dtype=torch.uint8).reshape(1, 1, 4, 4), 1.0, 0)
-            y = torch.ops.quantized.max_pool2d(q, [2, 2], [2, 2], [0, 0], [1, 1], False).int_repr()
-        return y.flatten().tolist() == [5, 7, 13, 15]
-    except Exception:  # noqa: BLE001 - a missing or changed op means "pool in float"
-        return False
+def _out_size(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
+    """Output length of max pooling along one dim (torch's rule, ``ceil_mode`` included)."""
+    span = size + 2 * p - d * (k - 1) - 1
+    out = (span + (s - 1 if ceil_mode else 0)) // s + 1
+    if ceil_mode and (out - 1) * s >= size + p:  # the last window must start inside the input or left padding
+        out -= 1
+    return out
 
 
 def max_pool_grid(t: torch.Tensor, pool: nn.MaxPool2d) -> torch.Tensor:
-    """``pool`` on integers (uint8 or fp32): max commutes with the quantizer, so this equals quantizing the
-    float max pool. uint8 runs torch's quantized kernel (channels-last, vectorised); the rest pools in float."""
-    stride = pool.stride if pool.stride is not None else pool.kernel_size
-    args = ([*_pair(pool.kernel_size)], [*_pair(stride)], [*_pair(pool.padding)], [*_pair(pool.dilation)], pool.ceil_mode)
-    if t.dtype == torch.uint8 and t.device.type == "cpu" and t.dim() in (3, 4) and _quantized_max_pool():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # quantized tensors are deprecated; this one lives for one call
-            q = torch._make_per_tensor_quantized_tensor(t, 1.0, 0)
-            return torch.ops.quantized.max_pool2d(q, *args).int_repr()
-    y = F.max_pool2d(t.float(), *args)
-    return y.to(t.dtype) if t.dtype == torch.uint8 else y
+    """``pool`` on non-negative integers (uint8 or fp32): max commutes with the quantizer, so this equals
+    quantizing the float max pool.
+
+    uint8: the elementwise maximum of the ``k * k`` strided views of the window offsets (3 vectorised passes
+    for 2x2; about 3x faster here than torch's quantized max pool with its quint8 wrapping, and no
+    deprecated API). Padding and ceil-mode overhang are zero padding, exact because every value is >= 0
+    and every window holds at least one real element (torch's rule). Other dtypes pool in float.
+    """
+    k, s, p, d = (_pair(v) for v in (pool.kernel_size, pool.stride or pool.kernel_size, pool.padding, pool.dilation))
+    if t.dtype != torch.uint8 or t.dim() not in (3, 4):
+        y = F.max_pool2d(t.float(), k, s, p, d, pool.ceil_mode)
+        return y.to(t.dtype) if t.dtype == torch.uint8 else y
+    h, w = t.shape[-2:]
+    oh, ow = (_out_size(n, k[i], s[i], p[i], d[i], pool.ceil_mode) for i, n in enumerate((h, w)))
+    need_h, need_w = (oh - 1) * s[0] + d[0] * (k[0] - 1) + 1, (ow - 1) * s[1] + d[1] * (k[1] - 1) + 1
+    pad = (p[1], max(0, need_w - w - p[1]), p[0], max(0, need_h - h - p[0]))
+    if any(pad):
+        t = F.pad(t, pad)
+    views = [
+        t[..., a * d[0] : a * d[0] + (oh - 1) * s[0] + 1 : s[0], b * d[1] : b * d[1] + (ow - 1) * s[1] + 1 : s[1]]
+        for a in range(k[0])
+        for b in range(k[1])
+    ]
+    if len(views) == 1:  # a 1x1 window: a strided view of the input
+        return views[0].clone()
+    out = torch.maximum(views[0], views[1])
+    for v in views[2:]:
+        torch.maximum(out, v, out=out)
+    return out
 
 
 class Int8Sequential(nn.Sequential):
