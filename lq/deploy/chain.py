@@ -285,8 +285,7 @@ class Int8Sequential(nn.Sequential):
             if step.kind == "layer":
                 layer, out = step.module, step.out
                 if step.feeds is not None:
-                    nxt = step.feeds
-                    out = replace(out, inv_step=nxt.input_scale, step=nxt._steps()[0], qmax=nxt.qmax_input)
+                    out = _grid_output(out, step.feeds)
                 try:
                     h = layer.run(h, grid=step.grid, out=out, dtype=dtype)
                 except FloatingPointError as err:
@@ -302,6 +301,18 @@ class Int8Sequential(nn.Sequential):
                 if not step.on_grid and h.is_floating_point():
                     dtype = h.dtype
         return _in_layout(h, x.dim(), layout)
+
+
+def _grid_output(act: Output, consumer: nn.Module) -> Output:
+    """``act`` writing ``consumer``'s input grid. Kept in the consumer's kernel cache, which is cleared
+    whenever its scales can change (state_dict loads, device moves)."""
+    key = ("grid_output", act.upper)
+    out = consumer._cache.get(key)
+    if out is None:
+        out = replace(act, inv_step=consumer.input_scale, step=consumer._steps()[0], qmax=consumer.qmax_input)
+        out = replace(out, top=out.top_integer())
+        consumer._cache[key] = out
+    return out
 
 
 def _in_layout(h: torch.Tensor, input_dim: int, layout: torch.memory_format) -> torch.Tensor:

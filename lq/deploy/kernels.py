@@ -91,6 +91,7 @@ class Output:
     step: float = 1.0
     qmax: int = 127
     upper: float | None = None
+    top: int | None = None  # top_integer(), when computed once ahead
 
     @property
     def grid(self) -> bool:
@@ -129,7 +130,8 @@ def onednn_output(out: Output) -> tuple[float, torch.dtype, str, list[float]]:
     round-to-nearest-even into uint8: eq. 7 of the next layer on the activated output.
     """
     if out.grid:
-        return out.step, torch.uint8, "hardtanh", [0.0, out.top_integer() * out.step]
+        top = out.top if out.top is not None else out.top_integer()
+        return out.step, torch.uint8, "hardtanh", [0.0, top * out.step]
     if out.upper is not None:
         return 1.0, torch.float32, "hardtanh", [0.0, out.upper]
     return 1.0, torch.float32, "relu" if out.relu else "none", []
