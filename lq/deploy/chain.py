@@ -64,6 +64,11 @@ class Step:
     out: Output = FLOAT
     feeds: nn.Module | None = field(default=None, repr=False)  # the layer whose input grid ``out`` is
     on_grid: bool = False  # a skip/pool/call between a grid-writing layer and its consumer
+    #: a "call" to one of torch.nn's own modules: they compute the same on any memory layout (others may .view)
+    any_layout: bool = field(init=False, default=False)
+
+    def __post_init__(self) -> None:
+        self.any_layout = type(self.module).__module__.startswith("torch.nn.modules.")
 
 
 def _leaves(seq: nn.Sequential) -> list[tuple[nn.Module, str, nn.Module]]:
@@ -155,8 +160,8 @@ def plan(modules: list[nn.Module]) -> list[Step]:
             i += 1
             continue
         j, kinds = i + 1, []
-        while j < n and _between(modules[j]) is not None:
-            kinds.append(_between(modules[j]))
+        while j < n and (kind := _between(modules[j])) is not None:
+            kinds.append(kind)
             j += 1
         consumer = modules[j] if j < n and _takes_grid(modules[j]) else None
         grid = i in grid_in
@@ -295,9 +300,7 @@ class Int8Sequential(nn.Sequential):
             elif step.kind == "pool":
                 h = max_pool_grid(h, step.module)
             elif step.kind == "call":
-                # torch.nn's own modules compute the same on any memory layout; other code may .view()
-                builtin = type(step.module).__module__.startswith("torch.nn.modules.")
-                h = step.module(h if builtin else _in_layout(h, x.dim(), layout))
+                h = step.module(h if step.any_layout else _in_layout(h, x.dim(), layout))
                 if not step.on_grid and h.is_floating_point():
                     dtype = h.dtype
         return _in_layout(h, x.dim(), layout)
@@ -310,7 +313,6 @@ def _grid_output(act: Output, consumer: nn.Module) -> Output:
     out = consumer._cache.get(key)
     if out is None:
         out = replace(act, inv_step=consumer.input_scale, step=consumer._steps()[0], qmax=consumer.qmax_input)
-        out = replace(out, top=out.top_integer())
         consumer._cache[key] = out
     return out
 

@@ -243,12 +243,12 @@ class Int8Linear(Int8Module):
         t = x2 if grid else kernels.quantize_to_grid(x2, self.input_scale, self.qmax_input)
         kernel = self._kernel(x.device, _LINEAR_KERNELS) if x.numel() else "reference"
         step_x, w_step = self._steps()
-        relu_done = False
+        act_done = False
         if kernel == "fbgemm":
             # the bias is in the pack; fbgemm fuses ReLU but not the requantization (out.finish does it)
             relu = out.relu or out.grid
             y = kernels.fbgemm_linear(t, self._packed_fbgemm, kernels.fbgemm_mode(), relu=relu, nonneg=grid)
-            relu_done = relu and out.upper is None  # fbgemm has no clip: ReLU6 / Hardtanh finish in torch
+            act_done = relu and out.upper is None  # fbgemm has no clip: ReLU6 / Hardtanh finish in torch
         elif kernel == "onednn":
             u, zp, signed = kernels.u8_operand(t, kernels.onednn_mode(), nonneg=grid)
             if t.shape[0] <= SMALL_BATCH:
@@ -260,7 +260,7 @@ class Int8Linear(Int8Module):
                 ).reshape(-1, self.out_features)
             else:
                 y = kernels.onednn_linear(u, zp, self._packed_linear(signed), step_x, w_step, self.bias, out)
-            relu_done = True
+            act_done = True
         elif kernel == "int_mm":
             if "padded" not in self._cache:
                 self._cache["padded"] = kernels.pad_weight_for_int_mm(self.weight)
@@ -274,7 +274,7 @@ class Int8Linear(Int8Module):
             y = (acc * (step_x * w_step).to(dt)).float()
             if self.bias is not None:
                 y = y + self.bias
-        y = out.finish(y, relu_done)
+        y = out.finish(y, act_done)
         if x.dim() != 2:
             y = y.reshape(*lead, self.out_features)
         return y if out.grid or y.dtype == dtype else y.to(dtype)
@@ -348,7 +348,7 @@ class Int8ConvNd(Int8Module):
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
             t = F.pad(t.float(), self._pre_pad, mode=mode)
         step_x, w_step = self._steps()
-        relu_done = False
+        act_done = False
         if x.numel() and self._kernel(x.device, ("onednn",)) == "onednn":
             u, zp, signed = kernels.u8_operand(t, kernels.onednn_mode(), self.groups, nonneg=grid)
             # oneDNN's quantized conv1d/conv3d take no ReLU/clip post-op: floats out, out.finish does the rest
@@ -357,7 +357,7 @@ class Int8ConvNd(Int8Module):
                 u, zp, self._packed(signed, zp), step_x, w_step, self.bias,
                 self.stride, self._kernel_padding(), self.dilation, self.groups, stage,
             )
-            relu_done = self.dims == 2
+            act_done = self.dims == 2
         else:
             terms = (self.in_channels // self.groups) * _prod(self.kernel_size)
             dt = kernels.exact_float_dtype(terms, self.qmax_input, self.qmax, x.device)
@@ -367,7 +367,7 @@ class Int8ConvNd(Int8Module):
             y = (acc * (step_x * w_step).to(dt).reshape(shape)).float()
             if self.bias is not None:
                 y = y + self.bias.reshape(shape)
-        y = out.finish(y, relu_done)
+        y = out.finish(y, act_done)
         return y if out.grid else y.to(dtype)
 
     def extra_repr(self) -> str:

@@ -37,7 +37,7 @@ import logging
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -91,21 +91,22 @@ class Output:
     step: float = 1.0
     qmax: int = 127
     upper: float | None = None
-    top: int | None = None  # top_integer(), when computed once ahead
+    #: the largest integer of the grid output, derived: ``qmax``, or for a clip at ``upper`` the integer the
+    #: unfused model gives it, ``round(upper * s)`` in fp32 (torch's rounding, ties to even). oneDNN clips at
+    #: this integer times the step, not at ``upper``: when ``upper * s`` is a tie, a clip at ``upper`` would
+    #: let the kernel's own rounding move every clipped value at once.
+    top: int = field(init=False, default=127)
+
+    def __post_init__(self) -> None:
+        top = self.qmax
+        if self.grid and self.upper is not None:
+            clip = torch.tensor(self.upper, dtype=torch.float32, device=self.inv_step.device) * self.inv_step
+            top = int(min(self.qmax, float(clip.round())))
+        object.__setattr__(self, "top", top)  # frozen: set once here
 
     @property
     def grid(self) -> bool:
         return self.inv_step is not None
-
-    def top_integer(self) -> int:
-        """The largest integer of the grid output: ``qmax``, or for a clip at ``upper`` the integer the
-        unfused model gives it, ``round(upper * s)`` in fp32 (torch's rounding, ties to even). The kernel
-        clips at this integer times the step, not at ``upper``: when ``upper * s`` is a tie, a clip at
-        ``upper`` would let the kernel's own rounding move every clipped value at once."""
-        if self.upper is None:
-            return self.qmax
-        top = torch.tensor(self.upper, dtype=torch.float32, device=self.inv_step.device) * self.inv_step
-        return int(min(self.qmax, float(top.round())))
 
     def finish(self, y: torch.Tensor, act_done: bool) -> torch.Tensor:
         """Apply what the kernel did not (``act_done``: it applied the activation): the activation on
@@ -125,13 +126,12 @@ FLOAT = Output()
 def onednn_output(out: Output) -> tuple[float, torch.dtype, str, list[float]]:
     """oneDNN's output stage for ``out``: (output scale, dtype, post-op, its scalars).
 
-    The grid output clips ``y`` to ``[0, min(qmax * step, upper)]`` (``hardtanh``: ReLU / ReLU6 plus the
-    upper clip of eq. 7; a plain ``relu`` post-op would saturate at 255) and divides by ``step`` with
+    The grid output clips ``y`` to ``[0, top * step]`` (``hardtanh``: ReLU / ReLU6 plus the upper clip of
+    eq. 7; a plain ``relu`` post-op would saturate at 255) and divides by ``step`` with
     round-to-nearest-even into uint8: eq. 7 of the next layer on the activated output.
     """
     if out.grid:
-        top = out.top if out.top is not None else out.top_integer()
-        return out.step, torch.uint8, "hardtanh", [0.0, top * out.step]
+        return out.step, torch.uint8, "hardtanh", [0.0, out.top * out.step]
     if out.upper is not None:
         return 1.0, torch.float32, "hardtanh", [0.0, out.upper]
     return 1.0, torch.float32, "relu" if out.relu else "none", []
