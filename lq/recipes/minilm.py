@@ -78,27 +78,25 @@ def run(cfg: DictConfig) -> dict:
         rows: dict[str, tuple[float, float]] = {"fp32": (1.0, 1.0)}
         models: dict[str, tuple[SentenceEncoder, tuple[str, float | None]]] = {}
 
+        def score(model: SentenceEncoder, names: Sequence[str], suffix: str = "") -> None:
+            """One row per calibration candidate: mean / min cosine to fp32 on the eval sentences."""
+            for name in names:
+                method, pct = parse_candidate(name)
+                _load(model, method, pct)
+                c = _cosines(model, evals, ref_eval, batch)
+                label = f"PTQ {candidate_label(method, pct)}{suffix}"
+                rows[label] = (float(c.mean()), float(c.min()))
+                models[label] = (model, (method, pct))
+
         plain = _calibrated(encoder, cfg, False, calib, batch)
-        for name in cfg.candidates:
-            method, pct = parse_candidate(name)
-            _load(plain, method, pct)
-            c = _cosines(plain, evals, ref_eval, batch)
-            label = f"PTQ {candidate_label(method, pct)}"
-            rows[label] = (float(c.mean()), float(c.min()))
-            models[label] = (plain, (method, pct))
+        score(plain, cfg.candidates)
         hists = tracking.log_calibration_histograms(
             logger, plain, out, _layers(cfg), tuple(cfg.tracking.get("percentiles", (99.9, 99.99, 99.999)))
         )
         gelu = None
         if cfg.get("gelu10_candidates"):
             gelu = _calibrated(encoder, cfg, True, calib, batch)
-            for name in cfg.gelu10_candidates:
-                method, pct = parse_candidate(name)
-                _load(gelu, method, pct)
-                c = _cosines(gelu, evals, ref_eval, batch)
-                label = f"PTQ {candidate_label(method, pct)} + GELU10"
-                rows[label] = (float(c.mean()), float(c.min()))
-                models[label] = (gelu, (method, pct))
+            score(gelu, cfg.gelu10_candidates, " + GELU10")
             tracking.log_calibration_histograms(logger, gelu, out, _layers(cfg), (99.99,), tag="gelu10")
 
         best = max((k for k in rows if k != "fp32"), key=lambda k: rows[k][0])
