@@ -23,6 +23,8 @@ from lq.ops import int8_conv_kernels as K
 from lq.ops.quantize import quantize_along
 from lq.quant.functional import qmax
 
+from kernel_routing import expected_conv_kernel
+
 CONFIGS = {
     "8bit": Int8ComputeConfig(grad_clip=False),
     "7bit": Int8ComputeConfig.for_cpu_without_vnni(grad_clip=False),
@@ -36,13 +38,6 @@ CASES = [
     (2, 4, 6, 8, 8, (1, 1), 1, 0, 1, 1),  # 1x1
     (1, 5, 4, 12, 12, (5, 5), 3, 3, 1, 1),  # padding > dilation*(k-1)/2, stride 3
 ]
-
-
-@pytest.fixture(autouse=True)
-def _quiet_fallback():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        yield
 
 
 def _run(x, w, b, args, cfg, g):
@@ -118,13 +113,21 @@ def test_fast_kernels_equal_reference_integers(case):
     qx, qw, qg = 63, 127, 127  # exact on every x86 CPU (7-bit shifted source)
     xq, wq = _ints((n, c, h, wd), qx, gen), _ints((o, c // grp, *k), qw, gen)
     one, ones = torch.ones(1), torch.ones(o)
-    fwd = torch.ops.lq.int8_conv2d(xq, wq, one, ones, qx, qw, None, st, pa, di, grp)
+    with hw.record_kernels() as ran:
+        fwd = torch.ops.lq.int8_conv2d(xq, wq, one, ones, qx, qw, None, st, pa, di, grp)
+    assert ran == [f"int8_conv2d:{expected_conv_kernel('int8_conv2d', qx, qw, c // grp * k[0] * k[1])}"]
     assert torch.equal(fwd, K.conv2d_fwd_reference(xq, wq, one, ones, qx, qw, None, st, pa, di, grp))
     gq = _ints(tuple(fwd.shape), qg, gen)
     wq7 = _ints((o, c // grp, *k), 63, gen)  # grad_input: g is oneDNN's unsigned source (8-bit x 7-bit)
-    gi = torch.ops.lq.int8_conv2d_grad_input(gq, wq7, one, qg, 63, list(xq.shape), st, pa, di, grp)
+    with hw.record_kernels() as ran:
+        gi = torch.ops.lq.int8_conv2d_grad_input(gq, wq7, one, qg, 63, list(xq.shape), st, pa, di, grp)
+    op = "int8_conv2d_grad_input"
+    assert ran == [f"{op}:{expected_conv_kernel(op, qg, 63, o // grp * k[0] * k[1])}"]
     assert torch.equal(gi, K.conv2d_grad_input_reference(gq, wq7, one, qg, 63, list(xq.shape), st, pa, di, grp))
-    gw = torch.ops.lq.int8_conv2d_grad_weight(gq, xq, ones, one, qg, qx, list(wq.shape), st, pa, di, grp)
+    with hw.record_kernels() as ran:
+        gw = torch.ops.lq.int8_conv2d_grad_weight(gq, xq, ones, one, qg, qx, list(wq.shape), st, pa, di, grp)
+    op = "int8_conv2d_grad_weight"
+    assert ran[0] == f"{op}:{expected_conv_kernel(op, qx, qg, 0)}"
     assert torch.equal(gw, K.conv2d_grad_weight_reference(gq, xq, ones, one, qg, qx, list(wq.shape), st, pa, di, grp))
 
 
@@ -135,7 +138,12 @@ def test_fast_path_matches_reference_path(cfg_name):
     x, w, b = torch.randn(2, 8, 9, 9), torch.randn(8, 4, 3, 3), torch.randn(8)
     args = (2, 1, 1, 2)
     g = torch.randn_like(F.conv2d(x, w, b, *args))
-    fast = _run(x, w, b, args, cfg, g)
+    with hw.record_kernels() as ran:
+        fast = _run(x, w, b, args, cfg, g)
+    qa, qw, qg = qmax(cfg.act_bits), qmax(cfg.weight_bits), qmax(cfg.grad_bits)
+    assert f"int8_conv2d:{expected_conv_kernel('int8_conv2d', qa, qw, 4 * 9)}" in ran
+    assert f"int8_conv2d_grad_input:{expected_conv_kernel('int8_conv2d_grad_input', qg, qw, 4 * 9)}" in ran
+    assert f"int8_conv2d_grad_weight:{expected_conv_kernel('int8_conv2d_grad_weight', qa, qg, 0)}" in ran
     ref = _run(x, w, b, args, replace(cfg, use_fast_kernels=False), g)
     for f, r in zip(fast, ref):
         torch.testing.assert_close(f, r, rtol=1e-6, atol=1e-5)

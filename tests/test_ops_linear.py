@@ -22,6 +22,8 @@ from lq.ops.int8_mm import int8_mm_reference
 from lq.ops.quantize import quantize_along
 from lq.quant.functional import qmax
 
+from kernel_routing import expected_mm_kernel
+
 # 8/8/8 bits (the default; on CPUs without VNNI the GEMMs run the exact reference kernel) and 7/7/8 bits
 # (the configuration whose oneDNN kernels are exact on CPUs without VNNI).
 CONFIGS = {
@@ -29,13 +31,6 @@ CONFIGS = {
     "7bit": Int8ComputeConfig.for_cpu_without_vnni(grad_clip=False),
 }
 SHAPES = [(1, 7, 5), (33, 70, 20), (64, 129, 31), (5, 1, 3)]
-
-
-@pytest.fixture(autouse=True)
-def _quiet_fallback():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        yield
 
 
 def _run(x, w, b, cfg, g):
@@ -94,7 +89,9 @@ def test_fast_kernel_equals_reference_integers(m, k, n, a_q, b_q):
     a = torch.randint(-a_q, a_q + 1, (m, k), dtype=torch.int8)
     b = torch.randint(-b_q, b_q + 1, (n, k), dtype=torch.int8)
     one = torch.ones(1)
-    fast = torch.ops.lq.int8_mm(a, b, one, one, a_q, b_q, None)
+    with hw.record_kernels() as ran:
+        fast = torch.ops.lq.int8_mm(a, b, one, one, a_q, b_q, None)
+    assert ran == [f"int8_mm:{expected_mm_kernel(m, k, n, a_q, b_q)}"]
     exact = a.long() @ b.long().t()
     assert torch.equal(fast, exact.float())  # |sums| < 2^24 here: fp32 holds the int32 result exactly
     assert torch.equal(int8_mm_reference(a, b, one, one, a_q, b_q, None), exact.float())
@@ -107,7 +104,11 @@ def test_fast_path_matches_reference_path(cfg_name):
     cfg = CONFIGS[cfg_name]
     torch.manual_seed(1)
     x, w, b, g = torch.randn(40, 50), torch.randn(24, 50), torch.randn(24), torch.randn(40, 24)
-    fast = _run(x, w, b, cfg, g)
+    with hw.record_kernels() as ran:
+        fast = _run(x, w, b, cfg, g)
+    qa, qw, qg = qmax(cfg.act_bits), qmax(cfg.weight_bits), qmax(cfg.grad_bits)
+    # forward [40, 50] x [24, 50]; grad_input [40, 24] x [50, 24]; grad_weight [24, 40] x [50, 40]
+    assert ran == [f"int8_mm:{expected_mm_kernel(*s)}" for s in ((40, 50, 24, qa, qw), (40, 24, 50, qg, qw), (24, 40, 50, qg, qa))]
     ref = _run(x, w, b, replace(cfg, use_fast_kernels=False), g)
     for f, r in zip(fast, ref):
         torch.testing.assert_close(f, r, rtol=1e-6, atol=1e-6)  # same integers, scaled in another order

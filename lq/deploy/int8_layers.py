@@ -98,6 +98,14 @@ class Int8Module(nn.Module):
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _to_grid(self, x: torch.Tensor, inv_step: torch.Tensor, qmax: int) -> torch.Tensor:
+        """``kernels.quantize_to_grid`` with the layer's name on a NaN/Inf error (for layers with their own
+        ``forward``)."""
+        try:
+            return kernels.quantize_to_grid(x, inv_step, qmax)
+        except FloatingPointError as err:
+            raise FloatingPointError(f"{self.name}: {err}") from None
+
     # --------------------------------------------------------------------------------- guards and cache
     def _check_inference(self, *inputs: torch.Tensor) -> None:
         if self.training:
@@ -242,6 +250,7 @@ class Int8Linear(Int8Module):
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # (at batch 1 every skipped call counts)
         t = x2 if grid else kernels.quantize_to_grid(x2, self.input_scale, self.qmax_input)
         kernel = self._kernel(x.device, _LINEAR_KERNELS) if x.numel() else "reference"
+        hw.ran("Int8Linear", kernel)
         step_x, w_step = self._steps()
         act_done = False
         if kernel == "fbgemm":
@@ -318,14 +327,14 @@ class Int8ConvNd(Int8Module):
         m = cls(conv, name, bits_w, backend, bits_x)
         return _load_quantized(m, conv, weight_amax, axis=0)
 
-    def _packed(self, signed: bool, zero_point: int) -> torch.Tensor:
-        key = f"packed_{signed}_{zero_point}"
+    def _packed(self, signed: bool, zero_point: int, stride: tuple[int, ...], padding: tuple[int, ...]) -> torch.Tensor:
+        key = f"packed_{signed}_{zero_point}_{stride}_{padding}"
         if key not in self._cache:
             w = kernels.signed_weight(self.weight) if signed else self.weight
             step_x, w_step = self._steps()
             self._cache[key] = torch.ops.onednn.qconv_prepack(
                 w, w_step, step_x, zero_point,
-                list(self.stride), self._kernel_padding(), list(self.dilation), self.groups, None,
+                list(stride), list(padding), list(self.dilation), self.groups, None,
             )
         return self._cache[key]
 
@@ -349,14 +358,20 @@ class Int8ConvNd(Int8Module):
             t = F.pad(t.float(), self._pre_pad, mode=mode)
         step_x, w_step = self._steps()
         act_done = False
-        if x.numel() and self._kernel(x.device, ("onednn",)) == "onednn":
+        kernel = self._kernel(x.device, ("onednn",)) if x.numel() else "reference"
+        hw.ran(f"Int8Conv{self.dims}d", kernel)
+        if kernel == "onednn":
             u, zp, signed = kernels.u8_operand(t, kernels.onednn_mode(), self.groups, nonneg=grid)
             # oneDNN's quantized conv1d/conv3d take no ReLU/clip post-op: floats out, out.finish does the rest
             stage = out if self.dims == 2 else kernels.FLOAT
-            y = kernels.onednn_conv(
-                u, zp, self._packed(signed, zp), step_x, w_step, self.bias,
-                self.stride, self._kernel_padding(), self.dilation, self.groups, stage,
-            )
+            # a single output position with stride > 1 is a shape class oneDNN gets wrong (lq.ops.hardware)
+            plan = hw.onednn_conv_plan(u.shape[2:], self.kernel_size, self.stride, self._kernel_padding(), self.dilation)
+            if plan.pre_pad is not None:
+                u = F.pad(u, plan.pre_pad, value=zp)
+            y = plan.finish(kernels.onednn_conv(
+                u, zp, self._packed(signed, zp, tuple(plan.stride), tuple(plan.padding)), step_x, w_step, self.bias,
+                plan.stride, plan.padding, self.dilation, self.groups, stage,
+            ))
             act_done = self.dims == 2
         else:
             terms = (self.in_channels // self.groups) * _prod(self.kernel_size)
@@ -406,7 +421,7 @@ class Int8ConvTranspose2d(Int8Module):
         output_padding = nn.modules.conv._ConvTransposeNd._output_padding(
             self, x, output_size, list(self.stride), list(self.padding), list(self.kernel_size), 2, list(self.dilation)
         )
-        t = kernels.quantize_to_grid(x, self.input_scale, self.qmax_input)
+        t = self._to_grid(x, self.input_scale, self.qmax_input)
         # each output sums at most (in/groups) * kH * kW products
         terms = (self.in_channels // self.groups) * _prod(self.kernel_size)
         dt = kernels.exact_float_dtype(terms, self.qmax_input, self.qmax, x.device)
@@ -450,8 +465,8 @@ class Int8Matmul(Int8Module):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         self._check_inference(a, b)
-        ta = kernels.quantize_to_grid(a, self.input_scale, self.qmax)
-        tb = kernels.quantize_to_grid(b, self.other_scale, self.qmax_other)
+        ta = self._to_grid(a, self.input_scale, self.qmax)
+        tb = self._to_grid(b, self.other_scale, self.qmax_other)
         k = a.shape[-1] if a.dim() > 0 else 1
         dt = kernels.exact_float_dtype(k, self.qmax, self.qmax_other, a.device)
         acc = torch.matmul(ta.to(dt), tb.to(dt))

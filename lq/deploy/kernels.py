@@ -63,14 +63,28 @@ _FP32_EXACT = 2**24
 
 
 # ------------------------------------------------------------------------------------------ activations
-def quantize_to_grid(x: torch.Tensor, inv_step: torch.Tensor, qmax: int, relu: bool = False) -> torch.Tensor:
+def quantize_to_grid(
+    x: torch.Tensor, inv_step: torch.Tensor, qmax: int, relu: bool = False, check: bool = True
+) -> torch.Tensor:
     """Eq. 7 on an activation: ``clip(round(x * s), -qmax, qmax)``, kept as an fp32 tensor of integers.
 
     ``inv_step`` is ``s = 1 / step`` as an fp32 scalar tensor, the very value torch's fake-quant kernel
     multiplies by, so the integers equal those of the fake-quant model bit for bit. ``relu=True`` quantizes
     ``relu(x)`` (lower clip 0; exact, since the quantizer is monotone with ``Q(0) = 0``).
+
+    Raises ``FloatingPointError`` when ``x`` holds NaN or Inf (the caller adds the layer name): the clamp
+    would turn Inf into ``qmax`` and the uint8 cast of the kernels NaN into a number, silently, on every host.
+    One ``aminmax`` pass finds both (it propagates NaN). ``check=False`` skips it for values an integer
+    kernel just produced (finite by construction).
     """
     t = (x if x.dtype == torch.float32 else x.float()) * inv_step
+    if check and t.numel():
+        lo, hi = torch.aminmax(t)
+        if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
+            what = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+            raise FloatingPointError(
+                f"{what} in the input: int8 kernels cannot represent it (check the data or the previous layer)"
+            )
     return t.round_().clamp_(0 if relu else -qmax, qmax)
 
 
@@ -117,7 +131,7 @@ class Output:
             y = y.clamp_(0.0, self.upper)
         elif not act_done and self.relu:
             y = y.relu_()
-        return quantize_to_grid(y, self.inv_step, self.qmax, relu=True) if self.grid else y
+        return quantize_to_grid(y, self.inv_step, self.qmax, relu=True, check=False) if self.grid else y
 
 
 FLOAT = Output()

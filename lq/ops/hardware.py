@@ -17,9 +17,12 @@ than fp32 ``mm`` on this machine, so the CPU GEMM kernel uses oneDNN's ``qlinear
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import logging
 import warnings
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -167,6 +170,65 @@ def onednn_mode() -> str:
     return mode
 
 
+@dataclasses.dataclass(frozen=True)
+class OnednnConvPlan:
+    """How to run one convolution on oneDNN's int8 kernel so that it is exact (see :func:`onednn_conv_plan`).
+
+    ``pre_pad``: ``F.pad`` widths to apply to the u8 input with its zero point first (``None``: none);
+    ``stride`` / ``padding``: what to give oneDNN; ``keep``: the slice of its output to keep (``None``: all).
+    """
+
+    stride: list[int]
+    padding: list[int]
+    pre_pad: list[int] | None
+    keep: tuple[slice, ...] | None
+
+    def finish(self, y: "torch.Tensor") -> "torch.Tensor":
+        return y if self.keep is None else y[self.keep].clone(memory_format=torch.preserve_format)
+
+
+def onednn_conv_plan(
+    in_sizes: Sequence[int], kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]
+) -> OnednnConvPlan:
+    """Route around the shape classes where oneDNN's u8 x s8 convolution returns wrong values, with the same
+    numbers. Both were found by ``tests/test_kernels_differential.py`` on the AVX-512 VNNI host:
+
+    * an output size of 1 with a stride > 1 along that dimension (e.g. a (1, 5) kernel, stride (1, 2), on a
+      width-5 input; dense and grouped): with one output position the stride does not matter, so run
+      stride 1 there and keep position 0 (a few extra columns, fewer than one stride);
+    * an output window whose taps all fall in the padding (wide padding, or dilation stepping over a short
+      input; garbage there, seen with one input channel per group): pad the input explicitly with the
+      zero point (= real 0) and run without padding.
+
+    Cached per geometry: converted models call this on every forward.
+    """
+    return _onednn_conv_plan(tuple(in_sizes), tuple(kernel), tuple(stride), tuple(padding), tuple(dilation))
+
+
+def _window_in_padding(n: int, k: int, s: int, p: int, d: int) -> bool:
+    """Whether some output position's taps ``o*s - p + j*d`` (j < k) all miss the input ``[0, n)``."""
+    out = (n + 2 * p - d * (k - 1) - 1) // s + 1
+    return any(not any(0 <= o * s - p + j * d < n for j in range(k)) for o in range(out))
+
+
+@functools.lru_cache(maxsize=4096)
+def _onednn_conv_plan(in_sizes, kernel, stride, padding, dilation) -> OnednnConvPlan:
+    dims = len(in_sizes)
+    new_stride, new_padding, keep = list(stride), list(padding), [slice(None), slice(None)]
+    pre_pad = None
+    if any(a[3] > 0 and _window_in_padding(*a) for a in zip(in_sizes, kernel, stride, padding, dilation)):
+        pre_pad = [v for p in reversed(padding) for v in (p, p)]
+        in_sizes = [n + 2 * p for n, p in zip(in_sizes, padding)]
+        new_padding = [0] * dims
+    for i in range(dims):
+        n, k, s, p, d = in_sizes[i], kernel[i], stride[i], new_padding[i], dilation[i]
+        single = s > 1 and (n + 2 * p - d * (k - 1) - 1) // s + 1 == 1
+        new_stride[i] = 1 if single else s
+        keep.append(slice(0, 1) if single else slice(None))
+    changed = any(k != slice(None) for k in keep)
+    return OnednnConvPlan(new_stride, new_padding, pre_pad, tuple(keep) if changed else None)
+
+
 def max_exact_reduction(a_max: int, b_max: int) -> int:
     """Longest reduction whose int32 accumulator cannot overflow: ``a_max * b_max * K <= 2^31 - 1``.
 
@@ -181,6 +243,34 @@ def warn_once(key: str, message: str) -> None:
         return
     _warned.add(key)
     warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+#: active :func:`record_kernels` lists (empty: recording costs one truthiness test per kernel call)
+_RECORDERS: list[list[str]] = []
+
+
+@contextlib.contextmanager
+def record_kernels() -> Iterator[list[str]]:
+    """Record which kernel each int8 op ran while the block is active, as ``"op:kernel"`` strings in call order.
+
+    ``with record_kernels() as ran: lq.ops.int8_mm(...)`` then ``ran == ["int8_mm:int_mm"]`` (or
+    ``"int8_mm:onednn"``, ``"int8_mm:reference"``, ...). Tests use it to assert that the fast kernel a host
+    should use actually ran -- a differential test that silently compared the reference with itself could
+    never fail -- and users can use it to see where their shapes fall back.
+    """
+    ran: list[str] = []
+    _RECORDERS.append(ran)
+    try:
+        yield ran
+    finally:
+        _RECORDERS.remove(ran)
+
+
+def ran(op: str, kernel: str) -> None:
+    """Note that ``op`` ran ``kernel`` (for :func:`record_kernels`; a no-op when nothing records)."""
+    if _RECORDERS:
+        for log_ in _RECORDERS:
+            log_.append(f"{op}:{kernel}")
 
 
 def reset_warnings() -> None:

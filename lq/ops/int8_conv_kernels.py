@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from lq.ops import hardware as hw
-from lq.ops.int8_mm import int8_mm, onednn_qlinear
+from lq.ops.int8_mm import int8_mm, onednn_qlinear, reduction_chunks
 
 __all__ = [
     "conv2d_fwd_reference",
@@ -98,6 +98,7 @@ def int8_conv2d_fwd(
 ) -> torch.Tensor:
     """conv2d of int8 ``x [N, C, H, W]`` (per-tensor ``x_step [1]``) and int8 ``w [O, C/g, kh, kw]``
     (``w_step [O]``), fp32 output ``+ bias``. Scales factor out of the (C/g, kh, kw) reduction (eq. 10)."""
+    hw.ran("int8_conv2d", "reference")  # devices without a registered fast kernel
     return conv2d_fwd_reference(x, w, x_step, w_step, x_qmax, w_qmax, bias, stride, padding, dilation, groups)
 
 
@@ -125,6 +126,7 @@ def int8_conv2d_grad_input(
 
     The weight's own scale varies along O, which this product sums over, so the caller folds it into ``g``
     before quantizing ``g`` (then the integer weight enters unscaled)."""
+    hw.ran("int8_conv2d_grad_input", "reference")
     return conv2d_grad_input_reference(g, w, g_step, g_qmax, w_qmax, input_size, stride, padding, dilation, groups)
 
 
@@ -149,6 +151,7 @@ def int8_conv2d_grad_weight(
 ) -> torch.Tensor:
     """Weight gradient of conv2d from int8 ``g [N, O, Ho, Wo]`` (``g_step [O]``: one scale per output
     channel, constant along the reduced N, Ho, Wo) and the saved int8 input (per-tensor ``x_step``)."""
+    hw.ran("int8_conv2d_grad_weight", "reference")
     return conv2d_grad_weight_reference(
         g, x, g_step, x_step, g_qmax, x_qmax, weight_size, stride, padding, dilation, groups
     )
@@ -194,12 +197,18 @@ def _fast_conv_ok(kind: str, u_qmax: int, w_qmax: int, reduction: int) -> bool:
 def _conv_fwd_cpu(x, w, x_step, w_step, x_qmax, w_qmax, bias, stride, padding, dilation, groups):
     reduction = w.shape[1] * w.shape[2] * w.shape[3]
     if not _fast_conv_ok("int8_conv2d", x_qmax, w_qmax, reduction):
+        hw.ran("int8_conv2d", "reference")
         return conv2d_fwd_reference(x, w, x_step, w_step, x_qmax, w_qmax, bias, stride, padding, dilation, groups)
+    hw.ran("int8_conv2d", "onednn")
     u, zp = hw.to_biased_u8(x.contiguous(), x_qmax)
     o = w.shape[0]
     w_scale = w_step.float().reshape(-1).expand(o).contiguous()
     b = None if bias is None else bias.float().contiguous()
-    return _qconv(u, zp, float(x_step), w.contiguous(), w_scale, b, stride, padding, dilation, groups)
+    plan = hw.onednn_conv_plan(x.shape[2:], w.shape[2:], stride, padding, dilation)
+    if plan.pre_pad is not None:
+        u = F.pad(u, plan.pre_pad, value=zp)
+    y = _qconv(u, zp, float(x_step), w.contiguous(), w_scale, b, plan.stride, plan.padding, dilation, groups)
+    return plan.finish(y)
 
 
 def transposed_conv_weight(w: torch.Tensor, groups: int) -> torch.Tensor:
@@ -215,7 +224,9 @@ def _conv_grad_input_cpu(g, w, g_step, g_qmax, w_qmax, input_size, stride, paddi
     o, _, kh, kw = w.shape
     reduction = (o // groups) * kh * kw
     if not _fast_conv_ok("int8_conv2d_grad_input", g_qmax, w_qmax, reduction):
+        hw.ran("int8_conv2d_grad_input", "reference")
         return conv2d_grad_input_reference(g, w, g_step, g_qmax, w_qmax, input_size, stride, padding, dilation, groups)
+    hw.ran("int8_conv2d_grad_input", "onednn")
     op = _output_padding(input_size, g.shape, w.shape, stride, padding, dilation)
     u, zp = hw.to_biased_u8(g.contiguous(), g_qmax)
     n, _, ho, wo = g.shape
@@ -277,13 +288,13 @@ def _grad_weight_onednn(g, x, g_step, x_step, g_qmax, x_qmax, weight_size, strid
     cols = cols.reshape(groups, cg * kh * kw, r)
     gm = g.transpose(0, 1).reshape(groups, o // groups, r)  # [O, N*Ho*Wo]: reduced dim contiguous
     g_scale = g_step.float().reshape(-1).expand(o).reshape(groups, o // groups)
-    chunk = hw.max_exact_reduction(hw.biased_u8_max(x_qmax), g_qmax)
+    chunks = reduction_chunks(r, hw.max_exact_reduction(hw.biased_u8_max(x_qmax), g_qmax))
     outs = []
     for i in range(groups):
         acc = None
-        for r0 in range(0, r, chunk):
-            uc = cols[i, :, r0 : r0 + chunk]
-            wc = gm[i, :, r0 : r0 + chunk]
+        for r0, r1 in chunks:
+            uc = cols[i, :, r0:r1]
+            wc = gm[i, :, r0:r1]
             part = onednn_qlinear(uc.contiguous(), zp, wc.contiguous(), float(x_step), g_scale[i].contiguous())
             acc = part if acc is None else acc.add_(part)
         outs.append(acc.t())  # [O/g, C/g*kh*kw]
@@ -294,7 +305,9 @@ def _grad_weight_onednn(g, x, g_step, x_step, g_qmax, x_qmax, weight_size, strid
 @int8_conv2d_grad_weight.register_kernel("cpu")
 def _conv_grad_weight_cpu(g, x, g_step, x_step, g_qmax, x_qmax, weight_size, stride, padding, dilation, groups):
     if not hw.cpu_int_mm_is_fast() and hw.u8s8_exact(x_qmax, g_qmax):
+        hw.ran("int8_conv2d_grad_weight", "onednn")
         return _grad_weight_onednn(g, x, g_step, x_step, g_qmax, x_qmax, weight_size, stride, padding, dilation, groups)
+    hw.ran("int8_conv2d_grad_weight", "im2col_int8_mm")  # lq::int8_mm records its own kernel per group
     o, cg, kh, kw = weight_size
     cols = int8_unfold(x, (kh, kw), stride, padding, dilation)  # [C, kh, kw, N, Ho, Wo]
     r = cols.shape[3] * cols.shape[4] * cols.shape[5]

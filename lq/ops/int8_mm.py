@@ -90,6 +90,7 @@ def int8_mm(
     ``a_step``: ``[M]`` or ``[1]``; ``b_step``: ``[N]`` or ``[1]``; ``|a| <= a_qmax``, ``|b| <= b_qmax``
     (used to pick exact kernels and overflow-free chunking).
     """
+    hw.ran("int8_mm", "reference")  # devices without a registered fast kernel
     return int8_mm_reference(a, b, a_step, b_step, a_qmax, b_qmax, bias)
 
 
@@ -99,20 +100,39 @@ def _(a, b, a_step, b_step, a_qmax, b_qmax, bias):
 
 
 # --------------------------------------------------------------------------------------------- CPU
+def reduction_chunks(k: int, chunk: int, multiple: int = 1) -> list[tuple[int, int]]:
+    """``[k0, k1)`` ranges covering ``range(k)``, each at most ``chunk`` long, of near-equal length.
+
+    Balanced rather than ``chunk, chunk, ..., rest``: a rest of length 1 would hit the K = 1 shape class
+    that ``torch._int_mm`` gets wrong on CPU. ``multiple``: every boundary but the last on that multiple
+    (CUDA's ``_int_mm`` wants K % 8 == 0; then ``chunk`` must be at least ``multiple``).
+    """
+    if k <= chunk:
+        return [(0, k)]
+    units, per = -(-k // multiple), max(1, chunk // multiple)
+    pieces = -(-units // per)
+    bounds = [min(k, (i * units // pieces) * multiple) for i in range(pieces + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def int_mm_covers(m: int, k: int, n: int) -> bool:
+    """Shape classes where CPU ``torch._int_mm`` is exact, as measured: K = 1 with N > 1 returns wrong sums
+    on the AVX-512 VNNI host (every M; ``tests/test_kernels_differential.py`` checks all classes against the
+    reference on whatever host runs the tests)."""
+    return k >= 2 or n == 1
+
+
 def _int_mm_chunked(a: torch.Tensor, b: torch.Tensor, a_qmax: int, b_qmax: int) -> torch.Tensor:
     """int32 ``a @ b^T`` via bitsandbytes' ``int8_linear_matmul`` (-> ``torch._int_mm``), reduction split so
     that no chunk can overflow int32; chunk partials are summed in fp32 (returned fp32)."""
     import bitsandbytes  # noqa: F401  (registers torch.ops.bitsandbytes)
 
     k = a.shape[1]
-    chunk = hw.max_exact_reduction(a_qmax, b_qmax)
-    if k <= chunk:
-        return torch.ops.bitsandbytes.int8_linear_matmul.default(a, b).float()
     out = None
-    for k0 in range(0, k, chunk):
-        part = torch.ops.bitsandbytes.int8_linear_matmul.default(
-            a[:, k0 : k0 + chunk].contiguous(), b[:, k0 : k0 + chunk].contiguous()
-        ).float()
+    for k0, k1 in reduction_chunks(k, hw.max_exact_reduction(a_qmax, b_qmax)):
+        ac = a if k1 - k0 == k else a[:, k0:k1].contiguous()
+        bc = b if k1 - k0 == k else b[:, k0:k1].contiguous()
+        part = torch.ops.bitsandbytes.int8_linear_matmul.default(ac, bc).float()
         out = part if out is None else out.add_(part)
     return out
 
@@ -137,11 +157,10 @@ def _onednn_mm(
     per_tensor = u_step.numel() == 1
     u_scale = float(u_step) if per_tensor else 1.0
     k = u.shape[1]
-    chunk = hw.max_exact_reduction(hw.biased_u8_max(u_qmax), w_qmax)
     out = None
-    for k0 in range(0, k, chunk):
-        uc = u if k <= chunk else u[:, k0 : k0 + chunk].contiguous()
-        wc = w if k <= chunk else w[:, k0 : k0 + chunk].contiguous()
+    for k0, k1 in reduction_chunks(k, hw.max_exact_reduction(hw.biased_u8_max(u_qmax), w_qmax)):
+        uc = u if k1 - k0 == k else u[:, k0:k1].contiguous()
+        wc = w if k1 - k0 == k else w[:, k0:k1].contiguous()
         part = onednn_qlinear(uc, zp, wc, u_scale, w_scale)
         out = part if out is None else out.add_(part)
     if not per_tensor:
@@ -152,13 +171,29 @@ def _onednn_mm(
 @int8_mm.register_kernel("cpu")
 def _int8_mm_cpu(a, b, a_step, b_step, a_qmax, b_qmax, bias):
     _check(a, b)
-    if hw.cpu_int_mm_is_fast():
+    m, k = a.shape
+    n = b.shape[0]
+    if m == 0 or n == 0 or k == 0:
+        hw.ran("int8_mm", "reference")
+        return int8_mm_reference(a, b, a_step, b_step, a_qmax, b_qmax, bias)
+    if hw.cpu_int_mm_is_fast() and int_mm_covers(m, k, n):
+        hw.ran("int8_mm", "int_mm")
         out = _int_mm_chunked(a, b, a_qmax, b_qmax)
         out.mul_(a_step.float().reshape(-1, 1)).mul_(b_step.float().reshape(1, -1))
+    elif hw.cpu_int_mm_is_fast() and not (hw.u8s8_exact(a_qmax, b_qmax) or hw.u8s8_exact(b_qmax, a_qmax)):
+        hw.warn_once(
+            "int8_mm:int_mm-k1",
+            f"lq::int8_mm: torch._int_mm on CPU returns wrong sums for K = 1 (here M={m}, N={n}); using the "
+            "exact reference kernel for this shape class.",
+        )
+        hw.ran("int8_mm", "reference")
+        return int8_mm_reference(a, b, a_step, b_step, a_qmax, b_qmax, bias)
     elif hw.u8s8_exact(a_qmax, b_qmax):
+        hw.ran("int8_mm", "onednn")
         out = _onednn_mm(a, a_qmax, a_step, b, b_qmax, b_step)
     elif hw.u8s8_exact(b_qmax, a_qmax):
         # out^T = b @ a^T: the operand with the narrower range becomes oneDNN's unsigned source.
+        hw.ran("int8_mm", "onednn_transposed")
         out = _onednn_mm(b, b_qmax, b_step, a, a_qmax, a_step).t()
     else:
         hw.warn_once(
@@ -167,6 +202,7 @@ def _int8_mm_cpu(a, b, a_step, b_step, a_qmax, b_qmax, bias):
             f"{b_qmax}-range operands; using the exact (slower) reference kernel. Int8ComputeConfig."
             "for_cpu_without_vnni() (7-bit activations and weights) enables the fast kernels.",
         )
+        hw.ran("int8_mm", "reference")
         return int8_mm_reference(a, b, a_step, b_step, a_qmax, b_qmax, bias)
     if bias is not None:
         out = out + bias.float()
@@ -186,12 +222,13 @@ def _int8_mm_cuda(a, b, a_step, b_step, a_qmax, b_qmax, bias):
             f"lq::int8_mm: shape M={m}, K={k}, N={n} is outside torch._int_mm's CUDA constraints "
             "(M > 16, K and N multiples of 8); using the reference kernel for such shapes.",
         )
+        hw.ran("int8_mm", "reference")
         return int8_mm_reference(a, b, a_step, b_step, a_qmax, b_qmax, bias)
-    chunk = hw.max_exact_reduction(a_qmax, b_qmax) // 8 * 8
+    hw.ran("int8_mm", "int_mm")
     out = None
-    for k0 in range(0, k, chunk):
+    for k0, k1 in reduction_chunks(k, hw.max_exact_reduction(a_qmax, b_qmax), multiple=8):
         # mat2 = b_chunk^T [Kc, N] as a column-major view, the layout cuBLASLt's IGEMM wants
-        part = torch._int_mm(a[:, k0 : k0 + chunk].contiguous(), b[:, k0 : k0 + chunk].contiguous().t()).float()
+        part = torch._int_mm(a[:, k0:k1].contiguous(), b[:, k0:k1].contiguous().t()).float()
         out = part if out is None else out.add_(part)
     out.mul_(a_step.float().reshape(-1, 1)).mul_(b_step.float().reshape(1, -1))
     if bias is not None:

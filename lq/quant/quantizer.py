@@ -178,6 +178,8 @@ class TensorQuantizer(nn.Module):
                 else:
                     dims = [d for d in range(x.dim()) if d != self.axis % x.dim()]
                     self.amax.copy_(x.detach().abs().amax(dim=dims).float())
+            if not bool(torch.isfinite(self.amax).all()):  # amax is tiny: this check is free
+                self._raise_non_finite(x)
             out = fake_quant(x, self.amax, self.spec.bits, self.axis, in_range=True)  # amax = max |x|
             self.__dict__["_dynamic_cache"] = (key, out.detach()) if cacheable else None
             return out
@@ -186,9 +188,28 @@ class TensorQuantizer(nn.Module):
                 f"layer '{self.name}' is quantized but has no calibrated range: run "
                 "lq.calibrate(model, data) first (or disable it with lq.quantization_disabled)"
             )
+        self._check_finite(x)
         if self.spec.learn_range and self.training:
             return fake_quant_learned_range(x, self.amax, self.spec.bits, self.axis)
         return fake_quant(x, self.amax, self.spec.bits, self.axis)
+
+    def _check_finite(self, x: torch.Tensor) -> None:
+        """NaN/Inf in a quantized input is an error naming the layer, never a silent number: eq. 7's clamp
+        would turn Inf into ``amax`` and NaN would spread through the fake-quantized model. One fp32 sum
+        pass (NaN and Inf make it non-finite); a sum that merely overflowed is confirmed element-wise."""
+        if x.numel() and not bool(torch.isfinite(x.detach().sum(dtype=torch.float32))):
+            if not bool(torch.isfinite(x.detach()).all()):
+                self._raise_non_finite(x)
+
+    def _raise_non_finite(self, x: torch.Tensor) -> None:
+        what = "NaN" if bool(torch.isnan(x.detach()).any()) else "Inf"
+        layer, _, role = self.name.rpartition(".")
+        role = role.removesuffix("_quantizer") if layer else "input"
+        raise FloatingPointError(
+            f"layer '{layer or self.name}': {what} in its quantized {role}; int8 cannot "
+            "represent it. Check the input data, or the previous layer (a diverging model: lower the learning "
+            "rate or clip gradients)"
+        )
 
     def extra_repr(self) -> str:
         gran = f"per_channel(axis={self.axis})" if self.axis is not None else "per_tensor"

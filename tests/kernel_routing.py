@@ -1,0 +1,33 @@
+"""Which kernel each int8 op must run on this host, from the measured capabilities (``lq.ops.hardware``).
+
+Tests assert these with ``lq.ops.hardware.record_kernels()``: a fast-vs-reference comparison whose fast side
+silently took the reference path would compare the reference with itself and could never fail.
+"""
+
+from __future__ import annotations
+
+from lq.ops import hardware as hw
+
+
+def expected_mm_kernel(m: int, k: int, n: int, qa: int, qb: int) -> str:
+    """``lq::int8_mm`` on CPU: ``torch._int_mm`` where it is fast (VNNI) and exact (K >= 2 or N == 1, as
+    measured), else oneDNN where its u8 x s8 accumulation is exact for these ranges (either operand as the
+    unsigned source), else the reference."""
+    if hw.cpu_int_mm_is_fast() and (k >= 2 or n == 1):
+        return "int_mm"
+    if hw.u8s8_exact(qa, qb):
+        return "onednn"
+    if hw.u8s8_exact(qb, qa):
+        return "onednn_transposed"
+    return "reference"
+
+
+def expected_conv_kernel(op: str, u_qmax: int, w_qmax: int, reduction: int) -> str:
+    """The int8 conv ops on CPU: oneDNN where exact (ranges and int32 headroom), else the reference; the
+    weight gradient runs oneDNN's GEMM on an int8 im2col where ``_int_mm`` is slow, else ``lq::int8_mm``."""
+    if op == "int8_conv2d_grad_weight":
+        if not hw.cpu_int_mm_is_fast() and hw.u8s8_exact(u_qmax, w_qmax):
+            return "onednn"
+        return "im2col_int8_mm"
+    exact = hw.u8s8_exact(u_qmax, w_qmax) and reduction <= hw.max_exact_reduction(hw.biased_u8_max(u_qmax), w_qmax)
+    return "onednn" if exact else "reference"
