@@ -27,10 +27,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--default-malloc", action="store_true",
-                   help="leave glibc's malloc settings alone (the lq callbacks apply lq.cpu_memory on CPU)")
+                   help="leave glibc's malloc settings alone (lq callbacks with cpu_malloc=True apply lq.cpu_memory on CPU)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    # What the lq callbacks do when training/calibrating on CPU (see lq/cpu_memory.py).
+    # What the lq callbacks do on CPU with cpu_malloc=True (see lq/cpu_memory.py); held to the process end.
     kept = False if args.default_malloc else keep_freed_cpu_memory()
     print(f"threads {args.threads}; lq.cpu_memory.keep_freed_cpu_memory applied: {kept}")
     torch.manual_seed(0)

@@ -13,19 +13,29 @@ performance guides' advice to preload jemalloc/tcmalloc, done in-process with ``
 * ``M_TRIM_THRESHOLD = 1 GiB``: free memory at the top of the heap is not returned to the OS after each step.
 
 The cost is that the process keeps up to its peak heap usage (as PyTorch's CUDA caching allocator does on
-GPU). The lq callbacks call :func:`keep_freed_cpu_memory` when they train or calibrate on CPU; set the
-environment variable ``LQ_CPU_MALLOC=0`` to leave the allocator alone. A no-op where the C library is not
-glibc (macOS, Windows, musl) or jemalloc/tcmalloc is preloaded (their own caching applies).
+GPU). These are process-wide settings, so lq never changes them unless asked: the callbacks take
+``cpu_malloc=True`` (the recipes in ``conf/quant`` pass it) and then call :func:`keep_freed_cpu_memory` in
+``setup`` when the trainer runs on CPU and :func:`release_freed_cpu_memory` at ``teardown`` (or on an
+exception). Holders are counted: the settings go in with the first holder and are restored when the last one
+lets go, so one trainer's teardown does not undo them under another trainer that is still running.
+
+glibc has no getter for these parameters, so "restored" means glibc's documented defaults
+(``M_MMAP_THRESHOLD`` = ``M_TRIM_THRESHOLD`` = 128 KiB). One difference stays: any ``mallopt`` of either
+parameter switches off glibc's dynamic mmap threshold (which otherwise grows with the sizes freed) for the
+rest of the process; after the restore the thresholds stay fixed at 128 KiB. That lasting change is why this
+is opt-in. The environment variable ``LQ_CPU_MALLOC=0`` is a hard opt-out (wins over ``cpu_malloc=True``).
+A no-op where the C library is not glibc (macOS, Windows, musl) or jemalloc/tcmalloc is preloaded (their own
+caching applies).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import functools
 import logging
 import os
 import platform
+import threading
 
 log = logging.getLogger(__name__)
 
@@ -33,27 +43,82 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's upper bound for M_MMAP_THRESHOLD on 64-bit
 TRIM_THRESHOLD = 1024 * 1024 * 1024
+# glibc's documented defaults (mallopt(3)); glibc has no getter, so these are what a restore sets
+DEFAULT_MMAP_THRESHOLD = 128 * 1024
+DEFAULT_TRIM_THRESHOLD = 128 * 1024
 
 
 def enabled() -> bool:
+    """False when the environment says ``LQ_CPU_MALLOC=0`` (a hard opt-out, whatever the callbacks ask)."""
     return os.environ.get("LQ_CPU_MALLOC", "1") != "0"
 
 
-@functools.cache
-def keep_freed_cpu_memory() -> bool:
-    """Apply the ``mallopt`` settings above once per process; returns whether they took effect."""
-    if not enabled() or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
+def _libc() -> ctypes.CDLL | None:
+    """glibc, or None where the settings do not apply (not glibc, or jemalloc/tcmalloc preloaded)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
     preload = os.environ.get("LD_PRELOAD", "")
     if "jemalloc" in preload or "tcmalloc" in preload:
-        return False
+        return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
-            libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def _mallopt(libc: ctypes.CDLL, mmap_threshold: int, trim_threshold: int) -> bool:
+    try:
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(
+            libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold)
         )
-    except (OSError, AttributeError):
+    except AttributeError:  # a C library without mallopt
         return False
-    if ok:
-        log.info("lq: glibc malloc keeps freed blocks up to 32 MiB for reuse (LQ_CPU_MALLOC=0 to disable)")
-    return ok
+
+
+_lock = threading.Lock()
+_holders = 0  # callers of keep_freed_cpu_memory() that got True and have not released yet
+
+
+def holders() -> int:
+    """How many holders keep the settings in effect now (0: glibc's defaults, or never changed)."""
+    return _holders
+
+
+def keep_freed_cpu_memory() -> bool:
+    """Apply the ``mallopt`` settings above (with the first holder) and count the caller as a holder.
+
+    Returns whether the settings are in effect; only then must the caller later call
+    :func:`release_freed_cpu_memory` once. False, and nothing changed, with ``LQ_CPU_MALLOC=0``, where the C
+    library is not glibc, or when ``mallopt`` refused (then glibc's defaults are put back).
+    """
+    global _holders
+    if not enabled():
+        return False
+    with _lock:
+        if _holders == 0:
+            libc = _libc()
+            if libc is None:
+                return False
+            if not _mallopt(libc, MMAP_THRESHOLD, TRIM_THRESHOLD):
+                _mallopt(libc, DEFAULT_MMAP_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
+                return False
+            log.info("lq: glibc malloc keeps freed blocks up to 32 MiB for reuse (until the last lq callback "
+                     "using cpu_malloc=True tears down)")
+        _holders += 1
+        return True
+
+
+def release_freed_cpu_memory() -> None:
+    """One holder lets go; the last one restores glibc's documented defaults (128 KiB thresholds, which stay
+    fixed: see the module docstring). Raises ``RuntimeError`` when nobody holds the settings."""
+    global _holders
+    with _lock:
+        if _holders == 0:
+            raise RuntimeError(
+                "release_freed_cpu_memory() without a matching keep_freed_cpu_memory() that returned True"
+            )
+        _holders -= 1
+        if _holders == 0:
+            libc = _libc()
+            if libc is not None and _mallopt(libc, DEFAULT_MMAP_THRESHOLD, DEFAULT_TRIM_THRESHOLD):
+                log.info("lq: glibc malloc thresholds restored to glibc's defaults (128 KiB)")

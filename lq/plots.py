@@ -1,5 +1,10 @@
 """Figures and tables for people: the sensitivity chart (paper Fig. 3), logged to the trainer's loggers
-(W&B gets a table and an image; any logger gets scalars) and saved as PNG for users without W&B."""
+(W&B gets a table and an image; any logger gets scalars) and saved as PNG for users without W&B.
+
+Figures are built with matplotlib's object API (``matplotlib.figure.Figure`` on an Agg canvas), never
+pyplot: pyplot would pick or switch the process's backend (breaking a notebook's inline plots) and keep
+every figure in its global registry until closed. ``matplotlib.rcParams`` are read (colours), never set.
+"""
 
 from __future__ import annotations
 
@@ -12,17 +17,25 @@ from lq.workflow import PartialQuantization, SensitivityReport
 log = logging.getLogger(__name__)
 
 
+def new_figure(figsize: tuple[float, float]) -> Any:
+    """A ``matplotlib.figure.Figure`` with its own Agg canvas: no pyplot, no backend switch, nothing global
+    (the figure is garbage-collected like any object; ``fig.savefig`` writes PNG)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
+
+
 def sensitivity_figure(report: SensitivityReport, result: PartialQuantization | None, metric: str, top: int = 20):
     """Bars: the metric with only each layer quantized (most sensitive first); line: the metric with that
-    layer and all to its left kept in float (partial quantization), as in the paper's Fig. 3."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
+    layer and all to its left kept in float (partial quantization), as in the paper's Fig. 3. Returns a
+    ``matplotlib.figure.Figure`` (object API: the process's backend and pyplot state are left alone)."""
     names = report.ranking()[:top]
     values = [report.layers[n] for n in names]
-    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(names) + 2), 4.5))
+    fig = new_figure((max(6, 0.45 * len(names) + 2), 4.5))
+    ax = fig.subplots()
     ax.bar(range(len(names)), values, color="tab:blue", label="sensitivity (only this layer quantized)")
     if result is not None and len(result.history) > 1:
         ks = [k for k, _ in result.history[1:] if k <= len(names)]
@@ -49,12 +62,9 @@ def _log_dir(trainer: Any) -> str:
 def log_sensitivity(trainer: Any, report: SensitivityReport, result: PartialQuantization | None, metric: str) -> str:
     """Save the chart as PNG in the run's log dir and send table/image/scalars to the loggers. Returns
     the PNG path."""
-    import matplotlib.pyplot as plt
-
     fig = sensitivity_figure(report, result, metric)
     path = os.path.join(_log_dir(trainer), "lq_sensitivity.png")
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     rows = [[n, v, d, n in (result.skipped if result else [])] for n, v, d in report.rows()]
     for logger in trainer.loggers:
         try:

@@ -217,22 +217,24 @@ def candidate_ranges(
 def calibration_histogram_figure(
     counts: torch.Tensor, hist_range: float, ranges: Mapping[str, float], title: str
 ) -> Any:
-    """The paper's Fig. 2: histogram of ``|x|`` (log counts) with each calibrator's amax as a vertical line."""
+    """The paper's Fig. 2: histogram of ``|x|`` (log counts) with each calibrator's amax as a vertical line.
+    A ``matplotlib.figure.Figure`` built with the object API (``lq.plots.new_figure``): the process's
+    backend, pyplot and rcParams are left alone."""
     import matplotlib
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from lq.plots import new_figure
 
     counts = counts.detach().cpu().double()
     nz = torch.nonzero(counts).flatten()
     last = int(nz.max()) + 1 if nz.numel() else counts.numel()
     width = float(hist_range) / counts.numel()
     shown = counts[:last].numpy()
-    fig, ax = plt.subplots(figsize=(7, 3.8))
+    fig = new_figure((7, 3.8))
+    ax = fig.subplots()
     # one filled step outline (not one bar per bin: 2048 bar patches take seconds to draw)
     ax.stairs(shown, [i * width for i in range(last + 1)], fill=True, color="tab:gray", baseline=0.5)
     ax.set_yscale("log")
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]  # read, never set
     for i, (name, value) in enumerate(ranges.items()):
         ax.axvline(
             value,
@@ -262,8 +264,6 @@ def log_calibration_histograms(
     each (``tag`` is appended to the file name and the title, e.g. "gelu10"). Needs histogram statistics
     (activation calibrator entropy / percentile / mse / auto). Returns ``{quantizer: {method: amax}}`` (empty,
     with a log line, when no quantizer holds a histogram)."""
-    import matplotlib.pyplot as plt
-
     chosen = histogram_quantizers(model, layers)
     if not chosen:
         log.info("lq: no histogram statistics (max calibration keeps only the maximum): no Fig. 2 plots")
@@ -284,7 +284,6 @@ def log_calibration_histograms(
         suffix = f"_{tag}" if tag else ""
         path = os.path.join(run_dir, f"lq_hist_{layer.replace('/', '_')}{suffix}.png")
         fig.savefig(path, dpi=100)
-        plt.close(fig)
         log_image(loggers, f"{key}/{layer}{suffix}", path)
         out[name] = ranges
     return out

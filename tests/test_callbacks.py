@@ -336,29 +336,116 @@ def test_export_onnx_and_converted_model_at_fit_end(tmp_path, pretrained):
     assert isinstance(m.net[0], lq.nn.QuantLinear) and m.net[0].weight.requires_grad  # the module stays trainable
 
 
-def test_cpu_memory_setting_applied_by_callbacks_and_opt_out(monkeypatch):
-    """lq.cpu_memory: the callbacks keep freed CPU blocks for reuse (QAT step 1.3x -> 1.13x fp32 on the
-    project's VM); LQ_CPU_MALLOC=0 leaves malloc alone."""
-    import lq.callbacks.base as base
+class _FakeLibc:
+    """Stands in for glibc in lq.cpu_memory: records mallopt calls, never touches the real allocator."""
+
+    def __init__(self, ok=1):
+        self.calls, self.ok = [], ok
+
+    def mallopt(self, param, value):
+        self.calls.append((param, value))
+        return self.ok
+
+
+# <malloc.h>: M_TRIM_THRESHOLD -1, M_MMAP_THRESHOLD -3; glibc's documented defaults 128 KiB each (mallopt(3))
+KEEP = [(-3, 32 * 2**20), (-1, 2**30)]
+GLIBC_DEFAULTS = [(-3, 128 * 1024), (-1, 128 * 1024)]
+
+
+class _Device:
+    def __init__(self, kind):
+        self.strategy = type("S", (), {"root_device": torch.device(kind)})()
+
+
+@pytest.fixture
+def fake_libc(monkeypatch):
     from lq import cpu_memory
 
-    cpu_memory.keep_freed_cpu_memory.cache_clear()
+    libc = _FakeLibc()
+    monkeypatch.setattr(cpu_memory, "_libc", lambda: libc)
+    monkeypatch.setattr(cpu_memory, "_holders", 0)
+    monkeypatch.delenv("LQ_CPU_MALLOC", raising=False)
+    return libc
+
+
+def test_cpu_malloc_is_opt_in_and_restored_at_teardown(tmp_path, pretrained, fake_libc):
+    """lq.cpu_memory: process-wide, so a callback leaves malloc alone unless given cpu_malloc=True; then the
+    setting is in effect during the run and glibc's defaults are back after teardown."""
+    from lq import cpu_memory
+
+    kw = dict(max_epochs=1, limit_train_batches=2, limit_val_batches=1, enable_checkpointing=False)
+    trainer(tmp_path, [Int8QAT(num_samples=64)], **kw).fit(fresh(pretrained), DigitsData())
+    assert fake_libc.calls == []  # the default: nothing process-wide changes
+
+    during = []
+
+    class Probe(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            during.append((list(fake_libc.calls), cpu_memory.holders()))
+
+    t = trainer(tmp_path, [Int8QAT(num_samples=64, cpu_malloc=True), Probe()], **kw)
+    t.fit(fresh(pretrained), DigitsData())
+    assert during == [(KEEP, 1)] * 2  # applied once, before the first step, held through the run
+    assert fake_libc.calls == KEEP + GLIBC_DEFAULTS and cpu_memory.holders() == 0
+
+
+def test_cpu_malloc_released_when_the_run_raises(tmp_path, pretrained, fake_libc):
+    """Lightning runs no teardown hook when fit raises: on_exception gives the setting back."""
+    from lq import cpu_memory
+
+    t = trainer(tmp_path, [Int8QAT(num_samples=64, cpu_malloc=True), InterruptAtEpoch(0)], max_epochs=1,
+                enable_checkpointing=False)
+    with pytest.raises(Interrupt):
+        t.fit(fresh(pretrained), DigitsData())
+    assert fake_libc.calls == KEEP + GLIBC_DEFAULTS and cpu_memory.holders() == 0
+
+
+def test_cpu_malloc_counted_across_callbacks_env_opt_out_and_devices(monkeypatch, fake_libc):
+    """Several callbacks/trainers: applied with the first holder, restored only when the last lets go (one
+    trainer's teardown does not undo another's); a callback set up for several stages holds once;
+    LQ_CPU_MALLOC=0 wins over cpu_malloc=True; nothing happens off CPU."""
+    from lq import cpu_memory
+    from lq.callbacks import Int8Training
+
+    a, b = Int8QAT(cpu_malloc=True), Int8Training(cpu_malloc=True)
+    cpu, ma, mb = _Device("cpu"), Plain(), Plain()
+    a.setup(cpu, ma, "fit")
+    a.setup(cpu, ma, "validate")  # a second stage of the same callback: still one holder
+    b.setup(cpu, mb, "fit")
+    assert fake_libc.calls == KEEP and cpu_memory.holders() == 2
+    b.teardown(cpu, mb, "fit")
+    assert fake_libc.calls == KEEP and cpu_memory.holders() == 1  # a's run still has it
+    a.on_exception(cpu, ma, RuntimeError())
+    a.teardown(cpu, ma, "fit")  # after on_exception: harmless
+    assert fake_libc.calls == KEEP + GLIBC_DEFAULTS and cpu_memory.holders() == 0
+
+    fake_libc.calls.clear()
+    Int8PTQ(cpu_malloc=True).setup(_Device("cuda"), Plain(), "fit")
+    Int8PTQ().setup(cpu, Plain(), "fit")
     monkeypatch.setenv("LQ_CPU_MALLOC", "0")
-    assert cpu_memory.keep_freed_cpu_memory() is False
-    cpu_memory.keep_freed_cpu_memory.cache_clear()
-    monkeypatch.delenv("LQ_CPU_MALLOC")
-    import platform
+    c = Int8Sensitivity(cpu_malloc=True)
+    c.setup(cpu, Plain(), "validate")
+    c.teardown(cpu, Plain(), "validate")
+    assert fake_libc.calls == [] and cpu_memory.holders() == 0
+    with pytest.raises(RuntimeError, match="keep_freed_cpu_memory"):
+        cpu_memory.release_freed_cpu_memory()
 
-    expected = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
-    assert cpu_memory.keep_freed_cpu_memory() is expected
-    calls = []
-    monkeypatch.setattr(base, "keep_freed_cpu_memory", lambda: calls.append(1))
 
-    class _Strategy:
-        root_device = torch.device("cpu")
+def test_cpu_malloc_refused_by_mallopt_restores_defaults(monkeypatch):
+    from lq import cpu_memory
 
-    class _Trainer:
-        strategy = _Strategy()
+    libc = _FakeLibc(ok=0)
+    monkeypatch.setattr(cpu_memory, "_libc", lambda: libc)
+    monkeypatch.setattr(cpu_memory, "_holders", 0)
+    monkeypatch.delenv("LQ_CPU_MALLOC", raising=False)
+    assert cpu_memory.keep_freed_cpu_memory() is False and cpu_memory.holders() == 0
+    assert libc.calls == KEEP[:1] + GLIBC_DEFAULTS[:1]  # the first refusal stops; defaults are put back
 
-    base.cpu_memory_for(_Trainer())
-    assert calls == [1]
+
+@pytest.mark.parametrize("cls", [Int8PTQ, Int8QAT, Int8Sensitivity, "Int8Training"])
+def test_cpu_malloc_argument_validated_and_passed_through(cls):
+    if cls == "Int8Training":
+        from lq.callbacks import Int8Training as cls
+    assert cls().cpu_malloc is False and cls(cpu_malloc=True).cpu_malloc is True
+    with pytest.raises(TypeError, match="cpu_malloc"):
+        cls(cpu_malloc="yes")

@@ -111,3 +111,121 @@ def test_compiled_quantizers_stay_compiled_through_a_resnet(monkeypatch):
         model(x)
     assert not fused._failed, fused._failed
     assert len(fused._compiled) > 8  # more variants than one code object could have held
+
+
+# --------------------------------------------------------------- clip state per layer object (issue 11)
+def test_periodic_clip_state_is_per_layer_object_for_models_with_the_same_names(monkeypatch):
+    """Two models with identical layer names ("0"), trained alternately with clip_every=4: model A sees
+    heavy-tailed output gradients (a search clips, ratio < 1), model B uniform ones (a search keeps 1.0).
+    Each keeps its own counter and ratio. With state shared by layer name, B's first backward would reuse
+    A's ratio and A's counter would be restarted by B's searches."""
+    from torch import nn
+
+    import sys
+
+    from lq.ops import Int8ComputeConfig, quantize_grad
+    from lq.ops.grad_quant import layer_clip_state
+
+    torch.manual_seed(0)
+    # 6-bit gradients (qmax 31): where clipping pays for a heavy tail and not for a uniform gradient
+    cfg = Int8ComputeConfig(grad_bits=6, clip_every=4, grad_granularity="tensor", use_fast_kernels=False)
+    off = lq.QuantSpec(enabled=False)
+
+    def model():
+        m = nn.Sequential(nn.Linear(64, 32, bias=False))
+        with torch.no_grad():  # equal amax per output channel: the folded weight steps are one constant
+            m[0].weight.copy_(torch.sign(torch.randn(32, 64)) * 0.1)
+        lq.quantize(m, lq.QuantConfig(weight=off, activation=off, layers=["Linear"]))
+        assert use_int8_compute(m, cfg) == ["0"]
+        return m
+
+    a, b = model(), model()
+    x = torch.sign(torch.randn(128, 64))  # every row's amax is 1: the folded activation steps are one constant
+    grads = {"A": torch.randn(128, 32) ** 3, "B": torch.rand(128, 32) * 2 - 1}
+    # Independent expectation: one fresh search on each gradient (the constant folded steps do not change it).
+    fresh_ratio = {k: quantize_grad(g, 31, None, cfg.clip_ratios).ratio for k, g in grads.items()}
+    assert fresh_ratio["A"] < 1.0 and fresh_ratio["B"] == 1.0
+
+    seen = []
+    int8_linear_mod = sys.modules["lq.ops.int8_linear"]  # lq.ops.int8_linear is also the function's name
+    real = int8_linear_mod.quantize_grad
+
+    def spy(*args, **kwargs):
+        r = real(*args, **kwargs)
+        seen.append(r.ratio)
+        return r
+
+    monkeypatch.setattr(int8_linear_mod, "quantize_grad", spy)
+    opts = {k: torch.optim.SGD(m.parameters(), lr=1e-7) for k, m in (("A", a), ("B", b))}
+    for step in range(1, 9):
+        for key, m in (("A", a), ("B", b)):
+            seen.clear()
+            xi = x.clone().requires_grad_(True)  # grad_input GEMM too
+            (m(xi) * grads[key]).sum().backward()
+            opts[key].step()
+            opts[key].zero_grad()
+            assert seen == [fresh_ratio[key]] * 2, (step, key, seen)
+            count = (step - 1) % 4 + 1  # searched on this model's steps 1 and 5, reused in between
+            assert layer_clip_state(m[0]) == {
+                "output gradient (grad_input GEMM)": [count, fresh_ratio[key]],
+                "output gradient (grad_weight GEMM)": [count, fresh_ratio[key]],
+            }, (step, key)
+    lq.ops.reset_clip_state(a)  # one model's reset leaves the other alone
+    assert layer_clip_state(a[0]) == {} and len(layer_clip_state(b[0])) == 2
+
+
+# ------------------------------------------------------------ deviation tracker closed on every path
+class _RaiseInBackward(torch.autograd.Function):
+    active_during_backward: list = []
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        from lq.ops import grad_quant
+
+        _RaiseInBackward.active_during_backward.append(len(grad_quant._ACTIVE))
+        raise RuntimeError("backward failed on purpose")
+
+
+class BackwardRaises(Plain):
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        h = _RaiseInBackward.apply(self.net[0](x))  # the int8 layers after it have run their backward first
+        return torch.nn.functional.cross_entropy(self.net[1:](h), y)
+
+
+def test_deviation_tracker_closed_when_backward_raises(tmp_path):
+    from lq.ops import grad_quant
+
+    assert not grad_quant._ACTIVE
+    _RaiseInBackward.active_during_backward.clear()
+    t = trainer(tmp_path, [Int8Training(deviation_lr_scaling=True)], max_epochs=1, enable_checkpointing=False)
+    with pytest.raises(RuntimeError, match="backward failed on purpose"):
+        t.fit(BackwardRaises(), DigitsData())
+    assert _RaiseInBackward.active_during_backward == [1]  # the tracker was collecting when backward raised
+    assert grad_quant._ACTIVE == []  # ... and is closed once the exception has propagated
+
+
+def test_deviation_tracker_closed_at_teardown_and_exit_idempotent():
+    from lq.ops import GradDeviationTracker, grad_quant
+
+    cb = Int8Training(deviation_lr_scaling=True)
+    cb.on_before_backward(None, None, None)
+    assert len(grad_quant._ACTIVE) == 1
+    cb.teardown(type("T", (), {})(), Plain(), "fit")  # a run that ended between backward hooks
+    assert grad_quant._ACTIVE == [] and cb._tracker is None
+
+    first, second = GradDeviationTracker(), GradDeviationTracker()  # equal contents, different trackers
+    with first:
+        with second:
+            pass
+        assert len(grad_quant._ACTIVE) == 1 and grad_quant._ACTIVE[0] is first  # not removed by equality
+        second.__exit__(None, None, None)  # exiting an inactive tracker: nothing happens
+        with first:  # re-entering an active one does not register it twice
+            pass
+        assert not first.active
+    first.__exit__(None, None, None)
+    assert grad_quant._ACTIVE == []

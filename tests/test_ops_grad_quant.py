@@ -47,28 +47,70 @@ def test_clipping_helps_heavy_tailed_gradients_and_is_skipped_for_uniform_ones()
 
 
 def test_periodic_clip_search_reuses_the_ratio_between_searches():
-    """every=3: search on calls 1, 4, 7 of a layer; in between the chosen ratio is reused while the scale
-    follows the current gradient's amax (Zhu et al.'s periodic clipping update)."""
-    from lq.ops import reset_clip_state
-
+    """every=3 with a layer's state dict: search on calls 1, 4, 7; in between the chosen ratio is reused while
+    the scale follows the current gradient's amax (Zhu et al.'s periodic clipping update)."""
     torch.manual_seed(2)
     heavy = torch.randn(128, 128) ** 3
     uniform = torch.rand(128, 128) * 2 - 1
-    reset_clip_state()
-    first = quantize_grad(heavy, 127, None, RATIOS, name="fc", every=3)
+    state: dict = {}
+    first = quantize_grad(heavy, 127, None, RATIOS, name="fc", every=3, state=state)
     assert first.ratio < 1.0
+    assert state == {"output gradient": [1, first.ratio]}
     for _ in range(2):  # a search would pick 1.0 for the uniform gradient; the stored ratio is reused
-        r = quantize_grad(uniform, 127, None, RATIOS, name="fc", every=3)
+        r = quantize_grad(uniform, 127, None, RATIOS, name="fc", every=3, state=state)
         assert r.ratio == first.ratio
         torch.testing.assert_close(r.step, first.ratio * uniform.abs().max().reshape(1) / 127)
-    assert quantize_grad(uniform, 127, None, RATIOS, name="fc", every=3).ratio == 1.0  # 4th call: search
-    other = quantize_grad(uniform, 127, None, RATIOS, name="fc", what="grad_weight", every=3)
-    assert other.ratio == 1.0  # each (layer, gradient use) has its own ratio
-    assert quantize_grad(uniform, 127, None, RATIOS, name="fc", every=1).ratio == 1.0  # every=1: always search
-    reset_clip_state()
-    assert quantize_grad(uniform, 127, None, RATIOS, name="fc", every=3).ratio == 1.0
+    assert quantize_grad(uniform, 127, None, RATIOS, name="fc", every=3, state=state).ratio == 1.0  # 4th: search
+    other = quantize_grad(uniform, 127, None, RATIOS, name="fc", what="grad_weight", every=3, state=state)
+    assert other.ratio == 1.0  # each gradient use of the layer has its own ratio
+    assert quantize_grad(uniform, 127, None, RATIOS, name="fc", every=1, state=state).ratio == 1.0  # always search
+    # Another layer object with the same name has its own dict: it searches (heavy -> < 1) while "fc" reuses 1.0.
+    twin: dict = {}
+    assert quantize_grad(heavy, 127, None, RATIOS, name="fc", every=3, state=twin).ratio == first.ratio
+    assert quantize_grad(heavy, 127, None, RATIOS, name="fc", every=3, state=state).ratio == 1.0
+    state.clear()  # what reset_clip_state(model) does to each layer's dict: the next call searches
+    assert quantize_grad(uniform, 127, None, RATIOS, name="fc", every=3, state=state).ratio == 1.0
     with pytest.raises(ValueError, match="every"):
         quantize_grad(uniform, 127, None, RATIOS, name="fc", every=0)
+    with pytest.raises(TypeError, match="state"):
+        quantize_grad(uniform, 127, None, RATIOS, name="fc", every=3, state=[1, 0.5])
+
+
+def test_periodic_clip_search_without_state_searches_every_call_and_warns_once(monkeypatch):
+    """No state dict (a functional call): nowhere to keep a ratio, so every call searches (exact), with one
+    warning per process that names the op."""
+    from lq.ops import grad_quant
+
+    monkeypatch.setattr(grad_quant, "_warned_no_state", False)
+    torch.manual_seed(2)
+    heavy = torch.randn(128, 128) ** 3
+    uniform = torch.rand(128, 128) * 2 - 1
+    with pytest.warns(UserWarning, match="'fc'.*searched on every call"):
+        assert quantize_grad(heavy, 127, None, RATIOS, name="fc", every=3).ratio < 1.0
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second call does not warn again
+        assert quantize_grad(uniform, 127, None, RATIOS, name="fc", every=3).ratio == 1.0  # searched, not reused
+
+
+def test_reset_clip_state_clears_one_models_layers():
+    from torch import nn
+
+    from lq.ops import reset_clip_state
+    from lq.ops.grad_quant import layer_clip_state
+
+    a, b = nn.Sequential(nn.Linear(2, 2)), nn.Sequential(nn.Linear(2, 2))
+    layer_clip_state(a[0])["output gradient"] = [2, 0.5]
+    layer_clip_state(b[0])["output gradient"] = [2, 0.5]
+    assert layer_clip_state(a[0]) is layer_clip_state(a[0])  # one dict per layer object, kept
+    reset_clip_state(a)
+    assert layer_clip_state(a[0]) == {} and layer_clip_state(b[0]) == {"output gradient": [2, 0.5]}
+    with pytest.warns(DeprecationWarning, match="per layer"):
+        reset_clip_state()
+    assert layer_clip_state(b[0]) == {"output gradient": [2, 0.5]}  # the no-argument form is a no-op
+    with pytest.raises(TypeError, match="model"):
+        reset_clip_state("a")
 
 
 def test_clip_search_picks_the_best_candidate():

@@ -35,6 +35,8 @@ class Int8PTQ(QuantizationCallback):
             (``lq.export_onnx``; the example input is one sample of the training data).
         export_converted: at the end of fit, save a converted int8 copy of the model (``lq.convert``) with
             ``torch.save`` to this path (load it with ``torch.load(path, weights_only=False)``).
+        cpu_malloc: on CPU, keep freed malloc blocks for reuse from setup to teardown (process-wide, so off by
+            default; see ``lq.cpu_memory``).
     """
 
     def __init__(
@@ -47,8 +49,9 @@ class Int8PTQ(QuantizationCallback):
         mode: str = "max",
         export_onnx: str | None = None,
         export_converted: str | None = None,
+        cpu_malloc: bool = False,
     ) -> None:
-        super().__init__(config, num_samples, calibration_data)
+        super().__init__(config, num_samples, calibration_data, cpu_malloc=cpu_malloc)
         self.export_onnx = export_onnx
         self.export_converted = export_converted
         if method is not None and method not in CALIBRATORS:

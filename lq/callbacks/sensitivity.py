@@ -40,6 +40,7 @@ class Int8Sensitivity(Int8PTQ):
         limit_batches: validation batches per evaluation (int count or float fraction).
         config, num_samples, calibration_data: as in ``Int8PTQ`` (used if no other lq callback quantized
             and calibrated the model first).
+        cpu_malloc: as in ``Int8PTQ`` (process-wide malloc setting on CPU, off by default).
     """
 
     def __init__(
@@ -52,8 +53,9 @@ class Int8Sensitivity(Int8PTQ):
         config: QuantConfig | None = None,
         num_samples: int = 1024,
         calibration_data: Iterable | Callable | None = None,
+        cpu_malloc: bool = False,
     ) -> None:
-        super().__init__(config, num_samples, calibration_data, None, monitor, mode)
+        super().__init__(config, num_samples, calibration_data, None, monitor, mode, cpu_malloc=cpu_malloc)
         if not 0 <= target < 1:
             raise ValueError(f"target is a relative drop in [0, 1), e.g. 0.01, got {target!r}")
         self.target = float(target)

@@ -31,14 +31,24 @@ class Int8Training(QuantizationCallback):
             and fast; 7-bit activations/weights on x86 CPUs without VNNI).
         skip: fnmatch globs of layers kept in float (e.g. the first conv and the classifier head).
         deviation_lr_scaling: scale each step's LR by ``lq.ops.deviation_lr_factor`` of the mean gradient
-            deviation measured in that step's backward (Zhu et al.).
+            deviation measured in that step's backward (Zhu et al.). The tracker that measures it is closed
+            after backward, and also when the run raises (``on_exception``) or ends (``teardown``), so a
+            failed backward leaves no tracker collecting in the process.
+        cpu_malloc: on CPU, keep freed malloc blocks for reuse from setup to teardown (``lq.cpu_memory``;
+            process-wide, so off by default; int8 steps allocate many activation-sized temporaries).
     """
 
-    def __init__(self, compute: Any = None, skip: list[str] | None = None, deviation_lr_scaling: bool = False) -> None:
+    def __init__(
+        self,
+        compute: Any = None,
+        skip: list[str] | None = None,
+        deviation_lr_scaling: bool = False,
+        cpu_malloc: bool = False,
+    ) -> None:
         off = QuantSpec(enabled=False)
         config = QuantConfig(weight=off, activation=QuantSpec(enabled=False), skip=list(skip or []),
                              layers=["Linear", "Conv2d"])
-        super().__init__(config=config, num_samples=1)
+        super().__init__(config=config, num_samples=1, cpu_malloc=cpu_malloc)
         from lq.ops import Int8ComputeConfig
 
         if compute is not None and not isinstance(compute, Int8ComputeConfig):
@@ -55,7 +65,7 @@ class Int8Training(QuantizationCallback):
         super().setup(trainer, pl_module, stage)  # swap in the quantized layers (quantizers off)
         from lq.ops import reset_clip_state
 
-        reset_clip_state()  # periodically searched clip ratios (clip_every > 1) start afresh per fit
+        reset_clip_state(pl_module)  # this model's periodically searched clip ratios (clip_every > 1) start afresh
         names = use_int8_compute(pl_module, self.compute, device=trainer.strategy.root_device)
         rank_zero_info(f"Int8Training: {len(names)} layers compute in int8 (forward and backward)")
 
@@ -69,6 +79,20 @@ class Int8Training(QuantizationCallback):
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._tracker is not None:
             self._tracker.__exit__(None, None, None)
+
+    def _close_tracker(self) -> None:
+        """A backward that raised never reaches on_after_backward: stop the tracker (idempotent) and drop it."""
+        if self._tracker is not None:
+            self._tracker.__exit__(None, None, None)
+            self._tracker = None
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._close_tracker()
+        super().on_exception(trainer, pl_module, exception)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._close_tracker()
+        super().teardown(trainer, pl_module, stage)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if self._tracker is None:

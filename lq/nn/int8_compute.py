@@ -5,7 +5,9 @@ their forward then calls ``lq.ops.int8_linear`` / ``lq.ops.int8_conv2d``: forwar
 grad_weight as int8 products (Zhu et al. 2020). With ``config.act_scale == "static"`` the input scale is
 the calibrated amax of the layer's input quantizer (QAT with int8 compute: eq. 10 with the same ranges as
 fake quantization); with ``"dynamic"`` it is the batch's own (int8 training from scratch). A layer whose
-quantizers are off (partial quantization) runs in float.
+quantizers are off (partial quantization) runs in float. Each layer object passes its own clip state
+(``lq.ops.grad_quant.layer_clip_state``) to the op, so ``config.clip_every > 1`` remembers ratios per layer
+object: two models with the same layer names never share them.
 """
 
 from __future__ import annotations
@@ -42,16 +44,21 @@ def _act_amax(layer: nn.Module, config) -> torch.Tensor | None | bool:
 def int8_linear_forward(layer: nn.Module, x: torch.Tensor, config) -> torch.Tensor | None:
     """int8 forward of a QuantLinear, or None when the layer should run its float/fake-quant path."""
     from lq.ops import int8_linear
+    from lq.ops.grad_quant import layer_clip_state
 
     amax = _act_amax(layer, config)
     if amax is False:
         return None
-    return int8_linear(x, layer.weight, layer.bias, config=config, name=_layer_name(layer), act_amax=amax)
+    return int8_linear(
+        x, layer.weight, layer.bias, config=config, name=_layer_name(layer), act_amax=amax,
+        clip_state=layer_clip_state(layer),
+    )
 
 
 def int8_conv2d_forward(layer: nn.Module, x: torch.Tensor, config) -> torch.Tensor | None:
     """int8 forward of a QuantConv2d (zeros padding only), or None to run the float/fake-quant path."""
     from lq.ops import int8_conv2d
+    from lq.ops.grad_quant import layer_clip_state
 
     amax = _act_amax(layer, config)
     if amax is False:
@@ -59,6 +66,7 @@ def int8_conv2d_forward(layer: nn.Module, x: torch.Tensor, config) -> torch.Tens
     return int8_conv2d(
         x, layer.weight, layer.bias, stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
         groups=layer.groups, config=config, name=_layer_name(layer), act_amax=amax,
+        clip_state=layer_clip_state(layer),
     )
 
 
@@ -73,6 +81,7 @@ def use_int8_compute(
     from lq.nn.quant_conv import QuantConv2d
     from lq.nn.quant_linear import QuantLinear
     from lq.ops import Int8ComputeConfig
+    from lq.ops.grad_quant import CLIP_STATE_ATTR
 
     if config is None:
         if device is None:
@@ -86,6 +95,7 @@ def use_int8_compute(
         if isinstance(m, (QuantLinear, QuantConv2d)):
             if config is False:
                 m.__dict__.pop("int8_compute", None)
+                m.__dict__.pop(CLIP_STATE_ATTR, None)
             else:
                 if isinstance(m, QuantConv2d) and m.padding_mode != "zeros":
                     log.warning("lq: %s uses padding_mode=%s; it stays on fake quantization", name, m.padding_mode)

@@ -14,7 +14,8 @@ Set ``LQ_COMPILE_QUANT=0`` to skip torch.compile of the fused quantizers (``lq.o
 Custom ops (``torch.ops.lq.*``): ``int8_mm``, ``int8_conv2d``, ``int8_conv2d_grad_input``,
 ``int8_conv2d_grad_weight`` -- each a portable reference plus CPU/CUDA fast kernels.
 Gradient quantization helpers (Zhu et al.): ``quantize_grad``, ``deviation_lr_factor``,
-``GradDeviationTracker``, ``reset_clip_state`` (``Int8ComputeConfig(clip_every=n)``).
+``GradDeviationTracker``, ``reset_clip_state(model)`` (``Int8ComputeConfig(clip_every=n)``: the searched
+clip ratios live with each layer object).
 """
 
 from lq.ops.config import Int8ComputeConfig

@@ -38,7 +38,9 @@ class Int8ComputeConfig:
         clip_ratios: candidate ratios of the clipping value to the gradient amax (1.0 = no clipping).
         clip_every: search the clip ratio on every ``clip_every``-th backward of each layer and reuse the
             chosen ratio in between (the scale stays dynamic: ratio times the current amax). Zhu et al.
-            update the clipping value periodically; 1 searches every step.
+            update the clipping value periodically; 1 searches every step. The ratios are kept per layer
+            object (quantized layers pass their own; functional ``int8_linear`` / ``int8_conv2d`` calls need
+            ``clip_state=`` a dict per layer, else they search every step).
         clip_samples: about how many elements (whole rows/channels) score the candidates for per-row/
             channel scales; per-layer scales use up to 16x as many (whole batch samples). The chosen ratio
             is then applied to the whole tensor.

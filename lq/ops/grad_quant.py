@@ -20,9 +20,11 @@ Network* (CVPR; arXiv 1912.12607).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from lq.ops import fused
 from lq.ops.quantize import check_finite
@@ -34,6 +36,7 @@ __all__ = [
     "check_unquantized_grad",
     "deviation_lr_factor",
     "direction_sensitive_clip_ratio",
+    "layer_clip_state",
     "quantize_grad",
     "reset_clip_state",
 ]
@@ -126,17 +129,21 @@ def quantize_grad(
     what: str = "output gradient",
     mult: torch.Tensor | None = None,
     every: int = 1,
+    state: dict | None = None,
 ) -> GradQuantResult:
     """Quantize the gradient ``g * mult`` to int8 with a dynamic scale per layer (``axis=None``) or per index
     of ``axis``, after direction-sensitive clipping (Zhu et al. Sec. 4.1) when ``clip`` and
     ``len(ratios) > 1``. ``mult`` (broadcastable, size 1 along ``axis``) folds another operand's scale into
     the gradient inside the fused kernels, without materialising ``g * mult``.
 
-    ``every > 1`` (and a ``name``): search the clip ratio only on every ``every``-th call for this
-    ``(name, what)`` and reuse the chosen *ratio* in between (the scale itself stays dynamic: ``ratio *
-    amax`` of the current gradient). Zhu et al. likewise update the clipping value periodically rather than
-    every iteration, to cut the search's cost (their speed section, "periodic update", as we read it). ``reset_clip_state()``
-    forgets the ratios (``Int8Training`` calls it at setup).
+    ``every > 1`` with a ``state`` dict: search the clip ratio only on every ``every``-th call for this
+    ``what`` and reuse the chosen *ratio* in between (the scale itself stays dynamic: ``ratio * amax`` of the
+    current gradient). Zhu et al. likewise update the clipping value periodically rather than every
+    iteration, to cut the search's cost (their speed section, "periodic update", as we read it). ``state`` is
+    the caller's: one dict per layer object (``layer_clip_state(layer)``; the quantized layers pass theirs),
+    holding ``{what: [calls since the last search, ratio]}``, so two models with the same layer names never
+    share ratios. Without a ``state`` there is nowhere to remember a ratio: every call searches (exact, only
+    slower), with a one-time warning. ``reset_clip_state(model)`` forgets a model's ratios.
 
     Clip search cost: per layer, fused reductions (about one pass per candidate) over at most
     ``16 * num_samples`` elements (whole slices of dim 0, e.g. batch samples, beyond that); per row/channel,
@@ -146,20 +153,24 @@ def quantize_grad(
     """
     if every < 1:
         raise ValueError(f"every must be >= 1 (search the clip ratio every n-th call), got {every}")
+    if state is not None and not isinstance(state, dict):
+        raise TypeError(f"state must be a dict (the layer's clip state) or None, got {type(state).__name__}")
     axis = None if axis is None else axis % g.dim()
     amax = fused.amax_along(g, axis, mult)
     check_finite(amax, what, name)
     ratio, cos = 1.0, 1.0
     search = clip and len(ratios) > 1
     cand = ratios if search else (1.0,)
-    key = (name, what)
-    periodic = search and every > 1 and name is not None
+    periodic = search and every > 1
+    if periodic and state is None:
+        _warn_no_clip_state(name)
+        periodic = False
     if periodic:
-        state = _CLIP_STATE.get(key)
-        if state is not None and state[0] < every:
-            state[0] += 1
-            search, cand = False, (state[1],)
-            ratio = state[1]
+        entry = state.get(what)
+        if entry is not None and entry[0] < every:
+            entry[0] += 1
+            search, cand = False, (entry[1],)
+            ratio = entry[1]
     if (search or _ACTIVE) and g.numel() > 0:
         if axis is None:
             r = torch.tensor(cand, dtype=torch.float32, device=g.device)
@@ -171,20 +182,59 @@ def quantize_grad(
             sample, s_amax = _slice_sample(g, amax, axis, num_samples, mult)
             ratio, cos = direction_sensitive_clip_ratio(sample, s_amax, qmax, cand)
         if periodic and search:  # searched this call (not a reuse): restart the count
-            _CLIP_STATE[key] = [1, ratio]
+            state[what] = [1, ratio]
     s = fused.scale_from_amax(amax * ratio, qmax)
     q = fused.quantize_with_scale(g, s, qmax, axis, mult)
     _report(name, what, 1.0 - cos)
     return GradQuantResult(q=q, step=1.0 / s, ratio=ratio, cos=cos)
 
 
-# (name, what) -> [calls since the last search, chosen ratio]; see quantize_grad(every=...).
-_CLIP_STATE: dict[tuple[str | None, str], list] = {}
+# Where a layer object keeps its periodic clip state (a plain attribute in its __dict__: not a buffer, so
+# not in state_dict; a deepcopy of the model gets its own copy).
+CLIP_STATE_ATTR = "int8_clip_state"
+_warned_no_state = False
 
 
-def reset_clip_state() -> None:
-    """Forget the periodically searched clip ratios (``quantize_grad(every > 1)``), e.g. for a new model."""
-    _CLIP_STATE.clear()
+def _warn_no_clip_state(name: str | None) -> None:
+    global _warned_no_state
+    if not _warned_no_state:
+        _warned_no_state = True
+        warnings.warn(
+            f"quantize_grad(every > 1) without a state dict (op '{name}'): the clip ratio is searched on every "
+            "call. Pass clip_state=lq.ops.grad_quant.layer_clip_state(layer) (or any dict kept per layer) to "
+            "int8_linear / int8_conv2d to search only every n-th call",
+            stacklevel=3,
+        )
+
+
+def layer_clip_state(layer: nn.Module) -> dict:
+    """The periodic clip-search state of one layer object (created empty on first use); pass it as
+    ``clip_state`` to ``int8_linear`` / ``int8_conv2d``. Lives with the layer, so it is per model."""
+    return layer.__dict__.setdefault(CLIP_STATE_ATTR, {})
+
+
+def reset_clip_state(model: nn.Module | None = None) -> None:
+    """Forget the periodically searched clip ratios (``Int8ComputeConfig(clip_every > 1)``) of every layer of
+    ``model``, so they are searched afresh on the next backward (``Int8Training`` calls it at setup).
+
+    The state used to be one process-wide dict keyed by layer name; it now lives with each layer object, so
+    ``reset_clip_state()`` without a model has nothing to reset: a no-op kept for backward compatibility,
+    with a ``DeprecationWarning``.
+    """
+    if model is None:
+        warnings.warn(
+            "reset_clip_state() without a model does nothing: clip state is kept per layer object; "
+            "call reset_clip_state(model)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for m in model.modules():
+        state = m.__dict__.get(CLIP_STATE_ATTR)
+        if state is not None:
+            state.clear()
 
 
 def check_unquantized_grad(g: torch.Tensor, needs_input_grad: tuple[bool, ...], config, name: str | None) -> None:
@@ -217,17 +267,29 @@ class GradDeviationTracker:
     """Collects the cosine distance of every gradient quantization done by the int8 ops while active.
 
     ``with GradDeviationTracker() as t: loss.backward()``; then ``t.mean()`` feeds ``deviation_lr_factor``.
-    Entries are keyed by the op's ``name`` (``"<unnamed>"`` when none was given).
+    Entries are keyed by the op's ``name`` (``"<unnamed>"`` when none was given). Entering an active tracker
+    and exiting an inactive one do nothing, so a callback may close it on every path (after backward, on an
+    exception, at teardown) without tracking which one ran. Trackers are matched by identity: two trackers
+    with equal contents are still different trackers.
     """
 
     deviations: dict[str, list[float]] = field(default_factory=dict)
 
     def __enter__(self) -> GradDeviationTracker:  # noqa: PYI034
-        _ACTIVE.append(self)
+        if not self.active:
+            _ACTIVE.append(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        _ACTIVE.remove(self)
+        for i, tracker in enumerate(_ACTIVE):
+            if tracker is self:  # not list.remove: the dataclass __eq__ compares contents
+                del _ACTIVE[i]
+                break
+
+    @property
+    def active(self) -> bool:
+        """Whether the int8 ops report to this tracker now."""
+        return any(tracker is self for tracker in _ACTIVE)
 
     def record(self, name: str | None, what: str, deviation: float) -> None:
         self.deviations.setdefault(f"{name or '<unnamed>'}:{what}", []).append(deviation)

@@ -33,7 +33,8 @@ class Int8Conv2dFunction(torch.autograd.Function):
     """conv2d with int8 products forward and backward (see module docstring for the layouts)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, config: Int8ComputeConfig, name, act_amax):
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, config: Int8ComputeConfig, name, act_amax,
+                clip_state=None):
         qa, qw = _qmax(config.act_bits), _qmax(config.weight_bits)
         if config.act_scale == "static":
             if act_amax is None:
@@ -49,6 +50,7 @@ class Int8Conv2dFunction(torch.autograd.Function):
         ctx.save_for_backward(xq, x_step, wq, w_step)
         ctx.args = (stride, padding, dilation, groups)
         ctx.config, ctx.name, ctx.x_dtype = config, name, x.dtype
+        ctx.clip_state = clip_state  # the layer's own dict: periodic clip ratios (config.clip_every)
         ctx.static, ctx.has_bias = config.act_scale == "static", bias is not None
         return y.to(x.dtype)
 
@@ -67,7 +69,7 @@ class Int8Conv2dFunction(torch.autograd.Function):
                 r = quantize_grad(
                     g, qg, None, cfg.clip_ratios, cfg.grad_clip, cfg.clip_samples,
                     ctx.name, "output gradient (grad_input conv)", mult=w_step.reshape(1, -1, 1, 1),
-                    every=cfg.clip_every,
+                    every=cfg.clip_every, state=ctx.clip_state,
                 )
                 op = K.int8_conv2d_grad_input if fast else K.conv2d_grad_input_reference
                 grad_x = op(r.q, wq, r.step, qg, qw, list(xq.shape), stride, padding, dilation, groups)
@@ -83,7 +85,7 @@ class Int8Conv2dFunction(torch.autograd.Function):
                 axis = 1 if cfg.grad_granularity == "row" else None
                 r = quantize_grad(
                     g, qg, axis, cfg.clip_ratios, cfg.grad_clip, cfg.clip_samples,
-                    ctx.name, "output gradient (grad_weight conv)", every=cfg.clip_every,
+                    ctx.name, "output gradient (grad_weight conv)", every=cfg.clip_every, state=ctx.clip_state,
                 )
                 op = K.int8_conv2d_grad_weight if fast else K.conv2d_grad_weight_reference
                 grad_w = op(r.q, xq, r.step, x_step, qg, qa, wsize, stride, padding, dilation, groups)
@@ -92,7 +94,7 @@ class Int8Conv2dFunction(torch.autograd.Function):
                 grad_w = torch.nn.grad.conv2d_weight(x, wsize, g, stride, padding, dilation, groups)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g.sum((0, 2, 3))
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None
 
 
 def int8_conv2d(
@@ -106,11 +108,14 @@ def int8_conv2d(
     config: Int8ComputeConfig = Int8ComputeConfig(),  # noqa: B008 (frozen, immutable)
     name: str | None = None,
     act_amax: torch.Tensor | float | None = None,
+    clip_state: dict | None = None,
 ) -> torch.Tensor:
     """``F.conv2d`` computed with int8 convolutions/GEMMs in forward, grad_input and grad_weight.
 
     ``x [N, C, H, W]`` (output has ``x``'s dtype), ``weight [O, C/groups, kh, kw]``; numeric ``padding``
     only (no ``"same"``). ``act_amax``: calibrated per-tensor amax (static activation scale).
+    ``clip_state``: the layer's dict for periodic clip search (``config.clip_every > 1``), as in
+    ``int8_linear``.
     """
     if isinstance(padding, str):
         raise ValueError(  # noqa: TRY004 (a wrong value of an accepted F.conv2d argument)
@@ -126,5 +131,9 @@ def int8_conv2d(
         )
     if act_amax is not None and config.act_scale == "dynamic":
         config = replace(config, act_scale="static")
+    if clip_state is not None and not isinstance(clip_state, dict):
+        raise TypeError(
+            f"int8_conv2d '{name}': clip_state must be a dict or None, got {type(clip_state).__name__}"
+        )
     st, pa, di = (list(_pair(v)) for v in (stride, padding, dilation))
-    return Int8Conv2dFunction.apply(x, weight, bias, st, pa, di, groups, config, name, act_amax)
+    return Int8Conv2dFunction.apply(x, weight, bias, st, pa, di, groups, config, name, act_amax, clip_state)

@@ -40,7 +40,7 @@ class Int8LinearFunction(torch.autograd.Function):
     """``y = x W^T + b`` with int8 GEMMs forward and backward (see module docstring for the layouts)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, config: Int8ComputeConfig, name, act_amax):
+    def forward(ctx, x, weight, bias, config: Int8ComputeConfig, name, act_amax, clip_state=None):
         qa, qw = _qmax(config.act_bits), _qmax(config.weight_bits)
         k = x.shape[-1]
         x2 = x.reshape(-1, k)
@@ -56,6 +56,7 @@ class Int8LinearFunction(torch.autograd.Function):
         y = _mm(config, xq, wq, x_step, w_step, qa, qw, bias)
         ctx.save_for_backward(xq, x_step, wq, w_step)
         ctx.config, ctx.name, ctx.x_shape, ctx.x_dtype = config, name, x.shape, x.dtype
+        ctx.clip_state = clip_state  # the layer's own dict: periodic clip ratios (config.clip_every)
         ctx.static = config.act_scale == "static"
         ctx.has_bias = bias is not None
         return y.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
@@ -77,6 +78,7 @@ class Int8LinearFunction(torch.autograd.Function):
                 r = quantize_grad(
                     g, qg, axis, cfg.clip_ratios, cfg.grad_clip, cfg.clip_samples,
                     ctx.name, "output gradient (grad_input GEMM)", mult=w_step.reshape(1, -1), every=cfg.clip_every,
+                    state=ctx.clip_state,
                 )
                 # b operand must be [K, N] (reduced dim last): the integer weight transposed, int8 copy.
                 grad_x = _mm(cfg, r.q, wq.t().contiguous(), r.step, one, qg, qw, None)
@@ -94,6 +96,7 @@ class Int8LinearFunction(torch.autograd.Function):
                 r = quantize_grad(
                     g, qg, axis, cfg.clip_ratios, cfg.grad_clip, cfg.clip_samples,
                     ctx.name, "output gradient (grad_weight GEMM)", mult=xs, every=cfg.clip_every,
+                    state=ctx.clip_state,
                 )
                 # a = g^T [N, M], b = x_q^T [K, M]: both with the reduced M last (int8 transposed copies).
                 grad_w = _mm(cfg, r.q.t().contiguous(), xq.t().contiguous(), r.step, one, qg, qa, None)
@@ -101,7 +104,7 @@ class Int8LinearFunction(torch.autograd.Function):
                 grad_w = g.t() @ dequantize_along(xq, x_step, 0 if x_step.numel() > 1 else None)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g.sum(0)
-        return grad_x, grad_w, grad_b, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None
 
 
 def int8_linear(
@@ -111,12 +114,16 @@ def int8_linear(
     config: Int8ComputeConfig = Int8ComputeConfig(),  # noqa: B008 (frozen, immutable)
     name: str | None = None,
     act_amax: torch.Tensor | float | None = None,
+    clip_state: dict | None = None,
 ) -> torch.Tensor:
     """``x W^T + b`` computed with int8 GEMMs in forward and backward.
 
     ``x [..., K]`` (any float dtype; output has ``x``'s dtype), ``weight [N, K]``, ``bias [N]``.
     ``act_amax``: calibrated per-tensor amax for ``config.act_scale == "static"`` (if given with the default
     dynamic config, it switches the op to static). ``name`` labels error messages and gradient statistics.
+    ``clip_state``: a dict kept per layer (``lq.ops.grad_quant.layer_clip_state(layer)``) where
+    ``config.clip_every > 1`` remembers the searched clip ratios between searches; without one every
+    backward searches (see ``quantize_grad``).
     """
     if act_amax is not None and config.act_scale == "dynamic":
         from dataclasses import replace
@@ -126,4 +133,6 @@ def int8_linear(
         raise ValueError(
             f"int8_linear '{name}': input has {x.shape[-1]} features but weight is {tuple(weight.shape)}"
         )
-    return Int8LinearFunction.apply(x, weight, bias, config, name, act_amax)
+    if clip_state is not None and not isinstance(clip_state, dict):
+        raise TypeError(f"int8_linear '{name}': clip_state must be a dict or None, got {type(clip_state).__name__}")
+    return Int8LinearFunction.apply(x, weight, bias, config, name, act_amax, clip_state)

@@ -45,6 +45,7 @@ def run(cfg: DictConfig) -> dict:
     out = run_dir(cfg)
     logger = start_logger(cfg, out)
     num_samples = int(cfg.callback.num_samples)
+    cpu_malloc = bool(cfg.callback.get("cpu_malloc", False))  # the quant group's choice, for every lq callback here
     try:
         dm = instantiate(cfg.data)
         model = instantiate(cfg.model)
@@ -66,7 +67,7 @@ def run(cfg: DictConfig) -> dict:
             method, pct = parse_candidate(name)
             m = copy.deepcopy(folded)
             qcfg = quant_config(cfg, calibrator=method, **({"percentile": pct} if pct else {}))
-            acc = test_metric(cfg, out, logger, m, dm, [Int8PTQ(qcfg, num_samples=num_samples)])
+            acc = test_metric(cfg, out, logger, m, dm, [Int8PTQ(qcfg, num_samples=num_samples, cpu_malloc=cpu_malloc)])
             label = f"PTQ {candidate_label(method, pct)}"
             ptq[label] = (acc, m, (method, pct))
             rows[label] = acc
@@ -84,6 +85,7 @@ def run(cfg: DictConfig) -> dict:
             monitor="val_acc",
             target=float(sens_cfg.get("target", 0.005)),
             limit_batches=sens_cfg.get("limit_batches", 1.0),
+            cpu_malloc=cpu_malloc,
         )
         make_trainer(cfg, out, logger, [sens]).validate(best_model, datamodule=dm, verbose=False)
         skipped = list(sens.result.skipped) if sens.result else []
