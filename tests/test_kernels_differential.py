@@ -160,6 +160,17 @@ def conv_cases(draw):
     return n, c, o, h, w, (kh, kw), stride, padding, dilation, groups
 
 
+def test_grad_input_with_dilation_over_padding_is_exact():
+    """The input-gradient convolution (stride 1, padding d*(k-1)-p) can itself have windows entirely in the
+    padding: a (2, 5) kernel dilated by 2 on a height-1 input (found by the hypothesis test below)."""
+    gen = torch.Generator().manual_seed(2)
+    x, wt = _ints((2, 3, 1, 5), 127, gen), _ints((3, 3, 2, 5), 127, gen)
+    args = ([1, 1], [1, 1], [2, 1], 1)
+    g = _ints((2, 3, 1, 3), 127, gen)
+    gx = K.int8_conv2d_grad_input(g, wt, torch.ones(1), 127, 127, list(x.shape), *args)
+    assert torch.equal(gx.double(), torch.nn.grad.conv2d_input(list(x.shape), wt.double(), g.double(), *args))
+
+
 @SETTINGS
 @given(case=conv_cases(), bits=BITS, channels_last=st.booleans(), seed=st.integers(0, 2**16))
 def test_int8_conv_kernels_equal_exact_integer_convolutions(case, bits, channels_last, seed):

@@ -164,14 +164,19 @@ def _(g, x, g_step, x_step, g_qmax, x_qmax, weight_size, stride, padding, dilati
 
 # ------------------------------------------------------------------------------------ CPU kernels
 def _qconv(u, zp, u_scale, w, w_scale, bias, stride, padding, dilation, groups):
-    """oneDNN int8 conv: ``conv((u - zp) * u_scale, w * w_scale[o]) + bias``, fp32 output."""
+    """oneDNN int8 conv: ``conv((u - zp) * u_scale, w * w_scale[o]) + bias``, fp32 output, routed around the
+    geometries oneDNN gets wrong (``lq.ops.hardware.onednn_conv_plan``; same numbers)."""
+    plan = hw.onednn_conv_plan(u.shape[2:], w.shape[2:], stride, padding, dilation)
+    if plan.pre_pad is not None:
+        u = F.pad(u, plan.pre_pad, value=zp)
+    stride, padding = plan.stride, plan.padding
     o = w.shape[0]
     packed = torch.ops.onednn.qconv_prepack(w, w_scale, u_scale, zp, stride, padding, dilation, groups, None)
     w_zp = torch.zeros(o, dtype=torch.int64)
-    return torch.ops.onednn.qconv2d_pointwise(
+    return plan.finish(torch.ops.onednn.qconv2d_pointwise(
         u, u_scale, zp, packed, w_scale, w_zp, bias, stride, padding, dilation, groups,
         1.0, 0, torch.float32, "none", [], "",
-    )
+    ))
 
 
 def _fast_conv_ok(kind: str, u_qmax: int, w_qmax: int, reduction: int) -> bool:
@@ -204,11 +209,7 @@ def _conv_fwd_cpu(x, w, x_step, w_step, x_qmax, w_qmax, bias, stride, padding, d
     o = w.shape[0]
     w_scale = w_step.float().reshape(-1).expand(o).contiguous()
     b = None if bias is None else bias.float().contiguous()
-    plan = hw.onednn_conv_plan(x.shape[2:], w.shape[2:], stride, padding, dilation)
-    if plan.pre_pad is not None:
-        u = F.pad(u, plan.pre_pad, value=zp)
-    y = _qconv(u, zp, float(x_step), w.contiguous(), w_scale, b, plan.stride, plan.padding, dilation, groups)
-    return plan.finish(y)
+    return _qconv(u, zp, float(x_step), w.contiguous(), w_scale, b, stride, padding, dilation, groups)
 
 
 def transposed_conv_weight(w: torch.Tensor, groups: int) -> torch.Tensor:
