@@ -3,13 +3,22 @@
     lq-train recipe=mnist_ptq
     lq-train recipe=mnist_ptq quant.activation.calibrator=max logger=csv
     lq-train -m recipe=mnist_ptq quant.activation.calibrator=max,entropy,percentile
-    lq-train --help                    # Hydra's help: the config groups and their options
+    lq-train --help                    # Hydra's help (the config groups and their options), then the recipes
 
 Where the configs live: ``conf/`` (groups model/, data/, quant/, trainer/, logger/) and ``recipes/`` at the
-repository root, found relative to this file (``<root>/lq/cli.py`` -> ``<root>/conf``), which holds for a
-source checkout and for ``pip install -e .``. ``conf/recipe`` is a link to ``../recipes``, so the recipes are
-Hydra's ``recipe`` group (``recipe=NAME``, sweepable in a multirun). ``$LQ_CONF_DIR`` points elsewhere (e.g. a
-copy of ``conf/`` next to a non-editable install); Hydra's own ``--config-dir`` adds a folder of your recipes.
+repository root. ``conf/recipe`` is a link to ``../recipes``, so the recipes are Hydra's ``recipe`` group
+(``recipe=NAME``, sweepable in a multirun). lq-train takes the first of:
+
+1. ``$LQ_CONF_DIR``: a folder with its own ``config.yaml`` (e.g. an edited copy of ``conf/``);
+2. ``lq/_conf`` inside the installed package (``pip install lq`` / a wheel: setup.py packs ``conf/`` there, the
+   recipes as its ``recipe/`` folder), found with ``importlib.resources``;
+3. ``conf/`` beside the ``lq`` package (``<root>/lq/cli.py`` -> ``<root>/conf``): a source checkout or
+   ``pip install -e .``.
+
+Hydra's own ``--config-dir DIR`` puts a folder of your configs on top of that one (``DIR/recipe/mine.yaml`` is
+``recipe=mine``; a file named like a shipped one replaces it).
+
+Needs the ``cli`` extra (``pip install 'lq[cli]'``: hydra-core, wandb, matplotlib).
 """
 
 from __future__ import annotations
@@ -17,27 +26,52 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from importlib.resources import files
 from pathlib import Path
 
-#: environment variable naming the config folder (default: ``<repo root>/conf``)
+from lq.extras import import_extra
+
+#: environment variable naming a config folder to use instead of the shipped one
 CONF_ENV = "LQ_CONF_DIR"
+#: the shipped configs inside the installed ``lq`` package (see setup.py)
+PACKAGED_CONF = "_conf"
 
 log = logging.getLogger(__name__)
 _STARTED = False  # set once a job runs: failures after that are the job's, not the command line's
 
 
+def packaged_conf_dir() -> Path | None:
+    """``lq/_conf`` of an installed (non-editable) ``lq``, or None (a source checkout has no such folder)."""
+    path = files("lq").joinpath(PACKAGED_CONF)
+    # a real folder for any unzipped install; Hydra reads config folders from the file system
+    return path if isinstance(path, Path) and (path / "config.yaml").is_file() else None
+
+
 def conf_dir() -> Path:
-    """The Hydra config folder: ``$LQ_CONF_DIR`` or ``conf/`` beside the ``lq`` package.
+    """The Hydra config folder: ``$LQ_CONF_DIR``, else the installed package's ``lq/_conf``, else ``conf/``
+    beside the ``lq`` package (a source checkout or an editable install).
 
     Raises:
         FileNotFoundError: no ``config.yaml`` there; the message says how to get one.
     """
     env = os.environ.get(CONF_ENV)
-    path = Path(env) if env else Path(__file__).resolve().parent.parent / "conf"
+    if env:
+        path = Path(env)
+        if not (path / "config.yaml").is_file():
+            raise FileNotFoundError(
+                f"lq-train: no Hydra config at {path}/config.yaml ({CONF_ENV}): point {CONF_ENV} at a copy of "
+                f"the repository's conf/ folder, or unset it and add your own configs with --config-dir DIR"
+            )
+        return path
+    packaged = packaged_conf_dir()
+    if packaged is not None:
+        return packaged
+    path = Path(__file__).resolve().parent.parent / "conf"
     if not (path / "config.yaml").is_file():
         raise FileNotFoundError(
-            f"lq-train: no Hydra config at {path}/config.yaml. lq-train runs from a source checkout "
-            f"(git clone, then `pip install -e .`), or set {CONF_ENV} to a copy of the repository's conf/ folder"
+            f"lq-train: no Hydra config: neither lq/{PACKAGED_CONF} in the installed package nor {path}/config.yaml "
+            f"exists. Reinstall lq (`pip install 'lq[cli]'`, or `pip install -e .` in a source checkout), or set "
+            f"{CONF_ENV} to a copy of the repository's conf/ folder"
         )
     return path
 
@@ -80,16 +114,16 @@ def main() -> None:
     """Console script ``lq-train``: compose the config (Hydra) and run the recipe's task.
 
     A command line Hydra cannot compose (unknown recipe, unknown key) gets Hydra's error followed by the
-    list of recipes. Errors inside the job (e.g. a data set that is not installed, whose message names the
-    install command) are reported by Hydra as they are.
+    list of recipes; ``--help`` prints Hydra's help and then the recipes with their descriptions. Errors
+    inside the job (e.g. a data set that is not installed, whose message names the install command) are
+    reported by Hydra as they are.
     """
-    import hydra
-
     global _STARTED
     _STARTED = False
     try:
+        hydra = import_extra("hydra", "lq-train")
         conf = conf_dir()
-    except FileNotFoundError as err:
+    except (ImportError, FileNotFoundError) as err:
         print(err, file=sys.stderr)
         sys.exit(2)
     app = hydra.main(config_path=str(conf), config_name="config", version_base="1.3")(_job)
@@ -98,6 +132,8 @@ def main() -> None:
     except SystemExit as exit_:
         if exit_.code not in (0, None) and not _STARTED:
             print("\n" + recipe_help(conf), file=sys.stderr)
+        elif exit_.code in (0, None) and {"--help", "-h"} & set(sys.argv[1:]):
+            print(recipe_help(conf))
         raise
 
 

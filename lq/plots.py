@@ -12,6 +12,7 @@ import logging
 import os
 from typing import Any
 
+from lq.extras import import_extra
 from lq.workflow import PartialQuantization, SensitivityReport
 
 log = logging.getLogger(__name__)
@@ -20,11 +21,9 @@ log = logging.getLogger(__name__)
 def new_figure(figsize: tuple[float, float]) -> Any:
     """A ``matplotlib.figure.Figure`` with its own Agg canvas: no pyplot, no backend switch, nothing global
     (the figure is garbage-collected like any object; ``fig.savefig`` writes PNG)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=figsize)
-    FigureCanvasAgg(fig)
+    canvas = import_extra("matplotlib.backends.backend_agg", "lq's charts").FigureCanvasAgg
+    fig = import_extra("matplotlib.figure", "lq's charts").Figure(figsize=figsize)
+    canvas(fig)
     return fig
 
 
@@ -59,12 +58,21 @@ def _log_dir(trainer: Any) -> str:
     return d
 
 
-def log_sensitivity(trainer: Any, report: SensitivityReport, result: PartialQuantization | None, metric: str) -> str:
+def log_sensitivity(
+    trainer: Any, report: SensitivityReport, result: PartialQuantization | None, metric: str
+) -> str | None:
     """Save the chart as PNG in the run's log dir and send table/image/scalars to the loggers. Returns
-    the PNG path."""
-    fig = sensitivity_figure(report, result, metric)
-    path = os.path.join(_log_dir(trainer), "lq_sensitivity.png")
-    fig.savefig(path, dpi=110)
+    the PNG path, or None without matplotlib (``lq[plots]``): then only the table and scalars go out."""
+    try:
+        fig = sensitivity_figure(report, result, metric)
+    except ImportError as err:
+        if err.name != "matplotlib":
+            raise
+        log.warning("lq: no sensitivity chart (%s); the table and scalars are logged", err)
+        path = None
+    else:
+        path = os.path.join(_log_dir(trainer), "lq_sensitivity.png")
+        fig.savefig(path, dpi=110)
     rows = [[n, v, d, n in (result.skipped if result else [])] for n, v, d in report.rows()]
     for logger in trainer.loggers:
         try:
@@ -72,7 +80,8 @@ def log_sensitivity(trainer: Any, report: SensitivityReport, result: PartialQuan
 
             if isinstance(logger, WandbLogger):
                 logger.log_table("lq/sensitivity", columns=["layer", metric, "relative_drop", "kept_float"], data=rows)
-                logger.log_image("lq/sensitivity_chart", images=[path])
+                if path is not None:
+                    logger.log_image("lq/sensitivity_chart", images=[path])
             scalars = {f"lq/sensitivity/{n}": v for n, v, _ in report.rows()}
             scalars.update({"lq/fp32": report.fp32, "lq/int8": report.int8})
             if result is not None:
@@ -80,5 +89,6 @@ def log_sensitivity(trainer: Any, report: SensitivityReport, result: PartialQuan
             logger.log_metrics(scalars, step=trainer.global_step)
         except Exception as err:  # noqa: BLE001 - a logger failing must not lose the analysis
             log.warning("lq: could not log sensitivity to %s: %s", type(logger).__name__, err)
-    log.info("lq: sensitivity chart saved to %s", path)
+    if path is not None:
+        log.info("lq: sensitivity chart saved to %s", path)
     return path

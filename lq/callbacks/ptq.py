@@ -19,6 +19,7 @@ from lq.callbacks.base import QuantizationCallback
 from lq.callbacks.export import export_after_fit
 from lq.callbacks.evaluation import metric_evaluator
 from lq.callbacks.loaders import stage_loader, val_loader
+from lq.extras import import_extra
 from lq.quant.config import CALIBRATORS, QuantConfig
 
 
@@ -32,7 +33,8 @@ class Int8PTQ(QuantizationCallback):
         method: override the activation calibrator ("max", "entropy", "percentile", "mse", "auto").
         monitor, mode: the validation metric "auto" maximises (or minimises with ``mode="min"``).
         export_onnx: at the end of fit, write the quantized model as ONNX with Q/DQ nodes to this path
-            (``lq.export_onnx``; the example input is one sample of the training data).
+            (``lq.export_onnx``; the example input is one sample of the training data; needs
+            ``pip install 'lq[onnx]'``, checked here rather than after the fit).
         export_converted: at the end of fit, save a converted int8 copy of the model (``lq.convert``) with
             ``torch.save`` to this path (load it with ``torch.load(path, weights_only=False)``).
         cpu_malloc: on CPU, keep freed malloc blocks for reuse from setup to teardown (process-wide, so off by
@@ -52,6 +54,8 @@ class Int8PTQ(QuantizationCallback):
         cpu_malloc: bool = False,
     ) -> None:
         super().__init__(config, num_samples, calibration_data, cpu_malloc=cpu_malloc)
+        if export_onnx is not None:
+            import_extra("onnx", f"{type(self).__name__}(export_onnx=...)")
         self.export_onnx = export_onnx
         self.export_converted = export_converted
         if method is not None and method not in CALIBRATORS:

@@ -7,7 +7,8 @@
 Quantizes one layer at a time on the validation batches, ranks the layers by the monitored metric (the one
 ``validation_step`` already logs; agreement with fp32 outputs where none is logged), and keeps the smallest
 set of most-sensitive layers in float so the metric is within ``target`` (relative) of fp32. Logs a table
-and a bar chart (the paper's Fig. 3) to the trainer's loggers and saves the chart as PNG in the log dir.
+and a bar chart (the paper's Fig. 3) to the trainer's loggers and saves the chart as PNG in the log dir
+(the chart needs matplotlib, ``pip install 'lq[plots]'``; without it the table and scalars are logged).
 """
 
 from __future__ import annotations

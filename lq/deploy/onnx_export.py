@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from lq.deploy.int8_layers import Int8Module, steps_from_amax
+from lq.extras import import_extra
 from lq.nn.swap import quantized_layers
 from lq.quant.functional import qmax
 from lq.quant.quantizer import TensorQuantizer
@@ -165,8 +166,7 @@ def _as_tuple(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[to
 
 def count_qdq(path: str | os.PathLike) -> dict[str, int]:
     """``{"QuantizeLinear": n, "DequantizeLinear": m}`` in an ONNX file (main graph)."""
-    import onnx
-
+    onnx = import_extra("onnx", "lq.deploy.count_qdq")
     graph = onnx.load(str(path), load_external_data=False).graph
     return {op: sum(n.op_type == op for n in graph.node) for op in ("QuantizeLinear", "DequantizeLinear")}
 
@@ -213,10 +213,12 @@ def export_onnx(
     Returns the path written.
 
     Raises:
+        ImportError: onnx is not installed (``pip install 'lq[onnx]'``).
         ValueError: no quantized layers, a converted model, opset < 13, more than 8 bits.
         RuntimeError: a layer was never calibrated (named), or the model uses an operator ONNX cannot
             express at this opset (the operator is named).
     """
+    import_extra("onnx", "lq.export_onnx")  # torch's exporter writes the file with it; fail before exporting
     path = Path(path)
     layers = _check_exportable(model, opset)
     args = _as_tuple(example_inputs)

@@ -15,6 +15,8 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
+from lq.extras import EXTRA_OF, missing_extra_message
+
 #: runner name -> "module:function"
 RUNNERS: dict[str, str] = {
     "ptq_table": "lq.recipes.ptq_table:run",
@@ -35,6 +37,8 @@ def get_runner(task: str) -> Callable[[Any], dict]:
     try:
         return getattr(importlib.import_module(module), fn)
     except (ImportError, AttributeError) as err:
+        if isinstance(err, ModuleNotFoundError) and err.name in EXTRA_OF:  # the runners need the cli extra
+            raise ImportError(missing_extra_message(err.name, f"the {task!r} runner"), name=err.name) from err
         if task in RUNNERS:
             raise
         raise ValueError(f"task {task!r}: cannot import {module}.{fn} ({err})") from err
