@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from lq.calib import HistogramCalibrator
+from lq.extras import import_extra
 from lq.workflow import quantizers
 
 log = logging.getLogger(__name__)
@@ -174,12 +175,25 @@ def amax_summary(model: nn.Module) -> dict[str, tuple[str, int, float, float]]:
     return out
 
 
+def calibration_label(q: Any) -> str:
+    """How a quantizer's range was computed: its calibrator, with the per-layer choice of "layerwise"
+    (``layerwise: percentile 99.99``)."""
+    name = q.spec.calibrator
+    if q.dynamic:
+        return "max (dynamic)"
+    if name == "layerwise" and q.calib_choice is not None:
+        method, pct = q.calib_choice
+        return f"layerwise: {method} {pct:g}" if method == "percentile" else f"layerwise: {method}"
+    return name
+
+
 def log_amax(loggers: Any, model: nn.Module, run_dir: str | None, key: str = "lq/amax") -> dict[str, float]:
-    """Log the per-layer amax (a table: quantizer, kind, channels, min, max; scalars for activations) and save
-    ``<run_dir>/lq_amax.csv``. Returns ``{activation quantizer: amax}``."""
+    """Log the per-layer amax (a table: quantizer, kind, channels, min, max, calibration; scalars for
+    activations) and save ``<run_dir>/lq_amax.csv``. Returns ``{activation quantizer: amax}``."""
     summary = amax_summary(model)
-    rows = [[n, k, c, lo, hi] for n, (k, c, lo, hi) in summary.items()]
-    log_table(loggers, key, ["quantizer", "kind", "channels", "amax_min", "amax_max"], rows, run_dir)
+    qs = quantizers(model)
+    rows = [[n, k, c, lo, hi, calibration_label(qs[n])] for n, (k, c, lo, hi) in summary.items()]
+    log_table(loggers, key, ["quantizer", "kind", "channels", "amax_min", "amax_max", "calibration"], rows, run_dir)
     acts = {n: hi for n, (k, _, _, hi) in summary.items() if k == "activation"}
     log_scalars(loggers, {f"{key}/{n}": v for n, v in acts.items()})
     return acts
@@ -220,9 +234,9 @@ def calibration_histogram_figure(
     """The paper's Fig. 2: histogram of ``|x|`` (log counts) with each calibrator's amax as a vertical line.
     A ``matplotlib.figure.Figure`` built with the object API (``lq.plots.new_figure``): the process's
     backend, pyplot and rcParams are left alone."""
-    import matplotlib
-
     from lq.plots import new_figure
+
+    matplotlib = import_extra("matplotlib", "the calibration histograms")
 
     counts = counts.detach().cpu().double()
     nz = torch.nonzero(counts).flatten()

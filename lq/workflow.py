@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 Evaluate = Callable[[nn.Module], float]
 
+#: calibration samples replayed to score calibrator "layerwise" (lq.layer_choice)
+LAYERWISE_SAMPLES = 256
+
 
 def quantizers(model: nn.Module) -> dict[str, TensorQuantizer]:
     """``{name: TensorQuantizer}`` for every quantizer in the model."""
@@ -53,9 +56,10 @@ def _eval_no_grad(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _run_data(model: nn.Module, data: Any, num_samples: int | None) -> int:
+def _run_data(model: nn.Module, data: Any, num_samples: int | None, keep: list | None = None, keep_samples: int = 0) -> int:
     """Forward ``data`` (an iterable of batches, or a ``forward_loop(model)`` callable) through the model.
-    Returns how many samples were seen (``-1`` for a forward_loop, which counts for itself)."""
+    Returns how many samples were seen (``-1`` for a forward_loop, which counts for itself). ``keep``: a list
+    that receives the first batches, about ``keep_samples`` samples (a one-shot iterator cannot be re-read)."""
     if callable(data) and not isinstance(data, (torch.utils.data.DataLoader, Iterable)):
         data(model)
         return -1
@@ -71,6 +75,8 @@ def _run_data(model: nn.Module, data: Any, num_samples: int | None) -> int:
             batch = _take(batch, num_samples - seen)
             n = num_samples - seen
         forward_batch(model, batch)
+        if keep is not None and seen < keep_samples:
+            keep.append(batch)
         seen += n
         if num_samples is not None and seen >= num_samples:
             break
@@ -128,6 +134,9 @@ def calibrate(
     weight_ids = {id(getattr(m, "weight_quantizer", None)) for m in layers.values()}
     weights = {n: q for n, q in qs.items() if id(q) in weight_ids and q.spec.enabled and not q.dynamic}
     act = {n: q for n, q in qs.items() if id(q) not in weight_ids and q.spec.enabled}
+    layerwise = {n for n, q in act.items() if (method or q.spec.calibrator) == "layerwise"}
+    model.__dict__.pop("_lq_layerwise", None)  # a previous per-layer choice no longer describes the ranges
+    kept: list = []  # the first calibration batches, replayed to score the per-layer choice
     missing: list[str] = []
     try:
         # Weights: static, one look each.
@@ -141,7 +150,7 @@ def calibrate(
         for q in act.values():
             q.start_calibration(method)
         with _eval_no_grad(model):
-            seen = _run_data(model, data, num_samples)
+            seen = _run_data(model, data, num_samples, kept if layerwise else None, LAYERWISE_SAMPLES)
         if num_samples is not None and 0 <= seen < num_samples:
             warnings.warn(
                 f"lq.calibrate: asked for {num_samples} samples but the data held {seen}; calibrated on {seen}",
@@ -170,6 +179,19 @@ def calibrate(
             stacklevel=2,
         )
     log.info("lq.calibrate: calibrated %d layers on %s samples", len(layers), "all" if seen < 0 else seen)
+    layerwise -= set(missing)
+    if layerwise:
+        from lq.layer_choice import choose_per_layer
+
+        def replay(m: nn.Module) -> None:
+            with _eval_no_grad(m):
+                if kept:
+                    for batch in kept:
+                        forward_batch(m, batch)
+                else:  # a forward_loop(model) callable: it runs its own passes again
+                    data(m)
+
+        choose_per_layer(model, replay, names=layerwise)
     if wanted_auto:
         choose_calibration(model, evaluate)
     return model

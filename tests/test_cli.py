@@ -117,7 +117,9 @@ def test_mnist_ptq_console_script_wandb_offline(tmp_path: Path) -> None:
     assert {"ptq", "amax"} <= set(tables), list(media.rglob("*"))
     results = json.loads(next((media / "table" / "lq").glob("ptq_results_*.table.json")).read_text())
     assert results["columns"] == ["calibration", "test_acc", "relative"]
-    assert [r[0] for r in results["data"]] == ["fp32", "max", "entropy", "percentile 99.99%"]
+    assert [r[0] for r in results["data"]] == ["fp32", "layerwise (default)", "max", "entropy", "percentile 99.99%"]
+    amax_rows = (run / "lq_amax.csv").read_text().splitlines()
+    assert amax_rows[0].endswith(",calibration") and any(",layerwise: " in r for r in amax_rows[1:])
     images = list((media / "images" / "lq" / "calibration_histogram").glob("*.png"))
     assert len(images) == 2
     assert list(offline[0].glob("run-*.wandb"))

@@ -157,7 +157,7 @@ def test_extra_repr_shows_bits_axis_range_calibrator():
     m = lq.quantize(nn.Sequential(nn.Linear(4, 2)))
     lq.calibrate(m, [torch.randn(3, 4)], method="max")
     r = repr(m)
-    assert "bits=8" in r and "per_channel(axis=0)" in r and "calibrator=entropy" in r and "amax=" in r
+    assert "bits=8" in r and "per_channel(axis=0)" in r and "calibrator=layerwise" in r and "amax=" in r
 
 
 def test_restore_returns_float_layer():

@@ -17,18 +17,19 @@ from lq.calib.mse import mse_amax, mse_errors
 from lq.calib.percentile import percentile_amax
 
 #: Calibrator names accepted by ``make_calibrator`` (``lq.QuantSpec.calibrator``).
-CALIBRATOR_NAMES = ("max", "entropy", "percentile", "mse", "auto")
+CALIBRATOR_NAMES = ("max", "entropy", "percentile", "mse", "auto", "layerwise")
 
 
 def make_calibrator(name: str, axis: int | None = None, num_bins: int = 2048) -> Calibrator:
     """The calibrator that collects what method ``name`` needs.
 
-    ``"max"`` -> ``MaxCalibrator(axis)``; ``"entropy"``, ``"percentile"``, ``"mse"`` and ``"auto"`` ->
-    ``HistogramCalibrator(axis, num_bins)`` (one histogram serves every method, so "auto" can try them all).
+    ``"max"`` -> ``MaxCalibrator(axis)``; ``"entropy"``, ``"percentile"``, ``"mse"``, ``"auto"`` and
+    ``"layerwise"`` -> ``HistogramCalibrator(axis, num_bins)`` (one histogram serves every method, so "auto"
+    and "layerwise" can try them all).
     """
     if name == "max":
         return MaxCalibrator(axis)
-    if name in ("entropy", "percentile", "mse", "auto"):
+    if name in ("entropy", "percentile", "mse", "auto", "layerwise"):
         return HistogramCalibrator(axis, num_bins=num_bins)
     raise ValueError(f"calibrator must be one of {CALIBRATOR_NAMES}, got {name!r}")
 

@@ -204,6 +204,10 @@ class QuantizationCallback(Callback):
             data = _Progress(data, trainer, f"{type(self).__name__}: calibrating", self.num_samples)
         calibrate(pl_module, data, num_samples=self.num_samples, **kwargs)
         rank_zero_info(f"{type(self).__name__}: calibrated {len(quantized_layers(pl_module))} layers")
+        choice = getattr(pl_module, "_lq_layerwise", None)
+        if choice is not None and choice.methods:
+            rows = "\n".join(f"  {n:<40} {m:<20} output error {e:.3g}" for n, m, e in choice.table())
+            rank_zero_info(f"{type(self).__name__}: per-layer calibration (label-free PTQ best):\n{rows}")
 
     # ---------------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:

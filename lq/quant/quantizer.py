@@ -59,6 +59,8 @@ class TensorQuantizer(nn.Module):
         # forward instead of silently running in float.
         self._mode = "quantize" if spec.enabled else "off"
         self._calibrator: Calibrator | None = None
+        #: (method, percentile) that calibrator "layerwise" chose for this quantizer (lq.layer_choice)
+        self.calib_choice: tuple[str, float | None] | None = None
 
     # ----------------------------------------------------------------------------------------- state
     @property
@@ -79,6 +81,7 @@ class TensorQuantizer(nn.Module):
         """Fresh statistics for ``method`` (default: the spec's calibrator) and calibrate mode."""
         method = method or self.spec.calibrator
         self._calibrator = make_calibrator(method, axis=self.axis, num_bins=self.spec.num_bins)
+        self.calib_choice = None
         self._mode = "calibrate" if self.spec.enabled else "off"
 
     @property
@@ -108,6 +111,12 @@ class TensorQuantizer(nn.Module):
         if self._calibrator is None:
             raise RuntimeError(f"{self.name}: no calibration data was collected; run lq.calibrate(model, data)")
         method = method or self.spec.calibrator
+        if method == "layerwise":
+            if self.calib_choice is None:
+                # before the per-layer choice ran (lq.calibrate runs it right after): the full range
+                method, percentile = "max", None
+            else:
+                method, percentile = self.calib_choice
         if method == "auto":
             method = "entropy"
         try:
@@ -220,4 +229,8 @@ class TensorQuantizer(nn.Module):
             amax = "uncalibrated"
         extra = ", dynamic" if self.dynamic else ""
         extra += ", learned" if self.spec.learn_range else ""
-        return f"bits={self.spec.bits}, {gran}, amax={amax}, calibrator={self.spec.calibrator}, mode={self._mode}{extra}"
+        calibrator = self.spec.calibrator
+        if calibrator == "layerwise" and self.calib_choice is not None:
+            m, p = self.calib_choice
+            calibrator += f"({m}{'' if p is None or m != 'percentile' else f' {p:g}'})"
+        return f"bits={self.spec.bits}, {gran}, amax={amax}, calibrator={calibrator}, mode={self._mode}{extra}"

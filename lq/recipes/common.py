@@ -103,11 +103,13 @@ def make_callback(cfg: DictConfig, config: Any = None, **kwargs: Any) -> Any:
 
 
 def parse_candidate(name: str) -> tuple[str, float | None]:
-    """ "max" / "entropy" / "mse" / "percentile_99.99" -> (method, percentile)."""
+    """ "layerwise" / "max" / "entropy" / "mse" / "percentile_99.99" -> (method, percentile). "layerwise" is
+    each quantizer's own per-layer choice (needs a "layerwise" calibration; ``lq.layer_choice``)."""
     method, _, pct = str(name).partition("_")
-    if method not in ("max", "entropy", "mse", "percentile"):
+    if method not in ("layerwise", "max", "entropy", "mse", "percentile"):
         raise ValueError(
-            f"calibrator candidate {name!r}: use max, entropy, mse or percentile_<p> (e.g. percentile_99.99)"
+            f"calibrator candidate {name!r}: use layerwise, max, entropy, mse or percentile_<p> "
+            "(e.g. percentile_99.99)"
         )
     if method == "percentile":
         return method, float(pct) if pct else 99.99

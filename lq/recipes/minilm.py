@@ -46,9 +46,10 @@ def _cosines(model: SentenceEncoder, sentences: Sequence[str], reference: torch.
 def _calibrated(
     encoder: SentenceEncoder, cfg: DictConfig, gelu10: bool, sentences: Sequence[str], batch: int
 ) -> SentenceEncoder:
-    """A quantized copy of ``encoder`` with histogram statistics collected on ``sentences``."""
+    """A quantized copy of ``encoder`` with histogram statistics collected on ``sentences`` and the per-layer
+    choice made (calibrator "layerwise": every candidate is read off the same histograms)."""
     model = copy.deepcopy(encoder)
-    config = quant_config(cfg, calibrator="entropy")
+    config = quant_config(cfg, calibrator="layerwise")
     config.gelu10 = gelu10
     lq.quantize(model, config)
     batches = [model.tokenize(sentences[i : i + batch]) for i in range(0, len(sentences), batch)]

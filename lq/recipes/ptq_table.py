@@ -33,6 +33,9 @@ from lq.recipes.common import (
 
 log = logging.getLogger(__name__)
 
+#: the table row of the default calibration (label-free per-layer choice, lq.layer_choice)
+LAYERWISE_LABEL = "layerwise (default)"
+
 
 def run(cfg: DictConfig) -> dict:
     """fp32 vs int8 for each calibrator; prints the table and returns ``{"fp32", "int8": {name: acc}, "best", ...}``."""
@@ -50,7 +53,7 @@ def run(cfg: DictConfig) -> dict:
             candidates = [
                 parse_candidate(c) for c in cfg.get("candidates") or ["max", "entropy", "percentile_99.99", "mse"]
             ]
-            collect = "entropy"  # a histogram: every candidate is read off it
+            collect = "layerwise"  # the default (per-layer choice) on a histogram: every candidate is read off it
         else:
             candidates = [(str(spec.calibrator), float(spec.percentile) if spec.calibrator == "percentile" else None)]
             collect = str(spec.calibrator)
@@ -60,7 +63,13 @@ def run(cfg: DictConfig) -> dict:
         acts = {n: q for n, q in lq.quantizers(model).items() if not n.endswith("weight_quantizer") and q.mode != "off"}
         results: dict[str, float] = {}
         amax: dict[str, dict[str, float]] = {}
+        if collect == "layerwise":  # the default's row first: the ranges Int8PTQ chose per layer, as measured
+            results[LAYERWISE_LABEL] = first_acc
+            amax[LAYERWISE_LABEL] = {n: float(q.amax.max()) for n, q in acts.items()}
+            candidates = [("layerwise", None), *candidates]
         for method, pct in candidates:
+            if method == "layerwise":
+                continue
             label = candidate_label(method, pct)
             if method == collect and (method != "percentile" or pct == float(spec.percentile)):
                 for q in acts.values():
@@ -77,7 +86,7 @@ def run(cfg: DictConfig) -> dict:
         best = max(results, key=results.get)
         method, pct = candidates[list(results).index(best)]
         for q in acts.values():  # leave the model on the best calibration for the amax log
-            q.load_calib_amax(method, percentile=pct)
+            q.load_calib_amax(method, percentile=pct)  # "layerwise": each quantizer's own choice
 
         rows = [["fp32", fp32, 0.0]] + [[k, v, (v - fp32) / fp32] for k, v in results.items()]
         tracking.log_table(logger, "lq/ptq_results", ["calibration", "test_acc", "relative"], rows, out)

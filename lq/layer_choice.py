@@ -1,0 +1,193 @@
+"""Label-free "PTQ best" per layer: each activation quantizer gets the calibration (max, entropy,
+percentiles, mse; the paper's Table 5 columns) that quantizes its layer's output best, without labels.
+
+Wu et al. 2020 (Section 4.2, Table 5) find that no single calibrator is best for every network and report
+"PTQ best" as the best of them for the whole model, chosen on the validation metric. Here the choice is
+made per layer and needs no metric: on calibration data, in the order the forward pass reaches the layers
+(topological order, with the layers before already quantized by their choice), every candidate range of a
+layer's input quantizer is scored by the error it causes in that layer's output,
+
+    err(c) = || f(Q_c(x), Q(W)) - f(x, W) ||^2,
+
+where ``x`` is the input that actually arrives (so upstream quantization error is accounted for), ``f`` the
+layer (conv / linear / matmul), ``Q_c`` eq. 12 with the candidate's amax, and ``f(x, W)`` the same layer in
+float. The candidate with the smallest error summed over the calibration batches is kept. One extra forward
+pass over a subset of the calibration data, with ``len(candidates) + 1`` evaluations of each quantized layer,
+reads every candidate off the histograms the calibration pass already collected.
+
+Online over batches: while later batches arrive, each layer runs with the candidate that is best on the
+batches seen so far, so layers downstream see the input they will see after calibration (up to that
+running choice).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lq.nn.swap import quantized_layers
+from lq.quant.config import AUTO_CANDIDATES
+from lq.quant.quantizer import TensorQuantizer
+
+log = logging.getLogger(__name__)
+
+#: The input quantizers a layer may have, in the order their choices are made.
+_INPUT_QUANTIZERS = ("input_quantizer", "other_quantizer")
+
+
+def candidate_name(method: str, percentile: float | None) -> str:
+    return f"percentile_{percentile:g}" if method == "percentile" else method
+
+
+@dataclass
+class LayerwiseChoice:
+    """Per activation quantizer: the kept candidate and each candidate's output error relative to the
+    float output's energy (``sum err / sum ||f(x, W)||^2`` over the scored batches)."""
+
+    methods: dict[str, str] = field(default_factory=dict)
+    errors: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def table(self) -> list[tuple[str, str, float]]:
+        """``(quantizer, chosen candidate, its relative output error)`` rows."""
+        return [(n, m, self.errors[n][m]) for n, m in self.methods.items()]
+
+
+class _LayerScorer:
+    """The forward pre-hook of one quantized layer: scores its quantizers' candidates on the arriving input,
+    then leaves each quantizer at its best-so-far candidate for the real forward."""
+
+    def __init__(self, layer: nn.Module, quantizers: dict[str, TensorQuantizer], amaxes: dict[str, dict]) -> None:
+        self.layer = layer
+        self.quantizers = quantizers  # full name -> quantizer (those of this layer that are chosen)
+        self.amaxes = amaxes  # full name -> {candidate: amax}
+        self.errors = {n: dict.fromkeys(amaxes[n], 0.0) for n in quantizers}
+        self.energy = {n: 0.0 for n in quantizers}
+        self.calls = 0
+
+    @torch.no_grad()
+    def __call__(self, layer: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.calls += 1
+        own = [m for m in layer.modules() if isinstance(m, TensorQuantizer)]
+        modes = [q.mode for q in own]
+        try:
+            for q in own:
+                q.mode = "off"
+            ref = layer.forward(*args, **kwargs).float()
+        finally:
+            for q, mode in zip(own, modes):
+                q.mode = mode
+        for name, q in self.quantizers.items():
+            energy = float(ref.pow(2).sum())
+            self.energy[name] += energy
+            for cand, amax in self.amaxes[name].items():
+                q.amax.data.copy_(amax)
+                out = layer.forward(*args, **kwargs).float()
+                self.errors[name][cand] += float((out - ref).pow(2).sum())
+            q.amax.data.copy_(self.amaxes[name][self.best(name)])  # the real forward runs with it
+
+    def best(self, name: str) -> str:
+        errs = self.errors[name]
+        return min(errs, key=errs.get)
+
+
+def choose_per_layer(
+    model: nn.Module,
+    run: Any,
+    candidates: Sequence[tuple[str, float | None]] = AUTO_CANDIDATES,
+    names: Iterable[str] | None = None,
+) -> LayerwiseChoice:
+    """Pick every histogram-calibrated activation quantizer's range by its layer's output error (see module
+    docstring). ``run(model)`` runs the forward passes to score on (a subset of the calibration data).
+
+    Needs the histograms of a previous collection (``lq.calibrate`` does both). Weight quantizers and
+    quantizers that are off are left alone; ``names`` limits the choice to those quantizers. Returns the choice; the chosen amax values are loaded and each
+    quantizer remembers its choice (``TensorQuantizer.calib_choice``).
+    """
+    layers = quantized_layers(model)
+    wanted = None if names is None else set(names)
+    scorers: dict[str, _LayerScorer] = {}
+    handles = []
+    for lname, layer in layers.items():
+        chosen: dict[str, TensorQuantizer] = {}
+        amaxes: dict[str, dict[str, torch.Tensor]] = {}
+        for attr in _INPUT_QUANTIZERS:
+            q = getattr(layer, attr, None)
+            if not isinstance(q, TensorQuantizer) or q.mode != "quantize" or q.dynamic:
+                continue
+            if q.calibrator is None or not q.calibrator.has_data or not hasattr(q.calibrator, "histogram"):
+                continue
+            full = f"{lname}.{attr}"
+            if wanted is not None and full not in wanted:
+                continue
+            chosen[full] = q
+            amaxes[full] = {
+                candidate_name(m, p): q.calibrator.compute_amax(method=m, percentile=p if p is not None else 99.99,
+                                                                 bits=q.spec.bits).to(q.amax.device).reshape(q.amax.shape)
+                for m, p in candidates
+            }
+        if chosen:
+            scorers[lname] = _LayerScorer(layer, chosen, amaxes)
+            handles.append(layer.register_forward_pre_hook(scorers[lname], with_kwargs=True))
+    if not scorers:
+        raise ValueError(
+            "per-layer calibration choice: no activation quantizer holds a histogram; calibrate with an "
+            "'entropy', 'percentile', 'mse', 'auto' or 'layerwise' activation calibrator first"
+        )
+    try:
+        run(model)
+    finally:
+        for h in handles:
+            h.remove()
+    _reduce_across_ranks(scorers)
+    choice = LayerwiseChoice()
+    by_name = dict(candidates_by_name(candidates))
+    never = []
+    for scorer in scorers.values():
+        for name, q in scorer.quantizers.items():
+            if scorer.calls == 0:
+                never.append(name)
+                continue
+            best = scorer.best(name)
+            q.amax.data.copy_(scorer.amaxes[name][best])
+            q.calib_choice = by_name[best]
+            choice.methods[name] = best
+            total = max(scorer.energy[name], 1e-30)
+            choice.errors[name] = {c: e / total for c, e in scorer.errors[name].items()}
+    if never:
+        raise RuntimeError(
+            f"per-layer calibration choice: layers {never[:10]} did not run during the scoring pass, so no range "
+            "could be chosen for them. Check that the calibration data reaches them, or skip them in "
+            "QuantConfig.skip"
+        )
+    model._lq_layerwise = choice  # noqa: SLF001 - read by reports / trackers
+    log.info("lq: per-layer calibration choice: %s", {n: m for n, m in choice.methods.items()})
+    return choice
+
+
+def _reduce_across_ranks(scorers: dict[str, _LayerScorer]) -> None:
+    """Under torch.distributed every rank scored its own batches: sum the error tables (and call counts) so
+    that every rank makes the same choice, as ``lq.calibrate`` reduces its statistics."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    rows = [(s, n) for s in scorers.values() for n in s.quantizers]
+    values = [v for s, n in rows for v in (*s.errors[n].values(), s.energy[n], float(s.calls))]
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    it = iter(t.tolist())
+    for s, n in rows:
+        for c in s.errors[n]:
+            s.errors[n][c] = next(it)
+        s.energy[n] = next(it)
+        s.calls = int(next(it))
+
+
+def candidates_by_name(candidates: Iterable[tuple[str, float | None]]) -> list[tuple[str, tuple[str, float | None]]]:
+    return [(candidate_name(m, p), (m, p)) for m, p in candidates]
