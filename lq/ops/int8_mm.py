@@ -168,6 +168,13 @@ def _onednn_mm(
     return out
 
 
+def _reference_fallback(key: str, message: str, *args) -> torch.Tensor:
+    """A shape or range class no fast kernel computes exactly: warn once per class, note it, run the reference."""
+    hw.warn_once(key, message)
+    hw.ran("int8_mm", "reference")
+    return int8_mm_reference(*args)
+
+
 @int8_mm.register_kernel("cpu")
 def _int8_mm_cpu(a, b, a_step, b_step, a_qmax, b_qmax, bias):
     _check(a, b)
@@ -181,13 +188,12 @@ def _int8_mm_cpu(a, b, a_step, b_step, a_qmax, b_qmax, bias):
         out = _int_mm_chunked(a, b, a_qmax, b_qmax)
         out.mul_(a_step.float().reshape(-1, 1)).mul_(b_step.float().reshape(1, -1))
     elif hw.cpu_int_mm_is_fast() and not (hw.u8s8_exact(a_qmax, b_qmax) or hw.u8s8_exact(b_qmax, a_qmax)):
-        hw.warn_once(
+        return _reference_fallback(
             "int8_mm:int_mm-k1",
             f"lq::int8_mm: torch._int_mm on CPU returns wrong sums for K = 1 (here M={m}, N={n}); using the "
             "exact reference kernel for this shape class.",
+            a, b, a_step, b_step, a_qmax, b_qmax, bias,
         )
-        hw.ran("int8_mm", "reference")
-        return int8_mm_reference(a, b, a_step, b_step, a_qmax, b_qmax, bias)
     elif hw.u8s8_exact(a_qmax, b_qmax):
         hw.ran("int8_mm", "onednn")
         out = _onednn_mm(a, a_qmax, a_step, b, b_qmax, b_step)
@@ -196,14 +202,13 @@ def _int8_mm_cpu(a, b, a_step, b_step, a_qmax, b_qmax, bias):
         hw.ran("int8_mm", "onednn_transposed")
         out = _onednn_mm(b, b_qmax, b_step, a, a_qmax, a_step).t()
     else:
-        hw.warn_once(
+        return _reference_fallback(
             f"int8_mm:{a_qmax}:{b_qmax}",
             f"lq::int8_mm: this CPU has no VNNI, so oneDNN's u8 x s8 kernels saturate on {a_qmax}- x "
             f"{b_qmax}-range operands; using the exact (slower) reference kernel. Int8ComputeConfig."
             "for_cpu_without_vnni() (7-bit activations and weights) enables the fast kernels.",
+            a, b, a_step, b_step, a_qmax, b_qmax, bias,
         )
-        hw.ran("int8_mm", "reference")
-        return int8_mm_reference(a, b, a_step, b_step, a_qmax, b_qmax, bias)
     if bias is not None:
         out = out + bias.float()
     return out
@@ -217,13 +222,12 @@ def _int8_mm_cuda(a, b, a_step, b_step, a_qmax, b_qmax, bias):
     n = b.shape[0]
     # torch._int_mm (cuBLASLt IGEMM) needs M > 16 and K, N multiples of 8.
     if m <= 16 or k % 8 or n % 8:
-        hw.warn_once(
+        return _reference_fallback(
             "int8_mm:cuda-shape",
             f"lq::int8_mm: shape M={m}, K={k}, N={n} is outside torch._int_mm's CUDA constraints "
             "(M > 16, K and N multiples of 8); using the reference kernel for such shapes.",
+            a, b, a_step, b_step, a_qmax, b_qmax, bias,
         )
-        hw.ran("int8_mm", "reference")
-        return int8_mm_reference(a, b, a_step, b_step, a_qmax, b_qmax, bias)
     hw.ran("int8_mm", "int_mm")
     out = None
     for k0, k1 in reduction_chunks(k, hw.max_exact_reduction(a_qmax, b_qmax), multiple=8):
