@@ -27,7 +27,8 @@ class Int8PTQ(QuantizationCallback):
     """Quantize and calibrate a LightningModule without changing how it trains.
 
     Args:
-        config: ``lq.QuantConfig`` (default: per-channel max weights, per-tensor entropy activations).
+        config: ``lq.QuantConfig`` (default: per-channel max weights, per-tensor activations calibrated per layer
+            without labels, calibrator "layerwise").
         num_samples: calibration samples (1024, paper Appendix A).
         calibration_data: DataLoader / iterable / ``forward_loop(model)``; default: the training loader.
         method: override the activation calibrator ("max", "entropy", "percentile", "mse", "auto").
