@@ -105,6 +105,7 @@ def calibrate(
     method: str | None = None,
     evaluate: Evaluate | None = None,
     percentile: float | None = None,
+    layerwise_scope: str = "layer",
 ) -> nn.Module:
     """Calibrate every quantizer of a quantized model (Section 3.4, Appendix A: 1024 samples for CNNs).
 
@@ -121,11 +122,16 @@ def calibrate(
         data: a DataLoader / iterable of batches (tensor, ``(x, y, ...)`` tuple or dict of keyword inputs),
             or a callable ``forward_loop(model)`` that runs the forward passes itself.
         num_samples: stop after this many samples (``None``: the whole iterable).
+        layerwise_scope: for calibrator "layerwise": score each candidate range by its layer's output error
+            (``"layer"``, one scoring pass over 256 samples) or by the model's output error (``"model"``, one pass
+            per candidate and quantizer; better on transformers, see ``lq.layer_choice``).
     Returns the model, calibrated and in quantize mode.
     """
     layers = _require_quantized(model, "lq.calibrate")
     if num_samples is not None and (not isinstance(num_samples, int) or num_samples <= 0):
         raise ValueError(f"num_samples must be a positive int or None, got {num_samples!r}")
+    if layerwise_scope not in ("layer", "model"):
+        raise ValueError(f"layerwise_scope must be 'layer' or 'model', got {layerwise_scope!r}")
     qs = quantizers(model)
     wanted_auto = method == "auto" or any(q.spec.calibrator == "auto" and q.spec.enabled for q in qs.values())
     if wanted_auto and evaluate is None:
@@ -191,7 +197,7 @@ def calibrate(
                 else:  # a forward_loop(model) callable: it runs its own passes again
                     data(m)
 
-        choose_per_layer(model, replay, names=layerwise)
+        choose_per_layer(model, replay, names=layerwise, scope=layerwise_scope)
     if wanted_auto:
         choose_calibration(model, evaluate)
     return model

@@ -158,3 +158,38 @@ def test_pretrained_mnist_cnn_layerwise_within_0_1_percent():
                 q.load_calib_amax(method, percentile=pct)
         singles[method] = accuracy(model)
     assert layerwise >= max(singles.values()) - 0.0005, f"layerwise {layerwise} vs {singles}"
+
+
+def test_model_scope_matches_the_definition_greedy_in_order():
+    """scope="model": each quantizer, in execution order, takes the candidate minimising the model output's
+    squared error, with the quantizers before it at their choice and the ones after in float (weights
+    quantized throughout). Recomputed here from eq. 12 with plain torch ops."""
+    gen = torch.Generator().manual_seed(4)
+    model = nn.Sequential(nn.Linear(24, 32), nn.ReLU(), nn.Linear(32, 8))
+    x = _heavy_tailed(200, 24, gen)
+    lq.quantize(model, lq.QuantConfig(activation=lq.QuantSpec(calibrator="layerwise")))
+    lq.calibrate(model, [x], num_samples=None, layerwise_scope="model")
+    choice = model._lq_layerwise
+    l0, l2 = model[0], model[2]
+    q0, q2 = l0.input_quantizer, l2.input_quantizer
+
+    def wq(layer):
+        w = layer.weight.detach()
+        return fake_quant(w, w.abs().amax(1), 8, axis=0)
+
+    def out(a0, a2):  # a None amax = that input stays float
+        h = x if a0 is None else fake_quant(x, a0, 8)
+        h = torch.relu(torch.nn.functional.linear(h, wq(l0), l0.bias))
+        h = h if a2 is None else fake_quant(h, a2, 8)
+        return torch.nn.functional.linear(h, wq(l2), l2.bias)
+
+    with torch.no_grad():
+        ref = torch.nn.functional.linear(torch.relu(torch.nn.functional.linear(x, l0.weight, l0.bias)), l2.weight, l2.bias)
+        e0 = {n: float((out(_candidate_amax(q0, m, p), None) - ref).pow(2).sum()) for n, (m, p) in _named()}
+        best0 = min(e0, key=e0.get)
+        a0 = _candidate_amax(q0, *dict(_named())[best0])
+        e2 = {n: float((out(a0, _candidate_amax(q2, m, p)) - ref).pow(2).sum()) for n, (m, p) in _named()}
+    assert choice.methods == {"0.input_quantizer": best0, "2.input_quantizer": min(e2, key=e2.get)}
+    assert list(choice.methods) == ["0.input_quantizer", "2.input_quantizer"]  # execution order
+    with pytest.raises(ValueError, match="layerwise_scope"):
+        lq.calibrate(model, [x], layerwise_scope="network")

@@ -53,7 +53,7 @@ def _calibrated(
     config.gelu10 = gelu10
     lq.quantize(model, config)
     batches = [model.tokenize(sentences[i : i + batch]) for i in range(0, len(sentences), batch)]
-    lq.calibrate(model, batches, num_samples=None)
+    lq.calibrate(model, batches, num_samples=None, layerwise_scope=str(cfg.get("layerwise_scope", "layer")))
     return model
 
 
