@@ -143,7 +143,9 @@ def calibrate(
     layerwise = {n for n, q in act.items() if (method or q.spec.calibrator) == "layerwise"}
     model.__dict__.pop("_lq_layerwise", None)  # a previous per-layer choice no longer describes the ranges
     kept: list = []  # the first calibration batches, replayed to score the per-layer choice
-    missing: list[str] = []
+    # What to put back if calibration fails (a forward_loop that raises, NaN in a batch, a layer no batch
+    # reached): the model keeps its previous calibration, whole.
+    saved = {n: (q.amax.detach().clone(), q.calib_choice) for n, q in qs.items()}
     try:
         # Weights: static, one look each.
         for name, q in weights.items():
@@ -162,30 +164,29 @@ def calibrate(
                 f"lq.calibrate: asked for {num_samples} samples but the data held {seen}; calibrated on {seen}",
                 stacklevel=2,
             )
-        for name, q in act.items():
+        for q in act.values():
             # Every rank joins every reduction (a rank that saw no data for a layer still takes part), so
             # DDP never waits on a rank that skipped; afterwards has_data is true if any rank collected.
             q.calibrator.sync()
-            if not q.calibrator.has_data:
-                missing.append(name)
-                continue
+        missing = [n for n, q in act.items() if not q.calibrator.has_data]
+        if missing:
+            raise ValueError(
+                f"lq.calibrate: {len(missing)} quantizers saw no data during calibration: {missing[:10]}. If these "
+                "layers run in forward, check that the calibration data reaches them; otherwise add them to "
+                "QuantConfig.skip (the model keeps its previous calibration)"
+            )
+        for name, q in act.items():
+            _warn_thin_histogram(name, q)
             q.load_calib_amax(method if method not in (None, "auto") else None, percentile=percentile)
+    except BaseException:
+        _restore(qs, saved)
+        raise
     finally:
         release_scratch()  # the histogram collection's reused buffers
         # Back to the previous modes; a quantizer that was calibrating quantizes now.
         for n, q in qs.items():
             q.mode = "quantize" if previous[n] == "calibrate" else previous[n]
-    for name in missing:
-        qs[name].mode = "off"
-    if missing:
-        warnings.warn(
-            f"lq.calibrate: {len(missing)} quantizers saw no data during calibration and stay in float: "
-            f"{missing[:10]}. If these layers run in forward, check that the data reaches them; otherwise "
-            "add them to QuantConfig.skip",
-            stacklevel=2,
-        )
     log.info("lq.calibrate: calibrated %d layers on %s samples", len(layers), "all" if seen < 0 else seen)
-    layerwise -= set(missing)
     if layerwise:
         from lq.layer_choice import choose_per_layer
 
@@ -197,10 +198,42 @@ def calibrate(
                 else:  # a forward_loop(model) callable: it runs its own passes again
                     data(m)
 
-        choose_per_layer(model, replay, names=layerwise, scope=layerwise_scope)
+        try:
+            choose_per_layer(model, replay, names=layerwise, scope=layerwise_scope)
+        except BaseException:
+            _restore(qs, saved)
+            raise
     if wanted_auto:
         choose_calibration(model, evaluate)
     return model
+
+
+def _restore(qs: dict[str, TensorQuantizer], saved: dict[str, tuple[torch.Tensor, Any]]) -> None:
+    """Put back the ranges (and per-layer choices) ``lq.calibrate`` found when it started."""
+    with torch.no_grad():
+        for name, (amax, choice) in saved.items():
+            qs[name].amax.copy_(amax)
+            qs[name].calib_choice = choice
+
+
+#: a histogram with fewer values than this many times its bins gives unreliable entropy/percentile/mse ranges
+THIN_HISTOGRAM = 1
+
+
+def _warn_thin_histogram(name: str, q: TensorQuantizer) -> None:
+    """Warn when a layer's histogram holds fewer values than it has bins (too few calibration samples)."""
+    hist = getattr(q.calibrator, "histogram", None)
+    if hist is None:
+        return
+    counts, _ = hist()
+    total, bins = int(counts.sum()), counts.shape[-1]
+    if total < THIN_HISTOGRAM * bins * (counts.shape[0] if counts.dim() > 1 else 1):
+        warnings.warn(
+            f"lq.calibrate: layer '{name.rpartition('.')[0]}' collected only {total} values for a {bins}-bin "
+            "histogram: its entropy / percentile / mse ranges rest on too few samples. Calibrate on more data "
+            "(paper Appendix A: 1024 samples) or use calibrator 'max'",
+            stacklevel=3,
+        )
 
 
 @dataclass

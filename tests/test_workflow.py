@@ -100,6 +100,66 @@ def test_nan_in_calibration_batch_names_the_layer_and_leaves_model_usable():
     assert torch.isfinite(m(torch.randn(2, 8))).all()
 
 
+def _ranges(m):
+    return {n: (q.amax.clone(), q.calib_choice) for n, q in lq.quantizers(m).items()}
+
+
+def _same_ranges(a, b):
+    return a.keys() == b.keys() and all(
+        torch.equal(a[n][0], b[n][0]) or (a[n][0].isnan().all() and b[n][0].isnan().all()) for n in a
+    ) and all(a[n][1] == b[n][1] for n in a)
+
+
+def test_forward_loop_that_raises_leaves_the_previous_calibration_whole():
+    """Issue 13 bad input: every range and per-layer choice is what it was before the failed call, for a
+    failure in the collection pass and in the per-layer scoring pass alike."""
+    m = lq.quantize(mlp())  # default activation calibrator: layerwise
+    lq.calibrate(m, loader())
+    before = _ranges(m)
+    assert any(c is not None for _, c in before.values())
+
+    def broken(model):
+        model(torch.randn(4, 8) * 50)  # would change the ranges if it got through
+        raise RuntimeError("the user's loop failed")
+
+    with pytest.raises(RuntimeError, match="user's loop failed"):
+        lq.calibrate(m, broken)
+    assert _same_ranges(_ranges(m), before)
+    calls = []
+
+    def fails_second_time(model):  # collection pass runs, the scoring pass (second call) raises
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("second pass")
+        model(torch.randn(16, 8) * 50)
+
+    with pytest.raises(RuntimeError, match="second pass"):
+        lq.calibrate(m, fails_second_time)
+    assert len(calls) == 2 and _same_ranges(_ranges(m), before)
+    assert torch.isfinite(m(torch.randn(2, 8))).all()
+
+
+def test_layer_no_batch_reaches_is_an_error_naming_it():
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.unused = nn.Linear(8, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.body(x)
+
+    m = lq.quantize(TwoHeads())
+    with pytest.raises(ValueError, match=r"\['unused.input_quantizer'\].*QuantConfig.skip"):
+        lq.calibrate(m, loader())
+    assert m.body.input_quantizer.amax.isnan().all()  # nothing half-calibrated
+
+
+def test_too_few_samples_for_a_histogram_warns_with_layer_and_count():
+    m = lq.quantize(mlp(), lq.QuantConfig(activation=lq.QuantSpec(calibrator="entropy")))
+    with pytest.warns(UserWarning, match=r"layer '0' collected only 16 values for a 2048-bin histogram"):
+        lq.calibrate(m, [torch.randn(2, 8)])
+
+
 def test_calibrate_requires_a_quantized_model_and_valid_num_samples():
     with pytest.raises(ValueError, match="lq.quantize"):
         lq.calibrate(mlp(), loader())
