@@ -69,8 +69,7 @@ class _LayerScorer:
     """The forward pre-hook of one quantized layer: scores its quantizers' candidates on the arriving input,
     then leaves each quantizer at its best-so-far candidate for the real forward."""
 
-    def __init__(self, layer: nn.Module, quantizers: dict[str, TensorQuantizer], amaxes: dict[str, dict]) -> None:
-        self.layer = layer
+    def __init__(self, quantizers: dict[str, TensorQuantizer], amaxes: dict[str, dict]) -> None:
         self.quantizers = quantizers  # full name -> quantizer (those of this layer that are chosen)
         self.amaxes = amaxes  # full name -> {candidate: amax}
         self.errors = {n: dict.fromkeys(amaxes[n], 0.0) for n in quantizers}
@@ -89,8 +88,8 @@ class _LayerScorer:
         finally:
             for q, mode in zip(own, modes):
                 q.mode = mode
+        energy = float(ref.pow(2).sum())
         for name, q in self.quantizers.items():
-            energy = float(ref.pow(2).sum())
             self.energy[name] += energy
             for cand, amax in self.amaxes[name].items():
                 q.amax.data.copy_(amax)
@@ -123,36 +122,18 @@ def choose_per_layer(
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     layers = quantized_layers(model)
     wanted = None if names is None else set(names)
+    qs = _histogram_quantizers(layers, wanted)
     if scope == "model":
-        return _choose_by_model_output(model, run, candidates, _histogram_quantizers(layers, wanted))
+        return _choose_by_model_output(model, run, candidates, qs)
+    by_layer: dict[str, dict[str, TensorQuantizer]] = {}
+    for full, q in qs.items():
+        by_layer.setdefault(full.rpartition(".")[0], {})[full] = q
     scorers: dict[str, _LayerScorer] = {}
     handles = []
-    for lname, layer in layers.items():
-        chosen: dict[str, TensorQuantizer] = {}
-        amaxes: dict[str, dict[str, torch.Tensor]] = {}
-        for attr in _INPUT_QUANTIZERS:
-            q = getattr(layer, attr, None)
-            if not isinstance(q, TensorQuantizer) or q.mode != "quantize" or q.dynamic:
-                continue
-            if q.calibrator is None or not q.calibrator.has_data or not hasattr(q.calibrator, "histogram"):
-                continue
-            full = f"{lname}.{attr}"
-            if wanted is not None and full not in wanted:
-                continue
-            chosen[full] = q
-            amaxes[full] = {
-                candidate_name(m, p): q.calibrator.compute_amax(method=m, percentile=p if p is not None else 99.99,
-                                                                 bits=q.spec.bits).to(q.amax.device).reshape(q.amax.shape)
-                for m, p in candidates
-            }
-        if chosen:
-            scorers[lname] = _LayerScorer(layer, chosen, amaxes)
-            handles.append(layer.register_forward_pre_hook(scorers[lname], with_kwargs=True))
-    if not scorers:
-        raise ValueError(
-            "per-layer calibration choice: no activation quantizer holds a histogram; calibrate with an "
-            "'entropy', 'percentile', 'mse', 'auto' or 'layerwise' activation calibrator first"
-        )
+    for lname, chosen in by_layer.items():
+        amaxes = {full: _candidate_amaxes(q, candidates) for full, q in chosen.items()}
+        scorers[lname] = _LayerScorer(chosen, amaxes)
+        handles.append(layers[lname].register_forward_pre_hook(scorers[lname], with_kwargs=True))
     try:
         run(model)
     finally:
@@ -215,6 +196,16 @@ def _all_reduce_sum(values: list[float]) -> torch.Tensor:
 
 def candidates_by_name(candidates: Iterable[tuple[str, float | None]]) -> list[tuple[str, tuple[str, float | None]]]:
     return [(candidate_name(m, p), (m, p)) for m, p in candidates]
+
+
+def _candidate_amaxes(q: TensorQuantizer, candidates: Sequence[tuple[str, float | None]]) -> dict[str, torch.Tensor]:
+    """Every candidate's amax for ``q``, read off its histogram, shaped like ``q.amax``."""
+    return {
+        candidate_name(m, p): q.calibrator.compute_amax(
+            method=m, percentile=p if p is not None else 99.99, bits=q.spec.bits
+        ).to(q.amax.device).reshape(q.amax.shape)
+        for m, p in candidates
+    }
 
 
 def _histogram_quantizers(layers: dict[str, nn.Module], wanted: set[str] | None) -> dict[str, TensorQuantizer]:
