@@ -42,7 +42,12 @@ def _amax_along(x: torch.Tensor, mult: torch.Tensor | None, keep_dim: int | None
 
 
 def _quantize_with_scale(
-    x: torch.Tensor, mult: torch.Tensor | None, s: torch.Tensor, qmax: int, keep_dim: int | None
+    x: torch.Tensor,
+    mult: torch.Tensor | None,
+    s: torch.Tensor,
+    qmax: int,
+    keep_dim: int | None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     y = x.float() if mult is None else x.float() * mult
     if keep_dim is None:
@@ -51,7 +56,9 @@ def _quantize_with_scale(
         shape = [1] * x.dim()
         shape[keep_dim] = -1
         sb = s.reshape(shape)
-    return torch.clamp(torch.round(y * sb), -qmax, qmax).to(torch.int8)
+    # noise: uniform in [0, 1) -> stochastic rounding floor(y + u), unbiased (E = y)
+    r = torch.round(y * sb) if noise is None else torch.floor(y * sb + noise)
+    return torch.clamp(r, -qmax, qmax).to(torch.int8)
 
 
 _compiled: dict[tuple[str, Hashable], Callable] = {}
@@ -122,11 +129,18 @@ def amax_along(x: torch.Tensor, keep_dim: int | None, mult: torch.Tensor | None 
 
 
 def quantize_with_scale(
-    x: torch.Tensor, s: torch.Tensor, qmax: int, keep_dim: int | None, mult: torch.Tensor | None = None
+    x: torch.Tensor,
+    s: torch.Tensor,
+    qmax: int,
+    keep_dim: int | None,
+    mult: torch.Tensor | None = None,
+    stochastic: bool = False,
 ) -> torch.Tensor:
-    """Eq. 7: ``clamp(round(x * mult * s), -qmax, qmax)`` as int8, ``s`` per index of ``keep_dim``."""
+    """Eq. 7: ``clamp(round(x * mult * s), -qmax, qmax)`` as int8, ``s`` per index of ``keep_dim``;
+    ``stochastic``: ``floor(x * mult * s + u)`` with ``u`` uniform in [0, 1) instead of round (unbiased)."""
     keep_dim = None if keep_dim is None else keep_dim % x.dim()
-    return call("quantize_with_scale", _quantize_with_scale, x, mult, s, qmax, keep_dim)
+    noise = torch.rand(x.shape, device=x.device) if stochastic else None
+    return call("quantize_with_scale", _quantize_with_scale, x, mult, s, qmax, keep_dim, noise)
 
 
 def scale_from_amax(amax: torch.Tensor, qmax: int) -> torch.Tensor:

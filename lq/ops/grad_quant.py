@@ -130,11 +130,13 @@ def quantize_grad(
     mult: torch.Tensor | None = None,
     every: int = 1,
     state: dict | None = None,
+    stochastic: bool = False,
 ) -> GradQuantResult:
     """Quantize the gradient ``g * mult`` to int8 with a dynamic scale per layer (``axis=None``) or per index
     of ``axis``, after direction-sensitive clipping (Zhu et al. Sec. 4.1) when ``clip`` and
     ``len(ratios) > 1``. ``mult`` (broadcastable, size 1 along ``axis``) folds another operand's scale into
-    the gradient inside the fused kernels, without materialising ``g * mult``.
+    the gradient inside the fused kernels, without materialising ``g * mult``. ``stochastic``: round
+    ``floor(g * s + u)``, ``u`` uniform in [0, 1) (unbiased; ``Int8ComputeConfig(grad_rounding="stochastic")``).
 
     ``every > 1`` with a ``state`` dict: search the clip ratio only on every ``every``-th call for this
     ``what`` and reuse the chosen *ratio* in between (the scale itself stays dynamic: ``ratio * amax`` of the
@@ -184,7 +186,7 @@ def quantize_grad(
         if periodic and search:  # searched this call (not a reuse): restart the count
             state[what] = [1, ratio]
     s = fused.scale_from_amax(amax * ratio, qmax)
-    q = fused.quantize_with_scale(g, s, qmax, axis, mult)
+    q = fused.quantize_with_scale(g, s, qmax, axis, mult, stochastic=stochastic)
     _report(name, what, 1.0 - cos)
     return GradQuantResult(q=q, step=1.0 / s, ratio=ratio, cos=cos)
 
