@@ -322,6 +322,7 @@ class Int8ConvNd(Int8Module):
 
     @classmethod
     def from_quant(cls, conv: nn.Module, name: str, weight_amax: torch.Tensor, backend: str = "auto") -> Int8ConvNd:
+        """Build from a calibrated ``QuantConv1d/2d/3d`` (``weight_amax``: per output channel)."""
         bits_w, bits_x = conv.weight_quantizer.spec.bits, conv.input_quantizer.spec.bits
         _same_bits(name, bits_w, bits_x)
         m = cls(conv, name, bits_w, backend, bits_x)
@@ -411,6 +412,7 @@ class Int8ConvTranspose2d(Int8Module):
 
     @classmethod
     def from_quant(cls, conv: nn.ConvTranspose2d, name: str, weight_amax: torch.Tensor, backend: str = "auto") -> Int8ConvTranspose2d:
+        """Build from a calibrated ``QuantConvTranspose2d`` (``weight_amax``: per output channel, axis 1)."""
         bits_w, bits_x = conv.weight_quantizer.spec.bits, conv.input_quantizer.spec.bits
         _same_bits(name, bits_w, bits_x)
         m = cls(conv, name, bits_w, backend, bits_x)
@@ -457,6 +459,7 @@ class Int8Matmul(Int8Module):
 
     @classmethod
     def from_quant(cls, layer: nn.Module, name: str, backend: str = "auto") -> Int8Matmul:
+        """Build from a calibrated ``QuantMatmul`` (both operands' per-tensor ranges)."""
         qa, qb = layer.input_quantizer, layer.other_quantizer
         m = cls(name, qa.spec.bits, qb.spec.bits, backend, qa.amax.device)
         m.input_scale.copy_(1.0 / steps_from_amax(qa.amax, qa.spec.bits).reshape(()))

@@ -27,10 +27,12 @@ class QuantMatmul(Matmul):
     float_class = Matmul
 
     def init_quantizers(self, config: QuantConfig, name: str) -> None:
+        """Create the two activation quantizers (both operands are activations, per tensor) from ``config``."""
         self.input_quantizer = TensorQuantizer(config.activation, name=f"{name}.input")
         self.other_quantizer = TensorQuantizer(config.activation, name=f"{name}.other")
 
     def quantizers(self) -> dict[str, TensorQuantizer]:
+        """``{attribute name: quantizer}`` of this layer."""
         return {"input_quantizer": self.input_quantizer, "other_quantizer": self.other_quantizer}
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ class QuantMixin:
     weight_channel_axis: int = 0
 
     def init_quantizers(self, config: QuantConfig, name: str) -> None:
+        """Create the input (per tensor) and weight (``config.weight``'s granularity) quantizers, named after the layer."""
         w = config.weight
         self.input_quantizer = TensorQuantizer(config.activation, axis=None, name=f"{name}.input")
         self.weight_quantizer = TensorQuantizer(
@@ -34,4 +35,5 @@ class QuantMixin:
         )
 
     def quantizers(self) -> dict[str, TensorQuantizer]:
+        """``{attribute name: quantizer}`` of this layer."""
         return {n: m for n, m in self.named_children() if isinstance(m, TensorQuantizer)}

@@ -54,6 +54,7 @@ class QuantizationReport:
 
 
 def is_quantized(module: nn.Module) -> bool:
+    """Whether ``module`` is one of lq's quantized layers (swapped in by ``lq.quantize``)."""
     return isinstance(module, QUANT_CLASSES)
 
 

@@ -294,13 +294,16 @@ class GradDeviationTracker:
         return any(tracker is self for tracker in _ACTIVE)
 
     def record(self, name: str | None, what: str, deviation: float) -> None:
+        """Store one measured deviation of layer ``name``'s quantized gradient ``what`` (e.g. ``grad_output``)."""
         self.deviations.setdefault(f"{name or '<unnamed>'}:{what}", []).append(deviation)
 
     def mean(self) -> float:
+        """The mean of every deviation recorded so far (0.0 when none was)."""
         values = [d for ds in self.deviations.values() for d in ds]
         return sum(values) / len(values) if values else 0.0
 
     def reset(self) -> None:
+        """Forget the recorded deviations."""
         self.deviations.clear()
 
 

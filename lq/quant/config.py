@@ -118,10 +118,12 @@ class QuantConfig:
             raise ValueError(f"unknown layer kinds {unknown}; allowed: {list(LAYER_KINDS)}")
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as nested plain dicts (what checkpoints and loggers store; ``from_dict`` reads it back)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
+        """Rebuild a config from ``to_dict``'s nested dicts (specs may also be given as ``QuantSpec``)."""
         d = dict(d)
         d["weight"] = QuantSpec(**d.get("weight", {})) if isinstance(d.get("weight"), dict) else d.get("weight")
         d["activation"] = (

@@ -138,6 +138,7 @@ class TensorQuantizer(nn.Module):
 
     @torch.no_grad()
     def set_amax(self, amax: torch.Tensor) -> None:
+        """Set the calibrated range (reshaped to this quantizer's amax shape: one value, or one per channel)."""
         amax = torch.as_tensor(amax, dtype=torch.float32, device=self.amax.device).reshape(self.amax.shape)
         self.amax.data.copy_(amax)
 
