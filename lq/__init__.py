@@ -7,8 +7,10 @@
     lq.partial_quantize(model, evaluate, target=0.01)
 """
 
+from lq.bias_correction import correct_bias
 from lq.checkpoint import load_from_checkpoint
 from lq.deploy import convert, export_onnx
+from lq.equalize import equalize
 from lq.nn.fold_bn import fold_bn
 from lq.nn.swap import quantization_report, quantize, quantized_layers
 from lq.quant.config import QuantConfig, QuantSpec
@@ -31,7 +33,9 @@ __all__ = [
     "calibrate",
     "choose_calibration",
     "convert",
+    "correct_bias",
     "enabled_layers",
+    "equalize",
     "export_onnx",
     "fold_bn",
     "load_from_checkpoint",

@@ -125,6 +125,9 @@ def calibrate(
         layerwise_scope: for calibrator "layerwise": score each candidate range by its layer's output error
             (``"layer"``, one scoring pass over 256 samples) or by the model's output error (``"model"``, one pass
             per candidate and quantizer; better on transformers, see ``lq.layer_choice``).
+    With ``QuantConfig(bias_correction=True)`` the biases are then corrected for the output shift of weight
+    quantization (``lq.correct_bias``, on the first 256 calibration samples).
+
     Returns the model, calibrated and in quantize mode.
     """
     layers = _require_quantized(model, "lq.calibrate")
@@ -141,6 +144,8 @@ def calibrate(
     weights = {n: q for n, q in qs.items() if id(q) in weight_ids and q.spec.enabled and not q.dynamic}
     act = {n: q for n, q in qs.items() if id(q) not in weight_ids and q.spec.enabled}
     layerwise = {n for n, q in act.items() if (method or q.spec.calibrator) == "layerwise"}
+    config = getattr(model, "_lq_config", None)
+    correct = bool(getattr(config, "bias_correction", False))
     model.__dict__.pop("_lq_layerwise", None)  # a previous per-layer choice no longer describes the ranges
     kept: list = []  # the first calibration batches, replayed to score the per-layer choice
     # What to put back if calibration fails (a forward_loop that raises, NaN in a batch, a layer no batch
@@ -158,7 +163,7 @@ def calibrate(
         for q in act.values():
             q.start_calibration(method)
         with _eval_no_grad(model):
-            seen = _run_data(model, data, num_samples, kept if layerwise else None, LAYERWISE_SAMPLES)
+            seen = _run_data(model, data, num_samples, kept if layerwise or correct else None, LAYERWISE_SAMPLES)
         if num_samples is not None and 0 <= seen < num_samples:
             warnings.warn(
                 f"lq.calibrate: asked for {num_samples} samples but the data held {seen}; calibrated on {seen}",
@@ -205,6 +210,10 @@ def calibrate(
             raise
     if wanted_auto:
         choose_calibration(model, evaluate)
+    if correct:  # QuantConfig(bias_correction=True): on the final ranges, with the kept batches (Nagel et al.)
+        from lq.bias_correction import correct_bias
+
+        correct_bias(model, kept or data, None if kept else num_samples)
     return model
 
 

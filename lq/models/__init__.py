@@ -7,6 +7,7 @@
 
 from lq.models.classifier import LitClassifier
 from lq.models.mlp import MLP
+from lq.models.mobilenet import InvertedResidual, MobileNetSmall
 from lq.models.mnist_cnn import mnist_cnn, pretrained_mnist_cnn
 from lq.models.registry import ARCHITECTURES, build_model
 from lq.models.resnet import BasicBlock, SmallResNet
@@ -16,7 +17,9 @@ __all__ = [
     "ARCHITECTURES",
     "MLP",
     "BasicBlock",
+    "InvertedResidual",
     "LitClassifier",
+    "MobileNetSmall",
     "SmallCNN",
     "SmallResNet",
     "build_model",

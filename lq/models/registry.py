@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 
 from lq.models.mlp import MLP
+from lq.models.mobilenet import MobileNetSmall
 from lq.models.mnist_cnn import mnist_cnn
 from lq.models.resnet import SmallResNet
 from lq.models.small_cnn import SmallCNN
@@ -18,6 +19,7 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "small_cnn": SmallCNN,
     "small_resnet": SmallResNet,
     "mlp": MLP,
+    "mobilenet_small": MobileNetSmall,
 }
 
 

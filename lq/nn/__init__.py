@@ -1,5 +1,6 @@
-"""Quantized layers, layer swapping, BN folding, GELU10."""
+"""Quantized layers, layer swapping, BN folding, GELU10, the per-channel clamp of cross-layer equalization."""
 
+from lq.nn.channel_clamp import ChannelClamp
 from lq.nn.fold_bn import fold_bn
 from lq.nn.gelu10 import GELU10
 from lq.nn.matmul import Matmul, QuantMatmul
@@ -18,6 +19,7 @@ from lq.nn.swap import (
 )
 
 __all__ = [
+    "ChannelClamp",
     "GELU10",
     "Matmul",
     "QUANT_MODULES",

@@ -104,6 +104,10 @@ def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
     _check_patterns("skip", config.skip, names)
     _check_patterns("only", config.only or [], names)
 
+    if config.equalize:
+        from lq.equalize import equalize
+
+        equalize(model)  # on the float weights, before any quantizer measures them
     report = QuantizationReport()
     in_mha = _mha_children(model)
     already = 0

@@ -93,6 +93,13 @@ class QuantConfig:
         layers: layer kinds to quantize, from ``LAYER_KINDS``.
         gelu10: replace ``nn.GELU`` (and transformers' GELU activations) by GELU10, which clips the output
             at 10 so max calibration keeps resolution for the small negative values (Appendix D).
+        equalize: cross-layer equalization (``lq.equalize``, Nagel et al. 2019) of the float weights before the
+            layers are swapped: consecutive Linear/Conv pairs joined by ReLU/ReLU6/pooling get equal per-channel
+            weight ranges (fold BatchNorm first: ``lq.fold_bn``). Off by default; its measured effect per model
+            is in benchmarks/RESULTS.md (recipe fashion_mobilenet).
+        bias_correction: after calibration, ``lq.calibrate`` subtracts each layer's expected output shift caused
+            by weight quantization from its bias (``lq.correct_bias``, Nagel et al. 2019, on the calibration
+            data). Off by default (see RESULTS.md for its measured effect per model).
     """
 
     weight: QuantSpec = field(default_factory=_default_weight)
@@ -101,6 +108,8 @@ class QuantConfig:
     only: list[str] | None = None
     layers: list[str] = field(default_factory=lambda: list(LAYER_KINDS))
     gelu10: bool = False
+    equalize: bool = False
+    bias_correction: bool = False
 
     def __post_init__(self) -> None:
         # Hydra hands over DictConfig / ListConfig objects: normalise them to plain Python types.

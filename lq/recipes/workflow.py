@@ -2,7 +2,8 @@
 
 1. fp32 training (the ``trainer`` group: ``trainer.max_epochs``), test accuracy.
 2. BN folding (Appendix C) when ``fold_bn``, then PTQ (``Int8PTQ`` in ``trainer.test``) with each calibrator in
-   ``calibrators``.
+   ``calibrators``; then, for each of ``ptq_variants`` (``equalize``, ``bias_correction``,
+   ``equalize+bias_correction``: Nagel et al. 2019), PTQ with the first calibrator and that correction.
 3. Sensitivity + partial quantization (``Int8Sensitivity`` on the validation split) from the best PTQ.
 4. QAT (the ``quant`` group's callback, ``Int8QAT``) from the best PTQ calibration for ``qat_fraction`` of the
    fp32 steps (or ``qat_steps``), with the paper's schedule (Appendix A.2).
@@ -71,6 +72,17 @@ def run(cfg: DictConfig) -> dict:
             label = f"PTQ {candidate_label(method, pct)}"
             ptq[label] = (acc, m, (method, pct))
             rows[label] = acc
+        # Nagel et al. 2019's two data-free corrections, each apart and both, on the first calibrator's PTQ
+        base_method, base_pct = parse_candidate(cfg.calibrators[0])
+        for variant in cfg.get("ptq_variants") or []:
+            flags = {"equalize": "equalize" in variant, "bias_correction": "bias_correction" in variant}
+            if set(str(variant).split("+")) - set(flags):
+                raise ValueError(f"ptq_variants: {variant!r}; use equalize, bias_correction or equalize+bias_correction")
+            m = copy.deepcopy(folded)
+            qcfg = quant_config(cfg, calibrator=base_method, **({"percentile": base_pct} if base_pct else {}))
+            qcfg.equalize, qcfg.bias_correction = flags["equalize"], flags["bias_correction"]
+            acc = test_metric(cfg, out, logger, m, dm, [Int8PTQ(qcfg, num_samples=num_samples, cpu_malloc=cpu_malloc)])
+            rows[f"PTQ {candidate_label(base_method, base_pct)} + {variant}"] = acc
         best = max(ptq, key=lambda k: ptq[k][0])
         best_acc, best_model, (best_method, best_pct) = ptq[best]
         tracking.log_amax(logger, best_model, out)

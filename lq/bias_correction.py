@@ -1,0 +1,117 @@
+"""Bias correction of the output shift that weight quantization causes (Nagel et al. 2019, *Data-Free
+Quantization Through Weight Equalization and Bias Correction*, Sec. 4.2, eq. 13-15, empirical variant).
+
+With ``W~ = Q(W)`` and ``eps = W~ - W``, a quantized layer's output is ``y~ = y + eps x``, so its expectation is
+shifted per output channel by ``E[eps x] = eps E[x]``. Subtracting that shift from the bias makes the
+quantized layer unbiased. ``E[eps x]`` is measured here on calibration data, with the layer's input as the
+quantized model produces it (upstream layers quantized, the input fake-quantized with its calibrated range):
+for a conv, the mean over samples and positions of ``conv(x~, eps)`` per output channel, which also counts the
+zero padding exactly.
+
+Apply after ``lq.calibrate`` (the input ranges must be final) and before ``lq.convert`` / export; the corrected
+bias is a normal float bias, so every backend and the ONNX export carry it. With quantization disabled the
+model keeps the correction (a shift of typically 1e-3 of the bias scale), so sensitivity and partial
+quantization should run before it, or on a copy.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lq.nn.quant_conv import QuantConv1d, QuantConv2d, QuantConv3d
+from lq.nn.quant_linear import QuantLinear
+
+log = logging.getLogger(__name__)
+
+_CORRECTABLE = (QuantLinear, QuantConv1d, QuantConv2d, QuantConv3d)
+
+
+@dataclass
+class BiasCorrection:
+    """What ``correct_bias`` did to one layer: the largest |shift| subtracted and the largest |bias| before."""
+
+    layer: str
+    max_shift: float
+    max_bias: float
+    samples: int
+
+
+def _shift(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sum over samples/positions of ``eps x~`` per output channel, and how many terms it sums."""
+    w = layer.weight.detach().float()
+    eps = layer.weight_quantizer(w) - w
+    xq = layer.input_quantizer(x).float()
+    if isinstance(layer, nn.Linear):
+        y = F.linear(xq, eps)
+        return y.reshape(-1, y.shape[-1]).sum(0), y.numel() // y.shape[-1]
+    y = layer._conv_forward(xq, eps, None)
+    dims = [0] + list(range(2, y.dim()))
+    return y.sum(dims), y.numel() // y.shape[1]
+
+
+def correct_bias(model: nn.Module, data: Any, num_samples: int | None = 1024) -> list[BiasCorrection]:
+    """Subtract each quantized layer's expected weight-quantization shift from its bias (in place).
+
+    Args:
+        model: a quantized model (``lq.quantize``) with calibrated activations (``lq.calibrate``).
+        data: a DataLoader / iterable of batches, or a ``forward_loop(model)`` callable (as ``lq.calibrate``).
+        num_samples: samples to average over (``None``: the whole iterable).
+
+    Returns:
+        One :class:`BiasCorrection` per corrected layer. Layers whose weight quantizer is disabled, and
+        ConvTranspose / Matmul layers, are left alone.
+
+    Raises:
+        ValueError: the model has no quantized Linear/Conv layer with weight quantization on, a layer's input
+            range is not calibrated, or a layer never ran on ``data`` (its name is given).
+    """
+    from lq.workflow import _eval_no_grad, _run_data
+
+    layers = {n: m for n, m in model.named_modules()
+              if isinstance(m, _CORRECTABLE) and m.weight_quantizer.mode == "quantize"}
+    if not layers:
+        raise ValueError("correct_bias: no quantized Linear/Conv layer with weight quantization enabled; call "
+                         "lq.quantize(model) and lq.calibrate(model, data) first")
+    uncalibrated = [n for n, m in layers.items() if m.input_quantizer.mode == "quantize"
+                    and not m.input_quantizer.dynamic and not m.input_quantizer.is_calibrated]
+    if uncalibrated:
+        raise ValueError(f"correct_bias: the input ranges of {uncalibrated} are not calibrated; run "
+                         "lq.calibrate(model, data) first")
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple, output: Any) -> None:
+            total, count = _shift(module, args[0])
+            sums[name] = sums[name] + total if name in sums else total
+            counts[name] = counts.get(name, 0) + count
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
+    try:
+        with _eval_no_grad(model):
+            seen = _run_data(model, data, num_samples)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in layers if n not in sums]
+    if missing:
+        raise ValueError(f"correct_bias: {missing} never ran on the data (dead branches?); nothing was corrected. "
+                         "Pass data that exercises them, or skip them in QuantConfig")
+    report = []
+    with torch.no_grad():
+        for name, layer in layers.items():
+            shift = sums[name] / counts[name]
+            if layer.bias is None:
+                layer.bias = nn.Parameter(torch.zeros_like(shift, dtype=layer.weight.dtype))
+            before = float(layer.bias.detach().abs().max())
+            layer.bias.sub_(shift.to(layer.bias.dtype))
+            report.append(BiasCorrection(name, float(shift.abs().max()), before, seen))
+    log.info("correct_bias: corrected %d layers on %s samples", len(report), seen)
+    return report
