@@ -18,6 +18,12 @@ repository root. ``conf/recipe`` is a link to ``../recipes``, so the recipes are
 Hydra's own ``--config-dir DIR`` puts a folder of your configs on top of that one (``DIR/recipe/mine.yaml`` is
 ``recipe=mine``; a file named like a shipped one replaces it).
 
+The composed config is typed (``lq.conf_schema``, registered in Hydra's ConfigStore when this module is imported):
+a wrong key, type or calibrator name under ``quant``, ``tracking`` or a recipe's own keys fails while Hydra
+composes, and ``lq.conf_check`` checks the rest (``_target_`` arguments, value ranges, candidate names) before
+the runner is called. A recipe picks its runner's schema (``- override /schema: workflow``); a recipe of your
+own whose runner reads keys of its own uses ``- override /schema: open``.
+
 Needs the ``cli`` extra (``pip install 'lq[cli]'``: hydra-core, wandb, matplotlib).
 """
 
@@ -38,6 +44,23 @@ PACKAGED_CONF = "_conf"
 
 log = logging.getLogger(__name__)
 _STARTED = False  # set once a job runs: failures after that are the job's, not the command line's
+
+
+def register_schemas() -> bool:
+    """Put lq's structured configs into Hydra's ConfigStore (``lq.conf_schema``); False when hydra-core is not
+    installed (``main`` then says which extra to install)."""
+    try:
+        from lq.conf_schema import register
+    except ModuleNotFoundError as err:
+        if (err.name or "").partition(".")[0] not in ("hydra", "omegaconf"):
+            raise
+        return False
+    register()
+    return True
+
+
+# Hydra composes against the ConfigStore: register on import, so that any hydra.compose of conf_dir() is typed.
+register_schemas()
 
 
 def packaged_conf_dir() -> Path | None:
@@ -101,10 +124,16 @@ def _job(cfg) -> None:  # noqa: ANN001 - a DictConfig from Hydra
     global _STARTED
     from omegaconf import OmegaConf
 
+    from lq.conf_check import ConfigError, check
     from lq.recipes import run_recipe
 
     if OmegaConf.is_missing(cfg, "task"):
         raise ValueError("no recipe given: run lq-train recipe=NAME (the recipes are listed below)")
+    try:
+        check(cfg)  # before any training: a mistake Hydra's composition cannot see fails here, naming the key
+    except ConfigError as err:  # a command-line error (exit 2, then the recipe list), not a job's traceback
+        print(f"lq-train: {err}", file=sys.stderr)
+        sys.exit(2)
     _STARTED = True
 
     run_recipe(cfg)
@@ -113,10 +142,11 @@ def _job(cfg) -> None:  # noqa: ANN001 - a DictConfig from Hydra
 def main() -> None:
     """Console script ``lq-train``: compose the config (Hydra) and run the recipe's task.
 
-    A command line Hydra cannot compose (unknown recipe, unknown key) gets Hydra's error followed by the
-    list of recipes; ``--help`` prints Hydra's help and then the recipes with their descriptions. Errors
-    inside the job (e.g. a data set that is not installed, whose message names the install command) are
-    reported by Hydra as they are.
+    A command line Hydra cannot compose (unknown recipe, unknown key, a value of the wrong type or not among
+    the choices) or that ``lq.conf_check.check`` rejects gets the error, naming the key, followed by the list
+    of recipes, and the runner is never called; ``--help`` prints Hydra's help and then the recipes with their
+    descriptions. Errors inside the job (e.g. a data set that is not installed, whose message names the install
+    command) are reported by Hydra as they are.
     """
     global _STARTED
     _STARTED = False

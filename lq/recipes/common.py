@@ -58,8 +58,9 @@ def setup(cfg: DictConfig) -> None:
 
 
 def plain_config(cfg: DictConfig) -> dict:
-    """The run config as plain, resolved Python containers (for loggers)."""
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    """The run config as plain, resolved Python containers (for loggers); choices (enums of the schema) as
+    strings."""
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]
 
 
 def start_logger(cfg: DictConfig, out: str) -> Any:
@@ -91,7 +92,8 @@ def test_metric(cfg: DictConfig, out: str, logger: Any, model: Any, dm: Any, cal
 
 def quant_config(cfg: DictConfig, **activation: Any) -> Any:
     """``lq.QuantConfig`` from the ``quant`` group, with activation-spec fields replaced by ``activation``."""
-    node = OmegaConf.to_container(cfg.quant, resolve=True)
+    # enum_to_str: the schema's choices (lq.conf_schema) reach QuantSpec, and checkpoints, as plain strings
+    node = OmegaConf.to_container(cfg.quant, resolve=True, enum_to_str=True)
     node["activation"].update(activation)
     return instantiate(node, _convert_="all")
 
