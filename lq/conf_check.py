@@ -9,7 +9,7 @@ in a second instead of after the fp32 training of a recipe.
   builds that callback, e.g. after the fp32 training of ``workflow``); targets taking ``**kwargs`` and targets
   that cannot be imported here (an optional package missing: the runner reports it) are skipped;
 - keys added with Hydra's ``+key=value`` to a schema node that does not declare them (``+`` opens any node);
-- calibrator candidate names (``calibrators``, ``candidates``, ``gelu10_candidates``);
+- calibrator candidate names (``calibrators``, ``candidates``, ``gelu10_candidates``) and ``ptq_variants``;
 - the root schema is the one of the task's runner (``- override /schema: <task>`` in the recipe), unless the
   config has no schema at all (a ``$LQ_CONF_DIR`` whose ``config.yaml`` lists no ``schema``).
 """
@@ -88,7 +88,7 @@ def unknown_arguments(cfg: DictConfig, skip: tuple[str, ...] = ("quant",)) -> li
 def check(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` naming every key of the composed ``cfg`` that would fail (or be ignored) in
     the job; return when the job can start."""
-    from lq.recipes.common import parse_candidate
+    from lq.recipes.common import parse_candidate, parse_variant
 
     extra = extra_keys(cfg)
     problems = [f"{k}: not a key of the schema (added with +? check the spelling)" for k in extra]
@@ -116,6 +116,12 @@ def check(cfg: DictConfig) -> None:
                     parse_candidate(str(name))
                 except ValueError as err:
                     problems.append(f"{key}[{i}]: {err}")
+    if "ptq_variants" in cfg and not OmegaConf.is_missing(cfg, "ptq_variants") and cfg.ptq_variants is not None:
+        for i, name in enumerate(cfg.ptq_variants):
+            try:
+                parse_variant(str(name))
+            except ValueError as err:
+                problems.append(f"ptq_variants[{i}]: {err}")
     if problems:
         raise ConfigError("the config cannot run:\n  " + "\n  ".join(problems))
 

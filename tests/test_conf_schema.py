@@ -195,6 +195,7 @@ def test_open_schema_takes_keys_of_a_runner_of_your_own(tmp_path: Path) -> None:
         (["recipe=mnist_ptq", "quant.activation.bits=40"], "quant: bits must be"),
         (["recipe=mnist_ptq", "quant.activation.percentile=101"], "quant: percentile must be"),
         (["recipe=fashion_qat", "calibrators=[max,entrpy]"], "calibrators[1]: calibrator candidate 'entrpy'"),
+        (["recipe=fashion_mobilenet", "ptq_variants=[equalize,bias_corection]"], "ptq_variants[1]: ptq variant"),
     ],
 )
 def test_check_names_what_would_fail_in_the_job(overrides: list[str], expected: str) -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPES = {"mnist_ptq", "fashion_qat", "fashion_int8_train", "minilm_ptq"}
+RECIPES = {"mnist_ptq", "fashion_qat", "fashion_mobilenet", "fashion_int8_train", "minilm_ptq"}
 #: what the extras cli / onnx / plots install: top-level modules and distribution names (normalised)
 EXTRA_MODULES = ("hydra", "omegaconf", "wandb", "onnx", "onnxruntime", "matplotlib")
 EXTRA_NAMES = set(EXTRA_MODULES) | {"hydra_core", "mpl_toolkits", "pylab"}
@@ -159,7 +159,7 @@ def test_installed_lq_train_help_and_user_configs(installed: dict[str, Path], tm
     replaces the shipped configs."""
     lq_train, work = installed["lq_train"], installed["work"]
     proc = _ok(_run([lq_train, "--help"], work, _env(work)), "lq-train --help")
-    assert "recipe: fashion_int8_train, fashion_qat, minilm_ptq, mnist_ptq" in proc.stdout  # Hydra's group list
+    assert f"recipe: {', '.join(sorted(RECIPES))}" in proc.stdout  # Hydra's group list
     assert "Available recipes" in proc.stdout and all(f"  {r} " in proc.stdout for r in RECIPES)
 
     mine = tmp_path / "mine"

@@ -104,6 +104,19 @@ def make_callback(cfg: DictConfig, config: Any = None, **kwargs: Any) -> Any:
     return factory(config=config) if config is not None else factory()
 
 
+#: the corrections a ``ptq_variants`` entry may join with "+" (Nagel et al. 2019; QuantConfig flags of the same name)
+PTQ_CORRECTIONS = ("equalize", "bias_correction")
+
+
+def parse_variant(name: str) -> dict[str, bool]:
+    """ "equalize" / "bias_correction" / "equalize+bias_correction" -> the QuantConfig flags to set."""
+    parts = str(name).split("+")
+    unknown = [p for p in parts if p not in PTQ_CORRECTIONS]
+    if unknown or not parts:
+        raise ValueError(f"ptq variant {name!r}: join {list(PTQ_CORRECTIONS)} with '+', e.g. equalize+bias_correction")
+    return {c: c in parts for c in PTQ_CORRECTIONS}
+
+
 def parse_candidate(name: str) -> tuple[str, float | None]:
     """ "layerwise" / "max" / "entropy" / "mse" / "percentile_99.99" -> (method, percentile). "layerwise" is
     each quantizer's own per-layer choice (needs a "layerwise" calibration; ``lq.layer_choice``)."""

@@ -28,6 +28,7 @@ from lq.recipes.common import (
     make_callback,
     make_trainer,
     parse_candidate,
+    parse_variant,
     print_table,
     quant_config,
     recipe_name,
@@ -75,9 +76,7 @@ def run(cfg: DictConfig) -> dict:
         # Nagel et al. 2019's two data-free corrections, each apart and both, on the first calibrator's PTQ
         base_method, base_pct = parse_candidate(cfg.calibrators[0])
         for variant in cfg.get("ptq_variants") or []:
-            flags = {"equalize": "equalize" in variant, "bias_correction": "bias_correction" in variant}
-            if set(str(variant).split("+")) - set(flags):
-                raise ValueError(f"ptq_variants: {variant!r}; use equalize, bias_correction or equalize+bias_correction")
+            flags = parse_variant(variant)
             m = copy.deepcopy(folded)
             qcfg = quant_config(cfg, calibrator=base_method, **({"percentile": base_pct} if base_pct else {}))
             qcfg.equalize, qcfg.bias_correction = flags["equalize"], flags["bias_correction"]
