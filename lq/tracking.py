@@ -1,24 +1,35 @@
 """Experiment tracking for the recipes: loggers (W&B offline by default), per-layer amax, calibration
 histograms with the candidate ranges marked (Wu et al. 2020, Fig. 2), result tables.
 
-Everything is written twice: to the loggers (W&B gets ``wandb.Table`` objects and images; any logger gets
-scalars) and to the run directory (PNG and CSV), so users without W&B see the same plots.
+Everything is written twice: to the loggers (W&B gets ``wandb.Table`` objects, native charts, images and
+artifacts; any logger gets scalars) and to the run directory (PNG and CSV), so users without W&B see the same
+plots.
 
-W&B never blocks: without ``WANDB_MODE`` the run is offline unless the caller asks for online *and* a login
-exists (``WANDB_API_KEY`` or ``~/.netrc``); ``WANDB_SILENT`` defaults to true.
+W&B artifacts (:func:`log_artifact`): the ONNX file and the converted model the callbacks export, and the amax
+table. An offline run records each artifact in its ``run-<id>.wandb`` file and stages a copy of the file in
+wandb's data directory (``WANDB_DATA_DIR``, default ``~/.local/share/wandb``); ``wandb sync <run dir>``
+uploads both.
+
+W&B never blocks: without ``WANDB_MODE`` the run is offline unless the caller asks for online *and* wandb's
+own credential lookup finds an API key for the configured server (``WANDB_BASE_URL`` or the host stored by
+``wandb login --host``; the key from ``WANDB_API_KEY``, the netrc file or wandb's settings), see
+:func:`wandb_logged_in`; ``WANDB_SILENT`` defaults to true.
 """
 
 from __future__ import annotations
 
 import csv
 import fnmatch
+import hashlib
 import logging
 import math
 import netrc
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import torch
 from torch import nn
@@ -30,19 +41,84 @@ from lq.workflow import quantizers
 log = logging.getLogger(__name__)
 
 LOGGER_KINDS = ("wandb", "csv", "none")
+#: W&B's public server, where the netrc fallback of :func:`wandb_logged_in` also looks
 WANDB_HOST = "api.wandb.ai"
 
 
 # --------------------------------------------------------------------------------------------- loggers
-def wandb_logged_in() -> bool:
-    """True when W&B credentials exist (``WANDB_API_KEY`` or a netrc entry for the W&B host); no network."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
+def wandb_base_url() -> str:
+    """The W&B server a run would log to: ``$WANDB_BASE_URL``, else wandb's settings (the host ``wandb login
+    --host`` stores, or wandb's default server). Reads no network."""
+    url = os.environ.get("WANDB_BASE_URL")
+    if url:
+        return url
+    try:
+        from wandb.sdk import wandb_setup
+
+        return str(wandb_setup.singleton().settings.base_url)
+    except Exception:  # noqa: BLE001 - wandb absent or its internals moved: W&B's public server
+        return f"https://{WANDB_HOST}"
+
+
+def _wandb_lookup(url: str) -> bool | None:
+    """wandb's own credential lookup for ``url`` (what ``wandb.init`` runs before it would prompt): True /
+    False, or None when this wandb has neither the lookup of wandb >= 0.22 (``wandb.sdk.lib.wbauth``) nor the
+    older ``wandb.sdk.lib.apikey``. No prompt, no network (credentials are not verified against the server)."""
+    try:
+        from wandb.sdk.lib import wbauth
+    except ImportError:
+        wbauth = None
+    if wbauth is not None and hasattr(wbauth, "authenticate_session"):
+        try:
+            host = wbauth.HostUrl(url)
+            auth = wbauth.authenticate_session(host=host, source="lq", prompt=False, update_session=False)
+        except TypeError:  # the private signature changed: try the next way
+            pass
+        except Exception:  # noqa: BLE001 - a malformed key or URL: wandb.init would fail on it too
+            return False
+        else:
+            same = getattr(getattr(auth, "host", None), "is_same_url", None)
+            return auth is not None and (same is None or bool(same(host)))
+    try:
+        from wandb.sdk import wandb_setup
+        from wandb.sdk.lib import apikey  # wandb < 0.22
+    except ImportError:
+        return None
+    try:
+        settings = wandb_setup.singleton().settings
+        if str(settings.base_url).rstrip("/") != url.rstrip("/"):
+            return None  # its lookup reads the settings' server, not this one: the netrc fallback decides
+        return bool(apikey.api_key(settings=settings))
+    except Exception:  # noqa: BLE001 - the private API changed: the netrc fallback decides
+        return None
+
+
+def _netrc_has_key(url: str) -> bool:
+    """Fallback when wandb's lookup is unavailable: a netrc entry (``$NETRC`` or ``~/.netrc``) with a password
+    for ``url``'s host (or W&B's public server for wandb's own default hosts)."""
     try:
         path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
-        return os.path.isfile(path) and netrc.netrc(path).authenticators(WANDB_HOST) is not None
+        if not os.path.isfile(path):
+            return False
+        entries = netrc.netrc(path)
     except (OSError, netrc.NetrcParseError):
         return False
+    hosts = [urlsplit(url).netloc or url]
+    if "wandb.ai" in url or "coreweave.com" in url:
+        hosts.append(WANDB_HOST)
+    return any((entries.authenticators(h) or (None, None, None))[2] for h in hosts)
+
+
+def wandb_logged_in(base_url: str | None = None) -> bool:
+    """True when W&B has an API key for the configured server (``base_url``, default :func:`wandb_base_url`:
+    ``$WANDB_BASE_URL`` for a self-hosted server). Decided by wandb's own credential lookup (``WANDB_API_KEY``,
+    the netrc entry for that host, wandb's settings), as ``wandb.init`` does; where the installed wandb lacks
+    that (private) API, ``WANDB_API_KEY`` or a netrc entry for the host. No network, never prompts."""
+    url = base_url or wandb_base_url()
+    found = _wandb_lookup(url)
+    if found is None:
+        found = bool(os.environ.get("WANDB_API_KEY")) or _netrc_has_key(url)
+    return found
 
 
 def wandb_mode(offline: bool = True) -> str:
@@ -52,7 +128,11 @@ def wandb_mode(offline: bool = True) -> str:
     env = os.environ.get("WANDB_MODE")
     wanted = env if env else ("offline" if offline else "online")
     if wanted in ("online", "run") and not wandb_logged_in():
-        log.warning("lq: W&B online requested but no login found (wandb login / WANDB_API_KEY): logging offline")
+        log.warning(
+            "lq: W&B online requested but no API key for %s (wandb login [--host URL] / WANDB_API_KEY): "
+            "logging offline",
+            wandb_base_url(),
+        )
         return "offline"
     return wanted
 
@@ -111,6 +191,106 @@ def _safely(logger: Any, what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
         fn(*args, **kwargs)
     except Exception as err:  # noqa: BLE001 - a logger failing must not lose the results
         log.warning("lq: could not log %s to %s: %s", what, type(logger).__name__, err)
+
+
+def wandb_loggers(loggers: Any) -> list[Any]:
+    """The Lightning ``WandbLogger`` objects among ``loggers`` (a logger, a list, or None)."""
+    return [logger for logger in as_list(loggers) if is_wandb(logger)]
+
+
+def artifact_name(name: str) -> str:
+    """``name`` as a valid W&B artifact name (letters, digits, ``-``, ``_``, ``.``; other runs become ``-``)."""
+    clean = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(name)).strip("-.")
+    return clean or "lq"
+
+
+def log_artifact(
+    loggers: Any,
+    path: str | os.PathLike,
+    name: str,
+    type: str,  # noqa: A002 - W&B's own word
+    metadata: Mapping[str, Any] | None = None,
+    description: str | None = None,
+) -> list[str]:
+    """Log the file at ``path`` as a W&B artifact ``<name>-<run id>`` of kind ``type`` (W&B's convention for
+    per-run artifacts, as Lightning's ``log_model``) to every ``WandbLogger`` among ``loggers``; the file's
+    sha256 goes into the metadata. Other loggers get nothing (the file on disk is the record); without wandb,
+    or with a disabled W&B run, nothing happens. An offline run records the artifact in its ``.wandb`` file
+    and stages a copy of the file (``wandb sync`` uploads both). Never raises: a failing logger is a warning.
+    Returns the names of the artifacts logged."""
+    path = Path(path)
+    targets = wandb_loggers(loggers)
+    if not targets:
+        return []
+    if not path.is_file():
+        log.warning("lq: no W&B artifact %s: %s is not a file", name, path)
+        return []
+    import wandb
+
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:  # in blocks: a converted model can be large
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    digest = sha.hexdigest()
+    logged = []
+    for logger in targets:
+        try:
+            run = logger.experiment
+            run_id = getattr(run, "id", None)
+            full = artifact_name(f"{name}-{run_id}" if isinstance(run_id, str) and run_id else name)
+            artifact = wandb.Artifact(
+                full, type=type, description=description, metadata={**dict(metadata or {}), "sha256": digest}
+            )
+            artifact.add_file(str(path), name=path.name)
+            run.log_artifact(artifact)
+        except Exception as err:  # noqa: BLE001 - a logger failing must not lose the results
+            log.warning("lq: could not log artifact %s to %s: %s", name, logger.__class__.__name__, err)
+        else:
+            logged.append(full)
+    return logged
+
+
+def log_bar_chart(
+    loggers: Any,
+    key: str,
+    labels: Sequence[str],
+    values: Sequence[float],
+    label_column: str,
+    value_column: str,
+    title: str,
+    step: int | None = None,
+) -> None:
+    """A native W&B bar chart (``wandb.plot.bar`` over a two-column ``wandb.Table``) to every W&B logger."""
+    for logger in wandb_loggers(loggers):
+        import wandb
+
+        def send(logger: Any = logger) -> None:
+            rows = [[str(a), float(b)] for a, b in zip(labels, values)]
+            table = wandb.Table(columns=[label_column, value_column], data=rows)
+            logger.log_metrics({key: wandb.plot.bar(table, label_column, value_column, title=title)}, step=step)
+
+        _safely(logger, key, send)
+
+
+def log_line_chart(
+    loggers: Any,
+    key: str,
+    xs: Sequence[float],
+    ys: Sequence[float],
+    x_column: str,
+    y_column: str,
+    title: str,
+    step: int | None = None,
+) -> None:
+    """A native W&B line chart (``wandb.plot.line`` over a two-column ``wandb.Table``) to every W&B logger."""
+    for logger in wandb_loggers(loggers):
+        import wandb
+
+        def send(logger: Any = logger) -> None:
+            table = wandb.Table(columns=[x_column, y_column], data=[[float(a), float(b)] for a, b in zip(xs, ys)])
+            logger.log_metrics({key: wandb.plot.line(table, x_column, y_column, title=title)}, step=step)
+
+        _safely(logger, key, send)
 
 
 def log_config(loggers: Any, config: Mapping[str, Any]) -> None:
@@ -189,11 +369,16 @@ def calibration_label(q: Any) -> str:
 
 def log_amax(loggers: Any, model: nn.Module, run_dir: str | None, key: str = "lq/amax") -> dict[str, float]:
     """Log the per-layer amax (a table: quantizer, kind, channels, min, max, calibration; scalars for
-    activations) and save ``<run_dir>/lq_amax.csv``. Returns ``{activation quantizer: amax}``."""
+    activations) and save ``<run_dir>/lq_amax.csv``, also a W&B artifact ``lq-amax-<run id>`` (type
+    "amax-table") for W&B loggers. Returns ``{activation quantizer: amax}``."""
     summary = amax_summary(model)
     qs = quantizers(model)
     rows = [[n, k, c, lo, hi, calibration_label(qs[n])] for n, (k, c, lo, hi) in summary.items()]
-    log_table(loggers, key, ["quantizer", "kind", "channels", "amax_min", "amax_max", "calibration"], rows, run_dir)
+    path = log_table(
+        loggers, key, ["quantizer", "kind", "channels", "amax_min", "amax_max", "calibration"], rows, run_dir
+    )
+    if path is not None:  # the CSV as a W&B artifact (the calibrated ranges that go with an exported model)
+        log_artifact(loggers, path, artifact_name(key.replace("/", "-")), "amax-table", {"quantizers": len(rows)})
     acts = {n: hi for n, (k, _, _, hi) in summary.items() if k == "activation"}
     log_scalars(loggers, {f"{key}/{n}": v for n, v in acts.items()})
     return acts
@@ -265,6 +450,63 @@ def calibration_histogram_figure(
     return fig
 
 
+#: the most bins a ``wandb.Histogram`` holds
+WANDB_MAX_BINS = 512
+
+
+def histogram_for_wandb(
+    counts: torch.Tensor, hist_range: float, max_bins: int = WANDB_MAX_BINS
+) -> tuple[list[float], list[float]]:
+    """``(counts, bin edges)`` of a calibration histogram (``|x|`` in ``[0, hist_range)``, equal bins) cut after
+    its last non-empty bin and merged by whole groups of adjacent bins to at most ``max_bins`` bins: the
+    ``np_histogram`` a ``wandb.Histogram`` takes. Counts are preserved (the sum is the same)."""
+    counts = counts.detach().cpu().double()
+    counts = counts.reshape(-1, counts.shape[-1]).sum(0)  # per-channel histograms (same bins): their sum
+    nz = torch.nonzero(counts).flatten()
+    last = int(nz.max()) + 1 if nz.numel() else 1
+    width = float(hist_range) / counts.numel()
+    group = max(1, math.ceil(last / max_bins))
+    n = math.ceil(last / group)
+    padded = torch.zeros(n * group, dtype=torch.float64)
+    padded[:last] = counts[:last]
+    merged = padded.reshape(n, group).sum(1)
+    return merged.tolist(), [i * group * width for i in range(n + 1)]
+
+
+def log_calibration_charts(
+    loggers: Any, key: str, counts: torch.Tensor, hist_range: float, ranges: Mapping[str, float], title: str
+) -> None:
+    """Fig. 2 as native W&B charts, for every W&B logger: ``<key>/histogram`` (a ``wandb.Histogram`` of ``|x|``,
+    at most 512 bins), ``<key>/log_counts`` (a line chart of log10(count + 1) over ``|x|``: the PNG's log
+    scale, where the tails that decide the ranges are visible) and ``<key>/ranges`` (a table: calibrator,
+    amax, the candidate ranges drawn as lines on the PNG)."""
+    targets = wandb_loggers(loggers)
+    if not targets:
+        return
+    import wandb
+
+    values, edges = histogram_for_wandb(counts, hist_range)
+    centres = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
+    for logger in targets:
+
+        def send(logger: Any = logger) -> None:
+            hist = wandb.Histogram(np_histogram=(values, edges))
+            line = wandb.Table(
+                columns=["abs_x", "log10_count"], data=[[c, math.log10(v + 1.0)] for c, v in zip(centres, values)]
+            )
+            table = wandb.Table(columns=["calibrator", "amax"], data=[[k, float(v)] for k, v in ranges.items()])
+            logger.log_metrics(
+                {
+                    f"{key}/histogram": hist,
+                    f"{key}/log_counts": wandb.plot.line(line, "abs_x", "log10_count", title=title),
+                    f"{key}/ranges": table,
+                },
+                step=None,
+            )
+
+        _safely(logger, key, send)
+
+
 def log_calibration_histograms(
     loggers: Any,
     model: nn.Module,
@@ -275,7 +517,8 @@ def log_calibration_histograms(
     tag: str = "",
 ) -> dict[str, dict[str, float]]:
     """Fig. 2 for the chosen activation quantizers: PNG ``<run_dir>/lq_hist_<layer>.png`` and a W&B image
-    each (``tag`` is appended to the file name and the title, e.g. "gelu10"). Needs histogram statistics
+    each, and for W&B the native charts of :func:`log_calibration_charts` under ``<key>/<layer>``
+    (``tag`` is appended to the file name, the keys and the title, e.g. "gelu10"). Needs histogram statistics
     (activation calibrator entropy / percentile / mse / auto). Returns ``{quantizer: {method: amax}}`` (empty,
     with a log line, when no quantizer holds a histogram)."""
     chosen = histogram_quantizers(model, layers)
@@ -287,15 +530,11 @@ def log_calibration_histograms(
     for name, q in chosen.items():
         ranges = candidate_ranges(q.calibrator, percentiles, q.spec.bits)
         counts, hist_range = q.calibrator.histogram()
-        fig = calibration_histogram_figure(
-            counts,
-            float(hist_range),
-            ranges,
-            f"{name.removesuffix('.input_quantizer')}{' (' + tag + ')' if tag else ''}: "
-            "input |x| and calibrated ranges (Wu et al. 2020, Fig. 2)",
-        )
         layer = name.removesuffix(".input_quantizer")
         suffix = f"_{tag}" if tag else ""
+        title = f"{layer}{' (' + tag + ')' if tag else ''}: input |x| and calibrated ranges (Wu et al. 2020, Fig. 2)"
+        log_calibration_charts(loggers, f"{key}/{layer}{suffix}", counts, float(hist_range), ranges, title)
+        fig = calibration_histogram_figure(counts, float(hist_range), ranges, title)
         path = os.path.join(run_dir, f"lq_hist_{layer.replace('/', '_')}{suffix}.png")
         fig.savefig(path, dpi=100)
         log_image(loggers, f"{key}/{layer}{suffix}", path)

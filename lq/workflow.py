@@ -9,6 +9,7 @@ Lightning callbacks in ``lq.callbacks`` are doors onto these functions.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import warnings
@@ -22,6 +23,7 @@ from torch import nn
 from lq.batches import batch_size, forward_batch
 from lq.calib.histogram import release_scratch
 from lq.nn.swap import quantized_layers
+from lq.progress import Show, check_show, track
 from lq.quant.config import AUTO_CANDIDATES
 from lq.quant.quantizer import TensorQuantizer
 
@@ -106,6 +108,7 @@ def calibrate(
     evaluate: Evaluate | None = None,
     percentile: float | None = None,
     layerwise_scope: str = "layer",
+    progress: Show = None,
 ) -> nn.Module:
     """Calibrate every quantizer of a quantized model (Section 3.4, Appendix A: 1024 samples for CNNs).
 
@@ -125,12 +128,15 @@ def calibrate(
         layerwise_scope: for calibrator "layerwise": score each candidate range by its layer's output error
             (``"layer"``, one scoring pass over 256 samples) or by the model's output error (``"model"``, one pass
             per candidate and quantizer; better on transformers, see ``lq.layer_choice``).
+        progress: for "auto", a progress bar with ETA over the candidate calibrations (``lq.progress``: True,
+            False, or None = only when stderr is a terminal).
     With ``QuantConfig(bias_correction=True)`` the biases are then corrected for the output shift of weight
     quantization (``lq.correct_bias``, on the first 256 calibration samples).
 
     Returns the model, calibrated and in quantize mode.
     """
     layers = _require_quantized(model, "lq.calibrate")
+    check_show(progress, "lq.calibrate")
     if num_samples is not None and (not isinstance(num_samples, int) or num_samples <= 0):
         raise ValueError(f"num_samples must be a positive int or None, got {num_samples!r}")
     if layerwise_scope not in ("layer", "model"):
@@ -209,7 +215,7 @@ def calibrate(
             _restore(qs, saved)
             raise
     if wanted_auto:
-        choose_calibration(model, evaluate)
+        choose_calibration(model, evaluate, progress=progress)
     if correct:  # QuantConfig(bias_correction=True): on the final ranges, with the kept batches (Nagel et al.)
         from lq.bias_correction import correct_bias
 
@@ -262,14 +268,17 @@ def choose_calibration(
     evaluate: Evaluate,
     candidates: Iterable[tuple[str, float | None]] = AUTO_CANDIDATES,
     mode: str = "max",
+    progress: Show = None,
 ) -> CalibrationChoice:
     """Load each candidate activation calibration, evaluate, and keep the best (Section 6, "PTQ").
 
     Needs histogram statistics from a previous ``calibrate`` with an "entropy"/"percentile"/"mse"/"auto"
     activation calibrator. The chosen amax values are loaded; the choice is stored on the model and
-    returned.
+    returned. ``progress``: a bar with ETA over the candidates (``lq.progress``; None = only on a terminal).
     """
     _check_mode(mode)
+    check_show(progress, "lq.choose_calibration")
+    candidates = list(candidates)
     act = {
         n: q
         for n, q in quantizers(model).items()
@@ -283,7 +292,7 @@ def choose_calibration(
             "for activations (a max calibrator keeps only the maximum)"
         )
     scores: dict[str, float] = {}
-    for method, pct in candidates:
+    for method, pct in track(candidates, progress, "lq: calibrator auto", "calibration", lambda c: _candidate_name(*c)):
         for q in act.values():
             q.load_calib_amax(method, percentile=pct)
         scores[_candidate_name(method, pct)] = _score(evaluate, model)
@@ -391,24 +400,36 @@ def sensitivity(
     evaluate: Evaluate,
     mode: str = "max",
     layers: Iterable[str] | None = None,
-    progress: Callable[[Iterable], Iterable] | None = None,
+    progress: Show | Callable[[Iterable], Iterable] = None,
 ) -> SensitivityReport:
     """Quantize one layer at a time and evaluate (Section 5.1). The model's modes are restored after.
 
     ``evaluate(model) -> float`` is the metric (higher is better with ``mode="max"``). Layers already
     turned off (e.g. by partial quantization) are measured too; ``layers`` restricts the sweep.
+    ``progress``: a bar with ETA over the evaluations (fp32, all int8, then one per layer, the layer's name
+    as postfix; ``lq.progress``): True, False, or None = only when stderr is a terminal. A callable
+    ``progress(names)`` instead wraps the per-layer loop itself (e.g. ``tqdm``).
     """
     _check_mode(mode)
+    if not callable(progress):
+        check_show(progress, "lq.sensitivity")
     _require_quantized(model, "lq.sensitivity")
     names = _layer_names(model, layers)
-    with quantization_disabled(model):
-        fp32 = _score(evaluate, model)
-    with quantization_disabled(model, keep=names):
-        int8 = _score(evaluate, model)
+    # (label, layers kept quantized): fp32 = none, all int8 = every swept layer, then one layer at a time
+    runs: Iterable[tuple[str, list[str]]] = [("fp32", []), ("all int8", names)] + [(n, [n]) for n in names]
+    if callable(progress):  # the caller's wrapper drives the per-layer loop (lazily: its bar times each layer)
+        runs = itertools.chain(runs[:2], ((n, [n]) for n in progress(names)))
+    else:
+        runs = track(runs, progress, "lq: sensitivity", "eval", lambda r: r[0])
+    scores: list[float] = []
     per_layer = {}
-    for name in progress(names) if progress else names:
-        with quantization_disabled(model, keep=[name]):
-            per_layer[name] = _score(evaluate, model)
+    for i, (label, keep) in enumerate(runs):
+        with quantization_disabled(model, keep=keep):
+            value = _score(evaluate, model)
+        if i >= 2:
+            per_layer[label] = value
+        scores.append(value)
+    fp32, int8 = scores[0], scores[1]
     ordered = dict(sorted(per_layer.items(), key=lambda kv: kv[1], reverse=(mode == "min")))
     report = SensitivityReport(fp32=fp32, int8=int8, layers=ordered, mode=mode)
     log.info("lq.sensitivity: fp32 %.4f, all quantized %.4f, most sensitive %s", fp32, int8, list(ordered)[:5])
@@ -435,24 +456,32 @@ def partial_quantize(
     mode: str = "max",
     report: SensitivityReport | None = None,
     max_skipped: int | None = None,
+    progress: Show = None,
 ) -> PartialQuantization:
     """Keep the most sensitive layers in float until the metric is within ``target`` (relative) of fp32.
 
     Section 5.1 / Table 6: sort layers by one-at-a-time sensitivity, skip quantization of the most
     sensitive first, and stop at the smallest skip set that meets the target. The model is left with
-    those layers' quantizers off; the result lists them.
+    those layers' quantizers off; the result lists them. ``progress``: a bar with ETA over the evaluations
+    (the layer just kept in float as postfix; also over the sensitivity sweep when ``report`` is not given;
+    ``lq.progress``: True, False, or None = only when stderr is a terminal).
     """
     _check_mode(mode)
+    check_show(progress, "lq.partial_quantize")
     if not 0 <= target < 1:
         raise ValueError(f"target is a relative drop in [0, 1), e.g. 0.01 for 1%, got {target!r}")
     _require_quantized(model, "lq.partial_quantize")
-    report = report or sensitivity(model, evaluate, mode=mode, layers=enabled_layers(model))
+    report = report or sensitivity(model, evaluate, mode=mode, layers=enabled_layers(model), progress=progress)
     order = [n for n in report.ranking() if n in quantized_layers(model)]
     limit = len(order) if max_skipped is None else min(max_skipped, len(order))
     history = []
     skipped: list[str] = []
     metric = report.int8
-    for k in range(limit + 1):
+    steps = track(
+        list(range(limit + 1)), progress, "lq: partial quantization", "eval",
+        lambda k: "all int8" if k == 0 else f"+{order[k - 1]} in float",
+    )
+    for k in steps:
         skipped = order[:k]
         with quantization_disabled(model, layers=skipped) if skipped else contextlib.nullcontext():
             metric = report.int8 if k == 0 else _score(evaluate, model)

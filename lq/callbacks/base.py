@@ -33,6 +33,14 @@ from lq.workflow import calibrate, quantizers
 from lq.callbacks.loaders import train_loader
 
 
+def progress_enabled(trainer: pl.Trainer) -> bool:
+    """Lightning's convention for lq's own bars (calibration, sensitivity sweep, calibrator "auto"): shown on
+    rank zero when the Trainer has an enabled progress bar (``enable_progress_bar=True``, the default), never
+    when the user turned progress bars off."""
+    bar = getattr(trainer, "progress_bar_callback", None)
+    return bool(trainer.is_global_zero and bar is not None and getattr(bar, "is_enabled", True))
+
+
 class _Progress(Iterable):
     """Wraps a loader with a progress bar (rich/tqdm from Lightning's own dependencies) on rank zero."""
 
@@ -40,7 +48,7 @@ class _Progress(Iterable):
         self.loader, self.trainer, self.desc, self.total = loader, trainer, desc, total
 
     def __iter__(self) -> Iterator:
-        show = self.trainer.is_global_zero and self.trainer.progress_bar_callback is not None
+        show = progress_enabled(self.trainer)
         if not show:
             yield from self.loader
             return
@@ -199,9 +207,11 @@ class QuantizationCallback(Callback):
         return data
 
     def calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, data: Any, **kwargs: Any) -> None:
-        """lq.calibrate on ``data`` with a progress bar; eval mode and no_grad inside, train mode restored."""
+        """lq.calibrate on ``data`` with a progress bar (and one over the candidates of calibrator "auto");
+        eval mode and no_grad inside, train mode restored."""
         if not callable(data) or isinstance(data, Iterable):
             data = _Progress(data, trainer, f"{type(self).__name__}: calibrating", self.num_samples)
+        kwargs.setdefault("progress", progress_enabled(trainer))
         calibrate(pl_module, data, num_samples=self.num_samples, **kwargs)
         rank_zero_info(f"{type(self).__name__}: calibrated {len(quantized_layers(pl_module))} layers")
         choice = getattr(pl_module, "_lq_layerwise", None)

@@ -1,15 +1,18 @@
 """Measuring a metric of the current (partly) quantized model from inside a callback.
 
 The metric is the one the user's ``validation_step`` already logs, computed by a private, silent Trainer
-running ``validate`` on the same module and loader (the outer Trainer's loop is left untouched). Where the
+running ``validate`` on the same module and loader (the outer Trainer's loop is left untouched). Silent: no
+progress bar, summary or logger, and none of Lightning's info banners ("GPU available: ...", "TPU available",
+the logger tip), which a sensitivity sweep would otherwise print once per layer (``quiet_lightning``). Where the
 module logs nothing, the fallback metric is agreement with the fp32 model's outputs: top-1 agreement for
 class scores, cosine similarity otherwise.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning.pytorch as pl
@@ -30,6 +33,32 @@ def _accelerator(device: torch.device) -> tuple[str, Any]:
     return "cpu", 1
 
 
+#: the loggers Lightning's ``rank_zero_info`` banners go through (the Trainer's device lines and tips; Fabric's
+#: and Lightning's own ``rank_zero`` modules, and the CUDA accelerator's "LOCAL_RANK: 0 - CUDA_VISIBLE_DEVICES")
+BANNER_LOGGERS = (
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning.fabric.utilities.rank_zero",
+    "lightning.pytorch.accelerators.cuda",
+    "lightning.fabric.accelerators.cuda",
+)
+
+
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Drop Lightning's info messages (warnings still pass) while a nested Trainer is built and run; each
+    logger's own level is put back afterwards, so the user's run logs as before."""
+    loggers = [logging.getLogger(name) for name in BANNER_LOGGERS]
+    previous = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            if lg.getEffectiveLevel() < logging.WARNING:
+                lg.setLevel(logging.WARNING)
+        yield
+    finally:
+        for lg, level in zip(loggers, previous):
+            lg.setLevel(level)
+
+
 def logged_metrics(pl_module: pl.LightningModule, loader: Any, limit_batches: int | float = 1.0) -> dict[str, float]:
     """Run the module's validation_step over ``loader`` in a private Trainer; the logged metrics."""
     outer = pl_module._trainer  # noqa: SLF001 - restored below, the outer run must not notice
@@ -37,18 +66,19 @@ def logged_metrics(pl_module: pl.LightningModule, loader: Any, limit_batches: in
     was_training = pl_module.training
     accelerator, devices = _accelerator(device)
     limits = {} if limit_batches == 1.0 else {"limit_val_batches": limit_batches}
-    trainer = pl.Trainer(
-        accelerator=accelerator,
-        devices=devices,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[],
-        **limits,
-    )
     try:
-        results = trainer.validate(pl_module, dataloaders=loader, verbose=False)
+        with quiet_lightning():
+            trainer = pl.Trainer(
+                accelerator=accelerator,
+                devices=devices,
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                callbacks=[],
+                **limits,
+            )
+            results = trainer.validate(pl_module, dataloaders=loader, verbose=False)
     finally:
         pl_module._trainer = outer  # noqa: SLF001
         pl_module.to(device)

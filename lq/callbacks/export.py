@@ -1,4 +1,8 @@
-"""Writing the deployable artefacts at the end of fit: the ONNX Q/DQ graph and a converted int8 model."""
+"""Writing the deployable artefacts at the end of fit: the ONNX Q/DQ graph and a converted int8 model.
+
+With a ``WandbLogger`` among the Trainer's loggers each file written is also a W&B artifact (``lq-onnx-<run
+id>``, ``lq-converted-<run id>``, type "model"), and so is the amax table of the exported model (``lq-amax-<run
+id>``, type "amax-table", saved as ``lq_amax.csv`` in the run's log dir): ``lq.tracking.log_artifact``."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from lq import tracking
 from lq.batches import model_inputs, to_device
 from lq.callbacks.loaders import train_loader
 from lq.deploy import convert, export_onnx
@@ -25,6 +30,12 @@ def _example_input(trainer: pl.Trainer, pl_module: pl.LightningModule) -> torch.
     return to_device(args[0][:1], pl_module.device)
 
 
+def _log_dir(trainer: pl.Trainer) -> str:
+    d = getattr(trainer, "log_dir", None) or trainer.default_root_dir
+    os.makedirs(d, exist_ok=True)
+    return str(d)
+
+
 def export_after_fit(
     trainer: pl.Trainer, pl_module: pl.LightningModule, onnx_path: str | None, converted_path: str | None
 ) -> None:
@@ -35,6 +46,7 @@ def export_after_fit(
             os.makedirs(os.path.dirname(os.path.abspath(onnx_path)), exist_ok=True)
             export_onnx(pl_module, _example_input(trainer, pl_module), onnx_path)
             rank_zero_info(f"lq: ONNX model with Q/DQ nodes written to {onnx_path}")
+            tracking.log_artifact(trainer.loggers, onnx_path, "lq-onnx", "model", {"format": "onnx", "qdq": True})
         if converted_path:
             # convert() works in place: convert a copy so the trained module stays trainable.
             model = copy.deepcopy(pl_module)
@@ -43,5 +55,10 @@ def export_after_fit(
             os.makedirs(os.path.dirname(os.path.abspath(converted_path)), exist_ok=True)
             torch.save(converted, converted_path)
             rank_zero_info(f"lq: converted int8 model saved to {converted_path}")
+            tracking.log_artifact(
+                trainer.loggers, converted_path, "lq-converted", "model", {"format": "torch.save", "lq.convert": True}
+            )
+        if tracking.wandb_loggers(trainer.loggers):  # the ranges that go with the exported model
+            tracking.log_amax(trainer.loggers, pl_module, _log_dir(trainer))
     finally:
         pl_module.train(was_training)

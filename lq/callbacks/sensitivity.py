@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
+from lq.callbacks.base import progress_enabled
 from lq.callbacks.evaluation import metric_evaluator
 from lq.callbacks.loaders import val_loader
 from lq.callbacks.ptq import Int8PTQ
@@ -75,9 +76,12 @@ class Int8Sensitivity(Int8PTQ):
             pl_module, val_loader(trainer, pl_module), self.monitor, self.limit_batches
         )
         mode = self.mode if self.metric_name == self.monitor else "max"
-        self.report = sensitivity(pl_module, evaluate, mode=mode)
+        show = progress_enabled(trainer)  # one bar per loop, the layer as postfix, when the Trainer shows bars
+        self.report = sensitivity(pl_module, evaluate, mode=mode, progress=show)
         if self.apply:
-            self.result = partial_quantize(pl_module, evaluate, target=self.target, mode=mode, report=self.report)
+            self.result = partial_quantize(
+                pl_module, evaluate, target=self.target, mode=mode, report=self.report, progress=show
+            )
             # Every rank keeps rank zero's decision (each rank may have seen other validation shards).
             skipped = trainer.strategy.broadcast(self.result.skipped, src=0)
             set_quantization(pl_module, True)
