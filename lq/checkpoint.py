@@ -260,13 +260,21 @@ def load_from_checkpoint(
     per-layer modes saved by the lq callback. Returns the module in eval mode.
 
     Errors name the file and what to do: FileNotFoundError (no such file), ValueError (truncated or corrupt
-    file, with torch's error as the cause; a checkpoint without lq state; lq state of another config),
+    file, with torch's error as the cause; a directory, i.e. a distributed checkpoint; a checkpoint without lq
+    state; lq state of another config),
     RuntimeError (the float weights do not fit ``module_cls``: another model).
     """
     if not isinstance(module_cls, type) or not hasattr(module_cls, "load_from_checkpoint"):
         raise TypeError(f"module_cls must be a LightningModule class, got {module_cls!r}")
     if not isinstance(checkpoint_path, (str, os.PathLike)):
         raise TypeError(f"checkpoint_path must be a str or path, got {type(checkpoint_path).__name__}")
+    if Path(checkpoint_path).is_dir():
+        # What ModelParallelStrategy (FSDP2) saves by default: one shard file per rank plus metadata.
+        raise ValueError(
+            f"lq.load_from_checkpoint: {checkpoint_path} is a directory (a distributed checkpoint, e.g. from "
+            "ModelParallelStrategy's default save_distributed_checkpoint=True); lq reads single-file checkpoints: "
+            "train with ModelParallelStrategy(save_distributed_checkpoint=False), which writes one full file"
+        )
     if not Path(checkpoint_path).is_file():
         raise FileNotFoundError(f"lq.load_from_checkpoint: no checkpoint file at {checkpoint_path}")
     try:

@@ -9,7 +9,7 @@ section and is re-applied in ``on_load_checkpoint``, after the Trainer restored 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
@@ -31,6 +31,7 @@ from lq.quant.config import QuantConfig
 from lq.workflow import calibrate, quantizers
 
 from lq.callbacks.loaders import train_loader
+from lq.callbacks.sharding import check_fsdp2_parameters, check_strategy, unsharded
 
 
 def progress_enabled(trainer: pl.Trainer) -> bool:
@@ -126,7 +127,13 @@ class QuantizationCallback(Callback):
         cpu_malloc: on CPU, set glibc's malloc to keep freed blocks for reuse from ``setup`` until ``teardown``
             (``lq.cpu_memory``; QAT step 1.3x -> 1.13x fp32 measured). Process-wide, hence off by default;
             restored at teardown or on an exception; ``LQ_CPU_MALLOC=0`` in the environment overrides it.
+
+    Strategies: single device, DDP (calibration statistics reduced across ranks), and ModelParallelStrategy
+    with FSDP2 ``fully_shard``; not Lightning's FSDPStrategy (FSDP1), see ``lq.callbacks.sharding``.
     """
+
+    #: whether this callback calibrates with a forward on the LightningModule (refused under FSDP1)
+    calibrates: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -159,11 +166,13 @@ class QuantizationCallback(Callback):
 
     # ------------------------------------------------------------------------------------- swapping
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_strategy(trainer, type(self).__name__, self.calibrates)
         if not self._holds_cpu_malloc:  # once per callback, whatever the number of stages set up
             self._holds_cpu_malloc = cpu_memory_for(trainer, self.cpu_malloc)
         if not quantized_layers(pl_module):
             quantize(pl_module, self.config)
             rank_zero_info(str(quantization_report(pl_module)))
+        check_fsdp2_parameters(trainer, pl_module, type(self).__name__)
         self._module = pl_module
         # Every state_dict() taken while the Trainer runs (checkpoints, ModelPruning's rebuilt state_dict,
         # SWA's copy) leaves the quantizers out; removed again at teardown (lq.checkpoint).
@@ -212,7 +221,8 @@ class QuantizationCallback(Callback):
         if not callable(data) or isinstance(data, Iterable):
             data = _Progress(data, trainer, f"{type(self).__name__}: calibrating", self.num_samples)
         kwargs.setdefault("progress", progress_enabled(trainer))
-        calibrate(pl_module, data, num_samples=self.num_samples, **kwargs)
+        with unsharded(pl_module):  # FSDP2: static weight calibration reads whole weights, not shards
+            calibrate(pl_module, data, num_samples=self.num_samples, **kwargs)
         rank_zero_info(f"{type(self).__name__}: calibrated {len(quantized_layers(pl_module))} layers")
         choice = getattr(pl_module, "_lq_layerwise", None)
         if choice is not None and choice.methods:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 
@@ -21,6 +21,10 @@ from lq.callbacks.evaluation import metric_evaluator
 from lq.callbacks.loaders import stage_loader, val_loader
 from lq.extras import import_extra
 from lq.quant.config import CALIBRATORS, QuantConfig
+
+#: ``method=`` values, spelled out so LightningCLI (jsonargparse) rejects a typo when it parses the YAML;
+#: the same names as ``lq.quant.config.CALIBRATORS`` (tests/test_lightning_cli.py checks they agree).
+CalibratorName = Literal["max", "entropy", "percentile", "mse", "auto", "layerwise"]
 
 
 class Int8PTQ(QuantizationCallback):
@@ -47,9 +51,9 @@ class Int8PTQ(QuantizationCallback):
         config: QuantConfig | None = None,
         num_samples: int = 1024,
         calibration_data: Iterable | Callable | None = None,
-        method: str | None = None,
+        method: CalibratorName | None = None,
         monitor: str | None = "val_acc",
-        mode: str = "max",
+        mode: Literal["max", "min"] = "max",
         export_onnx: str | None = None,
         export_converted: str | None = None,
         cpu_malloc: bool = False,

@@ -12,6 +12,7 @@ base LR and follows a cosine down to ``final_lr_scale`` x that start over the fi
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Literal
 
 import lightning.pytorch as pl
 import torch
@@ -19,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch.optim.lr_scheduler import LambdaLR
 
-from lq.callbacks.ptq import Int8PTQ
+from lq.callbacks.ptq import CalibratorName, Int8PTQ
 from lq.schedule import CosineFactor
 from lq.quant.config import QuantConfig
 from lq.workflow import quantizers
@@ -48,11 +49,11 @@ class Int8QAT(Int8PTQ):
         lr_scale: float = 0.01,
         final_lr_scale: float = 0.01,
         range_lr: float | None = None,
-        compute: str = "fake",
+        compute: Literal["fake", "int8"] = "fake",
         calibration_data: Iterable | Callable | None = None,
-        method: str | None = None,
+        method: CalibratorName | None = None,
         monitor: str | None = "val_acc",
-        mode: str = "max",
+        mode: Literal["max", "min"] = "max",
         export_onnx: str | None = None,
         export_converted: str | None = None,
         cpu_malloc: bool = False,

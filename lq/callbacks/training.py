@@ -19,6 +19,9 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lq.callbacks.base import QuantizationCallback
 from lq.nn.int8_compute import use_int8_compute
+# A runtime import, not a TYPE_CHECKING one: LightningCLI (jsonargparse) reads the annotation of ``compute``
+# to build the dataclass from a YAML mapping. Free: ``import lq`` already imports lq.ops (lq.nn uses it).
+from lq.ops.config import Int8ComputeConfig
 from lq.quant.config import QuantConfig, QuantSpec
 
 
@@ -26,9 +29,11 @@ class Int8Training(QuantizationCallback):
     """int8 forward and backward GEMMs for an unmodified LightningModule.
 
     Args:
-        compute: an ``lq.ops.Int8ComputeConfig`` (bits, which backward GEMMs run in int8, gradient clipping);
-            default ``Int8ComputeConfig.for_this_machine()`` (8/8/8 bits where the int8 kernels are exact
-            and fast; 7-bit activations/weights on x86 CPUs without VNNI).
+        compute: an ``lq.ops.Int8ComputeConfig`` (bits, which backward GEMMs run in int8, gradient clipping,
+            gradient rounding); default ``Int8ComputeConfig.for_this_machine()`` (8/8/8 bits where the int8
+            kernels are exact and fast; 7-bit activations/weights on x86 CPUs without VNNI). From a LightningCLI
+            YAML, a mapping of its fields (``compute: {grad_rounding: stochastic}``) builds it over the
+            dataclass's own defaults (8/8/8 bits), not ``for_this_machine()``'s.
         skip: fnmatch globs of layers kept in float (e.g. the first conv and the classifier head).
         deviation_lr_scaling: scale each step's LR by ``lq.ops.deviation_lr_factor`` of the mean gradient
             deviation measured in that step's backward (Zhu et al.). The tracker that measures it is closed
@@ -38,9 +43,11 @@ class Int8Training(QuantizationCallback):
             process-wide, so off by default; int8 steps allocate many activation-sized temporaries).
     """
 
+    calibrates = False  # dynamic scales: no calibration forward (allowed, with a warning, under FSDP1)
+
     def __init__(
         self,
-        compute: Any = None,
+        compute: Int8ComputeConfig | None = None,
         skip: list[str] | None = None,
         deviation_lr_scaling: bool = False,
         cpu_malloc: bool = False,
@@ -49,8 +56,6 @@ class Int8Training(QuantizationCallback):
         config = QuantConfig(weight=off, activation=QuantSpec(enabled=False), skip=list(skip or []),
                              layers=["Linear", "Conv2d"])
         super().__init__(config=config, num_samples=1, cpu_malloc=cpu_malloc)
-        from lq.ops import Int8ComputeConfig
-
         if compute is not None and not isinstance(compute, Int8ComputeConfig):
             raise TypeError(f"compute must be an lq.ops.Int8ComputeConfig, got {type(compute).__name__}")
         if compute is not None and compute.act_scale != "dynamic":
@@ -62,6 +67,17 @@ class Int8Training(QuantizationCallback):
         self._saved_lrs: list[list[float]] | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        callbacks = getattr(trainer, "callbacks", ())
+        others = [type(cb).__name__ for cb in callbacks if isinstance(cb, QuantizationCallback) and cb is not self]
+        if others:
+            # Whichever swaps first decides the layers; the other then calibrates quantizers that the dynamic
+            # int8 path never feeds ("quantizers saw no data"), or trains with a config nobody asked for.
+            raise ValueError(
+                f"Int8Training cannot share a Trainer with {', '.join(others)}: it trains with dynamic int8 scales "
+                "and its quantizers off. For quantization-aware fine-tuning on int8 GEMMs use "
+                "Int8QAT(compute='int8') alone; quantize or analyse the int8-trained model in a later "
+                "trainer.fit/validate with the other callback"
+            )
         super().setup(trainer, pl_module, stage)  # swap in the quantized layers (quantizers off)
         from lq.ops import reset_clip_state
 
