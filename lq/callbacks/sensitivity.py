@@ -93,6 +93,7 @@ class Int8Sensitivity(Int8PTQ):
             log_sensitivity(trainer, self.report, self.result, self.metric_name)
 
     def summary(self) -> str:
+        """The report as text: fp32 and all-int8 metric, then the 15 most sensitive layers with their drop."""
         r = self.report
         lines = [f"Int8Sensitivity ({self.metric_name}): fp32 {r.fp32:.4f}, all int8 {r.int8:.4f}"]
         lines += [f"  {name:40s} {value:.4f}  ({drop:+.2%})" for name, value, drop in r.rows()[:15]]
