@@ -59,6 +59,8 @@ def bench_step(args) -> None:
         "bf16 autocast": train_step(copy.deepcopy(base), x, y, momentum=0.9, autocast=True),
         f"int8 ({cfg.act_bits}/{cfg.weight_bits}/{cfg.grad_bits} bits, clip search)": train_step(
             int8_model(base, cfg), x, y, momentum=0.9),
+        "int8, stochastic gradient rounding": train_step(
+            int8_model(base, Int8ComputeConfig.for_this_machine(grad_rounding="stochastic")), x, y, momentum=0.9),
         "int8, clip searched every 16th step": train_step(
             int8_model(base, Int8ComputeConfig.for_this_machine(clip_every=16)), x, y, momentum=0.9),
         "int8, no clip search": train_step(

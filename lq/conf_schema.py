@@ -42,6 +42,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from lq.quant.config import CALIBRATORS, GRANULARITIES, LAYER_KINDS, QuantConfig, QuantSpec
+from lq.tracking import LOGGER_KINDS
 
 #: the ConfigStore group of the root schemas
 GROUP = "schema"
@@ -128,6 +129,20 @@ class TrackingSchema:
     percentiles: List[float] = MISSING
 
 
+LoggerKind = choice_enum("LoggerKind", LOGGER_KINDS, "``logger.kind``: lq.tracking.LOGGER_KINDS.")
+
+
+@dataclass
+class LoggerSchema:
+    """``logger`` (the keys ``lq.tracking.make_logger`` reads; conf/logger/*.yaml)."""
+
+    kind: LoggerKind = MISSING  # type: ignore[valid-type]
+    name: Optional[str] = None  # null: the recipe name
+    project: str = "lq"  # W&B project
+    offline: bool = True  # W&B: offline unless false and logged in
+    log_model: bool = False  # W&B: Lightning's checkpoint upload
+
+
 @dataclass
 class LqConfig:
     """The top level every ``lq-train`` job has (``conf/config.yaml`` and the groups it lists). ``MISSING``
@@ -141,7 +156,7 @@ class LqConfig:
     model: Dict[str, Any] = MISSING
     data: Dict[str, Any] = MISSING
     trainer: Dict[str, Any] = MISSING
-    logger: Dict[str, Any] = MISSING
+    logger: LoggerSchema = field(default_factory=LoggerSchema)
     quant: Optional[QuantConfigSchema] = None  # type: ignore[valid-type]  # null: no QuantConfig (Int8Training)
     callback: Dict[str, Any] = MISSING
     tracking: TrackingSchema = field(default_factory=TrackingSchema)

@@ -122,7 +122,7 @@ def main(out_dir: str) -> None:
     trainer([qat, SaveQAT(out_dir)], max_steps=1).fit(fresh(init), DigitsData(shuffle=False))
 
     with record_kernels() as ran:
-        t = trainer([Int8Training(compute=lq.ops.Int8ComputeConfig.for_this_machine()), SaveParams(out_dir, ran)], 1,
+        t = trainer([Int8Training(compute=lq.ops.Int8ComputeConfig.for_this_machine(grad_rounding="nearest")), SaveParams(out_dir, ran)], 1,
                     use_distributed_sampler=False)
         t.fit(fresh(init), HalfPerRank())
 

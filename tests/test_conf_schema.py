@@ -134,6 +134,9 @@ def test_quant_choices_reach_quant_config_as_plain_strings() -> None:
         (["recipe=fashion_qat", "qat_fraction=a_tenth"], ["full_key: qat_fraction"]),
         (["recipe=mnist_ptq", "tracking.percentiles=[high]"], ["tracking.percentiles"]),
         (["recipe=mnist_ptq", "seed=zero"], ["full_key: seed"]),
+        (["recipe=mnist_ptq", "logger.ofline=false"], ["logger.ofline", "LoggerSchema"]),
+        (["recipe=mnist_ptq", "logger.kind=tensorboard"], ["full_key: logger.kind", "tensorboard"]),
+        (["recipe=mnist_ptq", "logger=csv", "logger.offline=sometimes"], ["full_key: logger.offline"]),
     ],
 )
 def test_bad_key_type_or_choice_fails_at_compose(overrides: list[str], expected: list[str]) -> None:

@@ -131,7 +131,7 @@ def test_fsdp2_int8_training_step_equals_one_process_over_both_halves(fsdp2_run)
     model.load_state_dict(init)
     lq.quantize(model, lq.QuantConfig(weight=lq.QuantSpec(enabled=False), activation=lq.QuantSpec(enabled=False),
                                       layers=["Linear", "Conv2d"]))
-    use_int8_compute(model, Int8ComputeConfig.for_this_machine())
+    use_int8_compute(model, Int8ComputeConfig.for_this_machine(grad_rounding="nearest"))
     opt = torch.optim.SGD(model.parameters(), lr=model.hparams.lr, momentum=0.9)
     x, y = digits("train").tensors
     for rank in (0, 1):  # rank r's first batch: samples r, r+2, ... (fsdp_worker.HalfPerRank)

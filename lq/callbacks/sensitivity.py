@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterable
+from typing import Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
@@ -48,7 +49,7 @@ class Int8Sensitivity(Int8PTQ):
     def __init__(
         self,
         monitor: str | None = "val_acc",
-        mode: str = "max",
+        mode: Literal["max", "min"] = "max",
         target: float = 0.01,
         apply: bool = True,
         limit_batches: int | float = 1.0,
