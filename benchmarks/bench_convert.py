@@ -142,8 +142,11 @@ def peers(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
-def onnxruntime_variants(fp32: nn.Module, fq: nn.Module, x: torch.Tensor, threads: int) -> dict[str, Callable[[torch.Tensor], object]]:
-    """ONNX Runtime on the fp32 export and on lq.export_onnx's Q/DQ export (ORT fuses Q/DQ into int8 ops)."""
+def onnxruntime_variants(fp32: nn.Module, fq: nn.Module, x: torch.Tensor, threads: int,
+                         calib: torch.Tensor | None = None) -> dict[str, Callable[[torch.Tensor], object]]:
+    """ONNX Runtime on the fp32 export, on lq.export_onnx's Q/DQ export, and (the anchor a user would pick)
+    on ``onnxruntime.quantization.quantize_static`` of the fp32 export with the same calibration data (QDQ
+    format, per-channel int8 weights, its default int8 activations and MinMax calibration)."""
     import tempfile
 
     try:
@@ -159,7 +162,23 @@ def onnxruntime_variants(fp32: nn.Module, fq: nn.Module, x: torch.Tensor, thread
         torch.onnx.export(fp32, (x,), f"{tmp}/fp32.onnx", dynamo=False, opset_version=17, input_names=["input"],
                           dynamic_axes={"input": {0: "batch"}})
         export_onnx(fq, x, f"{tmp}/int8.onnx")
-    for name, file in (("onnxruntime fp32", "fp32.onnx"), ("onnxruntime Q/DQ int8 (lq.export_onnx)", "int8.onnx")):
+    files = [("onnxruntime fp32", "fp32.onnx"), ("onnxruntime Q/DQ int8 (lq.export_onnx)", "int8.onnx")]
+    if calib is not None:
+        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+        class Reader(CalibrationDataReader):
+            def __init__(self) -> None:
+                self.batches = iter([{"input": calib[i:i + 64].numpy()} for i in range(0, len(calib), 64)])
+
+            def get_next(self) -> dict | None:
+                return next(self.batches, None)
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_static(f"{tmp}/fp32.onnx", f"{tmp}/static.onnx", Reader(), quant_format=QuantFormat.QDQ,
+                            per_channel=True, weight_type=QuantType.QInt8)
+        files.append(("onnxruntime quantize_static int8 (anchor)", "static.onnx"))
+    for name, file in files:
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
@@ -332,7 +351,7 @@ def main() -> None:
             cl = torch.channels_last
             calls["fp32, channels_last input"] = lambda xb, m=fp32, f=cl: m(xb.contiguous(memory_format=f))
             calls["lq int8 (convert), channels_last input"] = lambda xb, m=int8, f=cl: m(xb.contiguous(memory_format=f))
-        calls.update(onnxruntime_variants(fp32, fq, inputs[64], threads))
+        calls.update(onnxruntime_variants(fp32, fq, inputs[64], threads, calib))
         for batch, x in inputs.items():
             t = bench({k: (lambda f=f, x=x: f(x)) for k, f in calls.items()}, rounds)
             w32, c32 = t["fp32"]
