@@ -8,10 +8,9 @@ quantized model produces it (upstream layers quantized, the input fake-quantized
 for a conv, the mean over samples and positions of ``conv(x~, eps)`` per output channel, which also counts the
 zero padding exactly.
 
-Apply after ``lq.calibrate`` (the input ranges must be final) and before ``lq.convert`` / export; the corrected
-bias is a normal float bias, so every backend and the ONNX export carry it. With quantization disabled the
-model keeps the correction (a shift of typically 1e-3 of the bias scale), so sensitivity and partial
-quantization should run before it, or on a copy.
+Apply after ``lq.calibrate`` (the input ranges must be final) and before ``lq.convert`` / export. The
+correction is added to the bias only while the layer's weight quantizer quantizes (``QuantMixin.quantized_bias``):
+the float model, partial quantization and sensitivity's fp32 reference are unaffected.
 """
 
 from __future__ import annotations
@@ -55,8 +54,52 @@ def _shift(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return y.sum(dims), y.numel() // y.shape[1]
 
 
+def corrections(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{layer name: correction}`` of every layer ``correct_bias`` corrected (the buffer ``bias_correction`` of
+    its weight quantizer)."""
+    return {n: m.weight_quantizer.bias_correction for n, m in model.named_modules()
+            if isinstance(m, _CORRECTABLE) and getattr(m.weight_quantizer, "bias_correction", None) is not None}
+
+
+def set_correction(layer: nn.Module, correction: torch.Tensor | None) -> None:
+    """Store (or with ``None`` remove) a layer's bias correction, replacing any previous one."""
+    q = layer.weight_quantizer
+    if correction is None:
+        if "bias_correction" in q._buffers:
+            del q._buffers["bias_correction"]
+        return
+    correction = correction.detach().to(device=layer.weight.device, dtype=torch.float32)
+    if getattr(q, "bias_correction", None) is not None and q.bias_correction.shape == correction.shape:
+        q.bias_correction.copy_(correction)
+    else:
+        q.register_buffer("bias_correction", correction.clone())
+
+
+def _all_reduce(sums: dict[str, torch.Tensor], counts: dict[str, int], layers: dict[str, nn.Module]) -> None:
+    """Under torch.distributed, sum the statistics over ranks, so every rank applies the same correction. Every
+    rank joins every reduction in the same order (a rank whose data never reached a layer adds zeros)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    for name, layer in layers.items():
+        out_channels = layer.weight.shape[0]
+        buf = torch.zeros(out_channels + 1, dtype=torch.float64, device=layer.weight.device)
+        if name in sums:
+            buf[:-1] = sums[name].double()
+            buf[-1] = counts[name]
+        torch.distributed.all_reduce(buf)
+        if buf[-1] > 0:
+            sums[name], counts[name] = buf[:-1].float(), int(buf[-1].item())
+
+
 def correct_bias(model: nn.Module, data: Any, num_samples: int | None = 1024) -> list[BiasCorrection]:
-    """Subtract each quantized layer's expected weight-quantization shift from its bias (in place).
+    """Correct each quantized layer's bias for its expected weight-quantization shift (Nagel et al. eq. 15).
+
+    The correction ``-E[(Q(W) - W) x~]`` per output channel is kept in a buffer ``bias_correction`` of the
+    layer's weight quantizer and added to the bias only while that quantizer quantizes, so the float model
+    (``lq.quantization_disabled``, partial quantization, sensitivity's fp32 reference) is unchanged, a second
+    call replaces the correction instead of adding to it, and no Parameter is created. ``lq.convert`` and
+    ``lq.export_onnx`` use the corrected bias; checkpoints keep the correction in the lq section. Under
+    torch.distributed the statistics are summed over ranks, so every rank applies the same correction.
 
     Args:
         model: a quantized model (``lq.quantize``) with calibrated activations (``lq.calibrate``).
@@ -64,15 +107,19 @@ def correct_bias(model: nn.Module, data: Any, num_samples: int | None = 1024) ->
         num_samples: samples to average over (``None``: the whole iterable).
 
     Returns:
-        One :class:`BiasCorrection` per corrected layer. Layers whose weight quantizer is disabled, and
+        One :class:`BiasCorrection` per corrected layer. Layers whose weight quantizer is off, and
         ConvTranspose / Matmul layers, are left alone.
 
     Raises:
         ValueError: the model has no quantized Linear/Conv layer with weight quantization on, a layer's input
-            range is not calibrated, or a layer never ran on ``data`` (its name is given).
+            range is not calibrated, ``num_samples`` is not positive, or a layer never ran on ``data`` (its
+            name is given); the model is then unchanged.
     """
     from lq.workflow import _eval_no_grad, _run_data
 
+    if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int)
+                                    or num_samples <= 0):
+        raise ValueError(f"correct_bias: num_samples must be a positive int or None, got {num_samples!r}")
     layers = {n: m for n, m in model.named_modules()
               if isinstance(m, _CORRECTABLE) and m.weight_quantizer.mode == "quantize"}
     if not layers:
@@ -100,6 +147,7 @@ def correct_bias(model: nn.Module, data: Any, num_samples: int | None = 1024) ->
     finally:
         for h in handles:
             h.remove()
+    _all_reduce(sums, counts, layers)
     missing = [n for n in layers if n not in sums]
     if missing:
         raise ValueError(f"correct_bias: {missing} never ran on the data (dead branches?); nothing was corrected. "
@@ -108,10 +156,8 @@ def correct_bias(model: nn.Module, data: Any, num_samples: int | None = 1024) ->
     with torch.no_grad():
         for name, layer in layers.items():
             shift = sums[name] / counts[name]
-            if layer.bias is None:
-                layer.bias = nn.Parameter(torch.zeros_like(shift, dtype=layer.weight.dtype))
-            before = float(layer.bias.detach().abs().max())
-            layer.bias.sub_(shift.to(layer.bias.dtype))
+            set_correction(layer, -shift)
+            before = 0.0 if layer.bias is None else float(layer.bias.detach().abs().max())
             report.append(BiasCorrection(name, float(shift.abs().max()), before, seen))
     log.info("correct_bias: corrected %d layers on %s samples", len(report), seen)
     return report

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lq.bias_correction import corrections, set_correction
 from lq.nn.swap import quantize, quantized_layers
 from lq.quant.config import QuantConfig
 from lq.quant.quantizer import TensorQuantizer
@@ -156,6 +157,8 @@ def quantizer_state(model: nn.Module) -> dict[str, Any]:
         "layers": list(quantized_layers(model)),
         "amax": {n: q.amax.detach().cpu().clone() for n, q in quantizers(model).items()},
         "modes": {n: q.mode for n, q in quantizers(model).items()},
+        # lq.correct_bias (QuantConfig(bias_correction=True)): per corrected layer, the added bias shift
+        "bias_correction": {n: c.detach().cpu().clone() for n, c in corrections(model).items()},
         # Int8Training / Int8QAT(compute="int8"): which layers run int8 GEMMs, and how (plain dict: Lightning may
         # load checkpoints with weights_only=True)
         "int8_compute": _int8_compute_state(model),
@@ -200,7 +203,9 @@ def apply_quantizer_state(model: nn.Module, state: dict[str, Any]) -> nn.Module:
         raise ValueError("not an lq quantizer state (no lq_quantizer_state marker)")
     config = QuantConfig.from_dict(state["config"])
     if not quantized_layers(model):
-        quantize(model, config)
+        # the saved weights are already equalized (if they were): never equalize them again on load
+        quantize(model, dataclasses.replace(config, equalize=False))
+        model._lq_config = config  # noqa: SLF001
     current = getattr(model, "_lq_config", None)
     if current is not None:
         diff = config_differences(config.to_dict(), current.to_dict())
@@ -229,6 +234,12 @@ def apply_quantizer_state(model: nn.Module, state: dict[str, Any]) -> nn.Module:
         q.amax.data.copy_(amax.to(q.amax.device))
     for name, mode in state["modes"].items():
         qs[name].mode = "quantize" if mode == "calibrate" else mode
+    layers = quantized_layers(model)
+    for name, correction in state.get("bias_correction", {}).items():
+        if name not in layers:
+            raise ValueError(f"the checkpoint's bias correction names layer {name!r}, which the model does not "
+                             "quantize; the checkpoint comes from another config")
+        set_correction(layers[name], correction)
     _apply_int8_compute_state(model, state.get("int8_compute", {}))
     return model
 

@@ -55,6 +55,29 @@ class EqualizedPair:
     range_ratio_after: float = float("nan")
 
 
+def _homogeneous(m: nn.Module | None) -> bool:
+    """Commutes with a positive per-channel scale of its input: ReLU, ReLU6 (rewritten as a clamp), pooling,
+    identity, dropout, and a ChannelClamp whose lower bound is 0."""
+    if isinstance(m, ChannelClamp):
+        return m.lower == 0.0
+    return isinstance(m, _HOMOGENEOUS)
+
+
+def _same_kind(a: nn.Module, b: nn.Module) -> bool:
+    """Linear -> Linear or Conv -> Conv: a Linear after a conv reads the last (spatial) dimension, not channels."""
+    return isinstance(a, nn.Linear) == isinstance(b, nn.Linear)
+
+
+def _shared_parameters(model: nn.Module) -> set[int]:
+    """ids of Parameters held by more than one module (tied weights)."""
+    owners: dict[int, int] = {}
+    for m in model.modules():
+        for p in m._parameters.values():
+            if p is not None:
+                owners[id(p)] = owners.get(id(p), 0) + 1
+    return {k for k, v in owners.items() if v > 1}
+
+
 def _channels(layer: nn.Module, side: str) -> int:
     if isinstance(layer, nn.Linear):
         return layer.out_features if side == "out" else layer.in_features
@@ -112,7 +135,7 @@ def _pairs_from_graph(model: nn.Module) -> list[tuple[str, list[str], str]] | No
         between: list[str] = []
         src = node.args[0]
         while isinstance(src, fx.Node) and len(src.users) == 1:
-            if src.op == "call_module" and isinstance(mods.get(src.target), _HOMOGENEOUS):
+            if src.op == "call_module" and _homogeneous(mods.get(src.target)):
                 between.append(src.target)
             elif src.op == "call_function" and src.target in _RELU_FUNCTIONS and not src.kwargs.get("inplace"):
                 pass  # F.relu(x): positively homogeneous, nothing to rewrite
@@ -156,7 +179,7 @@ def _pairs_from_sequential(model: nn.Module) -> list[tuple[str, list[str], str]]
             if not isinstance(first, _LAYERS):
                 continue
             j = i + 1
-            while j < len(items) and isinstance(items[j], _HOMOGENEOUS):
+            while j < len(items) and _homogeneous(items[j]):
                 j += 1
             if j < len(items) and isinstance(items[j], _LAYERS):
                 chain = items[i:j + 1]
@@ -221,22 +244,47 @@ def equalize(
     if max_iterations < 1:
         raise ValueError(f"max_iterations must be >= 1, got {max_iterations}")
     mods = dict(model.named_modules())
+    found = _pairs_from_graph(model)
+    named = pairs is not None
     if pairs is None:
-        pairs = _pairs_from_graph(model)
-        if pairs is None:
-            pairs = _pairs_from_sequential(model)
+        pairs = found if found is not None else _pairs_from_sequential(model)
+    elif found is not None:
+        traced = {(f, tuple(b), s) for f, b, s in found}
+        unseen = [(f, list(b), s) for f, b, s in pairs if (f, tuple(b), s) not in traced]
+        if unseen:
+            raise ValueError(f"equalize: the model's graph (torch.fx) does not connect {unseen} as 'first -> modules "
+                             "between -> second' with each value read once; pairs it does connect: "
+                             f"{[(f, list(b), s) for f, b, s in found]}")
+    else:
+        warnings.warn("equalize: the model cannot be traced (torch.fx), so the named pairs are not checked against "
+                      "its forward; make sure each pair's output feeds only the next layer", stacklevel=2)
+    shared = _shared_parameters(model)
     valid = []
     for first, between, second in pairs:
         a, b = mods.get(first), mods.get(second)
         if not isinstance(a, _LAYERS) or not isinstance(b, _LAYERS):
             raise ValueError(f"equalize: {first!r} and {second!r} must both be Linear/Conv layers of the model")
-        bad = [n for n in between if not isinstance(mods.get(n), _HOMOGENEOUS)]
+        bad = [n for n in between if not _homogeneous(mods.get(n))]
         if bad:
             raise ValueError(f"equalize: {bad} between {first!r} and {second!r} are not ReLU/ReLU6/pooling/Identity "
                              "modules; the pair cannot be equalized exactly")
-        if _channels(a, "out") != _channels(b, "in"):
-            raise ValueError(f"equalize: {first!r} has {_channels(a, 'out')} output channels but {second!r} reads "
-                             f"{_channels(b, 'in')}")
+        if not _same_kind(a, b) or _channels(a, "out") != _channels(b, "in"):
+            if not named:
+                continue  # e.g. conv -> Linear: the Linear mixes the last (spatial) dimension
+            raise ValueError(f"equalize: {first!r} ({type(a).__name__}, {_channels(a, 'out')} output channels) -> "
+                             f"{second!r} ({type(b).__name__}, reads {_channels(b, 'in')}): only Linear -> Linear or "
+                             "Conv -> Conv pairs with matching channels can be equalized")
+        tied = [n for n in (first, second, *between) for p in mods[n]._parameters.values()
+                if p is not None and id(p) in shared]
+        if tied:
+            if named:
+                raise ValueError(f"equalize: {sorted(set(tied))} share a Parameter with another module (tied "
+                                 "weights); rescaling it would change that module too")
+            continue
+        for name in (first, second):
+            for pname, p in mods[name]._parameters.items():
+                if p is not None and not torch.isfinite(p).all():
+                    raise ValueError(f"equalize: {name}.{pname} holds NaN or Inf; nothing was equalized")
         valid.append((first, list(between), second))
     if not valid:
         warnings.warn("equalize: found no pair of Linear/Conv layers joined only by ReLU/ReLU6/pooling; nothing "

@@ -219,7 +219,11 @@ def calibrate(
     if correct:  # QuantConfig(bias_correction=True): on the final ranges, with the kept batches (Nagel et al.)
         from lq.bias_correction import correct_bias
 
-        correct_bias(model, kept or data, None if kept else num_samples)
+        try:  # it changes nothing when it raises; the ranges go back as for any failed calibration
+            correct_bias(model, kept or data, None if kept else num_samples)
+        except BaseException:
+            _restore(qs, saved)
+            raise
     return model
 
 

@@ -136,12 +136,71 @@ def test_batchnorm_between_stops_the_pair_and_warns():
         assert lq.equalize(m.eval()) == []
 
 
-def test_named_pair_with_mismatched_channels_is_an_error():
-    m = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2), nn.Linear(2, 2))
-    with pytest.raises(ValueError, match="'0' has 4 output channels but '3' reads 2"):
-        lq.equalize(m, pairs=[("0", ["1"], "3")])
-    with pytest.raises(ValueError, match="not ReLU"):
-        lq.equalize(m, pairs=[("0", ["2"], "3")])
+def test_named_pairs_are_checked_against_the_graph_and_the_layer_kinds():
+    m = nn.Sequential(nn.Linear(3, 4), nn.Sigmoid(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="does not connect"):  # a Sigmoid between: not homogeneous
+        lq.equalize(m, pairs=[("0", [], "2")])
+    conv_linear = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Linear(8, 4))  # Linear reads the width
+    with pytest.raises(ValueError, match="only Linear -> Linear or Conv -> Conv"):
+        lq.equalize(conv_linear, pairs=[("0", ["1"], "2")])
+    x = torch.randn(2, 3, 5, 8)
+    before = conv_linear(x)
+    with pytest.warns(UserWarning, match="nothing equalized"):
+        assert lq.equalize(conv_linear) == []
+    torch.testing.assert_close(conv_linear(x), before)
+
+
+def test_named_pair_in_an_untraceable_model_warns_and_checks_what_it_can():
+    m = _Untraceable()
+    with pytest.warns(UserWarning, match="not checked"), pytest.raises(ValueError, match="not ReLU"):
+        lq.equalize(m, pairs=[("body.0", ["body.2"], "body.2")])
+
+
+def test_tied_weights_clamps_with_a_lower_bound_and_non_finite_weights_are_not_equalized():
+    torch.manual_seed(0)
+    tied = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.Linear(4, 4))
+    tied[3].weight = tied[0].weight  # shared Parameter
+    x = torch.randn(3, 4)
+    before = tied(x)
+    with pytest.warns(UserWarning, match="nothing equalized"):
+        assert lq.equalize(tied) == []
+    torch.testing.assert_close(tied(x), before)
+    clamp = nn.Sequential(nn.Linear(4, 4), ChannelClamp(torch.full((4,), 2.0), lower=-1.0, channel_dim=-1),
+                          nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match="nothing equalized"):
+        assert lq.equalize(clamp) == []
+    bad = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    with torch.no_grad():
+        bad[0].weight[1, 1] = float("inf")
+    w = bad[2].weight.detach().clone()
+    with pytest.raises(ValueError, match=r"0.weight holds NaN or Inf"):
+        lq.equalize(bad)
+    assert torch.equal(bad[2].weight, w)
+
+
+def test_failed_quantize_leaves_the_model_unequalized():
+    m = _folded_mobilenet()
+    with pytest.raises(ValueError):
+        lq.quantize(m, lq.QuantConfig(equalize=True, skip=["*"]))
+    assert not any(isinstance(mod, ChannelClamp) for mod in m.modules())
+
+
+def test_int8qat_refuses_equalize_in_fit():
+    from lq.callbacks import Int8QAT
+
+    cb = Int8QAT(config=lq.QuantConfig(equalize=True))
+    with pytest.raises(ValueError, match="Equalize the float model before the Trainer"):
+        cb.setup(_FakeTrainer(), nn.Sequential(nn.Linear(2, 2)), "fit")
+
+
+class _FakeTrainer:
+    """What QuantizationCallback.setup reads before it gets to the config check."""
+
+    class strategy:  # noqa: N801 - attribute access like Lightning's
+        root_device = torch.device("cpu")
+
+    is_global_zero = True
+    world_size = 1
 
 
 def test_quant_config_equalize_runs_before_the_swap():
@@ -179,7 +238,7 @@ def test_bias_correction_removes_the_expected_shift_of_a_linear_layer():
     assert expected.abs().max() > 1e-3
     (entry,) = lq.correct_bias(model, data, num_samples=256)
     assert entry.layer == "0" and entry.samples == 256
-    torch.testing.assert_close(model[0].bias.detach(), bias - expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(model[0].quantized_bias().detach(), bias - expected, rtol=1e-4, atol=1e-6)
     # after the correction the quantized output is unbiased on that data
     with torch.no_grad():
         q = torch.cat([model(x) for x in data])
@@ -199,18 +258,37 @@ def test_bias_correction_of_a_padded_conv_counts_the_padding():
     xq = torch.cat([model[0].input_quantizer(x) for x in data])
     expected = F.conv2d(xq, eps, padding=1).mean(dim=(0, 2, 3))  # border outputs see fewer taps
     lq.correct_bias(model, data, num_samples=16)
-    assert model[0].bias is not None  # a conv without bias gets one
-    torch.testing.assert_close(model[0].bias.detach(), -expected, rtol=1e-4, atol=1e-7)
+    assert model[0].bias is None  # a conv without bias keeps none: the correction is a buffer
+    torch.testing.assert_close(model[0].quantized_bias().detach(), -expected, rtol=1e-4, atol=1e-7)
 
 
-def test_quant_config_bias_correction_runs_inside_calibrate():
+def test_quant_config_bias_correction_runs_inside_calibrate_once():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
-    bias = [model[0].bias.detach().clone(), model[2].bias.detach().clone()]
+    float_model = copy.deepcopy(model)
     data = [torch.rand(32, 8) + 1 for _ in range(2)]
-    lq.quantize(model, lq.QuantConfig(bias_correction=True))
+    lq.quantize(model, lq.QuantConfig(activation=lq.QuantSpec(calibrator="max"), bias_correction=True))
     lq.calibrate(model, iter(data), num_samples=64)  # a one-shot iterator: the kept batches are reused
-    assert not torch.equal(model[0].bias.detach(), bias[0]) and not torch.equal(model[2].bias.detach(), bias[1])
+    # layer 0 alone: its input is the data itself, so eq. 13 gives the shift independently of the code
+    xq = torch.cat([model[0].input_quantizer(x) for x in data])
+    expected = _weight_error(model[0].weight.detach()) @ xq.mean(0)
+    torch.testing.assert_close(model[0].quantized_bias().detach(), model[0].bias.detach() - expected,
+                               rtol=1e-4, atol=1e-6)
+    assert torch.equal(model[0].bias.detach(), float_model[0].bias.detach())  # the float bias is untouched
+    assert not any("bias_correction" in n for n, _ in model.named_parameters())  # a buffer, not a Parameter
+    first = model[2].quantized_bias().detach().clone()
+    lq.calibrate(model, data, num_samples=64)  # again: the correction is replaced, not added twice
+    torch.testing.assert_close(model[2].quantized_bias().detach(), first)
+    x = torch.rand(5, 8) + 1
+    with lq.quantization_disabled(model):  # the float model is the original one
+        torch.testing.assert_close(model(x), float_model(x))
+    # the correction travels with the state_dict into a freshly quantized model, and into lq.convert
+    fresh = copy.deepcopy(float_model)
+    lq.quantize(fresh, lq.QuantConfig(activation=lq.QuantSpec(calibrator="max"), bias_correction=True))
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(fresh(x), model(x))
+    converted = lq.convert(copy.deepcopy(model))
+    torch.testing.assert_close(converted(x), model(x), rtol=1e-4, atol=1e-4)
 
 
 def test_bias_correction_bad_input():
@@ -220,6 +298,10 @@ def test_bias_correction_bad_input():
     lq.quantize(model, lq.QuantConfig(activation=lq.QuantSpec(calibrator="max")))
     with pytest.raises(ValueError, match=r"\['0'\] are not calibrated"):
         lq.correct_bias(model, [torch.randn(2, 4)])
+    lq.calibrate(model, [torch.randn(8, 4)])
+    for bad in (0, -5, 2.5, True):
+        with pytest.raises(ValueError, match="num_samples must be a positive int"):
+            lq.correct_bias(model, [torch.randn(2, 4)], num_samples=bad)
 
 
 class _Branch(nn.Module):
@@ -237,7 +319,8 @@ def test_bias_correction_names_a_layer_that_never_ran():
     lq.calibrate(model, [torch.randn(4, 4)])
     lq.quantize(model, lq.QuantConfig(activation=lq.QuantSpec(calibrator="max"), only=["dead"]))
     model.dead.input_quantizer.set_amax(torch.tensor(1.0))
-    bias = model.used.bias.detach().clone()
+    bias = model.used.quantized_bias().detach().clone()
     with pytest.raises(ValueError, match=r"\['dead'\] never ran"):
         lq.correct_bias(model, [torch.randn(4, 4)])
-    assert torch.equal(model.used.bias.detach(), bias)  # nothing corrected
+    assert torch.equal(model.used.quantized_bias().detach(), bias)  # nothing corrected
+    assert lq.bias_correction.corrections(model) == {}

@@ -169,6 +169,13 @@ class QuantizationCallback(Callback):
         check_strategy(trainer, type(self).__name__, self.calibrates)
         if not self._holds_cpu_malloc:  # once per callback, whatever the number of stages set up
             self._holds_cpu_malloc = cpu_memory_for(trainer, self.cpu_malloc)
+        if stage == "fit" and self.config.equalize:
+            raise ValueError(
+                f"{type(self).__name__}: QuantConfig(equalize=True) rescales the float weights and turns ReLU6 into "
+                "per-channel clamps, which the checkpoints of a fit cannot give back to your own module class. "
+                "Equalize the float model before the Trainer (lq.fold_bn(model); lq.equalize(model)) and keep "
+                "equalize=False in the callback's config"
+            )
         if not quantized_layers(pl_module):
             quantize(pl_module, self.config)
             rank_zero_info(str(quantization_report(pl_module)))

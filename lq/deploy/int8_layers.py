@@ -499,8 +499,11 @@ def _load_quantized(m: nn.Module, layer: nn.Module, weight_amax: torch.Tensor, a
     m.weight.copy_(w_q)
     m.weight_scale.copy_(s_w)
     m.input_scale.copy_(1.0 / steps_from_amax(layer.input_quantizer.amax, bits_x).reshape(()))
-    if layer.bias is not None:
-        m.bias.copy_(layer.bias.detach().float())
+    bias = layer.quantized_bias() if hasattr(layer, "quantized_bias") else layer.bias  # with lq.correct_bias's shift
+    if bias is not None:
+        if m.bias is None:  # a layer without bias that bias correction gave one
+            m.register_buffer("bias", torch.zeros(bias.shape, device=bias.device))
+        m.bias.copy_(bias.detach().float())
     return m
 
 

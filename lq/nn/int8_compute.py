@@ -50,7 +50,7 @@ def int8_linear_forward(layer: nn.Module, x: torch.Tensor, config) -> torch.Tens
     if amax is False:
         return None
     return int8_linear(
-        x, layer.weight, layer.bias, config=config, name=_layer_name(layer), act_amax=amax,
+        x, layer.weight, layer.quantized_bias(), config=config, name=_layer_name(layer), act_amax=amax,
         clip_state=layer_clip_state(layer),
     )
 
@@ -64,7 +64,7 @@ def int8_conv2d_forward(layer: nn.Module, x: torch.Tensor, config) -> torch.Tens
     if amax is False:
         return None
     return int8_conv2d(
-        x, layer.weight, layer.bias, stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
+        x, layer.weight, layer.quantized_bias(), stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
         groups=layer.groups, config=config, name=_layer_name(layer), act_amax=amax,
         clip_state=layer_clip_state(layer),
     )

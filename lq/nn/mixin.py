@@ -8,6 +8,7 @@ output stays in float (paper Section 4: the next layer quantizes its own input).
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from lq.quant.config import QuantConfig
@@ -33,6 +34,16 @@ class QuantMixin:
             dynamic=w.calibrator == "max",
             name=f"{name}.weight",
         )
+
+    def quantized_bias(self) -> torch.Tensor | None:
+        """The bias the quantized layer uses: ``bias`` plus the bias correction (``lq.correct_bias``, a buffer
+        ``bias_correction`` on the weight quantizer) while the weight quantizer quantizes; ``bias`` alone when
+        the layer runs in float (quantization disabled, partial quantization) or has no correction."""
+        correction = getattr(self.weight_quantizer, "bias_correction", None)
+        if correction is None or self.weight_quantizer.mode != "quantize":
+            return self.bias
+        correction = correction.to(self.weight.dtype)
+        return correction if self.bias is None else self.bias + correction
 
     def quantizers(self) -> dict[str, TensorQuantizer]:
         """``{attribute name: quantizer}`` of this layer."""

@@ -23,4 +23,4 @@ class QuantLinear(QuantMixin, nn.Linear):
             out = int8_linear_forward(self, input, config)
             if out is not None:
                 return out
-        return F.linear(self.input_quantizer(input), self.weight_quantizer(self.weight), self.bias)
+        return F.linear(self.input_quantizer(input), self.weight_quantizer(self.weight), self.quantized_bias())

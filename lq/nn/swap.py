@@ -104,10 +104,6 @@ def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
     _check_patterns("skip", config.skip, names)
     _check_patterns("only", config.only or [], names)
 
-    if config.equalize:
-        from lq.equalize import equalize
-
-        equalize(model)  # on the float weights, before any quantizer measures them
     report = QuantizationReport()
     in_mha = _mha_children(model)
     already = 0
@@ -151,6 +147,10 @@ def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
             f"{[c.__name__ for c in QUANT_MODULES]} layers that are not skipped ({len(report.skipped)} skipped: "
             f"{dict(list(report.skipped.items())[:5])})"
         )
+    if config.equalize:  # after the checks above, so a failed quantize leaves the model as it was
+        from lq.equalize import equalize
+
+        equalize(model)  # exact on the float function; weight quantizers still uncalibrated (or recalibrated)
     model._lq_config = config  # noqa: SLF001 - read back by lq.quantization_report / checkpoints
     model._lq_report = report
     log.info("%s", report)

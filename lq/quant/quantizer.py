@@ -153,6 +153,11 @@ class TensorQuantizer(nn.Module):
                 f"{tuple(self.amax.shape)}; the checkpoint comes from another quantization config (granularity)"
             )
             return
+        # lq.correct_bias's buffer: registered on demand, so a corrected model's state_dict loads into a freshly
+        # quantized one (and an uncorrected state_dict into a corrected model removes nothing).
+        corr = prefix + "bias_correction"
+        if corr in state_dict and "bias_correction" not in self._buffers:
+            self.register_buffer("bias_correction", torch.zeros_like(state_dict[corr], dtype=torch.float32))
         before = len(missing_keys)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         if key not in state_dict:
