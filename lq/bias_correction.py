@@ -75,6 +75,12 @@ def set_correction(layer: nn.Module, correction: torch.Tensor | None) -> None:
         q.register_buffer("bias_correction", correction.clone())
 
 
+def _put_back(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    mods = dict(model.named_modules())
+    for name, correction in saved.items():
+        set_correction(mods[name], correction)
+
+
 def _all_reduce(sums: dict[str, torch.Tensor], counts: dict[str, int], layers: dict[str, nn.Module]) -> None:
     """Under torch.distributed, sum the statistics over ranks, so every rank applies the same correction. Every
     rank joins every reduction in the same order (a rank whose data never reached a layer adds zeros)."""
@@ -140,16 +146,25 @@ def correct_bias(model: nn.Module, data: Any, num_samples: int | None = 1024) ->
             counts[name] = counts.get(name, 0) + count
         return record
 
+    # Every layer's shift is measured in one pass with no correction active upstream, so the result does
+    # not depend on a previous call (a second call replaces the corrections with the same values).
+    previous = {n: c.clone() for n, c in corrections(model).items()}
+    for layer in layers.values():
+        set_correction(layer, None)
     handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
     try:
         with _eval_no_grad(model):
             seen = _run_data(model, data, num_samples)
+        _all_reduce(sums, counts, layers)
+    except BaseException:
+        _put_back(model, previous)
+        raise
     finally:
         for h in handles:
             h.remove()
-    _all_reduce(sums, counts, layers)
     missing = [n for n in layers if n not in sums]
     if missing:
+        _put_back(model, previous)
         raise ValueError(f"correct_bias: {missing} never ran on the data (dead branches?); nothing was corrected. "
                          "Pass data that exercises them, or skip them in QuantConfig")
     report = []

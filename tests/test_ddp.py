@@ -23,13 +23,15 @@ class SaveAmax(Callback):
 
     def on_fit_start(self, trainer, pl_module):
         amax = {n: q.amax.clone() for n, q in lq.quantizers(pl_module).items() if not q.dynamic}
+        amax.update({f"{n}:bias_correction": c.clone() for n, c in lq.bias_correction.corrections(pl_module).items()})
         torch.save(amax, f"{self.out_dir}/amax_rank{trainer.global_rank}.pt")
 
 
-# entropy: summed histograms (the harder reduction); the max reduction is covered in tests/test_calib.py
-@pytest.mark.parametrize("calibrator", ["entropy"])
-def test_ddp_two_cpu_processes_calibrate_like_one(tmp_path, calibrator):
-    cfg = lq.QuantConfig(activation=lq.QuantSpec(calibrator=calibrator))
+# entropy: summed histograms (the harder reduction); the max reduction is covered in tests/test_calib.py.
+# max + bias correction: the per-channel shift statistics summed over ranks (Nagel et al. eq. 13 over all data)
+@pytest.mark.parametrize(("calibrator", "bias_correction"), [("entropy", False), ("max", True)])
+def test_ddp_two_cpu_processes_calibrate_like_one(tmp_path, calibrator, bias_correction):
+    cfg = lq.QuantConfig(activation=lq.QuantSpec(calibrator=calibrator), bias_correction=bias_correction)
     torch.manual_seed(0)
     module = Plain()
     state = {k: v.clone() for k, v in module.state_dict().items()}
@@ -47,7 +49,14 @@ def test_ddp_two_cpu_processes_calibrate_like_one(tmp_path, calibrator):
     lq.quantize(single, cfg)
     lq.calibrate(single, [digits("train").tensors[0]], num_samples=None)
     expected = {n: q.amax for n, q in lq.quantizers(single).items() if not q.dynamic}
-    assert set(r0) == set(expected) == {"net.0.input_quantizer", "net.2.input_quantizer", "net.4.input_quantizer"}
+    quantizer_names = {"net.0.input_quantizer", "net.2.input_quantizer", "net.4.input_quantizer"}
+    if bias_correction:  # over all the data, as the two ranks' summed statistics
+        lq.correct_bias(single, [digits("train").tensors[0]], num_samples=None)
+        corrections = lq.bias_correction.corrections(single)
+        assert set(corrections) == {"net.0", "net.2", "net.4"}
+        expected.update({f"{n}:bias_correction": c for n, c in corrections.items()})
+        quantizer_names |= {f"{n}:bias_correction" for n in corrections}
+    assert set(r0) == set(expected) == quantizer_names
     for name, amax in expected.items():
         torch.testing.assert_close(r0[name], r1[name])
-        torch.testing.assert_close(r0[name], amax, msg=name)
+        torch.testing.assert_close(r0[name], amax, msg=name, rtol=1e-5, atol=1e-6)
