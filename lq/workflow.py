@@ -33,6 +33,8 @@ Evaluate = Callable[[nn.Module], float]
 
 #: calibration samples replayed to score calibrator "layerwise" (lq.layer_choice)
 LAYERWISE_SAMPLES = 256
+#: of those, how many score the per-layer choice against each single calibrator on the model's output
+GUARD_SAMPLES = 32
 
 
 def quantizers(model: nn.Module) -> dict[str, TensorQuantizer]:
@@ -209,8 +211,24 @@ def calibrate(
                 else:  # a forward_loop(model) callable: it runs its own passes again
                     data(m)
 
+        guard_batches, left = [], GUARD_SAMPLES
+        for batch in kept:
+            if left <= 0:
+                break
+            n = min(batch_size(batch), left)
+            guard_batches.append(_take(batch, n))
+            left -= n
+
+        def replay_guard(m: nn.Module) -> None:
+            with _eval_no_grad(m):
+                for batch in guard_batches:
+                    forward_batch(m, batch)
+
         try:
-            choose_per_layer(model, replay, names=layerwise, scope=layerwise_scope)
+            # the comparison with single calibrators needs a few kept samples: a forward_loop(model) callable
+            # would run its whole loop 8 more times, so there the per-layer choice stands as it is
+            choose_per_layer(model, replay, names=layerwise, scope=layerwise_scope, guard_run=replay_guard,
+                             guard=bool(guard_batches))
         except BaseException:
             _restore(qs, saved)
             raise

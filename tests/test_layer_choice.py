@@ -47,8 +47,11 @@ def test_choice_matches_the_definition_layer_by_layer():
     x = _heavy_tailed(256, 32, gen)
     lq.quantize(model, lq.QuantConfig(activation=lq.QuantSpec(calibrator="layerwise")))
     lq.calibrate(model, [x])  # one batch: the online choice is exactly the per-layer argmin
-    choice = model._lq_layerwise
-    assert set(choice.methods) == {"0.input_quantizer", "2.input_quantizer"}
+    assert set(model._lq_layerwise.methods) == {"0.input_quantizer", "2.input_quantizer"}
+    # the per-layer mechanism alone (lq.calibrate then compares it with single calibrators: tested below)
+    from lq.layer_choice import choose_per_layer
+
+    choice = choose_per_layer(model, lambda m: m(x), guard=False)
 
     with torch.no_grad():
         # layer 0 sees the float input
@@ -101,7 +104,7 @@ def test_data_sources_and_only_layerwise_quantizers_are_chosen(source):
     assert list(model._lq_layerwise.methods) == ["0.input_quantizer"]
     assert model[2].input_quantizer.calib_choice is None
     if source == "forward_loop":
-        assert len(calls) == 2  # the collection pass and the scoring pass
+        assert len(calls) == 2  # the collection pass and the scoring pass (no comparison with single calibrators)
 
 
 def test_layer_that_never_runs_is_an_error():
@@ -193,3 +196,31 @@ def test_model_scope_matches_the_definition_greedy_in_order():
     assert list(choice.methods) == ["0.input_quantizer", "2.input_quantizer"]  # execution order
     with pytest.raises(ValueError, match="layerwise_scope"):
         lq.calibrate(model, [x], layerwise_scope="network")
+
+
+def test_default_keeps_the_smallest_model_output_error_among_per_layer_and_single_calibrators():
+    """lq.calibrate's "layerwise" compares its per-layer choice with every single calibrator (entropy aside)
+    applied to all layers, by the model's output error against fp32 on the first 32 samples."""
+    gen = torch.Generator().manual_seed(3)
+    model = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(), nn.Linear(48, 8))
+    x = _heavy_tailed(256, 32, gen)
+    lq.quantize(model, lq.QuantConfig(activation=lq.QuantSpec(calibrator="layerwise")))
+    lq.calibrate(model, [x])
+    choice = model._lq_layerwise
+    assert set(choice.model_errors) == {"per-layer"} | {n for n, (m, _) in _named() if m != "entropy"}
+    kept = min(choice.model_errors, key=choice.model_errors.get)
+    qs = {n: model.get_submodule(n) for n in choice.methods}
+    with torch.no_grad():
+        sub = x[:32]
+        with lq.quantization_disabled(model):
+            ref = model(sub)
+        energy = float(ref.pow(2).sum())
+        # recompute the kept configuration's error from the loaded ranges, independently of the bookkeeping
+        assert float((model(sub) - ref).pow(2).sum()) / energy == pytest.approx(choice.model_errors[kept], rel=1e-4)
+        for name, q in qs.items():
+            if kept == "per-layer":
+                assert choice.methods[name] == choice.per_layer[name]
+            else:
+                m, p = dict(_named())[kept]
+                assert choice.methods[name] == kept and q.calib_choice == (m, p)
+                assert torch.equal(q.amax, _candidate_amax(q, m, p).reshape(q.amax.shape))
