@@ -130,7 +130,8 @@ def choose_per_layer(
     the layer's output error (``"layer"``, one scoring pass) or the model's (``"model"``, see the module
     docstring). With scope "layer" the per-layer choice is then compared with every candidate applied to all
     the quantizers by the model-output error over ``guard_run(model)`` (default ``run``; ``lq.calibrate`` passes
-    32 samples), and the smallest is kept (``guard=False``: the per-layer choice as it is). Returns the choice; the chosen amax values are loaded and each
+    32 samples), and the smallest is kept (``guard=False``: the per-layer choice as it is).
+    Returns the choice; the chosen amax values are loaded and each
     quantizer remembers its choice (``TensorQuantizer.calib_choice``).
     """
     if scope not in SCOPES:
@@ -190,7 +191,8 @@ def _model_outputs(model: nn.Module, run: Any) -> list[torch.Tensor]:
     outputs: list[torch.Tensor] = []
 
     def capture(_module, _args, output) -> None:
-        outputs.extend(t.detach().float() for t in tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point())
+        outputs.extend(t.detach().float() for t in tree_leaves(output)
+                       if isinstance(t, torch.Tensor) and t.is_floating_point())
 
     handle = model.register_forward_hook(capture)
     try:
@@ -329,12 +331,6 @@ def _choose_by_model_output(
     """``scope="model"``: greedy in execution order; each candidate scored by the squared error of the model's
     floating-point outputs against the float model's on the scoring data."""
     import torch.distributed as dist
-    from torch.utils._pytree import tree_leaves
-
-    outputs: list[torch.Tensor] = []
-
-    def capture(_module, _args, output) -> None:
-        outputs.extend(t.detach().float() for t in tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point())
 
     order: list[TensorQuantizer] = []
     seen: set[int] = set()
@@ -347,13 +343,10 @@ def _choose_by_model_output(
         return hook
 
     def scored() -> list[torch.Tensor]:
-        outputs.clear()
-        run(model)
-        return list(outputs)
+        return _model_outputs(model, run)
 
     everything = [m for m in model.modules() if isinstance(m, TensorQuantizer)]
     modes = {id(q): q.mode for q in everything}
-    handle = model.register_forward_hook(capture)
     notes = [q.register_forward_pre_hook(note(q)) for q in qs.values()]
     name_of = {id(q): n for n, q in qs.items()}
     choice = LayerwiseChoice()
@@ -389,7 +382,6 @@ def _choose_by_model_output(
             choice.methods[name] = best
             choice.errors[name] = {c: e / max(energy, 1e-30) for c, e in errors.items()}
     finally:
-        handle.remove()
         for h in notes:
             h.remove()
         for q in everything:

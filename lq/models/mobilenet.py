@@ -39,7 +39,8 @@ class InvertedResidual(nn.Module):
         layers: list[nn.Module] = []
         if expand != 1:
             layers.append(conv_bn(in_channels, hidden, 1))
-        layers += [conv_bn(hidden, hidden, 3, stride=stride, groups=hidden), conv_bn(hidden, out_channels, 1, relu6=False)]
+        layers += [conv_bn(hidden, hidden, 3, stride=stride, groups=hidden),
+                   conv_bn(hidden, out_channels, 1, relu6=False)]
         self.block = nn.Sequential(*layers)
         self.residual = stride == 1 and in_channels == out_channels
 

@@ -38,7 +38,8 @@ class ChannelClamp(nn.Module):
         """``x`` clamped to ``[lower, upper[c]]`` per channel ``c``."""
         dim = self.channel_dim % x.dim()
         if x.shape[dim] != self.upper.numel():
-            raise ValueError(f"ChannelClamp: input has {x.shape[dim]} channels on dim {dim}, expected {self.upper.numel()}")
+            raise ValueError(f"ChannelClamp: input has {x.shape[dim]} channels on dim {dim}, "
+                             f"expected {self.upper.numel()}")
         shape = [1] * x.dim()
         shape[dim] = -1
         return torch.clamp(x, min=self.lower).minimum(self.upper.to(x.dtype).reshape(shape))

@@ -24,7 +24,8 @@ class QuantMixin:
     weight_channel_axis: int = 0
 
     def init_quantizers(self, config: QuantConfig, name: str) -> None:
-        """Create the input (per tensor) and weight (``config.weight``'s granularity) quantizers, named after the layer."""
+        """Create the input (per tensor) and weight (``config.weight``'s granularity) quantizers, named after
+        the layer."""
         w = config.weight
         self.input_quantizer = TensorQuantizer(config.activation, axis=None, name=f"{name}.input")
         self.weight_quantizer = TensorQuantizer(

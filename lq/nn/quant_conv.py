@@ -15,7 +15,8 @@ class _QuantConvNd(QuantMixin):
     weight_channel_axis = 0
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.input_quantizer(input), self.weight_quantizer(self.weight), self.quantized_bias())
+        x, w = self.input_quantizer(input), self.weight_quantizer(self.weight)
+        return self._conv_forward(x, w, self.quantized_bias())
 
 
 class QuantConv1d(_QuantConvNd, nn.Conv1d):
