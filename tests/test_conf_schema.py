@@ -262,6 +262,15 @@ def test_lq_train_runs_the_runner_when_the_config_is_right(monkeypatch, tmp_path
     assert len(runner_calls) == 1 and runner_calls[0].quant.activation.calibrator == "max"
 
 
+def test_lq_train_multirun_sweeps(monkeypatch, tmp_path, runner_calls) -> None:
+    """``lq-train -m``: the shipped sweep directory resolves (it once used ``${hydra:...}``, which the sweeper
+    cannot resolve before a job exists) and each job reaches the runner with its own value."""
+    monkeypatch.chdir(tmp_path)  # the sweep writes multirun/<date>/<recipe>/<n> here
+    assert _main(monkeypatch, tmp_path, "-m", "recipe=fashion_qat", "seed=0,1") == 0
+    assert sorted(c.seed for c in runner_calls) == [0, 1]
+    assert len(list((tmp_path / "multirun").glob("*/fashion_qat/[01]"))) == 2
+
+
 @pytest.mark.parametrize(
     "args",
     [
