@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from lq.deploy.chain import _leaves
 from lq.nn.channel_clamp import ChannelClamp
 from lq.nn.fold_bn import _recalibrate_weight, _Tracer
 from lq.nn.swap import _parent
@@ -160,21 +161,13 @@ def _pairs_from_sequential(model: nn.Module) -> list[tuple[str, list[str], str]]
     for _, m in model.named_modules(remove_duplicate=False):
         uses[id(m)] = uses.get(id(m), 0) + 1
 
-    def leaves(seq: nn.Sequential) -> list[nn.Module]:
-        out = []
-        for child in seq._modules.values():
-            if child is None:
-                continue
-            out.extend(leaves(child) if type(child) is nn.Sequential else [child])
-        return out
-
     nested = {id(c) for _, m in model.named_modules() if type(m) is nn.Sequential
               for c in m.children() if type(c) is nn.Sequential}
     pairs = []
     for _, seq in model.named_modules():
         if type(seq) is not nn.Sequential or id(seq) in nested:
             continue
-        items = leaves(seq)
+        items = [m for _, _, m in _leaves(seq)]  # lq.deploy.chain's flattening of nested plain Sequentials
         for i, first in enumerate(items):
             if not isinstance(first, _LAYERS):
                 continue

@@ -184,6 +184,22 @@ def choose_per_layer(
     return choice
 
 
+def _squared_error(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    """``sum ||o - r||^2`` over the model outputs of one scoring run against the float run's."""
+    return sum(float((o - r).pow(2).sum()) for o, r in zip(outputs, reference))
+
+
+def _summed_over_ranks(errors: dict[str, float], mean: bool = False) -> dict[str, float]:
+    """Each candidate's error summed (``mean``: averaged) over torch.distributed ranks, so all ranks pick the
+    same one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        total = _all_reduce_sum(list(errors.values()))
+        return dict(zip(errors, (total / dist.get_world_size() if mean else total).tolist()))
+    return errors
+
+
 def _model_outputs(model: nn.Module, run: Any) -> list[torch.Tensor]:
     """The model's floating-point outputs over ``run(model)``'s forward passes."""
     from torch.utils._pytree import tree_leaves
@@ -212,8 +228,6 @@ def _keep_if_better_than_uniform(
     scoring data (1 + len(candidates) scoring passes, plus the float reference) and keep the smallest, so the
     default is never worse than the best single calibrator by this label-free measure. (Entropy is left out of
     the uniform candidates by the caller: as a whole-model choice it was the worst on every model measured.)"""
-    import torch.distributed as dist
-
     everything = [m for m in model.modules() if isinstance(m, TensorQuantizer)]
     modes = {id(q): q.mode for q in everything}
     chosen = {n: (q.amax.detach().clone(), q.calib_choice) for n, q in qs.items()}
@@ -227,7 +241,7 @@ def _keep_if_better_than_uniform(
             q.mode = modes[id(q)]
 
         def error() -> float:
-            return sum(float((o - r).pow(2).sum()) for o, r in zip(_model_outputs(model, run), reference)) / energy
+            return _squared_error(_model_outputs(model, run), reference) / energy
 
         errors["per-layer"] = error()
         by_name = dict(candidates_by_name(candidates))
@@ -235,8 +249,7 @@ def _keep_if_better_than_uniform(
             for q in qs.values():
                 q.load_calib_amax(method, percentile=pct)
             errors[cand] = error()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            errors = dict(zip(errors, (_all_reduce_sum(list(errors.values())) / dist.get_world_size()).tolist()))
+        errors = _summed_over_ranks(errors, mean=True)
         best = min(errors, key=errors.get)
         if best == "per-layer":
             for name, q in qs.items():
@@ -330,8 +343,6 @@ def _choose_by_model_output(
 ) -> LayerwiseChoice:
     """``scope="model"``: greedy in execution order; each candidate scored by the squared error of the model's
     floating-point outputs against the float model's on the scoring data."""
-    import torch.distributed as dist
-
     order: list[TensorQuantizer] = []
     seen: set[int] = set()
 
@@ -373,9 +384,8 @@ def _choose_by_model_output(
             errors = {}
             for cand, (method, pct) in by_name.items():
                 q.load_calib_amax(method, percentile=pct)
-                errors[cand] = sum(float((o - r).pow(2).sum()) for o, r in zip(scored(), reference))
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                errors = dict(zip(errors, _all_reduce_sum(list(errors.values())).tolist()))
+                errors[cand] = _squared_error(scored(), reference)
+            errors = _summed_over_ranks(errors)
             best = min(errors, key=errors.get)
             q.load_calib_amax(*by_name[best][:1], percentile=by_name[best][1])
             q.calib_choice = by_name[best]

@@ -261,15 +261,8 @@ def log_bar_chart(
     step: int | None = None,
 ) -> None:
     """A native W&B bar chart (``wandb.plot.bar`` over a two-column ``wandb.Table``) to every W&B logger."""
-    for logger in wandb_loggers(loggers):
-        import wandb
-
-        def send(logger: Any = logger) -> None:
-            rows = [[str(a), float(b)] for a, b in zip(labels, values)]
-            table = wandb.Table(columns=[label_column, value_column], data=rows)
-            logger.log_metrics({key: wandb.plot.bar(table, label_column, value_column, title=title)}, step=step)
-
-        _safely(logger, key, send)
+    rows = [[str(a), float(b)] for a, b in zip(labels, values)]
+    _log_table_plot(loggers, key, label_column, value_column, rows, "bar", title, step)
 
 
 def log_line_chart(
@@ -283,12 +276,20 @@ def log_line_chart(
     step: int | None = None,
 ) -> None:
     """A native W&B line chart (``wandb.plot.line`` over a two-column ``wandb.Table``) to every W&B logger."""
+    rows = [[float(a), float(b)] for a, b in zip(xs, ys)]
+    _log_table_plot(loggers, key, x_column, y_column, rows, "line", title, step)
+
+
+def _log_table_plot(loggers: Any, key: str, x_column: str, y_column: str, rows: list[list[Any]], kind: str,
+                    title: str, step: int | None) -> None:
+    """``wandb.plot.<kind>`` (bar / line) over a two-column ``wandb.Table`` of ``rows``, to every W&B logger."""
     for logger in wandb_loggers(loggers):
         import wandb
 
         def send(logger: Any = logger) -> None:
-            table = wandb.Table(columns=[x_column, y_column], data=[[float(a), float(b)] for a, b in zip(xs, ys)])
-            logger.log_metrics({key: wandb.plot.line(table, x_column, y_column, title=title)}, step=step)
+            table = wandb.Table(columns=[x_column, y_column], data=rows)
+            plot = getattr(wandb.plot, kind)(table, x_column, y_column, title=title)
+            logger.log_metrics({key: plot}, step=step)
 
         _safely(logger, key, send)
 

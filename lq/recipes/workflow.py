@@ -64,23 +64,26 @@ def run(cfg: DictConfig) -> dict:
             pairs = lq.fold_bn(folded)
             rows[f"fp32, {len(pairs)} BN folded"] = test_metric(cfg, out, logger, folded, dm)
 
+        def run_ptq(method: str, pct: float | None, **flags: bool) -> tuple[float, Any]:
+            """PTQ of a copy of the folded model with this calibrator (and QuantConfig flags): accuracy, model."""
+            m = copy.deepcopy(folded)
+            qcfg = quant_config(cfg, calibrator=method, **({"percentile": pct} if pct else {}))
+            for flag, value in flags.items():
+                setattr(qcfg, flag, value)
+            callback = Int8PTQ(qcfg, num_samples=num_samples, cpu_malloc=cpu_malloc)
+            return test_metric(cfg, out, logger, m, dm, [callback]), m
+
         ptq: dict[str, tuple[float, Any, tuple[str, float | None]]] = {}
         for name in cfg.calibrators:
             method, pct = parse_candidate(name)
-            m = copy.deepcopy(folded)
-            qcfg = quant_config(cfg, calibrator=method, **({"percentile": pct} if pct else {}))
-            acc = test_metric(cfg, out, logger, m, dm, [Int8PTQ(qcfg, num_samples=num_samples, cpu_malloc=cpu_malloc)])
+            acc, m = run_ptq(method, pct)
             label = f"PTQ {candidate_label(method, pct)}"
             ptq[label] = (acc, m, (method, pct))
             rows[label] = acc
         # Nagel et al. 2019's two data-free corrections, each apart and both, on the first calibrator's PTQ
         base_method, base_pct = parse_candidate(cfg.calibrators[0])
         for variant in cfg.get("ptq_variants") or []:
-            flags = parse_variant(variant)
-            m = copy.deepcopy(folded)
-            qcfg = quant_config(cfg, calibrator=base_method, **({"percentile": base_pct} if base_pct else {}))
-            qcfg.equalize, qcfg.bias_correction = flags["equalize"], flags["bias_correction"]
-            acc = test_metric(cfg, out, logger, m, dm, [Int8PTQ(qcfg, num_samples=num_samples, cpu_malloc=cpu_malloc)])
+            acc, _ = run_ptq(base_method, base_pct, **parse_variant(variant))
             rows[f"PTQ {candidate_label(base_method, base_pct)} + {variant}"] = acc
         best = max(ptq, key=lambda k: ptq[k][0])
         best_acc, best_model, (best_method, best_pct) = ptq[best]
