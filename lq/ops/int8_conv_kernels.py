@@ -12,8 +12,10 @@ scaled afterwards; ground truth in tests, runs on any device with float64 conv) 
   convolve with the weight flipped in space and with its in/out channels swapped per group.
 * ``lq::int8_conv2d_grad_weight``: int8 im2col (strided view of the zero-padded int8 input, one int8
   copy -- never fp32 ``F.unfold``) and one ``lq::int8_mm`` per group; ``lq::int8_mm`` splits the
-  reduction (N * H_out * W_out, up to ~10^5 in ResNets) so int32 can never overflow.
+  reduction (N * H_out * W_out, up to ~10^5 in ResNets) so int32 can never overflow (the algorithm lives
+  in ``lq.ops.int8_conv_gemm``, whose padded variant is the CUDA kernel).
 
+CUDA kernels of all three ops: int8 im2col + ``torch._int_mm`` (``lq.ops.int8_conv_gemm``).
 Shapes/ranges the fast kernel cannot compute exactly fall back to the reference with a one-time warning.
 """
 
@@ -23,16 +25,19 @@ import torch
 import torch.nn.functional as F
 
 from lq.ops import hardware as hw
-from lq.ops.int8_mm import int8_mm, onednn_qlinear, reduction_chunks
+from lq.ops.int8_mm import onednn_qlinear, reduction_chunks
 
 __all__ = [
     "conv2d_fwd_reference",
     "conv2d_grad_input_reference",
     "conv2d_grad_weight_reference",
+    "conv_windows",
     "int8_conv2d_fwd",
     "int8_conv2d_grad_input",
     "int8_conv2d_grad_weight",
     "int8_unfold",
+    "transposed_conv_input",
+    "transposed_conv_weight",
 ]
 
 
@@ -228,29 +233,39 @@ def _conv_grad_input_cpu(g, w, g_step, g_qmax, w_qmax, input_size, stride, paddi
         hw.ran("int8_conv2d_grad_input", "reference")
         return conv2d_grad_input_reference(g, w, g_step, g_qmax, w_qmax, input_size, stride, padding, dilation, groups)
     hw.ran("int8_conv2d_grad_input", "onednn")
-    op = _output_padding(input_size, g.shape, w.shape, stride, padding, dilation)
     u, zp = hw.to_biased_u8(g.contiguous(), g_qmax)
-    n, _, ho, wo = g.shape
-    k = (kh, kw)
-    lo = [dilation[i] * (k[i] - 1) - padding[i] for i in range(2)]
-    hi = [lo[i] + op[i] for i in range(2)]
-    if stride == [1, 1] and lo[0] == hi[0] >= 0 and lo[1] == hi[1] >= 0:
-        canvas, conv_pad = u, [lo[0], lo[1]]  # plain stride-1 case: oneDNN pads with the zero point itself
-    else:
-        # zero-insertion (stride) and asymmetric padding, all with the zero point (= real 0)
-        hd = [(ho - 1) * stride[0] + 1, (wo - 1) * stride[1] + 1]
-        pad_lo = [max(v, 0) for v in lo]
-        pad_hi = [max(v, 0) for v in hi]
-        canvas = u.new_full((n, o, hd[0] + pad_lo[0] + pad_hi[0], hd[1] + pad_lo[1] + pad_hi[1]), zp)
-        canvas[:, :, pad_lo[0] : pad_lo[0] + hd[0] : stride[0], pad_lo[1] : pad_lo[1] + hd[1] : stride[1]] = u
-        crop_lo = [max(-v, 0) for v in lo]
-        crop_hi = [max(-v, 0) for v in hi]
-        canvas = canvas[:, :, crop_lo[0] : canvas.shape[2] - crop_hi[0], crop_lo[1] : canvas.shape[3] - crop_hi[1]]
-        canvas = canvas.contiguous()
-        conv_pad = [0, 0]
+    canvas, conv_pad = transposed_conv_input(u, w.shape, input_size, stride, padding, dilation, fill=zp)
     wt = transposed_conv_weight(w, groups)
     w_scale = torch.ones(wt.shape[0], dtype=torch.float32)
     return _qconv(canvas, zp, float(g_step), wt, w_scale, None, [1, 1], conv_pad, list(dilation), groups)
+
+
+def transposed_conv_input(
+    g: torch.Tensor, w_shape, input_size, stride, padding, dilation, fill: int = 0
+) -> tuple[torch.Tensor, list[int]]:
+    """``g [N, O, Ho, Wo]`` -> ``(canvas, conv_pad)``: the transposed convolution (input gradient) as an
+    ordinary stride-1 convolution ``conv2d(canvas, transposed_conv_weight(w), padding=conv_pad, dilation)``.
+
+    Zero-insertion (``stride - 1`` zeros between pixels) and padding by ``dilation * (k - 1) - padding``
+    (plus ``output_padding`` at the bottom/right; negative pads crop), all with ``fill`` (the value that
+    means 0: 0 for int8, the zero point for a uint8-shifted ``g``). The plain stride-1 case with symmetric
+    non-negative pads returns ``g`` itself and leaves the padding to the convolution (``conv_pad``)."""
+    op = _output_padding(input_size, g.shape, w_shape, stride, padding, dilation)
+    n, o, ho, wo = g.shape
+    k = w_shape[2:]
+    lo = [dilation[i] * (k[i] - 1) - padding[i] for i in range(2)]
+    hi = [lo[i] + op[i] for i in range(2)]
+    if list(stride) == [1, 1] and lo[0] == hi[0] >= 0 and lo[1] == hi[1] >= 0:
+        return g, [lo[0], lo[1]]
+    hd = [(ho - 1) * stride[0] + 1, (wo - 1) * stride[1] + 1]
+    pad_lo = [max(v, 0) for v in lo]
+    pad_hi = [max(v, 0) for v in hi]
+    canvas = g.new_full((n, o, hd[0] + pad_lo[0] + pad_hi[0], hd[1] + pad_lo[1] + pad_hi[1]), fill)
+    canvas[:, :, pad_lo[0] : pad_lo[0] + hd[0] : stride[0], pad_lo[1] : pad_lo[1] + hd[1] : stride[1]] = g
+    crop_lo = [max(-v, 0) for v in lo]
+    crop_hi = [max(-v, 0) for v in hi]
+    canvas = canvas[:, :, crop_lo[0] : canvas.shape[2] - crop_hi[0], crop_lo[1] : canvas.shape[3] - crop_hi[1]]
+    return canvas.contiguous(), [0, 0]
 
 
 def int8_unfold(x: torch.Tensor, kernel: tuple[int, int], stride, padding, dilation, pad_value: int = 0) -> torch.Tensor:
@@ -260,6 +275,13 @@ def int8_unfold(x: torch.Tensor, kernel: tuple[int, int], stride, padding, dilat
     (C, kh, kw) first, so each group's slice is directly a ``[C/g*kh*kw, R]`` GEMM operand. Zero padding is
     exact in symmetric int8 (0 means real 0); a uint8-shifted input pads with its zero point ``pad_value``.
     """
+    return conv_windows(x, kernel, stride, padding, dilation, pad_value).contiguous()
+
+
+def conv_windows(x: torch.Tensor, kernel: tuple[int, int], stride, padding, dilation, pad_value: int = 0) -> torch.Tensor:
+    """The convolution windows of ``x [N, C, H, W]`` as a strided view ``[C, kh, kw, N, Ho, Wo]`` of the
+    padded input (no copy beyond the padding): ``int8_unfold`` without its copy, for callers that copy it
+    into another layout."""
     n, c, h, w = x.shape
     kh, kw = kernel
     if any(padding):
@@ -269,11 +291,10 @@ def int8_unfold(x: torch.Tensor, kernel: tuple[int, int], stride, padding, dilat
     ho = _out_size(h, kh, stride[0], padding[0], dilation[0])
     wo = _out_size(w, kw, stride[1], padding[1], dilation[1])
     sn, sc, sh, sw = xp.stride()
-    view = xp.as_strided(
+    return xp.as_strided(
         (c, kh, kw, n, ho, wo),
         (sc, sh * dilation[0], sw * dilation[1], sn, sh * stride[0], sw * stride[1]),
     )
-    return view.contiguous()
 
 
 def _grad_weight_onednn(g, x, g_step, x_step, g_qmax, x_qmax, weight_size, stride, padding, dilation, groups):
@@ -309,17 +330,11 @@ def _conv_grad_weight_cpu(g, x, g_step, x_step, g_qmax, x_qmax, weight_size, str
         hw.ran("int8_conv2d_grad_weight", "onednn")
         return _grad_weight_onednn(g, x, g_step, x_step, g_qmax, x_qmax, weight_size, stride, padding, dilation, groups)
     hw.ran("int8_conv2d_grad_weight", "im2col_int8_mm")  # lq::int8_mm records its own kernel per group
-    o, cg, kh, kw = weight_size
-    cols = int8_unfold(x, (kh, kw), stride, padding, dilation)  # [C, kh, kw, N, Ho, Wo]
-    r = cols.shape[3] * cols.shape[4] * cols.shape[5]
-    cols = cols.reshape(groups, cg * kh * kw, r)
-    # g [N, O, Ho, Wo] -> [O, N*Ho*Wo]: rows are output channels (they keep their own scale), the reduced
-    # dimension is contiguous, matching ``cols``.
-    gm = g.transpose(0, 1).reshape(groups, o // groups, r)
-    g_step = g_step.float().reshape(-1).expand(o).reshape(groups, o // groups)
-    x_step1 = x_step.float().reshape(1)
-    outs = [
-        int8_mm(gm[i].contiguous(), cols[i], g_step[i].contiguous(), x_step1, g_qmax, x_qmax, None)
-        for i in range(groups)
-    ]
-    return torch.cat(outs, 0).reshape(o, cg, kh, kw) if groups > 1 else outs[0].reshape(o, cg, kh, kw)
+    # int8 im2col + one lq::int8_mm per group: the CUDA kernel's algorithm, without its shape padding
+    return int8_conv_gemm.conv2d_grad_weight_gemm(
+        g, x, g_step, x_step, g_qmax, x_qmax, weight_size, stride, padding, dilation, groups, int8_conv_gemm.UNPADDED
+    )
+
+
+# The CUDA kernels (int8 im2col + torch._int_mm) register themselves; imported last: they use this module.
+from lq.ops import int8_conv_gemm  # noqa: E402
