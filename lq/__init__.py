@@ -13,6 +13,7 @@ from lq.deploy import convert, export_onnx
 from lq.equalize import equalize
 from lq.nn.fold_bn import fold_bn
 from lq.nn.swap import quantization_report, quantize, quantized_layers
+from lq.smoothing import smooth_quant
 from lq.quant.config import QuantConfig, QuantSpec
 from lq.workflow import (
     calibrate,
@@ -47,4 +48,5 @@ __all__ = [
     "quantizers",
     "sensitivity",
     "set_quantization",
+    "smooth_quant",
 ]

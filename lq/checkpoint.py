@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from lq.bias_correction import corrections, set_correction
+from lq.smoothing import set_smoothing, smoothings
 from lq.nn.swap import quantize, quantized_layers
 from lq.quant.config import QuantConfig
 from lq.quant.quantizer import TensorQuantizer
@@ -159,6 +160,8 @@ def quantizer_state(model: nn.Module) -> dict[str, Any]:
         "modes": {n: q.mode for n, q in quantizers(model).items()},
         # lq.correct_bias (QuantConfig(bias_correction=True)): per corrected layer, the added bias shift
         "bias_correction": {n: c.detach().cpu().clone() for n, c in corrections(model).items()},
+        # lq.smooth_quant (QuantConfig(smoothquant=True)): per smoothed Linear layer, the input divisor s
+        "smoothing": {n: s.detach().cpu().clone() for n, s in smoothings(model).items()},
         # Int8Training / Int8QAT(compute="int8"): which layers run int8 GEMMs, and how (plain dict: Lightning may
         # load checkpoints with weights_only=True)
         "int8_compute": _int8_compute_state(model),
@@ -240,6 +243,13 @@ def apply_quantizer_state(model: nn.Module, state: dict[str, Any]) -> nn.Module:
             raise ValueError(f"the checkpoint's bias correction names layer {name!r}, which the model does not "
                              "quantize; the checkpoint comes from another config")
         set_correction(layers[name], correction)
+    for name in smoothings(model):  # the checkpoint's ranges were calibrated with its own smoothing (or none)
+        set_smoothing(layers[name], None)
+    for name, s in state.get("smoothing", {}).items():
+        if name not in layers or not hasattr(layers[name], "in_features"):
+            raise ValueError(f"the checkpoint's smoothing names layer {name!r}, which is not a quantized Linear of "
+                             "the model; the checkpoint comes from another config")
+        set_smoothing(layers[name], s)
     _apply_int8_compute_state(model, state.get("int8_compute", {}))
     return model
 

@@ -210,6 +210,8 @@ class MinilmConfig(LqConfig):
     layerwise_scope: str = MISSING  # "layer" | "model" (lq.calibrate)
     candidates: List[str] = MISSING
     gelu10_candidates: Optional[List[str]] = MISSING
+    no_smoothquant_candidates: Optional[List[str]] = MISSING  # rows with QuantConfig(smoothquant=False)
+    attention_matmuls: bool = MISSING  # Q K^T and P V through QuantMatmul (lq.nn.hf_attention)
     partial: PartialSchema = field(default_factory=PartialSchema)
 
 

@@ -154,16 +154,33 @@ def calibrate(
     layerwise = {n for n, q in act.items() if (method or q.spec.calibrator) == "layerwise"}
     config = getattr(model, "_lq_config", None)
     correct = bool(getattr(config, "bias_correction", False))
+    smooth = bool(getattr(config, "smoothquant", False))
     model.__dict__.pop("_lq_layerwise", None)  # a previous per-layer choice no longer describes the ranges
     kept: list = []  # the first calibration batches, replayed to score the per-layer choice
     # What to put back if calibration fails (a forward_loop that raises, NaN in a batch, a layer no batch
     # reached): the model keeps its previous calibration, whole.
     saved = {n: (q.amax.detach().clone(), q.calib_choice) for n, q in qs.items()}
+    from lq.smoothing import MIN_GAIN, SmoothingStats, _put_back, full_weight, smoothable_layers, smoothings
+
+    saved_smoothing = {n: s.clone() for n, s in smoothings(model).items()}
+
+    def undo() -> None:
+        _restore(qs, saved)
+        _put_back(model, saved_smoothing)
+
+    # QuantConfig(smoothquant=True): SmoothQuant's statistics are measured in the histogram pass below; the layers
+    # it smooths (lq.smoothing.MIN_GAIN) collect their histograms again, of x / s, in a second pass over the data.
+    smooth_layers = smoothable_layers(model) if smooth else {}
+    if smooth_layers:
+        data = _replayable(data, num_samples)
+    stats = None
     try:
-        # Weights: static, one look each.
+        # (removes the layers' previous smoothing: their raw inputs and weights are measured)
+        stats = SmoothingStats(model, smooth_layers, check=False) if smooth_layers else None
+        # Weights: static, one look each (before any forward: under FSDP2 the weights are whole only until then).
         for name, q in weights.items():
             q.start_calibration()
-            q(model.get_submodule(name.rpartition(".")[0]).weight.detach())
+            q(model.get_submodule(name.rpartition(".")[0]).quant_weight().detach())
             q.load_calib_amax()
         # Activations: collected on the float model (every other quantizer off).
         for q in qs.values():
@@ -177,6 +194,25 @@ def calibrate(
                 f"lq.calibrate: asked for {num_samples} samples but the data held {seen}; calibrated on {seen}",
                 stacklevel=2,
             )
+        if stats is not None:
+            smoothed = [r.layer for r in stats.choose(min_gain=MIN_GAIN) if r.alpha is not None]
+            for n in smoothed:  # a static weight quantizer of a smoothed layer sees W diag(s)
+                layer = smooth_layers[n]
+                q = layer.weight_quantizer
+                if any(q is w for w in weights.values()):
+                    q.start_calibration()
+                    q(full_weight(layer).detach() * layer.input_quantizer.smoothing)
+                    q.load_calib_amax()
+                    q.mode = "off"
+            if smoothed:
+                again = {id(smooth_layers[n].input_quantizer) for n in smoothed}
+                for q in act.values():
+                    if id(q) in again:
+                        q.start_calibration(method)
+                    else:
+                        q.mode = "off"  # its histogram is complete; it passes its input through
+                with _eval_no_grad(model):
+                    _run_data(model, data, num_samples)
         for q in act.values():
             # Every rank joins every reduction (a rank that saw no data for a layer still takes part), so
             # DDP never waits on a rank that skipped; afterwards has_data is true if any rank collected.
@@ -192,7 +228,9 @@ def calibrate(
             _warn_thin_histogram(name, q)
             q.load_calib_amax(method if method not in (None, "auto") else None, percentile=percentile)
     except BaseException:
-        _restore(qs, saved)
+        if stats is not None:
+            stats.remove_hooks()
+        undo()
         raise
     finally:
         release_scratch()  # the histogram collection's reused buffers
@@ -230,7 +268,7 @@ def calibrate(
             choose_per_layer(model, replay, names=layerwise, scope=layerwise_scope, guard_run=replay_guard,
                              guard=bool(guard_batches))
         except BaseException:
-            _restore(qs, saved)
+            undo()
             raise
     if wanted_auto:
         choose_calibration(model, evaluate, progress=progress)
@@ -240,9 +278,28 @@ def calibrate(
         try:  # it changes nothing when it raises; the ranges go back as for any failed calibration
             correct_bias(model, kept or data, None if kept else num_samples)
         except BaseException:
-            _restore(qs, saved)
+            undo()
             raise
     return model
+
+
+def _replayable(data: Any, num_samples: int | None) -> Any:
+    """``data`` if it can be read twice (a DataLoader, a list, a ``forward_loop`` callable), else its first
+    ``num_samples`` samples as a list of batches (a generator or other one-shot iterator)."""
+    if callable(data) and not isinstance(data, (torch.utils.data.DataLoader, Iterable)):
+        return data
+    if not isinstance(data, Iterator):
+        return data
+    batches, seen = [], 0
+    for batch in data:
+        n = batch_size(batch)
+        if num_samples is not None and seen + n > num_samples:
+            batch, n = _take(batch, num_samples - seen), num_samples - seen
+        batches.append(batch)
+        seen += n
+        if num_samples is not None and seen >= num_samples:
+            break
+    return batches
 
 
 def _restore(qs: dict[str, TensorQuantizer], saved: dict[str, tuple[torch.Tensor, Any]]) -> None:

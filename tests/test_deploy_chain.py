@@ -20,7 +20,8 @@ import lq
 from lq.deploy import Int8ConvNd, Int8Linear, convert, kernels
 from lq.deploy.chain import Int8Sequential, max_pool_grid
 
-CFG = lq.QuantConfig(activation=lq.QuantSpec(calibrator="max"))
+# the chain's hand-over mechanics (a layer smoothed by SmoothQuant takes floats: tests/test_smoothing.py)
+CFG = lq.QuantConfig(activation=lq.QuantSpec(calibrator="max"), smoothquant=False)
 
 
 def _calibrated(model: nn.Module, x: torch.Tensor) -> nn.Module:

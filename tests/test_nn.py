@@ -89,7 +89,7 @@ def test_quant_linear_is_eq9_on_fake_quantized_operands():
     x = torch.randn(8, 16)
     ref_w = lin.weight.detach().clone()
     m = nn.Sequential(lin)
-    lq.quantize(m)
+    lq.quantize(m, lq.QuantConfig(smoothquant=False))  # eq. 9 itself (SmoothQuant: tests/test_smoothing.py)
     _calibrate_with_max(m, x)
     y = m(x)
     amax_x = x.abs().max()
@@ -171,7 +171,7 @@ def test_restore_returns_float_layer():
 
 def test_pruning_works_on_quantized_layer():
     # Lightning's ModelPruning uses torch.nn.utils.prune, which re-registers `weight` (#11047)
-    m = lq.quantize(nn.Sequential(nn.Linear(8, 4)))
+    m = lq.quantize(nn.Sequential(nn.Linear(8, 4)), lq.QuantConfig(smoothquant=False))
     x = torch.randn(5, 8)
     lq.calibrate(m, [x], method="max")
     torch.nn.utils.prune.l1_unstructured(m[0], "weight", amount=0.5)

@@ -112,7 +112,9 @@ def _unchanged(structure: list[tuple[nn.Module, list[tuple[str, nn.Module]]]]) -
 
 def _takes_grid(m: nn.Module) -> bool:
     """An int8 layer that can start from integers: its input padding is plain zero padding."""
-    return isinstance(m, Int8Linear) or (isinstance(m, Int8ConvNd) and m._pre_pad is None)
+    # a layer smoothed by lq.smooth_quant quantizes x / s per input channel: the layer before it cannot emit those
+    return (isinstance(m, Int8Linear) and "input_smoothing" not in m._buffers) or (
+        isinstance(m, Int8ConvNd) and m._pre_pad is None)
 
 
 _NO_CLIP = float("inf")

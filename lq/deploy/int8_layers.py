@@ -72,7 +72,7 @@ class Int8Module(nn.Module):
     backend: str = "auto"
 
     #: float buffers that stay fp32 whatever ``.half()`` / ``.to(dtype)`` asks (they define the model)
-    _fp32_buffers = ("weight_scale", "input_scale", "other_scale", "bias")
+    _fp32_buffers = ("weight_scale", "input_scale", "other_scale", "bias", "input_smoothing")
 
     def __init__(self, name: str, bits: int, backend: str, input_bits: int | None = None) -> None:
         super().__init__()
@@ -141,6 +141,9 @@ class Int8Module(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         self._cache.clear()
+        key = prefix + "input_smoothing"  # lq.smooth_quant's divisor: only smoothed Linear layers have one
+        if key in state_dict and "input_smoothing" not in self._buffers:
+            self.register_buffer("input_smoothing", torch.ones_like(state_dict[key], dtype=torch.float32))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def _kernel(self, device: torch.device, fast: tuple[str, ...]) -> str:
@@ -248,6 +251,8 @@ class Int8Linear(Int8Module):
         dtype = dtype or x.dtype
         lead = x.shape[:-1]
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # (at batch 1 every skipped call counts)
+        if not grid and "input_smoothing" in self._buffers:  # lq.smooth_quant: the fake-quant model's x / s
+            x2 = (x2 if x2.dtype == torch.float32 else x2.float()) / self.input_smoothing
         t = x2 if grid else kernels.quantize_to_grid(x2, self.input_scale, self.qmax_input)
         kernel = self._kernel(x.device, _LINEAR_KERNELS) if x.numel() else "reference"
         hw.ran("Int8Linear", kernel)
@@ -495,10 +500,13 @@ def _load_quantized(m: nn.Module, layer: nn.Module, weight_amax: torch.Tensor, a
     """Fill an inference layer's int8 weight, per-channel weight scales (channels on ``axis``), input scale
     and bias from a calibrated quantized layer (eq. 10's operands)."""
     bits_w, bits_x = layer.weight_quantizer.spec.bits, layer.input_quantizer.spec.bits
-    w_q, s_w = quantize_weight(layer.weight, weight_amax, bits_w, axis=axis)
+    w_q, s_w = quantize_weight(layer.quant_weight(), weight_amax, bits_w, axis=axis)  # W diag(s) if smoothed
     m.weight.copy_(w_q)
     m.weight_scale.copy_(s_w)
     m.input_scale.copy_(1.0 / steps_from_amax(layer.input_quantizer.amax, bits_x).reshape(()))
+    s = layer.input_smoothing() if hasattr(layer, "input_smoothing") else None
+    if s is not None:  # lq.smooth_quant: the layer quantizes x / s per input channel (Int8Linear.run)
+        m.register_buffer("input_smoothing", s.detach().float().clone())
     bias = layer.quantized_bias() if hasattr(layer, "quantized_bias") else layer.bias  # with lq.correct_bias's shift
     if bias is not None:
         if m.bias is None:  # a layer without bias that bias correction gave one

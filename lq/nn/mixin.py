@@ -46,6 +46,22 @@ class QuantMixin:
         correction = correction.to(self.weight.dtype)
         return correction if self.bias is None else self.bias + correction
 
+    def input_smoothing(self) -> torch.Tensor | None:
+        """The per-input-channel divisor ``s`` of SmoothQuant (``lq.smooth_quant``, a buffer ``smoothing`` on the
+        input quantizer) while the input quantizer is on (calibrating or quantizing): the layer then computes
+        ``Q(x / s) Q(W diag(s))^T``, equal to ``x W^T`` in exact arithmetic. ``None`` when the layer runs in float
+        (quantization disabled, partial quantization) or was not smoothed."""
+        s = getattr(self.input_quantizer, "smoothing", None)
+        if s is None or self.input_quantizer.mode == "off":
+            return None
+        return s
+
+    def quant_weight(self) -> torch.Tensor:
+        """The weight as the weight quantizer sees it: ``weight * s`` per input channel when the layer is
+        smoothed (:meth:`input_smoothing`), else ``weight`` itself."""
+        s = self.input_smoothing()
+        return self.weight if s is None else self.weight * s.to(self.weight.dtype)
+
     def quantizers(self) -> dict[str, TensorQuantizer]:
         """``{attribute name: quantizer}`` of this layer."""
         return {n: m for n, m in self.named_children() if isinstance(m, TensorQuantizer)}

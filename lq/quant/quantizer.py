@@ -21,6 +21,9 @@ from lq.quant.config import QuantSpec
 from lq.quant.functional import fake_quant, fake_quant_learned_range
 
 MODES = ("off", "calibrate", "quantize")
+#: Optional per-layer buffers that live on a quantizer and are created only when used: ``bias_correction``
+#: (``lq.correct_bias``, on the weight quantizer) and ``smoothing`` (``lq.smooth_quant``, on the input quantizer).
+ON_DEMAND_BUFFERS = ("bias_correction", "smoothing")
 
 
 class TensorQuantizer(nn.Module):
@@ -153,11 +156,12 @@ class TensorQuantizer(nn.Module):
                 f"{tuple(self.amax.shape)}; the checkpoint comes from another quantization config (granularity)"
             )
             return
-        # lq.correct_bias's buffer: registered on demand, so a corrected model's state_dict loads into a freshly
-        # quantized one (and an uncorrected state_dict into a corrected model removes nothing).
-        corr = prefix + "bias_correction"
-        if corr in state_dict and "bias_correction" not in self._buffers:
-            self.register_buffer("bias_correction", torch.zeros_like(state_dict[corr], dtype=torch.float32))
+        # lq.correct_bias's and lq.smooth_quant's buffers: registered on demand, so a corrected or smoothed
+        # model's state_dict loads into a freshly quantized one (and one without them removes nothing).
+        for buffer in ON_DEMAND_BUFFERS:
+            key_b = prefix + buffer
+            if key_b in state_dict and buffer not in self._buffers:
+                self.register_buffer(buffer, torch.zeros_like(state_dict[key_b], dtype=torch.float32))
         before = len(missing_keys)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         if key not in state_dict:
@@ -183,7 +187,8 @@ class TensorQuantizer(nn.Module):
             # fake-quant. Only Parameters: a weight recomputed each forward (pruning's weight_orig * mask)
             # is a new tensor whose address and version counter could repeat with other values.
             cacheable = isinstance(x, nn.Parameter) and not torch.is_grad_enabled()
-            key = (x.data_ptr(), x._version, x.shape, x.dtype, x.device)
+            # (inference tensors, e.g. a smoothed weight W diag(s) made under torch.inference_mode, have no version)
+            key = (x.data_ptr(), x._version, x.shape, x.dtype, x.device) if cacheable else None
             cached = self.__dict__.get("_dynamic_cache")
             if cacheable and cached is not None and cached[0] == key:
                 return cached[1]

@@ -3,8 +3,11 @@
 Metric: cosine similarity between each sentence's int8 (fake-quant) embedding and its fp32 embedding, on
 real sentences never used for calibration (mean and worst sentence). Rows:
 
-1. every Linear int8 with each activation calibrator in ``candidates`` (one histogram pass serves all);
+1. every Linear int8 with each activation calibrator in ``candidates`` (one histogram pass serves all), with
+   the quant config as given (SmoothQuant on by default, ``lq.smooth_quant``), and for
+   ``no_smoothquant_candidates`` the same without SmoothQuant (its effect, row by row);
 2. the same with GELU10 (``QuantConfig(gelu10=True)``, paper Appendix D) for ``gelu10_candidates``;
+   With ``attention_matmuls`` the attention's ``Q K^T`` and ``P V`` are quantized too (``lq.nn.hf_attention``).
 3. partial quantization (paper Section 5.1): per-layer sensitivity on the calibration sentences, then the
    most sensitive layers kept in float until the mean cosine is within ``partial.target`` of fp32's 1.0,
    starting from the best row above.
@@ -35,6 +38,8 @@ from lq.recipes.common import (
     start_logger,
 )
 from lq.recipes.sentence_encoder import SentenceEncoder
+from lq.nn.hf_attention import use_matmul_attention
+from lq.smoothing import smoothings
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +49,17 @@ def _cosines(model: SentenceEncoder, sentences: Sequence[str], reference: torch.
 
 
 def _calibrated(
-    encoder: SentenceEncoder, cfg: DictConfig, gelu10: bool, sentences: Sequence[str], batch: int
+    encoder: SentenceEncoder, cfg: DictConfig, gelu10: bool, sentences: Sequence[str], batch: int,
+    smoothquant: bool | None = None,
 ) -> SentenceEncoder:
     """A quantized copy of ``encoder`` with histogram statistics collected on ``sentences`` and the per-layer
-    choice made (calibrator "layerwise": every candidate is read off the same histograms)."""
+    choice made (calibrator "layerwise": every candidate is read off the same histograms). ``smoothquant``:
+    override the quant config's."""
     model = copy.deepcopy(encoder)
     config = quant_config(cfg, calibrator="layerwise")
     config.gelu10 = gelu10
+    if smoothquant is not None:
+        config.smoothquant = smoothquant
     lq.quantize(model, config)
     batches = [model.tokenize(sentences[i : i + batch]) for i in range(0, len(sentences), batch)]
     lq.calibrate(model, batches, num_samples=None, layerwise_scope=str(cfg.get("layerwise_scope", "layer")))
@@ -73,6 +82,9 @@ def run(cfg: DictConfig) -> dict:
         splits = instantiate(cfg.data)
         calib, evals = splits["calibration"], splits["eval"]
         encoder = instantiate(cfg.model)
+        if cfg.get("attention_matmuls", False):  # Q K^T and P V as Matmul modules, quantized like the Linears
+            attention = use_matmul_attention(encoder)
+            log.info("attention matmuls of %d attention modules are quantized too", len(attention))
         t0 = time.perf_counter()
         ref_eval = encoder.encode(evals, batch)
         ref_calib = encoder.encode(calib, batch)
@@ -90,14 +102,17 @@ def run(cfg: DictConfig) -> dict:
                 models[label] = (model, (method, pct))
 
         plain = _calibrated(encoder, cfg, False, calib, batch)
-        score(plain, cfg.candidates)
+        smooth_on = bool(smoothings(plain))
+        score(plain, cfg.candidates, " + SmoothQuant" if smooth_on else "")
+        if smooth_on and cfg.get("no_smoothquant_candidates"):
+            score(_calibrated(encoder, cfg, False, calib, batch, smoothquant=False), cfg.no_smoothquant_candidates)
         hists = tracking.log_calibration_histograms(
             logger, plain, out, _layers(cfg), tuple(cfg.tracking.get("percentiles", (99.9, 99.99, 99.999)))
         )
         gelu = None
         if cfg.get("gelu10_candidates"):
             gelu = _calibrated(encoder, cfg, True, calib, batch)
-            score(gelu, cfg.gelu10_candidates, " + GELU10")
+            score(gelu, cfg.gelu10_candidates, " + SmoothQuant + GELU10" if smooth_on else " + GELU10")
             tracking.log_calibration_histograms(logger, gelu, out, _layers(cfg), (99.99,), tag="gelu10")
 
         best = max((k for k in rows if k != "fp32"), key=lambda k: rows[k][0])
@@ -142,6 +157,12 @@ def run(cfg: DictConfig) -> dict:
         ["model", "mean cosine", "min cosine"],
         [[k, f"{m:.4f}", f"{lo:.4f}"] for k, (m, lo) in rows.items()],
     )
+    kinds = {"Linear": 0, "Matmul": 0}
+    for layer in lq.quantized_layers(model).values():
+        kinds["Matmul" if isinstance(layer, lq.nn.Matmul) else "Linear"] += 1
+    print(f"int8: {kinds['Linear']} Linear layers and {kinds['Matmul']} attention matmuls (Q K^T, P V); float: softmax, "
+          "mask addition, LayerNorm, GELU, embeddings (the paper quantizes the inputs of matrix multiplications only)"
+          + ("" if kinds["Matmul"] else "; attention_matmuls=false keeps Q K^T and P V in float too"))
     if partial:
         print(
             f"partial quantization kept in float: {partial['skipped']} (target {cfg.partial.target:g}, "
