@@ -24,6 +24,7 @@ from lq.ops import int8_conv_kernels as K
 from lq.ops.config import Int8ComputeConfig
 from lq.ops.grad_quant import check_unquantized_grad, quantize_grad
 from lq.ops.quantize import dequantize_along, quantize_along
+from lq.ops.saved_int8 import share_int8, shared_int8
 from lq.quant.functional import qmax as _qmax
 
 __all__ = ["Int8Conv2dFunction", "int8_conv2d"]
@@ -42,7 +43,10 @@ class Int8Conv2dFunction(torch.autograd.Function):
             amax = torch.as_tensor(act_amax, device=x.device)
             xq, x_step = quantize_along(x, qa, None, amax=amax, name=name)
         else:
-            xq, x_step = quantize_along(x, qa, None, name=name)
+            shared = shared_int8(x, qa)  # already int8 for a ReLU's backward (Int8Training's saved activations)
+            xq, x_step = shared if shared is not None else quantize_along(x, qa, None, name=name)
+            if shared is None:
+                share_int8(x, xq, x_step, qa)
         wq, w_step = quantize_along(weight, qw, 0, name=name, what="weight")
         fast = config.use_fast_kernels
         fwd = K.int8_conv2d_fwd if fast else K.conv2d_fwd_reference

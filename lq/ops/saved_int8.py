@@ -1,0 +1,130 @@
+"""Activations saved for backward as int8: the memory half of int8 dataflow (Zhu et al. 2020; Jetfire, Xi et al.
+2024, keep the data between layers in int8 "in order to save memory").
+
+In a float training step the tensors autograd keeps for backward are fp32: BatchNorm's input, ReLU's output,
+the input of every conv (the same tensor as the ReLU output before it). ``lq.ops.int8_conv2d`` already keeps
+only its int8 input ``x_q``, but BatchNorm and ReLU still keep fp32 copies, so an int8 step kept *more* bytes
+than the fp32 one (1.15x on SmallResNet). Inside :func:`int8_saved_activations` (what ``Int8Training`` wraps
+around each training step's forward), ``torch.autograd.graph.saved_tensors_hooks`` stores every saved float
+activation as int8 (eq. 7) with its step and hands backward the dequantized values (eq. 8):
+
+* a non-negative tensor (a ReLU / ReLU6 / pooling output: the next conv's input) is quantized exactly as the
+  int8 conv quantizes its input, per tensor with ``act_bits``; the conv then finds it in a registry instead of
+  quantizing again, so ReLU's backward and the conv's backward share one int8 tensor (no second copy, and one
+  quantization pass less);
+* any other tensor (BatchNorm's input, a residual sum) with one step per channel (dim 1), 8 bits.
+
+Backward is approximate where it reads those values: ReLU's mask ``y > 0`` misses outputs below half a step
+(their gradient is dropped), BatchNorm's input-gradient sees its input rounded to 8 bits per channel. The
+forward is unchanged. Parameters, integer tensors and small tensors (< ``MIN_NUMEL`` elements) are kept as they
+are; so are tensors of layers trained in float.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lq.ops.quantize import dequantize_along, quantize_along
+
+#: tensors smaller than this are saved as they are (scales, statistics, logits of small heads)
+MIN_NUMEL = 4096
+
+_active: list["_Session"] = []
+
+
+@dataclass
+class _Packed:
+    q: torch.Tensor
+    step: torch.Tensor
+    axis: int | None
+    dtype: torch.dtype
+
+
+class _Session:
+    """One forward's registry: fp32 tensor (by identity) -> its per-tensor int8 form, for the int8 conv."""
+
+    def __init__(self, act_qmax: int, on_pack: Callable[[Any], None] | None = None) -> None:
+        self.act_qmax, self.on_pack = act_qmax, on_pack
+        self.shared: dict[int, tuple[weakref.ref, int, torch.Tensor, torch.Tensor]] = {}
+
+    def pack(self, t: torch.Tensor):
+        out = self._pack(t)
+        if self.on_pack is not None:
+            self.on_pack(out)
+        return out
+
+    def _pack(self, t: torch.Tensor):
+        if (not t.is_floating_point() or t.numel() < MIN_NUMEL or isinstance(t, nn.Parameter)
+                or (t.requires_grad and t.is_leaf)):
+            return t
+        hit = self.lookup(t)
+        if hit is not None:
+            return _Packed(hit[0], hit[1], None, t.dtype)
+        lo = torch.aminmax(t.detach())[0] if t.dim() else t.detach()
+        if not bool(torch.isfinite(lo)):
+            return t  # NaN/Inf: left for the layers' own checks to report, by name
+        if float(lo) >= 0.0:
+            q, step = quantize_along(t.detach(), self.act_qmax, None, what="saved activation")
+            self.remember(t, q, step)
+            return _Packed(q, step, None, t.dtype)
+        axis = 1 if t.dim() >= 2 else None
+        q, step = quantize_along(t.detach(), 127, axis, what="saved activation")
+        return _Packed(q, step, axis, t.dtype)
+
+    @staticmethod
+    def unpack(p):
+        if not isinstance(p, _Packed):
+            return p
+        return dequantize_along(p.q, p.step, p.axis).to(p.dtype)
+
+    def remember(self, t: torch.Tensor, q: torch.Tensor, step: torch.Tensor) -> None:
+        self.shared[id(t)] = (weakref.ref(t), t._version, q, step)
+
+    def lookup(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        entry = self.shared.get(id(t))
+        if entry is None or entry[0]() is not t or entry[1] != t._version:
+            return None
+        return entry[2], entry[3]
+
+
+def shared_int8(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The per-tensor int8 form of ``x`` already made for backward in this step (``(q, step)``, as
+    ``quantize_along(x, qmax, None)`` returns them), or None."""
+    if not _active or _active[-1].act_qmax != qmax:
+        return None
+    return _active[-1].lookup(x)
+
+
+def share_int8(x: torch.Tensor, q: torch.Tensor, step: torch.Tensor, qmax: int) -> None:
+    """Register the int8 conv's quantized input, so a later save of ``x`` (an in-place ReLU after the conv
+    cannot, but a second consumer can) reuses it."""
+    if _active and _active[-1].act_qmax == qmax:
+        _active[-1].remember(x, q, step)
+
+
+@contextlib.contextmanager
+def int8_saved_activations(act_qmax: int, on_pack: Callable[[Any], None] | None = None) -> Iterator[None]:
+    """Inside the block, float activations saved for backward are kept as int8 (module docstring). Enter it
+    around a forward; backward may run after the block ends (the packed tensors carry their own unpacking).
+
+    Args:
+        act_qmax: the int8 layers' activation ``qmax`` (127 for 8 bits, 63 for 7), so the per-tensor int8 form
+            of a non-negative activation is exactly the one the next int8 conv computes.
+        on_pack: called with what is stored for each saved tensor (the tensor itself, or an object with ``q``
+            and ``step``), for memory accounting.
+    """
+    session = _Session(act_qmax, on_pack)
+    _active.append(session)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(session.pack, session.unpack):
+            yield
+    finally:
+        _active.remove(session)
+        session.shared.clear()

@@ -1,0 +1,144 @@
+"""Activations saved for backward as int8 under Int8Training (lq.ops.saved_int8): the saved bytes of a ResNet
+with BN and identity shortcuts, the sharing with the int8 conv's own input, and the backward's accuracy."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+
+import lq
+from lq.models import SmallResNet
+from lq.nn.int8_compute import use_int8_compute
+from lq.ops import Int8ComputeConfig
+from lq.ops import saved_int8
+from lq.ops.saved_int8 import int8_saved_activations
+from lq.quant.functional import qmax
+
+CONFIG = replace(Int8ComputeConfig.for_this_machine(), grad_rounding="nearest")
+
+
+def _int8_resnet() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = SmallResNet().train()  # BN, identity shortcuts (x + shortcut), stride-2 stages
+    lq.quantize(model, lq.QuantConfig(weight=lq.QuantSpec(enabled=False), activation=lq.QuantSpec(enabled=False),
+                                      layers=["Linear", "Conv2d"]))
+    use_int8_compute(model, CONFIG)
+    return model
+
+
+def _stored(obj) -> list[torch.Tensor]:
+    return [obj.q, obj.step] if hasattr(obj, "q") else [obj]
+
+
+def _saved_bytes(model, x, saved_int8_on: bool) -> tuple[int, dict]:
+    """Bytes autograd keeps for backward (each storage once; parameters excluded), as
+    torch.autograd.graph.saved_tensors_hooks sees them."""
+    params = {p.data_ptr() for p in model.parameters()}
+    kept: dict = {}
+
+    def count(obj):
+        for t in _stored(obj):
+            if isinstance(t, torch.Tensor) and t.data_ptr() not in params:
+                kept[(t.data_ptr(), t.dtype)] = t.numel() * t.element_size()
+
+    if saved_int8_on:
+        with int8_saved_activations(qmax(CONFIG.act_bits), on_pack=count):
+            y = model(x)
+    else:
+        def pack(t):
+            count(t)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = model(x)
+    y.sum().backward()
+    return sum(kept.values()), kept
+
+
+def test_saved_bytes_of_a_resnet_with_bn_and_shortcuts_are_at_most_035x_fp32():
+    x = torch.randn(16, 1, 28, 28)
+    torch.manual_seed(0)
+    fp32 = SmallResNet().train()
+    fp32_bytes, _ = _saved_bytes(fp32, x, False)
+    model = _int8_resnet()
+    plain, _ = _saved_bytes(model, x, False)
+    compact, kept = _saved_bytes(model, x, True)
+    assert plain > fp32_bytes  # without it the int8 step keeps its int8 inputs on top of BN's/ReLU's fp32 tensors
+    assert compact <= 0.35 * fp32_bytes, (compact / fp32_bytes)
+    big = [k for k, n in kept.items() if n >= saved_int8.MIN_NUMEL]
+    assert all(dtype == torch.int8 for _, dtype in big)  # every activation-sized tensor kept is int8
+
+
+def test_relu_output_and_the_next_int8_conv_share_one_int8_tensor():
+    model = _int8_resnet()
+    x = torch.randn(8, 1, 28, 28)
+    packed = []
+    with int8_saved_activations(qmax(CONFIG.act_bits), on_pack=packed.append):
+        model(x).sum().backward()
+    relu_out = [p.q.data_ptr() for p in packed if hasattr(p, "q") and p.axis is None]
+    int8_inputs = [t.data_ptr() for t in packed if isinstance(t, torch.Tensor) and t.dtype == torch.int8]
+    shared = set(relu_out) & set(int8_inputs)
+    assert len(shared) >= 4  # each conv after a ReLU reuses the ReLU output's int8 form (no second copy)
+
+
+def test_forward_unchanged_and_gradients_close_to_float_saved():
+    model = _int8_resnet()
+    x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
+
+    def grads(on: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        model.zero_grad()
+        if on:
+            with int8_saved_activations(qmax(CONFIG.act_bits)):
+                out = model(x)
+        else:
+            out = model(x)
+        F.cross_entropy(out, y).backward()
+        return out.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    out_a, g_a = grads(False)
+    out_b, g_b = grads(True)
+    assert torch.equal(out_a, out_b)  # the forward computes with the same values
+    assert float(F.cosine_similarity(g_a, g_b, dim=0)) > 0.97
+    assert saved_int8._active == []
+
+
+def test_int8_training_callback_saves_int8_and_cleans_up():
+    from lq.callbacks import Int8Training
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = SmallResNet(widths=(8, 16))
+
+        def training_step(self, batch, _):
+            x, y = batch
+            return F.cross_entropy(self.model(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(32, 1, 28, 28, generator=g), torch.randint(0, 10, (32,), generator=g))
+    seen = []
+    original = saved_int8._Session.pack
+
+    def spy(self, t):
+        out = original(self, t)
+        seen.append(out)
+        return out
+
+    saved_int8._Session.pack = spy
+    try:
+        trainer = pl.Trainer(max_steps=2, callbacks=[Int8Training(compute=CONFIG)], logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(Module(), torch.utils.data.DataLoader(data, batch_size=16))
+    finally:
+        saved_int8._Session.pack = original
+    assert any(hasattr(p, "q") for p in seen)  # the steps' activations were packed as int8
+    assert saved_int8._active == []  # no session left open after fit
+    x = torch.randn(5000, requires_grad=True)
+    assert torch.equal((x * x).grad_fn._saved_self, x)  # autograd outside fit saves float tensors again
