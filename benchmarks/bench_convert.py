@@ -13,7 +13,11 @@ conv 1->32->64->128 (3x3, BN folded, ReLU, max-pool) + Linear(128, 10), 28x28 in
 installed: signed, normalised pixels, so the first layer sees negative inputs). Batch 64 and batch 1.
 
 Peers in the same run: torch.ao dynamic quantization (``quantize_dynamic``, Linear only, fbgemm),
-bitsandbytes ``Linear8bitLt`` in eval mode (int8 weights; Linear only). Timing: the variants are interleaved
+bitsandbytes ``Linear8bitLt`` in eval mode (int8 weights; Linear only), and onnxruntime (CPU provider, default
+graph optimizations): on the fp32 export, on ``lq.export_onnx(..., runtime="onnxruntime")`` (the form ORT fuses
+into its int8 kernels), and on ``onnxruntime.quantization.quantize_static`` of the fp32 export with the same
+calibration data (the anchor). The notes list which kernels ORT's optimized graph runs each layer with
+(QLinearConv / QGemm / float Conv ...). Timing: the variants are interleaved
 round after round (the machine may be shared) and each keeps its fastest round; ratios are fp32 time /
 variant time (higher is better). A profile of the int8 model at batch 1 splits the time between activation
 quantization (eq. 7) and the integer kernels.
@@ -142,27 +146,65 @@ def peers(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
-def onnxruntime_variants(fp32: nn.Module, fq: nn.Module, x: torch.Tensor, threads: int,
-                         calib: torch.Tensor | None = None) -> dict[str, Callable[[torch.Tensor], object]]:
-    """ONNX Runtime on the fp32 export, on lq.export_onnx's Q/DQ export, and (the anchor a user would pick)
-    on ``onnxruntime.quantization.quantize_static`` of the fp32 export with the same calibration data (QDQ
-    format, per-channel int8 weights, its default int8 activations and MinMax calibration)."""
+def ort_session(path: str, threads: int, optimized_path: str | None = None):
+    """onnxruntime CPU session, default (all) graph optimizations; ``optimized_path`` saves ORT's optimized graph."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    # ORT's pool threads spin after each run by default; interleaved with torch's OpenMP threads on a
+    # 2-core machine they steal the cores torch is timed on (stalls of tens of ms). No spinning.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if optimized_path is not None:
+        so.optimized_model_filepath = optimized_path
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+
+#: ORT's kernels for a conv / GEMM / matmul layer: its int8 ones, and its float ones under their names
+ORT_LAYER_KERNELS = {"QLinearConv": "QLinearConv", "QGemm": "QGemm", "QLinearMatMul": "QLinearMatMul",
+                     "MatMulIntegerToFloat": "MatMulIntegerToFloat", "Conv": "float Conv", "FusedConv": "float Conv",
+                     "Gemm": "float Gemm", "FusedGemm": "float Gemm", "MatMul": "float MatMul",
+                     "FusedMatMul": "float MatMul"}
+
+
+def ort_layer_kernels(optimized_path: str) -> str:
+    """What ORT runs each conv / GEMM / matmul layer as, read from its optimized graph: 'QLinearConv x2, ...'."""
+    import onnx
+
+    counts: dict[str, int] = {}
+    for node in onnx.load(optimized_path).graph.node:
+        kind = ORT_LAYER_KERNELS.get(node.op_type)
+        if kind is not None:
+            counts[kind] = counts.get(kind, 0) + 1
+    return ", ".join(f"{k} x{v}" for k, v in counts.items())
+
+
+def onnxruntime_variants(
+    fp32: nn.Module, fq: nn.Module, x: torch.Tensor, threads: int, calib: torch.Tensor | None = None
+) -> tuple[dict[str, Callable[[torch.Tensor], object]], list[str]]:
+    """ONNX Runtime on the fp32 export, on lq.export_onnx's export in the form ORT fuses
+    (``runtime="onnxruntime"``), and (the anchor a user would pick) on ``onnxruntime.quantization.quantize_static``
+    of the fp32 export with the same calibration data (QDQ format, per-channel int8 weights, its default uint8
+    activations and MinMax calibration). Also returns, per variant, the kernels ORT's optimized graph runs
+    the layers with (the fusion evidence)."""
     import tempfile
 
     try:
-        import onnxruntime as ort
+        import onnxruntime  # noqa: F401
     except ImportError:
-        return {}
+        return {}, []
     from lq.deploy import export_onnx
 
     out: dict[str, Callable[[torch.Tensor], object]] = {}
+    kernels: list[str] = []
     tmp = tempfile.mkdtemp()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(fp32, (x,), f"{tmp}/fp32.onnx", dynamo=False, opset_version=17, input_names=["input"],
                           dynamic_axes={"input": {0: "batch"}})
-        export_onnx(fq, x, f"{tmp}/int8.onnx")
-    files = [("onnxruntime fp32", "fp32.onnx"), ("onnxruntime Q/DQ int8 (lq.export_onnx)", "int8.onnx")]
+        export_onnx(fq, x, f"{tmp}/int8.onnx", runtime="onnxruntime")
+    files = [("onnxruntime fp32", "fp32.onnx"), ("onnxruntime int8 (lq.export_onnx, runtime='onnxruntime')", "int8.onnx")]
     if calib is not None:
         from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
@@ -179,15 +221,11 @@ def onnxruntime_variants(fp32: nn.Module, fq: nn.Module, x: torch.Tensor, thread
                             per_channel=True, weight_type=QuantType.QInt8)
         files.append(("onnxruntime quantize_static int8 (anchor)", "static.onnx"))
     for name, file in files:
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        # ORT's pool threads spin after each run by default; interleaved with torch's OpenMP threads on a
-        # 2-core machine they steal the cores torch is timed on (stalls of tens of ms). No spinning.
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        sess = ort.InferenceSession(f"{tmp}/{file}", so, providers=["CPUExecutionProvider"])
+        optimized = f"{tmp}/{file}.optimized.onnx"
+        sess = ort_session(f"{tmp}/{file}", threads, optimized)
         out[name] = lambda xb, s=sess: s.run(None, {"input": xb.numpy()})
-    return out
+        kernels.append(f"{name}: {ort_layer_kernels(optimized)}")
+    return out, kernels
 
 
 def profile_batch1(model: nn.Module, x: torch.Tensor) -> str:
@@ -228,9 +266,9 @@ def deploy_accuracy(title: str, model: nn.Module, x_calib: torch.Tensor, x_test:
     lq.quantize(model, lq.QuantConfig(activation=lq.QuantSpec(calibrator="max")))
     lq.calibrate(model, list(x_calib.split(256)), num_samples=None, method="max")
     rows["fake-quant (lq)"] = acc(model)
-    path = export_onnx(model, x_test[:2], f"{tempfile.mkdtemp()}/model.onnx")
-    for name, level in (("onnxruntime Q/DQ, graph semantics (optimizations off)", "ORT_DISABLE_ALL"),
-                        ("onnxruntime Q/DQ, ORT int8 kernels (default optimizations)", "ORT_ENABLE_ALL")):
+    path = export_onnx(model, x_test[:2], f"{tempfile.mkdtemp()}/model.onnx", runtime="onnxruntime")
+    for name, level in (("onnxruntime int8 export, graph semantics (optimizations off)", "ORT_DISABLE_ALL"),
+                        ("onnxruntime int8 export, ORT's fused int8 kernels (default optimizations)", "ORT_ENABLE_ALL")):
         so = ort.SessionOptions()
         so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
         so.intra_op_num_threads = threads
@@ -351,7 +389,9 @@ def main() -> None:
             cl = torch.channels_last
             calls["fp32, channels_last input"] = lambda xb, m=fp32, f=cl: m(xb.contiguous(memory_format=f))
             calls["lq int8 (convert), channels_last input"] = lambda xb, m=int8, f=cl: m(xb.contiguous(memory_format=f))
-        calls.update(onnxruntime_variants(fp32, fq, inputs[64], threads, calib))
+        ort_calls, ort_kernels = onnxruntime_variants(fp32, fq, inputs[64], threads, calib)
+        calls.update(ort_calls)
+        notes.extend(f"{mname}, ORT's optimized graph runs the layers as: {k}" for k in ort_kernels)
         for batch, x in inputs.items():
             t = bench({k: (lambda f=f, x=x: f(x)) for k, f in calls.items()}, rounds)
             w32, c32 = t["fp32"]

@@ -7,7 +7,10 @@ symmetric (zero point 0), scale = the step ``amax / 127`` (``1 / s`` of eq. 6). 
 fuses ``DQ -> Conv/Gemm`` with the Q of the next layer and runs eq. 10 in int8.
 
 Exported with torch's TorchScript exporter (``torch.onnx.export(..., dynamo=False)``), which turns torch's
-fake-quant ops into Q/DQ natively and needs nothing beyond ``onnx`` (offline).
+fake-quant ops into Q/DQ natively and needs nothing beyond ``onnx`` (offline). ``runtime="onnxruntime"``
+then rewrites that graph into the form onnxruntime's CPU provider fuses into its int8 kernels
+(``lq.deploy.onnx_ort_form``: uint8 activations with lq's clip, int8 weight initializers, int32 biases,
+each layer's output Q right after it).
 """
 
 from __future__ import annotations
@@ -19,11 +22,13 @@ import re
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 
 from lq.deploy.int8_layers import Int8Module, steps_from_amax
+from lq.deploy.onnx_ort_form import rewrite_for_onnxruntime
 from lq.extras import import_extra
 from lq.nn.swap import quantized_layers
 from lq.quant.functional import qmax
@@ -33,6 +38,8 @@ log = logging.getLogger(__name__)
 
 _HALF = (torch.float16, torch.bfloat16)
 MIN_OPSET = 13  # per-channel QuantizeLinear (axis attribute)
+Runtime = Literal["tensorrt", "onnxruntime"]
+RUNTIMES: tuple[str, ...] = get_args(Runtime)
 
 
 class _OnnxQuantizer(TensorQuantizer):
@@ -97,6 +104,18 @@ def _check_exportable(model: nn.Module, opset: int) -> dict[str, nn.Module]:
     return layers
 
 
+def _smoothing(layer: nn.Module) -> torch.Tensor | None:
+    """The per-input-channel divisor of ``lq.smooth_quant`` (``QuantMixin.input_smoothing``), or None."""
+    f = getattr(layer, "input_smoothing", None)
+    return None if f is None else f()
+
+
+def _quantized_weight(layer: nn.Module) -> torch.Tensor:
+    """What the weight quantizer sees: ``W diag(s)`` for a layer smoothed by ``lq.smooth_quant``, else ``W``."""
+    f = getattr(layer, "quant_weight", None)
+    return layer.weight if f is None else f()
+
+
 @contextlib.contextmanager
 def _export_state(model: nn.Module, layers: dict[str, nn.Module]) -> Iterator[int]:
     """Eval mode, fp32, export quantizers and frozen weight ranges; everything restored on exit."""
@@ -123,7 +142,7 @@ def _export_state(model: nn.Module, layers: dict[str, nn.Module]) -> Iterator[in
                 if q.mode != "quantize":
                     continue
                 if q is weight_q and q.dynamic:
-                    w = layer.weight.detach()
+                    w = _quantized_weight(layer).detach()
                     amax = w.abs().amax() if q.axis is None else w.abs().amax(dim=[d for d in range(w.dim()) if d != q.axis % w.dim()])
                     q.set_amax(amax)  # what the next forward would compute: the current range, as a constant
                 step = steps_from_amax(q.amax, q.spec.bits).detach().cpu()
@@ -134,6 +153,9 @@ def _export_state(model: nn.Module, layers: dict[str, nn.Module]) -> Iterator[in
                     w = layer.weight
                     bound = (step * qmax(q.spec.bits)).to(w.device, w.dtype)
                     bound = bound if q.axis is None else bound.reshape(_bshape(w, q.axis))
+                    smoothing = _smoothing(layer)
+                    if smoothing is not None:  # the quantizer sees W diag(s): clamp W to bound / s
+                        bound = bound / smoothing.to(w.device, w.dtype).reshape(1, -1)
                     clamped.append((w, w.detach().clone()))
                     with torch.no_grad():
                         w.copy_(torch.maximum(torch.minimum(w, bound), -bound))
@@ -179,6 +201,7 @@ def export_onnx(
     dynamic_batch: bool = True,
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
+    runtime: Runtime = "tensorrt",
 ) -> Path:
     """Export a calibrated fake-quant model to ONNX with QuantizeLinear/DequantizeLinear pairs.
 
@@ -193,14 +216,34 @@ def export_onnx(
     fp32 only, and an fp32 Q/DQ graph is what TensorRT expects; ask the builder for fp16 to run the float
     layers in half. The model is put in eval mode for the export and its mode restored.
 
-    One difference from the fake-quant model is ONNX's int8 range: an *activation* below ``-amax``
-    quantizes to -128 in ONNX and to -127 in lq (weights are clamped so they never differ).
+    ``runtime`` picks the graph's form; both compute lq's model:
+
+    - ``"tensorrt"`` (default): int8 Q/DQ pairs as above, float biases, ReLU / pooling left where the model has
+      them; TensorRT's builder moves and fuses them itself. One difference from the fake-quant model is
+      ONNX's int8 range: an *activation* below ``-amax`` quantizes to -128 in ONNX and to -127 in lq
+      (weights are clamped so they never differ).
+    - ``"onnxruntime"``: the form onnxruntime's CPU provider fuses into ``QLinearConv`` / ``QGemm`` /
+      ``MatMulIntegerToFloat`` (``lq.deploy.onnx_ort_form``): int8 weight initializers + DequantizeLinear
+      (``axis``), int32 biases, uint8 activations with an integer Clip that keeps lq's ``[-127, 127]`` grid
+      exactly, and each layer's output quantized by the next layer's scale right after it (across ReLU and
+      max pooling, which commute with the quantizer). Outputs differ from the fake-quant model only where
+      a hidden value sits within half an accumulator unit ``s_x s_w / 2`` of a rounding boundary (the
+      int32 bias rounding ORT's fused kernels need; ORT does the same to float biases when it fuses the
+      TensorRT form) or within float rounding of one (ORT's requantization order).
+      A Conv whose output reaches a non-commuting op (global average pooling, a residual add) before the
+      next quantizer stays a float Conv on int8-grid inputs: lq's model keeps that output in float. Not
+      for TensorRT (no uint8 Q/DQ there).
 
     Deploy with TensorRT (explicit quantization from the Q/DQ nodes; no calibration cache needed)::
 
         trtexec --onnx=m.onnx --int8                  # int8 where Q/DQ say so, fp32 elsewhere
         trtexec --onnx=m.onnx --int8 --fp16           # mixed: non-quantized layers in fp16
         # dynamic batch: --minShapes=input:1x3x224x224 --optShapes=input:64x3x224x224 --maxShapes=input:256x3x224x224
+
+    With onnxruntime (default graph optimizations fuse the int8 kernels)::
+
+        lq.export_onnx(model, x, "m.onnx", runtime="onnxruntime")
+        onnxruntime.InferenceSession("m.onnx", providers=["CPUExecutionProvider"])
 
     Args:
         model: a quantized, calibrated model.
@@ -209,16 +252,19 @@ def export_onnx(
         opset: ONNX opset, >= 13 (per-channel Q/DQ).
         dynamic_batch: make dim 0 of every input and output dynamic ("batch").
         input_names / output_names: graph names (default ``input``/``input_i`` and ``output``/``output_i``).
+        runtime: ``"tensorrt"`` or ``"onnxruntime"``: the form of the Q/DQ graph (above).
 
     Returns the path written.
 
     Raises:
         ImportError: onnx is not installed (``pip install 'lq[onnx]'``).
-        ValueError: no quantized layers, a converted model, opset < 13, more than 8 bits.
+        ValueError: no quantized layers, a converted model, opset < 13, more than 8 bits, an unknown runtime.
         RuntimeError: a layer was never calibrated (named), or the model uses an operator ONNX cannot
             express at this opset (the operator is named).
     """
-    import_extra("onnx", "lq.export_onnx")  # torch's exporter writes the file with it; fail before exporting
+    onnx = import_extra("onnx", "lq.export_onnx")  # torch's exporter writes the file with it; fail before exporting
+    if runtime not in RUNTIMES:
+        raise ValueError(f"export_onnx: runtime must be one of {RUNTIMES}, got {runtime!r}")
     path = Path(path)
     layers = _check_exportable(model, opset)
     args = _as_tuple(example_inputs)
@@ -258,10 +304,17 @@ def export_onnx(
                     f"keep that part of the model outside the exported module. Cause: {err}"
                 ) from err
             raise
+    form = ""
+    if runtime == "onnxruntime":
+        proto = onnx.load(str(path))
+        report = rewrite_for_onnxruntime(proto, onnx)
+        onnx.save(proto, str(path))
+        form = (f", onnxruntime form: {len(report.hoisted)} layers with their output quantized, "
+                f"{len(report.int32_biases)} int32 biases")
     counts = count_qdq(path)
     log.info(
-        "export_onnx: wrote %s (opset %d, %d quantizers, %d QuantizeLinear / %d DequantizeLinear)",
-        path, opset, n_quantizers, counts["QuantizeLinear"], counts["DequantizeLinear"],
+        "export_onnx: wrote %s (opset %d, %d quantizers, %d QuantizeLinear / %d DequantizeLinear%s)",
+        path, opset, n_quantizers, counts["QuantizeLinear"], counts["DequantizeLinear"], form,
     )
     return path
 
@@ -274,4 +327,4 @@ def _operator_name(message: str) -> str | None:
     return m.group(1) if m else None
 
 
-__all__ = ["count_qdq", "export_onnx"]
+__all__ = ["RUNTIMES", "count_qdq", "export_onnx"]
