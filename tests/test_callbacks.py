@@ -336,6 +336,22 @@ def test_export_onnx_and_converted_model_at_fit_end(tmp_path, pretrained):
     assert isinstance(m.net[0], lq.nn.QuantLinear) and m.net[0].weight.requires_grad  # the module stays trainable
 
 
+def test_export_onnx_in_onnxruntime_form_at_fit_end(tmp_path, pretrained):
+    import onnx
+
+    m = fresh(pretrained)
+    onnx_path = tmp_path / "m_ort.onnx"
+    with pytest.raises(ValueError, match="onnx_runtime"):
+        Int8PTQ(onnx_runtime="tvm")
+    cb = Int8PTQ(num_samples=256, export_onnx=str(onnx_path), onnx_runtime="onnxruntime")
+    trainer(tmp_path, [cb], max_steps=1, enable_checkpointing=False).fit(m, DigitsData())
+    graph = onnx.load(str(onnx_path)).graph
+    inits = {t.name: t.data_type for t in graph.initializer}
+    q_zero_points = [inits.get(n.input[2]) for n in graph.node if n.op_type == "QuantizeLinear"]
+    # the onnxruntime form: every activation QuantizeLinear is uint8 (the TensorRT form's are int8)
+    assert q_zero_points and set(q_zero_points) == {onnx.TensorProto.UINT8}
+
+
 class _FakeLibc:
     """Stands in for glibc in lq.cpu_memory: records mallopt calls, never touches the real allocator."""
 

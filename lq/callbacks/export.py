@@ -37,16 +37,18 @@ def _log_dir(trainer: pl.Trainer) -> str:
 
 
 def export_after_fit(
-    trainer: pl.Trainer, pl_module: pl.LightningModule, onnx_path: str | None, converted_path: str | None
+    trainer: pl.Trainer, pl_module: pl.LightningModule, onnx_path: str | None, converted_path: str | None,
+    onnx_runtime: str = "tensorrt",
 ) -> None:
     was_training = pl_module.training
     pl_module.eval()
     try:
         if onnx_path:
             os.makedirs(os.path.dirname(os.path.abspath(onnx_path)), exist_ok=True)
-            export_onnx(pl_module, _example_input(trainer, pl_module), onnx_path)
-            rank_zero_info(f"lq: ONNX model with Q/DQ nodes written to {onnx_path}")
-            tracking.log_artifact(trainer.loggers, onnx_path, "lq-onnx", "model", {"format": "onnx", "qdq": True})
+            export_onnx(pl_module, _example_input(trainer, pl_module), onnx_path, runtime=onnx_runtime)
+            rank_zero_info(f"lq: ONNX model with Q/DQ nodes ({onnx_runtime} form) written to {onnx_path}")
+            tracking.log_artifact(trainer.loggers, onnx_path, "lq-onnx", "model",
+                                  {"format": "onnx", "qdq": True, "runtime": onnx_runtime})
         if converted_path:
             # convert() works in place: convert a copy so the trained module stays trainable.
             model = copy.deepcopy(pl_module)

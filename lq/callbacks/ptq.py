@@ -40,6 +40,8 @@ class Int8PTQ(QuantizationCallback):
         export_onnx: at the end of fit, write the quantized model as ONNX with Q/DQ nodes to this path
             (``lq.export_onnx``; the example input is one sample of the training data; needs
             ``pip install 'lq[onnx]'``, checked here rather than after the fit).
+        onnx_runtime: the form of the ONNX graph (``lq.export_onnx``'s ``runtime``): ``"tensorrt"`` (int8 Q/DQ)
+            or ``"onnxruntime"`` (the form onnxruntime fuses into QLinearConv / QGemm).
         export_converted: at the end of fit, save a converted int8 copy of the model (``lq.convert``) with
             ``torch.save`` to this path (load it with ``torch.load(path, weights_only=False)``).
         cpu_malloc: on CPU, keep freed malloc blocks for reuse from setup to teardown (process-wide, so off by
@@ -57,8 +59,12 @@ class Int8PTQ(QuantizationCallback):
         export_onnx: str | None = None,
         export_converted: str | None = None,
         cpu_malloc: bool = False,
+        onnx_runtime: Literal["tensorrt", "onnxruntime"] = "tensorrt",
     ) -> None:
         super().__init__(config, num_samples, calibration_data, cpu_malloc=cpu_malloc)
+        if onnx_runtime not in ("tensorrt", "onnxruntime"):
+            raise ValueError(f"onnx_runtime must be 'tensorrt' or 'onnxruntime', got {onnx_runtime!r}")
+        self.onnx_runtime = onnx_runtime
         if export_onnx is not None:
             import_extra("onnx", f"{type(self).__name__}(export_onnx=...)")
         self.export_onnx = export_onnx
@@ -100,7 +106,7 @@ class Int8PTQ(QuantizationCallback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero and (self.export_onnx or self.export_converted):
-            export_after_fit(trainer, pl_module, self.export_onnx, self.export_converted)
+            export_after_fit(trainer, pl_module, self.export_onnx, self.export_converted, self.onnx_runtime)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn == "validate":

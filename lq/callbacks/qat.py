@@ -38,7 +38,8 @@ class Int8QAT(Int8PTQ):
         final_lr_scale: final LR / fine-tuning start LR (paper: 1/100).
         range_lr: LR of learned ranges (default: the first param group's fine-tuning LR); never weight decay.
         compute: "fake" (fake quantization) or "int8" (the forward runs real int8 GEMMs, ``lq.ops``).
-        calibration_data, method, monitor, mode, export_onnx, export_converted, cpu_malloc: as in ``Int8PTQ``
+        calibration_data, method, monitor, mode, export_onnx, export_converted, cpu_malloc, onnx_runtime: as in
+            ``Int8PTQ``
             (``cpu_malloc=True`` speeds up CPU fine-tuning: the QAT step allocates more large tensors).
     """
 
@@ -57,9 +58,10 @@ class Int8QAT(Int8PTQ):
         export_onnx: str | None = None,
         export_converted: str | None = None,
         cpu_malloc: bool = False,
+        onnx_runtime: Literal["tensorrt", "onnxruntime"] = "tensorrt",
     ) -> None:
         super().__init__(config, num_samples, calibration_data, method, monitor, mode, export_onnx, export_converted,
-                         cpu_malloc=cpu_malloc)
+                         cpu_malloc=cpu_malloc, onnx_runtime=onnx_runtime)
         for name, v in (("lr_scale", lr_scale), ("final_lr_scale", final_lr_scale)):
             if not isinstance(v, (int, float)) or not 0 < v <= 1:
                 raise ValueError(f"{name} must be in (0, 1] (the paper uses 0.01), got {v!r}")
