@@ -31,6 +31,7 @@ from lq.models import SmallResNet
 from lq.nn.int8_compute import use_int8_compute
 from lq.ops import Int8ComputeConfig
 from lq.ops import hardware as hw
+from lq.quant.functional import qmax
 
 
 def int8_model(base: nn.Module, cfg: Int8ComputeConfig) -> nn.Module:
@@ -54,17 +55,22 @@ def bench_step(args) -> None:
     y = torch.randint(0, 10, (args.batch,))
     base = SmallResNet().train()
     cfg = Int8ComputeConfig.for_this_machine()
+    qa = qmax(cfg.act_bits)  # Int8Training's default: saved activations kept as int8 (lq.ops.saved_int8)
     fns = {
         "fp32": train_step(copy.deepcopy(base), x, y, momentum=0.9),
         "bf16 autocast": train_step(copy.deepcopy(base), x, y, momentum=0.9, autocast=True),
-        f"int8 ({cfg.act_bits}/{cfg.weight_bits}/{cfg.grad_bits} bits, clip search)": train_step(
-            int8_model(base, cfg), x, y, momentum=0.9),
-        "int8, stochastic gradient rounding": train_step(
-            int8_model(base, Int8ComputeConfig.for_this_machine(grad_rounding="stochastic")), x, y, momentum=0.9),
+        f"int8 ({cfg.act_bits}/{cfg.weight_bits}/{cfg.grad_bits} bits, {cfg.grad_rounding}, Int8Training default)":
+            train_step(int8_model(base, cfg), x, y, momentum=0.9, saved_int8_qmax=qa),
+        "int8, float saved activations": train_step(int8_model(base, cfg), x, y, momentum=0.9),
+        "int8, nearest gradient rounding": train_step(
+            int8_model(base, Int8ComputeConfig.for_this_machine(grad_rounding="nearest")), x, y, momentum=0.9,
+            saved_int8_qmax=qa),
         "int8, clip searched every 16th step": train_step(
-            int8_model(base, Int8ComputeConfig.for_this_machine(clip_every=16)), x, y, momentum=0.9),
+            int8_model(base, Int8ComputeConfig.for_this_machine(clip_every=16)), x, y, momentum=0.9,
+            saved_int8_qmax=qa),
         "int8, no clip search": train_step(
-            int8_model(base, Int8ComputeConfig.for_this_machine(grad_clip=False)), x, y, momentum=0.9),
+            int8_model(base, Int8ComputeConfig.for_this_machine(grad_clip=False)), x, y, momentum=0.9,
+            saved_int8_qmax=qa),
     }
     if args.no_bf16:
         fns.pop("bf16 autocast")

@@ -33,15 +33,22 @@ def median_time(fn: Callable[[], object], warmup: int, repeats: int) -> float:
 
 
 def train_step(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, momentum: float = 0.0, autocast: bool = False
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, momentum: float = 0.0, autocast: bool = False,
+    saved_int8_qmax: int | None = None,
 ) -> Callable[[], None]:
     """One forward + cross-entropy backward + SGD (lr 1e-3) step on ``(x, y)``, as a callable;
-    ``autocast`` runs the forward under CPU bf16 autocast."""
+    ``autocast`` runs the forward under CPU bf16 autocast; ``saved_int8_qmax``: the forward keeps its saved
+    activations as int8 (``lq.ops.saved_int8``, as ``Int8Training(int8_saved=True)`` does)."""
+    import contextlib
+
+    from lq.ops.saved_int8 import int8_saved_activations
+
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=momentum)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        saving = int8_saved_activations(saved_int8_qmax) if saved_int8_qmax else contextlib.nullcontext()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), saving:
             loss = F.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
