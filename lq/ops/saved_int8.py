@@ -23,6 +23,7 @@ are; so are tensors of layers trained in float.
 from __future__ import annotations
 
 import contextlib
+import math
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lq.ops import fused
 from lq.ops.quantize import dequantize_along, quantize_along
 
 #: tensors smaller than this are saved as they are (scales, statistics, logits of small heads)
@@ -67,11 +69,15 @@ class _Session:
         hit = self.lookup(t)
         if hit is not None:
             return _Packed(hit[0], hit[1], None, t.dtype)
-        lo = torch.aminmax(t.detach())[0] if t.dim() else t.detach()
-        if not bool(torch.isfinite(lo)):
+        x = t.detach()
+        lo, hi = torch.aminmax(x)
+        if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
             return t  # NaN/Inf: left for the layers' own checks to report, by name
         if float(lo) >= 0.0:
-            q, step = quantize_along(t.detach(), self.act_qmax, None, what="saved activation")
+            # quantize_along(x, act_qmax, None)'s integers and step, bit for bit (max |x| = hi here), without
+            # its second reduction pass: the next int8 conv takes them as its own (shared_int8)
+            s = fused.scale_from_amax(hi.float().reshape(1), self.act_qmax)
+            q, step = fused.quantize_with_scale(x, s, self.act_qmax, None), 1.0 / s
             self.remember(t, q, step)
             return _Packed(q, step, None, t.dtype)
         axis = 1 if t.dim() >= 2 else None
