@@ -181,6 +181,11 @@ class TensorQuantizer(nn.Module):
             except ValueError as err:
                 raise ValueError(f"layer '{self.name}': {err}") from err
             return x
+        if self.dynamic and torch.compiler.is_compiling():
+            # torch.export / torch.compile: the range as a graph value (no cache, no data-dependent check)
+            a = x.detach().abs()
+            amax = a.amax() if self.axis is None else a.amax(dim=[d for d in range(x.dim()) if d != self.axis % x.dim()])
+            return fake_quant(x, amax.float(), self.spec.bits, self.axis, in_range=True)
         if self.dynamic:
             # Without autograd (evaluation, sensitivity sweeps, calibration of other layers) an unchanged
             # weight Parameter gives the same fake-quantized weight: reuse it instead of two passes plus a
@@ -203,12 +208,13 @@ class TensorQuantizer(nn.Module):
             out = fake_quant(x, self.amax, self.spec.bits, self.axis, in_range=True)  # amax = max |x|
             self.__dict__["_dynamic_cache"] = (key, out.detach()) if cacheable else None
             return out
-        if not self.is_calibrated:
-            raise RuntimeError(
-                f"layer '{self.name}' is quantized but has no calibrated range: run "
-                "lq.calibrate(model, data) first (or disable it with lq.quantization_disabled)"
-            )
-        self._check_finite(x)
+        if not torch.compiler.is_compiling():  # data-dependent checks: torch.export / torch.compile trace without them
+            if not self.is_calibrated:
+                raise RuntimeError(
+                    f"layer '{self.name}' is quantized but has no calibrated range: run "
+                    "lq.calibrate(model, data) first (or disable it with lq.quantization_disabled)"
+                )
+            self._check_finite(x)
         if self.spec.learn_range and self.training:
             return fake_quant_learned_range(x, self.amax, self.spec.bits, self.axis)
         return fake_quant(x, self.amax, self.spec.bits, self.axis)
