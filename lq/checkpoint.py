@@ -126,13 +126,14 @@ def remove_float_state_dict_hook(module: nn.Module) -> None:
 
 
 #: QuantSpec fields that do not change what a checkpoint's ranges mean
-CALIBRATION_ONLY_FIELDS = frozenset({"calibrator", "percentile", "num_bins"})
+#: smoothquant: whether lq.calibrate searches smoothing factors; the factors themselves are in the state
+CALIBRATION_ONLY_FIELDS = frozenset({"calibrator", "percentile", "num_bins", "smoothquant"})
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any], where: str = "") -> list[str]:
     """``["activation.bits: checkpoint 8, model 4", ...]`` for two ``QuantConfig.to_dict()`` results.
 
-    Fields that only say how a range was *computed* (calibrator, percentile, histogram bins) are not
+    Fields that only say how a range was *computed* (calibrator, percentile, histogram bins, smoothquant) are not
     differences: the checkpoint's amax values are the ranges, whatever produced them (e.g. ``Int8PTQ()``
     testing the checkpoint of a QAT run calibrated with "max")."""
     out = []

@@ -260,11 +260,12 @@ def smooth_quant(
 
     Runs the float model on ``data`` (every quantizer off) to measure each layer's per-input-channel range
     ``max|X_j|`` and to sample its input rows, then keeps per layer the ``alpha`` (or no smoothing) with the least
-    output error (module docstring). Call it after ``lq.quantize`` and before ``lq.calibrate``; or leave
-    ``QuantConfig(smoothquant=True)`` (the default), with which ``lq.calibrate`` measures the same statistics in
-    its own histogram pass and smooths the layers where it cuts the error at least ``MIN_GAIN``-fold. A second
-    call measures the unsmoothed inputs again and replaces the previous factors. If calibrated ranges no longer
-    fit a smoothed layer, they are reset with a warning (calibrate again).
+    output error (module docstring). Call it after ``lq.quantize`` and before ``lq.calibrate`` (which then keeps
+    these factors); or leave ``QuantConfig(smoothquant=True)`` (the default), with which ``lq.calibrate`` of a
+    model not yet smoothed measures the same statistics in its own histogram pass and smooths the layers where it
+    cuts the error at least ``MIN_GAIN``-fold. A second call measures the unsmoothed inputs again and replaces
+    the previous factors. Calibrated ranges of a layer whose factors changed (or were removed) no longer fit
+    it: they are reset with a warning (calibrate again).
 
     Args:
         model: a quantized model (``lq.quantize``).
@@ -307,8 +308,10 @@ def smooth_quant(
     stale = []
     for entry in report:
         layer = chosen[entry.layer]
+        before, now = stats.previous.get(entry.layer), getattr(layer.input_quantizer, "smoothing", None)
+        changed = (before is None) != (now is None) or (now is not None and not torch.equal(before, now))
         for q in (layer.input_quantizer, layer.weight_quantizer):
-            if entry.alpha is not None and not q.dynamic and q.is_calibrated:
+            if changed and not q.dynamic and q.is_calibrated:  # ranges measured on the other x / s or W diag(s)
                 stale.append(q.name)
                 q.amax.data.fill_(float("nan"))
     if stale:

@@ -170,7 +170,9 @@ def calibrate(
 
     # QuantConfig(smoothquant=True): SmoothQuant's statistics are measured in the histogram pass below; the layers
     # it smooths (lq.smoothing.MIN_GAIN) collect their histograms again, of x / s, in a second pass over the data.
-    smooth_layers = smoothable_layers(model) if smooth else {}
+    # A model that is already smoothed (lq.smooth_quant, or a previous lq.calibrate) keeps its factors: they
+    # are not searched again, so an explicit smooth_quant's alphas / layers / min_gain stand.
+    smooth_layers = smoothable_layers(model) if smooth and not saved_smoothing else {}
     if smooth_layers:
         data = _replayable(data, num_samples)
     stats = None
@@ -180,7 +182,7 @@ def calibrate(
         # Weights: static, one look each (before any forward: under FSDP2 the weights are whole only until then).
         for name, q in weights.items():
             q.start_calibration()
-            q(model.get_submodule(name.rpartition(".")[0]).quant_weight().detach())
+            q(model.get_submodule(name.rpartition(".")[0]).smoothed_weight().detach())
             q.load_calib_amax()
         # Activations: collected on the float model (every other quantizer off).
         for q in qs.values():

@@ -75,3 +75,29 @@ def test_copy_keeps_the_matmul_attention():
     twin = copy.deepcopy(model)
     assert hasattr(twin.encoder.layer[0].attention.self, "qk_matmul")
     assert twin.config._attn_implementation == "lq_matmul"
+
+
+def _llama(**kw) -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                      intermediate_size=64, max_position_embeddings=32, **kw)
+    return transformers.LlamaModel(config).eval()
+
+
+def test_grouped_query_attention_computes_the_same_function():
+    model = _llama(num_key_value_heads=2)  # 4 query heads share 2 key/value heads
+    ids = torch.randint(1, 50, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(input_ids=ids).last_hidden_state
+    use_matmul_attention(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).last_hidden_state, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_soft_capped_attention_is_refused_not_approximated():
+    module = nn.Module()
+    q = torch.randn(1, 2, 3, 4)
+    from lq.nn.hf_attention import _lq_matmul_attention
+
+    with pytest.raises(NotImplementedError, match="softcap"):
+        _lq_matmul_attention(module, q, q, q, None, softcap=5.0)

@@ -66,7 +66,7 @@ def _weight_amax(layer: nn.Module) -> torch.Tensor:
     q: TensorQuantizer = layer.weight_quantizer
     if not q.dynamic:
         return q.amax.detach()
-    w = layer.quant_weight().detach()  # W diag(s) for a layer smoothed by lq.smooth_quant
+    w = layer.smoothed_weight().detach()  # W diag(s) for a layer smoothed by lq.smooth_quant
     if q.axis is None:
         return w.abs().amax().float()
     dims = [d for d in range(w.dim()) if d != q.axis % w.dim()]

@@ -37,15 +37,31 @@ def _lq_matmul_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """transformers' eager attention, with ``Q K^T`` and ``P V`` through the module's Matmul modules (plain
-    ``torch.matmul`` for an attention module :func:`use_matmul_attention` did not equip)."""
+    ``torch.matmul`` for an attention module :func:`use_matmul_attention` did not equip). Grouped-query
+    attention repeats the key/value heads (``module.num_key_value_groups``); the softmax runs in fp32.
+
+    Raises:
+        NotImplementedError: the model asks for logit soft-capping, a sliding window or attention sinks, which
+            this eager computation does not implement (keep such a model's ``sdpa``/eager attention).
+    """
+    unsupported = [k for k in ("softcap", "sliding_window", "s_aux") if kwargs.get(k) is not None]
+    if unsupported:
+        raise NotImplementedError(
+            f"lq_matmul attention ({type(module).__name__}): {unsupported} are not implemented; this model's "
+            "attention cannot run through lq.nn.Matmul (do not call use_matmul_attention on it)"
+        )
     qk = getattr(module, "qk_matmul", torch.matmul)
     pv = getattr(module, "pv_matmul", torch.matmul)
+    groups = int(getattr(module, "num_key_value_groups", 1) or 1)
+    if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
     if scaling is None:
         scaling = query.size(-1) ** -0.5
     scores = qk(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None:
-        scores = scores + attention_mask
-    weights = nn.functional.softmax(scores, dim=-1)
+        scores = scores + attention_mask[:, :, :, : key.shape[-2]]
+    weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     weights = nn.functional.dropout(weights, p=dropout, training=module.training)
     out = pv(weights, value).transpose(1, 2).contiguous()
     return out, weights

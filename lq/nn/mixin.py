@@ -62,6 +62,14 @@ class QuantMixin:
         s = self.input_smoothing()
         return self.weight if s is None else self.weight * s.to(self.weight.dtype)
 
+    def smoothed_weight(self) -> torch.Tensor:
+        """``weight * s`` whenever the layer has a smoothing and quantizes its input when it quantizes (the weight
+        its weight quantizer must be calibrated for), whatever the quantizers' modes are right now."""
+        s = getattr(self.input_quantizer, "smoothing", None)
+        if s is None or not self.input_quantizer.spec.enabled:
+            return self.weight
+        return self.weight * s.to(self.weight.dtype)
+
     def quantizers(self) -> dict[str, TensorQuantizer]:
         """``{attribute name: quantizer}`` of this layer."""
         return {n: m for n, m in self.named_children() if isinstance(m, TensorQuantizer)}

@@ -138,8 +138,11 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
-        """Rebuild a config from ``to_dict``'s nested dicts (specs may also be given as ``QuantSpec``)."""
+        """Rebuild a config from ``to_dict``'s nested dicts (specs may also be given as ``QuantSpec``). A dict without
+        ``smoothquant`` (written by an lq without SmoothQuant) reads as ``smoothquant=False``."""
         d = dict(d)
+        # a dict written before the field existed describes a model calibrated without SmoothQuant
+        d.setdefault("smoothquant", False)
         d["weight"] = QuantSpec(**d.get("weight", {})) if isinstance(d.get("weight"), dict) else d.get("weight")
         d["activation"] = (
             QuantSpec(**d.get("activation", {})) if isinstance(d.get("activation"), dict) else d.get("activation")
