@@ -140,5 +140,38 @@ def test_int8_training_callback_saves_int8_and_cleans_up():
         saved_int8._Session.pack = original
     assert any(hasattr(p, "q") for p in seen)  # the steps' activations were packed as int8
     assert saved_int8._active == []  # no session left open after fit
-    x = torch.randn(5000, requires_grad=True)
+    x = torch.relu(torch.randn(5000, requires_grad=True) * 1.0)  # a packable producer (ReLU), non-leaf
     assert torch.equal((x * x).grad_fn._saved_self, x)  # autograd outside fit saves float tensors again
+
+
+def test_only_the_int8_dataflow_is_packed_float_layers_and_the_loss_stay_exact():
+    torch.manual_seed(0)
+    body = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten())
+    head = torch.nn.Linear(8 * 28 * 28, 1000)  # a float layer (skipped), a 1000-class loss
+    model = torch.nn.Sequential(body, head).train()
+    lq.quantize(model, lq.QuantConfig(weight=lq.QuantSpec(enabled=False), activation=lq.QuantSpec(enabled=False),
+                                      layers=["Conv2d"]))
+    use_int8_compute(model, CONFIG)
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 1000, (16,))
+
+    def grads(on: bool):
+        model.zero_grad()
+        if on:
+            with int8_saved_activations(qmax(CONFIG.act_bits)):
+                logits = model(x)
+                p = torch.softmax(logits, 1)
+                loss = F.cross_entropy(logits, y) - (p * torch.log(p)).sum(1).mean()  # entropy term: log of softmax
+        else:
+            logits = model(x)
+            p = torch.softmax(logits, 1)
+            loss = F.cross_entropy(logits, y) - (p * torch.log(p)).sum(1).mean()
+        loss.backward()
+        return head.weight.grad.clone(), body[0].weight.grad.clone()
+
+    head_a, conv_a = grads(False)
+    head_b, conv_b = grads(True)
+    assert torch.equal(head_a, head_b)  # the float head's weight gradient: its input and the loss kept exact
+    assert torch.isfinite(conv_b).all()
+    assert float(F.cosine_similarity(conv_a.flatten(), conv_b.flatten(), dim=0)) > 0.97
+    # outside the block no module hook is left behind
+    assert not torch.nn.modules.module._global_forward_pre_hooks

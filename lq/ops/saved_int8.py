@@ -14,10 +14,14 @@ activation as int8 (eq. 7) with its step and hands backward the dequantized valu
   quantization pass less);
 * any other tensor (BatchNorm's input, a residual sum) with one step per channel (dim 1), 8 bits.
 
-Backward is approximate where it reads those values: ReLU's mask ``y > 0`` misses outputs below half a step
+Only the int8 dataflow is compressed: a tensor is packed when an int8 layer or a ReLU-like clip, pooling or
+residual add produced it (``PACKED_PRODUCERS``, read off its ``grad_fn``), so the loss, softmax, log,
+division and user code keep exact float tensors. The input of a layer trained in float (a skipped Linear /
+Conv) is kept in float for that layer, even when a ReLU before it saved an int8 copy for its own backward.
+Backward is approximate where it reads packed values: ReLU's mask ``y > 0`` misses outputs below half a step
 (their gradient is dropped), BatchNorm's input-gradient sees its input rounded to 8 bits per channel. The
 forward is unchanged. Parameters, integer tensors and small tensors (< ``MIN_NUMEL`` elements) are kept as they
-are; so are tensors of layers trained in float.
+are.
 """
 
 from __future__ import annotations
@@ -38,6 +42,15 @@ from lq.ops.quantize import dequantize_along, quantize_along
 #: tensors smaller than this are saved as they are (scales, statistics, logits of small heads)
 MIN_NUMEL = 4096
 
+#: ``type(t.grad_fn).__name__`` of the tensors that are packed: outputs of the int8 layers (the input of the
+#: BatchNorm after them), of ReLU-like clips, pooling and residual adds (the inputs of the next int8 layer)
+PACKED_PRODUCERS = frozenset({
+    "Int8Conv2dFunctionBackward", "Int8LinearFunctionBackward",
+    "ReluBackward0", "HardtanhBackward0", "ClampBackward1", "ClampMinBackward0", "LeakyReluBackward0",
+    "MaxPool2DWithIndicesBackward0", "AvgPool2DBackward0", "AdaptiveAvgPool2DBackward0", "AddBackward0",
+    "NativeBatchNormBackward0", "CudnnBatchNormBackward0",
+})
+
 _active: list["_Session"] = []
 
 
@@ -55,6 +68,14 @@ class _Session:
     def __init__(self, act_qmax: int, on_pack: Callable[[Any], None] | None = None) -> None:
         self.act_qmax, self.on_pack = act_qmax, on_pack
         self.shared: dict[int, tuple[weakref.ref, int, torch.Tensor, torch.Tensor]] = {}
+        self.float_inputs: dict[int, weakref.ref] = {}  # inputs of layers that train in float
+
+    def keep_float(self, module: nn.Module, args: tuple) -> None:
+        """Forward pre-hook (every module): a Linear / Conv without int8 compute saves its input in float."""
+        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and "int8_compute" not in module.__dict__:
+            for a in args:
+                if isinstance(a, torch.Tensor):
+                    self.float_inputs[id(a)] = weakref.ref(a)
 
     def pack(self, t: torch.Tensor):
         out = self._pack(t)
@@ -64,7 +85,11 @@ class _Session:
 
     def _pack(self, t: torch.Tensor):
         if (not t.is_floating_point() or t.numel() < MIN_NUMEL or isinstance(t, nn.Parameter)
-                or (t.requires_grad and t.is_leaf)):
+                or (t.requires_grad and t.is_leaf) or t.grad_fn is None
+                or type(t.grad_fn).__name__ not in PACKED_PRODUCERS):
+            return t
+        ref = self.float_inputs.get(id(t))
+        if ref is not None and ref() is t:
             return t
         hit = self.lookup(t)
         if hit is not None:
@@ -128,9 +153,12 @@ def int8_saved_activations(act_qmax: int, on_pack: Callable[[Any], None] | None 
     """
     session = _Session(act_qmax, on_pack)
     _active.append(session)
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(session.keep_float)
     try:
         with torch.autograd.graph.saved_tensors_hooks(session.pack, session.unpack):
             yield
     finally:
+        handle.remove()
         _active.remove(session)
         session.shared.clear()
+        session.float_inputs.clear()
