@@ -336,3 +336,21 @@ def test_cuda_int8_conv2d_training_step_matches_reference_path():
     ref = _train_step(x, w, b, args, replace(cfg, use_fast_kernels=False), g)
     for f, r in zip(fast, ref):
         torch.testing.assert_close(f, r, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 1, 3), (5, 7, 9), (16, 8, 8), (17, 16, 8), (33, 1030, 13)])
+def test_int8_mm_cuda_kernel_pads_any_shape_exactly(m, k, n):
+    """lq::int8_mm's CUDA kernel (torch._int_mm, here on CPU tensors) zero-pads shapes outside cuBLASLt's
+    rules (M > 16, K and N multiples of 8) instead of leaving them to the float64 reference."""
+    from lq.ops.int8_mm import int8_mm_reference
+
+    g = torch.Generator().manual_seed(m * 1000 + k * 10 + n)
+    a = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
+    b = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    a_step, b_step = torch.rand(m, generator=g) + 0.5, torch.rand(n, generator=g) + 0.5
+    bias = torch.randn(n, generator=g)
+    with hw.record_kernels() as ran:
+        out = _on_cuda_kernel("int8_mm")(a, b, a_step, b_step, 127, 127, bias)
+    assert "int8_mm:int_mm" in ran and not any("reference" in r for r in ran), ran
+    torch.testing.assert_close(out, int8_mm_reference(a, b, a_step, b_step, 127, 127, bias), rtol=1e-6, atol=1e-4)
+    assert out.shape == (m, n) and out.is_contiguous()

@@ -220,20 +220,21 @@ def _int8_mm_cuda(a, b, a_step, b_step, a_qmax, b_qmax, bias):
     _check(a, b)
     m, k = a.shape
     n = b.shape[0]
-    # torch._int_mm (cuBLASLt IGEMM) needs M > 16 and K, N multiples of 8.
-    if m <= 16 or k % 8 or n % 8:
-        return _reference_fallback(
-            "int8_mm:cuda-shape",
-            f"lq::int8_mm: shape M={m}, K={k}, N={n} is outside torch._int_mm's CUDA constraints "
-            "(M > 16, K and N multiples of 8); using the reference kernel for such shapes.",
-            a, b, a_step, b_step, a_qmax, b_qmax, bias,
-        )
+    # torch._int_mm (cuBLASLt IGEMM) needs M > 16 and K, N multiples of 8: zero rows / columns make any shape
+    # fit (a zero adds nothing to an integer dot product), and the result is cut back to M x N
+    mp, kp, np_ = max(m, 17), -(-k // 8) * 8, -(-n // 8) * 8
+    if (mp, kp) != (m, k):
+        a = torch.nn.functional.pad(a, (0, kp - k, 0, mp - m))
+    if (np_, kp) != (n, k):
+        b = torch.nn.functional.pad(b, (0, kp - k, 0, np_ - n))
+    k = kp
     hw.ran("int8_mm", "int_mm")
     out = None
     for k0, k1 in reduction_chunks(k, hw.max_exact_reduction(a_qmax, b_qmax), multiple=8):
         # mat2 = b_chunk^T [Kc, N] as a column-major view, the layout cuBLASLt's IGEMM wants
         part = torch._int_mm(a[:, k0:k1].contiguous(), b[:, k0:k1].contiguous().t()).float()
         out = part if out is None else out.add_(part)
+    out = out[:m, :n].contiguous() if out.shape != (m, n) else out
     out.mul_(a_step.float().reshape(-1, 1)).mul_(b_step.float().reshape(1, -1))
     if bias is not None:
         out = out + bias.float()
