@@ -11,6 +11,7 @@ from torch import nn
 import lq
 from lq.checkpoint import apply_quantizer_state, quantizer_state
 from lq.smoothing import ALPHAS, smoothings
+from test_equalize import _Branch  # a Linear that never runs (a dead branch)
 
 MAX = lq.QuantSpec(calibrator="max")
 
@@ -191,15 +192,6 @@ def test_smooth_quant_bad_input_names_the_problem_and_changes_nothing():
     assert all(torch.equal(smoothings(model)[n], saved[n]) for n in saved)  # the previous smoothing is back
     with pytest.raises(ValueError, match="calibration data is empty"):
         lq.smooth_quant(model, [])
-
-
-class _Branch(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.used, self.dead = nn.Linear(4, 4), nn.Linear(4, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.used(x)
 
 
 def test_smooth_quant_names_a_layer_that_never_ran():
