@@ -169,12 +169,11 @@ def calibrate(
         _put_back(model, saved_smoothing)
 
     # QuantConfig(smoothquant=True): SmoothQuant's statistics are measured in the histogram pass below; the layers
-    # it smooths (lq.smoothing.MIN_GAIN) collect their histograms again, of x / s, in a second pass over the data.
+    # it smooths (lq.smoothing.MIN_GAIN) collect their histograms again, of x / s, in a second pass over the kept
+    # first 256 samples (the whole forward_loop for a callable).
     # A model that is already smoothed (lq.smooth_quant, or a previous lq.calibrate) keeps its factors: they
     # are not searched again, so an explicit smooth_quant's alphas / layers / min_gain stand.
     smooth_layers = smoothable_layers(model) if smooth and not saved_smoothing else {}
-    if smooth_layers:
-        data = _replayable(data, num_samples)
     stats = None
     try:
         # (removes the layers' previous smoothing: their raw inputs and weights are measured)
@@ -190,7 +189,8 @@ def calibrate(
         for q in act.values():
             q.start_calibration(method)
         with _eval_no_grad(model):
-            seen = _run_data(model, data, num_samples, kept if layerwise or correct else None, LAYERWISE_SAMPLES)
+            seen = _run_data(model, data, num_samples, kept if layerwise or correct or smooth_layers else None,
+                             LAYERWISE_SAMPLES)
         if num_samples is not None and 0 <= seen < num_samples:
             warnings.warn(
                 f"lq.calibrate: asked for {num_samples} samples but the data held {seen}; calibrated on {seen}",
@@ -214,7 +214,7 @@ def calibrate(
                     else:
                         q.mode = "off"  # its histogram is complete; it passes its input through
                 with _eval_no_grad(model):
-                    _run_data(model, data, num_samples)
+                    _run_data(model, kept or data, None if kept else num_samples)
         for q in act.values():
             # Every rank joins every reduction (a rank that saw no data for a layer still takes part), so
             # DDP never waits on a rank that skipped; afterwards has_data is true if any rank collected.
@@ -283,25 +283,6 @@ def calibrate(
             undo()
             raise
     return model
-
-
-def _replayable(data: Any, num_samples: int | None) -> Any:
-    """``data`` if it can be read twice (a DataLoader, a list, a ``forward_loop`` callable), else its first
-    ``num_samples`` samples as a list of batches (a generator or other one-shot iterator)."""
-    if callable(data) and not isinstance(data, (torch.utils.data.DataLoader, Iterable)):
-        return data
-    if not isinstance(data, Iterator):
-        return data
-    batches, seen = [], 0
-    for batch in data:
-        n = batch_size(batch)
-        if num_samples is not None and seen + n > num_samples:
-            batch, n = _take(batch, num_samples - seen), num_samples - seen
-        batches.append(batch)
-        seen += n
-        if num_samples is not None and seen >= num_samples:
-            break
-    return batches
 
 
 def _restore(qs: dict[str, TensorQuantizer], saved: dict[str, tuple[torch.Tensor, Any]]) -> None:
