@@ -228,7 +228,9 @@ def test_minilm_ptq_tiny(tmp_path: Path) -> None:
             "data.num_eval=4",
             "candidates=[max]",
             "gelu10_candidates=[max]",
-            "quant.only=[bert.encoder.layer.0.intermediate.*,bert.encoder.layer.0.output.*]",
+            "no_smoothquant_candidates=[max]",
+            "quant.only=[bert.encoder.layer.0.intermediate.*,bert.encoder.layer.0.output.*,"
+            "bert.encoder.layer.0.attention.self.*_matmul]",
             "tracking.histogram_layers=[*layer.0.output.dense.*]",
             "partial.target=0.0005",
         ]
@@ -236,6 +238,8 @@ def test_minilm_ptq_tiny(tmp_path: Path) -> None:
     res = run_recipe(cfg)
     rows = res["rows"]
     assert rows["fp32"] == (1.0, 1.0)
-    assert 0.9 < rows["PTQ max"][0] < 1.0 and "PTQ max + GELU10" in rows
+    # SmoothQuant (the default) smooths the FFN layers: its rows are labelled, and the same rows without it follow
+    assert 0.9 < rows["PTQ max + SmoothQuant"][0] < 1.0 and 0.9 < rows["PTQ max"][0] < 1.0
+    assert "PTQ max + SmoothQuant + GELU10" in rows
     assert res["partial"] is not None and res["partial"]["cosine"] >= rows[res["best"]][0] - 1e-6
     assert (tmp_path / "lq_minilm_results.csv").is_file() and list(tmp_path.glob("lq_hist_*gelu10.png"))
