@@ -358,14 +358,15 @@ def amax_summary(model: nn.Module) -> dict[str, tuple[str, int, float, float]]:
 
 def calibration_label(q: Any) -> str:
     """How a quantizer's range was computed: its calibrator, with the per-layer choice of "layerwise"
-    (``layerwise: percentile 99.99``)."""
+    (``layerwise: percentile 99.99``), and `` + SmoothQuant`` for the input of a smoothed layer (of ``x / s``)."""
     name = q.spec.calibrator
+    smooth = " + SmoothQuant" if getattr(q, "smoothing", None) is not None else ""
     if q.dynamic:
         return "max (dynamic)"
     if name == "layerwise" and q.calib_choice is not None:
         method, pct = q.calib_choice
-        return f"layerwise: {method} {pct:g}" if method == "percentile" else f"layerwise: {method}"
-    return name
+        return (f"layerwise: {method} {pct:g}" if method == "percentile" else f"layerwise: {method}") + smooth
+    return name + smooth
 
 
 def log_amax(loggers: Any, model: nn.Module, run_dir: str | None, key: str = "lq/amax") -> dict[str, float]:

@@ -197,7 +197,9 @@ def calibrate(
                 stacklevel=2,
             )
         if stats is not None:
-            smoothed = [r.layer for r in stats.choose(min_gain=MIN_GAIN) if r.alpha is not None]
+            report = stats.choose(min_gain=MIN_GAIN)
+            model.__dict__["_lq_smoothing"] = report  # read by the callbacks' log (lq.smoothing.Smoothing rows)
+            smoothed = [r.layer for r in report if r.alpha is not None]
             for n in smoothed:  # a static weight quantizer of a smoothed layer sees W diag(s)
                 layer = smooth_layers[n]
                 q = layer.weight_quantizer

@@ -250,3 +250,13 @@ def test_a_quantizer_state_without_smoothquant_reads_as_written_before_it_existe
     d = lq.QuantConfig().to_dict()
     del d["smoothquant"]
     assert lq.QuantConfig.from_dict(d).smoothquant is False
+
+
+def test_the_choice_is_reported_in_the_model_and_the_amax_table():
+    from lq.tracking import calibration_label
+
+    model = _quantized(True, _outlier_batches())
+    report = {r.layer: r for r in model._lq_smoothing}
+    assert report["0"].alpha is not None and report["0"].error_after * 2 <= report["0"].error_before
+    assert calibration_label(model[0].input_quantizer) == "max + SmoothQuant"
+    assert "SmoothQuant" not in calibration_label(model[0].weight_quantizer)

@@ -231,6 +231,13 @@ class QuantizationCallback(Callback):
         with unsharded(pl_module):  # FSDP2: static weight calibration reads whole weights, not shards
             calibrate(pl_module, data, num_samples=self.num_samples, **kwargs)
         rank_zero_info(f"{type(self).__name__}: calibrated {len(quantized_layers(pl_module))} layers")
+        smoothing = [r for r in pl_module.__dict__.get("_lq_smoothing", ()) if r.alpha is not None]
+        if smoothing:
+            rows = "\n".join(
+                f"  {r.layer:<40} alpha {r.alpha:.1f}, output error {r.error_before / max(r.error_after, 1e-30):.1f}x "
+                "lower" for r in smoothing
+            )
+            rank_zero_info(f"{type(self).__name__}: SmoothQuant on {len(smoothing)} Linear layers:\n{rows}")
         choice = getattr(pl_module, "_lq_layerwise", None)
         if choice is not None and choice.methods:
             rows = "\n".join(f"  {n:<40} {m:<20} output error {e:.3g}" for n, m, e in choice.table())
