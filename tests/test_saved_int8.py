@@ -175,3 +175,15 @@ def test_only_the_int8_dataflow_is_packed_float_layers_and_the_loss_stay_exact()
     assert float(F.cosine_similarity(conv_a.flatten(), conv_b.flatten(), dim=0)) > 0.97
     # outside the block no module hook is left behind
     assert not torch.nn.modules.module._global_forward_pre_hooks
+
+
+def test_int8_training_refuses_a_non_bool_switch():
+    import pytest
+
+    from lq.callbacks import Int8Training
+
+    for bad in ("maybe", 1, None):
+        with pytest.raises(TypeError, match="int8_saved"):
+            Int8Training(int8_saved=bad)
+    with pytest.raises(TypeError, match="deviation_lr_scaling"):
+        Int8Training(deviation_lr_scaling="yes")

@@ -67,6 +67,9 @@ class Int8Training(QuantizationCallback):
         if compute is not None and compute.act_scale != "dynamic":
             raise ValueError("Int8Training uses dynamic scales (act_scale='dynamic'); for calibrated static "
                              "scales use Int8QAT(compute='int8')")
+        for name, value in (("deviation_lr_scaling", deviation_lr_scaling), ("int8_saved", int8_saved)):
+            if not isinstance(value, bool):
+                raise TypeError(f"Int8Training({name}=...) takes True or False, got {value!r}")
         self.compute = compute
         self.deviation_lr_scaling = bool(deviation_lr_scaling)
         self._tracker = None
