@@ -260,3 +260,9 @@ def test_the_choice_is_reported_in_the_model_and_the_amax_table():
     assert report["0"].alpha is not None and report["0"].error_after * 2 <= report["0"].error_before
     assert calibration_label(model[0].input_quantizer) == "max + SmoothQuant"
     assert "SmoothQuant" not in calibration_label(model[0].weight_quantizer)
+
+
+def test_quant_config_switches_must_be_bool():
+    for name in ("smoothquant", "equalize", "bias_correction", "gelu10"):
+        with pytest.raises(TypeError, match=f"QuantConfig.{name}"):
+            lq.QuantConfig(**{name: "maybe"})

@@ -128,6 +128,9 @@ class QuantConfig:
         self.skip = [str(p) for p in self.skip]
         self.only = None if self.only is None else [str(p) for p in self.only]
         self.layers = [str(k) for k in self.layers]
+        for name in ("gelu10", "equalize", "bias_correction", "smoothquant"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"QuantConfig.{name} takes True or False, got {getattr(self, name)!r}")
         unknown = sorted(set(self.layers) - set(LAYER_KINDS))
         if unknown:
             raise ValueError(f"unknown layer kinds {unknown}; allowed: {list(LAYER_KINDS)}")
