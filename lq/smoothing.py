@@ -41,7 +41,7 @@ ALPHAS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 #: input rows per layer kept to score the candidates (a random sample of the calibration tokens)
 SAMPLE_ROWS = 1024
 #: ``lq.calibrate`` (``QuantConfig(smoothquant=True)``) smooths a layer only if that divides its output error at
-#: least this much: 2.1-13x on every MiniLM layer, 1.4x at most on the pretrained MNIST CNN's classifier
+#: least this much: 2.1-25x on every MiniLM layer, 1.4x at most on the pretrained MNIST CNN's classifier
 #: (benchmarks/RESULTS.md), so CNNs keep unsmoothed layers (and their int8 chains, lq.deploy.chain)
 MIN_GAIN = 2.0
 _S_RANGE = (1e-5, 1e5)
@@ -127,7 +127,8 @@ def _search(layer: QuantLinear, x_max: torch.Tensor, rows: torch.Tensor, alphas:
         s = torch.ones_like(x_max) if alpha is None else _scales(x_max, w_max, alpha)
         xq = _fake_quant(x / s, (x_max / s).amax(), bits_x)
         ws = w * s
-        wq = _fake_quant(ws, ws.abs().amax(1, keepdim=True), bits_w)
+        per_row = layer.weight_quantizer.axis is not None  # per output channel (the default) or per tensor
+        wq = _fake_quant(ws, ws.abs().amax(1, keepdim=True) if per_row else ws.abs().amax(), bits_w)
         errors.append(((xq @ wq.t()) - ref).pow(2).mean())
         scales.append(s)
     return candidates, torch.stack(errors).double() / ref.pow(2).mean().clamp_min(1e-30), scales
