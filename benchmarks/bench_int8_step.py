@@ -55,22 +55,20 @@ def bench_step(args) -> None:
     y = torch.randint(0, 10, (args.batch,))
     base = SmallResNet().train()
     cfg = Int8ComputeConfig.for_this_machine()
-    qa = qmax(cfg.act_bits)  # Int8Training's default: saved activations kept as int8 (lq.ops.saved_int8)
+    qa = qmax(cfg.act_bits)  # Int8Training(int8_saved=True): saved activations kept as int8 (lq.ops.saved_int8)
     fns = {
         "fp32": train_step(copy.deepcopy(base), x, y, momentum=0.9),
         "bf16 autocast": train_step(copy.deepcopy(base), x, y, momentum=0.9, autocast=True),
         f"int8 ({cfg.act_bits}/{cfg.weight_bits}/{cfg.grad_bits} bits, {cfg.grad_rounding}, Int8Training default)":
-            train_step(int8_model(base, cfg), x, y, momentum=0.9, saved_int8_qmax=qa),
-        "int8, float saved activations": train_step(int8_model(base, cfg), x, y, momentum=0.9),
+            train_step(int8_model(base, cfg), x, y, momentum=0.9),
+        "int8, int8 saved activations (int8_saved=True)": train_step(
+            int8_model(base, cfg), x, y, momentum=0.9, saved_int8_qmax=qa),
         "int8, nearest gradient rounding": train_step(
-            int8_model(base, Int8ComputeConfig.for_this_machine(grad_rounding="nearest")), x, y, momentum=0.9,
-            saved_int8_qmax=qa),
+            int8_model(base, Int8ComputeConfig.for_this_machine(grad_rounding="nearest")), x, y, momentum=0.9),
         "int8, clip searched every 16th step": train_step(
-            int8_model(base, Int8ComputeConfig.for_this_machine(clip_every=16)), x, y, momentum=0.9,
-            saved_int8_qmax=qa),
+            int8_model(base, Int8ComputeConfig.for_this_machine(clip_every=16)), x, y, momentum=0.9),
         "int8, no clip search": train_step(
-            int8_model(base, Int8ComputeConfig.for_this_machine(grad_clip=False)), x, y, momentum=0.9,
-            saved_int8_qmax=qa),
+            int8_model(base, Int8ComputeConfig.for_this_machine(grad_clip=False)), x, y, momentum=0.9),
     }
     if args.no_bf16:
         fns.pop("bf16 autocast")

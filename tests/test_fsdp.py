@@ -21,8 +21,6 @@ import lq
 from lq.callbacks import Int8PTQ, Int8QAT, Int8Sensitivity, Int8Training
 from lq.nn.int8_compute import use_int8_compute
 from lq.ops import Int8ComputeConfig
-from lq.ops.saved_int8 import int8_saved_activations
-from lq.quant.functional import qmax
 from test_callbacks import Plain, digits
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
@@ -136,11 +134,8 @@ def test_fsdp2_int8_training_step_equals_one_process_over_both_halves(fsdp2_run)
     use_int8_compute(model, Int8ComputeConfig.for_this_machine(grad_rounding="nearest"))
     opt = torch.optim.SGD(model.parameters(), lr=model.hparams.lr, momentum=0.9)
     x, y = digits("train").tensors
-    act_qmax = qmax(Int8ComputeConfig.for_this_machine().act_bits)
     for rank in (0, 1):  # rank r's first batch: samples r, r+2, ... (fsdp_worker.HalfPerRank)
-        with int8_saved_activations(act_qmax):  # Int8Training's default: activations saved for backward as int8
-            loss = F.cross_entropy(model(x[rank::2][:BATCH]), y[rank::2][:BATCH])
-        loss.backward()
+        F.cross_entropy(model(x[rank::2][:BATCH]), y[rank::2][:BATCH]).backward()
     for p in model.parameters():
         p.grad /= 2
     opt.step()

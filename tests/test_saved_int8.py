@@ -133,7 +133,7 @@ def test_int8_training_callback_saves_int8_and_cleans_up():
 
     saved_int8._Session.pack = spy
     try:
-        trainer = pl.Trainer(max_steps=2, callbacks=[Int8Training(compute=CONFIG)], logger=False,
+        trainer = pl.Trainer(max_steps=2, callbacks=[Int8Training(compute=CONFIG, int8_saved=True)], logger=False,
                              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
         trainer.fit(Module(), torch.utils.data.DataLoader(data, batch_size=16))
     finally:
