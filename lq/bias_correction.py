@@ -45,8 +45,7 @@ def _shift(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Sum over samples/positions of ``eps x~`` per output channel, and how many terms it sums."""
     w = layer.quant_weight().detach().float()  # W diag(s) and x / s for a layer smoothed by lq.smooth_quant
     eps = layer.weight_quantizer(w) - w
-    s = layer.input_smoothing()
-    xq = layer.input_quantizer(x if s is None else x / s.to(x.dtype)).float()
+    xq = layer.input_quantizer(layer.smooth_input(x)).float()
     if isinstance(layer, nn.Linear):
         y = F.linear(xq, eps)
         return y.reshape(-1, y.shape[-1]).sum(0), y.numel() // y.shape[-1]

@@ -23,10 +23,10 @@ import torch
 from torch import nn
 
 from lq.bias_correction import corrections, set_correction
-from lq.smoothing import set_smoothing, smoothings
 from lq.nn.swap import quantize, quantized_layers
 from lq.quant.config import QuantConfig
 from lq.quant.quantizer import TensorQuantizer
+from lq.smoothing import set_smoothing, smoothings
 from lq.workflow import quantizers
 
 log = logging.getLogger(__name__)

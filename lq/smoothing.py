@@ -228,25 +228,17 @@ def _outlier_ratio(x_max: torch.Tensor) -> float:
     return float(x_max.max() / x_max.median().clamp_min(1e-12))
 
 
-def smoothable_layers(model: nn.Module, layers: Sequence[str] | None = None, caller: str = "smooth_quant") -> dict[
-        str, QuantLinear]:
+def smoothable_layers(model: nn.Module, layers: Sequence[str] | None = None) -> dict[str, QuantLinear]:
     """The QuantLinear layers to smooth: ``layers`` by name, or every one whose input and weight quantizers are
     enabled. Raises ValueError for unknown names."""
     linear = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if layers is not None:
         unknown = [n for n in layers if n not in linear]
         if unknown:
-            raise ValueError(f"{caller}: {unknown} are not quantized Linear layers of the model; "
+            raise ValueError(f"smooth_quant: {unknown} are not quantized Linear layers of the model; "
                              f"the quantized Linear layers are {sorted(linear)[:10]}")
         return {n: linear[n] for n in layers}
     return {n: m for n, m in linear.items() if m.input_quantizer.spec.enabled and m.weight_quantizer.spec.enabled}
-
-
-def check_alphas(alphas: Sequence[float]) -> list[float]:
-    out = [float(a) for a in alphas]
-    if not out or any(not 0.0 <= a <= 1.0 for a in out):
-        raise ValueError(f"smooth_quant: alphas must be a non-empty list of values in [0, 1], got {list(alphas)}")
-    return out
 
 
 def smooth_quant(
@@ -293,7 +285,9 @@ def smooth_quant(
         raise ValueError(f"smooth_quant: num_samples must be a positive int or None, got {num_samples!r}")
     if not float(min_gain) >= 1.0:
         raise ValueError(f"smooth_quant: min_gain must be >= 1, got {min_gain!r}")
-    alphas = check_alphas(alphas)
+    checked = [float(a) for a in alphas]
+    if not checked or any(not 0.0 <= a <= 1.0 for a in checked):
+        raise ValueError(f"smooth_quant: alphas must be a non-empty list of values in [0, 1], got {list(alphas)}")
     chosen = smoothable_layers(model, layers)
     if not chosen:
         raise ValueError("smooth_quant: the model has no quantized Linear layer with input and weight quantization "
@@ -302,7 +296,7 @@ def smooth_quant(
     try:
         with _eval_no_grad(model), quantization_disabled(model):
             _run_data(model, data, num_samples)
-        report = stats.choose(alphas, min_gain)
+        report = stats.choose(checked, min_gain)
     except BaseException:
         stats.undo()
         raise

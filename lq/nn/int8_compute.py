@@ -49,11 +49,8 @@ def int8_linear_forward(layer: nn.Module, x: torch.Tensor, config) -> torch.Tens
     amax = _act_amax(layer, config)
     if amax is False:
         return None
-    s = layer.input_smoothing()  # lq.smooth_quant: the int8 GEMM takes x / s and W diag(s)
-    if s is not None:
-        x = x / s.to(x.dtype)
-    return int8_linear(
-        x, layer.quant_weight(), layer.quantized_bias(), config=config, name=_layer_name(layer), act_amax=amax,
+    return int8_linear(  # lq.smooth_quant: the int8 GEMM takes x / s and W diag(s)
+        layer.smooth_input(x), layer.quant_weight(), layer.quantized_bias(), config=config, name=_layer_name(layer), act_amax=amax,
         clip_state=layer_clip_state(layer),
     )
 

@@ -56,6 +56,12 @@ class QuantMixin:
             return None
         return s
 
+    def smooth_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x / s`` while the layer is smoothed (:meth:`input_smoothing`), else ``x`` itself: the input its
+        input quantizer sees (the weight's twin is :meth:`quant_weight`)."""
+        s = self.input_smoothing()
+        return x if s is None else x / s.to(x.dtype)
+
     def quant_weight(self) -> torch.Tensor:
         """The weight as the weight quantizer sees it: ``weight * s`` per input channel when the layer is
         smoothed (:meth:`input_smoothing`), else ``weight`` itself."""

@@ -23,7 +23,6 @@ class QuantLinear(QuantMixin, nn.Linear):
             out = int8_linear_forward(self, input, config)
             if out is not None:
                 return out
-        s = self.input_smoothing()  # lq.smooth_quant: x / s and W diag(s), exact in float
-        if s is not None:
-            input = input / s.to(input.dtype)
-        return F.linear(self.input_quantizer(input), self.weight_quantizer(self.quant_weight()), self.quantized_bias())
+        # lq.smooth_quant: x / s and W diag(s), exact in float
+        x, w = self.smooth_input(input), self.quant_weight()
+        return F.linear(self.input_quantizer(x), self.weight_quantizer(w), self.quantized_bias())
