@@ -5,7 +5,8 @@
     python benchmarks/bench_convert.py --accuracy # + accuracy on MNIST and Fashion-MNIST 10k: fp32 / fake-quant /
                                                   #   int8 / ONNX Runtime (trains the Fashion CNN: minutes)
 
-``lq int8 (convert)`` is the default conversion: int8 layers in Sequentials hand each other uint8 integers
+``lq int8 (convert, compile=True)`` is the same conversion compiled with torch.compile (``lq.deploy.traced``:
+int8 im2col + ``torch._int_mm``, fused output stages, any graph). ``lq int8 (convert)`` is the default conversion: int8 layers in Sequentials hand each other uint8 integers
 (``lq.deploy.chain``); ``fuse=False`` is the same model with every layer float in, float out.
 
 Models: (a) MLP of four 1024x1024 Linear layers with ReLU; (b) the Fashion-MNIST CNN ``lq.models.SmallCNN``,
@@ -38,6 +39,7 @@ from torch import nn
 
 import lq
 from lq.deploy import convert, onednn_mode
+from lq.deploy.traced import graph_breaks
 
 THREADS = 2
 
@@ -67,6 +69,20 @@ def cnn() -> nn.Module:
 
     torch.manual_seed(0)
     m = SmallCNN().eval()
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.normal_(0, 0.1)
+            mod.running_var.uniform_(0.5, 1.5)
+    return m
+
+
+def resnet() -> nn.Module:
+    """lq.models.SmallResNet (the int8 training recipe's model): stem, three stages of basic blocks with
+    residual adds (a 1x1 stride-2 conv on the downsampling shortcuts), GAP, Linear; BN statistics randomised."""
+    from lq.models import SmallResNet
+
+    torch.manual_seed(0)
+    m = SmallResNet().eval()
     for mod in m.modules():
         if isinstance(mod, nn.BatchNorm2d):
             mod.running_mean.normal_(0, 0.1)
@@ -370,6 +386,7 @@ def main() -> None:
     for mname, make, calib, inputs in (
         ("MLP 4x1024", mlp, torch.randn(256, 1024), {64: torch.randn(64, 1024), 1: torch.randn(1, 1024)}),
         ("CNN 1-32-64-128", cnn, x_img, {64: x_img[:64], 1: x_img[:1]}),
+        ("ResNet 16-32-64", resnet, x_img, {64: x_img[:64], 1: x_img[:1]}),
     ):
         fp32 = make()
         if any(isinstance(mod, nn.BatchNorm2d) for mod in fp32.modules()):
@@ -383,6 +400,17 @@ def main() -> None:
         }
         variants.update(peers(fp32))
         calls = {k: (lambda xb, m=m: m(xb)) for k, m in variants.items()}
+        # convert(compile=True): one copy per batch size, each compiled for its shape on its first call (a model
+        # called with a second shape recompiles once with a dynamic batch dimension)
+        compiled = {b: convert(copy.deepcopy(fq), compile=True) for b in inputs}
+        for b, xb in inputs.items():
+            start = time.perf_counter()
+            with torch.no_grad():
+                compiled[b](xb)
+            breaks = graph_breaks(compiled[b], xb)
+            notes.append(f"{mname} batch {b}: convert(compile=True) compiled in {time.perf_counter() - start:.1f} s, "
+                         f"graph breaks: {len(breaks)} {breaks[:3] if breaks else ''}")
+        calls["lq int8 (convert, compile=True)"] = lambda xb, c=compiled: c[xb.shape[0]](xb)
         if mname.startswith("CNN"):
             # channels_last inputs: oneDNN's int8 conv output is NHWC, so no layout copy (lq returns outputs in
             # the input's memory format); the fp32 model gets the same layout for a fair comparison
@@ -402,7 +430,10 @@ def main() -> None:
         with torch.no_grad():
             err = (int8(inputs[64]) - fq(inputs[64])).abs().max().item()
             err_unfused = (int8(inputs[64]) - unfused(inputs[64])).abs().max().item()
-        notes.append(f"{mname}: max |int8 - fake-quant| at batch 64 = {err:.2e}; fused vs fuse=False {err_unfused:.2e}")
+            err_compiled = (compiled[64](inputs[64]) - unfused(inputs[64])).abs().max().item()
+            scale = unfused(inputs[64]).abs().max().item()
+        notes.append(f"{mname}: max |int8 - fake-quant| at batch 64 = {err:.2e}; fused vs fuse=False {err_unfused:.2e}; "
+                     f"compile=True vs fuse=False (the per-layer path) {err_compiled:.2e} (outputs up to {scale:.2f})")
     print()
     print(f"1-min load average at the end: {load_average()} (other jobs share this machine's cores).")
     print(f"CNN inputs: {img_src}. MLP inputs: N(0,1) (signed, so layer 1 takes the two-GEMM path in half_range mode).")

@@ -269,6 +269,8 @@ class Int8Sequential(nn.Sequential):
         return self._steps
 
     def _fusable_now(self, x: torch.Tensor) -> bool:
+        if torch.compiler.is_compiling():  # the layers' traced forms; the compiler fuses across them
+            return False
         if self.training or not isinstance(x, torch.Tensor) or not x.is_floating_point():
             return False
         if torch.is_grad_enabled() and x.requires_grad:

@@ -94,7 +94,9 @@ def _has_foldable_bn(model: nn.Module) -> bool:
     return any(isinstance(m, _BN) and m.track_running_stats for m in model.modules())
 
 
-def convert(model: nn.Module, backend: str = "auto", fold_bn: bool = True, fuse: bool = True) -> nn.Module:
+def convert(
+    model: nn.Module, backend: str = "auto", fold_bn: bool = True, fuse: bool = True, compile: bool = False
+) -> nn.Module:
     """Replace every calibrated quantized layer by an int8 inference layer, in place; returns the model.
 
     For each quantized layer (``lq.quantize`` + ``lq.calibrate``) whose quantizers are all in
@@ -124,6 +126,16 @@ def convert(model: nn.Module, backend: str = "auto", fold_bn: bool = True, fuse:
         fold_bn: fold foldable BatchNorms into the preceding layer before converting.
         fuse: run int8 layers in Sequentials as integer chains (``lq.deploy.chain``); ``False`` keeps each
             layer float in, float out.
+        compile: compile the converted model's forward with ``torch.compile`` (``nn.Module.compile``, in
+            place). The int8 layers then run as plain torch ops (``lq.deploy.traced``: ``torch._int_mm`` with
+            im2col for convolutions on AVX-512 VNNI CPUs and CUDA, exact float math on the integers
+            elsewhere) and Inductor fuses each layer's output stage with what follows in the user's forward
+            (ReLU, pooling, residual adds) and the next layer's quantization: no per-call kernel set-up, and
+            int8 hand-over for any graph, not only ``nn.Sequential``. The first call per input shape compiles
+            (seconds; a C++ compiler is needed on CPU); a new shape, dtype or layout recompiles (torch's
+            guards), and code dynamo cannot trace runs eagerly (``lq.deploy.traced.graph_breaks`` lists it).
+            Measured on a 2-core AVX-512 VNNI CPU (``benchmarks/bench_convert.py``): the Fashion CNN at batch 1
+            goes from 0.5x to 2x torch fp32.
 
     Raises:
         ValueError: the model has no quantized layers, a layer uses more than 8 bits, unknown backend.
@@ -131,6 +143,9 @@ def convert(model: nn.Module, backend: str = "auto", fold_bn: bool = True, fuse:
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    for flag, value in (("fold_bn", fold_bn), ("fuse", fuse), ("compile", compile)):
+        if not isinstance(value, bool):
+            raise TypeError(f"lq.convert: {flag} must be True or False, got {value!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     layers = quantized_layers(model)
@@ -175,8 +190,11 @@ def convert(model: nn.Module, backend: str = "auto", fold_bn: bool = True, fuse:
     result = root_replacement if root_replacement is not None else model
     if fuse:
         result = fuse_sequentials(result)
+    result.eval()  # modules made above (fold_bn's Identity) included
     for p in result.parameters():
         p.requires_grad_(False)
+    if compile:
+        result.compile()
     log.info(
         "lq.convert: %d layers int8 (oneDNN mode %s), %d back to float, %d kept fake-quant",
         len(converted), onednn_mode(), len(floated), len(kept),

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lq.deploy import kernels
+from lq.deploy import kernels, traced
 from lq.ops import hardware as hw
 from lq.quant.functional import AMAX_EPS, qmax
 
@@ -90,6 +90,8 @@ class Int8Module(nn.Module):
         """Guards, then the layer's ``_forward``; an error raised by a kernel is re-raised naming the layer.
         (ConvTranspose2d and Matmul take other arguments and define their own ``forward``.)"""
         self._check_inference(x)
+        if torch.compiler.is_compiling():  # torch.compile / torch.export: plain torch ops (lq.deploy.traced)
+            return self._traced(x)
         try:
             return self._forward(x)
         except FloatingPointError as err:
@@ -98,9 +100,21 @@ class Int8Module(nn.Module):
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _traced(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward in plain torch ops, taken while ``torch.compiler.is_compiling()`` (``lq.deploy.traced``)."""
+        raise NotImplementedError
+
+    def _traced_steps(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(1/s_x, 1/s_w)`` as tensors computed in the graph (the values :meth:`_steps` caches eagerly)."""
+        return 1.0 / self.input_scale, 1.0 / self.weight_scale
+
     def _to_grid(self, x: torch.Tensor, inv_step: torch.Tensor, qmax: int) -> torch.Tensor:
         """``kernels.quantize_to_grid`` with the layer's name on a NaN/Inf error (for layers with their own
-        ``forward``)."""
+        ``forward``). While compiling, ``traced.quantize``; a non-finite input on CUDA then makes the grid NaN
+        (these layers compute on it in float)."""
+        if torch.compiler.is_compiling():
+            t, poison = traced.quantize(x, inv_step, qmax, self.name)
+            return t if poison is None else t + poison
         try:
             return kernels.quantize_to_grid(x, inv_step, qmax)
         except FloatingPointError as err:
@@ -127,6 +141,8 @@ class Int8Module(nn.Module):
 
     def _steps(self) -> tuple[float, torch.Tensor]:
         """(input step ``1/s_x`` as a float, weight steps ``1/s_w``), cached between calls."""
+        if torch.compiler.is_compiling():
+            return self._traced_steps()
         if "steps" not in self._cache:
             w_step = 1.0 / self.weight_scale if "weight_scale" in self._buffers else None
             self._cache["steps"] = (float(1.0 / self.input_scale), w_step)
@@ -237,6 +253,24 @@ class Int8Linear(Int8Module):
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x)
+
+    def _traced(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if "input_smoothing" in self._buffers:  # lq.smooth_quant: the fake-quant model's x / s
+            x2 = x2.float() / self.input_smoothing
+        t, poison = traced.quantize(x2, self.input_scale, self.qmax_input, self.name)
+        step_x, w_step = self._traced_steps()
+        if traced.use_int_mm(x.device, self.backend, self.in_features, self.out_features):
+            acc = traced.int_mm_exact(t.to(torch.int8), self.weight.t(), self.qmax_input, self.qmax)
+            y = acc * (step_x * w_step)
+        else:
+            dt = kernels.exact_float_dtype(self.in_features, self.qmax_input, self.qmax, x.device)
+            y = (F.linear(t.to(dt), self.weight.to(dt)) * (step_x * w_step).to(dt)).float()
+        if self.bias is not None:
+            y = y + self.bias
+        if poison is not None:
+            y = y + poison
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def run(
         self, x: torch.Tensor, grid: bool = False, out: kernels.Output = kernels.FLOAT, dtype: torch.dtype | None = None
@@ -349,6 +383,34 @@ class Int8ConvNd(Int8Module):
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x).contiguous(memory_format=_memory_format(x))
+
+    def _traced(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == self.dims + 1:  # unbatched input
+            return self._traced(x.unsqueeze(0)).squeeze(0)
+        t, poison = traced.quantize(x, self.input_scale, self.qmax_input, self.name)
+        if self._pre_pad is not None:
+            t = F.pad(t, self._pre_pad, mode="constant" if self.padding_mode == "zeros" else self.padding_mode)
+        step_x, w_step = self._traced_steps()
+        shape = [1, -1] + [1] * self.dims
+        terms = (self.in_channels // self.groups) * _prod(self.kernel_size)
+        if self.dims == 2 and self.groups == 1 and traced.use_int_mm(x.device, self.backend, terms, self.out_channels):
+            w_kn = self.weight.permute(2, 3, 1, 0).reshape(terms, self.out_channels)  # taps outer, channels inner
+            acc = traced.conv2d_int_mm(
+                t, w_kn, self.kernel_size, self.stride, tuple(self._kernel_padding()), self.dilation,
+                self.qmax_input, self.qmax,
+            )
+            y = acc * (step_x * w_step).reshape(shape)
+        else:
+            dt = kernels.exact_float_dtype(terms, self.qmax_input, self.qmax, x.device)
+            conv = (F.conv1d, F.conv2d, F.conv3d)[self.dims - 1]
+            acc = conv(t.to(dt), self.weight.to(dt), None, self.stride, self._kernel_padding(), self.dilation, self.groups)
+            y = (acc * (step_x * w_step).to(dt).reshape(shape)).float()
+        if self.bias is not None:
+            y = y + self.bias.reshape(shape)
+        if poison is not None:
+            y = y + poison
+        # the eager layer's layout: user code after it may .view() the output
+        return y.to(x.dtype).contiguous(memory_format=_memory_format(x))
 
     def run(
         self, x: torch.Tensor, grid: bool = False, out: kernels.Output = kernels.FLOAT, dtype: torch.dtype | None = None

@@ -132,7 +132,7 @@ def fold_bn(model: nn.Module, pairs: list[tuple[str, str]] | None = None) -> lis
             continue
         fold_bn_into(layer, bn)
         parent, child = _parent(model, bn_name)
-        setattr(parent, child, nn.Identity())
+        setattr(parent, child, nn.Identity().train(bn.training))  # the model's mode stays one mode
         _recalibrate_weight(layer)
         folded.append((layer_name, bn_name))
     if not folded:

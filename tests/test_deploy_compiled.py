@@ -1,0 +1,162 @@
+"""Converted models under torch.compile / torch.export (``lq.convert(compile=True)``, ``lq.deploy.traced``).
+
+The integer kernels are checked against integer math done another way (float64 convolution of the same
+integers, Python ints); whole models against the eager per-layer path (``fuse=False``), which the other deploy
+tests check against eq. 10.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lq
+from lq.deploy import traced
+from lq.models import SmallCNN, SmallResNet
+from lq.ops import hardware as hw
+
+
+def _calibrated(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    lq.quantize(model, lq.QuantConfig(activation=lq.QuantSpec(calibrator="max")))
+    lq.calibrate(model, [x], num_samples=None)
+    return model
+
+
+def _randomise_bn(model: nn.Module) -> nn.Module:
+    torch.manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    "c, o, hw_in, k, stride, pad, dil",
+    [
+        (3, 5, (9, 7), (3, 3), (1, 1), (1, 1), (1, 1)),
+        (2, 4, (10, 10), (3, 3), (2, 2), (0, 0), (1, 1)),
+        (4, 3, (11, 9), (3, 3), (1, 2), (2, 1), (2, 1)),
+        (5, 6, (8, 8), (1, 1), (2, 2), (0, 0), (1, 1)),
+        (2, 7, (6, 12), (1, 5), (1, 1), (0, 2), (1, 1)),
+    ],
+)
+def test_conv2d_int_mm_equals_integer_convolution(c, o, hw_in, k, stride, pad, dil):
+    g = torch.Generator().manual_seed(0)
+    t = torch.randint(-127, 128, (2, c, *hw_in), generator=g).float()
+    w = torch.randint(-127, 128, (o, c, *k), generator=g, dtype=torch.int8)
+    w_kn = w.permute(2, 3, 1, 0).reshape(-1, o)
+    got = traced.conv2d_int_mm(t, w_kn, k, stride, pad, dil, 127, 127)
+    want = F.conv2d(t.double(), w.double(), None, stride, pad, dil)
+    assert got.shape == want.shape
+    assert torch.equal(got.double(), want)
+
+
+def test_int_mm_exact_splits_reductions_that_overflow_int32_and_pads_to_cuda_shapes():
+    k = 140_000  # 127 * 127 * k > 2^31: one int32 GEMM would overflow
+    a = torch.full((3, k), 127, dtype=torch.int8)
+    a[1] = -127
+    w = torch.full((k, 2), 127, dtype=torch.int8)
+    got = traced.int_mm_exact(a, w, 127, 127)
+    exact = torch.tensor(127 * 127 * k, dtype=torch.float64).float().item()  # the fp32 output's rounding of it
+    assert got[0, 0].item() == exact and got[1, 1].item() == -exact
+    # cuBLASLt's shape rules met by zero padding (M > 16, K and N multiples of 8); the same numbers
+    g = torch.Generator().manual_seed(0)
+    a2 = torch.randint(-127, 128, (5, 13), generator=g, dtype=torch.int8)
+    w2 = torch.randint(-127, 128, (13, 3), generator=g, dtype=torch.int8)
+    want = (a2.long() @ w2.long()).float()
+    assert torch.equal(traced.int_mm_exact(a2, w2, 127, 127, cuda_shapes=True), want)
+
+
+class _Net(nn.Module):
+    """Paths a converted model takes: a 1x1 conv on one channel (K = 1: the float route), a strided conv, a
+    residual add and functional ReLU in forward, a transposed conv, flatten and a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre = nn.Conv2d(1, 6, 1)
+        self.conv = nn.Conv2d(6, 6, 3, padding=1)
+        self.down = nn.Conv2d(6, 8, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(8, 4, 2, stride=2)
+        self.head = nn.Linear(4 * 8 * 8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.pre(x))
+        h = F.relu(self.conv(h) + h)
+        h = self.up(F.relu(self.down(h)))
+        return self.head(torch.flatten(h, 1))
+
+
+@pytest.fixture(scope="module")
+def net_pair():
+    torch.manual_seed(0)
+    x = torch.randn(16, 1, 8, 8)
+    fq = _calibrated(_Net().eval(), x)
+    return fq, lq.convert(copy.deepcopy(fq), fuse=False), x
+
+
+def test_compiled_model_equals_per_layer_path_in_one_graph(net_pair):
+    fq, eager, x = net_pair
+    compiled = lq.convert(copy.deepcopy(fq), compile=True)
+    assert traced.graph_breaks(compiled, x[:2]) == []
+    with torch.no_grad():
+        for batch in (x[:1], x):  # the second shape recompiles (dynamic batch)
+            want = eager(batch)
+            torch.testing.assert_close(compiled(batch), want, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(compiled(batch), fq(batch), rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_model_names_the_layer_on_nan(net_pair):
+    fq, _, x = net_pair
+    compiled = lq.convert(copy.deepcopy(fq), compile=True)
+    bad = x[:2].clone()
+    bad[1, 0, 3, 3] = float("nan")
+    with torch.no_grad():
+        compiled(x[:2])
+        with pytest.raises(RuntimeError, match="pre: NaN or Inf"):
+            compiled(bad)
+
+
+def test_converted_model_exports_with_torch_export(net_pair):
+    _, eager, x = net_pair
+    with torch.no_grad():
+        program = torch.export.export(eager, (x[:4],))
+        targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+        if hw.cpu_int_mm_is_fast():
+            assert "aten._int_mm.default" in targets  # the integer GEMM is in the graph
+        torch.testing.assert_close(program.module()(x[4:8]), eager(x[4:8]), rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_resnet_equals_per_layer_path_channels_last():
+    torch.manual_seed(0)
+    x = torch.randn(8, 1, 12, 12)
+    fq = _calibrated(_randomise_bn(SmallResNet(widths=(4, 8))), x)
+    eager = lq.convert(copy.deepcopy(fq), fuse=False)
+    compiled = lq.convert(copy.deepcopy(fq), compile=True)
+    assert all(not m.training for m in compiled.modules())
+    xc = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(xc), eager(xc), rtol=1e-5, atol=1e-6)
+
+
+def test_convert_leaves_every_module_in_eval_so_sequential_chains_fuse():
+    """fold_bn's Identity used to be made in train mode after convert's eval(): every Int8Sequential then
+    fell back to float between layers (CNN batch 64: 4.8x fp32 -> 1.1x)."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 1, 12, 12)
+    model = lq.convert(_calibrated(_randomise_bn(SmallCNN(width=4)), x))
+    assert all(not m.training for m in model.modules())
+    with torch.no_grad():
+        assert model.features._fusable_now(x)
+        assert any(s.kind == "layer" and s.feeds is not None for s in model.features.fused_steps)  # hand-over
+
+
+def test_convert_refuses_non_bool_switches(net_pair):
+    fq, _, _ = net_pair
+    with pytest.raises(TypeError, match="compile"):
+        lq.convert(copy.deepcopy(fq), compile="yes")
