@@ -62,18 +62,22 @@ def mlp() -> nn.Module:
     return nn.Sequential(*layers).eval()
 
 
+def randomised_bn(m: nn.Module) -> nn.Module:
+    """``m`` with random BN statistics, so that folding changes the weights."""
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.normal_(0, 0.1)
+            mod.running_var.uniform_(0.5, 1.5)
+    return m
+
+
 def cnn() -> nn.Module:
     """lq.models.SmallCNN (the Fashion-MNIST CNN of the recipes): conv 1->32->64->128 with BN, ReLU, two
     max-pools, global average pool, Linear(128, 10); BN statistics randomised so folding changes weights."""
     from lq.models import SmallCNN
 
     torch.manual_seed(0)
-    m = SmallCNN().eval()
-    for mod in m.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            mod.running_mean.normal_(0, 0.1)
-            mod.running_var.uniform_(0.5, 1.5)
-    return m
+    return randomised_bn(SmallCNN().eval())
 
 
 def resnet() -> nn.Module:
@@ -82,12 +86,7 @@ def resnet() -> nn.Module:
     from lq.models import SmallResNet
 
     torch.manual_seed(0)
-    m = SmallResNet().eval()
-    for mod in m.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            mod.running_mean.normal_(0, 0.1)
-            mod.running_var.uniform_(0.5, 1.5)
-    return m
+    return randomised_bn(SmallResNet().eval())
 
 
 def images(n: int) -> tuple[torch.Tensor, str]:
@@ -402,12 +401,14 @@ def main() -> None:
         calls = {k: (lambda xb, m=m: m(xb)) for k, m in variants.items()}
         # convert(compile=True): one copy per batch size, each compiled for its shape on its first call (a model
         # called with a second shape recompiles once with a dynamic batch dimension)
+        # (graph_breaks resets dynamo, so it runs first, on its own copy)
+        breaks_by_batch = {b: graph_breaks(convert(copy.deepcopy(fq)), xb) for b, xb in inputs.items()}
         compiled = {b: convert(copy.deepcopy(fq), compile=True) for b in inputs}
         for b, xb in inputs.items():
             start = time.perf_counter()
             with torch.no_grad():
                 compiled[b](xb)
-            breaks = graph_breaks(compiled[b], xb)
+            breaks = breaks_by_batch[b]
             notes.append(f"{mname} batch {b}: convert(compile=True) compiled in {time.perf_counter() - start:.1f} s, "
                          f"graph breaks: {len(breaks)} {breaks[:3] if breaks else ''}")
         calls["lq int8 (convert, compile=True)"] = lambda xb, c=compiled: c[xb.shape[0]](xb)

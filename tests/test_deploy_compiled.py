@@ -160,3 +160,43 @@ def test_convert_refuses_non_bool_switches(net_pair):
     fq, _, _ = net_pair
     with pytest.raises(TypeError, match="compile"):
         lq.convert(copy.deepcopy(fq), compile="yes")
+
+
+def test_compiled_model_keeps_working_after_an_input_it_refuses(net_pair):
+    """An error raised while dynamo traces ``forward`` makes dynamo skip that code for good; the eager kernels
+    below it must then run eagerly, not be traced (oneDNN's prepacking crashed on fake tensors)."""
+    fq, eager, x = net_pair
+    a = lq.convert(copy.deepcopy(fq), compile=True)
+    b = lq.convert(copy.deepcopy(fq), compile=True)
+    with pytest.raises(RuntimeError, match="asked for gradients"):
+        a(x[:2].clone().requires_grad_())
+    with torch.no_grad():
+        for m in (a, b):
+            torch.testing.assert_close(m(x[:2]), eager(x[:2]), rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_half_precision_rounds_between_layers_as_eager():
+    """Without Inductor's emulate_precision_casts the fp16 cast between two layers was fused away and the
+    next layer quantized unrounded values (59 of 256 rows differed)."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 32)
+    fq = _calibrated(nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8)).eval(), x)
+    eager = lq.convert(copy.deepcopy(fq), fuse=False)
+    compiled = lq.convert(copy.deepcopy(fq), compile=True)
+    with torch.no_grad():
+        for dtype in (torch.float16, torch.bfloat16):
+            xh = x.to(dtype)
+            torch.testing.assert_close(compiled(xh), eager(xh), rtol=0, atol=0)
+
+
+def test_compiled_conv_takes_empty_unbatched_and_dynamic_inputs():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 9, 9)
+    eager = lq.convert(_calibrated(nn.Sequential(nn.Conv2d(3, 4, 3)).eval(), x), fuse=False)
+    compiled = torch.compile(copy.deepcopy(eager), dynamic=True)
+    with torch.no_grad():
+        for shape in ((2, 3, 7, 5), (0, 3, 9, 9), (3, 7, 5), (1, 3, 9, 9)):
+            xi = torch.randn(shape)
+            got, want = compiled(xi), eager(xi)
+            assert got.shape == want.shape
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -288,6 +288,10 @@ class Int8Sequential(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fusable_now(x):
             return super().forward(x)
+        return self._fused_forward(x)
+
+    @torch.compiler.disable  # eager kernels only; under the compiler _fusable_now is False
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
         layout = _memory_format(x)
         h, dtype = x, x.dtype
         for step in self._steps:

@@ -194,7 +194,8 @@ def convert(
     for p in result.parameters():
         p.requires_grad_(False)
     if compile:
-        result.compile()
+        # fp16/bf16: round each layer's output to its dtype before the next layer quantizes it, as eager does
+        result.compile(options={"emulate_precision_casts": True})
     log.info(
         "lq.convert: %d layers int8 (oneDNN mode %s), %d back to float, %d kept fake-quant",
         len(converted), onednn_mode(), len(floated), len(kept),

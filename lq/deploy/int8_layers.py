@@ -98,6 +98,9 @@ class Int8Module(nn.Module):
             raise FloatingPointError(f"{self.name}: {err}") from None
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The eager forward (``lq.deploy.kernels``). Subclasses mark it ``torch.compiler.disable``: if dynamo
+        gives up on ``forward`` (an error raised while tracing it makes dynamo skip that code for good), the
+        compiled model then runs these eager kernels instead of tracing oneDNN's prepacking on fake tensors."""
         raise NotImplementedError
 
     def _traced(self, x: torch.Tensor) -> torch.Tensor:
@@ -251,6 +254,7 @@ class Int8Linear(Int8Module):
             )
         return self._cache[key]
 
+    @torch.compiler.disable  # eager kernels only (see Int8Module._forward)
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x)
 
@@ -381,19 +385,22 @@ class Int8ConvNd(Int8Module):
     def _kernel_padding(self) -> list[int]:
         return [0] * self.dims if self._pre_pad is not None else list(self.padding)
 
+    @torch.compiler.disable  # eager kernels only (see Int8Module._forward)
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x).contiguous(memory_format=_memory_format(x))
 
-    def _traced(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == self.dims + 1:  # unbatched input
-            return self._traced(x.unsqueeze(0)).squeeze(0)
+    def _traced(self, x: torch.Tensor, gemm: bool = True) -> torch.Tensor:
+        if x.dim() == self.dims + 1:
+            # unbatched input: the float route (the strided im2col view trips torch's symbolic shapes when
+            # such an input's sizes are dynamic)
+            return self._traced(x.unsqueeze(0), gemm=False).squeeze(0)
         t, poison = traced.quantize(x, self.input_scale, self.qmax_input, self.name)
         if self._pre_pad is not None:
             t = F.pad(t, self._pre_pad, mode="constant" if self.padding_mode == "zeros" else self.padding_mode)
         step_x, w_step = self._traced_steps()
         shape = [1, -1] + [1] * self.dims
         terms = (self.in_channels // self.groups) * _prod(self.kernel_size)
-        if self.dims == 2 and self.groups == 1 and traced.use_int_mm(x.device, self.backend, terms, self.out_channels):
+        if gemm and self.dims == 2 and self.groups == 1 and traced.use_int_mm(x.device, self.backend, terms, self.out_channels):
             w_kn = self.weight.permute(2, 3, 1, 0).reshape(terms, self.out_channels)  # taps outer, channels inner
             acc = traced.conv2d_int_mm(
                 t, w_kn, self.kernel_size, self.stride, tuple(self._kernel_padding()), self.dilation,

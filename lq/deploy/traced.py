@@ -26,8 +26,14 @@ is the same fp32 expression. Which GEMM runs, by device and host:
   or fp64, as the eager reference kernel.
 
 A NaN or Inf input raises a ``RuntimeError`` naming the layer on CPU (``torch._assert_async``, which
-Inductor keeps; one fused reduction per layer). On CUDA a failed device assert would end the process, so
-there the non-finite input makes the layer's output NaN instead (never finite wrong numbers).
+Inductor keeps; one fused reduction per layer; eager layers raise ``FloatingPointError``, a type the
+compiler cannot raise). On CUDA a failed device assert would end the process, so there a non-finite input
+makes the layer's whole output NaN instead (never finite wrong numbers).
+
+fp16/bf16 activations: ``lq.convert(compile=True)`` sets Inductor's ``emulate_precision_casts``, so a layer's
+output is rounded to the input dtype before the next layer quantizes it, as in eager mode (without it Inductor
+keeps the fp32 value through the fused cast and the next layer's integers can differ). A ``torch.compile`` of
+your own should set it too.
 """
 
 from __future__ import annotations
@@ -83,14 +89,15 @@ def int_mm_exact(
     if cuda_shapes:  # cuBLASLt: rows > 16, K and N multiples of 8; zero rows/columns add nothing
         mp, kp, np_ = max(17, m), -(-k // 8) * 8, -(-n // 8) * 8
         mp = -(-mp // 8) * 8
-        a, w_kn = F.pad(a, (0, kp - k, 0, mp - m)), F.pad(w_kn, (0, np_ - n, 0, kp - k))
+        # the weight stays column-major, the layout cuBLASLt's int8 GEMM takes (as lq::int8_mm hands it)
+        a, w_kn = F.pad(a, (0, kp - k, 0, mp - m)), F.pad(w_kn.t(), (0, kp - k, 0, np_ - n)).t()
     spans = reduction_chunks(a.shape[1], hw.max_exact_reduction(qmax_a, qmax_w), 8 if cuda_shapes else 1)
     if len(spans) == 1:
         acc = torch._int_mm(a, w_kn).float()
     else:
         acc = None
         for k0, k1 in spans:
-            part = torch._int_mm(a[:, k0:k1].contiguous(), w_kn[k0:k1].contiguous()).double()
+            part = torch._int_mm(a[:, k0:k1].contiguous(), w_kn[k0:k1].t().contiguous().t()).double()
             acc = part if acc is None else acc + part
         acc = acc.float()
     return acc[:m, :n] if acc.shape != (m, n) else acc
@@ -120,14 +127,17 @@ def conv2d_int_mm(
     s_n, s_h, s_w, s_c = x8.stride()
     # the windows as a strided view, copied once into the [positions, taps * channels] operand
     windows = x8.as_strided((n, ho, wo, kh, kw, x8.shape[3]), (s_n, s_h * sh, s_w * sw, s_h * dh, s_w * dw, s_c))
-    cols = windows.reshape(n * ho * wo, -1)
+    cols = windows.reshape(n * ho * wo, kh * kw * x8.shape[3])
     acc = int_mm_exact(cols, w_kn, qmax_a, qmax_w)
-    return acc.view(n, ho, wo, -1).permute(0, 3, 1, 2)
+    return acc.view(n, ho, wo, w_kn.shape[1]).permute(0, 3, 1, 2)
 
 
 def graph_breaks(model: torch.nn.Module, *example: torch.Tensor) -> list[str]:
     """Why ``torch.compile`` would split ``model``'s forward on ``example`` (empty: one graph). The code
-    between graphs runs eagerly, so a break costs speed, never correctness; this says where it happens."""
+    between graphs runs eagerly, so a break costs speed, never correctness; this says where it happens.
+
+    It runs ``torch._dynamo.explain``, which resets dynamo: every model compiled in this process compiles
+    again on its next call. Call it before timing, not between."""
     with torch.no_grad():
         explanation = torch._dynamo.explain(model)(*example)
     return [str(getattr(b, "reason", b)) for b in explanation.break_reasons]
