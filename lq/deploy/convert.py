@@ -190,7 +190,6 @@ def convert(
     result = root_replacement if root_replacement is not None else model
     if fuse:
         result = fuse_sequentials(result)
-    result.eval()  # modules made above (fold_bn's Identity) included
     for p in result.parameters():
         p.requires_grad_(False)
     if compile:

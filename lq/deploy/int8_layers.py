@@ -107,10 +107,6 @@ class Int8Module(nn.Module):
         """The forward in plain torch ops, taken while ``torch.compiler.is_compiling()`` (``lq.deploy.traced``)."""
         raise NotImplementedError
 
-    def _traced_steps(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(1/s_x, 1/s_w)`` as tensors computed in the graph (the values :meth:`_steps` caches eagerly)."""
-        return 1.0 / self.input_scale, 1.0 / self.weight_scale
-
     def _to_grid(self, x: torch.Tensor, inv_step: torch.Tensor, qmax: int) -> torch.Tensor:
         """``kernels.quantize_to_grid`` with the layer's name on a NaN/Inf error (for layers with their own
         ``forward``). While compiling, ``traced.quantize``; a non-finite input on CUDA then makes the grid NaN
@@ -143,9 +139,10 @@ class Int8Module(nn.Module):
         return out
 
     def _steps(self) -> tuple[float, torch.Tensor]:
-        """(input step ``1/s_x`` as a float, weight steps ``1/s_w``), cached between calls."""
+        """(input step ``1/s_x`` as a float, weight steps ``1/s_w``), cached between calls; while compiling,
+        both as tensors computed in the graph (a float read of a buffer would break it)."""
         if torch.compiler.is_compiling():
-            return self._traced_steps()
+            return 1.0 / self.input_scale, 1.0 / self.weight_scale
         if "steps" not in self._cache:
             w_step = 1.0 / self.weight_scale if "weight_scale" in self._buffers else None
             self._cache["steps"] = (float(1.0 / self.input_scale), w_step)
@@ -263,18 +260,23 @@ class Int8Linear(Int8Module):
         if "input_smoothing" in self._buffers:  # lq.smooth_quant: the fake-quant model's x / s
             x2 = x2.float() / self.input_smoothing
         t, poison = traced.quantize(x2, self.input_scale, self.qmax_input, self.name)
-        step_x, w_step = self._traced_steps()
+        step_x, w_step = self._steps()
         if traced.use_int_mm(x.device, self.backend, self.in_features, self.out_features):
             acc = traced.int_mm_exact(t.to(torch.int8), self.weight.t(), self.qmax_input, self.qmax)
             y = acc * (step_x * w_step)
         else:
-            dt = kernels.exact_float_dtype(self.in_features, self.qmax_input, self.qmax, x.device)
-            y = (F.linear(t.to(dt), self.weight.to(dt)) * (step_x * w_step).to(dt)).float()
+            y = self._reference(t, step_x, w_step)
         if self.bias is not None:
             y = y + self.bias
         if poison is not None:
             y = y + poison
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def _reference(self, t: torch.Tensor, step_x: float | torch.Tensor, w_step: torch.Tensor) -> torch.Tensor:
+        """Eq. 10 without the bias by the exact reference kernel: float math on the integer grid ``t`` (fp32
+        where every partial sum stays below 2^24, else fp64), scaled, as fp32."""
+        dt = kernels.exact_float_dtype(self.in_features, self.qmax_input, self.qmax, t.device)
+        return (F.linear(t.to(dt), self.weight.to(dt)) * (step_x * w_step).to(dt)).float()
 
     def run(
         self, x: torch.Tensor, grid: bool = False, out: kernels.Output = kernels.FLOAT, dtype: torch.dtype | None = None
@@ -321,9 +323,7 @@ class Int8Linear(Int8Module):
             if self.bias is not None:
                 y = y + self.bias
         else:
-            dt = kernels.exact_float_dtype(self.in_features, self.qmax_input, self.qmax, x.device)
-            acc = F.linear(t.to(dt), self.weight.to(dt))
-            y = (acc * (step_x * w_step).to(dt)).float()
+            y = self._reference(t, step_x, w_step)
             if self.bias is not None:
                 y = y + self.bias
         y = out.finish(y, act_done)
@@ -385,6 +385,19 @@ class Int8ConvNd(Int8Module):
     def _kernel_padding(self) -> list[int]:
         return [0] * self.dims if self._pre_pad is not None else list(self.padding)
 
+    def _terms(self) -> int:
+        """Products each output sums: (in_channels / groups) * kernel window."""
+        return (self.in_channels // self.groups) * _prod(self.kernel_size)
+
+    def _reference(self, t: torch.Tensor, step_x: float | torch.Tensor, w_step: torch.Tensor) -> torch.Tensor:
+        """Eq. 10 without the bias by the exact reference kernel: the float convolution of the integer grid
+        ``t`` (already padded for non-zero padding modes; fp32 where every partial sum stays below 2^24, else
+        fp64), scaled per output channel, as fp32."""
+        dt = kernels.exact_float_dtype(self._terms(), self.qmax_input, self.qmax, t.device)
+        conv = (F.conv1d, F.conv2d, F.conv3d)[self.dims - 1]
+        acc = conv(t.to(dt), self.weight.to(dt), None, self.stride, self._kernel_padding(), self.dilation, self.groups)
+        return (acc * (step_x * w_step).to(dt).reshape([1, -1] + [1] * self.dims)).float()
+
     @torch.compiler.disable  # eager kernels only (see Int8Module._forward)
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x).contiguous(memory_format=_memory_format(x))
@@ -397,10 +410,11 @@ class Int8ConvNd(Int8Module):
         t, poison = traced.quantize(x, self.input_scale, self.qmax_input, self.name)
         if self._pre_pad is not None:
             t = F.pad(t, self._pre_pad, mode="constant" if self.padding_mode == "zeros" else self.padding_mode)
-        step_x, w_step = self._traced_steps()
+        step_x, w_step = self._steps()
         shape = [1, -1] + [1] * self.dims
-        terms = (self.in_channels // self.groups) * _prod(self.kernel_size)
-        if gemm and self.dims == 2 and self.groups == 1 and traced.use_int_mm(x.device, self.backend, terms, self.out_channels):
+        terms = self._terms()
+        gemm = gemm and self.dims == 2 and self.groups == 1
+        if gemm and traced.use_int_mm(x.device, self.backend, terms, self.out_channels):
             w_kn = self.weight.permute(2, 3, 1, 0).reshape(terms, self.out_channels)  # taps outer, channels inner
             acc = traced.conv2d_int_mm(
                 t, w_kn, self.kernel_size, self.stride, tuple(self._kernel_padding()), self.dilation,
@@ -408,10 +422,7 @@ class Int8ConvNd(Int8Module):
             )
             y = acc * (step_x * w_step).reshape(shape)
         else:
-            dt = kernels.exact_float_dtype(terms, self.qmax_input, self.qmax, x.device)
-            conv = (F.conv1d, F.conv2d, F.conv3d)[self.dims - 1]
-            acc = conv(t.to(dt), self.weight.to(dt), None, self.stride, self._kernel_padding(), self.dilation, self.groups)
-            y = (acc * (step_x * w_step).to(dt).reshape(shape)).float()
+            y = self._reference(t, step_x, w_step)
         if self.bias is not None:
             y = y + self.bias.reshape(shape)
         if poison is not None:
@@ -449,14 +460,9 @@ class Int8ConvNd(Int8Module):
             ))
             act_done = self.dims == 2
         else:
-            terms = (self.in_channels // self.groups) * _prod(self.kernel_size)
-            dt = kernels.exact_float_dtype(terms, self.qmax_input, self.qmax, x.device)
-            conv = (F.conv1d, F.conv2d, F.conv3d)[self.dims - 1]
-            acc = conv(t.to(dt), self.weight.to(dt), None, self.stride, self._kernel_padding(), self.dilation, self.groups)
-            shape = [1, -1] + [1] * self.dims
-            y = (acc * (step_x * w_step).to(dt).reshape(shape)).float()
+            y = self._reference(t, step_x, w_step)
             if self.bias is not None:
-                y = y + self.bias.reshape(shape)
+                y = y + self.bias.reshape([1, -1] + [1] * self.dims)
         y = out.finish(y, act_done)
         return y if out.grid else y.to(dtype)
 

@@ -19,8 +19,8 @@ is the same fp32 expression. Which GEMM runs, by device and host:
   convolution (2d, one group) is an int8 im2col in channels-last order (one copy of the strided windows of
   the zero-padded input; zero is exact in symmetric int8) times the ``[kh*kw*C, O]`` weight; its output rows
   are the NHWC output, returned as a channels-last NCHW tensor. CUDA's shape rules (rows > 16, inner and
-  output sizes multiples of 8) are met by zero padding (``kernels.int_mm_linear``). The shape class CPU
-  ``_int_mm`` gets wrong (K = 1, ``lq.ops.int8_mm.int_mm_covers``) takes the float route below.
+  output sizes multiples of 8; ``lq.ops.int8_conv_gemm.CUDA_INT_MM``) are met by zero padding. The shape
+  class CPU ``_int_mm`` gets wrong (K = 1, ``lq.ops.int8_mm.int_mm_covers``) takes the float route below.
 - Everywhere else (AVX2 CPUs, where ``_int_mm`` is a scalar loop; grouped, 1d and 3d convolutions;
   ``backend="reference"``): ``F.linear`` / ``F.conv*d`` on the integer values in fp32 (exact below 2^24)
   or fp64, as the eager reference kernel.
@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from lq.ops import hardware as hw
+from lq.ops.int8_conv_gemm import CUDA_INT_MM
 from lq.ops.int8_mm import int_mm_covers, reduction_chunks
 
 __all__ = ["conv2d_int_mm", "graph_breaks", "int_mm_exact", "quantize", "use_int_mm"]
@@ -57,9 +58,8 @@ def quantize(x: torch.Tensor, inv_step: torch.Tensor, qmax: int, name: str) -> t
     if t.is_cuda:
         poison = torch.where(finite, 0.0, float("nan"))
     else:
-        torch._assert_async(
-            finite, f"{name}: NaN or Inf in the input: int8 kernels cannot represent it (check the data or the previous layer)"
-        )
+        torch._assert_async(finite, f"{name}: NaN or Inf in the input: int8 kernels cannot represent it "
+                                    "(check the data or the previous layer)")
     return t.round().clamp(-qmax, qmax), poison
 
 
@@ -86,12 +86,12 @@ def int_mm_exact(
     when there are several. ``cuda_shapes`` (default: ``a.is_cuda``) zero-pads to cuBLASLt's shape rules."""
     (m, k), n = a.shape, w_kn.shape[1]
     cuda_shapes = a.is_cuda if cuda_shapes is None else cuda_shapes
-    if cuda_shapes:  # cuBLASLt: rows > 16, K and N multiples of 8; zero rows/columns add nothing
-        mp, kp, np_ = max(17, m), -(-k // 8) * 8, -(-n // 8) * 8
-        mp = -(-mp // 8) * 8
+    if cuda_shapes:  # cuBLASLt's rules (CUDA_INT_MM: rows > 16, K and N multiples of 8); zeros add nothing
+        mp, kp, np_ = CUDA_INT_MM.m(m), CUDA_INT_MM.kn(k), CUDA_INT_MM.kn(n)
         # the weight stays column-major, the layout cuBLASLt's int8 GEMM takes (as lq::int8_mm hands it)
         a, w_kn = F.pad(a, (0, kp - k, 0, mp - m)), F.pad(w_kn.t(), (0, kp - k, 0, np_ - n)).t()
-    spans = reduction_chunks(a.shape[1], hw.max_exact_reduction(qmax_a, qmax_w), 8 if cuda_shapes else 1)
+    multiple = CUDA_INT_MM.multiple if cuda_shapes else 1
+    spans = reduction_chunks(a.shape[1], hw.max_exact_reduction(qmax_a, qmax_w), multiple)
     if len(spans) == 1:
         acc = torch._int_mm(a, w_kn).float()
     else:
