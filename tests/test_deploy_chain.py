@@ -390,3 +390,75 @@ def test_unbatched_conv_input() -> None:
             y = convert(copy.deepcopy(fq), fuse=fuse)(x[0])
             assert y.shape == ref.shape == (3, 4, 4)
             assert (y - ref).abs().max().item() <= _bound(fq)
+
+
+_FBGEMM = pytest.mark.skipif(kernels.fbgemm_mode() == kernels.UNAVAILABLE, reason="needs torch's fbgemm engine")
+
+
+@_FBGEMM
+def test_fbgemm_quantization_at_the_grid_cap_is_eq7_at_every_tie() -> None:
+    """kernels.fbgemm_grid_cap: where it gives a clip, fbgemm's own input quantization (read back through an
+    identity weight) equals eq. 7 on values at, just above and just below every half-integer and above the top."""
+    torch.manual_seed(14)
+    k = 128
+    packed = kernels.fbgemm_prepack(torch.eye(k, dtype=torch.int8), torch.ones(k))
+    op = kernels.fbgemm_op(False)
+    checked = refused = 0
+    for _ in range(60):
+        inv = torch.tensor(127 / (torch.rand(()).item() * 10 + 1e-3))
+        step = float(1.0 / inv)
+        cap = kernels.fbgemm_grid_cap(step, inv, 127)
+        if cap is None:
+            refused += 1
+            assert float(1.0 / torch.tensor(step)) != float(inv)  # refused only where the round trip fails
+            continue
+        ties = (torch.arange(127.0) + 0.5) / inv
+        big = torch.finfo(torch.float32).max
+        y = torch.cat([ties, torch.nextafter(ties, torch.tensor(big)), torch.nextafter(ties, torch.tensor(-big)),
+                       torch.rand(4 * k - 3 * 127 - 3) * 2 * cap, torch.tensor([0.0, cap, 1e30])])
+        for row in y.reshape(-1, k):
+            got = (op(row.clamp(max=cap).reshape(1, k), step, 0, packed) / step).round().reshape(-1)
+            assert torch.equal(got, (row * inv).round().clamp(0, 127))
+        checked += 1
+    assert checked >= 30 and refused < 30
+
+
+@_FBGEMM
+def test_lean_linear_program_equals_the_generic_run(monkeypatch) -> None:
+    """The batch-1 path of an all-Linear chain (Int8Linear.lean_step) gives ``run``'s numbers bit for bit, on
+    the same kernel, for every hand-over form, and is rebuilt when a scale is reloaded."""
+    import lq.ops.hardware as hw
+
+    torch.manual_seed(13)
+    x = torch.randn(64, 32)
+    fq = _calibrated(nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(), nn.Linear(48, 48),
+                                   nn.ReLU(), nn.Linear(48, 5)), x)
+    fused = convert(copy.deepcopy(fq))
+    generic = convert(copy.deepcopy(fq))
+    monkeypatch.setattr(generic, "_lean_program", lambda: None)
+    # one hand-over where fbgemm's quantization is eq. 7 ("clipped") and one where it is not ("grid"): nudge
+    # the two consumers' scales (same model on both sides) until each gives its form
+    for i, clipped in ((2, True), (4, False), (6, True)):
+        s0 = fused[i].input_scale.item()
+        for j in range(1000):
+            s = torch.tensor(s0 * (1 + 1e-4 * j))
+            if (kernels.fbgemm_grid_cap(float(1.0 / s), s, 127) is not None) == clipped:
+                break
+        for model in (fused, generic):
+            model[i].input_scale.copy_(s)
+            model[i]._cache.clear()
+    with torch.no_grad():
+        for xb in (x, x[:1], 3 * torch.randn(7, 32)):
+            with hw.record_kernels() as ran:
+                y = fused(xb)
+            assert ran == ["Int8Linear:fbgemm"] * 4
+            torch.testing.assert_close(y, generic(xb), rtol=0, atol=0)
+        assert [key[1] for _, key in fused._lean[1]] == ["float", "clipped", "grid", "clipped"]  # forms handed in
+        assert generic._lean is None
+        # a consumer's input scale reloaded after the program was made: the program is made again
+        state = fused.state_dict()
+        state["2.input_scale"] = state["2.input_scale"] * 1.5
+        fused.load_state_dict(state)
+        generic.load_state_dict(state)
+        torch.testing.assert_close(fused(x), generic(x), rtol=0, atol=0)
+        assert (fused(x) - fq(x)).abs().max().item() > 0  # the reload changed the model

@@ -217,17 +217,90 @@ def test_fused_int8_nodes_and_outputs(name, make, shape, expected, tmp_path) -> 
     path = _export(model, x, tmp_path, name)
     nodes = _optimized_nodes(path, tmp_path)
     assert _layer_kernels(nodes) == expected, nodes
-    # every activation Q/DQ is uint8; int8 weight initializers feed DequantizeLinear (axis 0, per channel)
+    # every activation Q/DQ is uint8; int8 weight initializers feed DequantizeLinear (axis 0, per channel),
+    # except for the layers ORT runs in float, whose weight is an fp32 initializer (the DQ's output)
     proto = onnx.load(str(path))
     inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
     assert all(inits[n.input[2]].dtype == np.uint8 for n in proto.graph.node if n.op_type == "QuantizeLinear")
     weight_dq = [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
                  and inits[n.input[0]].dtype == np.int8]
-    assert len(weight_dq) == len(lq.quantized_layers(model))
+    float_weights = [n for n in proto.graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and n.input[1] in inits]
+    assert len(float_weights) == expected.get("float Conv", 0)
+    assert len(weight_dq) + len(float_weights) == len(lq.quantized_layers(model))
     axes = [next(a.i for a in n.attribute if a.name == "axis") for n in weight_dq]
     assert axes == [0] * len(weight_dq) and all(inits[n.input[1]].ndim == 1 for n in weight_dq)
     # within one output step, also beyond the calibrated range (the integer clips at +-amax carry lq's grid)
     _assert_within_one_step(model, path, torch.cat([x, 3 * x]))
+
+
+def _weight_producers(path) -> list[tuple[str, str]]:
+    """``(layer op, what its weight input is)`` per Conv / Gemm / MatMul of a graph (ORT's optimized ones
+    included: FusedConv, its NCHWc Conv, QLinearConv...): the producing node's type, or the initializer's
+    dtype."""
+    proto = onnx.load(str(path))
+    inits = {t.name: numpy_helper.to_array(t).dtype.name for t in proto.graph.initializer}
+    producer = {o: n.op_type for n in proto.graph.node for o in n.output}
+    layers = {"Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "QLinearConv", "QGemm", "MatMulIntegerToFloat"}
+    out = []
+    for n in proto.graph.node:
+        if n.op_type in layers:
+            w = n.input[3] if n.op_type == "QLinearConv" else n.input[1]  # QLinearConv: x, x_scale, x_zp, w, ...
+            out.append((n.op_type, producer.get(w) or inits.get(w, "graph input")))
+    return out
+
+
+def test_float_conv_gets_constant_fp32_weights(tmp_path, monkeypatch) -> None:
+    """SmallCNN's last conv feeds global average pooling (float in lq's model), so ORT runs it in float. Its
+    weight is written as an fp32 initializer, the exact output of the DequantizeLinear it replaces: ORT's
+    optimized graph has no DequantizeLinear on a conv weight (a constant weight lets ORT's NCHWc conv
+    apply) and the outputs are those of the export with the DQ (rule 7 off), graph optimizations off."""
+    from lq.deploy import onnx_ort_form
+    from lq.models import SmallCNN
+
+    torch.manual_seed(9)
+    model = SmallCNN().eval()  # BN left in: the export folds it (rule 5) before rule 7 reads the scales
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        bn.running_mean.normal_(0, 0.1)
+        bn.running_var.uniform_(0.5, 1.5)
+    x = torch.randn(16, 1, 28, 28)
+    _quantize_calibrate(model, x)
+    path = _export(model, x, tmp_path, "cnn")
+    optimized = tmp_path / "cnn.optimized.onnx"
+    nodes = _optimized_nodes(path, tmp_path)
+    assert _layer_kernels(nodes) == {"QLinearConv": 2, "QGemm": 1, "float Conv": 1}, nodes
+    weights = _weight_producers(optimized)
+    assert all(w != "DequantizeLinear" for op, w in weights if "Conv" in op), weights
+    # in the exported graph: the float conv reads an fp32 initializer, the fused ones int8 through a DQ
+    assert sorted(_weight_producers(path)) == [("Conv", "DequantizeLinear")] * 2 + [("Conv", "float32"),
+                                                                                   ("Gemm", "DequantizeLinear")]
+    with monkeypatch.context() as m:
+        m.setattr(onnx_ort_form, "_float_weights_for_float_layers", lambda g, report: None)
+        before = export_onnx(model, x[:2], tmp_path / "cnn_dq.onnx", runtime="onnxruntime")
+    assert sorted(_weight_producers(before))[2] == ("Conv", "DequantizeLinear")  # the previous form
+    xs = torch.cat([x, 3 * x])
+    y, y_before = _run(path, xs, False), _run(before, xs, False)
+    assert (y - y_before).abs().max().item() <= 1e-6 * y_before.abs().max().item()
+
+
+def test_layer_with_quantized_output_keeps_int8_weight(tmp_path) -> None:
+    """Rule 7 applies only to layers ORT leaves in float: a conv whose output the next layer quantizes keeps
+    its int8 weight DQ (ORT's QLinearConv takes it), the last conv (a graph output, float) gets fp32 weights,
+    and a Linear at the graph output keeps its int8 weight (QGemm has a float-output form)."""
+    torch.manual_seed(10)
+    convs = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    x = torch.randn(8, 3, 10, 10)
+    _quantize_calibrate(convs, x)
+    path = _export(convs, x, tmp_path, "convs")
+    assert _weight_producers(path) == [("Conv", "DequantizeLinear"), ("Conv", "float32")]
+    nodes = _optimized_nodes(path, tmp_path)
+    assert _layer_kernels(nodes) == {"QLinearConv": 1, "float Conv": 1}, nodes
+    assert ("QLinearConv", "int8") in _weight_producers(tmp_path / "convs.optimized.onnx")
+    _assert_within_one_step(convs, path, x)
+
+    linear = _quantize_calibrate(_mlp(), torch.randn(32, 24))
+    path = _export(linear, torch.randn(32, 24), tmp_path, "mlp")
+    assert [w for _, w in _weight_producers(path)] == ["DequantizeLinear"] * 3
+    assert _layer_kernels(_optimized_nodes(path, tmp_path)) == {"QGemm": 3}
 
 
 def test_same_fused_layers_as_quantize_static(tmp_path) -> None:

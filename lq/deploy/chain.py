@@ -257,6 +257,7 @@ class Int8Sequential(nn.Sequential):
         self._leaf_list = [m for _, _, m in _leaves(self)]
         self._plan_inputs = _plan_inputs(self._leaf_list)
         self._steps = plan(self._leaf_list)
+        self._lean = None  # (bound steps or None, (layer, cache key) whose presence keeps them valid)
 
     def _stale(self) -> bool:
         return not _unchanged(self._structure) or _plan_inputs(self._leaf_list) != self._plan_inputs
@@ -267,6 +268,39 @@ class Int8Sequential(nn.Sequential):
         if self._stale():
             self._build()
         return self._steps
+
+    def __getstate__(self) -> dict:
+        """Pickling and ``copy.deepcopy`` leave the bound steps behind (closures over this chain's layers)."""
+        state = super().__getstate__()
+        state["_lean"] = None
+        return state
+
+    def _lean_program(self) -> list | None:
+        """The bound steps (:meth:`Int8Linear.lean_step`) of a chain of Linear layers with only ReLUs and eval
+        no-ops between them, each on fbgemm: the batch-1 MLP, where per-call bookkeeping rivals the GEMMs.
+        ``None`` for any other chain. Rebuilt when a layer's kernel cache was cleared (state_dict load,
+        device move) or the chain was re-planned."""
+        made = self._lean
+        if made is not None and all(key in layer._cache for layer, key in made[1]):
+            return made[0]
+        program, keys, form = [], [], "float"
+        for step in self._steps:
+            if step.kind == "skip":
+                continue
+            layer = step.module
+            if step.kind != "layer" or type(layer) is not Int8Linear:
+                self._lean = (None, [])
+                return None
+            out = _grid_output(step.out, step.feeds) if step.feeds is not None else step.out
+            bound = layer.lean_step(form, out)
+            if bound is None:  # the layer's cache keeps this answer until it is cleared: planned again then
+                self._lean = (None, [(layer, ("lean_step", form, out))])
+                return None
+            program.append(bound[0])
+            keys.append((layer, ("lean_step", form, out)))
+            form = bound[1]
+        self._lean = (program, keys)
+        return program
 
     def _fusable_now(self, x: torch.Tensor) -> bool:
         if torch.compiler.is_compiling():  # the layers' traced forms; the compiler fuses across them
@@ -288,6 +322,14 @@ class Int8Sequential(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fusable_now(x):
             return super().forward(x)
+        if x.dim() == 2 and x.dtype == torch.float32 and x.device.type == "cpu" and x.numel():
+            # an all-Linear chain on fbgemm (the batch-1 MLP): its bound steps, called here rather than under
+            # _fused_forward's compiler.disable, whose wrapper alone costs ~10 us a call
+            program = self._lean_program()
+            if program is not None:
+                for step_fn in program:
+                    x = step_fn(x)
+                return x
         return self._fused_forward(x)
 
     @torch.compiler.disable  # eager kernels only; under the compiler _fusable_now is False

@@ -17,6 +17,7 @@ oneDNN's packed copy of the weight is a cache rebuilt on demand, not part of ``s
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -240,6 +241,64 @@ class Int8Linear(Int8Module):
             step_x, w_step = self._steps()
             self._cache[key] = kernels.fbgemm_prepack(w, step_x * w_step, self.bias)  # eq. 10's factor, bias
         return self._cache[key]
+
+    def _packed_fbgemm_weight_steps(self):
+        """fbgemm's pack with the weight steps alone (``lean_step`` form ``"clipped"``: the op is given the
+        input step and forms ``step_x * step_w[j]`` itself, in fp32 as ``_packed_fbgemm`` does)."""
+        if "packed_fbgemm_w" not in self._cache:
+            self._cache["packed_fbgemm_w"] = kernels.fbgemm_prepack(self.weight, self._steps()[1], self.bias)
+        return self._cache["packed_fbgemm_w"]
+
+    def lean_step(self, form: str, out: kernels.Output) -> tuple[Callable[[torch.Tensor], torch.Tensor], str] | None:
+        """This layer's part of an all-Linear :class:`~lq.deploy.chain.Int8Sequential` on fbgemm, bound once
+        (2-D fp32 CPU inputs): at batch 1 the per-call bookkeeping of ``run`` (kernel choice, sign test,
+        output form) and the requantization ops cost a quarter of fbgemm's GEMM.
+
+        ``form`` is what the previous step hands over: ``"float"`` (the model's input: eq. 7 here, with the
+        NaN/Inf check), ``"grid"`` (this layer's input integers) or ``"clipped"`` (the previous layer's
+        activated output clipped at ``kernels.fbgemm_grid_cap``: fbgemm's own input quantization with this
+        layer's step is then eq. 7 exactly). Returns the step and the form it hands on (``"clipped"`` where the
+        consumer's step allows it, else ``"grid"``; ``"float"`` for a float output), or ``None`` where ``run``
+        would do something else (another kernel, a clip ``upper``, a smoothed input, a float input in
+        half-range mode, which needs a sign test). Same numbers as ``run``, bit for bit (tests). Kept in the
+        layer's kernel cache, cleared whenever the packed weight or a scale can change.
+        """
+        key = ("lean_step", form, out)  # the Output object itself: a consumer's reloaded scale is a new Output
+        if key in self._cache:
+            return self._cache[key]
+        made = None
+        mode = kernels.fbgemm_mode()
+        if (
+            self._kernel(torch.device("cpu"), _LINEAR_KERNELS) == "fbgemm"
+            and out.upper is None
+            and (form != "float" or (mode == kernels.FULL_RANGE and "input_smoothing" not in self._buffers))
+        ):
+            op = kernels.fbgemm_op(out.relu or out.grid)
+            if form == "clipped":
+                packed, a_scale, zp = self._packed_fbgemm_weight_steps(), self._steps()[0], 0
+            else:
+                packed, a_scale, zp = self._packed_fbgemm(False), 1.0, 0 if form == "grid" else kernels.onednn_zero_point(mode)
+            inv_in, q_in, name = self.input_scale, self.qmax_input, self.name
+            inv_out, top = out.inv_step, out.qmax
+            cap = kernels.fbgemm_grid_cap(out.step, inv_out, top) if out.grid else None
+            hands_on = "float" if not out.grid else "grid" if cap is None else "clipped"
+
+            @torch.compiler.disable(recursive=False)  # dynamo skips this frame (marks its code; no wrapper)
+            def step(h: torch.Tensor) -> torch.Tensor:
+                hw.ran("Int8Linear", "fbgemm")
+                if form == "float":
+                    try:
+                        h = kernels.quantize_to_grid(h, inv_in, q_in)
+                    except FloatingPointError as err:
+                        raise FloatingPointError(f"{name}: {err}") from None
+                y = op(h, a_scale, zp, packed)
+                if cap is not None:
+                    return y.clamp_(max=cap)
+                return y if inv_out is None else y.mul_(inv_out).round_().clamp_(0, top)
+
+            made = (step, hands_on)
+        self._cache[key] = made
+        return made
 
     def _packed_1x1(self, signed: bool, zero_point: int) -> torch.Tensor:
         key = f"packed_1x1_{signed}_{zero_point}"

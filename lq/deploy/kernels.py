@@ -302,7 +302,7 @@ def fbgemm_prepack(w_q: torch.Tensor, out_scale: torch.Tensor, bias: torch.Tenso
 
 
 @functools.cache
-def _fbgemm_op(relu: bool) -> Callable[..., torch.Tensor]:
+def fbgemm_op(relu: bool) -> Callable[..., torch.Tensor]:
     """The op's C++ entry point. Python's op call checks every argument for fake script objects (tracing
     support; ~10 us a call, as much as a batch-1 GEMM's quantization); eager calls with real packed weights
     do not need it. Falls back to the public overload if torch renames the attribute."""
@@ -317,7 +317,26 @@ def fbgemm_linear(
     pack), ``relu`` fused. ``packed(signed)`` returns the packed weight, ``[W, -W]`` when ``signed``;
     ``nonneg``: ``t`` is known to hold no negative value (zero point 0, no sign test)."""
     operand, signed = grid_operand(t if t.dtype == torch.float32 else t.float(), mode, nonneg=nonneg)
-    return _fbgemm_op(relu)(operand, 1.0, 0 if nonneg else onednn_zero_point(mode), packed(signed))
+    return fbgemm_op(relu)(operand, 1.0, 0 if nonneg else onednn_zero_point(mode), packed(signed))
+
+
+def fbgemm_grid_cap(step: float, inv_step: torch.Tensor, qmax: int) -> float | None:
+    """The clip ``c`` for which fbgemm's own input quantization with scale ``step`` of ``min(y, c)`` is eq. 7,
+    ``clip(round(y * s), 0, qmax)``, for every ``y >= 0`` (``s = inv_step``); ``None`` where there is none.
+
+    fbgemm quantizes an fp32 input as ``round(y * fp32(1 / scale))`` (ties to even), clipped to [0, 255]
+    at zero point 0. That is eq. 7 below the clip when ``fp32(1 / step) == s``, true for about 86% of
+    steps (the reciprocal of a reciprocal is not always the number back). The clip at ``qmax`` is then
+    ``c = fp32(qmax * step)``, whose product with ``s`` rounds to ``qmax``: values above ``c`` become ``qmax``,
+    values below quantize as eq. 7 does (monotone). Checked in ``tests/test_deploy_chain.py`` on values at
+    and next to every half-integer.
+    """
+    s = inv_step.detach().float().cpu().reshape(())
+    one = torch.ones((), dtype=torch.float32)
+    if float(one / torch.tensor(step, dtype=torch.float32)) != float(s):
+        return None
+    cap = torch.tensor(float(qmax), dtype=torch.float32) * torch.tensor(step, dtype=torch.float32)
+    return float(cap) if float((cap * s).round()) == qmax else None
 
 
 @functools.cache

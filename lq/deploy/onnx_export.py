@@ -231,7 +231,9 @@ def export_onnx(
       int32 bias rounding ORT's fused kernels need; ORT does the same to float biases when it fuses the
       TensorRT form) or within float rounding of one (ORT's requantization order).
       A Conv whose output reaches a non-commuting op (global average pooling, a residual add) before the
-      next quantizer stays a float Conv on int8-grid inputs: lq's model keeps that output in float. Not
+      next quantizer stays a float Conv on int8-grid inputs: lq's model keeps that output in float; its
+      weight is written as the fp32 values its DequantizeLinear gives (same numbers), so ORT sees
+      constant weights and uses its fast (NCHWc) float conv. Not
       for TensorRT (no uint8 Q/DQ there).
 
     Deploy with TensorRT (explicit quantization from the Q/DQ nodes; no calibration cache needed)::
@@ -310,7 +312,8 @@ def export_onnx(
         report = rewrite_for_onnxruntime(proto, onnx)
         onnx.save(proto, str(path))
         form = (f", onnxruntime form: {len(report.hoisted)} layers with their output quantized, "
-                f"{len(report.int32_biases)} int32 biases")
+                f"{len(report.int32_biases)} int32 biases, {len(report.float_weights)} float layers with "
+                f"fp32 weight initializers")
     counts = count_qdq(path)
     log.info(
         "export_onnx: wrote %s (opset %d, %d quantizers, %d QuantizeLinear / %d DequantizeLinear%s)",

@@ -35,13 +35,27 @@ The rewrites, each one exact for lq's grid (eq. 7: ``clip(round(x / step), -127,
    rounding. Left in place, the BN between the conv and its output Q keeps ORT from fusing the conv.
 6. A ReLU after a Gemm / MatMul whose output stays float becomes ``Max(y, 0)``: ORT reads a ReLU after a
    fusable op as a clip for an output Q, and without one refuses the float-output int8 kernel.
+7. Float weights where ORT runs the layer in float: a quantized layer (input and weight from DQs, the
+   weight an int8 initializer) that ORT's selectors leave unfused gets a float32 initializer holding its
+   weight DQ's output instead of that DQ. Those layers are: a Conv whose output is not followed by a Q
+   (directly, or through one ReLU / Clip), and a Conv or Gemm with an input that is not a DQ (a bias that
+   rule 4 left float: no output Q, an int32 overflow, a per-channel axis that does not index the outputs)
+   or a Gemm with ``beta != 1`` and a bias. A MatMul with both inputs from DQs always fuses (``QLinearMatMul``
+   or ``MatMulIntegerToFloat``), a Gemm with all inputs from DQs too (``QGemm`` has a float output): they
+   keep their int8 weight. The numbers do not change: the initializer is ``(q - zp) * scale`` computed
+   exactly as ORT's DequantizeLinear kernel does (``float(int32(q) - zp) * scale``, one fp32 product per
+   element, the scale and zero point taken along ``axis`` when per channel), so the float op sees the same
+   weight tensor bit for bit; the activation Q/DQ on its input stays (lq quantizes that input). What
+   changes is the speed: with a DQ output as weight ORT keeps a plain ``FusedConv`` whose weight it
+   dequantizes every run, with a constant weight its NCHWc transformer applies (reordered, blocked weights).
 
 A layer whose output reaches a non-commuting op before the next quantizer (global average pooling, a
 residual add, a softmax, a Conv's graph output) has a float output in lq's model. Gemm and MatMul have
 float-output int8 kernels (``QGemm``, ``MatMulIntegerToFloat``); Conv has only ``ConvInteger`` (per-tensor
 weight zero point, and measured here ~6x slower than ORT's float Conv for a 64->128 3x3 conv at 7x7, batch
-64), so such a Conv stays ``DQ -> Conv`` in float: exact, not int8. Running it in int8 needs a quantizer on
-that output in lq's model (as ``quantize_static`` puts one before global average pooling and around adds).
+64), so such a Conv runs as a float Conv on its int8-grid input and lq's weights (rule 7): exact, not int8.
+Running it in int8 needs a quantizer on that output in lq's model (as ``quantize_static`` puts one before
+global average pooling and around adds).
 
 Not for TensorRT: it takes int8 Q/DQ only (no uint8, no integer Clip); ``runtime="tensorrt"`` keeps
 torch's form.
@@ -74,6 +88,7 @@ class RewriteReport:
     hoisted: list[str] = field(default_factory=list)  #: layers (node names) that got their output Q
     int32_biases: list[str] = field(default_factory=list)  #: layers whose bias became int32 + DQ
     folded_batchnorms: list[str] = field(default_factory=list)  #: Convs whose BatchNormalization went into scales
+    float_weights: list[str] = field(default_factory=list)  #: layers ORT runs in float: weight DQ -> fp32 initializer
 
 
 class _Graph:
@@ -438,6 +453,63 @@ def _relu_after_float_output(g: _Graph, node: Any) -> None:
     relu.input.append(zero)
 
 
+def _ort_fuses(g: _Graph, node: Any) -> bool:
+    """Whether ORT's QDQ selectors (``qdq_selectors.cc``: Conv, Gemm, MatMul node group selectors) take this
+    quantized layer into an int8 kernel. Every present input must come from a DQ (the bias too); a Conv
+    needs a Q on its output, alone or after one ReLU / Clip (which that Q makes redundant); a Gemm with a
+    bias needs ``beta == 1``; a MatMul with a float output becomes ``MatMulIntegerToFloat``. Where unsure
+    (types, clip bounds) this says "fuses": the layer then keeps its int8 weight DQ, exact either way."""
+    inputs = [i for i in node.input if i]
+    if not all(g.producer.get(i) is not None and g.producer[i].op_type == "DequantizeLinear" for i in inputs):
+        return False
+    if node.op_type == "Conv":
+        after = g.single_consumer(node.output[0])
+        if after is not None and after.op_type in ("Relu", "Clip"):
+            after = g.single_consumer(after.output[0])
+        return after is not None and after.op_type == "QuantizeLinear"
+    if node.op_type == "Gemm":
+        return len(inputs) < 3 or g.attr(node, "beta", 1.0) == 1.0
+    return True
+
+
+def _dequantized_weight(g: _Graph, dq: Any) -> np.ndarray | None:
+    """The fp32 output of a weight DequantizeLinear on an int8 initializer, computed as ORT's kernel does:
+    ``float(int32(q) - zp) * scale`` (one fp32 product, round to nearest even), per channel along ``axis``.
+    None where the DQ is not of that kind (non-constant, non-int8, fp16 scale, blocked)."""
+    q, scale = g.array(dq.input[0]), g.array(dq.input[1])
+    if scale is None:
+        return None
+    zp = g.array(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else np.zeros(scale.shape, dtype=np.int8)
+    if q is None or zp is None or q.dtype != np.int8 or scale.dtype != np.float32:
+        return None
+    if zp.shape != scale.shape or scale.ndim > 1 or g.attr(dq, "block_size", 0):
+        return None
+    if scale.ndim == 1:  # per channel: scale and zero point index dimension ``axis`` of the weight
+        shape = [1] * q.ndim
+        shape[g.attr(dq, "axis", 1) % q.ndim] = -1
+        scale, zp = scale.reshape(shape), zp.reshape(shape)
+    diff = q.astype(np.int32) - zp.astype(np.int32)  # |q - zp| <= 255: exact in fp32
+    return diff.astype(np.float32) * scale
+
+
+def _float_weights_for_float_layers(g: _Graph, report: RewriteReport) -> None:
+    """Rule 7 (module docstring): a quantized layer ORT leaves unfused reads its weight as an fp32
+    initializer, the weight DQ's exact output, so ORT sees a float layer with constant weights."""
+    for node in [n for n in g.g.node if n.op_type in _LAYERS]:
+        if not _is_quantized_layer(g, node) or _ort_fuses(g, node):
+            continue
+        dq = g.producer[node.input[1]]
+        w = _dequantized_weight(g, dq)
+        if w is None:
+            continue
+        node.input[1] = g.add_initializer(w, "weight_float")
+        g.refresh()
+        if not g.consumers.get(dq.output[0]) and dq.output[0] not in g.outputs:
+            g.remove(dq)  # its int8 initializer goes in finish() unless another DQ still reads it
+            g.refresh()
+        report.float_weights.append(node.name or node.output[0])
+
+
 def rewrite_for_onnxruntime(model: Any, onnx: Any) -> RewriteReport:
     """Rewrite ``model`` (an ``onnx.ModelProto`` from lq's TensorRT-form export) in place; see the module
     docstring for the rules. Returns what changed."""
@@ -452,6 +524,7 @@ def rewrite_for_onnxruntime(model: Any, onnx: Any) -> RewriteReport:
         _rewrite_bias(g, node, report)
     for node in [n for n in g.g.node if n.op_type in ("Gemm", "MatMul")]:
         _relu_after_float_output(g, node)
+    _float_weights_for_float_layers(g, report)  # last: it reads the final Q placement and biases
     g.finish()
     return report
 
