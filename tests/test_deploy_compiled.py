@@ -200,3 +200,73 @@ def test_compiled_conv_takes_empty_unbatched_and_dynamic_inputs():
             got, want = compiled(xi), eager(xi)
             assert got.shape == want.shape
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+_FULL_RANGE = hw.onednn_mode() == hw.FULL_RANGE  # VNNI: compiled graphs call oneDNN's conv (lq.deploy.onednn_op)
+
+
+def test_large_compiled_convs_run_onednn_on_the_right_layer_and_equal_the_per_layer_path(tmp_path):
+    """Convolutions big enough for oneDNN's set-up (``onednn_op.worth_it``) call the layer's eager oneDNN kernel
+    from the graph, with the per-layer path's numbers; a copy, a reloaded layer and an unpickled model each
+    run their own weights; torch.export keeps the portable form."""
+    torch._dynamo.reset()
+    from lq.deploy import Int8ConvNd, onednn_op
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 1, 16, 16)
+    fq = _calibrated(_randomise_bn(SmallResNet(widths=(16, 32))), x)
+    eager = lq.convert(copy.deepcopy(fq), fuse=False)
+    compiled = lq.convert(copy.deepcopy(fq), compile=True)
+    outputs = []  # each conv's output size, for the rule's count
+    hooks = [m.register_forward_hook(lambda mod, inp, out: outputs.append((mod, out.shape)))
+             for m in eager.modules() if isinstance(m, Int8ConvNd)]
+    with torch.no_grad():
+        with hw.record_kernels() as ran:
+            got = compiled(x)
+        want = eager(x)
+        for h in hooks:
+            h.remove()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        big = sum(onednn_op.prefer_onednn(s[0] * s[2] * s[3], m.kernel_size[0] * m.kernel_size[1], m.in_channels)
+                  for m, s in outputs)
+        assert big >= 2
+        assert ran.count("Int8Conv2d:onednn (compiled graph)") == (big if _FULL_RANGE else 0)
+        with hw.record_kernels() as ran:
+            compiled(x[:1])  # batch 1: below the size where oneDNN pays off
+        assert "Int8Conv2d:onednn (compiled graph)" not in ran
+
+        # a copy is a new set of layers: its graph must reach them, not the original's
+        twin = copy.deepcopy(eager)
+        state = twin.state_dict()
+        state["stem.0.bias"] = torch.full_like(state["stem.0.bias"], 0.5)
+        twin.load_state_dict(state)
+        twin_compiled = torch.compile(twin)
+        torch.testing.assert_close(twin_compiled(x), twin(x), rtol=1e-5, atol=1e-6)
+        assert (twin(x) - eager(x)).abs().max() > 1e-3
+        torch.save(eager, tmp_path / "int8.pt")
+        loaded = torch.load(tmp_path / "int8.pt", weights_only=False)
+        torch.testing.assert_close(torch.compile(loaded)(x), eager(x), rtol=1e-5, atol=1e-6)
+
+        program = torch.export.export(eager, (x,))
+        assert not any("onednn_conv" in str(n.target) for n in program.graph.nodes)
+        torch.testing.assert_close(program.module()(x), eager(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(hw.onednn_mode() == hw.UNAVAILABLE, reason="needs oneDNN's int8 convolution")
+def test_compiled_onednn_conv_half_range_split_is_exact(monkeypatch):
+    """The AVX2 form of the graph's oneDNN call (signed integers split into ``[max(t, 0), max(-t, 0)]`` against
+    ``[W, -W]``, every u8 <= 127), run here on whatever host: the per-layer path's numbers."""
+    from lq.deploy import onednn_op
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(onednn_op, "_mode", lambda: hw.HALF_RANGE)
+    torch.manual_seed(2)
+    x = torch.randn(32, 3, 20, 20)  # big enough for oneDNN (onednn_op.prefer_onednn)
+    fq = _calibrated(nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)).eval(), x)
+    eager = lq.convert(copy.deepcopy(fq), fuse=False)
+    compiled = torch.compile(copy.deepcopy(eager))
+    with torch.no_grad(), hw.record_kernels() as ran:
+        got = compiled(x)
+    assert ran.count("Int8Conv2d:onednn (compiled graph)") == 2
+    torch.testing.assert_close(got, eager(x), rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()

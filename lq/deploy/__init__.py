@@ -16,10 +16,13 @@ from lq.deploy.int8_layers import (
     Int8Matmul,
     Int8Module,
 )
+from lq.deploy.int8_pool import Int8AdaptiveAvgPool2d, Int8AvgPool2d
 from lq.deploy.kernels import onednn_mode
 from lq.deploy.onnx_export import count_qdq, export_onnx
 
 __all__ = [
+    "Int8AdaptiveAvgPool2d",
+    "Int8AvgPool2d",
     "Int8ConvNd",
     "Int8ConvTranspose2d",
     "Int8Linear",

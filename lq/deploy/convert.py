@@ -22,11 +22,13 @@ from lq.deploy.int8_layers import (
     Int8Matmul,
     Int8Module,
 )
+from lq.deploy.int8_pool import Int8AdaptiveAvgPool2d, Int8AvgPool2d
 from lq.deploy.kernels import BACKENDS, onednn_mode
 from lq.nn.fold_bn import fold_bn as _fold_bn
 from lq.nn.matmul import QuantMatmul
 from lq.nn.quant_conv import QuantConv1d, QuantConv2d, QuantConv3d, QuantConvTranspose2d
 from lq.nn.quant_linear import QuantLinear
+from lq.nn.quant_pool import QuantAdaptiveAvgPool2d, QuantAvgPool2d
 from lq.nn.swap import _parent, quantized_layers, restore
 from lq.quant.quantizer import TensorQuantizer
 
@@ -76,6 +78,10 @@ def _weight_amax(layer: nn.Module) -> torch.Tensor:
 def _int8_layer(name: str, layer: nn.Module, backend: str) -> Int8Module:
     if isinstance(layer, QuantMatmul):
         return Int8Matmul.from_quant(layer, name, backend)
+    if isinstance(layer, QuantAvgPool2d):  # QuantConfig(quantize_pooling=True): no weight
+        return Int8AvgPool2d.from_quant(layer, name, backend)
+    if isinstance(layer, QuantAdaptiveAvgPool2d):
+        return Int8AdaptiveAvgPool2d.from_quant(layer, name, backend)
     if layer.weight_quantizer.axis is None:
         # per-tensor weights: one amax for all channels (eq. 10 with a scalar s_w)
         amax = _weight_amax(layer).reshape(()).expand(layer.weight.shape[layer.weight_channel_axis]).clone()
@@ -104,8 +110,10 @@ def convert(
     fake-quant model used) and the layer runs eq. 10: ``y = (x_q w_q) / (s_x s_w) + b``, an integer GEMM
     or convolution with int32 accumulation. Layers whose quantizers are all off (partial quantization,
     Section 5.1) go back to their float class; layers with only some quantizers on stay fake-quant (a
-    warning names them). BatchNorms that directly follow a layer are folded first (Appendix C,
-    ``lq.fold_bn``) unless ``fold_bn=False``.
+    warning names them). Average pooling with an input quantizer (``QuantConfig(quantize_pooling=True)``)
+    becomes ``Int8AvgPool2d`` / ``Int8AdaptiveAvgPool2d``: the average of the input's grid integers times the
+    step, the fake-quant model's numbers up to float rounding. BatchNorms that directly follow a layer are
+    folded first (Appendix C, ``lq.fold_bn``) unless ``fold_bn=False``.
 
     The result is inference-only: it is put in eval mode, the remaining float parameters stop requiring
     grad, and a converted layer raises in train mode or when asked for gradients. ``state_dict()`` holds

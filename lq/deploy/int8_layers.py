@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lq.deploy import kernels, traced
+from lq.deploy import kernels, onednn_op, traced
 from lq.ops import hardware as hw
 from lq.quant.functional import AMAX_EPS, qmax
 
@@ -406,6 +406,7 @@ class Int8ConvNd(Int8Module):
 
     def __init__(self, conv: nn.Module, name: str, bits: int, backend: str, input_bits: int | None = None) -> None:
         super().__init__(name, bits, backend, input_bits)
+        onednn_op.register(self)  # compiled graphs reach the eager oneDNN kernel by id(self)
         dev = conv.weight.device
         self.dims = conv.weight.dim() - 2
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
@@ -441,6 +442,31 @@ class Int8ConvNd(Int8Module):
             )
         return self._cache[key]
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        onednn_op.register(self)  # a copy or an unpickled layer is a new object: registered under its own id
+
+    def onednn_u8(
+        self, u: torch.Tensor, zp: int, signed: bool = False, out: kernels.Output = kernels.FLOAT
+    ) -> torch.Tensor:
+        """Eq. 10 with the bias and the output stage ``out`` on oneDNN, for the u8 operand ``u`` with zero point
+        ``zp`` (``kernels.u8_operand``; ``signed``: the half-range ``[P, N]`` split). Also what a compiled
+        graph calls (``lq.deploy.onednn_op``). The call is bound once per input size (a compiled ResNet makes
+        nine of them per forward, where each Python step counts)."""
+        scale, dtype, post_op, scalars = kernels.onednn_output(out)  # the output stage by value: callers may
+        key = ("onednn_u8", tuple(u.shape[2:]), zp, signed, scale, dtype, post_op, tuple(scalars))  # build `out`s
+        call = self._cache.get(key)
+        if call is None:
+            # shape classes oneDNN gets wrong (a single output position with stride > 1, windows all in the
+            # padding) run with the same numbers another way (lq.ops.hardware.onednn_conv_plan)
+            plan = hw.onednn_conv_plan(u.shape[2:], self.kernel_size, self.stride, self._kernel_padding(), self.dilation)
+            step_x, w_step = self._steps()
+            call = self._cache[key] = kernels.onednn_conv_call(
+                zp, self._packed(signed, zp, tuple(plan.stride), tuple(plan.padding)), step_x, w_step, self.bias,
+                plan, self.dilation, self.groups, out,
+            )
+        return call(u)
+
     def _kernel_padding(self) -> list[int]:
         return [0] * self.dims if self._pre_pad is not None else list(self.padding)
 
@@ -469,6 +495,10 @@ class Int8ConvNd(Int8Module):
         t, poison = traced.quantize(x, self.input_scale, self.qmax_input, self.name)
         if self._pre_pad is not None:
             t = F.pad(t, self._pre_pad, mode="constant" if self.padding_mode == "zeros" else self.padding_mode)
+        # big convolutions on CPU: the layer's own oneDNN kernel, called from the graph
+        y = onednn_op.conv2d(self, t) if gemm and self.dims == 2 else None
+        if y is not None:
+            return y.to(x.dtype).contiguous(memory_format=_memory_format(x))  # (poison: CUDA only)
         step_x, w_step = self._steps()
         shape = [1, -1] + [1] * self.dims
         terms = self._terms()
@@ -508,15 +538,7 @@ class Int8ConvNd(Int8Module):
         if kernel == "onednn":
             u, zp, signed = kernels.u8_operand(t, kernels.onednn_mode(), self.groups, nonneg=grid)
             # oneDNN's quantized conv1d/conv3d take no ReLU/clip post-op: floats out, out.finish does the rest
-            stage = out if self.dims == 2 else kernels.FLOAT
-            # a single output position with stride > 1 is a shape class oneDNN gets wrong (lq.ops.hardware)
-            plan = hw.onednn_conv_plan(u.shape[2:], self.kernel_size, self.stride, self._kernel_padding(), self.dilation)
-            if plan.pre_pad is not None:
-                u = F.pad(u, plan.pre_pad, value=zp)
-            y = plan.finish(kernels.onednn_conv(
-                u, zp, self._packed(signed, zp, tuple(plan.stride), tuple(plan.padding)), step_x, w_step, self.bias,
-                plan.stride, plan.padding, self.dilation, self.groups, stage,
-            ))
+            y = self.onednn_u8(u, zp, signed, out if self.dims == 2 else kernels.FLOAT)
             act_done = self.dims == 2
         else:
             y = self._reference(t, step_x, w_step)

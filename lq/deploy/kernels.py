@@ -47,6 +47,7 @@ from lq.ops.hardware import (
     FULL_RANGE,
     HALF_RANGE,
     UNAVAILABLE,
+    OnednnConvPlan,
     onednn_available,
     onednn_mode,
 )
@@ -383,12 +384,35 @@ def onednn_conv(
     ``padding`` is zero padding of the *real* input; with a zero point of 128 oneDNN pads with the zero
     point, so padding means real 0 in both modes.
     """
+    plan = OnednnConvPlan(list(stride), list(padding), None, None)
+    return onednn_conv_call(zero_point, packed_weight, input_step, weight_step, bias, plan, dilation, groups, out)(u)
+
+
+def onednn_conv_call(
+    zero_point: int,
+    packed_weight: torch.Tensor,
+    input_step: float,
+    weight_step: torch.Tensor,
+    bias: torch.Tensor | None,
+    plan: OnednnConvPlan,
+    dilation: Sequence[int],
+    groups: int,
+    out: Output = FLOAT,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """:func:`onednn_conv` with everything but the input bound: ``u -> y`` for inputs of the size ``plan``
+    (``lq.ops.hardware.onednn_conv_plan``) was made for, its explicit padding and output slice included."""
     scale, dtype, post_op, scalars = onednn_output(out)
     zeros = torch.zeros(weight_step.numel(), dtype=torch.int64)
-    return torch.ops.onednn.qconv_pointwise.default(
-        u, input_step, zero_point, packed_weight, weight_step, zeros, bias,
-        list(stride), list(padding), list(dilation), groups, scale, 0, dtype, post_op, scalars, "",
-    )
+    stride, padding, dilation = list(plan.stride), list(plan.padding), list(dilation)
+    op = torch.ops.onednn.qconv_pointwise.default
+
+    def call(u: torch.Tensor) -> torch.Tensor:
+        if plan.pre_pad is not None:
+            u = F.pad(u, plan.pre_pad, value=zero_point)
+        return plan.finish(op(u, input_step, zero_point, packed_weight, weight_step, zeros, bias, stride, padding,
+                              dilation, groups, scale, 0, dtype, post_op, scalars, ""))
+
+    return call
 
 
 # ------------------------------------------------------------------------------------------ CUDA _int_mm

@@ -207,9 +207,10 @@ def export_onnx(
 
     Export the fake-quant model (after ``lq.quantize`` + ``lq.calibrate`` / QAT), *not* the output of
     ``lq.convert``. Each quantized Linear/Conv gets Q/DQ on its input (per tensor) and on its weight (per
-    output channel, ``axis`` 0, or 1 for ConvTranspose); ``lq.nn.Matmul`` gets Q/DQ on both inputs. Layers
-    whose quantizers are off stay float. Dynamic (max) weight ranges are exported at their current value,
-    as constants. Scales are ``amax / 127`` (the step), zero points int8 0.
+    output channel, ``axis`` 0, or 1 for ConvTranspose); ``lq.nn.Matmul`` gets Q/DQ on both inputs, average
+    pooling quantized with ``QuantConfig(quantize_pooling=True)`` on its input. Layers whose quantizers are
+    off stay float. Dynamic (max) weight ranges are exported at their current value, as constants. Scales
+    are ``amax / 127`` (the step), zero points int8 0.
 
     Half-precision models (fp16/bf16) are exported as an fp32 graph (the parameters are cast for the
     export and restored after; half example inputs are cast too): ONNX QuantizeLinear below opset 19 takes
@@ -231,10 +232,11 @@ def export_onnx(
       int32 bias rounding ORT's fused kernels need; ORT does the same to float biases when it fuses the
       TensorRT form) or within float rounding of one (ORT's requantization order).
       A Conv whose output reaches a non-commuting op (global average pooling, a residual add) before the
-      next quantizer stays a float Conv on int8-grid inputs: lq's model keeps that output in float; its
-      weight is written as the fp32 values its DequantizeLinear gives (same numbers), so ORT sees
-      constant weights and uses its fast (NCHWc) float conv. Not
-      for TensorRT (no uint8 Q/DQ there).
+      next quantizer stays a float Conv on int8-grid inputs (with ``QuantConfig(quantize_pooling=True)`` the
+      pooling's input quantizer gives it an output Q: ``QLinearConv`` + ``QLinearGlobalAveragePool``): lq's
+      model keeps that output in float; its weight is written as the fp32 values its DequantizeLinear gives
+      (same numbers), so ORT sees constant weights and uses its fast (NCHWc) float conv. Not for TensorRT
+      (no uint8 Q/DQ there).
 
     Deploy with TensorRT (explicit quantization from the Q/DQ nodes; no calibration cache needed)::
 

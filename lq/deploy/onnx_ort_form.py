@@ -23,6 +23,9 @@ The rewrites, each one exact for lq's grid (eq. 7: ``clip(round(x / step), -127,
    transpose, squeeze, unsqueeze, identity (monotone or data movement: ``Q(op(y)) = op(Q(y))``), when each
    tensor on the way has that one consumer. The original Q stays after those ops: it requantizes values
    already on its grid (exact), and ORT drops that ``DQ -> MaxPool/Flatten -> Q`` and runs the op on uint8.
+   An average pooling whose input is a DQ (``QuantConfig(quantize_pooling=True)``) counts as such a layer:
+   the Q after its flatten moves up to its output, and ORT fuses ``DQ -> GlobalAveragePool/AveragePool -> Q``
+   into ``QLinearGlobalAveragePool`` / ``QLinearAveragePool``.
 4. Biases of Conv/Gemm whose inputs are both DQs: int32 with scale ``s_x * s_w`` (per channel, ``axis`` 0),
    as ORT's fused group needs; only for a Conv that got its output Q, and every Gemm (``QGemm`` has a float
    output form). This rounding, at most half of ``s_x * s_w`` per output (half an accumulator unit), is the
@@ -55,7 +58,11 @@ float-output int8 kernels (``QGemm``, ``MatMulIntegerToFloat``); Conv has only `
 weight zero point, and measured here ~6x slower than ORT's float Conv for a 64->128 3x3 conv at 7x7, batch
 64), so such a Conv runs as a float Conv on its int8-grid input and lq's weights (rule 7): exact, not int8.
 Running it in int8 needs a quantizer on that output in lq's model (as ``quantize_static`` puts one before
-global average pooling and around adds).
+global average pooling and around adds). ``QuantConfig(quantize_pooling=True)`` gives average pooling one:
+the Conv before global average pooling then has its output Q (rule 3) and fuses into ``QLinearConv``, and the
+pooling runs as ``QLinearGlobalAveragePool`` when its output reaches the next layer's Q through ops that
+commute with it (a SmoothQuant divisor on that layer's input, ``x / s``, does not: the pooling then runs in
+float on its DQ's output, the Conv stays ``QLinearConv``). Residual adds still have no quantizer.
 
 Not for TensorRT: it takes int8 Q/DQ only (no uint8, no integer Clip); ``runtime="tensorrt"`` keeps
 torch's form.
@@ -75,6 +82,8 @@ import torch
 _COMMUTING = frozenset({"MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity"})
 #: quantized ops ORT fuses
 _LAYERS = frozenset({"Conv", "Gemm", "MatMul"})
+#: average poolings ORT fuses with a DQ on the input and a Q on the output (``QLinear[Global]AveragePool``)
+_POOLS = frozenset({"GlobalAveragePool", "AveragePool"})
 _QMAX = 127
 _INT32_MAX = 2**31 - 1
 
@@ -257,6 +266,17 @@ def _is_quantized_layer(g: _Graph, node: Any) -> bool:
     return all(g.producer.get(i) is not None and g.producer[i].op_type == "DequantizeLinear" for i in node.input[:2])
 
 
+def _is_quantized_pooling(g: _Graph, node: Any) -> bool:
+    """An average pooling whose input is a per-tensor DQ (lq's ``QuantConfig(quantize_pooling=True)``)."""
+    if node.op_type not in _POOLS or not node.input:
+        return False
+    dq = g.producer.get(node.input[0])
+    if dq is None or dq.op_type != "DequantizeLinear":
+        return False
+    scale = g.array(dq.input[1])
+    return scale is not None and scale.size == 1
+
+
 def _walk_up(g: _Graph, q: Any) -> tuple[list[Any], Any | None, float, float]:
     """From a Q's input up through single-consumer clips and commuting ops: ``(chain from the top, the
     node producing the chain's input, lower bound, upper bound)``. ``producer`` is None where the walk stops
@@ -324,7 +344,7 @@ def _rewrite_activation(g: _Graph, q: Any, report: RewriteReport) -> None:
         d.input[2] = zp
     hoist = (
         producer is not None
-        and _is_quantized_layer(g, producer)
+        and (_is_quantized_layer(g, producer) or _is_quantized_pooling(g, producer))
         and g.single_consumer(producer.output[0]) is not None
     )
     if not hoist:

@@ -24,6 +24,10 @@ is the same fp32 expression. Which GEMM runs, by device and host:
 - Everywhere else (AVX2 CPUs, where ``_int_mm`` is a scalar loop; grouped, 1d and 3d convolutions;
   ``backend="reference"``): ``F.linear`` / ``F.conv*d`` on the integer values in fp32 (exact below 2^24)
   or fp64, as the eager reference kernel.
+- Except: a 2-d convolution on a CPU with oneDNN that is large enough to pay oneDNN's per-call set-up
+  (batch 8 and up for 28x28 images) calls the layer's own eager oneDNN kernel from the graph
+  (:mod:`lq.deploy.onednn_op`; on VNNI and, with the signed split, on AVX2). Its direct convolution is ~3x
+  the im2col + ``_int_mm`` on SmallResNet's layers at batch 64. ``torch.export`` never takes it.
 
 A NaN or Inf input raises a ``RuntimeError`` naming the layer on CPU (``torch._assert_async``, which
 Inductor keeps; one fused reduction per layer; eager layers raise ``FloatingPointError``, a type the
@@ -116,20 +120,41 @@ def conv2d_int_mm(
     """int32-exact ``conv2d`` (one group) of the integer grid ``t [N, C, H, W]`` (fp32 integers) with the
     int8 weight ``w_kn [kh*kw*C, O]`` (taps outer, channels inner), as fp32 ``[N, O, Ho, Wo]`` in
     channels-last memory: int8 im2col in NHWC order, then one integer GEMM (:func:`int_mm_exact`)."""
-    n, _, h, w = t.shape
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
-    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    ph, pw = padding
     x8 = t.to(torch.int8).permute(0, 2, 3, 1)  # NHWC
     if ph or pw:
         x8 = F.pad(x8, (0, 0, pw, pw, ph, ph))
-    x8 = x8.contiguous()
-    s_n, s_h, s_w, s_c = x8.stride()
-    # the windows as a strided view, copied once into the [positions, taps * channels] operand
-    windows = x8.as_strided((n, ho, wo, kh, kw, x8.shape[3]), (s_n, s_h * sh, s_w * sw, s_h * dh, s_w * dw, s_c))
-    cols = windows.reshape(n * ho * wo, kh * kw * x8.shape[3])
-    acc = int_mm_exact(cols, w_kn, qmax_a, qmax_w)
+    return im2col_int_mm(x8.contiguous(), w_kn, kernel_size, stride, dilation, qmax_a, qmax_w)
+
+
+def im2col_int_mm(
+    x8: torch.Tensor,
+    w_kn: torch.Tensor,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+    qmax_a: int,
+    qmax_w: int,
+) -> torch.Tensor:
+    """:func:`conv2d_int_mm` from the int8 input already zero-padded and contiguous NHWC (``x8``)."""
+    n, h, w, _ = x8.shape
+    (kh, kw), (sh, sw), (dh, dw) = kernel_size, stride, dilation
+    ho = (h - dh * (kh - 1) - 1) // sh + 1
+    wo = (w - dw * (kw - 1) - 1) // sw + 1
+    acc = int_mm_exact(im2col(x8, kernel_size, stride, dilation), w_kn, qmax_a, qmax_w)
     return acc.view(n, ho, wo, w_kn.shape[1]).permute(0, 3, 1, 2)
+
+
+def im2col(x8: torch.Tensor, kernel_size: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int]) -> torch.Tensor:
+    """The ``[positions, taps * channels]`` operand of the padded contiguous NHWC input ``x8``: its windows
+    as a strided view, copied once."""
+    n, h, w, c = x8.shape
+    (kh, kw), (sh, sw), (dh, dw) = kernel_size, stride, dilation
+    ho = (h - dh * (kh - 1) - 1) // sh + 1
+    wo = (w - dw * (kw - 1) - 1) // sw + 1
+    s_n, s_h, s_w, s_c = x8.stride()
+    windows = x8.as_strided((n, ho, wo, kh, kw, c), (s_n, s_h * sh, s_w * sw, s_h * dh, s_w * dw, s_c))
+    return windows.reshape(n * ho * wo, kh * kw * c)
 
 
 def graph_breaks(model: torch.nn.Module, *example: torch.Tensor) -> list[str]:

@@ -7,7 +7,9 @@ from lq.nn.matmul import Matmul, QuantMatmul
 from lq.nn.mixin import QuantMixin
 from lq.nn.quant_conv import QuantConv1d, QuantConv2d, QuantConv3d, QuantConvTranspose2d
 from lq.nn.quant_linear import QuantLinear
+from lq.nn.quant_pool import QuantAdaptiveAvgPool2d, QuantAvgPool2d
 from lq.nn.swap import (
+    POOLING_MODULES,
     QUANT_MODULES,
     QuantizationReport,
     is_quantized,
@@ -22,10 +24,13 @@ __all__ = [
     "ChannelClamp",
     "GELU10",
     "Matmul",
+    "POOLING_MODULES",
     "QUANT_MODULES",
     "QuantConv1d",
     "QuantConv2d",
     "QuantConv3d",
+    "QuantAdaptiveAvgPool2d",
+    "QuantAvgPool2d",
     "QuantConvTranspose2d",
     "QuantLinear",
     "QuantMatmul",

@@ -19,6 +19,7 @@ from lq.nn.matmul import Matmul, QuantMatmul
 from lq.nn.mixin import QuantMixin
 from lq.nn.quant_conv import QuantConv1d, QuantConv2d, QuantConv3d, QuantConvTranspose2d
 from lq.nn.quant_linear import QuantLinear
+from lq.nn.quant_pool import QuantAdaptiveAvgPool2d, QuantAvgPool2d
 from lq.quant.config import QuantConfig
 from lq.quant.quantizer import TensorQuantizer
 
@@ -32,8 +33,13 @@ QUANT_MODULES: dict[type[nn.Module], type[nn.Module]] = {
     nn.Conv3d: QuantConv3d,
     nn.ConvTranspose2d: QuantConvTranspose2d,
     Matmul: QuantMatmul,
+    # only with QuantConfig(quantize_pooling=True): an input quantizer, no weight (lq.nn.quant_pool)
+    nn.AvgPool2d: QuantAvgPool2d,
+    nn.AdaptiveAvgPool2d: QuantAdaptiveAvgPool2d,
 }
 QUANT_CLASSES = tuple(QUANT_MODULES.values())
+#: float pooling classes that ``QuantConfig.quantize_pooling`` switches on (not kinds of ``QuantConfig.layers``)
+POOLING_MODULES = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)
 
 
 @dataclass
@@ -90,8 +96,10 @@ def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
     """Swap the model's Linear / Conv / ConvTranspose2d / ``lq.nn.Matmul`` layers for quantized ones, in place.
 
     Layers whose names match ``config.skip`` stay in float; with ``config.only`` only matching layers are
-    swapped. Returns the same model; the report (what was swapped, what was skipped and why) is logged and
-    available from ``lq.quantization_report(model)``.
+    swapped. With ``config.quantize_pooling`` the ``nn.AvgPool2d`` / ``nn.AdaptiveAvgPool2d`` modules get an
+    input quantizer too (``lq.nn.QuantAvgPool2d`` / ``QuantAdaptiveAvgPool2d``; skip and only apply to them).
+    Returns the same model; the report (what was swapped, what was skipped and why) is logged and available
+    from ``lq.quantization_report(model)``.
 
     Raises ValueError if a skip/only pattern matches no module, or if nothing could be quantized.
     """
@@ -116,6 +124,9 @@ def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
         float_cls = next((c for c in QUANT_MODULES if isinstance(module, c)), None)
         if float_cls is None:
             continue
+        pooling = float_cls in POOLING_MODULES
+        if pooling and not config.quantize_pooling:
+            continue  # not a layer kind of lq's default model: not even reported
         if name in in_mha:
             report.skipped[name] = "inside nn.MultiheadAttention, which bypasses the layer's forward"
         elif type(module) is not float_cls:
@@ -123,7 +134,7 @@ def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
                 f"{type(module).__name__} subclasses {float_cls.__name__} with its own code; not swapped "
                 "(quantize it with lq.nn layers in your model)"
             )
-        elif float_cls.__name__ not in config.layers:
+        elif not pooling and float_cls.__name__ not in config.layers:
             report.skipped[name] = f"layer kind {float_cls.__name__} not in config.layers"
         elif _matches(name, config.skip):
             report.skipped[name] = "matches a skip pattern"
@@ -142,10 +153,10 @@ def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
                 report.gelu10.append(name)
 
     if not report.swapped and not already:
+        kinds = [c.__name__ for c in QUANT_MODULES if c not in POOLING_MODULES]
         raise ValueError(
-            "lq.quantize found nothing to quantize: the model has no "
-            f"{[c.__name__ for c in QUANT_MODULES]} layers that are not skipped ({len(report.skipped)} skipped: "
-            f"{dict(list(report.skipped.items())[:5])})"
+            f"lq.quantize found nothing to quantize: the model has no {kinds} layers that are not skipped "
+            f"({len(report.skipped)} skipped: {dict(list(report.skipped.items())[:5])})"
         )
     if config.equalize:  # after the checks above, so a failed quantize leaves the model as it was
         from lq.equalize import equalize
@@ -191,6 +202,7 @@ def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 __all__ = [
+    "POOLING_MODULES",
     "QUANT_MODULES",
     "QuantMixin",
     "QuantizationReport",

@@ -105,6 +105,14 @@ class QuantConfig:
             data, for the layers where that divides the layer's output error at least ``lq.smoothing.MIN_GAIN``
             (2) times. On by default: every Linear of MiniLM qualifies (mean cosine 0.9887 -> 0.9967), no layer
             of the CNNs measured does (RESULTS.md), and those pay no extra pass over the data.
+        quantize_pooling: also quantize the inputs of average pooling (``nn.AvgPool2d``, ``nn.AdaptiveAvgPool2d``:
+            ``lq.nn.QuantAvgPool2d`` / ``QuantAdaptiveAvgPool2d``) with a per-tensor ``activation`` quantizer,
+            calibrated like every other (``skip`` / ``only`` apply; ``layers`` does not, it lists GEMM-like kinds).
+            The paper quantizes only the inputs of GEMM-like layers, so a conv before global average pooling keeps
+            a float output; with a quantizer there, deployment runtimes run that conv in int8 too (onnxruntime:
+            ``QLinearConv`` + ``QLinearGlobalAveragePool``, as ``quantize_static`` does). Max pooling needs none
+            (it commutes with the quantizer). Off by default: the paper's model, and the checkpoints written
+            without it, are unchanged.
     """
 
     weight: QuantSpec = field(default_factory=_default_weight)
@@ -116,6 +124,7 @@ class QuantConfig:
     equalize: bool = False
     bias_correction: bool = False
     smoothquant: bool = True
+    quantize_pooling: bool = False
 
     def __post_init__(self) -> None:
         # Hydra hands over DictConfig / ListConfig objects: normalise them to plain Python types.
@@ -128,7 +137,7 @@ class QuantConfig:
         self.skip = [str(p) for p in self.skip]
         self.only = None if self.only is None else [str(p) for p in self.only]
         self.layers = [str(k) for k in self.layers]
-        for name in ("gelu10", "equalize", "bias_correction", "smoothquant"):
+        for name in ("gelu10", "equalize", "bias_correction", "smoothquant", "quantize_pooling"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"QuantConfig.{name} takes True or False, got {getattr(self, name)!r}")
         unknown = sorted(set(self.layers) - set(LAYER_KINDS))
@@ -142,10 +151,12 @@ class QuantConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
         """Rebuild a config from ``to_dict``'s nested dicts (specs may also be given as ``QuantSpec``). A dict without
-        ``smoothquant`` (written by an lq without SmoothQuant) reads as ``smoothquant=False``."""
+        ``smoothquant`` (written by an lq without SmoothQuant) reads as ``smoothquant=False``, one without
+        ``quantize_pooling`` as ``quantize_pooling=False`` (what such a model was)."""
         d = dict(d)
         # a dict written before the field existed describes a model calibrated without SmoothQuant
         d.setdefault("smoothquant", False)
+        d.setdefault("quantize_pooling", False)
         d["weight"] = QuantSpec(**d.get("weight", {})) if isinstance(d.get("weight"), dict) else d.get("weight")
         d["activation"] = (
             QuantSpec(**d.get("activation", {})) if isinstance(d.get("activation"), dict) else d.get("activation")
