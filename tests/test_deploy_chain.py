@@ -462,3 +462,36 @@ def test_lean_linear_program_equals_the_generic_run(monkeypatch) -> None:
         generic.load_state_dict(state)
         torch.testing.assert_close(fused(x), generic(x), rtol=0, atol=0)
         assert (fused(x) - fq(x)).abs().max().item() > 0  # the reload changed the model
+
+
+@pytest.mark.parametrize("backend", ["auto", "onednn", "reference"])
+def test_smoothed_linears_take_the_previous_linears_hand_over(backend: str, monkeypatch) -> None:
+    """A Linear smoothed by lq.smooth_quant quantizes ``x / s``: the Linear before it divides its activated
+    output by ``s`` and hands over those integers (kernels.Output.divisor), bit for bit what the unfused
+    model computes; the batch-1 program (fbgemm) does the same."""
+    import lq.ops.hardware as hw
+
+    torch.manual_seed(15)
+    gain = torch.ones(32)
+    gain[[3, 17]] = 40.0
+    x = torch.randn(64, 32) * gain
+    model = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(), nn.Linear(48, 6)).eval()
+    lq.quantize(model, lq.QuantConfig(activation=lq.QuantSpec(calibrator="max")))
+    lq.smooth_quant(model, [x], num_samples=None, alphas=[0.5], min_gain=1.0)  # every Linear that gains
+    lq.calibrate(model, [x], num_samples=None, method="max")
+    fused = convert(copy.deepcopy(model), backend=backend)
+    plain = convert(copy.deepcopy(model), backend=backend, fuse=False)
+    assert all("input_smoothing" in fused[i]._buffers for i in (0, 2, 4))
+    assert [s.feeds for s in fused.fused_steps if s.kind == "layer"] == [fused[2], fused[4], None]
+    generic = convert(copy.deepcopy(model), backend=backend)
+    monkeypatch.setattr(generic, "_lean_program", lambda: None)
+    with torch.no_grad():
+        for xb in (x, x[:1]):
+            with hw.record_kernels() as ran:
+                y = fused(xb)
+            torch.testing.assert_close(y, plain(xb), rtol=0, atol=0)
+            torch.testing.assert_close(y, generic(xb), rtol=0, atol=0)
+            assert len(ran) == 3
+        assert (fused(x) - model(x)).abs().max().item() <= _bound(model)
+        if backend == "auto" and kernels.fbgemm_mode() == kernels.FULL_RANGE:
+            assert fused._lean is not None and fused._lean[0] is not None  # the program ran

@@ -111,10 +111,14 @@ def _unchanged(structure: list[tuple[nn.Module, list[tuple[str, nn.Module]]]]) -
 
 
 def _takes_grid(m: nn.Module) -> bool:
-    """An int8 layer that can start from integers: its input padding is plain zero padding."""
-    # a layer smoothed by lq.smooth_quant quantizes x / s per input channel: the layer before it cannot emit those
-    return (isinstance(m, Int8Linear) and "input_smoothing" not in m._buffers) or (
-        isinstance(m, Int8ConvNd) and m._pre_pad is None)
+    """An int8 layer that can start from integers: its input padding is plain zero padding. (A Linear smoothed
+    by ``lq.smooth_quant`` quantizes ``x / s`` per input feature: only a Linear right before it, through
+    ReLU-like clips and no-ops, can write those integers, see :func:`_smoothed`.)"""
+    return isinstance(m, Int8Linear) or (isinstance(m, Int8ConvNd) and m._pre_pad is None)
+
+
+def _smoothed(m: nn.Module) -> bool:
+    return isinstance(m, Int8Linear) and "input_smoothing" in m._buffers
 
 
 _NO_CLIP = float("inf")
@@ -166,6 +170,10 @@ def plan(modules: list[nn.Module]) -> list[Step]:
             kinds.append(kind)
             j += 1
         consumer = modules[j] if j < n and _takes_grid(modules[j]) else None
+        if consumer is not None and _smoothed(consumer) and not (
+            isinstance(m, Int8Linear) and all(k in ("relu", "skip") for k in kinds)
+        ):
+            consumer = None  # its divisor indexes the Linear's features: only a Linear's output has them as is
         grid = i in grid_in
         if "relu" in kinds and consumer is not None:
             # m writes the consumer's input integers; everything up to the consumer runs on them
@@ -189,10 +197,26 @@ def plan(modules: list[nn.Module]) -> list[Step]:
     return steps
 
 
-def _plan_inputs(modules: list[nn.Module]) -> list[tuple]:
-    """What :func:`plan` read from each module beyond its identity (clip bounds, pooling indices, padding):
-    a plan is redone when any of it changes (``seq[1].max_val = 0.5`` after convert)."""
-    return [(_between(m), _relu_top(m), _takes_grid(m)) for m in modules]
+def _plan_input(m: nn.Module) -> object:
+    """What :func:`plan` reads from a module beyond its identity: its exact type (``_between`` /
+    ``_relu_top`` test exact types) and, for the types whose attributes it reads, those (clip bounds, pooling
+    indices, a conv's explicit padding, a Linear's SmoothQuant divisor)."""
+    t = type(m)
+    if t is nn.Hardtanh or t is nn.ReLU6:
+        return t, m.min_val, m.max_val
+    if t is nn.MaxPool2d:
+        return t, m.return_indices
+    if isinstance(m, Int8ConvNd):
+        return t, m._pre_pad is None
+    if isinstance(m, Int8Linear):
+        return t, "input_smoothing" in m._buffers
+    return t
+
+
+def _plan_inputs(modules: list[nn.Module]) -> list[object]:
+    """:func:`_plan_input` of each module: a plan is redone when any of it changes (``seq[1].max_val = 0.5``
+    after convert). Checked on every fused call, so one cheap read per module."""
+    return [_plan_input(m) for m in modules]
 
 
 def _fused(steps: list[Step]) -> bool:
@@ -312,17 +336,22 @@ class Int8Sequential(nn.Sequential):
         mod = torch.nn.modules.module
         if mod._global_forward_hooks or mod._global_forward_pre_hooks:
             return False
-        if self._stale():  # children added, removed, replaced or re-configured: plan the new structure
+        if not _unchanged(self._structure):  # children added, removed or replaced: plan the new structure
             self._build()
-        for leaf in self._leaf_list:
+        # one pass over the leaves (checked on every call; at batch 1 each Python step counts): in eval mode,
+        # no hooks, and what the plan read from them unchanged (``seq[1].max_val = 0.5``: planned again)
+        for leaf, seen in zip(self._leaf_list, self._plan_inputs):
             if leaf.training or leaf._forward_hooks or leaf._forward_pre_hooks:
+                return False
+            if _plan_input(leaf) != seen:
+                self._build()  # the plain forward this once; the next call runs the new plan
                 return False
         return not any(c._forward_hooks or c._forward_pre_hooks for c, _ in self._structure[1:])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fusable_now(x):
             return super().forward(x)
-        if x.dim() == 2 and x.dtype == torch.float32 and x.device.type == "cpu" and x.numel():
+        if x.dim() == 2 and x.dtype == torch.float32 and x.is_cpu and x.numel():
             # an all-Linear chain on fbgemm (the batch-1 MLP): its bound steps, called here rather than under
             # _fused_forward's compiler.disable, whose wrapper alone costs ~10 us a call
             program = self._lean_program()
@@ -362,7 +391,8 @@ def _grid_output(act: Output, consumer: nn.Module) -> Output:
     key = ("grid_output", act.upper)
     out = consumer._cache.get(key)
     if out is None:
-        out = replace(act, inv_step=consumer.input_scale, step=consumer._steps()[0], qmax=consumer.qmax_input)
+        out = replace(act, inv_step=consumer.input_scale, step=consumer._steps()[0], qmax=consumer.qmax_input,
+                      divisor=consumer._buffers.get("input_smoothing"))
         consumer._cache[key] = out
     return out
 

@@ -259,8 +259,9 @@ class Int8Linear(Int8Module):
         activated output clipped at ``kernels.fbgemm_grid_cap``: fbgemm's own input quantization with this
         layer's step is then eq. 7 exactly). Returns the step and the form it hands on (``"clipped"`` where the
         consumer's step allows it, else ``"grid"``; ``"float"`` for a float output), or ``None`` where ``run``
-        would do something else (another kernel, a clip ``upper``, a smoothed input, a float input in
-        half-range mode, which needs a sign test). Same numbers as ``run``, bit for bit (tests). Kept in the
+        would do something else (another kernel, a clip ``upper``, a float input in half-range mode, which
+        needs a sign test). A SmoothQuant divisor (``lq.smooth_quant``) is applied as ``run`` applies it: to a
+        float input here, and by the previous layer (``out.divisor``) to what it hands over. Same numbers as ``run``, bit for bit (tests). Kept in the
         layer's kernel cache, cleared whenever the packed weight or a scale can change.
         """
         key = ("lean_step", form, out)  # the Output object itself: a consumer's reloaded scale is a new Output
@@ -271,7 +272,7 @@ class Int8Linear(Int8Module):
         if (
             self._kernel(torch.device("cpu"), _LINEAR_KERNELS) == "fbgemm"
             and out.upper is None
-            and (form != "float" or (mode == kernels.FULL_RANGE and "input_smoothing" not in self._buffers))
+            and (form != "float" or mode == kernels.FULL_RANGE)
         ):
             op = kernels.fbgemm_op(out.relu or out.grid)
             if form == "clipped":
@@ -279,7 +280,8 @@ class Int8Linear(Int8Module):
             else:
                 packed, a_scale, zp = self._packed_fbgemm(False), 1.0, 0 if form == "grid" else kernels.onednn_zero_point(mode)
             inv_in, q_in, name = self.input_scale, self.qmax_input, self.name
-            inv_out, top = out.inv_step, out.qmax
+            smooth = self._buffers.get("input_smoothing")  # lq.smooth_quant's divisor of a float input
+            inv_out, top, divisor = out.inv_step, out.qmax, out.divisor
             cap = kernels.fbgemm_grid_cap(out.step, inv_out, top) if out.grid else None
             hands_on = "float" if not out.grid else "grid" if cap is None else "clipped"
 
@@ -288,10 +290,12 @@ class Int8Linear(Int8Module):
                 hw.ran("Int8Linear", "fbgemm")
                 if form == "float":
                     try:
-                        h = kernels.quantize_to_grid(h, inv_in, q_in)
+                        h = kernels.quantize_to_grid(h if smooth is None else h / smooth, inv_in, q_in)
                     except FloatingPointError as err:
                         raise FloatingPointError(f"{name}: {err}") from None
                 y = op(h, a_scale, zp, packed)
+                if divisor is not None:  # the next layer's SmoothQuant divisor, as that layer applies it
+                    y = y.div_(divisor)
                 if cap is not None:
                     return y.clamp_(max=cap)
                 return y if inv_out is None else y.mul_(inv_out).round_().clamp_(0, top)

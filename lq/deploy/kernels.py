@@ -106,6 +106,8 @@ class Output:
     step: float = 1.0
     qmax: int = 127
     upper: float | None = None
+    #: the next layer's SmoothQuant divisor (``lq.smooth_quant``), per feature: the grid is that of ``act(y) / d``
+    divisor: torch.Tensor | None = None
     #: the largest integer of the grid output, derived: ``qmax``, or for a clip at ``upper`` the integer the
     #: unfused model gives it, ``round(upper * s)`` in fp32 (torch's rounding, ties to even). oneDNN clips at
     #: this integer times the step, not at ``upper``: when ``upper * s`` is a tie, a clip at ``upper`` would
@@ -132,6 +134,8 @@ class Output:
             y = y.clamp_(0.0, self.upper)
         elif not act_done and self.relu:
             y = y.relu_()
+        if self.grid and self.divisor is not None:
+            y = y / self.divisor  # what the smoothed layer itself does to its float input, bit for bit
         return quantize_to_grid(y, self.inv_step, self.qmax, relu=True, check=False) if self.grid else y
 
 
@@ -145,8 +149,9 @@ def onednn_output(out: Output) -> tuple[float, torch.dtype, str, list[float]]:
     eq. 7; a plain ``relu`` post-op would saturate at 255) and divides by ``step`` with
     round-to-nearest-even into uint8: eq. 7 of the next layer on the activated output.
     """
-    if out.grid:
+    if out.grid and out.divisor is None:
         return out.step, torch.uint8, "hardtanh", [0.0, out.top * out.step]
+    # (a grid behind a per-feature divisor: activated floats out; Output.finish divides and quantizes)
     if out.upper is not None:
         return 1.0, torch.float32, "hardtanh", [0.0, out.upper]
     return 1.0, torch.float32, "relu" if out.relu else "none", []
