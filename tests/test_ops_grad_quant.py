@@ -185,6 +185,33 @@ def test_stochastic_gradient_rounding_is_unbiased_and_stays_on_neighbouring_inte
     assert nearest[1:].abs().max().item() == 0.0  # round-to-nearest: all of them 0
 
 
+def test_stochastic_rounding_noise_is_uniform_independent_and_seeded():
+    """lq.ops.fused.uniform_hash, the noise of stochastic rounding: U[0, 1) moments and histogram, no
+    correlation between neighbouring elements or between two seeds, multiples of 2^-24 in [0, 1), the same
+    noise for the same seed and torch.manual_seed."""
+    from lq.ops.fused import uniform_hash
+
+    like = torch.empty(400, 1000)
+    u = uniform_hash(like, torch.tensor(12345)).reshape(-1)
+    assert u.shape == (400_000,) and u.min().item() >= 0.0 and u.max().item() < 1.0
+    assert torch.equal(u * (1 << 24), (u * (1 << 24)).round())
+    # moments of U[0, 1): mean 1/2, variance 1/12 (standard errors 4.6e-4 and 1.3e-4 at 400k draws)
+    assert abs(u.mean().item() - 0.5) < 3e-3 and abs(u.var().item() - 1 / 12) < 1e-3
+    counts = torch.histc(u, bins=20, min=0.0, max=1.0)  # 20k expected per bin, sd ~138
+    assert (counts - 20_000).abs().max().item() < 1_000
+    lag = torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1].item()
+    other = uniform_hash(like, torch.tensor(12346)).reshape(-1)
+    across = torch.corrcoef(torch.stack([u, other]))[0, 1].item()
+    assert abs(lag) < 0.01 and abs(across) < 0.01  # sd of a correlation at 400k: 0.0016
+    assert torch.equal(uniform_hash(like, torch.tensor(12345)).reshape(-1), u)
+    g = torch.randn(64, 32)
+    torch.manual_seed(3)
+    a = quantize_grad(g, 127, None, clip=False, stochastic=True).q
+    torch.manual_seed(3)
+    assert torch.equal(quantize_grad(g, 127, None, clip=False, stochastic=True).q, a)
+    assert not torch.equal(quantize_grad(g, 127, None, clip=False, stochastic=True).q, a)  # a new draw
+
+
 def test_grad_rounding_option_validated_and_used_by_the_ops():
     from lq.ops import Int8ComputeConfig, int8_linear
 

