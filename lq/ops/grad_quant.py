@@ -87,12 +87,16 @@ def _tensor_clip_cosines(
     g: torch.Tensor, mult: torch.Tensor | None, amax: torch.Tensor, r: torch.Tensor, qmax: int
 ) -> torch.Tensor:
     """cos(g*mult, Q_r(g*mult)) for every ratio ``r [R]``, one scale per tensor, exact over the whole tensor
-    (compiled into fused reductions: no ``[R, numel]`` tensor is materialised)."""
-    y = (g.float() if mult is None else g.float() * mult).reshape(1, -1)
-    step = (r.reshape(-1, 1) * amax.reshape(1, 1)).clamp_min(AMAX_EPS) / qmax  # [R, 1]
-    deq = torch.clamp(torch.round(y / step), -qmax, qmax) * step  # [R, N]
-    dot = (deq * y).sum(1)
-    norm = torch.sqrt((deq * deq).sum(1) * (y * y).sum())
+    (compiled into fused reductions: no ``[R, numel]`` tensor is materialised). ``g`` keeps its shape and
+    layout, the ratios a leading dimension: flattening ``g * mult`` first (a per-channel ``mult``, a
+    channels-last gradient) made Inductor copy it and reduce 9x slower (3.1 vs 0.35 ms on SmallResNet's
+    gradients, 27% of its int8 training step)."""
+    y = (g.float() if mult is None else g.float() * mult).unsqueeze(0)
+    step = (r.reshape([-1] + [1] * g.dim()) * amax.reshape([1] * y.dim())).clamp_min(AMAX_EPS) / qmax  # [R, 1...]
+    deq = torch.clamp(torch.round(y / step), -qmax, qmax) * step  # [R, *g.shape]
+    dims = list(range(1, y.dim()))
+    dot = (deq * y).sum(dims)
+    norm = torch.sqrt((deq * deq).sum(dims) * (y * y).sum())
     return torch.where(norm > 0, dot / norm.clamp_min(1e-30), torch.ones_like(dot))
 
 
