@@ -204,6 +204,11 @@ def test_stochastic_rounding_noise_is_uniform_independent_and_seeded():
     across = torch.corrcoef(torch.stack([u, other]))[0, 1].item()
     assert abs(lag) < 0.01 and abs(across) < 0.01  # sd of a correlation at 400k: 0.0016
     assert torch.equal(uniform_hash(like, torch.tensor(12345)).reshape(-1), u)
+    # a channels-last tensor takes the counters in memory order: the same values, permuted
+    plain = torch.empty(8, 16, 10, 10)
+    cl = plain.contiguous(memory_format=torch.channels_last)
+    a, b = uniform_hash(plain, torch.tensor(7)), uniform_hash(cl, torch.tensor(7))
+    assert not torch.equal(a, b) and torch.equal(a.reshape(-1).sort().values, b.reshape(-1).sort().values)
     g = torch.randn(64, 32)
     torch.manual_seed(3)
     a = quantize_grad(g, 127, None, clip=False, stochastic=True).q
