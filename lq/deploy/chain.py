@@ -303,9 +303,13 @@ class Int8Sequential(nn.Sequential):
         """The bound steps (:meth:`Int8Linear.lean_step`) of a chain of Linear layers with only ReLUs and eval
         no-ops between them, each on fbgemm: the batch-1 MLP, where per-call bookkeeping rivals the GEMMs.
         ``None`` for any other chain. Rebuilt when a layer's kernel cache was cleared (state_dict load,
-        device move) or the chain was re-planned."""
+        device move), a consumer's hand-over changed (a scale or divisor buffer replaced: ``_grid_output``) or
+        the chain was re-planned."""
         made = self._lean
-        if made is not None and all(key in layer._cache for layer, key in made[1]):
+        if made is not None and all(
+            key in layer._cache and (step.feeds is None or _grid_output(step.out, step.feeds) is key[2])
+            for layer, key, step in made[1]
+        ):
             return made[0]
         program, keys, form = [], [], "float"
         for step in self._steps:
@@ -318,10 +322,10 @@ class Int8Sequential(nn.Sequential):
             out = _grid_output(step.out, step.feeds) if step.feeds is not None else step.out
             bound = layer.lean_step(form, out)
             if bound is None:  # the layer's cache keeps this answer until it is cleared: planned again then
-                self._lean = (None, [(layer, ("lean_step", form, out))])
+                self._lean = (None, [(layer, ("lean_step", form, out), step)])
                 return None
             program.append(bound[0])
-            keys.append((layer, ("lean_step", form, out)))
+            keys.append((layer, ("lean_step", form, out), step))
             form = bound[1]
         self._lean = (program, keys)
         return program
@@ -390,9 +394,14 @@ def _grid_output(act: Output, consumer: nn.Module) -> Output:
     whenever its scales can change (state_dict loads, device moves)."""
     key = ("grid_output", act.upper)
     out = consumer._cache.get(key)
+    scale, divisor = consumer._buffers["input_scale"], consumer._buffers.get("input_smoothing")
+    if out is not None and (out.inv_step is not scale or out.divisor is not divisor):
+        # a scale or SmoothQuant divisor registered or replaced outside load_state_dict / .to() (which clear
+        # the cache themselves): everything the consumer derived from its buffers is stale
+        consumer._cache.clear()
+        out = None
     if out is None:
-        out = replace(act, inv_step=consumer.input_scale, step=consumer._steps()[0], qmax=consumer.qmax_input,
-                      divisor=consumer._buffers.get("input_smoothing"))
+        out = replace(act, inv_step=scale, step=consumer._steps()[0], qmax=consumer.qmax_input, divisor=divisor)
         consumer._cache[key] = out
     return out
 

@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 #: kernel families a Linear can run on (``Int8Module._kernel``)
 _LINEAR_KERNELS = ("fbgemm", "onednn", "int_mm")
+#: bound oneDNN calls a conv keeps (one per input size and output stage; ``Int8ConvNd.onednn_u8``)
+_MAX_BOUND_CALLS = 32
 
 #: Linear inputs with at most this many rows run as a 1x1 int8 convolution (faster in oneDNN than its
 #: int8 inner product for a few rows); larger batches use the inner product.
@@ -461,6 +463,10 @@ class Int8ConvNd(Int8Module):
         key = ("onednn_u8", tuple(u.shape[2:]), zp, signed, scale, dtype, post_op, tuple(scalars))  # build `out`s
         call = self._cache.get(key)
         if call is None:
+            bound = [k for k in self._cache if isinstance(k, tuple) and k[0] == "onednn_u8"]
+            if len(bound) >= _MAX_BOUND_CALLS:  # many input sizes (served images of any size): start over
+                for k in bound:
+                    del self._cache[k]
             # shape classes oneDNN gets wrong (a single output position with stride > 1, windows all in the
             # padding) run with the same numbers another way (lq.ops.hardware.onednn_conv_plan)
             plan = hw.onednn_conv_plan(u.shape[2:], self.kernel_size, self.stride, self._kernel_padding(), self.dilation)

@@ -25,7 +25,7 @@ is the same fp32 expression. Which GEMM runs, by device and host:
   ``backend="reference"``): ``F.linear`` / ``F.conv*d`` on the integer values in fp32 (exact below 2^24)
   or fp64, as the eager reference kernel.
 - Except: a 2-d convolution on a CPU with oneDNN that is large enough to pay oneDNN's per-call set-up
-  (batch 8 and up for 28x28 images) calls the layer's own eager oneDNN kernel from the graph
+  (batch 14-32 and up for 28x28 images) calls the layer's own eager oneDNN kernel from the graph
   (:mod:`lq.deploy.onednn_op`; on VNNI and, with the signed split, on AVX2). Its direct convolution is ~3x
   the im2col + ``_int_mm`` on SmallResNet's layers at batch 64. ``torch.export`` never takes it.
 
