@@ -30,10 +30,14 @@ class _Int8AvgPoolNd(Int8Module):
         super().__init__(name, bits, backend)
         self.register_buffer("input_scale", torch.ones((), device=device))
 
-    def _load_scale(self, layer: nn.Module) -> None:
+    @classmethod
+    def from_quant(cls, layer: nn.Module, name: str, backend: str = "auto") -> _Int8AvgPoolNd:
+        """Build from a calibrated ``lq.nn.QuantAvgPool2d`` / ``QuantAdaptiveAvgPool2d``."""
         q = layer.input_quantizer
+        m = cls(layer, name, q.spec.bits, backend, q.amax.device)
         with torch.no_grad():
-            self.input_scale.copy_(1.0 / steps_from_amax(q.amax, q.spec.bits).reshape(()))
+            m.input_scale.copy_(1.0 / steps_from_amax(q.amax, q.spec.bits).reshape(()))
+        return m
 
     def _pool(self, t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -68,14 +72,6 @@ class Int8AvgPool2d(_Int8AvgPoolNd):
         self.ceil_mode, self.count_include_pad = pool.ceil_mode, pool.count_include_pad
         self.divisor_override = pool.divisor_override
 
-    @classmethod
-    def from_quant(cls, layer: nn.AvgPool2d, name: str, backend: str = "auto") -> Int8AvgPool2d:
-        """Build from a calibrated ``lq.nn.QuantAvgPool2d``."""
-        q = layer.input_quantizer
-        m = cls(layer, name, q.spec.bits, backend, q.amax.device)
-        m._load_scale(layer)
-        return m
-
     def _pool(self, t: torch.Tensor) -> torch.Tensor:
         return F.avg_pool2d(t, self.kernel_size, self.stride, self.padding, self.ceil_mode, self.count_include_pad,
                             self.divisor_override)
@@ -97,14 +93,6 @@ class Int8AdaptiveAvgPool2d(_Int8AvgPoolNd):
                  device: torch.device | None = None) -> None:
         super().__init__(name, bits, backend, device)
         self.output_size = pool.output_size
-
-    @classmethod
-    def from_quant(cls, layer: nn.AdaptiveAvgPool2d, name: str, backend: str = "auto") -> Int8AdaptiveAvgPool2d:
-        """Build from a calibrated ``lq.nn.QuantAdaptiveAvgPool2d``."""
-        q = layer.input_quantizer
-        m = cls(layer, name, q.spec.bits, backend, q.amax.device)
-        m._load_scale(layer)
-        return m
 
     def _pool(self, t: torch.Tensor) -> torch.Tensor:
         return F.adaptive_avg_pool2d(t, self.output_size)

@@ -124,37 +124,23 @@ def conv2d_int_mm(
     x8 = t.to(torch.int8).permute(0, 2, 3, 1)  # NHWC
     if ph or pw:
         x8 = F.pad(x8, (0, 0, pw, pw, ph, ph))
-    return im2col_int_mm(x8.contiguous(), w_kn, kernel_size, stride, dilation, qmax_a, qmax_w)
+    cols, ho, wo = im2col(x8.contiguous(), kernel_size, stride, dilation)
+    acc = int_mm_exact(cols, w_kn, qmax_a, qmax_w)
+    return acc.view(t.shape[0], ho, wo, w_kn.shape[1]).permute(0, 3, 1, 2)
 
 
-def im2col_int_mm(
-    x8: torch.Tensor,
-    w_kn: torch.Tensor,
-    kernel_size: tuple[int, int],
-    stride: tuple[int, int],
-    dilation: tuple[int, int],
-    qmax_a: int,
-    qmax_w: int,
-) -> torch.Tensor:
-    """:func:`conv2d_int_mm` from the int8 input already zero-padded and contiguous NHWC (``x8``)."""
-    n, h, w, _ = x8.shape
-    (kh, kw), (sh, sw), (dh, dw) = kernel_size, stride, dilation
-    ho = (h - dh * (kh - 1) - 1) // sh + 1
-    wo = (w - dw * (kw - 1) - 1) // sw + 1
-    acc = int_mm_exact(im2col(x8, kernel_size, stride, dilation), w_kn, qmax_a, qmax_w)
-    return acc.view(n, ho, wo, w_kn.shape[1]).permute(0, 3, 1, 2)
-
-
-def im2col(x8: torch.Tensor, kernel_size: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int]) -> torch.Tensor:
-    """The ``[positions, taps * channels]`` operand of the padded contiguous NHWC input ``x8``: its windows
-    as a strided view, copied once."""
+def im2col(
+    x8: torch.Tensor, kernel_size: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int]
+) -> tuple[torch.Tensor, int, int]:
+    """The ``[positions, taps * channels]`` operand of the padded contiguous NHWC input ``x8`` (its windows as
+    a strided view, copied once), and the output height and width."""
     n, h, w, c = x8.shape
     (kh, kw), (sh, sw), (dh, dw) = kernel_size, stride, dilation
     ho = (h - dh * (kh - 1) - 1) // sh + 1
     wo = (w - dw * (kw - 1) - 1) // sw + 1
     s_n, s_h, s_w, s_c = x8.stride()
     windows = x8.as_strided((n, ho, wo, kh, kw, c), (s_n, s_h * sh, s_w * sw, s_h * dh, s_w * dw, s_c))
-    return windows.reshape(n * ho * wo, kh * kw * c)
+    return windows.reshape(n * ho * wo, kh * kw * c), ho, wo
 
 
 def graph_breaks(model: torch.nn.Module, *example: torch.Tensor) -> list[str]:
