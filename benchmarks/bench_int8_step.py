@@ -63,6 +63,8 @@ def bench_step(args) -> None:
             train_step(int8_model(base, cfg), x, y, momentum=0.9),
         "int8, int8 saved activations (int8_saved=True)": train_step(
             int8_model(base, cfg), x, y, momentum=0.9, saved_int8_qmax=qa),
+        "int8, stochastic_hash rounding (fused noise)": train_step(
+            int8_model(base, Int8ComputeConfig.for_this_machine(grad_rounding="stochastic_hash")), x, y, momentum=0.9),
         "int8, nearest gradient rounding": train_step(
             int8_model(base, Int8ComputeConfig.for_this_machine(grad_rounding="nearest")), x, y, momentum=0.9),
         "int8, clip searched every 16th step": train_step(

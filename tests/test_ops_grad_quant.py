@@ -176,11 +176,12 @@ def test_stochastic_gradient_rounding_is_unbiased_and_stays_on_neighbouring_inte
     to 0 (the bias that costs int8 training its accuracy, benchmarks/RESULTS.md)."""
     torch.manual_seed(0)
     g = torch.cat([torch.full((1,), 127.0), torch.linspace(-0.45, 0.45, 63)])  # amax 127 -> s = 1: y = g
-    draws = torch.stack([quantize_grad(g, 127, None, clip=False, stochastic=True).q.float() for _ in range(4000)])
-    assert ((draws == torch.floor(g)) | (draws == torch.floor(g) + 1)).all()
-    mean = draws.mean(0)
-    # each mean is of 4000 Bernoulli draws: standard error <= 0.5 / sqrt(4000) ~ 0.008
-    assert (mean - g).abs().max().item() < 0.04
+    for noise in (True, "hash"):
+        draws = torch.stack([quantize_grad(g, 127, None, clip=False, stochastic=noise).q.float() for _ in range(4000)])
+        assert ((draws == torch.floor(g)) | (draws == torch.floor(g) + 1)).all()
+        mean = draws.mean(0)
+        # each mean is of 4000 Bernoulli draws: standard error <= 0.5 / sqrt(4000) ~ 0.008
+        assert (mean - g).abs().max().item() < 0.04
     nearest = quantize_grad(g, 127, None, clip=False).q.float()
     assert nearest[1:].abs().max().item() == 0.0  # round-to-nearest: all of them 0
 
@@ -210,11 +211,13 @@ def test_stochastic_rounding_noise_is_uniform_independent_and_seeded():
     a, b = uniform_hash(plain, torch.tensor(7)), uniform_hash(cl, torch.tensor(7))
     assert not torch.equal(a, b) and torch.equal(a.reshape(-1).sort().values, b.reshape(-1).sort().values)
     g = torch.randn(64, 32)
-    torch.manual_seed(3)
-    a = quantize_grad(g, 127, None, clip=False, stochastic=True).q
-    torch.manual_seed(3)
-    assert torch.equal(quantize_grad(g, 127, None, clip=False, stochastic=True).q, a)
-    assert not torch.equal(quantize_grad(g, 127, None, clip=False, stochastic=True).q, a)  # a new draw
+    for noise in (True, "hash"):  # grad_rounding "stochastic" (torch.rand) and "stochastic_hash"
+        torch.manual_seed(3)
+        a = quantize_grad(g, 127, None, clip=False, stochastic=noise).q
+        torch.manual_seed(3)
+        assert torch.equal(quantize_grad(g, 127, None, clip=False, stochastic=noise).q, a)
+        assert not torch.equal(quantize_grad(g, 127, None, clip=False, stochastic=noise).q, a)  # a new draw
+        assert ((a.float() - g * 127 / g.abs().max()).abs() < 1).all()  # a neighbouring integer
 
 
 def test_grad_rounding_option_validated_and_used_by_the_ops():
@@ -227,10 +230,10 @@ def test_grad_rounding_option_validated_and_used_by_the_ops():
     g = torch.randn(8, 4) * 1e-3
     g[0, 0] = 1.0  # one large entry: the rest sit far below one quantization step
     grads = []
-    for rounding in ("nearest", "stochastic", "stochastic"):
+    for rounding in ("nearest", "stochastic", "stochastic", "stochastic_hash", "stochastic_hash"):
         cfg = Int8ComputeConfig(grad_clip=False, grad_rounding=rounding, grad_granularity="tensor")
         xi = x.clone().requires_grad_()
         int8_linear(xi, w, None, cfg).backward(g)
         grads.append(xi.grad)
-    assert not torch.equal(grads[1], grads[2])  # random draws differ
-    assert not torch.equal(grads[0], grads[1])
+    assert not torch.equal(grads[1], grads[2]) and not torch.equal(grads[3], grads[4])  # random draws differ
+    assert not torch.equal(grads[0], grads[1]) and not torch.equal(grads[0], grads[3])

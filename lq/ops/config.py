@@ -14,7 +14,7 @@ from lq.quant.functional import check_bits
 
 _ACT_SCALES = ("dynamic", "static")
 _GRAD_GRANULARITIES = ("row", "tensor")
-_GRAD_ROUNDINGS = ("nearest", "stochastic")
+_GRAD_ROUNDINGS = ("nearest", "stochastic", "stochastic_hash")
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,11 @@ class Int8ComputeConfig:
             every step under "nearest" still move the weights on average. Measured on fashion_int8_train
             (benchmarks/RESULTS.md, seed 2): -11.4 points vs fp32 with "nearest", -2.4 with "stochastic"; over
             three seeds -6.1 vs +0.3 points, hence the default. Costs about 17% of an int8 SmallResNet step
-            (one uniform draw per gradient element; bench_int8_step.py, VNNI host).
+            (one uniform draw per gradient element; bench_int8_step.py, VNNI host). ``"stochastic_hash"``: the
+            same rounding with ``u`` made inside the fused quantization kernel from a counter hash
+            (``lq.ops.fused.uniform_hash``), 4x cheaper (SmallResNet step 105 -> 86 ms); opt-in because five seeds of
+            fashion_int8_train measured a mean 1.6 points below "stochastic" (spread 1.8; benchmarks/RESULTS.md),
+            a gap that more seeds must confirm or rule out.
         clip_samples: about how many elements (whole rows/channels) score the candidates for per-row/
             channel scales; per-layer scales use up to 16x as many (whole batch samples). The chosen ratio
             is then applied to the whole tensor.
@@ -63,7 +67,7 @@ class Int8ComputeConfig:
     quantize_grad: bool = True
     grad_granularity: Literal["row", "tensor"] = "row"
     grad_clip: bool = True
-    grad_rounding: Literal["nearest", "stochastic"] = "stochastic"
+    grad_rounding: Literal["nearest", "stochastic", "stochastic_hash"] = "stochastic"
     clip_ratios: tuple[float, ...] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
     clip_samples: int = 16384
     clip_every: int = 1
@@ -90,6 +94,11 @@ class Int8ComputeConfig:
             raise ValueError(f"clip_every must be >= 1 (search the clip every n-th backward), got {self.clip_every}")
         if self.clip_samples < 1:
             raise ValueError(f"clip_samples must be >= 1, got {self.clip_samples}")
+
+    @property
+    def rounding_noise(self) -> bool | str:
+        """What ``quantize_grad(stochastic=...)`` takes for ``grad_rounding``: False, True (torch.rand) or "hash"."""
+        return {"nearest": False, "stochastic": True, "stochastic_hash": "hash"}[self.grad_rounding]
 
     @property
     def int8_grad_input_enabled(self) -> bool:

@@ -50,10 +50,11 @@ def uniform_hash(like: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
     multiplies, low 32 bits kept; int64 products wrap, which keeps those bits exact), top 24 bits scaled.
 
     For stochastic rounding inside a compiled kernel: Inductor fuses these integer ops into the quantizing loop,
-    so no noise tensor is written or read and no generator runs per element. 5x cheaper than ``torch.rand`` +
-    the fused quantization on a 64x16x28x28 gradient (0.47 vs 2.4 ms, AVX-512 host, 2 threads), which made
-    ``torch.rand``'s mt19937 16% of an int8 training step; torch's own compiled ``rand`` (Philox per element)
-    was slower still. Statistics checked in ``tests/test_ops_grad_quant.py`` (moments, histogram, lag
+    so no noise tensor is written or read and no generator runs per element. 4x cheaper than ``torch.rand`` +
+    the fused quantization on a 64x16x28x28 gradient (0.61 vs 2.4 ms, AVX-512 host, 2 threads; ``torch.rand``'s
+    mt19937 is 16% of an int8 training step); torch's own compiled ``rand`` (Philox per element) was slower
+    still. Used by ``Int8ComputeConfig(grad_rounding="stochastic_hash")``, opt-in: five seeds of
+    fashion_int8_train averaged 1.6 points below ``torch.rand`` noise (benchmarks/RESULTS.md). Statistics checked in ``tests/test_ops_grad_quant.py`` (moments, histogram, lag
     correlation, unbiased rounding). ``seed`` (0-d int64, drawn from torch's generator per call) makes calls
     differ and ``torch.manual_seed`` reproduce them; the pattern repeats after 2^32 elements."""
     i = torch.arange(like.numel(), device=like.device, dtype=torch.int64)
@@ -79,6 +80,7 @@ def _quantize_with_scale(
     s: torch.Tensor,
     qmax: int,
     keep_dim: int | None,
+    noise: torch.Tensor | None = None,
     seed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     y = x.float() if mult is None else x.float() * mult
@@ -88,8 +90,14 @@ def _quantize_with_scale(
         shape = [1] * x.dim()
         shape[keep_dim] = -1
         sb = s.reshape(shape)
-    # seed: stochastic rounding floor(y + u), u uniform in [0, 1) (uniform_hash), unbiased (E = y)
-    r = torch.round(y * sb) if seed is None else torch.floor(y * sb + uniform_hash(y, seed))
+    # stochastic rounding floor(y + u), u uniform in [0, 1), unbiased (E = y): u from ``noise`` (torch.rand)
+    # or made here from ``seed`` (uniform_hash)
+    if seed is not None:
+        r = torch.floor(y * sb + uniform_hash(y, seed))
+    elif noise is not None:
+        r = torch.floor(y * sb + noise)
+    else:
+        r = torch.round(y * sb)
     return torch.clamp(r, -qmax, qmax).to(torch.int8)
 
 
@@ -166,13 +174,21 @@ def quantize_with_scale(
     qmax: int,
     keep_dim: int | None,
     mult: torch.Tensor | None = None,
-    stochastic: bool = False,
+    stochastic: bool | str = False,
 ) -> torch.Tensor:
     """Eq. 7: ``clamp(round(x * mult * s), -qmax, qmax)`` as int8, ``s`` per index of ``keep_dim``;
-    ``stochastic``: ``floor(x * mult * s + u)`` with ``u`` uniform in [0, 1) instead of round (unbiased)."""
+    ``stochastic``: ``floor(x * mult * s + u)`` with ``u`` uniform in [0, 1) instead of round (unbiased),
+    ``u`` from ``torch.rand`` (``True`` / ``"rand"``) or from :func:`uniform_hash` inside the kernel
+    (``"hash"``: 4x cheaper, see ``Int8ComputeConfig.grad_rounding``)."""
+    if stochastic not in (False, True, "rand", "hash"):
+        raise ValueError(f"stochastic must be False, True, 'rand' or 'hash', got {stochastic!r}")
     keep_dim = None if keep_dim is None else keep_dim % x.dim()
-    seed = torch.randint(0, 1 << 32, (), dtype=torch.int64).to(x.device) if stochastic else None
-    return call("quantize_with_scale", _quantize_with_scale, x, mult, s, qmax, keep_dim, seed)
+    noise = seed = None
+    if stochastic == "hash":
+        seed = torch.randint(0, 1 << 32, (), dtype=torch.int64).to(x.device)
+    elif stochastic:
+        noise = torch.rand(x.shape, device=x.device)
+    return call("quantize_with_scale", _quantize_with_scale, x, mult, s, qmax, keep_dim, noise, seed)
 
 
 def scale_from_amax(amax: torch.Tensor, qmax: int) -> torch.Tensor:

@@ -134,13 +134,14 @@ def quantize_grad(
     mult: torch.Tensor | None = None,
     every: int = 1,
     state: dict | None = None,
-    stochastic: bool = False,
+    stochastic: bool | str = False,
 ) -> GradQuantResult:
     """Quantize the gradient ``g * mult`` to int8 with a dynamic scale per layer (``axis=None``) or per index
     of ``axis``, after direction-sensitive clipping (Zhu et al. Sec. 4.1) when ``clip`` and
     ``len(ratios) > 1``. ``mult`` (broadcastable, size 1 along ``axis``) folds another operand's scale into
     the gradient inside the fused kernels, without materialising ``g * mult``. ``stochastic``: round
-    ``floor(g * s + u)``, ``u`` uniform in [0, 1) (unbiased; ``Int8ComputeConfig(grad_rounding="stochastic")``).
+    ``floor(g * s + u)``, ``u`` uniform in [0, 1) (unbiased; ``Int8ComputeConfig(grad_rounding="stochastic")``;
+    ``"hash"``: ``u`` from ``fused.uniform_hash``, ``grad_rounding="stochastic_hash"``).
 
     ``every > 1`` with a ``state`` dict: search the clip ratio only on every ``every``-th call for this
     ``what`` and reuse the chosen *ratio* in between (the scale itself stays dynamic: ``ratio * amax`` of the

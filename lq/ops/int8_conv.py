@@ -73,7 +73,7 @@ class Int8Conv2dFunction(torch.autograd.Function):
                 r = quantize_grad(
                     g, qg, None, cfg.clip_ratios, cfg.grad_clip, cfg.clip_samples,
                     ctx.name, "output gradient (grad_input conv)", mult=w_step.reshape(1, -1, 1, 1),
-                    every=cfg.clip_every, state=ctx.clip_state, stochastic=cfg.grad_rounding == "stochastic",
+                    every=cfg.clip_every, state=ctx.clip_state, stochastic=cfg.rounding_noise,
                 )
                 op = K.int8_conv2d_grad_input if fast else K.conv2d_grad_input_reference
                 grad_x = op(r.q, wq, r.step, qg, qw, list(xq.shape), stride, padding, dilation, groups)
@@ -89,7 +89,7 @@ class Int8Conv2dFunction(torch.autograd.Function):
                 axis = 1 if cfg.grad_granularity == "row" else None
                 r = quantize_grad(
                     g, qg, axis, cfg.clip_ratios, cfg.grad_clip, cfg.clip_samples,
-                    ctx.name, "output gradient (grad_weight conv)", every=cfg.clip_every, state=ctx.clip_state, stochastic=cfg.grad_rounding == "stochastic",
+                    ctx.name, "output gradient (grad_weight conv)", every=cfg.clip_every, state=ctx.clip_state, stochastic=cfg.rounding_noise,
                 )
                 op = K.int8_conv2d_grad_weight if fast else K.conv2d_grad_weight_reference
                 grad_w = op(r.q, xq, r.step, x_step, qg, qa, wsize, stride, padding, dilation, groups)

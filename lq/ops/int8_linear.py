@@ -78,7 +78,7 @@ class Int8LinearFunction(torch.autograd.Function):
                 r = quantize_grad(
                     g, qg, axis, cfg.clip_ratios, cfg.grad_clip, cfg.clip_samples,
                     ctx.name, "output gradient (grad_input GEMM)", mult=w_step.reshape(1, -1), every=cfg.clip_every,
-                    state=ctx.clip_state, stochastic=cfg.grad_rounding == "stochastic",
+                    state=ctx.clip_state, stochastic=cfg.rounding_noise,
                 )
                 # b operand must be [K, N] (reduced dim last): the integer weight transposed, int8 copy.
                 grad_x = _mm(cfg, r.q, wq.t().contiguous(), r.step, one, qg, qw, None)
@@ -96,7 +96,7 @@ class Int8LinearFunction(torch.autograd.Function):
                 r = quantize_grad(
                     g, qg, axis, cfg.clip_ratios, cfg.grad_clip, cfg.clip_samples,
                     ctx.name, "output gradient (grad_weight GEMM)", mult=xs, every=cfg.clip_every,
-                    state=ctx.clip_state, stochastic=cfg.grad_rounding == "stochastic",
+                    state=ctx.clip_state, stochastic=cfg.rounding_noise,
                 )
                 # a = g^T [N, M], b = x_q^T [K, M]: both with the reduced M last (int8 transposed copies).
                 grad_w = _mm(cfg, r.q.t().contiguous(), xq.t().contiguous(), r.step, one, qg, qa, None)
