@@ -22,12 +22,18 @@ def expected_mm_kernel(m: int, k: int, n: int, qa: int, qb: int) -> str:
     return "reference"
 
 
-def expected_conv_kernel(op: str, u_qmax: int, w_qmax: int, reduction: int) -> str:
+def expected_conv_kernel(op: str, u_qmax: int, w_qmax: int, reduction: int, geometry: tuple | None = None) -> str:
     """The int8 conv ops on CPU: oneDNN where exact (ranges and int32 headroom), else the reference; the
-    weight gradient runs oneDNN's GEMM on an int8 im2col where ``_int_mm`` is slow, else ``lq::int8_mm``."""
+    weight gradient runs oneDNN's GEMM on an int8 im2col where ``_int_mm`` is slow, else per-tap
+    ``torch._int_mm`` GEMMs for stride-1 one-group layers (``geometry``: x size, weight size, stride, padding,
+    dilation, groups; ``lq.ops.int8_conv_kernels.grad_weight_taps_apply``), else ``lq::int8_mm`` on an im2col."""
     if op == "int8_conv2d_grad_weight":
         if not hw.cpu_int_mm_is_fast() and hw.u8s8_exact(u_qmax, w_qmax):
             return "onednn"
+        from lq.ops.int8_conv_kernels import grad_weight_taps_apply
+
+        if geometry is not None and grad_weight_taps_apply(*geometry, w_qmax, u_qmax):
+            return "taps_int_mm"
         return "im2col_int8_mm"
     exact = hw.u8s8_exact(u_qmax, w_qmax) and reduction <= hw.max_exact_reduction(hw.biased_u8_max(u_qmax), w_qmax)
     return "onednn" if exact else "reference"

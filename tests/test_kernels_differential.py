@@ -17,6 +17,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -204,7 +205,7 @@ def test_int8_conv_kernels_equal_exact_integer_convolutions(case, bits, channels
     exact_gw = torch.nn.grad.conv2d_weight(x.double(), list(wt.shape), g.double(), *args)
     assert torch.equal(gw.double(), exact_gw), f"grad_weight {case} {bits}: {ran}"
     op = "int8_conv2d_grad_weight"
-    assert ran[0] == f"{op}:{expected_conv_kernel(op, qa, qa, 0)}"
+    assert ran[0] == f"{op}:{expected_conv_kernel(op, qa, qa, 0, (x.shape, wt.shape, *args))}"
 
 
 # ----------------------------------------------------------------------- training ops: fast == reference
@@ -278,7 +279,8 @@ def test_int8_conv2d_fast_kernels_equal_reference(case, dtype, channels_last, se
     op = "int8_conv2d_grad_input"
     assert f"{op}:{expected_conv_kernel(op, qg, qw, o // groups * kh * kw)}" in fast[4]
     op = "int8_conv2d_grad_weight"
-    assert f"{op}:{expected_conv_kernel(op, qa, qg, 0)}" in fast[4]
+    geometry = (x.shape, weight.shape, _pair(stride), _pair(padding), _pair(dilation), groups)
+    assert f"{op}:{expected_conv_kernel(op, qa, qg, 0, geometry)}" in fast[4]
 
 
 # ------------------------------------------------------------------------- converted inference layers

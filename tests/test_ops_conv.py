@@ -130,7 +130,7 @@ def test_fast_kernels_equal_reference_integers(case):
     with hw.record_kernels() as ran:
         gw = torch.ops.lq.int8_conv2d_grad_weight(gq, xq, ones, one, qg, qx, list(wq.shape), st, pa, di, grp)
     op = "int8_conv2d_grad_weight"
-    assert ran[0] == f"{op}:{expected_conv_kernel(op, qx, qg, 0)}"
+    assert ran[0] == f"{op}:{expected_conv_kernel(op, qx, qg, 0, (xq.shape, wq.shape, st, pa, di, grp))}"
     assert torch.equal(gw, K.conv2d_grad_weight_reference(gq, xq, ones, one, qg, qx, list(wq.shape), st, pa, di, grp))
 
 
@@ -147,7 +147,8 @@ def test_fast_path_matches_reference_path(cfg_name):
     qa, qw, qg = qmax(cfg.act_bits), qmax(cfg.weight_bits), qmax(cfg.grad_bits)
     assert f"int8_conv2d:{expected_conv_kernel('int8_conv2d', qa, qw, 4 * 9)}" in ran
     assert f"int8_conv2d_grad_input:{expected_conv_kernel('int8_conv2d_grad_input', qg, qw, 4 * 9)}" in ran
-    assert f"int8_conv2d_grad_weight:{expected_conv_kernel('int8_conv2d_grad_weight', qa, qg, 0)}" in ran
+    geometry = (x.shape, w.shape, (2, 2), (1, 1), (1, 1), 2)
+    assert f"int8_conv2d_grad_weight:{expected_conv_kernel('int8_conv2d_grad_weight', qa, qg, 0, geometry)}" in ran
     torch.manual_seed(11)
     ref = _run(x, w, b, args, replace(cfg, use_fast_kernels=False), g)
     for f, r in zip(fast, ref):

