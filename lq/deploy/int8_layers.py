@@ -263,7 +263,8 @@ class Int8Linear(Int8Module):
         consumer's step allows it, else ``"grid"``; ``"float"`` for a float output), or ``None`` where ``run``
         would do something else (another kernel, a clip ``upper``, a float input in half-range mode, which
         needs a sign test). A SmoothQuant divisor (``lq.smooth_quant``) is applied as ``run`` applies it: to a
-        float input here, and by the previous layer (``out.divisor``) to what it hands over. Same numbers as ``run``, bit for bit (tests). Kept in the
+        float input here, and by the previous layer (``out.divisor``) to what it hands over. Same numbers as
+        ``run``, bit for bit (tests). Kept in the
         layer's kernel cache, cleared whenever the packed weight or a scale can change.
         """
         key = ("lean_step", form, out)  # the Output object itself: a consumer's reloaded scale is a new Output
@@ -280,7 +281,8 @@ class Int8Linear(Int8Module):
             if form == "clipped":
                 packed, a_scale, zp = self._packed_fbgemm_weight_steps(), self._steps()[0], 0
             else:
-                packed, a_scale, zp = self._packed_fbgemm(False), 1.0, 0 if form == "grid" else kernels.onednn_zero_point(mode)
+                zp = 0 if form == "grid" else kernels.onednn_zero_point(mode)
+                packed, a_scale = self._packed_fbgemm(False), 1.0
             inv_in, q_in, name = self.input_scale, self.qmax_input, self.name
             smooth = self._buffers.get("input_smoothing")  # lq.smooth_quant's divisor of a float input
             inv_out, top, divisor = out.inv_step, out.qmax, out.divisor

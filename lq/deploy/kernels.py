@@ -276,8 +276,8 @@ def onednn_linear(
 # sees integers; the packed weight carries the combined scale ``step_x * step_w[j]`` (eq. 10's one float
 # multiply). One exception, exact too: the batch-1 chain's "clipped" hand-over (``fbgemm_grid_cap``) lets
 # fbgemm quantize floats, with zero point 0, where the fma is a plain ``x * fp32(1/scale)`` and that factor
-# is checked to be the next layer's ``s``. Where only u8 <= 127 is exact (``vpmaddubsw``), signed inputs run as one GEMM of twice the depth,
-# ``[P, N]`` against ``[W, -W]`` (as for oneDNN, ``u8_operand``).
+# is checked to be the next layer's ``s``. Where only u8 <= 127 is exact (``vpmaddubsw``), signed inputs run as
+# one GEMM of twice the depth, ``[P, N]`` against ``[W, -W]`` (as for oneDNN, ``u8_operand``).
 _FBGEMM_OP = "linear_with_input_q_dq_qweight_dq_output_fp32"
 _FBGEMM_RELU_OP = "linear_with_input_q_dq_qweight_dq_relu_output_fp32"
 

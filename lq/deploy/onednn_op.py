@@ -60,7 +60,8 @@ def prefer_onednn(positions: int, taps: int, channels: int) -> bool:
     ``channels`` bytes each (a row costs at least a 16-byte vector), reaches :data:`MIN_OPERAND`. Below that,
     oneDNN's per-call set-up (~60 us) costs more than the copy. Fit on compiled single-convolution models of
     the Fashion CNN's and SmallResNet's 11 geometries at batch 4-64 (AVX-512 VNNI host, 2 threads;
-    ``benchmarks/bench_compiled_conv.py``: the faster kernel in 51 of 55 cells, the others within 40 us). Exact either way:
+    ``benchmarks/bench_compiled_conv.py``: the faster kernel in 51 of 55 cells, the others within 40 us).
+    Exact either way:
     only speed depends on it. The same rule stands for AVX2 hosts (oneDNN's split form against float math)
     until one is measured there."""
     return positions * taps * max(channels, 16) >= MIN_OPERAND

@@ -54,8 +54,8 @@ def uniform_hash(like: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
     the fused quantization on a 64x16x28x28 gradient (0.61 vs 2.4 ms, AVX-512 host, 2 threads; ``torch.rand``'s
     mt19937 is 16% of an int8 training step); torch's own compiled ``rand`` (Philox per element) was slower
     still. Used by ``Int8ComputeConfig(grad_rounding="stochastic_hash")``, opt-in: five seeds of
-    fashion_int8_train averaged 1.6 points below ``torch.rand`` noise (benchmarks/RESULTS.md). Statistics checked in ``tests/test_ops_grad_quant.py`` (moments, histogram, lag
-    correlation, unbiased rounding). ``seed`` (0-d int64, drawn from torch's generator per call) makes calls
+    fashion_int8_train averaged 1.6 points below ``torch.rand`` noise (benchmarks/RESULTS.md). Statistics
+    checked in ``tests/test_ops_grad_quant.py`` (moments, histogram, lag correlation, unbiased rounding). ``seed`` (0-d int64, drawn from torch's generator per call) makes calls
     differ and ``torch.manual_seed`` reproduce them; the pattern repeats after 2^32 elements."""
     i = torch.arange(like.numel(), device=like.device, dtype=torch.int64)
     if like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last):
