@@ -46,7 +46,17 @@ def test_int8_training_skip_and_config_validation():
     with pytest.raises(ValueError, match="dynamic"):
         Int8Training(compute=Int8ComputeConfig(act_scale="static"))
     with pytest.raises(TypeError, match="Int8ComputeConfig"):
-        Int8Training(compute={"act_bits": 8})
+        Int8Training(compute="stochastic")
+    # a mapping of its fields (a YAML or Hydra override: OmegaConf's DictConfig too) builds the config
+    from omegaconf import OmegaConf
+
+    for mapping in ({"grad_rounding": "stochastic_hash"}, OmegaConf.create({"grad_rounding": "stochastic_hash"})):
+        cb = Int8Training(compute=mapping)
+        assert cb.compute == Int8ComputeConfig(grad_rounding="stochastic_hash")
+    with pytest.raises(TypeError, match="nope"):
+        Int8Training(compute={"nope": 1})
+    with pytest.raises(ValueError, match="grad_rounding"):
+        Int8Training(compute={"grad_rounding": "up"})
 
 
 def test_deviation_lr_scaling_applies_per_step_and_restores(tmp_path):

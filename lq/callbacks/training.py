@@ -12,6 +12,8 @@ lost at residual adds). Optionally the learning rate is scaled down by the measu
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import contextlib
 from typing import Any
 
@@ -32,9 +34,10 @@ class Int8Training(QuantizationCallback):
     Args:
         compute: an ``lq.ops.Int8ComputeConfig`` (bits, which backward GEMMs run in int8, gradient clipping,
             gradient rounding); default ``Int8ComputeConfig.for_this_machine()`` (8/8/8 bits where the int8
-            kernels are exact and fast; 7-bit activations/weights on x86 CPUs without VNNI). From a LightningCLI
-            YAML, a mapping of its fields (``compute: {grad_rounding: stochastic}``) builds it over the
-            dataclass's own defaults (8/8/8 bits), not ``for_this_machine()``'s.
+            kernels are exact and fast; 7-bit activations/weights on x86 CPUs without VNNI). A mapping of its
+            fields (LightningCLI YAML ``compute: {grad_rounding: stochastic}``, a Hydra override
+            ``"callback.compute={grad_rounding: stochastic_hash}"``) builds it over the dataclass's own
+            defaults (8/8/8 bits), not ``for_this_machine()``'s.
         skip: fnmatch globs of layers kept in float (e.g. the first conv and the classifier head).
         deviation_lr_scaling: scale each step's LR by ``lq.ops.deviation_lr_factor`` of the mean gradient
             deviation measured in that step's backward (Zhu et al.). The tracker that measures it is closed
@@ -64,8 +67,12 @@ class Int8Training(QuantizationCallback):
         config = QuantConfig(weight=off, activation=QuantSpec(enabled=False), skip=list(skip or []),
                              layers=["Linear", "Conv2d"])
         super().__init__(config=config, num_samples=1, cpu_malloc=cpu_malloc)
+        if isinstance(compute, Mapping):  # a YAML / Hydra mapping of its fields (over the dataclass's defaults)
+            compute = Int8ComputeConfig(**{str(k): v for k, v in compute.items()})
         if compute is not None and not isinstance(compute, Int8ComputeConfig):
-            raise TypeError(f"compute must be an lq.ops.Int8ComputeConfig, got {type(compute).__name__}")
+            raise TypeError(
+                f"compute must be an lq.ops.Int8ComputeConfig or a mapping of its fields, got {type(compute).__name__}"
+            )
         if compute is not None and compute.act_scale != "dynamic":
             raise ValueError("Int8Training uses dynamic scales (act_scale='dynamic'); for calibrated static "
                              "scales use Int8QAT(compute='int8')")
