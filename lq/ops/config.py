@@ -49,9 +49,9 @@ class Int8ComputeConfig:
             three seeds -6.1 vs +0.3 points, hence the default. Costs about 17% of an int8 SmallResNet step
             (one uniform draw per gradient element; bench_int8_step.py, VNNI host). ``"stochastic_hash"``: the
             same rounding with ``u`` made inside the fused quantization kernel from a counter hash
-            (``lq.ops.fused.uniform_hash``), 4x cheaper (SmallResNet step 105 -> 86 ms); opt-in because five seeds of
-            fashion_int8_train measured a mean 1.6 points below "stochastic" (spread 1.8; benchmarks/RESULTS.md),
-            a gap that more seeds must confirm or rule out.
+            (``lq.ops.fused.uniform_hash``), 4x cheaper (SmallResNet step 105 -> 86 ms); opt-in because seven seeds of
+            fashion_int8_train measured it 1.6 points below "stochastic" on average, lower on 6 of 7
+            (benchmarks/RESULTS.md).
         clip_samples: about how many elements (whole rows/channels) score the candidates for per-row/
             channel scales; per-layer scales use up to 16x as many (whole batch samples). The chosen ratio
             is then applied to the whole tensor.

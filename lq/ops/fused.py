@@ -53,7 +53,7 @@ def uniform_hash(like: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
     so no noise tensor is written or read and no generator runs per element. 4x cheaper than ``torch.rand`` +
     the fused quantization on a 64x16x28x28 gradient (0.61 vs 2.4 ms, AVX-512 host, 2 threads; ``torch.rand``'s
     mt19937 is 16% of an int8 training step); torch's own compiled ``rand`` (Philox per element) was slower
-    still. Used by ``Int8ComputeConfig(grad_rounding="stochastic_hash")``, opt-in: five seeds of
+    still. Used by ``Int8ComputeConfig(grad_rounding="stochastic_hash")``, opt-in: seven seeds of
     fashion_int8_train averaged 1.6 points below ``torch.rand`` noise (benchmarks/RESULTS.md). Statistics
     checked in ``tests/test_ops_grad_quant.py`` (moments, histogram, lag correlation, unbiased rounding). ``seed`` (0-d int64, drawn from torch's generator per call) makes calls
     differ and ``torch.manual_seed`` reproduce them; the pattern repeats after 2^32 elements."""
