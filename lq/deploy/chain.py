@@ -281,7 +281,7 @@ class Int8Sequential(nn.Sequential):
         self._leaf_list = [m for _, _, m in _leaves(self)]
         self._plan_inputs = _plan_inputs(self._leaf_list)
         self._steps = plan(self._leaf_list)
-        self._lean = None  # (bound steps or None, (layer, cache key) whose presence keeps them valid)
+        self._lean = None  # (bound steps or None, [(layer, its cache key, the plan step)] that keep them valid)
 
     def _stale(self) -> bool:
         return not _unchanged(self._structure) or _plan_inputs(self._leaf_list) != self._plan_inputs

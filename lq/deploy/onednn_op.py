@@ -67,6 +67,15 @@ def prefer_onednn(positions: int, taps: int, channels: int) -> bool:
     return positions * taps * max(channels, 16) >= MIN_OPERAND
 
 
+def _output_sizes(conv: torch.nn.Module, in_sizes) -> list:
+    """The output's spatial sizes of the converted convolution ``conv`` for input sizes ``in_sizes`` (ints or,
+    while tracing with dynamic shapes, symbolic sizes)."""
+    return [
+        (n + 2 * p - d * (k - 1) - 1) // s + 1
+        for n, k, s, p, d in zip(in_sizes, conv.kernel_size, conv.stride, conv._kernel_padding(), conv.dilation)
+    ]
+
+
 @torch.compiler.assume_constant_result
 def _mode() -> str:
     """``hw.onednn_mode()``, a constant of the process for the tracer."""
@@ -91,8 +100,8 @@ def conv2d(conv: torch.nn.Module, t: torch.Tensor) -> torch.Tensor | None:
     if torch.compiler.is_exporting() or mode == hw.UNAVAILABLE or (mode == hw.HALF_RANGE and conv.groups != 1):
         return None
     positions = t.shape[0]
-    for n, k, s, p, d in zip(t.shape[2:], conv.kernel_size, conv.stride, conv._kernel_padding(), conv.dilation):
-        positions = positions * ((n + 2 * p - d * (k - 1) - 1) // s + 1)
+    for size in _output_sizes(conv, t.shape[2:]):
+        positions = positions * size
     if not prefer_onednn(positions, conv.kernel_size[0] * conv.kernel_size[1], conv.in_channels // conv.groups):
         return None
     if mode == hw.FULL_RANGE:
@@ -121,10 +130,7 @@ _LIB.impl("onednn_conv", _onednn_conv_cpu, "CPU")
 @torch.library.register_fake("lq::onednn_conv", lib=_LIB)
 def _(u: torch.Tensor, layer: int, zero_point: int, signed: bool) -> torch.Tensor:
     conv = _layer(layer)
-    sizes = [
-        (n + 2 * p - d * (k - 1) - 1) // s + 1
-        for n, k, s, p, d in zip(u.shape[2:], conv.kernel_size, conv.stride, conv._kernel_padding(), conv.dilation)
-    ]
+    sizes = _output_sizes(conv, u.shape[2:])
     return u.new_empty((u.shape[0], conv.out_channels, *sizes), dtype=torch.float32).contiguous(
         memory_format=torch.channels_last
     )
