@@ -211,13 +211,50 @@ def test_stochastic_rounding_noise_is_uniform_independent_and_seeded():
     a, b = uniform_hash(plain, torch.tensor(7)), uniform_hash(cl, torch.tensor(7))
     assert not torch.equal(a, b) and torch.equal(a.reshape(-1).sort().values, b.reshape(-1).sort().values)
     g = torch.randn(64, 32)
-    for noise in (True, "hash"):  # grad_rounding "stochastic" (torch.rand) and "stochastic_hash"
+    for noise in (True, "hash"):  # grad_rounding "stochastic" (noise_bits) and "stochastic_hash"
         torch.manual_seed(3)
         a = quantize_grad(g, 127, None, clip=False, stochastic=noise).q
         torch.manual_seed(3)
         assert torch.equal(quantize_grad(g, 127, None, clip=False, stochastic=noise).q, a)
         assert not torch.equal(quantize_grad(g, 127, None, clip=False, stochastic=noise).q, a)  # a new draw
         assert ((a.float() - g * 127 / g.abs().max()).abs() < 1).all()  # a neighbouring integer
+
+
+def test_stochastic_rounding_bits_are_uniform_and_bound_the_bias():
+    """lq.ops.fused.noise_bits, the default noise of stochastic rounding (torch's generator, one int32 draw
+    per four elements): u = frac(b / 128 + 1/256) takes the 128 bin midpoints of [0, 1) equally often, so
+    E[floor(y + u)] = floor(y) + frac(y) rounded to a multiple of 1/128 (worked out here over the 128 values,
+    not from the kernel): within 1/256 of a step of y."""
+    from lq.ops.fused import NOISE_BITS, _uniform_from_bits, noise_bits, quantize_with_scale
+
+    torch.manual_seed(0)
+    like = torch.empty(640, 1000)
+    b = noise_bits(like)
+    assert b.shape == like.shape and b.dtype == torch.int8
+    u = _uniform_from_bits(b).reshape(-1)
+    k = u * (1 << NOISE_BITS) - 0.5
+    assert torch.equal(k, k.round()) and k.min().item() == 0 and k.max().item() == (1 << NOISE_BITS) - 1
+    counts = torch.bincount(k.long(), minlength=128).float()  # 5000 expected per value, sd ~70
+    assert (counts - 5000).abs().max().item() < 400
+    for lag in (1, 2, 3, 4, 8):  # neighbours share an int32 draw for lags 1-3
+        assert abs(torch.corrcoef(torch.stack([u[:-lag], u[lag:]]))[0, 1].item()) < 0.01
+    # the exact expectation over the 128 equally likely u, from the definition
+    ys = torch.linspace(-3, 3, 1201, dtype=torch.float64)
+    us = (torch.arange(128, dtype=torch.float64) + 0.5) / 128
+    expected = torch.floor(ys[:, None] + us[None, :]).mean(1)
+    assert (expected - ys).abs().max().item() <= 1 / 256 + 1e-12
+    torch.testing.assert_close(expected, torch.floor(ys) + torch.round((ys - torch.floor(ys)) * 128) / 128)
+    # the kernel's rounding of y = 0.3 (s = 1): 0 or 1, mean 0.3 (0.3 * 128 = 38.4 -> 38/128 = 0.297)
+    y = torch.full((1000, 1000), 0.3)
+    q = quantize_with_scale(y, torch.ones(1), 127, None, stochastic=True).float()
+    assert set(q.unique().tolist()) == {0.0, 1.0} and abs(q.mean().item() - 38 / 128) < 3e-3
+    # channels-last: bits in memory order (a sequential read in the kernel), same draws for the same seed
+    cl = torch.empty(8, 16, 10, 10).contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(5)
+    a = noise_bits(cl)
+    torch.manual_seed(5)
+    plain = noise_bits(torch.empty(8, 16, 10, 10))
+    assert torch.equal(a.permute(0, 2, 3, 1).reshape(-1), plain.reshape(-1))
 
 
 def test_grad_rounding_option_validated_and_used_by_the_ops():
