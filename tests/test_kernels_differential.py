@@ -66,18 +66,20 @@ def _layout(t: torch.Tensor, how: str) -> torch.Tensor:
 @SETTINGS
 @given(
     m=st.integers(1, 40), k=st.integers(1, 300), n=st.integers(1, 40), bits=BITS,
-    layout=st.sampled_from(["contiguous", "strided", "transposed"]), seed=st.integers(0, 2**16),
+    layout=st.sampled_from(["contiguous", "strided", "transposed"]),
+    b_layout=st.sampled_from(["contiguous", "strided", "transposed"]), seed=st.integers(0, 2**16),
 )
-def test_int8_mm_equals_exact_integer_sums(m, k, n, bits, layout, seed):
+def test_int8_mm_equals_exact_integer_sums(m, k, n, bits, layout, b_layout, seed):
+    """Both operands in any layout: int8_linear's backward passes transposed views (read in place)."""
     qa, qb = qmax(bits[0]), qmax(bits[1])
     gen = torch.Generator().manual_seed(seed)
-    a, b = _layout(_ints((m, k), qa, gen), layout), _ints((n, k), qb, gen)
+    a, b = _layout(_ints((m, k), qa, gen), layout), _layout(_ints((n, k), qb, gen), b_layout)
     a[0, 0], b[-1, -1] = qa, -qb  # the extremes are where saturating kernels go wrong
     one = torch.ones(1)
     with hw.record_kernels() as ran:
         out = int8_mm(a, b, torch.ones(m), one, qa, qb, None)
     exact = (a.long() @ b.long().t()).float()  # |sum| <= 300 * 127^2 < 2^24: exact in fp32
-    assert torch.equal(out, exact), f"M={m} K={k} N={n} bits={bits} {layout}: kernel {ran}"
+    assert torch.equal(out, exact), f"M={m} K={k} N={n} bits={bits} {layout}/{b_layout}: kernel {ran}"
     assert ran == [f"int8_mm:{expected_mm_kernel(m, k, n, qa, qb)}"]
 
 

@@ -98,8 +98,9 @@ class Int8LinearFunction(torch.autograd.Function):
                     ctx.name, "output gradient (grad_weight GEMM)", mult=xs, every=cfg.clip_every,
                     state=ctx.clip_state, stochastic=cfg.rounding_noise,
                 )
-                # a = g^T [N, M], b = x_q^T [K, M]: both with the reduced M last (int8 transposed copies).
-                grad_w = _mm(cfg, r.q.t().contiguous(), xq.t().contiguous(), r.step, one, qg, qa, None)
+                # a = g^T [N, M], b = x_q^T [K, M]: both with the reduced M last, as transposed views (the
+                # kernels read strided operands or copy them themselves)
+                grad_w = _mm(cfg, r.q.t(), xq.t(), r.step, one, qg, qa, None)
             else:
                 grad_w = g.t() @ dequantize_along(xq, x_step, 0 if x_step.numel() > 1 else None)
         if ctx.has_bias and ctx.needs_input_grad[2]:

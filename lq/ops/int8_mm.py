@@ -123,18 +123,39 @@ def int_mm_covers(m: int, k: int, n: int) -> bool:
 
 
 def _int_mm_chunked(a: torch.Tensor, b: torch.Tensor, a_qmax: int, b_qmax: int) -> torch.Tensor:
-    """int32 ``a @ b^T`` via bitsandbytes' ``int8_linear_matmul`` (-> ``torch._int_mm``), reduction split so
-    that no chunk can overflow int32; chunk partials are summed in fp32 (returned fp32)."""
+    """``a @ b^T`` via bitsandbytes' ``int8_linear_matmul`` (-> ``torch._int_mm``), reduction split so that no
+    chunk can overflow int32: the int32 sums when one chunk covers K, else the chunk partials summed in fp32.
+    Operands may be strided views (a transposed ``a`` or ``b`` is read in place: ``_int_mm`` takes strides,
+    and on the AVX-512 host a transposed ``a`` costs 1.41 ms against 0.67 ms to copy it plus 1.34 ms for the
+    contiguous product, 1024^3, one thread)."""
     import bitsandbytes  # noqa: F401  (registers torch.ops.bitsandbytes)
 
     k = a.shape[1]
+    chunks = reduction_chunks(k, hw.max_exact_reduction(a_qmax, b_qmax))
+    if len(chunks) == 1:
+        return torch.ops.bitsandbytes.int8_linear_matmul.default(a, b)
     out = None
-    for k0, k1 in reduction_chunks(k, hw.max_exact_reduction(a_qmax, b_qmax)):
-        ac = a if k1 - k0 == k else a[:, k0:k1].contiguous()
-        bc = b if k1 - k0 == k else b[:, k0:k1].contiguous()
-        part = torch.ops.bitsandbytes.int8_linear_matmul.default(ac, bc).float()
+    for k0, k1 in chunks:
+        part = torch.ops.bitsandbytes.int8_linear_matmul.default(
+            a[:, k0:k1].contiguous(), b[:, k0:k1].contiguous()
+        ).float()
         out = part if out is None else out.add_(part)
     return out
+
+
+def _epilogue(acc: torch.Tensor, a_step: torch.Tensor, b_step: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    out = acc.float() * a_step.float().reshape(-1, 1) * b_step.float().reshape(1, -1)
+    return out if bias is None else out + bias.float()
+
+
+def scale_sums(acc: torch.Tensor, a_step: torch.Tensor, b_step: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The output stage of eq. 10: integer sums ``acc [M, N]`` (int32, or fp32 holding integers) times
+    ``a_step[:, None] * b_step[None, :]`` plus ``bias``, fp32, in one fused pass (compiled, ``lq.ops.fused``)
+    instead of four eager ones (int32 -> fp32 copy, two scalings, the bias: 3.3 -> 0.6 ms on a 1024x1024
+    output, one thread). Same operations in the same order as the eager ones."""
+    from lq.ops import fused
+
+    return fused.call("int8_mm_epilogue", _epilogue, acc, a_step, b_step, bias)
 
 
 def onednn_qlinear(u: torch.Tensor, zp: int, w: torch.Tensor, u_scale: float, w_scale: torch.Tensor) -> torch.Tensor:
@@ -185,8 +206,7 @@ def _int8_mm_cpu(a, b, a_step, b_step, a_qmax, b_qmax, bias):
         return int8_mm_reference(a, b, a_step, b_step, a_qmax, b_qmax, bias)
     if hw.cpu_int_mm_is_fast() and int_mm_covers(m, k, n):
         hw.ran("int8_mm", "int_mm")
-        out = _int_mm_chunked(a, b, a_qmax, b_qmax)
-        out.mul_(a_step.float().reshape(-1, 1)).mul_(b_step.float().reshape(1, -1))
+        return scale_sums(_int_mm_chunked(a, b, a_qmax, b_qmax), a_step, b_step, bias)
     elif hw.cpu_int_mm_is_fast() and not (hw.u8s8_exact(a_qmax, b_qmax) or hw.u8s8_exact(b_qmax, a_qmax)):
         return _reference_fallback(
             "int8_mm:int_mm-k1",
