@@ -210,7 +210,7 @@ def _conv_fwd_cpu(x, w, x_step, w_step, x_qmax, w_qmax, bias, stride, padding, d
         hw.ran("int8_conv2d", "reference")
         return conv2d_fwd_reference(x, w, x_step, w_step, x_qmax, w_qmax, bias, stride, padding, dilation, groups)
     hw.ran("int8_conv2d", "onednn")
-    u, zp = hw.to_biased_u8(x.contiguous(), x_qmax)
+    u, zp = hw.to_biased_u8(_channels_last(x), x_qmax)
     o = w.shape[0]
     w_scale = w_step.float().reshape(-1).expand(o).contiguous()
     b = None if bias is None else bias.float().contiguous()
@@ -233,15 +233,25 @@ def _conv_grad_input_cpu(g, w, g_step, g_qmax, w_qmax, input_size, stride, paddi
         hw.ran("int8_conv2d_grad_input", "reference")
         return conv2d_grad_input_reference(g, w, g_step, g_qmax, w_qmax, input_size, stride, padding, dilation, groups)
     hw.ran("int8_conv2d_grad_input", "onednn")
-    u, zp = hw.to_biased_u8(g.contiguous(), g_qmax)
-    canvas, conv_pad = transposed_conv_input(u, w.shape, input_size, stride, padding, dilation, fill=zp)
+    u, zp = hw.to_biased_u8(_channels_last(g), g_qmax)
+    canvas, conv_pad = transposed_conv_input(
+        u, w.shape, input_size, stride, padding, dilation, fill=zp, memory_format=torch.channels_last
+    )
     wt = transposed_conv_weight(w, groups)
     w_scale = torch.ones(wt.shape[0], dtype=torch.float32)
     return _qconv(canvas, zp, float(g_step), wt, w_scale, None, [1, 1], conv_pad, list(dilation), groups)
 
 
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in the layout oneDNN's convolutions compute in (NHWC): the int8 activations and gradients of the
+    training ops mostly arrive in it already, and a row-major copy here was converted back inside
+    ``qconv2d_pointwise`` (two layout copies of every conv input; ~2.7 ms of a SmallResNet int8 step)."""
+    return t.contiguous(memory_format=torch.channels_last)
+
+
 def transposed_conv_input(
-    g: torch.Tensor, w_shape, input_size, stride, padding, dilation, fill: int = 0
+    g: torch.Tensor, w_shape, input_size, stride, padding, dilation, fill: int = 0,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> tuple[torch.Tensor, list[int]]:
     """``g [N, O, Ho, Wo]`` -> ``(canvas, conv_pad)``: the transposed convolution (input gradient) as an
     ordinary stride-1 convolution ``conv2d(canvas, transposed_conv_weight(w), padding=conv_pad, dilation)``.
@@ -249,7 +259,8 @@ def transposed_conv_input(
     Zero-insertion (``stride - 1`` zeros between pixels) and padding by ``dilation * (k - 1) - padding``
     (plus ``output_padding`` at the bottom/right; negative pads crop), all with ``fill`` (the value that
     means 0: 0 for int8, the zero point for a uint8-shifted ``g``). The plain stride-1 case with symmetric
-    non-negative pads returns ``g`` itself and leaves the padding to the convolution (``conv_pad``)."""
+    non-negative pads returns ``g`` itself and leaves the padding to the convolution (``conv_pad``); else the
+    canvas is made in ``memory_format``."""
     op = _output_padding(input_size, g.shape, w_shape, stride, padding, dilation)
     n, o, ho, wo = g.shape
     k = w_shape[2:]
@@ -260,12 +271,15 @@ def transposed_conv_input(
     hd = [(ho - 1) * stride[0] + 1, (wo - 1) * stride[1] + 1]
     pad_lo = [max(v, 0) for v in lo]
     pad_hi = [max(v, 0) for v in hi]
-    canvas = g.new_full((n, o, hd[0] + pad_lo[0] + pad_hi[0], hd[1] + pad_lo[1] + pad_hi[1]), fill)
+    canvas = torch.empty(
+        (n, o, hd[0] + pad_lo[0] + pad_hi[0], hd[1] + pad_lo[1] + pad_hi[1]),
+        dtype=g.dtype, device=g.device, memory_format=memory_format,
+    ).fill_(fill)
     canvas[:, :, pad_lo[0] : pad_lo[0] + hd[0] : stride[0], pad_lo[1] : pad_lo[1] + hd[1] : stride[1]] = g
     crop_lo = [max(-v, 0) for v in lo]
     crop_hi = [max(-v, 0) for v in hi]
     canvas = canvas[:, :, crop_lo[0] : canvas.shape[2] - crop_hi[0], crop_lo[1] : canvas.shape[3] - crop_hi[1]]
-    return canvas.contiguous(), [0, 0]
+    return canvas.contiguous(memory_format=memory_format), [0, 0]
 
 
 def int8_unfold(x: torch.Tensor, kernel: tuple[int, int], stride, padding, dilation, pad_value: int = 0) -> torch.Tensor:
