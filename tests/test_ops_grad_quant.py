@@ -274,3 +274,17 @@ def test_grad_rounding_option_validated_and_used_by_the_ops():
         grads.append(xi.grad)
     assert not torch.equal(grads[1], grads[2]) and not torch.equal(grads[3], grads[4])  # random draws differ
     assert not torch.equal(grads[0], grads[1]) and not torch.equal(grads[0], grads[3])
+
+
+def test_sample_selection_of_a_channels_last_gradient_equals_index_select():
+    """The clip search's samples (whole batch samples or channels) are picked from a channels-last gradient's
+    NHWC view: the same values in the same (row-major) layout as ``index_select``, which copies the whole
+    tensor first."""
+    from lq.ops.grad_quant import _index_select
+
+    g = torch.randn(6, 5, 4, 3).contiguous(memory_format=torch.channels_last)
+    for dim, index in ((0, torch.tensor([0, 2, 5])), (1, torch.tensor([1, 4])), (2, torch.tensor([3])), (3, torch.tensor([0, 2]))):
+        ours, ref = _index_select(g, dim, index), g.index_select(dim, index)
+        assert torch.equal(ours, ref) and ours.stride() == ref.stride()
+    plain = torch.randn(6, 5)
+    assert torch.equal(_index_select(plain, 1, torch.tensor([0, 3])), plain[:, [0, 3]])

@@ -53,6 +53,17 @@ class GradQuantResult:
     cos: float
 
 
+def _index_select(t: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """``t.index_select(dim, index)`` with the same values and result layout, without the full row-major copy
+    that ``index_select`` makes of a channels-last ``t`` first (a whole gradient copied to pick a few samples
+    or channels: ~3 ms of a SmallResNet int8 step); selected from the NHWC view instead."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        nhwc = t.permute(0, 2, 3, 1)
+        picked = nhwc.index_select((0, 3, 1, 2)[dim], index).permute(0, 3, 1, 2)
+        return picked.contiguous()
+    return t.index_select(dim, index)
+
+
 def _slice_sample(
     g: torch.Tensor, amax: torch.Tensor, axis: int, num: int, mult: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,7 +74,7 @@ def _slice_sample(
     length = max(1, g.numel() // max(1, c))
     n_slices = max(1, min(c, num // length))
     sel = torch.linspace(0, c - 1, n_slices, device=g.device).round().long().unique()
-    sub = g.index_select(axis, sel).float()
+    sub = _index_select(g, axis, sel).float()
     if mult is not None:
         sub = sub * mult  # mult has size 1 along axis: broadcasts onto the selected slices
     return sub.movedim(axis, 0).reshape(sel.numel(), -1), amax.index_select(0, sel).reshape(-1, 1)
@@ -80,7 +91,7 @@ def _leading_slices(
     sel = torch.linspace(0, g.shape[0] - 1, n_slices, device=g.device).round().long().unique()
     if mult is not None and mult.dim() == g.dim() and mult.shape[0] > 1:
         mult = mult.index_select(0, sel)
-    return g.index_select(0, sel), mult
+    return _index_select(g, 0, sel), mult
 
 
 def _tensor_clip_cosines(
