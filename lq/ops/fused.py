@@ -23,7 +23,7 @@ import torch
 from lq.ops import hardware as hw
 from lq.quant.functional import AMAX_EPS
 
-__all__ = ["amax_along", "compile_enabled", "noise_bits", "quantize_with_scale", "uniform_hash"]
+__all__ = ["amax_along", "compile_enabled", "noise_bits", "quantize_dynamic", "quantize_with_scale", "uniform_hash"]
 
 
 def compile_enabled() -> bool:
@@ -178,7 +178,8 @@ def call(name: str, fn: Callable, *args):
     if not compile_enabled() or name in _failed:
         return fn(*args)
     # nn.Parameter inputs get static shapes in Dynamo (one compile per weight shape): pass plain tensors
-    args = tuple(a.detach() if isinstance(a, torch.nn.Parameter) else a for a in args)
+    # (``type(a) is not torch.Tensor`` first: Parameter's isinstance goes through a metaclass hook, ~1 us)
+    args = tuple(a.detach() if type(a) is not torch.Tensor and isinstance(a, torch.nn.Parameter) else a for a in args)
     key = (name, _static_key(args))
     compiled = _compiled.get(key)
     if compiled is None:
@@ -195,6 +196,26 @@ def amax_along(x: torch.Tensor, keep_dim: int | None, mult: torch.Tensor | None 
     """``max |x * mult|`` over every dimension but ``keep_dim`` (``None``: the whole tensor, shape [1])."""
     keep_dim = None if keep_dim is None else keep_dim % x.dim()
     return call("amax_along", _amax_along, x, mult, keep_dim)
+
+
+def _quantize_dynamic(x: torch.Tensor, amax: torch.Tensor | None, qmax: int, keep_dim: int | None):
+    data_amax = _amax_along(x, None, None if amax is not None else keep_dim)
+    s = scale_from_amax(data_amax if amax is None else amax, qmax)
+    q = _quantize_with_scale(x, None, s, qmax, keep_dim)
+    return q, 1.0 / s, data_amax, torch.isfinite(data_amax).all()
+
+
+def quantize_dynamic(
+    x: torch.Tensor, qmax: int, keep_dim: int | None, amax: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eq. 6-7 in one compiled call: the amax of ``x`` (per index of ``keep_dim``), the scale from it (or from
+    ``amax``, a calibrated one, given as fp32 ``[1]``), the int8 values and their step ``1 / s``. Returns
+    ``(q, step, data_amax, finite)``; ``finite`` (0-d bool) says whether ``data_amax`` is finite (else ``q`` is
+    meaningless: the caller raises). The same operations as :func:`amax_along`, :func:`scale_from_amax` and
+    :func:`quantize_with_scale` one after the other (bit-identical), in one call instead of two compiled calls
+    and five eager ops: ~115 -> ~45 us a quantization of a small tensor, 20 of them in a SmallResNet forward."""
+    keep_dim = None if keep_dim is None else keep_dim % x.dim()
+    return call("quantize_dynamic", _quantize_dynamic, x, amax, qmax, keep_dim)
 
 
 def quantize_with_scale(

@@ -31,11 +31,11 @@ def quantize_along(
     ``FloatingPointError`` naming ``name`` when ``x`` holds NaN/Inf (checked on the amax reduction, which
     for a static amax costs one extra reduction pass).
     """
-    data_amax = fused.amax_along(x, None if amax is not None else keep_dim)
-    check_finite(data_amax, what, name)  # a NaN would otherwise become garbage int8
-    amax = data_amax if amax is None else amax.to(x.device).float().reshape(-1)
-    s = fused.scale_from_amax(amax, qmax)
-    return fused.quantize_with_scale(x, s, qmax, keep_dim), 1.0 / s
+    static = None if amax is None else amax.to(x.device).float().reshape(-1)
+    q, step, data_amax, finite = fused.quantize_dynamic(x, qmax, keep_dim, static)
+    if not bool(finite):
+        check_finite(data_amax, what, name)  # a NaN would otherwise become garbage int8: raises
+    return q, step
 
 
 def dequantize_along(q: torch.Tensor, step: torch.Tensor, keep_dim: int | None) -> torch.Tensor:
