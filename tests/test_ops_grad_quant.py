@@ -288,3 +288,21 @@ def test_sample_selection_of_a_channels_last_gradient_equals_index_select():
         assert torch.equal(ours, ref) and ours.stride() == ref.stride()
     plain = torch.randn(6, 5)
     assert torch.equal(_index_select(plain, 1, torch.tensor([0, 3])), plain[:, [0, 3]])
+
+
+def test_empty_tensors_quantize_without_disabling_the_compiled_kernels():
+    """An empty batch has no amax (a max over nothing): the step is the smallest scale's (amax 0, or the
+    calibrated amax), the int8 tensor empty; nothing reaches the compiled kernels, whose failure would have
+    switched them to eager ops for the rest of the process."""
+    from lq.ops import fused
+    from lq.ops.quantize import quantize_along
+
+    for axis in (None, 0, 1):
+        r = quantize_grad(torch.empty(0, 4), 127, axis, RATIOS, clip=True, name="fc")
+        n = 1 if axis is None else (0, 4)[axis]
+        assert r.q.shape == (0, 4) and r.q.dtype == torch.int8 and r.step.shape == (n,) and r.ratio == 1.0
+        q, step = quantize_along(torch.empty(0, 4), 127, axis)
+        assert q.shape == (0, 4) and step.shape == (n,)
+    _, step = quantize_along(torch.empty(0, 4), 127, None, amax=torch.tensor(2.54))
+    torch.testing.assert_close(step, torch.tensor([0.02]))
+    assert not fused._failed

@@ -230,15 +230,21 @@ def quantize_with_scale(
     ``stochastic``: ``floor(x * mult * s + u)`` with ``u`` uniform in [0, 1) instead of round (unbiased),
     ``u`` from :func:`noise_bits` (``True`` / ``"rand"``: torch's generator) or from :func:`uniform_hash` inside the kernel
     (``"hash"``: 4x cheaper, see ``Int8ComputeConfig.grad_rounding``)."""
+    keep_dim = None if keep_dim is None else keep_dim % x.dim()
+    noise, seed = rounding_inputs(x, stochastic)
+    return call("quantize_with_scale", _quantize_with_scale, x, mult, s, qmax, keep_dim, noise, seed)
+
+
+def rounding_inputs(x: torch.Tensor, stochastic: bool | str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(noise, seed)`` for ``_quantize_with_scale``: random bits (:func:`noise_bits`) for ``True`` /
+    ``"rand"``, a 0-d int64 seed for the in-kernel hash (``"hash"``), neither for round-to-nearest."""
     if stochastic not in (False, True, "rand", "hash"):
         raise ValueError(f"stochastic must be False, True, 'rand' or 'hash', got {stochastic!r}")
-    keep_dim = None if keep_dim is None else keep_dim % x.dim()
-    noise = seed = None
     if stochastic == "hash":
-        seed = torch.randint(0, 1 << 32, (), dtype=torch.int64).to(x.device)
-    elif stochastic:
-        noise = noise_bits(x)
-    return call("quantize_with_scale", _quantize_with_scale, x, mult, s, qmax, keep_dim, noise, seed)
+        return None, torch.randint(0, 1 << 32, (), dtype=torch.int64).to(x.device)
+    if stochastic:
+        return noise_bits(x), None
+    return None, None
 
 
 def scale_from_amax(amax: torch.Tensor, qmax: int) -> torch.Tensor:

@@ -64,20 +64,43 @@ def _index_select(t: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tenso
     return t.index_select(dim, index)
 
 
-def _slice_sample(
-    g: torch.Tensor, amax: torch.Tensor, axis: int, num: int, mult: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Whole slices (index ``i`` of ``axis``), evenly spread, about ``num`` elements in all: ``[C_s, L]`` and
-    their amax ``[C_s, 1]``. Whole slices keep each slice's tail (its largest values), which decides
-    whether clipping pays; a strided element sample would miss those rare values."""
+_SPREAD: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+
+
+def _spread(c: int, n: int, device: torch.device) -> torch.Tensor:
+    """``n`` indices evenly spread over ``range(c)`` (rounded, unique), cached: the same tensor every call."""
+    key = (c, n, device)
+    sel = _SPREAD.get(key)
+    if sel is None:
+        if len(_SPREAD) > 512:
+            _SPREAD.clear()
+        sel = _SPREAD[key] = torch.linspace(0, c - 1, n, device=device).round().long().unique()
+    return sel
+
+
+def _leading_rows(g: torch.Tensor, num: int) -> torch.Tensor | None:
+    """Which slices of dim 0 :func:`_leading_slices` scores (``None``: the whole tensor)."""
+    if g.numel() <= num or g.dim() < 2 or g.shape[0] == 1:
+        return None
+    return _spread(g.shape[0], max(1, num // max(1, g[0].numel())), g.device)
+
+
+def _sample_slices(g: torch.Tensor, axis: int, num: int) -> torch.Tensor:
+    """Which slices of ``axis`` :func:`_slice_sample` scores."""
     c = g.shape[axis]
     length = max(1, g.numel() // max(1, c))
-    n_slices = max(1, min(c, num // length))
-    sel = torch.linspace(0, c - 1, n_slices, device=g.device).round().long().unique()
+    return _spread(c, max(1, min(c, num // length)), g.device)
+
+
+def _slice_sample(g: torch.Tensor, axis: int, num: int, mult: torch.Tensor | None = None) -> torch.Tensor:
+    """Whole slices (index ``i`` of ``axis``, the ones :func:`_sample_slices` picks), evenly spread, about
+    ``num`` elements in all, as ``[C_s, L]`` fp32. Whole slices keep each slice's tail (its largest values),
+    which decides whether clipping pays; a strided element sample would miss those rare values."""
+    sel = _sample_slices(g, axis, num)
     sub = _index_select(g, axis, sel).float()
     if mult is not None:
         sub = sub * mult  # mult has size 1 along axis: broadcasts onto the selected slices
-    return sub.movedim(axis, 0).reshape(sel.numel(), -1), amax.index_select(0, sel).reshape(-1, 1)
+    return sub.movedim(axis, 0).reshape(sel.numel(), -1)
 
 
 def _leading_slices(
@@ -85,10 +108,9 @@ def _leading_slices(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The whole tensor if it has at most ``num`` elements, else evenly spread whole slices of dim 0 (e.g.
     samples of the batch) with about ``num`` elements; ``mult`` follows when it varies along dim 0."""
-    if g.numel() <= num or g.dim() < 2 or g.shape[0] == 1:
+    sel = _leading_rows(g, num)
+    if sel is None:
         return g, mult
-    n_slices = max(1, num // max(1, g[0].numel()))
-    sel = torch.linspace(0, g.shape[0] - 1, n_slices, device=g.device).round().long().unique()
     if mult is not None and mult.dim() == g.dim() and mult.shape[0] > 1:
         mult = mult.index_select(0, sel)
     return _index_select(g, 0, sel), mult
@@ -133,6 +155,43 @@ def _clip_cosines(sample: torch.Tensor, amax: torch.Tensor, r: torch.Tensor, qma
     return torch.where(norm > 0, dot / norm.clamp_min(1e-30), torch.ones_like(dot))
 
 
+def _fused_search(g, mult, gs, ms, sample, sel, r, qmax: int, axis, noise, seed):
+    """One compiled graph for a searched gradient quantization: amax, the candidates' cosines on the sample
+    (per layer: ``gs`` / ``ms`` from :func:`_leading_slices`; per slice: ``sample`` from :func:`_slice_sample`,
+    whose slices ``sel`` pick their amax here), the best ratio (first maximum, picked by index inside the
+    graph), the scale and the rounding: the same operations as the unfused steps, without host syncs."""
+    amax = fused._amax_along(g, mult, axis)
+    if axis is None:
+        cos = _tensor_clip_cosines(gs, ms, amax, r, qmax)
+    else:
+        cos = _clip_cosines(sample, amax.index_select(0, sel).reshape(-1, 1), r.reshape(-1, 1, 1), qmax)
+    best = torch.argmax(cos).reshape(1)
+    s = fused.scale_from_amax(amax * r.index_select(0, best), qmax)
+    q = fused._quantize_with_scale(g, mult, s, qmax, axis, noise, seed)
+    return q, 1.0 / s, amax, torch.isfinite(amax).all(), best, cos.index_select(0, best)
+
+
+def _fused_fixed(g, mult, r, qmax: int, axis, noise, seed):
+    """One compiled graph for a gradient quantization with a known ratio ``r [1]`` (no search)."""
+    amax = fused._amax_along(g, mult, axis)
+    s = fused.scale_from_amax(amax * r[0], qmax)
+    q = fused._quantize_with_scale(g, mult, s, qmax, axis, noise, seed)
+    return q, 1.0 / s, amax, torch.isfinite(amax).all()
+
+
+_RATIOS: dict[tuple[tuple[float, ...], torch.device], torch.Tensor] = {}
+
+
+def _ratio_tensor(cand: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    key = (cand, device)
+    r = _RATIOS.get(key)
+    if r is None:
+        if len(_RATIOS) > 512:
+            _RATIOS.clear()
+        r = _RATIOS[key] = torch.tensor(cand, dtype=torch.float32, device=device)
+    return r
+
+
 def quantize_grad(
     g: torch.Tensor,
     qmax: int,
@@ -174,11 +233,13 @@ def quantize_grad(
     if state is not None and not isinstance(state, dict):
         raise TypeError(f"state must be a dict (the layer's clip state) or None, got {type(state).__name__}")
     axis = None if axis is None else axis % g.dim()
-    amax = fused.amax_along(g, axis, mult)
-    check_finite(amax, what, name)
+    if g.numel() == 0:  # nothing to quantize (an empty batch): amax 0, i.e. the smallest scale's step
+        n = 1 if axis is None else g.shape[axis]
+        step = 1.0 / fused.scale_from_amax(torch.zeros(n, device=g.device), qmax)
+        return GradQuantResult(q=torch.zeros(g.shape, dtype=torch.int8, device=g.device), step=step, ratio=1.0, cos=1.0)
     ratio, cos = 1.0, 1.0
     search = clip and len(ratios) > 1
-    cand = ratios if search else (1.0,)
+    cand = tuple(ratios) if search else (1.0,)
     periodic = search and every > 1
     if periodic and state is None:
         _warn_no_clip_state(name)
@@ -189,22 +250,29 @@ def quantize_grad(
             entry[0] += 1
             search, cand = False, (entry[1],)
             ratio = entry[1]
-    if (search or _ACTIVE) and g.numel() > 0:
+    noise, seed = fused.rounding_inputs(g, stochastic)
+    r = _ratio_tensor(cand, g.device)
+    if search or _ACTIVE:
+        gs = ms = sample = sel = None
         if axis is None:
-            r = torch.tensor(cand, dtype=torch.float32, device=g.device)
             gs, ms = _leading_slices(g, mult, num_samples * 16)
-            cosines = fused.call("tensor_clip_cosines", _tensor_clip_cosines, gs, ms, amax, r, qmax)
-            best = int(torch.argmax(cosines))
-            ratio, cos = cand[best], float(cosines[best])
         else:
-            sample, s_amax = _slice_sample(g, amax, axis, num_samples, mult)
-            ratio, cos = direction_sensitive_clip_ratio(sample, s_amax, qmax, cand)
+            sel = _sample_slices(g, axis, num_samples)
+            sample = _slice_sample(g, axis, num_samples, mult)
+        q, step, amax, finite, best, best_cos = fused.call(
+            "grad_quant_search", _fused_search, g, mult, gs, ms, sample, sel, r, qmax, axis, noise, seed
+        )
+        if not bool(finite):
+            check_finite(amax, what, name)
+        ratio, cos = cand[int(best)], float(best_cos)
         if periodic and search:  # searched this call (not a reuse): restart the count
             state[what] = [1, ratio]
-    s = fused.scale_from_amax(amax * ratio, qmax)
-    q = fused.quantize_with_scale(g, s, qmax, axis, mult, stochastic=stochastic)
+    else:
+        q, step, amax, finite = fused.call("grad_quant_fixed", _fused_fixed, g, mult, r, qmax, axis, noise, seed)
+        if not bool(finite):
+            check_finite(amax, what, name)
     _report(name, what, 1.0 - cos)
-    return GradQuantResult(q=q, step=1.0 / s, ratio=ratio, cos=cos)
+    return GradQuantResult(q=q, step=step, ratio=ratio, cos=cos)
 
 
 # Where a layer object keeps its periodic clip state (a plain attribute in its __dict__: not a buffer, so

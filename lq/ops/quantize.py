@@ -32,6 +32,10 @@ def quantize_along(
     for a static amax costs one extra reduction pass).
     """
     static = None if amax is None else amax.to(x.device).float().reshape(-1)
+    if x.numel() == 0:  # an empty batch: no data amax (a reduction over nothing); the calibrated one, else 0
+        n = 1 if keep_dim is None else x.shape[keep_dim]
+        s = fused.scale_from_amax(static if static is not None else torch.zeros(n, device=x.device), qmax)
+        return torch.zeros(x.shape, dtype=torch.int8, device=x.device), 1.0 / s
     q, step, data_amax, finite = fused.quantize_dynamic(x, qmax, keep_dim, static)
     if not bool(finite):
         check_finite(data_amax, what, name)  # a NaN would otherwise become garbage int8: raises
