@@ -46,12 +46,14 @@ class Int8ComputeConfig:
             [0, 1), an unbiased rounding (E[q] = g * s) so that the many small gradient entries that round to 0
             every step under "nearest" still move the weights on average. Measured on fashion_int8_train
             (benchmarks/RESULTS.md, seed 2): -11.4 points vs fp32 with "nearest", -2.4 with "stochastic"; over
-            three seeds -6.1 vs +0.3 points, hence the default. Costs about 17% of an int8 SmallResNet step
-            (one uniform draw per gradient element; bench_int8_step.py, VNNI host). ``"stochastic_hash"``: the
-            same rounding with ``u`` made inside the fused quantization kernel from a counter hash
-            (``lq.ops.fused.uniform_hash``), 4x cheaper (SmallResNet step 105 -> 86 ms); opt-in because seven seeds of
-            fashion_int8_train measured it 1.6 points below "stochastic" on average, lower on 6 of 7
-            (benchmarks/RESULTS.md).
+            three seeds -6.1 vs +0.3 points, hence the default. ``u`` comes from torch's generator as bytes
+            (``lq.ops.fused.noise_bits``: four elements per 32-bit draw, 128 equally likely values, unbiased
+            within 1/256 of a step): about 6% of an int8 SmallResNet step, against 20% with one ``torch.rand``
+            float per element (bench_int8_step.py, VNNI host). ``"stochastic_hash"``: the same rounding with
+            ``u`` made inside the fused quantization kernel from a counter hash (``lq.ops.fused.uniform_hash``),
+            no faster than the noise bytes any more (56.6 vs 57.6 ms a step); opt-in: seven seeds of
+            fashion_int8_train measured it 1.6 points below ``torch.rand`` noise on average (benchmarks/
+            RESULTS.md, which also shows how wide one run's spread is).
         clip_samples: about how many elements (whole rows/channels) score the candidates for per-row/
             channel scales; per-layer scales use up to 16x as many (whole batch samples). The chosen ratio
             is then applied to the whole tensor.
@@ -97,7 +99,7 @@ class Int8ComputeConfig:
 
     @property
     def rounding_noise(self) -> bool | str:
-        """What ``quantize_grad(stochastic=...)`` takes for ``grad_rounding``: False, True (torch.rand) or "hash"."""
+        """What ``quantize_grad(stochastic=...)`` takes for ``grad_rounding``: False, True (noise bytes) or "hash"."""
         return {"nearest": False, "stochastic": True, "stochastic_hash": "hash"}[self.grad_rounding]
 
     @property

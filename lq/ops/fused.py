@@ -53,10 +53,12 @@ def uniform_hash(like: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
     so no noise tensor is written or read and no generator runs per element. 4x cheaper than ``torch.rand`` +
     the fused quantization on a 64x16x28x28 gradient (0.61 vs 2.4 ms, AVX-512 host, 2 threads; ``torch.rand``'s
     mt19937 is 16% of an int8 training step); torch's own compiled ``rand`` (Philox per element) was slower
-    still. Used by ``Int8ComputeConfig(grad_rounding="stochastic_hash")``, opt-in: seven seeds of
-    fashion_int8_train averaged 1.6 points below ``torch.rand`` noise (benchmarks/RESULTS.md). Statistics
-    checked in ``tests/test_ops_grad_quant.py`` (moments, histogram, lag correlation, unbiased rounding). ``seed`` (0-d int64, drawn from torch's generator per call) makes calls
-    differ and ``torch.manual_seed`` reproduce them; the pattern repeats after 2^32 elements."""
+    still; the default's :func:`noise_bits` (torch's generator, four elements a draw) now costs about as much.
+    Used by ``Int8ComputeConfig(grad_rounding="stochastic_hash")``, opt-in: seven seeds of fashion_int8_train
+    averaged 1.6 points below ``torch.rand`` noise (benchmarks/RESULTS.md). Statistics checked in
+    ``tests/test_ops_grad_quant.py`` (moments, histogram, lag correlation, unbiased rounding). ``seed`` (0-d
+    int64, drawn from torch's generator per call) makes calls differ and ``torch.manual_seed`` reproduce them;
+    the pattern repeats after 2^32 elements."""
     # counters in memory order, so the fused loop walks the gradient's own layout (2.2x faster on a
     # channels-last 64x16x28x28 gradient than counters in logical order)
     i = _memory_order(torch.arange(like.numel(), device=like.device, dtype=torch.int64), like)
@@ -119,8 +121,8 @@ def _quantize_with_scale(
         shape = [1] * x.dim()
         shape[keep_dim] = -1
         sb = s.reshape(shape)
-    # stochastic rounding floor(y + u), u uniform in [0, 1), unbiased (E = y): u from ``noise`` (noise_bits)
-    # or made here from ``seed`` (uniform_hash)
+    # stochastic rounding floor(y + u), u uniform in [0, 1): E = y (to within 1/256 of a step for noise_bits'
+    # 128 levels); u from ``noise`` (noise_bits) or made here from ``seed`` (uniform_hash)
     if seed is not None:
         r = torch.floor(y * sb + uniform_hash(y, seed))
     elif noise is not None:
@@ -171,10 +173,17 @@ def _fresh_copy(fn: Callable) -> Callable:
 
 _failed: set[str] = set()
 
+# Eager's IEEE division and denormals in the generated GPU code too (Triton lowers fp32 ``/`` to an approximate
+# divide and flushes denormals by default): scales and steps computed in a compiled graph (``qmax / amax``,
+# ``1 / s``) must equal the eager ones bit for bit, which ``lq.ops.saved_int8`` and the tests rely on. The C++
+# code Inductor writes for CPUs divides exactly either way.
+_EXACT = {"eager_numerics.division_rounding": True, "eager_numerics.disable_ftz": True}
+
 
 def call(name: str, fn: Callable, *args):
     """Run ``fn(*args)`` compiled (one compiled copy per ``name`` and static variant of ``args``), or
-    eagerly when compiling is off or has failed once for ``name`` (warned once)."""
+    eagerly when compiling is off or has failed once for ``name`` (warned once; an error the eager ops raise
+    as well propagates and leaves the compiled copies in use)."""
     if not compile_enabled() or name in _failed:
         return fn(*args)
     # nn.Parameter inputs get static shapes in Dynamo (one compile per weight shape): pass plain tensors
@@ -183,13 +192,16 @@ def call(name: str, fn: Callable, *args):
     key = (name, _static_key(args))
     compiled = _compiled.get(key)
     if compiled is None:
-        compiled = _compiled[key] = torch.compile(_fresh_copy(fn), dynamic=True, fullgraph=True)
+        compiled = _compiled[key] = torch.compile(_fresh_copy(fn), dynamic=True, fullgraph=True, options=_EXACT)
     try:
         return compiled(*args)
     except Exception as err:  # noqa: BLE001 - any compiler failure: fall back to eager, once loudly
+        # inputs the eager ops reject too (a data error, e.g. an index out of range) raise the eager error and
+        # keep the compiled kernels; only a failure of the compiled path itself switches ``name`` to eager
+        out = fn(*args)
         hw.warn_once(f"fused:{name}", f"lq.ops.fused: torch.compile of {name} failed ({err!r}); using eager ops.")
         _failed.add(name)
-        return fn(*args)
+        return out
 
 
 def amax_along(x: torch.Tensor, keep_dim: int | None, mult: torch.Tensor | None = None) -> torch.Tensor:
@@ -227,7 +239,8 @@ def quantize_with_scale(
     stochastic: bool | str = False,
 ) -> torch.Tensor:
     """Eq. 7: ``clamp(round(x * mult * s), -qmax, qmax)`` as int8, ``s`` per index of ``keep_dim``;
-    ``stochastic``: ``floor(x * mult * s + u)`` with ``u`` uniform in [0, 1) instead of round (unbiased),
+    ``stochastic``: ``floor(x * mult * s + u)`` with ``u`` uniform in [0, 1) instead of round (unbiased; to
+    within 1/256 of a step with :func:`noise_bits`' 128 levels),
     ``u`` from :func:`noise_bits` (``True`` / ``"rand"``: torch's generator) or from :func:`uniform_hash` inside the kernel
     (``"hash"``: 4x cheaper, see ``Int8ComputeConfig.grad_rounding``)."""
     keep_dim = None if keep_dim is None else keep_dim % x.dim()

@@ -157,12 +157,13 @@ def _clip_cosines(sample: torch.Tensor, amax: torch.Tensor, r: torch.Tensor, qma
 
 def _fused_search(g, mult, gs, ms, sample, sel, r, qmax: int, axis, noise, seed):
     """One compiled graph for a searched gradient quantization: amax, the candidates' cosines on the sample
-    (per layer: ``gs`` / ``ms`` from :func:`_leading_slices`; per slice: ``sample`` from :func:`_slice_sample`,
-    whose slices ``sel`` pick their amax here), the best ratio (first maximum, picked by index inside the
-    graph), the scale and the rounding: the same operations as the unfused steps, without host syncs."""
+    (per layer: ``gs`` / ``ms`` from :func:`_leading_slices`, ``None`` for ``g`` / ``mult`` themselves; per slice:
+    ``sample`` from :func:`_slice_sample`, whose slices ``sel`` pick their amax here), the best ratio (first
+    maximum, picked by index inside the graph), the scale and the rounding: the same operations as the unfused
+    steps, with no host sync between them (the caller reads the chosen index, the cosine and finiteness)."""
     amax = fused._amax_along(g, mult, axis)
     if axis is None:
-        cos = _tensor_clip_cosines(gs, ms, amax, r, qmax)
+        cos = _tensor_clip_cosines(g if gs is None else gs, mult if gs is None else ms, amax, r, qmax)
     else:
         cos = _clip_cosines(sample, amax.index_select(0, sel).reshape(-1, 1), r.reshape(-1, 1, 1), qmax)
     best = torch.argmax(cos).reshape(1)
@@ -210,7 +211,8 @@ def quantize_grad(
     of ``axis``, after direction-sensitive clipping (Zhu et al. Sec. 4.1) when ``clip`` and
     ``len(ratios) > 1``. ``mult`` (broadcastable, size 1 along ``axis``) folds another operand's scale into
     the gradient inside the fused kernels, without materialising ``g * mult``. ``stochastic``: round
-    ``floor(g * s + u)``, ``u`` uniform in [0, 1) (unbiased; ``Int8ComputeConfig(grad_rounding="stochastic")``;
+    ``floor(g * s + u)``, ``u`` uniform in [0, 1) (unbiased to within 1/256 of a step: ``fused.noise_bits``'
+    128 levels; ``Int8ComputeConfig(grad_rounding="stochastic")``;
     ``"hash"``: ``u`` from ``fused.uniform_hash``, ``grad_rounding="stochastic_hash"``).
 
     ``every > 1`` with a ``state`` dict: search the clip ratio only on every ``every``-th call for this
@@ -256,6 +258,8 @@ def quantize_grad(
         gs = ms = sample = sel = None
         if axis is None:
             gs, ms = _leading_slices(g, mult, num_samples * 16)
+            if gs is g:  # the whole tensor: not passed twice (Dynamo guards on the aliasing: a second compile)
+                gs = ms = None
         else:
             sel = _sample_slices(g, axis, num_samples)
             sample = _slice_sample(g, axis, num_samples, mult)
