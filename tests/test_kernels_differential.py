@@ -372,3 +372,25 @@ def test_non_finite_input_names_the_layer_on_every_path(bad):
     g[0, 0] = bad
     with pytest.raises(FloatingPointError, match="'3'"):
         y.backward(g)
+
+
+@pytest.mark.parametrize("per_row", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.float32])
+def test_int8_mm_output_stage_in_place_equals_the_fused_one(per_row, bias, dtype, monkeypatch):
+    """Outputs of IN_PLACE_BYTES and more are scaled over the integer sums' own memory, 1 MiB of rows at a
+    time (fresh pages for a second big tensor cost as much as the scaling): the same values, bit for bit, as
+    the one-pass output stage (threshold lowered here so that small matrices take that path)."""
+    from lq.ops import int8_mm as mm
+
+    gen = torch.Generator().manual_seed(3)
+    acc = torch.randint(-(10**6), 10**6, (700, 389), generator=gen, dtype=torch.int32).to(dtype)
+    a = torch.rand(700 if per_row else 1, generator=gen) + 0.01
+    b = torch.rand(389, generator=gen) + 0.01
+    c = torch.randn(389, generator=gen) if bias else None
+    expected = mm._epilogue(acc, a, b, c)
+    monkeypatch.setattr(mm, "IN_PLACE_BYTES", 1024)
+    src = acc.clone()
+    out = mm.scale_sums(src, a, b, c)
+    assert out.dtype == torch.float32 and torch.equal(out, expected)
+    assert out.data_ptr() == src.data_ptr()  # written over the sums: no second big allocation

@@ -148,14 +148,42 @@ def _epilogue(acc: torch.Tensor, a_step: torch.Tensor, b_step: torch.Tensor, bia
     return out if bias is None else out + bias.float()
 
 
+# Outputs from this size on are scaled in place (glibc serves allocations above its mmap threshold, at most
+# 32 MiB, with fresh pages every time, and faulting them in costs as much as the scaling itself)
+IN_PLACE_BYTES = 32 << 20
+
+
 def scale_sums(acc: torch.Tensor, a_step: torch.Tensor, b_step: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The output stage of eq. 10: integer sums ``acc [M, N]`` (int32, or fp32 holding integers) times
     ``a_step[:, None] * b_step[None, :]`` plus ``bias``, fp32, in one fused pass (compiled, ``lq.ops.fused``)
     instead of four eager ones (int32 -> fp32 copy, two scalings, the bias: 3.3 -> 0.6 ms on a 1024x1024
-    output, one thread). Same operations in the same order as the eager ones."""
+    output, one thread). Same operations in the same order as the eager ones. A contiguous CPU output of
+    ``IN_PLACE_BYTES`` or more is written over ``acc``'s own memory, 1 MiB of rows at a time: 9.3 -> 4.3 ms
+    on an 8192x1024 output, 13.4 -> 7.0 ms on MiniLM's 8192x1536 (2 threads)."""
     from lq.ops import fused
 
+    if acc.device.type == "cpu" and acc.is_contiguous() and acc.numel() * 4 >= IN_PLACE_BYTES and acc.dim() == 2:
+        return _scale_sums_in_place(acc, a_step, b_step, bias)
     return fused.call("int8_mm_epilogue", _epilogue, acc, a_step, b_step, bias)
+
+
+def _scale_sums_in_place(acc, a_step, b_step, bias) -> torch.Tensor:
+    m, n = acc.shape
+    out = acc if acc.dtype == torch.float32 else acc.view(torch.float32)  # int32 and fp32: 4 bytes each
+    a = a_step.float().reshape(-1, 1).expand(m, 1)
+    b = b_step.float().reshape(1, -1)
+    c = None if bias is None else bias.float().reshape(1, -1)
+    rows = max(1, (1 << 20) // (4 * n))
+    tmp = torch.empty(min(rows, m), n)
+    for i in range(0, m, rows):
+        j = min(m, i + rows)
+        t = tmp[: j - i]
+        torch.mul(acc[i:j], a[i:j], out=t)  # read before any write to these rows: in place is safe
+        t.mul_(b)
+        if c is not None:
+            t.add_(c)
+        out[i:j].copy_(t)
+    return out
 
 
 def onednn_qlinear(u: torch.Tensor, zp: int, w: torch.Tensor, u_scale: float, w_scale: torch.Tensor) -> torch.Tensor:
