@@ -40,7 +40,7 @@ def test_int8_training_runs_int8_ops_and_learns(tmp_path, monkeypatch):
     assert acc["int8"] > 0.5 and abs(acc["int8"] - acc["fp32"]) < 0.05, acc
 
 
-def test_int8_training_skip_and_config_validation():
+def test_int8_training_skip_and_config_validation(monkeypatch):
     from lq.ops import Int8ComputeConfig
 
     with pytest.raises(ValueError, match="dynamic"):
@@ -51,8 +51,15 @@ def test_int8_training_skip_and_config_validation():
     from omegaconf import OmegaConf
 
     for mapping in ({"grad_rounding": "stochastic_hash"}, OmegaConf.create({"grad_rounding": "stochastic_hash"})):
-        cb = Int8Training(compute=mapping)
-        assert cb.compute == Int8ComputeConfig(grad_rounding="stochastic_hash")
+        cb = Int8Training(compute=mapping)  # over this machine's defaults (7-bit operands without VNNI)
+        assert cb.compute == Int8ComputeConfig.for_this_machine(grad_rounding="stochastic_hash")
+    from lq.ops import hardware
+
+    with monkeypatch.context() as m:  # a CPU without VNNI: the fields not named keep for_cpu_without_vnni's
+        m.setattr(hardware, "onednn_mode", lambda: hardware.HALF_RANGE)
+        cb = Int8Training(compute={"clip_every": 16})
+        assert cb.compute == Int8ComputeConfig.for_cpu_without_vnni(clip_every=16) and cb.compute.act_bits == 7
+        assert Int8Training(compute={"clip_every": 16, "act_bits": 8}).compute.act_bits == 8
     with pytest.raises(TypeError, match="nope"):
         Int8Training(compute={"nope": 1})
     with pytest.raises(ValueError, match="grad_rounding"):

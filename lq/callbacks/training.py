@@ -36,8 +36,9 @@ class Int8Training(QuantizationCallback):
             gradient rounding); default ``Int8ComputeConfig.for_this_machine()`` (8/8/8 bits where the int8
             kernels are exact and fast; 7-bit activations/weights on x86 CPUs without VNNI). A mapping of its
             fields (LightningCLI YAML ``compute: {grad_rounding: stochastic}``, a Hydra override
-            ``"callback.compute={grad_rounding: stochastic_hash}"``) builds it over the dataclass's own
-            defaults (8/8/8 bits), not ``for_this_machine()``'s.
+            ``"callback.compute={grad_rounding: stochastic_hash}"``) builds it over
+            ``for_this_machine()``'s defaults for the trainer's device (the fields it names win): overriding
+            only ``clip_every`` on a CPU without VNNI keeps the 7-bit operands its fast kernels need.
         skip: fnmatch globs of layers kept in float (e.g. the first conv and the classifier head).
         deviation_lr_scaling: scale each step's LR by ``lq.ops.deviation_lr_factor`` of the mean gradient
             deviation measured in that step's backward (Zhu et al.). The tracker that measures it is closed
@@ -67,8 +68,11 @@ class Int8Training(QuantizationCallback):
         config = QuantConfig(weight=off, activation=QuantSpec(enabled=False), skip=list(skip or []),
                              layers=["Linear", "Conv2d"])
         super().__init__(config=config, num_samples=1, cpu_malloc=cpu_malloc)
-        if isinstance(compute, Mapping):  # a YAML / Hydra mapping of its fields (over the dataclass's defaults)
-            compute = Int8ComputeConfig(**{str(k): v for k, v in compute.items()})
+        self._compute_fields = None
+        if isinstance(compute, Mapping):  # a YAML / Hydra mapping of its fields, over for_this_machine()'s
+            self._compute_fields = {str(k): v for k, v in compute.items()}
+            Int8ComputeConfig(**self._compute_fields)  # a wrong field or value raises here, not at fit time
+            compute = Int8ComputeConfig.for_this_machine(**self._compute_fields)  # re-made for the device in setup
         if compute is not None and not isinstance(compute, Int8ComputeConfig):
             raise TypeError(
                 f"compute must be an lq.ops.Int8ComputeConfig or a mapping of its fields, got {type(compute).__name__}"
@@ -103,7 +107,10 @@ class Int8Training(QuantizationCallback):
         from lq.ops import reset_clip_state
 
         reset_clip_state(pl_module)  # this model's periodically searched clip ratios (clip_every > 1) start afresh
-        names = use_int8_compute(pl_module, self.compute, device=trainer.strategy.root_device)
+        device = trainer.strategy.root_device
+        if self._compute_fields is not None:
+            self.compute = Int8ComputeConfig.for_this_machine(str(device), **self._compute_fields)
+        names = use_int8_compute(pl_module, self.compute, device=device)
         if names:
             from lq.nn.int8_compute import int8_compute_config
             from lq.quant.functional import qmax
