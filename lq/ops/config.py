@@ -39,9 +39,12 @@ class Int8ComputeConfig:
         clip_ratios: candidate ratios of the clipping value to the gradient amax (1.0 = no clipping).
         clip_every: search the clip ratio on every ``clip_every``-th backward of each layer and reuse the
             chosen ratio in between (the scale stays dynamic: ratio times the current amax). Zhu et al.
-            update the clipping value periodically; 1 searches every step. The ratios are kept per layer
+            update the clipping value periodically; 1 searches every step. Default 16: the search then costs
+            3% of an int8 SmallResNet step instead of 12% (bench_int8_step.py, VNNI host), and over eleven
+            seeds of fashion_int8_train the accuracy moved -0.10 points on average against searching every
+            step (paired by seed; one run's spread is about 2 points; benchmarks/RESULTS.md). The ratios are kept per layer
             object (quantized layers pass their own; functional ``int8_linear`` / ``int8_conv2d`` calls need
-            ``clip_state=`` a dict per layer, else they search every step).
+            ``clip_state=`` a dict per layer, else they search every step, with a one-time warning).
         grad_rounding: ``"nearest"`` (eq. 7's round) or ``"stochastic"``: ``floor(g * s + u)``, ``u`` uniform in
             [0, 1), an unbiased rounding (E[q] = g * s) so that the many small gradient entries that round to 0
             every step under "nearest" still move the weights on average. Measured on fashion_int8_train
@@ -72,7 +75,7 @@ class Int8ComputeConfig:
     grad_rounding: Literal["nearest", "stochastic", "stochastic_hash"] = "stochastic"
     clip_ratios: tuple[float, ...] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
     clip_samples: int = 16384
-    clip_every: int = 1
+    clip_every: int = 16
     use_fast_kernels: bool = True
 
     def __post_init__(self) -> None:
