@@ -42,8 +42,10 @@ def run_shape(c: int, hw_size: int, k: int, cfg: Int8ComputeConfig, args: argpar
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return F.conv2d(x, w, None, 1, pad)
 
+    state: dict = {}  # the layer's clip state, as a quantized layer passes (clip_every: the default searches every 16th)
+
     def int8():
-        return int8_conv2d(x, w, None, 1, pad, config=cfg, name="bench")
+        return int8_conv2d(x, w, None, 1, pad, config=cfg, name="bench", clip_state=state)
 
     # kernel limit: the forward conv alone on int8 operands vs fp32 forward
     qx = cfg.act_bits and (2 ** (cfg.act_bits - 1) - 1)
