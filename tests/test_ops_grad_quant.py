@@ -337,10 +337,8 @@ def test_fused_gradient_quantization_equals_the_step_by_step_ops(shape, axis, mo
         gs, ms = _leading_slices(g, mult, 2048 * 16)
         cos = _tensor_clip_cosines(gs, ms, amax, ratios, 127)
     else:
-        from lq.ops.grad_quant import _sample_slices
-
-        sel = _sample_slices(g, axis, 2048)
-        cos = _clip_cosines(_slice_sample(g, axis, 2048, mult), amax[sel].reshape(-1, 1), ratios.reshape(-1, 1, 1), 127)
+        sample, sel = _slice_sample(g, axis, 2048, mult)
+        cos = _clip_cosines(sample, amax[sel].reshape(-1, 1), ratios.reshape(-1, 1, 1), 127)
     ratio = RATIOS[int(torch.argmax(cos))]
     s = fused.scale_from_amax(amax * ratio, 127)
     assert r.ratio == ratio

@@ -74,10 +74,15 @@ def uniform_hash(like: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
 NOISE_BITS = 7
 
 
+def is_channels_last(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a 4-d tensor stored channels-last (NHWC) and not also row-major (e.g. one channel)."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
 def _memory_order(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``flat`` (``like.numel()`` elements) viewed in ``like``'s shape with consecutive elements in ``like``'s
     memory order (channels-last 4-d tensors), so a fused loop over ``like`` reads ``flat`` sequentially."""
-    if like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last):
+    if is_channels_last(like):
         n, c, h, w = like.shape
         return flat.reshape(n, h, w, c).permute(0, 3, 1, 2)
     return flat.reshape(like.shape)
@@ -241,8 +246,8 @@ def quantize_with_scale(
     """Eq. 7: ``clamp(round(x * mult * s), -qmax, qmax)`` as int8, ``s`` per index of ``keep_dim``;
     ``stochastic``: ``floor(x * mult * s + u)`` with ``u`` uniform in [0, 1) instead of round (unbiased; to
     within 1/256 of a step with :func:`noise_bits`' 128 levels),
-    ``u`` from :func:`noise_bits` (``True`` / ``"rand"``: torch's generator) or from :func:`uniform_hash` inside the kernel
-    (``"hash"``: 4x cheaper, see ``Int8ComputeConfig.grad_rounding``)."""
+    ``u`` from :func:`noise_bits` (``True`` / ``"rand"``: torch's generator) or from :func:`uniform_hash` inside
+    the kernel (``"hash"``, see ``Int8ComputeConfig.grad_rounding``)."""
     keep_dim = None if keep_dim is None else keep_dim % x.dim()
     noise, seed = rounding_inputs(x, stochastic)
     return call("quantize_with_scale", _quantize_with_scale, x, mult, s, qmax, keep_dim, noise, seed)

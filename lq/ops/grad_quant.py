@@ -57,7 +57,7 @@ def _index_select(t: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tenso
     """``t.index_select(dim, index)`` with the same values and result layout, without the full row-major copy
     that ``index_select`` makes of a channels-last ``t`` first (a whole gradient copied to pick a few samples
     or channels: ~3 ms of a SmallResNet int8 step); selected from the NHWC view instead."""
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+    if fused.is_channels_last(t):
         nhwc = t.permute(0, 2, 3, 1)
         picked = nhwc.index_select((0, 3, 1, 2)[dim], index).permute(0, 3, 1, 2)
         return picked.contiguous()
@@ -86,21 +86,24 @@ def _leading_rows(g: torch.Tensor, num: int) -> torch.Tensor | None:
 
 
 def _sample_slices(g: torch.Tensor, axis: int, num: int) -> torch.Tensor:
-    """Which slices of ``axis`` :func:`_slice_sample` scores."""
+    """Which slices of ``axis`` :func:`_slice_sample` takes."""
     c = g.shape[axis]
     length = max(1, g.numel() // max(1, c))
     return _spread(c, max(1, min(c, num // length)), g.device)
 
 
-def _slice_sample(g: torch.Tensor, axis: int, num: int, mult: torch.Tensor | None = None) -> torch.Tensor:
-    """Whole slices (index ``i`` of ``axis``, the ones :func:`_sample_slices` picks), evenly spread, about
-    ``num`` elements in all, as ``[C_s, L]`` fp32. Whole slices keep each slice's tail (its largest values),
-    which decides whether clipping pays; a strided element sample would miss those rare values."""
+def _slice_sample(
+    g: torch.Tensor, axis: int, num: int, mult: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole slices (index ``i`` of ``axis``), evenly spread, about ``num`` elements in all: ``[C_s, L]`` fp32
+    and the indices ``sel [C_s]`` of the slices (which pick their amax). Whole slices keep each slice's tail
+    (its largest values), which decides whether clipping pays; a strided element sample would miss those rare
+    values."""
     sel = _sample_slices(g, axis, num)
     sub = _index_select(g, axis, sel).float()
     if mult is not None:
         sub = sub * mult  # mult has size 1 along axis: broadcasts onto the selected slices
-    return sub.movedim(axis, 0).reshape(sel.numel(), -1)
+    return sub.movedim(axis, 0).reshape(sel.numel(), -1), sel
 
 
 def _leading_slices(
@@ -261,8 +264,7 @@ def quantize_grad(
             if gs is g:  # the whole tensor: not passed twice (Dynamo guards on the aliasing: a second compile)
                 gs = ms = None
         else:
-            sel = _sample_slices(g, axis, num_samples)
-            sample = _slice_sample(g, axis, num_samples, mult)
+            sample, sel = _slice_sample(g, axis, num_samples, mult)
         q, step, amax, finite, best, best_cos = fused.call(
             "grad_quant_search", _fused_search, g, mult, gs, ms, sample, sel, r, qmax, axis, noise, seed
         )
