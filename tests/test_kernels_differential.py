@@ -96,6 +96,20 @@ def test_int8_mm_scales_and_bias_match_reference(m, k, n, bits, seed):
     torch.testing.assert_close(out, ref, rtol=2e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("m,k,n", [(1, 2, 1), (1, 5, 3), (4, 7, 1), (1, 64, 1)])
+def test_size_one_operands_with_odd_strides_are_exact(m, k, n):
+    """A ``[1, K]`` operand made by transposing a ``[K, 1]`` column has strides ``(1, 1)`` (torch calls it
+    contiguous): CPU ``torch._int_mm`` read it as garbage and wrote nothing into ``out=`` (AVX-512 VNNI host;
+    ``int8_linear``'s grad-weight GEMM makes it for a batch of one output feature). Run after a different
+    product, so a kernel that leaves a reused output buffer alone shows the stale sums."""
+    gen = torch.Generator().manual_seed(m * 100 + k * 10 + n)
+    a, b = _ints((k, m), 127, gen).t(), _ints((k, n), 127, gen).t()  # [m, k] and [n, k], transposed views
+    one = torch.ones(1)
+    int8_mm(_ints((m, k), 127, gen), _ints((n, k), 127, gen), torch.ones(m), one, 127, 127, None)
+    out = int8_mm(a, b, torch.ones(m), one, 127, 127, None)
+    assert torch.equal(out, (a.long() @ b.long().t()).float())
+
+
 def test_int_mm_k1_shape_class_is_routed_away_and_exact():
     """``torch._int_mm`` on CPU returns wrong sums for K = 1, N > 1 (measured on the AVX-512 VNNI host)."""
     a, b = torch.full((5, 1), 127, dtype=torch.int8), torch.full((3, 1), -127, dtype=torch.int8)

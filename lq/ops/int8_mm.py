@@ -16,6 +16,8 @@ does not cover fall back to the reference with a one-time warning, never to wron
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from lq.ops import hardware as hw
@@ -122,17 +124,34 @@ def int_mm_covers(m: int, k: int, n: int) -> bool:
     return k >= 2 or n == 1
 
 
-def _int_mm_chunked(a: torch.Tensor, b: torch.Tensor, a_qmax: int, b_qmax: int) -> torch.Tensor:
+def _canonical(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with the strides torch itself would give it, where a dimension has size 1 (else ``t``): CPU
+    ``torch._int_mm`` reads a ``[1, K]`` operand with strides ``(1, 1)`` (a transposed ``[K, 1]`` column, which
+    torch counts as contiguous) as garbage, and into ``out=`` it writes nothing (found on the AVX-512 VNNI
+    host; the operands are tiny then, so the copy is free)."""
+    if 1 not in t.shape:
+        return t
+    return t.contiguous().reshape(-1).view(t.shape)
+
+
+def _int_mm_chunked(
+    a: torch.Tensor, b: torch.Tensor, a_qmax: int, b_qmax: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """``a @ b^T`` via bitsandbytes' ``int8_linear_matmul`` (-> ``torch._int_mm``), reduction split so that no
     chunk can overflow int32: the int32 sums when one chunk covers K, else the chunk partials summed in fp32.
     Operands may be strided views (a transposed ``a`` or ``b`` is read in place: ``_int_mm`` takes strides,
     and on the AVX-512 host a transposed ``a`` costs 1.41 ms against 0.67 ms to copy it plus 1.34 ms for the
-    contiguous product, 1024^3, one thread)."""
+    contiguous product, 1024^3, one thread). ``out``: an int32 ``[M, N]`` buffer for the sums when one chunk
+    covers K (:func:`sums_workspace`); ignored otherwise."""
     import bitsandbytes  # noqa: F401  (registers torch.ops.bitsandbytes)
 
     k = a.shape[1]
     chunks = reduction_chunks(k, hw.max_exact_reduction(a_qmax, b_qmax))
     if len(chunks) == 1:
+        a, b = _canonical(a), _canonical(b)
+        if out is not None:
+            # bitsandbytes' CPU kernel is this very call (``torch._int_mm(A, B.t())``) without ``out=``
+            return torch._int_mm(a, b.t(), out=out)
         return torch.ops.bitsandbytes.int8_linear_matmul.default(a, b)
     out = None
     for k0, k1 in chunks:
@@ -141,6 +160,26 @@ def _int_mm_chunked(a: torch.Tensor, b: torch.Tensor, a_qmax: int, b_qmax: int) 
         ).float()
         out = part if out is None else out.add_(part)
     return out
+
+
+_workspace = threading.local()
+
+
+def sums_workspace(m: int, n: int) -> torch.Tensor | None:
+    """A reused int32 ``[m, n]`` CPU buffer for integer sums that the output stage consumes at once, or None for
+    outputs of ``IN_PLACE_BYTES`` and more (those are scaled over their own memory and returned).
+
+    One buffer per thread, grown to the largest size asked for (at most 32 MiB). A fresh int32 output per
+    GEMM costs page faults whenever glibc hands out new pages (its dynamic mmap threshold; every time above
+    32 MiB): ``torch._int_mm`` 1024^3 took 0.8-2.1 ms after other work had run, 0.74-1.05 ms into a reused
+    buffer (AVX-512 VNNI host, 2 threads)."""
+    numel = m * n
+    if numel * 4 >= IN_PLACE_BYTES or numel == 0:
+        return None
+    buf = getattr(_workspace, "buf", None)
+    if buf is None or buf.numel() < numel:
+        buf = _workspace.buf = torch.empty(numel, dtype=torch.int32)
+    return buf[:numel].view(m, n)
 
 
 def _epilogue(acc: torch.Tensor, a_step: torch.Tensor, b_step: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -234,7 +273,7 @@ def _int8_mm_cpu(a, b, a_step, b_step, a_qmax, b_qmax, bias):
         return int8_mm_reference(a, b, a_step, b_step, a_qmax, b_qmax, bias)
     if hw.cpu_int_mm_is_fast() and int_mm_covers(m, k, n):
         hw.ran("int8_mm", "int_mm")
-        return scale_sums(_int_mm_chunked(a, b, a_qmax, b_qmax), a_step, b_step, bias)
+        return scale_sums(_int_mm_chunked(a, b, a_qmax, b_qmax, sums_workspace(m, n)), a_step, b_step, bias)
     elif hw.cpu_int_mm_is_fast() and not (hw.u8s8_exact(a_qmax, b_qmax) or hw.u8s8_exact(b_qmax, a_qmax)):
         return _reference_fallback(
             "int8_mm:int_mm-k1",
