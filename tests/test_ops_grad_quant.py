@@ -221,8 +221,8 @@ def test_stochastic_rounding_noise_is_uniform_independent_and_seeded():
 
 
 def test_stochastic_rounding_bits_are_uniform_and_bound_the_bias():
-    """lq.ops.fused.noise_bits, the default noise of stochastic rounding (torch's generator, one int32 draw
-    per four elements): u = frac(b / 128 + 1/256) takes the 128 bin midpoints of [0, 1) equally often, so
+    """lq.ops.fused.noise_bits, the default noise of stochastic rounding (one random byte per element: on CPU
+    eight from each 64-bit PCG64 output, seeded from torch's generator): u = frac(b / 128 + 1/256) takes the 128 bin midpoints of [0, 1) equally often, so
     E[floor(y + u)] = floor(y) + frac(y) rounded to a multiple of 1/128 (worked out here over the 128 values,
     not from the kernel): within 1/256 of a step of y."""
     from lq.ops.fused import NOISE_BITS, _uniform_from_bits, noise_bits, quantize_with_scale
@@ -236,7 +236,7 @@ def test_stochastic_rounding_bits_are_uniform_and_bound_the_bias():
     assert torch.equal(k, k.round()) and k.min().item() == 0 and k.max().item() == (1 << NOISE_BITS) - 1
     counts = torch.bincount(k.long(), minlength=128).float()  # 5000 expected per value, sd ~70
     assert (counts - 5000).abs().max().item() < 400
-    for lag in (1, 2, 3, 4, 8):  # neighbours share an int32 draw for lags 1-3
+    for lag in (1, 2, 3, 4, 7, 8, 9):  # neighbours share one 64-bit draw for lags 1-7
         assert abs(torch.corrcoef(torch.stack([u[:-lag], u[lag:]]))[0, 1].item()) < 0.01
     # the exact expectation over the 128 equally likely u, from the definition: within 1/256 of y
     ys = torch.linspace(-3, 3, 1201, dtype=torch.float64)
