@@ -3,8 +3,9 @@
     python benchmarks/bench_int8_linear.py [--size 1024] [--repeats 7]
 
 Prints median times and RATIOS (fp32 time / int8 time; > 1 means int8 is faster). fp32, bf16 and the int8
-variants run in turn within every round (``common.interleaved``), so background load hits them alike (timed
-one after the other, the bf16 median alone moved 7.2-10.1 ms between runs on the 2-core VM).
+variants run in turn within every round (``common.interleaved``, each timed on its second call in a row), so
+background load hits them alike (timed one after the other, the bf16 median alone moved 7.2-10.1 ms between runs
+on the 2-core VM).
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def main() -> None:
         variants[label] = step(lambda cfg=cfg, st={}: int8_linear(x, w, b, cfg, name="bench", clip_state=st))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        times = interleaved(variants, args.repeats, args.warmup)
+        times = interleaved(variants, args.repeats, args.warmup, settle=1)
     t32, tbf = times.pop("fp32"), times.pop("bf16 autocast")
     print(f"  fp32           {t32 * 1e3:8.2f} ms")
     print(f"  bf16 autocast  {tbf * 1e3:8.2f} ms")

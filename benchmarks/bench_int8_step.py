@@ -7,7 +7,8 @@
    every Conv2d/Linear forward, grad_input and grad_weight as int8 products; this machine's
    ``Int8ComputeConfig.for_this_machine()``), with and without direction-sensitive clip search, and with the
    clip searched every step (``clip_every=1``; the default searches every 16th). Steps are interleaved round after round so background
-   load hits every variant alike; medians.
+   load hits every variant alike, each timed on its second call in a row (``common.interleaved(settle=1)``:
+   a variant timed right after another one paid for the other's heap state); medians.
 2. Linear(1024, 1024) on a 1024-row batch against the int8 peers that exist in the ecosystem:
    bitsandbytes ``Linear8bitLt`` (trainable, has_fp16_weights=True) and torch.ao dynamic quantization
    (``quantize_dynamic``: inference only, no backward). Forward+backward where the peer supports it,
@@ -74,7 +75,7 @@ def bench_step(args) -> None:
     }
     if args.no_bf16:
         fns.pop("bf16 autocast")
-    times = interleaved(fns, args.repeats)
+    times = interleaved(fns, args.repeats, settle=1)
     report(f"SmallResNet train step, batch {args.batch} x 1 x 28 x 28 (median of {args.repeats})", times)
     if "bf16 autocast" in times:
         k8 = next(k for k in times if k.startswith("int8 ("))
@@ -127,9 +128,9 @@ def bench_linear_peers(args) -> None:
         return run
 
     report(f"Linear {n}x{n}, {n} rows, forward+backward (median of {args.repeats})",
-           interleaved({k: fb(m) for k, m in fwd_bwd.items()}, args.repeats))
+           interleaved({k: fb(m) for k, m in fwd_bwd.items()}, args.repeats, settle=1))
     report(f"Linear {n}x{n}, {n} rows, forward only, no_grad (median of {args.repeats})",
-           interleaved({k: fo(m) for k, m in fwd_only.items()}, args.repeats))
+           interleaved({k: fo(m) for k, m in fwd_only.items()}, args.repeats, settle=1))
 
 
 def main() -> None:

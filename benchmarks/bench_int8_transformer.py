@@ -73,7 +73,7 @@ def bench_mlp(args) -> None:
         "fp32": step_fn(copy.deepcopy(base)),
         "bf16 autocast": step_fn(copy.deepcopy(base), autocast=True),
         "int8 (Int8Training)": step_fn(int8_prepared(base)),
-    }, args.repeats)
+    }, args.repeats, settle=1)
     report(f"MLP 4x1024, batch {args.mlp_batch}: train step (median of {args.repeats})", times)
 
 

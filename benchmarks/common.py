@@ -12,15 +12,22 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, float]:
+def interleaved(
+    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2, settle: int = 0
+) -> dict[str, float]:
     """Median seconds of each callable, run in turn within every round so that background load hits all
-    of them alike (``warmup`` untimed rounds first)."""
+    of them alike (``warmup`` untimed rounds first). ``settle``: untimed calls of the same callable right
+    before each timed one, so it is not timed just after another variant (whose allocations leave glibc's
+    heap in another state: the int8 Linear step timed right after bf16 autocast took ~2.5 ms more, whichever
+    int8 variant came first, 2-core VNNI host)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
+            for _ in range(settle):
+                fn()
             t0 = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t0)
