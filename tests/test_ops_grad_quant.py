@@ -344,3 +344,21 @@ def test_fused_gradient_quantization_equals_the_step_by_step_ops(shape, axis, mo
     assert r.ratio == ratio
     assert torch.equal(r.q, fused.quantize_with_scale(g, s, 127, axis, mult))
     assert torch.equal(r.step, 1.0 / s)
+
+
+def test_random_bytes_both_sources_reproducible_and_uniform():
+    """lq.ops.fused.random_bytes: torch's mt19937 below NUMPY_BYTES, numpy's PCG64 (seeded from torch's generator)
+    from there on. Both reproduce under torch.manual_seed and give every 7-bit value (what the noise uses) about
+    equally often."""
+    from lq.ops.fused import NUMPY_BYTES, random_bytes
+
+    for n in (NUMPY_BYTES // 2, NUMPY_BYTES * 4):
+        torch.manual_seed(11)
+        a = random_bytes(n, torch.device("cpu"))
+        torch.manual_seed(11)
+        b = random_bytes(n, torch.device("cpu"))
+        assert a.dtype == torch.int8 and a.shape == (n,) and torch.equal(a, b)
+        assert not torch.equal(a, random_bytes(n, torch.device("cpu")))  # the generator moved on
+        counts = torch.bincount((a.long() & 127), minlength=128).float()
+        expected = n / 128
+        assert (counts - expected).abs().max().item() < 6 * expected**0.5  # 6 sd
