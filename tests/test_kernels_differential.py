@@ -177,6 +177,31 @@ def conv_cases(draw):
     return n, c, o, h, w, (kh, kw), stride, padding, dilation, groups
 
 
+@pytest.mark.parametrize("o,c,kernel,padding", [(16, 1, (3, 3), (1, 1)), (9, 1, (3, 3), (0, 2)), (5, 7, (3, 3), (1, 1)),
+                                               (12, 2, (2, 3), (1, 0)), (3, 4, (1, 3), (0, 1))])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_grad_weight_taps_both_forms_are_exact(o, c, kernel, padding, channels_last):
+    """``_grad_weight_taps``' two forms (one GEMM per tap on shifted views of the input, position-major rows
+    for a channels-last input, channel rows else; or, with ``C * taps <= O``, the taps' shifted input rows
+    stacked into one GEMM) against float64 ``conv2d_weight`` on the same integers."""
+    if not hw.cpu_int_mm_is_fast():
+        pytest.skip("the taps kernel runs where CPU torch._int_mm is fast (VNNI)")
+    from lq.ops.int8_conv_kernels import _grad_weight_taps, grad_weight_taps_apply
+
+    gen = torch.Generator().manual_seed(o * 31 + c)
+    n, h, w = 3, 6, 5
+    kh, kw = kernel
+    x = _ints((n, c, h, w), 127, gen)
+    g = _ints((n, o, h + 2 * padding[0] - kh + 1, w + 2 * padding[1] - kw + 1), 127, gen)
+    if channels_last:
+        x, g = x.contiguous(memory_format=torch.channels_last), g.contiguous(memory_format=torch.channels_last)
+    assert grad_weight_taps_apply(x.shape, (o, c, kh, kw), (1, 1), padding, (1, 1), 1, 127, 127)
+    g_step, x_step = torch.rand(o, generator=gen) + 0.5, torch.rand(1, generator=gen) + 0.5
+    got = _grad_weight_taps(g, x, g_step, x_step, (o, c, kh, kw), padding)
+    exact = torch.nn.grad.conv2d_weight(x.double(), [o, c, kh, kw], g.double(), 1, padding)
+    assert torch.equal(got, exact.float().mul_(g_step.reshape(-1, 1, 1, 1)).mul_(x_step.reshape(1, -1, 1, 1)))
+
+
 def test_grad_input_with_dilation_over_padding_is_exact():
     """The input-gradient convolution (stride 1, padding d*(k-1)-p) can itself have windows entirely in the
     padding: a (2, 5) kernel dilated by 2 on a height-1 input (found by the hypothesis test below)."""
