@@ -177,28 +177,34 @@ def conv_cases(draw):
     return n, c, o, h, w, (kh, kw), stride, padding, dilation, groups
 
 
-@pytest.mark.parametrize("o,c,kernel,padding", [(16, 1, (3, 3), (1, 1)), (9, 1, (3, 3), (0, 2)), (5, 7, (3, 3), (1, 1)),
-                                               (12, 2, (2, 3), (1, 0)), (3, 4, (1, 3), (0, 1))])
+@pytest.mark.parametrize("o,c,kernel,padding,stride", [
+    (16, 1, (3, 3), (1, 1), (1, 1)), (9, 1, (3, 3), (0, 2), (1, 1)), (5, 7, (3, 3), (1, 1), (1, 1)),
+    (12, 2, (2, 3), (1, 0), (1, 1)), (3, 4, (1, 3), (0, 1), (1, 1)), (2, 1, (3, 3), (1, 1), (1, 1)),
+    (5, 7, (3, 3), (1, 1), (2, 2)), (20, 2, (3, 3), (1, 1), (2, 2)), (6, 4, (1, 1), (0, 0), (2, 2)),
+    (8, 3, (1, 1), (0, 0), (2, 2)), (5, 6, (3, 2), (2, 0), (3, 2)), (4, 5, (2, 2), (0, 1), (2, 1)),
+])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_grad_weight_taps_both_forms_are_exact(o, c, kernel, padding, channels_last):
-    """``_grad_weight_taps``' two forms (one GEMM per tap on shifted views of the input, position-major rows
-    for a channels-last input, channel rows else; or, with ``C * taps <= O``, the taps' shifted input rows
-    stacked into one GEMM) against float64 ``conv2d_weight`` on the same integers."""
+def test_grad_weight_taps_both_forms_are_exact(o, c, kernel, padding, stride, channels_last):
+    """``_grad_weight_taps``' forms (one GEMM per tap on shifted views of the input's stride phases,
+    position-major rows for a channels-last input, channel rows else; or, with ``C * taps <= O``, the taps'
+    shifted input rows stacked into one GEMM), strides 1-3, against float64 ``conv2d_weight`` on the same
+    integers."""
     if not hw.cpu_int_mm_is_fast():
         pytest.skip("the taps kernel runs where CPU torch._int_mm is fast (VNNI)")
     from lq.ops.int8_conv_kernels import _grad_weight_taps, grad_weight_taps_apply
 
     gen = torch.Generator().manual_seed(o * 31 + c)
-    n, h, w = 3, 6, 5
+    n, h, w = 3, 7, 6
     kh, kw = kernel
     x = _ints((n, c, h, w), 127, gen)
-    g = _ints((n, o, h + 2 * padding[0] - kh + 1, w + 2 * padding[1] - kw + 1), 127, gen)
+    ho, wo = ((size + 2 * p - k) // s + 1 for size, p, k, s in zip((h, w), padding, kernel, stride))
+    g = _ints((n, o, ho, wo), 127, gen)
     if channels_last:
         x, g = x.contiguous(memory_format=torch.channels_last), g.contiguous(memory_format=torch.channels_last)
-    assert grad_weight_taps_apply(x.shape, (o, c, kh, kw), (1, 1), padding, (1, 1), 1, 127, 127)
+    assert grad_weight_taps_apply(x.shape, (o, c, kh, kw), stride, padding, (1, 1), 1, 127, 127)
     g_step, x_step = torch.rand(o, generator=gen) + 0.5, torch.rand(1, generator=gen) + 0.5
-    got = _grad_weight_taps(g, x, g_step, x_step, (o, c, kh, kw), padding)
-    exact = torch.nn.grad.conv2d_weight(x.double(), [o, c, kh, kw], g.double(), 1, padding)
+    got = _grad_weight_taps(g, x, g_step, x_step, (o, c, kh, kw), padding, stride)
+    exact = torch.nn.grad.conv2d_weight(x.double(), [o, c, kh, kw], g.double(), stride, padding)
     assert torch.equal(got, exact.float().mul_(g_step.reshape(-1, 1, 1, 1)).mul_(x_step.reshape(1, -1, 1, 1)))
 
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from lq.ops import fused
 from lq.ops import hardware as hw
-from lq.ops.int8_mm import onednn_qlinear, reduction_chunks
+from lq.ops.int8_mm import _canonical, onednn_qlinear, reduction_chunks
 
 __all__ = [
     "conv2d_fwd_reference",
@@ -339,64 +339,98 @@ def _grad_weight_onednn(g, x, g_step, x_step, g_qmax, x_qmax, weight_size, strid
     return out.reshape(o, cg, kh, kw)
 
 
+def _phase_grid(x_hw: tuple[int, int], padding, stride) -> tuple[int, int]:
+    """Rows and columns of the phase grid: the padded input cut into ``stride`` phases, each padded to the same
+    ``ceil(padded size / stride)``."""
+    return tuple(-(-(n + 2 * p) // s) for n, p, s in zip(x_hw, padding, stride))
+
+
 def grad_weight_taps_apply(x_size, weight_size, stride, padding, dilation, groups, g_qmax: int, x_qmax: int) -> bool:
     """Whether :func:`_grad_weight_taps` computes this weight gradient: a CPU with fast ``torch._int_mm`` (VNNI),
-    stride 1, dilation 1, one group, a non-empty batch, and the padded positions' reduction within int32."""
+    dilation 1, one group, a non-empty batch, more than one tap or a stride (a 1x1 stride-1 weight gradient is
+    one GEMM on the input as it is), and the reduction over the phase grid's positions within int32."""
     n, c, h, w = x_size
     kh, kw = weight_size[2:]
-    wp = w + 2 * padding[1]
-    t = n * (h + 2 * padding[0]) * wp + (kh - 1) * wp + (kw - 1)  # the reduction: padded positions + the tail
+    sh, sw = stride
+    hs, ws = _phase_grid((h, w), padding, stride)
+    t = n * hs * ws + ((kh - 1) // sh) * ws + (kw - 1) // sw  # the phase grid's positions + the last tap's reach
     return (
-        hw.cpu_int_mm_is_fast() and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1) and groups == 1
-        and n > 0 and kh * kw > 1 and 2 <= t <= hw.max_exact_reduction(g_qmax, x_qmax)
+        hw.cpu_int_mm_is_fast() and tuple(dilation) == (1, 1) and groups == 1 and n > 0
+        and (kh * kw > 1 or tuple(stride) != (1, 1)) and 2 <= t <= hw.max_exact_reduction(g_qmax, x_qmax)
     )
 
 
-def _grad_weight_taps(g, x, g_step, x_step, weight_size, padding) -> torch.Tensor:
-    """The weight gradient of a stride-1 convolution without im2col: integer GEMMs on shifted views.
+def _input_phases(x, padding, stride, grid, tx, wanted, position_major) -> dict:
+    """The zero-padded input ``x [N, C, H, W]`` cut into its stride phases: phase ``(p, q)`` holds padded rows
+    ``sh * u + p`` and columns ``sw * v + q`` at grid position ``(u, v)`` (``grid = (Hs, Ws)``), as an int8
+    buffer of ``tx`` positions (the ``N * Hs * Ws`` grid positions, then zeros), position-major ``[tx, C]`` or
+    channel rows ``[C, tx]``. Only the phases in ``wanted``; stride 1 has one phase, the padded input itself.
+    Position-major rows come from a channels-last input without a transpose (contiguous channel runs)."""
+    n, c, h, w = x.shape
+    (ph, pw), (sh, sw), (hs, ws) = padding, stride, grid
+    t = n * hs * ws
+    src = x.permute(0, 2, 3, 1) if position_major else x.permute(1, 0, 2, 3)  # [N, H, W, C] / [C, N, H, W]
+    rows_dim = 1 if position_major else 2
+    phases = {}
+    for p, q in wanted:
+        buf = torch.zeros((tx, c) if position_major else (c, tx), dtype=torch.int8, device=x.device)
+        view = buf[:t].view(n, hs, ws, c) if position_major else buf[:, :t].view(c, n, hs, ws)
+        # grid rows u hold input rows sh * u + p - ph where that lies in [0, h) (else padding: zeros)
+        u0, u1 = max(0, -(-(ph - p) // sh)), (h - 1 + ph - p) // sh
+        v0, v1 = max(0, -(-(pw - q) // sw)), (w - 1 + pw - q) // sw
+        if u1 >= u0 and v1 >= v0:
+            r0, c0 = sh * u0 + p - ph, sw * v0 + q - pw
+            part = src.narrow(rows_dim, r0, sh * (u1 - u0) + 1).narrow(rows_dim + 1, c0, sw * (v1 - v0) + 1)
+            part = part[:, ::sh, ::sw] if position_major else part[:, :, ::sh, ::sw]
+            view.narrow(rows_dim, u0, u1 - u0 + 1).narrow(rows_dim + 1, v0, v1 - v0 + 1).copy_(part)
+        phases[(p, q)] = buf
+    return phases
 
-    ``grad_w[:, :, i, j] = sum_(n, ho, wo) g[n, :, ho, wo] x_pad[n, :, ho + i, wo + j]``. With the gradient laid
-    out on the *padded* input's grid (zeros where no output is), ``G [O, T]``, ``T = N * Hp * Wp``, and the
-    padded input's positions in order (``X``, plus a tail of ``off_max`` zero positions), output position ``t``
-    and tap ``(i, j)`` read input position ``t + off``, ``off = i * Wp + j``: every tap is ``G @ X[off : off +
-    T]``, a GEMM on a shifted view, no copy. Two int8 copies of the operands (each about one input) replace the
-    im2col's ``kh * kw`` copies: 2.6-3.5x faster than ``conv2d_grad_weight_gemm`` on SmallResNet's 3x3 layers
-    at batch 64 (AVX-512 VNNI host). ``X`` is kept position-major (``[T, C]`` rows, copied from a channels-last
-    input without transposing: 0.03 against 0.27 ms for a 64x16x28x28 input) or channel-major (``[C, T]``, from
-    a contiguous one). With few input channels (``C * taps <= O``: the first layer's ``C = 1``) the taps' shifted
-    views of ``X`` are stacked into one operand and a single GEMM reads ``G`` once (1.26 -> 0.61 ms on
-    64x1x28x28). The same integer sums (int32, one chunk: ``grad_weight_taps_apply``) scaled as
-    ``lq::int8_mm`` scales them, so bit-identical to the im2col kernels."""
+
+def _grad_weight_taps(g, x, g_step, x_step, weight_size, padding, stride=(1, 1)) -> torch.Tensor:
+    """The weight gradient of a convolution (dilation 1, one group) without im2col: integer GEMMs on shifted
+    views of the input's stride phases.
+
+    ``grad_w[:, :, i, j] = sum_(n, a, b) g[n, :, a, b] x_pad[n, :, sh * a + i, sw * b + j]``. Cut the padded
+    input into its ``sh x sw`` phases (``(i mod sh, j mod sw)``, each on an ``Hs x Ws`` grid, :func:`_input_phases`)
+    and lay the gradient out on the same grid (zeros where no output is), ``G [O, T]``, ``T = N * Hs * Ws``:
+    output position ``t`` and tap ``(i, j)`` read position ``t + off`` of phase ``(i mod sh, j mod sw)``, ``off =
+    (i // sh) * Ws + j // sw``, so every tap is ``G @ X_phase[off : off + T]``, a GEMM on a shifted view, no copy.
+    One copy of each operand (about one input) replaces the im2col's ``kh * kw`` strided copies: 2.6-3.5x faster
+    than ``conv2d_grad_weight_gemm`` on SmallResNet's stride-1 3x3 layers at batch 64, and on its stride-2 layers
+    1.44 -> 0.81 and 1.02 -> 0.50 ms (3x3), 0.66 -> 0.30 and 0.48 -> 0.20 ms (the 1x1 shortcuts; AVX-512 VNNI
+    host, 2 threads). The phases are position-major
+    (``[T, C]`` rows, copied from a channels-last input without transposing: 0.03 against 0.27 ms for a
+    64x16x28x28 input) or channel rows (``[C, T]``, from a contiguous one). With few input channels (``C * taps
+    <= O``: the first layer's ``C = 1``) the taps' shifted rows are stacked into one operand and a single GEMM
+    reads ``G`` once (1.26 -> 0.52 ms on 64x1x28x28). The same integer sums (int32, one chunk:
+    ``grad_weight_taps_apply``) scaled as ``lq::int8_mm`` scales them, so bit-identical to the im2col kernels."""
     o, c, kh, kw = weight_size
     n, _, ho, wo = g.shape
-    ph, pw = padding
-    h, w = x.shape[2], x.shape[3]
-    hp, wp = h + 2 * ph, w + 2 * pw
-    t = n * hp * wp
-    taps = kh * kw
-    offs = [(k // kw) * wp + k % kw for k in range(taps)]
-    tx = t + offs[-1]
+    sh, sw = stride
+    hs, ws = _phase_grid(x.shape[2:], padding, stride)
+    t = n * hs * ws
+    taps = [(i, j) for i in range(kh) for j in range(kw)]
+    offs = [(i // sh) * ws + j // sw for i, j in taps]
+    phase_of = [(i % sh, j % sw) for i, j in taps]
+    tx = t + max(offs)
     dev = g.device
     ge = torch.zeros((o, t), dtype=torch.int8, device=dev)
-    ge.view(o, n, hp, wp)[:, :, :ho, :wo].copy_(g.permute(1, 0, 2, 3))
-    if c * taps <= o:  # few input channels: the taps' shifted rows of X stacked, one GEMM
-        xc = torch.zeros((c, tx), dtype=torch.int8, device=dev)
-        xc[:, :t].view(c, n, hp, wp)[:, :, ph : ph + h, pw : pw + w].copy_(x.permute(1, 0, 2, 3))
-        xs = torch.empty((taps, c, t), dtype=torch.int8, device=dev)
-        for k in range(taps):
-            xs[k].copy_(xc[:, offs[k] : offs[k] + t])
-        acc = torch._int_mm(ge, xs.view(taps * c, t).t()).view(o, taps, c).permute(1, 0, 2)  # [tap, O, C]
+    ge.view(o, n, hs, ws)[:, :, :ho, :wo].copy_(g.permute(1, 0, 2, 3))
+    stacked = c * len(taps) <= o  # few input channels: the taps' shifted rows of X stacked, one GEMM
+    position_major = not stacked and fused.is_channels_last(x)
+    phases = _input_phases(x, padding, stride, (hs, ws), tx, sorted(set(phase_of)), position_major)
+    if stacked:
+        xs = torch.empty((len(taps), c, t), dtype=torch.int8, device=dev)
+        for k, off in enumerate(offs):
+            xs[k].copy_(phases[phase_of[k]][:, off : off + t])
+        acc = torch._int_mm(ge, xs.view(len(taps) * c, t).t()).view(o, len(taps), c).permute(1, 0, 2)
     else:
-        if fused.is_channels_last(x):  # positions-major rows, copied without a transpose
-            xr = torch.zeros((tx, c), dtype=torch.int8, device=dev)
-            xr[:t].view(n, hp, wp, c)[:, ph : ph + h, pw : pw + w].copy_(x.permute(0, 2, 3, 1))
-        else:  # channel rows, read as a transposed view
-            xc = torch.zeros((c, tx), dtype=torch.int8, device=dev)
-            xc[:, :t].view(c, n, hp, wp)[:, :, ph : ph + h, pw : pw + w].copy_(x.permute(1, 0, 2, 3))
-            xr = xc.t()
-        acc = torch.empty((taps, o, c), dtype=torch.int32, device=dev)
-        for k in range(taps):
-            torch._int_mm(ge, xr[offs[k] : offs[k] + t], out=acc[k])
+        acc = torch.empty((len(taps), o, c), dtype=torch.int32, device=dev)
+        for k, off in enumerate(offs):
+            buf = phases[phase_of[k]]
+            b = buf[off : off + t] if position_major else _canonical(buf[:, off : off + t].t())
+            torch._int_mm(ge, b, out=acc[k])
     out = acc.reshape(kh, kw, o, c).permute(2, 3, 0, 1).float()
     return out.mul_(g_step.float().reshape(-1, 1, 1, 1)).mul_(x_step.float().reshape(1, -1, 1, 1))
 
@@ -408,7 +442,7 @@ def _conv_grad_weight_cpu(g, x, g_step, x_step, g_qmax, x_qmax, weight_size, str
         return _grad_weight_onednn(g, x, g_step, x_step, g_qmax, x_qmax, weight_size, stride, padding, dilation, groups)
     if grad_weight_taps_apply(x.shape, weight_size, stride, padding, dilation, groups, g_qmax, x_qmax):
         hw.ran("int8_conv2d_grad_weight", "taps_int_mm")
-        return _grad_weight_taps(g, x, g_step, x_step, weight_size, padding)
+        return _grad_weight_taps(g, x, g_step, x_step, weight_size, padding, stride)
     hw.ran("int8_conv2d_grad_weight", "im2col_int8_mm")  # lq::int8_mm records its own kernel per group
     # int8 im2col + one lq::int8_mm per group: the CUDA kernel's algorithm, without its shape padding
     return int8_conv_gemm.conv2d_grad_weight_gemm(
