@@ -1,8 +1,11 @@
 """Int8Training and Int8QAT(compute="int8") on a plain LightningModule (issue 4)."""
 
+import copy
+
 import lightning.pytorch as pl
 import pytest
 import torch
+from torch import nn
 
 import lq
 import lq.ops
@@ -246,3 +249,37 @@ def test_deviation_tracker_closed_at_teardown_and_exit_idempotent():
         assert not first.active
     first.__exit__(None, None, None)
     assert grad_quant._ACTIVE == []
+
+
+def test_torch_compile_of_an_int8_model_trains_and_reports_nan():
+    """``torch.compile`` of a model on int8 compute (as ``Int8Training`` prepares it): one graph (no breaks), the
+    backward traced too, gradients equal to eager's within float reordering (nearest rounding and no clip search
+    make both deterministic), and NaN still an error naming the layer. Before, the conv ops' fake kernels
+    promised contiguous outputs where oneDNN writes channels-last, and the compiled step crashed."""
+    import torch._dynamo
+
+    from lq.nn.int8_compute import use_int8_compute
+    from lq.ops import Int8ComputeConfig
+
+    torch.manual_seed(0)
+    base = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1),
+        nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 10),
+    )
+    off = lq.QuantSpec(enabled=False)
+    lq.quantize(base, lq.QuantConfig(weight=off, activation=off, layers=["Linear", "Conv2d"]))
+    cfg = Int8ComputeConfig.for_this_machine(grad_rounding="nearest", grad_clip=False)
+    use_int8_compute(base, cfg)
+    eager, compiled_model = base, copy.deepcopy(base)
+    x = torch.randn(4, 3, 8, 8)
+    explained = torch._dynamo.explain(compiled_model)(x)
+    assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]
+    compiled = torch.compile(compiled_model)
+    for model in (eager, compiled):
+        model(x).square().sum().backward()
+    for (name, p), q in zip(eager.named_parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match=r"non-finite values .* layer '0'"):
+        compiled(bad).sum().backward()

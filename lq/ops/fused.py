@@ -212,9 +212,10 @@ _EXACT = {"eager_numerics.division_rounding": True, "eager_numerics.disable_ftz"
 def call(name: str, fn: Callable, *args):
     """Run ``fn(*args)`` compiled (one compiled copy per ``name`` and static variant of ``args``), or
     eagerly when compiling is off or has failed once for ``name`` (warned once; an error the eager ops raise
-    as well propagates and leaves the compiled copies in use)."""
-    if not compile_enabled() or name in _failed:
-        return fn(*args)
+    as well propagates and leaves the compiled copies in use). Called while ``torch.compile`` traces a caller
+    (a compiled int8 model), ``fn`` is traced into the caller's graph."""
+    if torch.compiler.is_compiling() or not compile_enabled() or name in _failed:
+        return fn(*args)  # (inside a compiled caller the function is traced into the caller's graph)
     # nn.Parameter inputs get static shapes in Dynamo (one compile per weight shape): pass plain tensors
     # (``type(a) is not torch.Tensor`` first: Parameter's isinstance goes through a metaclass hook, ~1 us)
     args = tuple(a.detach() if type(a) is not torch.Tensor and isinstance(a, torch.nn.Parameter) else a for a in args)
@@ -279,11 +280,13 @@ def quantize_with_scale(
 
 def rounding_inputs(x: torch.Tensor, stochastic: bool | str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(noise, seed)`` for ``_quantize_with_scale``: random bits (:func:`noise_bits`) for ``True`` /
-    ``"rand"``, a 0-d int64 seed for the in-kernel hash (``"hash"``), neither for round-to-nearest."""
+    ``"rand"``, a 0-d int64 seed for the in-kernel hash (``"hash"``, and any stochastic rounding traced into a
+    compiled graph: the bytes come from numpy, outside torch), neither for round-to-nearest."""
     if stochastic not in (False, True, "rand", "hash"):
         raise ValueError(f"stochastic must be False, True, 'rand' or 'hash', got {stochastic!r}")
-    if stochastic == "hash":
-        return None, torch.randint(0, 1 << 32, (), dtype=torch.int64).to(x.device)
+    if stochastic == "hash" or (stochastic and torch.compiler.is_compiling()):
+        # (traced into a compiled graph, the noise is made in the graph: the byte draws run outside torch)
+        return None, torch.randint(0, 1 << 32, (), dtype=torch.int64, device=x.device)
     if stochastic:
         return noise_bits(x), None
     return None, None

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from lq.ops import fused
-from lq.ops.quantize import check_finite
+from lq.ops.quantize import check_finite, require_finite
 from lq.quant.functional import AMAX_EPS
 
 __all__ = [
@@ -69,6 +69,9 @@ _SPREAD: dict[tuple[int, int, torch.device], torch.Tensor] = {}
 
 def _spread(c: int, n: int, device: torch.device) -> torch.Tensor:
     """``n`` indices evenly spread over ``range(c)`` (rounded, unique), cached: the same tensor every call."""
+    if torch.compiler.is_compiling():  # (``unique`` has a data-dependent size: the indices made in Python)
+        picks = sorted({round(i * (c - 1) / max(1, n - 1)) for i in range(n)})
+        return torch.tensor(picks, dtype=torch.long, device=device)
     key = (c, n, device)
     sel = _SPREAD.get(key)
     if sel is None:
@@ -187,6 +190,8 @@ _RATIOS: dict[tuple[tuple[float, ...], torch.device], torch.Tensor] = {}
 
 
 def _ratio_tensor(cand: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    if torch.compiler.is_compiling():  # a constant of the graph (no cache writes while tracing a backward)
+        return torch.tensor(cand, dtype=torch.float32, device=device)
     key = (cand, device)
     r = _RATIOS.get(key)
     if r is None:
@@ -227,6 +232,11 @@ def quantize_grad(
     share ratios. Without a ``state`` there is nowhere to remember a ratio: every call searches (exact, only
     slower), with a one-time warning. ``reset_clip_state(model)`` forgets a model's ratios.
 
+    Traced by ``torch.compile`` (a compiled model's backward), nothing may live between calls or be read on the
+    host: the clip is searched on every call, the result's ``ratio`` and ``cos`` are tensors, stochastic
+    rounding's noise is the in-graph hash (``fused.rounding_inputs``) and NaN/Inf raise ``RuntimeError`` from an
+    asynchronous assert (same message).
+
     Clip search cost: per layer, fused reductions (about one pass per candidate) over at most
     ``16 * num_samples`` elements (whole slices of dim 0, e.g. batch samples, beyond that); per row/channel,
     an exact search on about ``num_samples`` elements of whole rows/channels. ``cos`` is 1.0 when it was not
@@ -245,7 +255,10 @@ def quantize_grad(
     ratio, cos = 1.0, 1.0
     search = clip and len(ratios) > 1
     cand = tuple(ratios) if search else (1.0,)
-    periodic = search and every > 1
+    compiling = torch.compiler.is_compiling()
+    # traced into a compiled graph (once, for every later call): no Python state between calls and no host
+    # reads, so the clip is searched on every call and the chosen ratio and cosine stay tensors in the graph
+    periodic = search and every > 1 and not compiling
     if periodic and state is None:
         _warn_no_clip_state(name)
         periodic = False
@@ -268,16 +281,17 @@ def quantize_grad(
         q, step, amax, finite, best, best_cos = fused.call(
             "grad_quant_search", _fused_search, g, mult, gs, ms, sample, sel, r, qmax, axis, noise, seed
         )
-        if not bool(finite):
-            check_finite(amax, what, name)
+        require_finite(finite, amax, what, name)
+        if compiling:
+            return GradQuantResult(q=q, step=step, ratio=r.index_select(0, best), cos=best_cos)
         ratio, cos = cand[int(best)], float(best_cos)
         if periodic and search:  # searched this call (not a reuse): restart the count
             state[what] = [1, ratio]
     else:
         q, step, amax, finite = fused.call("grad_quant_fixed", _fused_fixed, g, mult, r, qmax, axis, noise, seed)
-        if not bool(finite):
-            check_finite(amax, what, name)
-    _report(name, what, 1.0 - cos)
+        require_finite(finite, amax, what, name)
+    if not compiling:
+        _report(name, what, 1.0 - cos)
     return GradQuantResult(q=q, step=step, ratio=ratio, cos=cos)
 
 

@@ -196,16 +196,19 @@ def conv2d_grad_weight_gemm(g, x, g_step, x_step, g_qmax, x_qmax, weight_size, s
 @K.int8_conv2d_fwd.register_kernel("cuda")
 def _conv_fwd_cuda(x, w, x_step, w_step, x_qmax, w_qmax, bias, stride, padding, dilation, groups):
     hw.ran("int8_conv2d", KERNEL)  # lq::int8_mm records its own kernel per group
-    return conv2d_fwd_gemm(x, w, x_step, w_step, x_qmax, w_qmax, bias, stride, padding, dilation, groups)
+    y = conv2d_fwd_gemm(x, w, x_step, w_step, x_qmax, w_qmax, bias, stride, padding, dilation, groups)
+    return y.contiguous()  # the layout the op's fake kernel promises off CPU (compiled graphs check it)
 
 
 @K.int8_conv2d_grad_input.register_kernel("cuda")
 def _conv_grad_input_cuda(g, w, g_step, g_qmax, w_qmax, input_size, stride, padding, dilation, groups):
     hw.ran("int8_conv2d_grad_input", KERNEL)
-    return conv2d_grad_input_gemm(g, w, g_step, g_qmax, w_qmax, input_size, stride, padding, dilation, groups)
+    gx = conv2d_grad_input_gemm(g, w, g_step, g_qmax, w_qmax, input_size, stride, padding, dilation, groups)
+    return gx.contiguous()
 
 
 @K.int8_conv2d_grad_weight.register_kernel("cuda")
 def _conv_grad_weight_cuda(g, x, g_step, x_step, g_qmax, x_qmax, weight_size, stride, padding, dilation, groups):
     hw.ran("int8_conv2d_grad_weight", KERNEL)
-    return conv2d_grad_weight_gemm(g, x, g_step, x_step, g_qmax, x_qmax, weight_size, stride, padding, dilation, groups)
+    gw = conv2d_grad_weight_gemm(g, x, g_step, x_step, g_qmax, x_qmax, weight_size, stride, padding, dilation, groups)
+    return gw.contiguous()

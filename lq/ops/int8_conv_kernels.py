@@ -88,6 +88,23 @@ def conv2d_grad_weight_reference(g, x, g_step, x_step, g_qmax, x_qmax, weight_si
 
 
 # ------------------------------------------------------------------------------------ custom ops
+def _empty_out(size, device: torch.device) -> torch.Tensor:
+    """The fp32 result of ``lq::int8_conv2d`` / ``lq::int8_conv2d_grad_input`` as every kernel returns it:
+    channels-last on CPU (oneDNN writes it; the CPU reference paths convert), contiguous elsewhere. Compiled
+    graphs check the strides the fake kernels promise."""
+    fmt = torch.channels_last if device.type == "cpu" else torch.contiguous_format
+    return torch.empty(size, dtype=torch.float32, device=device, memory_format=fmt)
+
+
+def _as_promised(t: torch.Tensor) -> torch.Tensor:
+    """A CPU conv result in :func:`_empty_out`'s layout (a copy only where a kernel wrote another one)."""
+    n, c, h, w = t.shape
+    if t.stride() == (c * h * w, 1, w * c, c):
+        return t
+    return _empty_out(t.shape, t.device).copy_(t)
+
+
+
 @torch.library.custom_op("lq::int8_conv2d", mutates_args=())
 def int8_conv2d_fwd(
     x: torch.Tensor,
@@ -112,7 +129,7 @@ def int8_conv2d_fwd(
 def _(x, w, x_step, w_step, x_qmax, w_qmax, bias, stride, padding, dilation, groups):
     h = _out_size(x.shape[2], w.shape[2], stride[0], padding[0], dilation[0])
     wo = _out_size(x.shape[3], w.shape[3], stride[1], padding[1], dilation[1])
-    return x.new_empty((x.shape[0], w.shape[0], h, wo), dtype=torch.float32)
+    return _empty_out((x.shape[0], w.shape[0], h, wo), x.device)
 
 
 @torch.library.custom_op("lq::int8_conv2d_grad_input", mutates_args=())
@@ -138,7 +155,7 @@ def int8_conv2d_grad_input(
 
 @int8_conv2d_grad_input.register_fake
 def _(g, w, g_step, g_qmax, w_qmax, input_size, stride, padding, dilation, groups):
-    return g.new_empty(list(input_size), dtype=torch.float32)
+    return _empty_out(list(input_size), g.device)
 
 
 @torch.library.custom_op("lq::int8_conv2d_grad_weight", mutates_args=())
@@ -209,13 +226,15 @@ def _conv_fwd_cpu(x, w, x_step, w_step, x_qmax, w_qmax, bias, stride, padding, d
     reduction = w.shape[1] * w.shape[2] * w.shape[3]
     if not _fast_conv_ok("int8_conv2d", x_qmax, w_qmax, reduction):
         hw.ran("int8_conv2d", "reference")
-        return conv2d_fwd_reference(x, w, x_step, w_step, x_qmax, w_qmax, bias, stride, padding, dilation, groups)
+        return _as_promised(
+            conv2d_fwd_reference(x, w, x_step, w_step, x_qmax, w_qmax, bias, stride, padding, dilation, groups)
+        )
     hw.ran("int8_conv2d", "onednn")
     u, zp = hw.to_biased_u8(_channels_last(x), x_qmax)
     o = w.shape[0]
     w_scale = w_step.float().reshape(-1).expand(o).contiguous()
     b = None if bias is None else bias.float().contiguous()
-    return _qconv(u, zp, float(x_step), w.contiguous(), w_scale, b, stride, padding, dilation, groups)
+    return _as_promised(_qconv(u, zp, float(x_step), w.contiguous(), w_scale, b, stride, padding, dilation, groups))
 
 
 def transposed_conv_weight(w: torch.Tensor, groups: int) -> torch.Tensor:
@@ -232,7 +251,9 @@ def _conv_grad_input_cpu(g, w, g_step, g_qmax, w_qmax, input_size, stride, paddi
     reduction = (o // groups) * kh * kw
     if not _fast_conv_ok("int8_conv2d_grad_input", g_qmax, w_qmax, reduction):
         hw.ran("int8_conv2d_grad_input", "reference")
-        return conv2d_grad_input_reference(g, w, g_step, g_qmax, w_qmax, input_size, stride, padding, dilation, groups)
+        return _as_promised(
+            conv2d_grad_input_reference(g, w, g_step, g_qmax, w_qmax, input_size, stride, padding, dilation, groups)
+        )
     hw.ran("int8_conv2d_grad_input", "onednn")
     u, zp = hw.to_biased_u8(_channels_last(g), g_qmax)
     canvas, conv_pad = transposed_conv_input(
@@ -240,7 +261,7 @@ def _conv_grad_input_cpu(g, w, g_step, g_qmax, w_qmax, input_size, stride, paddi
     )
     wt = transposed_conv_weight(w, groups)
     w_scale = torch.ones(wt.shape[0], dtype=torch.float32)
-    return _qconv(canvas, zp, float(g_step), wt, w_scale, None, [1, 1], conv_pad, list(dilation), groups)
+    return _as_promised(_qconv(canvas, zp, float(g_step), wt, w_scale, None, [1, 1], conv_pad, list(dilation), groups))
 
 
 def _channels_last(t: torch.Tensor) -> torch.Tensor:
@@ -431,7 +452,7 @@ def _grad_weight_taps(g, x, g_step, x_step, weight_size, padding, stride=(1, 1))
             buf = phases[phase_of[k]]
             b = buf[off : off + t] if position_major else _canonical(buf[:, off : off + t].t())
             torch._int_mm(ge, b, out=acc[k])
-    out = acc.reshape(kh, kw, o, c).permute(2, 3, 0, 1).float()
+    out = acc.reshape(kh, kw, o, c).permute(2, 3, 0, 1).contiguous().float()  # (contiguous: what the op promises)
     return out.mul_(g_step.float().reshape(-1, 1, 1, 1)).mul_(x_step.float().reshape(1, -1, 1, 1))
 
 
@@ -439,7 +460,9 @@ def _grad_weight_taps(g, x, g_step, x_step, weight_size, padding, stride=(1, 1))
 def _conv_grad_weight_cpu(g, x, g_step, x_step, g_qmax, x_qmax, weight_size, stride, padding, dilation, groups):
     if not hw.cpu_int_mm_is_fast() and hw.u8s8_exact(x_qmax, g_qmax):
         hw.ran("int8_conv2d_grad_weight", "onednn")
-        return _grad_weight_onednn(g, x, g_step, x_step, g_qmax, x_qmax, weight_size, stride, padding, dilation, groups)
+        return _grad_weight_onednn(
+            g, x, g_step, x_step, g_qmax, x_qmax, weight_size, stride, padding, dilation, groups
+        ).contiguous()
     if grad_weight_taps_apply(x.shape, weight_size, stride, padding, dilation, groups, g_qmax, x_qmax):
         hw.ran("int8_conv2d_grad_weight", "taps_int_mm")
         return _grad_weight_taps(g, x, g_step, x_step, weight_size, padding, stride)

@@ -37,9 +37,17 @@ def quantize_along(
         s = fused.scale_from_amax(static if static is not None else torch.zeros(n, device=x.device), qmax)
         return torch.zeros(x.shape, dtype=torch.int8, device=x.device), 1.0 / s
     q, step, data_amax, finite = fused.quantize_dynamic(x, qmax, keep_dim, static)
-    if not bool(finite):
-        check_finite(data_amax, what, name)  # a NaN would otherwise become garbage int8: raises
+    require_finite(finite, data_amax, what, name)  # a NaN would otherwise become garbage int8: raises
     return q, step
+
+
+def require_finite(finite: torch.Tensor, amax: torch.Tensor, what: str, name: str | None) -> None:
+    """Raise (:func:`check_finite`'s error) unless ``finite`` (0-d bool) is true. Inside a compiled graph, where
+    reading a tensor on the host would break the graph, an asynchronous assert with the same message."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(finite, _finite_message(what, name))
+    elif not bool(finite):
+        check_finite(amax, what, name)
 
 
 def dequantize_along(q: torch.Tensor, step: torch.Tensor, keep_dim: int | None) -> torch.Tensor:
@@ -54,8 +62,12 @@ def dequantize_along(q: torch.Tensor, step: torch.Tensor, keep_dim: int | None) 
 def check_finite(amax: torch.Tensor, what: str, name: str | None) -> None:
     """Raise ``FloatingPointError`` naming the layer when ``amax`` holds NaN/Inf (never cast NaN to int8)."""
     if not bool(torch.isfinite(amax).all()):
-        layer = f"layer '{name}'" if name else "an unnamed layer (pass name=... to the op to see which)"
-        raise FloatingPointError(
-            f"lq int8 op: non-finite values (NaN or Inf) in the {what} of {layer}; int8 cannot represent "
-            "them. Lower the learning rate, enable gradient clipping, or keep this layer in float."
-        )
+        raise FloatingPointError(_finite_message(what, name))
+
+
+def _finite_message(what: str, name: str | None) -> str:
+    layer = f"layer '{name}'" if name else "an unnamed layer (pass name=... to the op to see which)"
+    return (
+        f"lq int8 op: non-finite values (NaN or Inf) in the {what} of {layer}; int8 cannot represent "
+        "them. Lower the learning rate, enable gradient clipping, or keep this layer in float."
+    )
