@@ -1,6 +1,6 @@
 """Whole training step with int8 compute vs fp32 and bf16 autocast, and int8 Linear vs its peers (issue 4).
 
-    python benchmarks/bench_int8_step.py [--threads 2] [--repeats 10]
+    python benchmarks/bench_int8_step.py [--threads 2] [--repeats 10] [--compile]
 
 1. SmallResNet (lq.models, the fashion_int8_train recipe's model) train step -- forward, backward, SGD --
    on a Fashion-MNIST-sized batch: fp32, bf16 autocast, and lq int8 compute (what ``Int8Training`` runs:
@@ -8,7 +8,9 @@
    ``Int8ComputeConfig.for_this_machine()``), with and without direction-sensitive clip search, and with the
    clip searched every step (``clip_every=1``; the default searches every 16th). Steps are interleaved round after round so background
    load hits every variant alike, each timed on its second call in a row (``common.interleaved(settle=1)``:
-   a variant timed right after another one paid for the other's heap state); medians.
+   a variant timed right after another one paid for the other's heap state); medians. ``--compile`` adds the
+   int8 and fp32 models under ``torch.compile`` (the int8 graph searches the clip every step and makes its
+   noise with the counter hash: no Python state or host reads inside a graph).
 2. Linear(1024, 1024) on a 1024-row batch against the int8 peers that exist in the ecosystem:
    bitsandbytes ``Linear8bitLt`` (trainable, has_fp16_weights=True) and torch.ao dynamic quantization
    (``quantize_dynamic``: inference only, no backward). Forward+backward where the peer supports it,
@@ -73,6 +75,12 @@ def bench_step(args) -> None:
         "int8, no clip search": train_step(
             int8_model(base, Int8ComputeConfig.for_this_machine(grad_clip=False)), x, y, momentum=0.9),
     }
+    if args.compile:  # torch.compile of the int8 model (one graph; clip searched every step, hash noise) and of fp32
+        fns["int8, torch.compile (clip searched every step)"] = train_step(
+            torch.compile(int8_model(base, cfg)), x, y, momentum=0.9)
+        fns["int8, torch.compile, no clip search"] = train_step(
+            torch.compile(int8_model(base, Int8ComputeConfig.for_this_machine(grad_clip=False))), x, y, momentum=0.9)
+        fns["fp32, torch.compile"] = train_step(torch.compile(copy.deepcopy(base)), x, y, momentum=0.9)
     if args.no_bf16:
         fns.pop("bf16 autocast")
     times = interleaved(fns, args.repeats, settle=1)
@@ -139,6 +147,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--no-bf16", action="store_true", help="skip bf16 autocast (very slow without AVX512-BF16)")
+    ap.add_argument("--compile", action="store_true", help="add torch.compile'd int8 and fp32 steps (~1 min to compile)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpu capability "
