@@ -9,8 +9,8 @@
    clip searched every step (``clip_every=1``; the default searches every 16th). Steps are interleaved round after round so background
    load hits every variant alike, each timed on its second call in a row (``common.interleaved(settle=1)``:
    a variant timed right after another one paid for the other's heap state); medians. ``--compile`` adds the
-   int8 and fp32 models under ``torch.compile`` (the int8 graph searches the clip every step and makes its
-   noise with the counter hash: no Python state or host reads inside a graph).
+   int8 and fp32 models under ``torch.compile`` (the int8 graph searches the clip every step: no Python state
+   or host reads inside a graph; its noise bytes come from the opaque ``lq::noise_bytes`` op).
 2. Linear(1024, 1024) on a 1024-row batch against the int8 peers that exist in the ecosystem:
    bitsandbytes ``Linear8bitLt`` (trainable, has_fp16_weights=True) and torch.ao dynamic quantization
    (``quantize_dynamic``: inference only, no backward). Forward+backward where the peer supports it,
@@ -75,7 +75,7 @@ def bench_step(args) -> None:
         "int8, no clip search": train_step(
             int8_model(base, Int8ComputeConfig.for_this_machine(grad_clip=False)), x, y, momentum=0.9),
     }
-    if args.compile:  # torch.compile of the int8 model (one graph; clip searched every step, hash noise) and of fp32
+    if args.compile:  # torch.compile of the int8 model (one graph; clip searched every step) and of fp32
         fns["int8, torch.compile (clip searched every step)"] = train_step(
             torch.compile(int8_model(base, cfg)), x, y, momentum=0.9)
         fns["int8, torch.compile, no clip search"] = train_step(

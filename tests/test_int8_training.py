@@ -283,3 +283,35 @@ def test_torch_compile_of_an_int8_model_trains_and_reports_nan():
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(RuntimeError, match=r"non-finite values .* layer '0'"):
         compiled(bad).sum().backward()
+    # the default stochastic rounding, compiled: its noise bytes come from the opaque lq::noise_bytes op (numpy's
+    # PCG64, as eager), reproducible with torch.manual_seed, and the gradients point where eager's do
+    use_int8_compute(compiled_model, Int8ComputeConfig.for_this_machine(grad_clip=False))
+    use_int8_compute(eager, Int8ComputeConfig.for_this_machine(grad_clip=False))
+    stochastic = torch.compile(compiled_model)
+    runs = []
+    for _ in range(2):
+        compiled_model.zero_grad()
+        torch.manual_seed(5)
+        stochastic(x).square().sum().backward()
+        runs.append(torch.cat([p.grad.reshape(-1) for p in compiled_model.parameters()]))
+    assert torch.equal(runs[0], runs[1])
+    eager.zero_grad()
+    eager(x).square().sum().backward()
+    g_eager = torch.cat([p.grad.reshape(-1) for p in eager.parameters()])
+    assert torch.nn.functional.cosine_similarity(runs[0], g_eager, dim=0) > 0.99
+
+
+def test_noise_bytes_op_is_seeded_and_in_memory_order():
+    """``lq::noise_bytes`` (compiled graphs' noise): the same seed gives the same bytes, laid out like the
+    tensor it is for (channels-last: in memory order, as ``fused.noise_bits`` lays them)."""
+    from lq.ops import fused  # noqa: F401 (registers lq::noise_bytes)
+
+    like = torch.empty(4, 6, 5, 5).contiguous(memory_format=torch.channels_last)
+    seed = torch.tensor([123])
+    a, b = torch.ops.lq.noise_bytes(like, seed), torch.ops.lq.noise_bytes(like, seed)
+    assert a.dtype == torch.int8 and a.shape == like.shape and a.stride() == like.stride() and torch.equal(a, b)
+    assert not torch.equal(a, torch.ops.lq.noise_bytes(like, torch.tensor([124])))
+    plain = torch.ops.lq.noise_bytes(torch.empty(4, 6, 5, 5), seed)
+    assert torch.equal(a.permute(0, 2, 3, 1).reshape(-1), plain.reshape(-1))  # the same bytes in memory order
+    counts = torch.bincount(torch.ops.lq.noise_bytes(torch.empty(512, 512), seed).reshape(-1).long() & 127)
+    assert (counts.float() - 2048).abs().max() < 6 * 2048**0.5

@@ -129,6 +129,32 @@ def random_bytes(n: int, device: torch.device) -> torch.Tensor:
     return r.view(torch.int8)[:n]
 
 
+@torch.library.custom_op("lq::noise_bytes", mutates_args=())
+def noise_bytes(like: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+    """:func:`noise_bits` as an op for compiled graphs: an int8 tensor laid out like ``like`` (its bytes in
+    ``like``'s memory order) of uniformly random bytes, a deterministic function of ``seed`` (an int64 ``[1]``
+    drawn in the graph, so ``torch.manual_seed`` reproduces it). numpy's PCG64 on CPU (the bytes eager uses,
+    no in-graph hash), torch's generator seeded with ``seed`` elsewhere. Opaque to the compiler, which cannot
+    trace numpy."""
+    out = torch.empty_like(like, dtype=torch.int8)
+    n = out.numel()
+    value = int(seed.reshape(-1)[0])
+    if like.device.type == "cpu" and _np is not None:
+        words = torch.from_numpy(_np.random.PCG64(value).random_raw((n + 7) // 8))
+        flat = words.view(torch.int8)[:n]
+    else:
+        gen = torch.Generator(device=like.device).manual_seed(value)
+        words = torch.empty((n + 3) // 4, dtype=torch.int32, device=like.device).random_(generator=gen)
+        flat = words.view(torch.int8)[:n]
+    out.as_strided((n,), (1,)).copy_(flat)  # (empty_like of a dense tensor: its memory in order)
+    return out
+
+
+@noise_bytes.register_fake
+def _(like, seed):
+    return torch.empty_like(like, dtype=torch.int8)
+
+
 def _uniform_from_bits(bits: torch.Tensor) -> torch.Tensor:
     w = bits.to(torch.float32) * (1.0 / (1 << NOISE_BITS)) + 0.5 / (1 << NOISE_BITS)
     return w - torch.floor(w)
@@ -280,13 +306,15 @@ def quantize_with_scale(
 
 def rounding_inputs(x: torch.Tensor, stochastic: bool | str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(noise, seed)`` for ``_quantize_with_scale``: random bits (:func:`noise_bits`) for ``True`` /
-    ``"rand"``, a 0-d int64 seed for the in-kernel hash (``"hash"``, and any stochastic rounding traced into a
-    compiled graph: the bytes come from numpy, outside torch), neither for round-to-nearest."""
+    ``"rand"`` (traced into a compiled graph: from :func:`noise_bytes`, an opaque op), a 0-d int64 seed for the
+    in-kernel hash (``"hash"``), neither for round-to-nearest."""
     if stochastic not in (False, True, "rand", "hash"):
         raise ValueError(f"stochastic must be False, True, 'rand' or 'hash', got {stochastic!r}")
-    if stochastic == "hash" or (stochastic and torch.compiler.is_compiling()):
-        # (traced into a compiled graph, the noise is made in the graph: the byte draws run outside torch)
-        return None, torch.randint(0, 1 << 32, (), dtype=torch.int64, device=x.device)
+    if stochastic == "hash":
+        return None, torch.randint(0, 1 << 32, (), dtype=torch.int64).to(x.device)
+    if stochastic and torch.compiler.is_compiling():  # the same bytes from an op the compiler keeps opaque
+        seed = torch.randint(0, 1 << 62, (1,), dtype=torch.int64, device=x.device)
+        return torch.ops.lq.noise_bytes(x, seed), None
     if stochastic:
         return noise_bits(x), None
     return None, None

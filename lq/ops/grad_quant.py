@@ -234,8 +234,8 @@ def quantize_grad(
 
     Traced by ``torch.compile`` (a compiled model's backward), nothing may live between calls or be read on the
     host: the clip is searched on every call, the result's ``ratio`` and ``cos`` are tensors, stochastic
-    rounding's noise is the in-graph hash (``fused.rounding_inputs``) and NaN/Inf raise ``RuntimeError`` from an
-    asynchronous assert (same message).
+    rounding's noise comes from the opaque ``lq::noise_bytes`` op (``fused.rounding_inputs``) and NaN/Inf raise
+    ``RuntimeError`` from an asynchronous assert (same message).
 
     Clip search cost: per layer, fused reductions (about one pass per candidate) over at most
     ``16 * num_samples`` elements (whole slices of dim 0, e.g. batch samples, beyond that); per row/channel,
