@@ -110,6 +110,22 @@ def test_size_one_operands_with_odd_strides_are_exact(m, k, n):
     assert torch.equal(out, (a.long() @ b.long().t()).float())
 
 
+def test_sums_buffer_made_under_inference_mode_serves_training_later():
+    """``lq::int8_mm``'s reused int32 buffer, first made inside ``torch.inference_mode`` (Lightning's sanity-check
+    validation runs there before the first training step): a later training call writes into it (an inference
+    tensor would raise 'Inplace update to inference tensor outside InferenceMode')."""
+    from lq.ops import int8_mm as mm_module
+
+    mm_module._workspace.__dict__.clear()  # the next product makes the buffer
+    gen = torch.Generator().manual_seed(3)
+    a, b = _ints((24, 40), 127, gen), _ints((16, 40), 127, gen)
+    one = torch.ones(1)
+    with torch.inference_mode():
+        int8_mm(a, b, torch.ones(24), one, 127, 127, None)
+    out = int8_mm(a, b, torch.ones(24), one, 127, 127, None)
+    assert torch.equal(out, (a.long() @ b.long().t()).float())
+
+
 def test_int_mm_k1_shape_class_is_routed_away_and_exact():
     """``torch._int_mm`` on CPU returns wrong sums for K = 1, N > 1 (measured on the AVX-512 VNNI host)."""
     a, b = torch.full((5, 1), 127, dtype=torch.int8), torch.full((3, 1), -127, dtype=torch.int8)
@@ -182,6 +198,7 @@ def conv_cases(draw):
     (12, 2, (2, 3), (1, 0), (1, 1)), (3, 4, (1, 3), (0, 1), (1, 1)), (2, 1, (3, 3), (1, 1), (1, 1)),
     (5, 7, (3, 3), (1, 1), (2, 2)), (20, 2, (3, 3), (1, 1), (2, 2)), (6, 4, (1, 1), (0, 0), (2, 2)),
     (8, 3, (1, 1), (0, 0), (2, 2)), (5, 6, (3, 2), (2, 0), (3, 2)), (4, 5, (2, 2), (0, 1), (2, 1)),
+    (3, 4, (2, 2), (0, 0), (4, 3)), (4, 3, (3, 3), (4, 4), (2, 2)), (1, 1, (3, 3), (1, 1), (2, 2)),
 ])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_grad_weight_taps_both_forms_are_exact(o, c, kernel, padding, stride, channels_last):

@@ -178,7 +178,10 @@ def sums_workspace(m: int, n: int) -> torch.Tensor | None:
         return None
     buf = getattr(_workspace, "buf", None)
     if buf is None or buf.numel() < numel:
-        buf = _workspace.buf = torch.empty(numel, dtype=torch.int32)
+        # never an inference tensor (one made under torch.inference_mode, e.g. Lightning's sanity-check validation,
+        # could not be written outside it: every later training step would raise)
+        with torch.inference_mode(False):
+            buf = _workspace.buf = torch.empty(numel, dtype=torch.int32)
     return buf[:numel].view(m, n)
 
 
