@@ -51,8 +51,8 @@ class Int8ComputeConfig:
             (benchmarks/RESULTS.md, seed 2): -11.4 points vs fp32 with "nearest", -2.4 with "stochastic"; over
             three seeds -6.1 vs +0.3 points, hence the default. ``u`` comes as random bytes, one per element,
             reproducible with ``torch.manual_seed`` (``lq.ops.fused.noise_bits``: numpy's PCG64 seeded from torch's
-            generator on CPU, torch's generator elsewhere; 128 equally likely values, unbiased within 1/256 of a
-            step): about 6% of an int8 SmallResNet step, against 20% with one ``torch.rand``
+            generator for CPU tensors of 64 KiB and more, torch's generator otherwise; 128 equally likely values,
+            unbiased within 1/256 of a step): about 6% of an int8 SmallResNet step, against 20% with one ``torch.rand``
             float per element (bench_int8_step.py, VNNI host). ``"stochastic_hash"``: the same rounding with
             ``u`` made inside the fused quantization kernel from a counter hash (``lq.ops.fused.uniform_hash``),
             no faster than the noise bytes any more (56.6 vs 57.6 ms a step); opt-in: seven seeds of

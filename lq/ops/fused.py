@@ -58,7 +58,7 @@ def uniform_hash(like: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
     so no noise tensor is written or read and no generator runs per element. 4x cheaper than ``torch.rand`` +
     the fused quantization on a 64x16x28x28 gradient (0.61 vs 2.4 ms, AVX-512 host, 2 threads; ``torch.rand``'s
     mt19937 is 16% of an int8 training step); torch's own compiled ``rand`` (Philox per element) was slower
-    still; the default's :func:`noise_bits` (torch's generator, four elements a draw) now costs about as much.
+    still; the default's :func:`noise_bits` (one random byte an element) now costs about as much.
     Used by ``Int8ComputeConfig(grad_rounding="stochastic_hash")``, opt-in: seven seeds of fashion_int8_train
     averaged 1.6 points below ``torch.rand`` noise (benchmarks/RESULTS.md). Statistics checked in
     ``tests/test_ops_grad_quant.py`` (moments, histogram, lag correlation, unbiased rounding). ``seed`` (0-d
@@ -133,13 +133,14 @@ def random_bytes(n: int, device: torch.device) -> torch.Tensor:
 def noise_bytes(like: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
     """:func:`noise_bits` as an op for compiled graphs: an int8 tensor laid out like ``like`` (its bytes in
     ``like``'s memory order) of uniformly random bytes, a deterministic function of ``seed`` (an int64 ``[1]``
-    drawn in the graph, so ``torch.manual_seed`` reproduces it). numpy's PCG64 on CPU (the bytes eager uses,
-    no in-graph hash), torch's generator seeded with ``seed`` elsewhere. Opaque to the compiler, which cannot
-    trace numpy."""
+    drawn in the graph, so ``torch.manual_seed`` reproduces a compiled run; the draws differ from eager's,
+    whose seed comes from torch's generator outside the graph). The same kinds of generator as
+    :func:`random_bytes` (numpy's PCG64 on CPU from ``NUMPY_BYTES`` on, else torch's, seeded with ``seed``),
+    not an in-graph hash. Opaque to the compiler, which cannot trace numpy."""
     out = torch.empty_like(like, dtype=torch.int8)
     n = out.numel()
     value = int(seed.reshape(-1)[0])
-    if like.device.type == "cpu" and _np is not None:
+    if like.device.type == "cpu" and _np is not None and n >= NUMPY_BYTES:
         words = torch.from_numpy(_np.random.PCG64(value).random_raw((n + 7) // 8))
         flat = words.view(torch.int8)[:n]
     else:
@@ -297,7 +298,7 @@ def quantize_with_scale(
     """Eq. 7: ``clamp(round(x * mult * s), -qmax, qmax)`` as int8, ``s`` per index of ``keep_dim``;
     ``stochastic``: ``floor(x * mult * s + u)`` with ``u`` uniform in [0, 1) instead of round (unbiased; to
     within 1/256 of a step with :func:`noise_bits`' 128 levels),
-    ``u`` from :func:`noise_bits` (``True`` / ``"rand"``: torch's generator) or from :func:`uniform_hash` inside
+    ``u`` from :func:`noise_bits` (``True`` / ``"rand"``: random bytes, :func:`random_bytes`) or from :func:`uniform_hash` inside
     the kernel (``"hash"``, see ``Int8ComputeConfig.grad_rounding``)."""
     keep_dim = None if keep_dim is None else keep_dim % x.dim()
     noise, seed = rounding_inputs(x, stochastic)

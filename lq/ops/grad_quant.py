@@ -68,16 +68,21 @@ _SPREAD: dict[tuple[int, int, torch.device], torch.Tensor] = {}
 
 
 def _spread(c: int, n: int, device: torch.device) -> torch.Tensor:
-    """``n`` indices evenly spread over ``range(c)`` (rounded, unique), cached: the same tensor every call."""
-    if torch.compiler.is_compiling():  # (``unique`` has a data-dependent size: the indices made in Python)
-        picks = sorted({round(i * (c - 1) / max(1, n - 1)) for i in range(n)})
-        return torch.tensor(picks, dtype=torch.long, device=device)
+    """``n`` indices evenly spread over ``range(c)`` (rounded half to even, unique, ascending), made in Python
+    (the same picks eager and traced into a compiled graph, where ``unique``'s data-dependent size is not
+    allowed) and cached eagerly: the same tensor every call."""
+    def picks() -> torch.Tensor:
+        return torch.tensor(sorted({round(i * (c - 1) / max(1, n - 1)) for i in range(n)}), dtype=torch.long,
+                            device=device)
+
+    if torch.compiler.is_compiling():  # a constant of the graph (no cache writes while tracing a backward)
+        return picks()
     key = (c, n, device)
     sel = _SPREAD.get(key)
     if sel is None:
         if len(_SPREAD) > 512:
             _SPREAD.clear()
-        sel = _SPREAD[key] = torch.linspace(0, c - 1, n, device=device).round().long().unique()
+        sel = _SPREAD[key] = picks()
     return sel
 
 
