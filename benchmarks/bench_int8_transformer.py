@@ -1,7 +1,7 @@
 """Int8 training on Linear-only workloads against fp32 and bf16 autocast, ratios in one run (issue 12's
 MLP and MiniLM rows).
 
-    python benchmarks/bench_int8_transformer.py [--threads 2] [--repeats 5] [--skip-minilm]
+    python benchmarks/bench_int8_transformer.py [--threads 2] [--repeats 5] [--skip-minilm] [--compile]
 
 1. MLP of four ``Linear(1024, 1024)`` with ReLU, batch 1024: one train step (forward, MSE loss, backward,
    SGD with momentum).
@@ -69,11 +69,14 @@ def bench_mlp(args) -> None:
 
         return step
 
-    times = interleaved({
+    fns = {
         "fp32": step_fn(copy.deepcopy(base)),
         "bf16 autocast": step_fn(copy.deepcopy(base), autocast=True),
         "int8 (Int8Training)": step_fn(int8_prepared(base)),
-    }, args.repeats, settle=1)
+    }
+    if args.compile:
+        fns["int8, torch.compile"] = step_fn(torch.compile(int8_prepared(base)))
+    times = interleaved(fns, args.repeats, settle=1)
     report(f"MLP 4x1024, batch {args.mlp_batch}: train step (median of {args.repeats})", times)
 
 
@@ -112,6 +115,8 @@ def bench_minilm(args) -> None:
         "bf16 autocast": fwd_bwd(copy.deepcopy(base), autocast=True),
         "int8 (Int8Training)": fwd_bwd(int8),
     }
+    if args.compile:  # ~2 min to compile on 2 cores
+        fns["int8, torch.compile"] = fwd_bwd(torch.compile(int8_prepared(base, skip=["bert.pooler.*"])))
     times = interleaved(fns, args.repeats, warmup=1)
     report(f"MiniLM (all-MiniLM-L6-v2), batch {args.minilm_batch} x 128 tokens: forward + backward "
            f"(median of {args.repeats})", times)
@@ -129,6 +134,8 @@ def main() -> None:
     ap.add_argument("--mlp-batch", type=int, default=1024)
     ap.add_argument("--minilm-batch", type=int, default=64)
     ap.add_argument("--skip-minilm", action="store_true")
+    ap.add_argument("--compile", action="store_true",
+                    help="add the int8 models under torch.compile (clip searched every step inside a graph)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {args.threads}, cpu capability "
