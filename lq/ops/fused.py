@@ -298,8 +298,8 @@ def quantize_with_scale(
     """Eq. 7: ``clamp(round(x * mult * s), -qmax, qmax)`` as int8, ``s`` per index of ``keep_dim``;
     ``stochastic``: ``floor(x * mult * s + u)`` with ``u`` uniform in [0, 1) instead of round (unbiased; to
     within 1/256 of a step with :func:`noise_bits`' 128 levels),
-    ``u`` from :func:`noise_bits` (``True`` / ``"rand"``: random bytes, :func:`random_bytes`) or from :func:`uniform_hash` inside
-    the kernel (``"hash"``, see ``Int8ComputeConfig.grad_rounding``)."""
+    ``u`` from :func:`noise_bits` (``True`` / ``"rand"``: random bytes, :func:`random_bytes`) or from
+    :func:`uniform_hash` inside the kernel (``"hash"``, see ``Int8ComputeConfig.grad_rounding``)."""
     keep_dim = None if keep_dim is None else keep_dim % x.dim()
     noise, seed = rounding_inputs(x, stochastic)
     return call("quantize_with_scale", _quantize_with_scale, x, mult, s, qmax, keep_dim, noise, seed)
@@ -313,7 +313,7 @@ def rounding_inputs(x: torch.Tensor, stochastic: bool | str) -> tuple[torch.Tens
         raise ValueError(f"stochastic must be False, True, 'rand' or 'hash', got {stochastic!r}")
     if stochastic == "hash":
         return None, torch.randint(0, 1 << 32, (), dtype=torch.int64).to(x.device)
-    if stochastic and torch.compiler.is_compiling():  # the same bytes from an op the compiler keeps opaque
+    if stochastic and torch.compiler.is_compiling():  # noise bytes from an op the compiler keeps opaque
         seed = torch.randint(0, 1 << 62, (1,), dtype=torch.int64, device=x.device)
         return torch.ops.lq.noise_bytes(x, seed), None
     if stochastic:
