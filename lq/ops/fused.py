@@ -116,16 +116,19 @@ def noise_bits(like: torch.Tensor) -> torch.Tensor:
 NUMPY_BYTES = 1 << 16
 
 
-def random_bytes(n: int, device: torch.device) -> torch.Tensor:
+def random_bytes(n: int, device: torch.device, seed: int | None = None) -> torch.Tensor:
     """``n`` uniformly random bytes as int8, a deterministic function of torch's generator for ``device``
-    (``torch.manual_seed`` reproduces them; each call draws once from it, so later draws move on as usual)."""
+    (``torch.manual_seed`` reproduces them; each call draws once from it, so later draws move on as usual), or
+    of ``seed`` when given (then torch's generator is not touched)."""
     if device.type == "cpu" and _np is not None and n >= NUMPY_BYTES:
-        seed = int(torch.randint(0, 1 << 62, (1,), dtype=torch.int64))
+        if seed is None:
+            seed = int(torch.randint(0, 1 << 62, (1,), dtype=torch.int64))
         words = _np.random.PCG64(seed).random_raw((n + 7) // 8)
         return torch.from_numpy(words).view(torch.int8)[:n]
     # torch's generator: 31-bit int32 draws, whose top byte is uniform over 0..127 only (still every 7-bit value
     # equally often, which is what NOISE_BITS uses)
-    r = torch.empty((n + 3) // 4, dtype=torch.int32, device=device).random_()
+    gen = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    r = torch.empty((n + 3) // 4, dtype=torch.int32, device=device).random_(generator=gen)
     return r.view(torch.int8)[:n]
 
 
@@ -139,14 +142,7 @@ def noise_bytes(like: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
     not an in-graph hash. Opaque to the compiler, which cannot trace numpy."""
     out = torch.empty_like(like, dtype=torch.int8)
     n = out.numel()
-    value = int(seed.reshape(-1)[0])
-    if like.device.type == "cpu" and _np is not None and n >= NUMPY_BYTES:
-        words = torch.from_numpy(_np.random.PCG64(value).random_raw((n + 7) // 8))
-        flat = words.view(torch.int8)[:n]
-    else:
-        gen = torch.Generator(device=like.device).manual_seed(value)
-        words = torch.empty((n + 3) // 4, dtype=torch.int32, device=like.device).random_(generator=gen)
-        flat = words.view(torch.int8)[:n]
+    flat = random_bytes(n, like.device, int(seed.reshape(-1)[0]))
     out.as_strided((n,), (1,)).copy_(flat)  # (empty_like of a dense tensor: its memory in order)
     return out
 

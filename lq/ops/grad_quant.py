@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from lq.ops import fused
-from lq.ops.quantize import check_finite, require_finite
+from lq.ops.quantize import check_finite, quantize_empty, require_finite
 from lq.quant.functional import AMAX_EPS
 
 __all__ = [
@@ -64,26 +65,30 @@ def _index_select(t: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tenso
     return t.index_select(dim, index)
 
 
+def _constant(cache: dict, key: Hashable, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``make()`` kept in ``cache`` under ``key`` (at most ~512 entries): the same small index / ratio tensor
+    every call. Traced into a compiled graph it is made there as a constant (no cache writes while tracing a
+    backward)."""
+    if torch.compiler.is_compiling():
+        return make()
+    t = cache.get(key)
+    if t is None:
+        if len(cache) > 512:
+            cache.clear()
+        t = cache[key] = make()
+    return t
+
+
 _SPREAD: dict[tuple[int, int, torch.device], torch.Tensor] = {}
 
 
 def _spread(c: int, n: int, device: torch.device) -> torch.Tensor:
     """``n`` indices evenly spread over ``range(c)`` (rounded half to even, unique, ascending), made in Python
     (the same picks eager and traced into a compiled graph, where ``unique``'s data-dependent size is not
-    allowed) and cached eagerly: the same tensor every call."""
-    def picks() -> torch.Tensor:
-        return torch.tensor(sorted({round(i * (c - 1) / max(1, n - 1)) for i in range(n)}), dtype=torch.long,
-                            device=device)
-
-    if torch.compiler.is_compiling():  # a constant of the graph (no cache writes while tracing a backward)
-        return picks()
-    key = (c, n, device)
-    sel = _SPREAD.get(key)
-    if sel is None:
-        if len(_SPREAD) > 512:
-            _SPREAD.clear()
-        sel = _SPREAD[key] = picks()
-    return sel
+    allowed), cached."""
+    return _constant(_SPREAD, (c, n, device), lambda: torch.tensor(
+        sorted({round(i * (c - 1) / max(1, n - 1)) for i in range(n)}), dtype=torch.long, device=device
+    ))
 
 
 def _leading_rows(g: torch.Tensor, num: int) -> torch.Tensor | None:
@@ -195,15 +200,7 @@ _RATIOS: dict[tuple[tuple[float, ...], torch.device], torch.Tensor] = {}
 
 
 def _ratio_tensor(cand: tuple[float, ...], device: torch.device) -> torch.Tensor:
-    if torch.compiler.is_compiling():  # a constant of the graph (no cache writes while tracing a backward)
-        return torch.tensor(cand, dtype=torch.float32, device=device)
-    key = (cand, device)
-    r = _RATIOS.get(key)
-    if r is None:
-        if len(_RATIOS) > 512:
-            _RATIOS.clear()
-        r = _RATIOS[key] = torch.tensor(cand, dtype=torch.float32, device=device)
-    return r
+    return _constant(_RATIOS, (cand, device), lambda: torch.tensor(cand, dtype=torch.float32, device=device))
 
 
 def quantize_grad(
@@ -254,9 +251,8 @@ def quantize_grad(
         raise TypeError(f"state must be a dict (the layer's clip state) or None, got {type(state).__name__}")
     axis = None if axis is None else axis % g.dim()
     if g.numel() == 0:  # nothing to quantize (an empty batch): amax 0, i.e. the smallest scale's step
-        n = 1 if axis is None else g.shape[axis]
-        step = 1.0 / fused.scale_from_amax(torch.zeros(n, device=g.device), qmax)
-        return GradQuantResult(q=torch.zeros(g.shape, dtype=torch.int8, device=g.device), step=step, ratio=1.0, cos=1.0)
+        q, step = quantize_empty(g, qmax, axis)
+        return GradQuantResult(q=q, step=step, ratio=1.0, cos=1.0)
     ratio, cos = 1.0, 1.0
     search = clip and len(ratios) > 1
     cand = tuple(ratios) if search else (1.0,)

@@ -104,7 +104,6 @@ def _as_promised(t: torch.Tensor) -> torch.Tensor:
     return _empty_out(t.shape, t.device).copy_(t)
 
 
-
 @torch.library.custom_op("lq::int8_conv2d", mutates_args=())
 def int8_conv2d_fwd(
     x: torch.Tensor,

@@ -174,7 +174,7 @@ def sums_workspace(m: int, n: int) -> torch.Tensor | None:
     32 MiB): ``torch._int_mm`` 1024^3 took 0.8-2.1 ms after other work had run, 0.74-1.05 ms into a reused
     buffer (AVX-512 VNNI host, 2 threads)."""
     numel = m * n
-    if numel * 4 >= IN_PLACE_BYTES or numel == 0:
+    if numel == 0 or _scaled_in_place(numel):
         return None
     buf = getattr(_workspace, "buf", None)
     if buf is None or buf.numel() < numel:
@@ -195,6 +195,11 @@ def _epilogue(acc: torch.Tensor, a_step: torch.Tensor, b_step: torch.Tensor, bia
 IN_PLACE_BYTES = 32 << 20
 
 
+def _scaled_in_place(numel: int) -> bool:
+    """Whether an output of ``numel`` 4-byte sums is scaled over its own memory (``IN_PLACE_BYTES``)."""
+    return numel * 4 >= IN_PLACE_BYTES
+
+
 def scale_sums(acc: torch.Tensor, a_step: torch.Tensor, b_step: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The output stage of eq. 10: integer sums ``acc [M, N]`` (int32, or fp32 holding integers) times
     ``a_step[:, None] * b_step[None, :]`` plus ``bias``, fp32, in one fused pass (compiled, ``lq.ops.fused``)
@@ -204,7 +209,7 @@ def scale_sums(acc: torch.Tensor, a_step: torch.Tensor, b_step: torch.Tensor, bi
     on an 8192x1024 output, 13.4 -> 7.0 ms on MiniLM's 8192x1536 (2 threads)."""
     from lq.ops import fused
 
-    if acc.device.type == "cpu" and acc.is_contiguous() and acc.numel() * 4 >= IN_PLACE_BYTES and acc.dim() == 2:
+    if acc.device.type == "cpu" and acc.is_contiguous() and _scaled_in_place(acc.numel()) and acc.dim() == 2:
         return _scale_sums_in_place(acc, a_step, b_step, bias)
     return fused.call("int8_mm_epilogue", _epilogue, acc, a_step, b_step, bias)
 

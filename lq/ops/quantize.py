@@ -33,12 +33,20 @@ def quantize_along(
     """
     static = None if amax is None else amax.to(x.device).float().reshape(-1)
     if x.numel() == 0:  # an empty batch: no data amax (a reduction over nothing); the calibrated one, else 0
-        n = 1 if keep_dim is None else x.shape[keep_dim]
-        s = fused.scale_from_amax(static if static is not None else torch.zeros(n, device=x.device), qmax)
-        return torch.zeros(x.shape, dtype=torch.int8, device=x.device), 1.0 / s
+        return quantize_empty(x, qmax, keep_dim, static)
     q, step, data_amax, finite = fused.quantize_dynamic(x, qmax, keep_dim, static)
     require_finite(finite, data_amax, what, name)  # a NaN would otherwise become garbage int8: raises
     return q, step
+
+
+def quantize_empty(
+    x: torch.Tensor, qmax: int, keep_dim: int | None, amax: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, step)`` of an empty ``x``: zeros, and the step of ``amax`` (fp32, per tensor) or of amax 0 (the
+    smallest scale's step) per index of ``keep_dim``, without a reduction over nothing."""
+    n = 1 if keep_dim is None else x.shape[keep_dim]
+    s = fused.scale_from_amax(amax if amax is not None else torch.zeros(n, device=x.device), qmax)
+    return torch.zeros(x.shape, dtype=torch.int8, device=x.device), 1.0 / s
 
 
 def require_finite(finite: torch.Tensor, amax: torch.Tensor, what: str, name: str | None) -> None:
