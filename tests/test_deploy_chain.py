@@ -469,6 +469,123 @@ def test_lean_linear_program_equals_the_generic_run(monkeypatch) -> None:
         assert not torch.equal(fused(x), before)  # the reload changed the model
 
 
+def _ties(inv: float, n: int = 64) -> torch.Tensor:
+    """Rows of inputs ``x`` with ``x * inv`` at every half-integer in [-130, 130], just above and just below
+    it (one fp32 ulp of ``x``), and far outside the clip."""
+    half = (torch.arange(-260, 261, dtype=torch.float32) + 0.5) / inv
+    vals = torch.cat([half, torch.nextafter(half, torch.tensor(math.inf)), torch.nextafter(half, torch.tensor(-math.inf)),
+                      torch.tensor([0.0, -0.0, 1e30, -1e30])])
+    vals = vals[torch.randperm(vals.numel())]
+    return vals[: (vals.numel() // n) * n].reshape(-1, n)
+
+
+@_FBGEMM
+@pytest.mark.parametrize("exact", [True, False], ids=["reciprocal-exact", "reciprocal-inexact"])
+def test_lean_program_quantizes_a_float_input_as_eq7_at_every_tie(exact: bool, monkeypatch) -> None:
+    """The batch-1 program's first layer quantizes a float input with torch's fake quantization and lets fbgemm
+    read the integers back (kernels.fake_quant_step) where the step allows it, else as ``run`` does: equal to
+    ``run`` and to eq. 7 (float64) for inputs at, above and below every rounding tie and beyond the clip."""
+    torch.manual_seed(17)
+    x = torch.randn(64, 64)
+    fq = _calibrated(nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 5)), x)
+    fused = convert(copy.deepcopy(fq))
+    generic = convert(copy.deepcopy(fq))
+    monkeypatch.setattr(generic, "_lean_program", lambda: None)
+    s = fused[0].input_scale.clone()
+    while (kernels.fake_quant_step(float(1.0 / s), s) is not None) != exact:  # the scale's neighbours
+        s = torch.nextafter(s, torch.tensor(math.inf))
+    for m in (fused, generic):
+        m[0].input_scale.copy_(s)
+        m[0]._cache.clear()
+    with torch.no_grad():
+        xs = _ties(float(s))
+        for xb in (xs, xs[:1]):
+            torch.testing.assert_close(fused(xb), generic(xb), rtol=0, atol=0)
+        if kernels.fbgemm_mode() == kernels.FULL_RANGE:
+            assert fused._lean[0] is not None  # the program ran
+        if exact:  # the premise: torch's fake quantization with that step is eq. 7's integers times the step
+            step = torch.tensor(kernels.fake_quant_step(float(1.0 / s), s))
+            n = (xs * s).round().clamp(-127, 127)  # eq. 7 (fp32 product, ties to even)
+            assert (xs * s - (xs * s).floor() == 0.5).sum() > 100  # real ties among the inputs
+            assert torch.equal(torch.fake_quantize_per_tensor_affine(xs, float(step), 0, -127, 127), n * step)
+
+
+@_FBGEMM
+def test_lean_program_raises_for_nan_inf_and_overflowing_inputs() -> None:
+    """NaN, Inf and a finite input whose ``x * s`` overflows fp32: the same error as ``run``, naming the layer."""
+    torch.manual_seed(18)
+    x = torch.randn(16, 8)
+    fused, plain = _both(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), x)
+    for m in (fused, plain):
+        m[0].input_scale.fill_(8.0)
+        m[0]._cache.clear()
+    with torch.no_grad():
+        fused(x[:1])
+        for bad, what in ((float("nan"), "NaN"), (float("inf"), "Inf"), (-float("inf"), "Inf"), (3e38, "Inf")):
+            xb = x[:1].clone()
+            xb[0, 3] = bad
+            for m in (fused, plain):
+                with pytest.raises(FloatingPointError, match=f"0: {what}"):
+                    m(xb)
+        torch.testing.assert_close(fused(x[:1]), plain(x[:1]), rtol=0, atol=0)  # and runs on afterwards
+
+
+@_FBGEMM
+def test_lean_program_notices_every_edit_after_it_ran() -> None:
+    """The batch-1 program's guard (chain._Guard): hooks (module and global), train mode, replaced children,
+    replaced or reloaded scales, a registered SmoothQuant divisor and a changed class each make the next call
+    equal the unfused model's again."""
+    torch.manual_seed(19)
+    x = torch.randn(32, 16)
+    fused, plain = _both(nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)), x)
+    x1 = x[:1]
+
+    def same() -> None:
+        with torch.no_grad():
+            for _ in range(2):  # the call that takes a new guard and the one that uses it
+                torch.testing.assert_close(fused(x1), plain(x1), rtol=0, atol=0)
+
+    same()
+    assert fused._guard is not None and fused._guard.holds()
+    seen = []
+    handle = fused[1].register_forward_hook(lambda mod, inp, out: seen.append(out))
+    same()
+    assert len(seen) == 2 and seen[0].is_floating_point()
+    handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda mod, inp: seen.append(mod))
+    try:
+        same()
+        assert len(seen) > 4
+    finally:
+        handle.remove()
+    same()
+    fused[3].train()
+    plain[3].train()
+    same()
+    fused[3].eval()
+    plain[3].eval()
+    for m in (fused, plain):
+        m.register_buffer("unused", torch.zeros(1))  # not read by the plan: the guard still holds after
+    same()
+    for m in (fused, plain):  # a scale buffer replaced (not copied into)
+        m[2].register_buffer("input_scale", m[2].input_scale * 1.25)
+    same()
+    state = plain.state_dict()
+    state["4.input_scale"] = state["4.input_scale"] * 0.8
+    for m in (fused, plain):
+        m.load_state_dict(state)
+    same()
+    for m in (fused, plain):
+        m[2].register_buffer("input_smoothing", torch.linspace(0.5, 2, 16))
+    same()
+    for m in (fused, plain):
+        m[1] = nn.LeakyReLU(0.25)
+    same()
+    for m in (fused, plain):
+        m[3].__class__ = nn.Identity
+    same()
+
+
 @pytest.mark.parametrize("backend", ["auto", "onednn", "reference"])
 def test_smoothed_linears_take_the_previous_linears_hand_over(backend: str, monkeypatch) -> None:
     """A Linear smoothed by lq.smooth_quant quantizes ``x / s``: the Linear before it divides its activated

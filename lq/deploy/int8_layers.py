@@ -141,6 +141,24 @@ class Int8Module(nn.Module):
                 self._buffers[key] = buf.float()
         return out
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        """A tensor assigned to the layer (``layer.input_scale = t``, a new weight) makes every packed weight
+        and cached step stale: the cache is cleared. (Edits in place, ``layer.input_scale.mul_(2)``, are not
+        seen: the packed weights are copies, as in torch.ao's quantized modules; use ``load_state_dict``.)"""
+        if isinstance(value, torch.Tensor) and "_cache" in self.__dict__:
+            self._cache.clear()
+        super().__setattr__(name, value)
+
+    def register_buffer(self, name: str, tensor: torch.Tensor | None, persistent: bool = True) -> None:
+        if "_cache" in self.__dict__:  # a scale or SmoothQuant divisor registered or replaced: as __setattr__
+            self._cache.clear()
+        super().register_buffer(name, tensor, persistent)
+
+    def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
+        if "_cache" in self.__dict__:
+            self._cache.clear()
+        super().register_parameter(name, param)
+
     def _steps(self) -> tuple[float, torch.Tensor]:
         """(input step ``1/s_x`` as a float, weight steps ``1/s_w``), cached between calls; while compiling,
         both as tensors computed in the graph (a float read of a buffer would break it)."""
@@ -278,25 +296,41 @@ class Int8Linear(Int8Module):
             and (form != "float" or mode == kernels.FULL_RANGE)
         ):
             op = kernels.fbgemm_op(out.relu or out.grid)
-            if form == "clipped":
-                packed, a_scale, zp = self._packed_fbgemm_weight_steps(), self._steps()[0], 0
+            # a float input as torch's fake quantization of it (step times eq. 7's integers, one op) where
+            # fbgemm, quantizing that with the same step, gets the integers back (kernels.fake_quant_step)
+            fake_step = kernels.fake_quant_step(self._steps()[0], self.input_scale) if form == "float" else None
+            if form == "clipped" or fake_step is not None:
+                packed, a_scale = self._packed_fbgemm_weight_steps(), self._steps()[0]
+                zp = 0 if fake_step is None else kernels.onednn_zero_point(mode)
             else:
                 zp = 0 if form == "grid" else kernels.onednn_zero_point(mode)
                 packed, a_scale = self._packed_fbgemm(False), 1.0
             inv_in, q_in, name = self.input_scale, self.qmax_input, self.name
+            inv_f = float(inv_in)
             smooth = self._buffers.get("input_smoothing")  # lq.smooth_quant's divisor of a float input
             inv_out, top, divisor = out.inv_step, out.qmax, out.divisor
             cap = kernels.fbgemm_grid_cap(out.step, inv_out, top) if out.grid else None
             hands_on = "float" if not out.grid else "grid" if cap is None else "clipped"
+            recorders = hw._RECORDERS
 
             @torch.compiler.disable(recursive=False)  # dynamo skips this frame (marks its code; no wrapper)
             def step(h: torch.Tensor) -> torch.Tensor:
-                hw.ran("Int8Linear", "fbgemm")
+                if recorders:  # hw.ran's test inline: a call costs ~1 us cache-cold, 4 a batch-1 MLP call
+                    hw.ran("Int8Linear", "fbgemm")
                 if form == "float":
-                    try:
-                        h = kernels.quantize_to_grid(h if smooth is None else h / smooth, inv_in, q_in)
-                    except FloatingPointError as err:
-                        raise FloatingPointError(f"{name}: {err}") from None
+                    if smooth is not None:
+                        h = h / smooth
+                    if fake_step is not None:
+                        lo, hi = torch.aminmax(h)
+                        # both False for NaN, Inf, or an x * s that overflows fp32: quantize_to_grid raises then
+                        ok = -float(lo) * inv_f < kernels.FP32_OVERFLOW and float(hi) * inv_f < kernels.FP32_OVERFLOW
+                    if fake_step is not None and ok:
+                        h = torch.fake_quantize_per_tensor_affine(h, fake_step, 0, -q_in, q_in)
+                    else:
+                        try:
+                            h = kernels.quantize_to_grid(h, inv_in, q_in)
+                        except FloatingPointError as err:
+                            raise FloatingPointError(f"{name}: {err}") from None
                 y = op(h, a_scale, zp, packed)
                 if divisor is not None:  # the next layer's SmoothQuant divisor, as that layer applies it
                     y = y.div_(divisor)

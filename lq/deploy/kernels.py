@@ -347,6 +347,29 @@ def fbgemm_grid_cap(step: float, inv_step: torch.Tensor, qmax: int) -> float | N
     return float(cap) if float((cap * s).round()) == qmax else None
 
 
+#: the smallest magnitude that rounds to Inf in fp32 (round to nearest): ``2**128 - 2**103``
+FP32_OVERFLOW = 2.0**128 - 2.0**103
+
+
+def fake_quant_step(step: float, inv_step: torch.Tensor) -> float | None:
+    """``step`` as fp32 where torch's fake quantization with it computes eq. 7's integers exactly and
+    fbgemm's input quantization with it gets them back from the result; ``None`` where it cannot.
+
+    ``torch.fake_quantize_per_tensor_affine(x, a, 0, -q, q)`` multiplies by ``fp32(1 / a)``, rounds (ties
+    to even), clips and multiplies by ``a``: eq. 7's ``clip(round(x * s), -q, q)`` times ``a`` when
+    ``fp32(1 / a) == s``. fbgemm quantizes that product ``n a`` as ``round(n a * fp32(1 / a)) + 128``
+    (full range): the product is ``n`` within a few fp32 ulps of 127, far inside the rounding interval,
+    so it gives ``n`` back. One op for the multiply, round and clip of a float input (three before: each
+    ~5 us cache-cold at batch 1). Checked in ``tests/test_deploy_chain.py`` on values at every tie. As
+    :func:`fbgemm_grid_cap`, this needs ``fp32(1 / step) == s`` (about 86% of steps).
+    """
+    s = inv_step.detach().float().cpu().reshape(())
+    a = torch.tensor(step, dtype=torch.float32)
+    if float(torch.ones((), dtype=torch.float32) / a) != float(s):
+        return None
+    return float(a)
+
+
 @functools.cache
 def fbgemm_mode() -> str:
     """How fbgemm's u8 x s8 GEMM accumulates here (``FULL_RANGE`` / ``HALF_RANGE`` / ``UNAVAILABLE``),
