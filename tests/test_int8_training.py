@@ -283,8 +283,8 @@ def test_torch_compile_of_an_int8_model_trains_and_reports_nan():
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(RuntimeError, match=r"non-finite values .* layer '0'"):
         compiled(bad).sum().backward()
-    # the default stochastic rounding, compiled: its noise bytes come from the opaque lq::noise_bytes op (numpy's
-    # PCG64, as eager), reproducible with torch.manual_seed, and the gradients point where eager's do
+    # the default stochastic rounding, compiled: its noise bytes come from the opaque lq::noise_bytes op (windows
+    # of the noise table, as eager), reproducible with torch.manual_seed, and the gradients point where eager's do
     use_int8_compute(compiled_model, Int8ComputeConfig.for_this_machine(grad_clip=False))
     use_int8_compute(eager, Int8ComputeConfig.for_this_machine(grad_clip=False))
     stochastic = torch.compile(compiled_model)
