@@ -168,14 +168,14 @@ def test_periodic_clip_state_is_per_layer_object_for_models_with_the_same_names(
 
     seen = []
     int8_linear_mod = sys.modules["lq.ops.int8_linear"]  # lq.ops.int8_linear is also the function's name
-    real = int8_linear_mod.quantize_grad
+    real = int8_linear_mod.quantize_layer_grads
 
     def spy(*args, **kwargs):
-        r = real(*args, **kwargs)
-        seen.append(r.ratio)
-        return r
+        out = real(*args, **kwargs)
+        seen.extend(r.ratio for r in out.values())
+        return out
 
-    monkeypatch.setattr(int8_linear_mod, "quantize_grad", spy)
+    monkeypatch.setattr(int8_linear_mod, "quantize_layer_grads", spy)
     opts = {k: torch.optim.SGD(m.parameters(), lr=1e-7) for k, m in (("A", a), ("B", b))}
     for step in range(1, 9):
         for key, m in (("A", a), ("B", b)):

@@ -377,3 +377,43 @@ def test_random_bytes_are_reproducible_windows_of_a_fixed_table():
         freq = torch.bincount(levels, minlength=128).double() / fused.POOL_WINDOWS
         deviation = (freq.cumsum(0) - torch.arange(1, 129).double() / 128).abs().max().item()
         assert deviation < 0.0059
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_quantize_grad_pair_equals_two_quantize_grad_calls(stochastic: bool, monkeypatch) -> None:
+    """quantize_grad_pair (both backward products' operands of one gradient): bit for bit the results of two
+    quantize_grad calls, the same periodic-search decisions and state, and one compiled call on the steps where
+    neither searches its clip (the searching steps make one call each)."""
+    from lq.ops import fused
+    from lq.ops.grad_quant import GradOperand, quantize_grad_pair
+
+    torch.manual_seed(21)
+    w_step = torch.rand(1, 48) + 0.5
+    x_step = torch.rand(64, 1) + 0.5
+    a = GradOperand(0, w_step, "output gradient (grad_input GEMM)")
+    b = GradOperand(1, x_step, "output gradient (grad_weight GEMM)")
+    ratios = (1.0, 0.8, 0.6, 0.4)
+    paired, single = {}, {}
+    names = []
+    real_call = fused.call
+
+    def spy(name, fn, *args):
+        names.append(name)
+        return real_call(name, fn, *args)
+
+    monkeypatch.setattr(fused, "call", spy)
+    for step in range(6):
+        g = torch.randn(64, 48) ** 3  # heavy tails at 3 bits: a ratio below 1 wins the search
+        torch.manual_seed(100 + step)
+        names.clear()
+        got = quantize_grad_pair(g, 3, a, b, ratios, True, 16384, "fc", every=4, state=paired, stochastic=stochastic)
+        pair_names = list(names)
+        torch.manual_seed(100 + step)
+        want = [quantize_grad(g, 3, op.axis, ratios, True, 16384, "fc", op.what, op.mult, every=4, state=single,
+                              stochastic=stochastic) for op in (a, b)]
+        for r, w in zip(got, want):
+            assert torch.equal(r.q, w.q) and torch.equal(r.step, w.step) and r.ratio == w.ratio
+        assert paired == single
+        searched = step % 4 == 0
+        assert pair_names == (["grad_quant_search"] * 2 if searched else ["grad_quant_fixed_pair"])
+    assert any(ratio != 1.0 for _, ratio in paired.values())

@@ -22,7 +22,7 @@ from torch.nn.modules.utils import _pair
 
 from lq.ops import int8_conv_kernels as K
 from lq.ops.config import Int8ComputeConfig
-from lq.ops.grad_quant import check_unquantized_grad, quantize_grad
+from lq.ops.grad_quant import GradOperand, check_unquantized_grad, quantize_layer_grads
 from lq.ops.quantize import dequantize_along, quantize_along
 from lq.ops.saved_int8 import share_int8, shared_int8
 from lq.quant.functional import qmax as _qmax
@@ -68,13 +68,15 @@ class Int8Conv2dFunction(torch.autograd.Function):
         fast = cfg.use_fast_kernels
         grad_x = grad_w = grad_b = None
         check_unquantized_grad(g, ctx.needs_input_grad, cfg, ctx.name)
+        ops = {}  # both products' gradient operands (quantize_grad_pair: one pass where neither searches)
+        if ctx.needs_input_grad[0] and cfg.int8_grad_input_enabled:
+            ops["x"] = GradOperand(None, w_step.reshape(1, -1, 1, 1), "output gradient (grad_input conv)")
+        if ctx.needs_input_grad[1] and cfg.int8_grad_weight_enabled:
+            ops["w"] = GradOperand(1 if cfg.grad_granularity == "row" else None, None, "output gradient (grad_weight conv)")
+        quantized = quantize_layer_grads(g, qg, ops, cfg, ctx.name, ctx.clip_state)
         if ctx.needs_input_grad[0]:
-            if cfg.int8_grad_input_enabled:
-                r = quantize_grad(
-                    g, qg, None, cfg.clip_ratios, cfg.grad_clip, cfg.clip_samples,
-                    ctx.name, "output gradient (grad_input conv)", mult=w_step.reshape(1, -1, 1, 1),
-                    every=cfg.clip_every, state=ctx.clip_state, stochastic=cfg.rounding_noise,
-                )
+            if "x" in quantized:
+                r = quantized["x"]
                 op = K.int8_conv2d_grad_input if fast else K.conv2d_grad_input_reference
                 grad_x = op(r.q, wq, r.step, qg, qw, list(xq.shape), stride, padding, dilation, groups)
             else:
@@ -85,12 +87,8 @@ class Int8Conv2dFunction(torch.autograd.Function):
             grad_x = grad_x.to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             wsize = list(wq.shape)
-            if cfg.int8_grad_weight_enabled:
-                axis = 1 if cfg.grad_granularity == "row" else None
-                r = quantize_grad(
-                    g, qg, axis, cfg.clip_ratios, cfg.grad_clip, cfg.clip_samples,
-                    ctx.name, "output gradient (grad_weight conv)", every=cfg.clip_every, state=ctx.clip_state, stochastic=cfg.rounding_noise,
-                )
+            if "w" in quantized:
+                r = quantized["w"]
                 op = K.int8_conv2d_grad_weight if fast else K.conv2d_grad_weight_reference
                 grad_w = op(r.q, xq, r.step, x_step, qg, qa, wsize, stride, padding, dilation, groups)
             else:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from lq.ops.config import Int8ComputeConfig
-from lq.ops.grad_quant import check_unquantized_grad, quantize_grad
+from lq.ops.grad_quant import GradOperand, check_unquantized_grad, quantize_layer_grads
 from lq.ops.int8_mm import int8_mm, int8_mm_reference
 from lq.ops.quantize import dequantize_along, quantize_along
 from lq.quant.functional import qmax as _qmax
@@ -71,15 +71,20 @@ class Int8LinearFunction(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         one = torch.ones(1, dtype=torch.float32, device=g.device)
         check_unquantized_grad(g, ctx.needs_input_grad, cfg, ctx.name)
+        # both products' gradient operands (quantize_grad_pair: one pass where neither searches its clip):
+        # grad_input folds W's per-output-channel step into g (N is reduced there) and quantizes per row (or per
+        # layer); grad_weight folds x's per-row step into g (M is reduced there) and quantizes per column N
+        row = cfg.grad_granularity == "row"
+        xs = x_step.reshape(-1, 1) if x_step.numel() > 1 else x_step.reshape(1, 1)
+        ops = {}
+        if ctx.needs_input_grad[0] and cfg.int8_grad_input_enabled:
+            ops["x"] = GradOperand(0 if row else None, w_step.reshape(1, -1), "output gradient (grad_input GEMM)")
+        if ctx.needs_input_grad[1] and cfg.int8_grad_weight_enabled:
+            ops["w"] = GradOperand(1 if row else None, xs, "output gradient (grad_weight GEMM)")
+        quantized = quantize_layer_grads(g, qg, ops, cfg, ctx.name, ctx.clip_state)
         if ctx.needs_input_grad[0]:
-            if cfg.int8_grad_input_enabled:
-                # fold W's per-output-channel step into g (N is reduced here), quantize per row (or per layer)
-                axis = 0 if cfg.grad_granularity == "row" else None
-                r = quantize_grad(
-                    g, qg, axis, cfg.clip_ratios, cfg.grad_clip, cfg.clip_samples,
-                    ctx.name, "output gradient (grad_input GEMM)", mult=w_step.reshape(1, -1), every=cfg.clip_every,
-                    state=ctx.clip_state, stochastic=cfg.rounding_noise,
-                )
+            if "x" in quantized:
+                r = quantized["x"]
                 # b operand [K, N] (reduced N last): the integer weight transposed, as a view (the kernels read
                 # strided operands or copy them themselves; an int8 transpose copy cost 0.6 ms at 1024^2)
                 grad_x = _mm(cfg, r.q, wq.t(), r.step, one, qg, qw, None)
@@ -90,15 +95,8 @@ class Int8LinearFunction(torch.autograd.Function):
                 grad_x = grad_x.masked_fill_(xq.abs() >= qa, 0.0)
             grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
-            if cfg.int8_grad_weight_enabled:
-                # fold x's per-row step into g (M is reduced here), quantize per column N (constant along M)
-                xs = x_step.reshape(-1, 1) if x_step.numel() > 1 else x_step.reshape(1, 1)
-                axis = 1 if cfg.grad_granularity == "row" else None
-                r = quantize_grad(
-                    g, qg, axis, cfg.clip_ratios, cfg.grad_clip, cfg.clip_samples,
-                    ctx.name, "output gradient (grad_weight GEMM)", mult=xs, every=cfg.clip_every,
-                    state=ctx.clip_state, stochastic=cfg.rounding_noise,
-                )
+            if "w" in quantized:
+                r = quantized["w"]
                 # a = g^T [N, M], b = x_q^T [K, M]: both with the reduced M last, as transposed views (the
                 # kernels read strided operands or copy them themselves)
                 grad_w = _mm(cfg, r.q.t(), xq.t(), r.step, one, qg, qa, None)
