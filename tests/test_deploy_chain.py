@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -454,7 +455,7 @@ def test_lean_linear_program_equals_the_generic_run(monkeypatch) -> None:
             assert ran == ["Int8Linear:fbgemm"] * 4
             torch.testing.assert_close(y, generic(xb), rtol=0, atol=0)
         if kernels.fbgemm_mode() == kernels.FULL_RANGE:
-            forms = [key[1] for _, key, _ in fused._lean[1]]
+            forms = [key[1] for _, key, _, _ in fused._lean[1]]
             assert forms == ["float", "clipped", "grid", "clipped"]  # the form each layer is handed
         else:  # half range: a float input needs the sign test of run (the program does not apply)
             assert fused._lean[0] is None
@@ -584,6 +585,75 @@ def test_lean_program_notices_every_edit_after_it_ran() -> None:
     for m in (fused, plain):
         m[3].__class__ = nn.Identity
     same()
+
+
+# ---------------------------------------------- edits behind the batch-1 program's back
+def _used_mlp() -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    torch.manual_seed(19)
+    x = torch.randn(32, 16)
+    fused, plain = _both(nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)), x)
+    return fused, plain, x[:1]
+
+
+@_FBGEMM
+@torch.no_grad()
+def test_guard_sees_a_replaced_kernel_cache_dict() -> None:
+    """(A review found these five edits ran stale numbers on the batch-1 program or the per-layer path.)"""
+    fused, plain, x1 = _used_mlp()
+    fused(x1), fused(x1)  # the second call runs on the guard
+    for m in (fused, plain):
+        m[2].input_scale.mul_(0.5)  # in place (not seen by design) ...
+        m[2]._cache = {}            # ... then the cache dropped: the old checks rebuilt here
+    assert torch.equal(fused(x1), plain(x1))
+
+
+@_FBGEMM
+@torch.no_grad()
+def test_guard_sees_a_replaced_modules_dict() -> None:
+    fused, plain, x1 = _used_mlp()
+    fused(x1), fused(x1)
+    for m in (fused, plain):
+        mods = OrderedDict(m._modules)
+        mods["1"] = nn.LeakyReLU(0.25)
+        m._modules = mods
+    assert torch.equal(fused(x1), plain(x1))
+
+
+@_FBGEMM
+@torch.no_grad()
+def test_second_chain_over_shared_layers_rebinds_after_a_scale_change() -> None:
+    fused, plain, x1 = _used_mlp()
+    other = Int8Sequential(*fused).eval()
+    fused(x1), other(x1), other(x1)
+    for m in (fused, plain):
+        m[0].input_scale = m[0].input_scale * 0.5  # clears layer 0's cache (new __setattr__)
+    fused(x1)  # chain A re-fills layer 0's ("lean_step", ...) key with a new closure
+    assert torch.equal(other(x1), plain(x1))  # chain B: key present -> its old closure
+
+
+@_FBGEMM
+@torch.no_grad()
+def test_deleting_a_smoothing_divisor_clears_the_cache() -> None:
+    fused, plain, x1 = _used_mlp()
+    for m in (fused, plain):
+        m[0].register_buffer("input_smoothing", torch.linspace(0.5, 2, 16))
+    fused(x1), fused(x1)
+    for m in (fused, plain):
+        del m[0].input_smoothing
+    fused(x1)  # re-plan: the plain forward this once
+    assert torch.equal(fused(x1), plain(x1))
+
+
+@_FBGEMM
+@torch.no_grad()
+def test_directly_replaced_input_scale_of_the_first_layer() -> None:
+    fused, plain, x1 = _used_mlp()
+    ref = copy.deepcopy(plain)
+    fused(x1), fused(x1)
+    new = fused[0].input_scale * 0.5
+    fused[0]._buffers["input_scale"] = new  # _grid_output handles this for consumers; not for the first layer
+    ref[0].input_scale = new.clone()
+    assert torch.equal(fused(x1), ref(x1))
 
 
 @pytest.mark.parametrize("backend", ["auto", "onednn", "reference"])

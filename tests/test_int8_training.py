@@ -307,10 +307,10 @@ def test_noise_bytes_op_is_seeded_and_in_memory_order():
     from lq.ops import fused  # noqa: F401 (registers lq::noise_bytes)
 
     like = torch.empty(4, 6, 5, 5).contiguous(memory_format=torch.channels_last)
-    seed = torch.tensor([123])
+    seed = torch.tensor([123 + (5 << 7)])
     a, b = torch.ops.lq.noise_bytes(like, seed), torch.ops.lq.noise_bytes(like, seed)
     assert a.dtype == torch.int8 and a.shape == like.shape and a.stride() == like.stride() and torch.equal(a, b)
-    assert not torch.equal(a, torch.ops.lq.noise_bytes(like, torch.tensor([124])))
+    assert not torch.equal(a, torch.ops.lq.noise_bytes(like, seed + (1 << 7)))  # the low 7 bits: the level shift
     plain = torch.ops.lq.noise_bytes(torch.empty(4, 6, 5, 5), seed)
     assert torch.equal(a.permute(0, 2, 3, 1).reshape(-1), plain.reshape(-1))  # the same bytes in memory order
     counts = torch.bincount(torch.ops.lq.noise_bytes(torch.empty(512, 512), seed).reshape(-1).long() & 127)

@@ -32,6 +32,7 @@ the requantization runs as torch ops.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from operator import is_
 
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from lq.deploy.int8_layers import Int8ConvNd, Int8Linear, _memory_format
+from lq.deploy.int8_layers import Int8ConvNd, Int8Linear, Int8Module, _memory_format
 from lq.deploy.kernels import FLOAT, Output
 
 log = logging.getLogger(__name__)
@@ -198,20 +199,39 @@ def plan(modules: list[nn.Module]) -> list[Step]:
     return steps
 
 
-def _plan_input(m: nn.Module) -> object:
-    """What :func:`plan` reads from a module beyond its identity: its exact type (``_between`` /
-    ``_relu_top`` test exact types) and, for the types whose attributes it reads, those (clip bounds, pooling
-    indices, a conv's explicit padding, a Linear's SmoothQuant divisor)."""
+def _is_none(v: object) -> bool:
+    return v is None
+
+
+def _is_set(v: object) -> bool:
+    return v is not None
+
+
+def _same(v: object) -> object:
+    return v
+
+
+def _plan_reads(m: nn.Module) -> list[tuple[dict, str, Callable[[object], object]]]:
+    """What :func:`plan` reads from a module beyond its exact type, as ``(dict, key, what of the value)``: clip
+    bounds, pooling indices, whether a conv pads explicitly, whether a Linear has a SmoothQuant divisor. The one
+    table behind :func:`_plan_input` and the batch-1 guard's reads (:class:`_Guard`)."""
     t = type(m)
     if t is nn.Hardtanh or t is nn.ReLU6:
-        return t, m.min_val, m.max_val
+        return [(m.__dict__, "min_val", _same), (m.__dict__, "max_val", _same)]
     if t is nn.MaxPool2d:
-        return t, m.return_indices
+        return [(m.__dict__, "return_indices", _same)]
     if isinstance(m, Int8ConvNd):
-        return t, m._pre_pad is None
+        return [(m.__dict__, "_pre_pad", _is_none)]
     if isinstance(m, Int8Linear):
-        return t, "input_smoothing" in m._buffers
-    return t
+        return [(m._buffers, "input_smoothing", _is_set)]
+    return []
+
+
+def _plan_input(m: nn.Module) -> object:
+    """What :func:`plan` reads from a module: its exact type (``_between`` / ``_relu_top`` test exact types)
+    and :func:`_plan_reads`' values."""
+    reads = _plan_reads(m)
+    return type(m) if not reads else (type(m), *(f(d.get(k)) for d, k, f in reads))
 
 
 def _plan_inputs(modules: list[nn.Module]) -> list[object]:
@@ -227,10 +247,10 @@ class _Guard:
     At batch 1 a call's bookkeeping runs cache-cold (the GEMVs stream megabytes of weights between calls), so
     each Python object it touches costs: ``_fusable_now`` and ``_lean_program`` took 24 + 13 us of a 270 us
     MLP call on the VNNI host. The guard holds the same facts as three flat tuples of ``(dict, key, object)``
-    compared by identity (``training`` flags, hook dicts, children, scale and divisor buffers, the layers'
-    cached steps and hand-overs), the containers' child counts, the hook dicts that must stay empty and the
-    leaves' exact types. It is stricter than the checks it replaces (a buffer replaced by an equal one fails
-    it); when it fails the full checks run and, if the program still stands, a new guard is taken."""
+    compared by identity (``training`` flags; hook, children, buffer, parameter and kernel-cache dicts and
+    their entries; the layers' cached steps and hand-overs), the containers' child counts, the hook dicts that
+    must stay empty and the leaves' exact types. When it fails the full checks run and, if the program still
+    stands, a new guard is taken; ``tests/test_deploy_chain.py`` edits a used chain every way it knows."""
 
     program: list
     dicts: tuple
@@ -253,20 +273,6 @@ class _Guard:
 
 _MODULE_GLOBALS = torch.nn.modules.module.__dict__
 _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks")
-
-
-def _plan_reads(m: nn.Module) -> list[tuple[dict, str]]:
-    """Where :func:`_plan_input` reads ``m``'s attributes (as ``(dict, key)``; the guard's form of it)."""
-    t = type(m)
-    if t is nn.Hardtanh or t is nn.ReLU6:
-        return [(m.__dict__, "min_val"), (m.__dict__, "max_val")]
-    if t is nn.MaxPool2d:
-        return [(m.__dict__, "return_indices")]
-    if isinstance(m, Int8ConvNd):
-        return [(m.__dict__, "_pre_pad")]
-    if isinstance(m, Int8Linear):
-        return [(m._buffers, "input_smoothing"), (m._buffers, "input_scale")]
-    return []
 
 
 def _fused(steps: list[Step]) -> bool:
@@ -362,9 +368,10 @@ class Int8Sequential(nn.Sequential):
         the chain was re-planned."""
         made = self._lean
         if made is not None and all(
-            key in layer._cache and (step.feeds is None or _grid_output(step.out, step.feeds) is key[2])
-            for layer, key, step in made[1]
-        ):
+            layer.sync_cache().get(key) is bound
+            and (step.feeds is None or _grid_output(step.out, step.feeds) is key[2])
+            for layer, key, step, bound in made[1]
+        ):  # (the very steps bound: another chain over the same layers may have bound new ones under the key)
             return made[0]
         program, keys, form = [], [], "float"
         for step in self._steps:
@@ -377,10 +384,10 @@ class Int8Sequential(nn.Sequential):
             out = _grid_output(step.out, step.feeds) if step.feeds is not None else step.out
             bound = layer.lean_step(form, out)
             if bound is None:  # the layer's cache keeps this answer until it is cleared: planned again then
-                self._lean = (None, [(layer, ("lean_step", form, out), step)])
+                self._lean = (None, [(layer, ("lean_step", form, out), step, None)])
                 return None
             program.append(bound[0])
-            keys.append((layer, ("lean_step", form, out), step))
+            keys.append((layer, ("lean_step", form, out), step, bound))
             form = bound[1]
         self._lean = (program, keys)
         return program
@@ -405,12 +412,19 @@ class Int8Sequential(nn.Sequential):
                     read(m.__dict__, key)
                     hooks.append(m.__dict__[key])
         for c, items in self._structure:
+            read(c.__dict__, "_modules")
             for name, _ in items:
                 read(c._modules, name)
         for leaf in self._leaf_list:
-            for d, key in _plan_reads(leaf):
+            for d, key, _ in _plan_reads(leaf):
                 read(d, key)
-        for layer, key, step in self._lean[1]:
+            if isinstance(leaf, Int8Module):  # the tensors its bound step was made from, and its kernel cache
+                for attr in ("_parameters", "_buffers", "_cache"):
+                    read(leaf.__dict__, attr)
+                for d in (leaf._parameters, leaf._buffers):
+                    for key in d:
+                        read(d, key)
+        for layer, key, step, _ in self._lean[1]:
             read(layer._cache, key)
             if step.feeds is not None:
                 consumer = step.feeds
@@ -482,6 +496,7 @@ class Int8Sequential(nn.Sequential):
                 layer, out = step.module, step.out
                 if step.feeds is not None:
                     out = _grid_output(out, step.feeds)
+                layer.sync_cache()
                 try:
                     h = layer.run(h, grid=step.grid, out=out, dtype=dtype)
                 except FloatingPointError as err:
@@ -501,16 +516,12 @@ def _grid_output(act: Output, consumer: nn.Module) -> Output:
     """``act`` writing ``consumer``'s input grid. Kept in the consumer's kernel cache, which is cleared
     whenever its scales can change (state_dict loads, device moves)."""
     key = ("grid_output", act.upper)
-    out = consumer._cache.get(key)
-    scale, divisor = consumer._buffers["input_scale"], consumer._buffers.get("input_smoothing")
-    if out is not None and (out.inv_step is not scale or out.divisor is not divisor):
-        # a scale or SmoothQuant divisor registered or replaced outside load_state_dict / .to() (which clear
-        # the cache themselves): everything the consumer derived from its buffers is stale
-        consumer._cache.clear()
-        out = None
+    cache = consumer.sync_cache()  # (a scale or divisor replaced in any way: everything derived from it is stale)
+    out = cache.get(key)
     if out is None:
+        scale, divisor = consumer._buffers["input_scale"], consumer._buffers.get("input_smoothing")
         out = replace(act, inv_step=scale, step=consumer._steps()[0], qmax=consumer.qmax_input, divisor=divisor)
-        consumer._cache[key] = out
+        cache[key] = out
     return out
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from operator import is_
 from typing import Any
 
 import torch
@@ -95,6 +96,7 @@ class Int8Module(nn.Module):
         self._check_inference(x)
         if torch.compiler.is_compiling():  # torch.compile / torch.export: plain torch ops (lq.deploy.traced)
             return self._traced(x)
+        self.sync_cache()
         try:
             return self._forward(x)
         except FloatingPointError as err:
@@ -148,6 +150,25 @@ class Int8Module(nn.Module):
         if isinstance(value, torch.Tensor) and "_cache" in self.__dict__:
             self._cache.clear()
         super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        """Deleting a tensor (``del layer.input_smoothing``): the cache is cleared, as for an assignment."""
+        if "_cache" in self.__dict__:
+            self._cache.clear()
+        super().__delattr__(name)
+
+    def sync_cache(self) -> dict[str, Any]:
+        """The kernel cache, emptied first if a parameter or buffer was replaced behind the module's back
+        (``layer._buffers["input_scale"] = t``, which no ``__setattr__`` sees): one identity check of the
+        layer's tensors, ~1 us. Called on every forward (and by the int8 chains before they use what the
+        cache holds)."""
+        cache = self._cache
+        now = (*self._parameters.values(), *self._buffers.values())
+        seen = cache.get("tensors")
+        if seen is None or len(seen) != len(now) or not all(map(is_, seen, now)):
+            cache.clear()
+            cache["tensors"] = now
+        return cache
 
     def register_buffer(self, name: str, tensor: torch.Tensor | None, persistent: bool = True) -> None:
         if "_cache" in self.__dict__:  # a scale or SmoothQuant divisor registered or replaced: as __setattr__
@@ -286,8 +307,9 @@ class Int8Linear(Int8Module):
         layer's kernel cache, cleared whenever the packed weight or a scale can change.
         """
         key = ("lean_step", form, out)  # the Output object itself: a consumer's reloaded scale is a new Output
-        if key in self._cache:
-            return self._cache[key]
+        cache = self.sync_cache()
+        if key in cache:
+            return cache[key]
         made = None
         mode = kernels.fbgemm_mode()
         if (
@@ -627,6 +649,8 @@ class Int8ConvTranspose2d(Int8Module):
 
     def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
         self._check_inference(x)
+        if not torch.compiler.is_compiling():
+            self.sync_cache()
         output_padding = nn.modules.conv._ConvTransposeNd._output_padding(
             self, x, output_size, list(self.stride), list(self.padding), list(self.kernel_size), 2, list(self.dilation)
         )

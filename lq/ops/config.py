@@ -51,9 +51,10 @@ class Int8ComputeConfig:
             (benchmarks/RESULTS.md, seed 2): -11.4 points vs fp32 with "nearest", -2.4 with "stochastic"; over
             three seeds -6.1 vs +0.3 points, hence the default. ``u`` comes as random bytes, one per element,
             reproducible with ``torch.manual_seed`` (``lq.ops.fused.noise_bits``: on CPU a window at a random offset
-            of a fixed 16 MiB+ table of random bytes, nothing made per call; torch's generator on other devices;
-            128 equally likely values, unbiased within 1/256 of a step): against 20% of an int8 SmallResNet step
-            with one ``torch.rand`` float per element (bench_int8_step.py, VNNI host). ``"stochastic_hash"``: the same rounding with
+            of a fixed 16 MiB+ table of random bytes, nothing made per call, and a level shift per call; torch's
+            generator on other devices; 128 equally likely levels at every element, unbiased within 1/256 of a
+            step). The noise costs ~3% of an int8 SmallResNet step; one ``torch.rand`` float per element cost 20%
+            (bench_int8_step.py, VNNI host). ``"stochastic_hash"``: the same rounding with
             ``u`` made inside the fused quantization kernel from a counter hash (``lq.ops.fused.uniform_hash``),
             no faster than the noise bytes any more (56.6 vs 57.6 ms a step); opt-in: seven seeds of
             fashion_int8_train measured it 1.6 points below ``torch.rand`` noise on average (benchmarks/

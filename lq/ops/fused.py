@@ -93,21 +93,42 @@ def _memory_order(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return flat.reshape(like.shape)
 
 
-def noise_bits(like: torch.Tensor) -> torch.Tensor:
-    """Random bits for stochastic rounding: an int8 tensor of ``like``'s shape whose low ``NOISE_BITS`` (7)
-    bits are uniform, reproducible with ``torch.manual_seed``. The fused quantization kernel reads 1 byte an
-    element instead of ``torch.rand``'s 4 (whose per-element mt19937 draws were 20% of an int8 SmallResNet
-    step; int16 bits, 15 of them, took 1.3 ms on a 64x16x28x28 gradient: Inductor's CPU loops do not
-    vectorize int16 -> float). The kernel makes ``u = frac(b / 2^7 + 2^-8)`` of byte ``b``: uniform on the
-    midpoints of 2^7 equal bins of [0, 1) (every byte is uniform over its 256 values, so every bin comes up
-    equally often). ``floor(y + u)`` then has expectation ``floor(y)`` plus ``frac(y)`` rounded to the nearest
-    1/128: unbiased within 1/256 of a step, that error zero-mean over the fractions; only entries below 1/256
-    of a step (in magnitude) always round to 0.
+def noise_bits(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random bits for stochastic rounding, ``(bits, shift)``: an int8 tensor of ``like``'s shape whose low
+    ``NOISE_BITS`` (7) bits give the noise level, and a 0-d fp32 ``shift`` = ``(k + 1/2) / 128`` with ``k``
+    uniform in 0..127, drawn per call; both reproducible with ``torch.manual_seed``. The fused quantization
+    kernel reads 1 byte an element instead of ``torch.rand``'s 4 (whose per-element mt19937 draws were 20% of
+    an int8 SmallResNet step; int16 bits, 15 of them, took 1.3 ms on a 64x16x28x28 gradient: Inductor's CPU
+    loops do not vectorize int16 -> float). The kernel makes ``u = frac(b / 2^7 + shift)`` of byte ``b``: the
+    midpoint of bin ``(b + k) mod 128`` of 2^7 equal bins of [0, 1). With ``k`` uniform and drawn afresh every
+    call, that bin is uniform at every element on every call, whatever the bytes are, so ``floor(y + u)`` has
+    expectation ``floor(y)`` plus ``frac(y)`` rounded to the nearest 1/128: unbiased within 1/256 of a step,
+    that error zero-mean over the fractions; only entries below 1/256 of a step (in magnitude) always round
+    to 0. The bytes make the elements of one call independent of each other.
 
     Where the bytes come from (:func:`random_bytes`): on CPU, a window of a fixed table of random bytes at an
     offset drawn from torch's generator (no bytes made per call: the per-call PCG64 draw cost 0.4 ms per MiB,
-    8% of an int8 Linear step); on other devices torch's generator (Philox on CUDA)."""
-    return _memory_order(random_bytes(like.numel(), like.device), like)
+    8% of an int8 Linear step); on other devices torch's generator (Philox on CUDA). The shift is what makes
+    the table's windows safe: without it an element's level over many calls would follow the table's bytes at
+    its position modulo 64 (the offsets' step), a bias of ~0.1% of a step shared by every element 64 bytes
+    apart, i.e. by whole gradient columns of most layers (a review measured it)."""
+    r = int(torch.randint(0, POOL_WINDOWS << NOISE_BITS, (1,)))  # one draw: the window and the level shift
+    window = (r >> NOISE_BITS) if like.device.type == "cpu" else None
+    bits = _memory_order(random_bytes(like.numel(), like.device, window), like)
+    return bits, _shift(r & ((1 << NOISE_BITS) - 1), like.device)
+
+
+_SHIFTS: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _shift(k: int, device: torch.device) -> torch.Tensor:
+    """The 0-d fp32 ``(k + 1/2) / 128`` on ``device`` (cached: 128 values a device)."""
+    t = _SHIFTS.get((k, device))
+    if t is None:
+        with torch.inference_mode(False):  # never an inference tensor (a first call under inference_mode)
+            t = torch.tensor((k + 0.5) / (1 << NOISE_BITS), dtype=torch.float32, device=device)
+        _SHIFTS[(k, device)] = t
+    return t
 
 
 #: CPU noise offsets: multiples of 64 bytes (the compiled kernels' inputs stay aligned) below 64 * POOL_WINDOWS (16 MiB)
@@ -117,20 +138,25 @@ _pool: torch.Tensor | None = None
 
 
 def noise_pool(n: int) -> torch.Tensor:
-    """The CPU noise table: at least ``64 * POOL_WINDOWS + n`` uniformly random bytes (int8), a fixed stream
-    (numpy's PCG64 of ``_POOL_SEED``; torch's mt19937 of it without numpy) made once and lengthened when a
+    """The CPU noise table: at least ``64 * POOL_WINDOWS + n`` random bytes (int8), a fixed stream (numpy's
+    PCG64 of ``_POOL_SEED``, every byte uniform; without numpy torch's mt19937 of it, whose every fourth byte
+    is uniform over 0..127 only, all the noise uses) made once and lengthened when a
     larger tensor needs it (a longer table starts with the same bytes). 16 MiB plus twice the largest tensor
     quantized so far, made in ~5 ms."""
     global _pool
     need = 64 * POOL_WINDOWS + n
     if _pool is None or _pool.numel() < need:
         size = -(-max(need, 2 * n + 64 * POOL_WINDOWS) // 8) * 8
-        if _np is not None:
-            _pool = torch.from_numpy(_np.random.PCG64(_POOL_SEED).random_raw(size // 8)).view(torch.int8)
-        else:
-            gen = torch.Generator().manual_seed(_POOL_SEED)
-            _pool = torch.empty(size // 4, dtype=torch.int32).random_(generator=gen).view(torch.int8)
+        with torch.inference_mode(False):  # never an inference tensor (a first call under inference_mode)
+            _pool = _make_pool(size)
     return _pool
+
+
+def _make_pool(size: int) -> torch.Tensor:
+    if _np is not None:
+        return torch.from_numpy(_np.random.PCG64(_POOL_SEED).random_raw(size // 8)).view(torch.int8)
+    gen = torch.Generator().manual_seed(_POOL_SEED)
+    return torch.empty(size // 4, dtype=torch.int32).random_(generator=gen).view(torch.int8)
 
 
 def random_bytes(n: int, device: torch.device, seed: int | None = None) -> torch.Tensor:
@@ -139,15 +165,12 @@ def random_bytes(n: int, device: torch.device, seed: int | None = None) -> torch
     of ``seed`` when given (then torch's generator is not touched).
 
     CPU: the window of :func:`noise_pool` at a random offset (``64 * w``, ``w`` uniform below
-    ``POOL_WINDOWS``), read-only (a view of the shared table). Each element's byte is then a fresh draw,
-    every call, from the 2^18 bytes the windows put at its position, and neighbouring elements get
-    independent bytes (the table's). What this gives up against bytes made per call is measured in
-    ``tests/test_ops_grad_quant.py``: at each element the 128 noise levels' cumulative frequencies stay
-    within ~0.3% of equal (a Kolmogorov-Smirnov bound over 2^18 draws), so the rounding's bias there is at
-    most ~0.3% of a step, differing from element to element with mean zero (the 128 levels' own bias is up
-    to 0.4%); two calls' windows overlap in shifted copies,
-    so an element's noise in one call is another element's in another (no element repeats its own noise
-    unless the offsets coincide, 1 in 2^18). Other devices: torch's generator (31-bit int32 draws, whose top
+    ``POOL_WINDOWS``, or ``seed % POOL_WINDOWS``), read-only (a view of the shared table). Neighbouring
+    elements get independent bytes (the table's); over calls an element sees the 2^18 bytes the windows put at
+    its position, which alone would leave each position modulo 64 a small rounding bias of its own:
+    :func:`noise_bits` adds a level shift drawn per call, which makes every element's noise level exactly
+    uniform on every call (tested). Two calls' windows overlap in shifted copies, so an element's bytes in one
+    call are another element's in another. Other devices: torch's generator (31-bit int32 draws, whose top
     byte is uniform over 0..127 only: still every 7-bit value equally often, which is what NOISE_BITS uses)."""
     if device.type == "cpu":
         w = int(torch.randint(0, POOL_WINDOWS, (1,))) if seed is None else seed % POOL_WINDOWS
@@ -162,11 +185,12 @@ def noise_bytes(like: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
     """:func:`noise_bits` as an op for compiled graphs: an int8 tensor laid out like ``like`` (its bytes in
     ``like``'s memory order) of uniformly random bytes, a deterministic function of ``seed`` (an int64 ``[1]``
     drawn in the graph, so ``torch.manual_seed`` reproduces a compiled run; the draws differ from eager's,
-    whose seed comes from torch's generator outside the graph). The bytes of :func:`random_bytes` for that
-    seed (on CPU a window of the noise table), not an in-graph hash. Opaque to the compiler, which cannot trace numpy."""
+    whose seed comes from torch's generator outside the graph). The bytes of :func:`random_bytes` for
+    ``seed >> 7`` (on CPU a window of the noise table; the low 7 bits make the level shift in the graph), not
+    an in-graph hash. Opaque to the compiler, which cannot trace numpy."""
     out = torch.empty_like(like, dtype=torch.int8)
     n = out.numel()
-    flat = random_bytes(n, like.device, int(seed.reshape(-1)[0]))
+    flat = random_bytes(n, like.device, int(seed.reshape(-1)[0]) >> NOISE_BITS)  # (the low bits: the shift)
     out.as_strided((n,), (1,)).copy_(flat)  # (empty_like of a dense tensor: its memory in order)
     return out
 
@@ -176,8 +200,9 @@ def _(like, seed):
     return torch.empty_like(like, dtype=torch.int8)
 
 
-def _uniform_from_bits(bits: torch.Tensor) -> torch.Tensor:
-    w = bits.to(torch.float32) * (1.0 / (1 << NOISE_BITS)) + 0.5 / (1 << NOISE_BITS)
+def _uniform_from_bits(bits: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``u = frac(b / 128 + shift)`` (exact in fp32: every term a multiple of 1/256 below 2), see noise_bits."""
+    w = bits.to(torch.float32) * (1.0 / (1 << NOISE_BITS)) + shift
     return w - torch.floor(w)
 
 
@@ -198,11 +223,12 @@ def _quantize_with_scale(
         shape[keep_dim] = -1
         sb = s.reshape(shape)
     # stochastic rounding floor(y + u), u uniform in [0, 1): E = y (to within 1/256 of a step for noise_bits'
-    # 128 levels); u from ``noise`` (noise_bits) or made here from ``seed`` (uniform_hash)
-    if seed is not None:
+    # 128 levels); u from ``noise`` (noise_bits' bytes, ``seed`` then being its level shift) or made here from
+    # ``seed`` alone (uniform_hash)
+    if noise is not None:
+        r = torch.floor(y * sb + _uniform_from_bits(noise, seed))
+    elif seed is not None:
         r = torch.floor(y * sb + uniform_hash(y, seed))
-    elif noise is not None:
-        r = torch.floor(y * sb + _uniform_from_bits(noise))
     else:
         r = torch.round(y * sb)
     return torch.clamp(r, -qmax, qmax).to(torch.int8)
@@ -326,18 +352,20 @@ def quantize_with_scale(
 
 
 def rounding_inputs(x: torch.Tensor, stochastic: bool | str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``(noise, seed)`` for ``_quantize_with_scale``: random bits (:func:`noise_bits`) for ``True`` /
-    ``"rand"`` (traced into a compiled graph: from :func:`noise_bytes`, an opaque op), a 0-d int64 seed for the
-    in-kernel hash (``"hash"``), neither for round-to-nearest."""
+    """``(noise, seed)`` for ``_quantize_with_scale``: random bits and their level shift (:func:`noise_bits`)
+    for ``True`` / ``"rand"`` (traced into a compiled graph: the bits from :func:`noise_bytes`, an opaque op,
+    and the shift from the same in-graph draw), no bits and a 0-d int64 seed for the in-kernel hash
+    (``"hash"``), neither for round-to-nearest."""
     if stochastic not in (False, True, "rand", "hash"):
         raise ValueError(f"stochastic must be False, True, 'rand' or 'hash', got {stochastic!r}")
     if stochastic == "hash":
         return None, torch.randint(0, 1 << 32, (), dtype=torch.int64).to(x.device)
     if stochastic and torch.compiler.is_compiling():  # noise bytes from an op the compiler keeps opaque
         seed = torch.randint(0, 1 << 62, (1,), dtype=torch.int64, device=x.device)
-        return torch.ops.lq.noise_bytes(x, seed), None
+        shift = ((seed & ((1 << NOISE_BITS) - 1)).to(torch.float32).reshape(()) + 0.5) / (1 << NOISE_BITS)
+        return torch.ops.lq.noise_bytes(x, seed), shift
     if stochastic:
-        return noise_bits(x), None
+        return noise_bits(x)
     return None, None
 
 

@@ -277,8 +277,12 @@ class _Plan:
     what: str = ""
 
 
-def _plan(ratios: tuple[float, ...], clip: bool, name: str | None, what: str, every: int, state: dict | None) -> _Plan:
-    """The periodic search's decision for one call (advances ``state``'s count for ``what``)."""
+def _plan(
+    ratios: tuple[float, ...], clip: bool, name: str | None, what: str, every: int, state: dict | None,
+    advance: bool = True,
+) -> _Plan:
+    """The periodic search's decision for one call (advances ``state``'s count for ``what`` unless
+    ``advance=False``: a look at the decision the next call will make)."""
     ratio = 1.0
     search = clip and len(ratios) > 1
     cand = tuple(ratios) if search else (1.0,)
@@ -291,7 +295,8 @@ def _plan(ratios: tuple[float, ...], clip: bool, name: str | None, what: str, ev
     if periodic:
         entry = state.get(what)
         if entry is not None and entry[0] < every:
-            entry[0] += 1
+            if advance:
+                entry[0] += 1
             search, cand = False, (entry[1],)
             ratio = entry[1]
     return _Plan(search, cand, ratio, periodic, state, what)
@@ -336,7 +341,7 @@ def _fused_fixed_pair(g, mult_a, r_a, axis_a, noise_a, seed_a, mult_b, r_b, axis
             *_fused_fixed(g, mult_b, r_b, qmax, axis_b, noise_b, seed_b))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class GradOperand:
     """One backward product's quantization of a gradient: per index of ``axis`` (``None``: per layer), of
     ``g * mult`` (``mult`` another operand's folded scale, or ``None``), labelled ``what``."""
@@ -362,16 +367,20 @@ def quantize_grad_pair(
     """``quantize_grad`` for both backward products of a layer (grad_input's and grad_weight's operands of the
     same gradient), the same results: where neither searches its clip this call (``clip_every`` reuses, or no
     clipping) and no ``GradDeviationTracker`` is active, in one compiled call that reads ``g`` for both
-    (one call less: ~70 us of Dynamo's wrapper, and one or two passes over ``g`` less); else one call each."""
+    (one call less: ~70 us of Dynamo's wrapper, and one or two passes over ``g`` less); else one
+    ``quantize_grad`` call each, in order. (A NaN in ``g`` raises for the first operand; in the paired call
+    both counts have advanced by then, where two calls would have advanced the first only.)"""
     _check_args(every, state)
+    if first.what == second.what:
+        raise ValueError(f"quantize_grad_pair: the two operands need different labels (their clip state), got "
+                         f"{first.what!r} twice")
     ops = [replace(op, axis=None if op.axis is None else op.axis % g.dim()) for op in (first, second)]
-    if g.numel() == 0:
-        return tuple(quantize_grad(g, qmax, op.axis, ratios, clip, num_samples, name, op.what, op.mult, every, state,
-                                   stochastic) for op in ops)
+    ahead = [_plan(ratios, clip, name, op.what, every, state, advance=False) for op in ops]
+    if g.numel() == 0 or any(p.search for p in ahead) or _ACTIVE or torch.compiler.is_compiling():
+        # one quantize_grad each, in order (the second decides after the first ran, as two calls would)
+        return tuple(quantize_grad(g, qmax, op.axis, ratios, clip, num_samples, name, op.what, op.mult, every,
+                                   state, stochastic) for op in ops)
     plans = [_plan(ratios, clip, name, op.what, every, state) for op in ops]
-    if any(p.search for p in plans) or _ACTIVE or torch.compiler.is_compiling():
-        return tuple(_quantize_planned(g, qmax, op.axis, op.mult, num_samples, name, op.what, stochastic, p)
-                     for op, p in zip(ops, plans))
     inputs = []
     for op, p in zip(ops, plans):
         noise, seed = fused.rounding_inputs(g, stochastic)
@@ -381,7 +390,6 @@ def quantize_grad_pair(
     for i, (op, p) in enumerate(zip(ops, plans)):
         q, step, amax, finite = out[4 * i : 4 * i + 4]
         require_finite(finite, amax, op.what, name)
-        _report(name, op.what, 0.0)
         results.append(GradQuantResult(q=q, step=step, ratio=p.ratio, cos=1.0))
     return tuple(results)
 

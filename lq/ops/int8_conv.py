@@ -76,7 +76,7 @@ class Int8Conv2dFunction(torch.autograd.Function):
         quantized = quantize_layer_grads(g, qg, ops, cfg, ctx.name, ctx.clip_state)
         if ctx.needs_input_grad[0]:
             if "x" in quantized:
-                r = quantized["x"]
+                r = quantized.pop("x")  # (freed once its GEMM has run)
                 op = K.int8_conv2d_grad_input if fast else K.conv2d_grad_input_reference
                 grad_x = op(r.q, wq, r.step, qg, qw, list(xq.shape), stride, padding, dilation, groups)
             else:
@@ -88,7 +88,7 @@ class Int8Conv2dFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             wsize = list(wq.shape)
             if "w" in quantized:
-                r = quantized["w"]
+                r = quantized.pop("w")
                 op = K.int8_conv2d_grad_weight if fast else K.conv2d_grad_weight_reference
                 grad_w = op(r.q, xq, r.step, x_step, qg, qa, wsize, stride, padding, dilation, groups)
             else:

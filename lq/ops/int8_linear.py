@@ -84,7 +84,7 @@ class Int8LinearFunction(torch.autograd.Function):
         quantized = quantize_layer_grads(g, qg, ops, cfg, ctx.name, ctx.clip_state)
         if ctx.needs_input_grad[0]:
             if "x" in quantized:
-                r = quantized["x"]
+                r = quantized.pop("x")  # (freed once its GEMM has run)
                 # b operand [K, N] (reduced N last): the integer weight transposed, as a view (the kernels read
                 # strided operands or copy them themselves; an int8 transpose copy cost 0.6 ms at 1024^2)
                 grad_x = _mm(cfg, r.q, wq.t(), r.step, one, qg, qw, None)
@@ -96,7 +96,7 @@ class Int8LinearFunction(torch.autograd.Function):
             grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             if "w" in quantized:
-                r = quantized["w"]
+                r = quantized.pop("w")
                 # a = g^T [N, M], b = x_q^T [K, M]: both with the reduced M last, as transposed views (the
                 # kernels read strided operands or copy them themselves)
                 grad_w = _mm(cfg, r.q.t(), xq.t(), r.step, one, qg, qa, None)
