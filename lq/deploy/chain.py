@@ -272,6 +272,7 @@ class _Guard:
 
 
 _MODULE_GLOBALS = torch.nn.modules.module.__dict__
+_MISSING = object()
 _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks")
 
 
@@ -337,7 +338,7 @@ class Int8Sequential(nn.Sequential):
         self._leaf_list = [m for _, _, m in _leaves(self)]
         self._plan_inputs = _plan_inputs(self._leaf_list)
         self._steps = plan(self._leaf_list)
-        self._lean = None  # (bound steps or None, [(layer, its cache key, the plan step)] that keep them valid)
+        self._lean = None  # (bound steps or None, [(layer, its cache key, the plan step, what it bound)] that keep them valid)
         self._guard = None  # _Guard of the bound steps
 
     def _stale(self) -> bool:
@@ -368,10 +369,11 @@ class Int8Sequential(nn.Sequential):
         the chain was re-planned."""
         made = self._lean
         if made is not None and all(
-            layer.sync_cache().get(key) is bound
+            layer.sync_cache().get(key, _MISSING) is bound
             and (step.feeds is None or _grid_output(step.out, step.feeds) is key[2])
             for layer, key, step, bound in made[1]
-        ):  # (the very steps bound: another chain over the same layers may have bound new ones under the key)
+        ):  # (the very steps bound, or the very "no" (None): another chain over the same layers may have bound new
+            # ones under the key; a cleared cache is asked again)
             return made[0]
         program, keys, form = [], [], "float"
         for step in self._steps:
