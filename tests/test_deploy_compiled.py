@@ -271,3 +271,24 @@ def test_compiled_onednn_conv_half_range_split_is_exact(monkeypatch):
     assert ran.count("Int8Conv2d:onednn (compiled graph)") == 2
     torch.testing.assert_close(got, eager(x), rtol=1e-5, atol=1e-6)
     torch._dynamo.reset()
+
+
+def test_compiled_conv_sees_a_scale_replaced_through_buffers() -> None:
+    """A converted conv's input scale replaced behind the module's back (``_buffers[...] = t``): the compiled
+    graph quantizes with the new scale, and the oneDNN op inside it re-packs to match (``sync_cache``); a
+    review found it kept the old pack's step (max error 1.4 on outputs up to 2.8)."""
+    torch.manual_seed(23)
+    x = torch.randn(16, 16, 28, 28)  # big enough for the oneDNN op inside the graph (hw.ran says so)
+    fq = _calibrated(nn.Sequential(nn.Conv2d(16, 16, 3, padding=1)).eval(), x)
+    model = lq.convert(copy.deepcopy(fq), fuse=False)
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        with hw.record_kernels() as ran:
+            torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=0)
+        if "Int8Conv2d:onednn (compiled graph)" not in ran:
+            pytest.skip(f"the compiled graph took another conv kernel here ({ran})")
+        new = model[0].input_scale * 0.5
+        model[0]._buffers["input_scale"] = new
+        reference = lq.convert(copy.deepcopy(fq), fuse=False)
+        reference[0].input_scale = new.clone()
+        torch.testing.assert_close(compiled(x), reference(x), rtol=1e-5, atol=1e-5)

@@ -440,3 +440,33 @@ def test_quantize_grad_pair_equals_two_quantize_grad_calls(stochastic: bool, mon
         searched = step % 4 == 0
         assert pair_names == (["grad_quant_search"] * 2 if searched else ["grad_quant_fixed_pair"])
     assert any(ratio != 1.0 for _, ratio in paired.values())
+
+
+def test_quantize_grad_pair_does_not_recompile_when_its_two_operands_coincide(monkeypatch) -> None:
+    """Equal level shifts or ratios of the two operands are one cached tensor object; Dynamo guards on inputs
+    being the same object, so the paired graph compiled again the first time two coincided (1 call in 128 for
+    the shifts; a review found it). The pair passes no tensor twice."""
+    import torch._dynamo.utils as dynamo_utils
+
+    from lq.ops import fused
+    from lq.ops.grad_quant import GradOperand, quantize_grad_pair
+
+    monkeypatch.setenv("LQ_COMPILE_QUANT", "1")
+    real = fused.noise_bits
+    coincide = {"on": False}
+
+    def noise(like):
+        bits, shift = real(like)
+        return bits, (fused._shift(5, like.device) if coincide["on"] else shift)
+
+    monkeypatch.setattr(fused, "noise_bits", noise)
+    torch.manual_seed(22)
+    g = torch.randn(48, 40)
+    a = GradOperand(0, torch.rand(1, 40) + 0.5, "a (recompile test)")
+    b = GradOperand(1, torch.rand(48, 1) + 0.5, "b (recompile test)")
+    quantize_grad_pair(g, 127, a, b, stochastic=True)
+    graphs = dynamo_utils.counters["stats"]["unique_graphs"]
+    coincide["on"] = True
+    for _ in range(2):
+        quantize_grad_pair(g, 127, a, b, stochastic=True)
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs

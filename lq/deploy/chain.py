@@ -199,31 +199,32 @@ def plan(modules: list[nn.Module]) -> list[Step]:
     return steps
 
 
-def _is_none(v: object) -> bool:
-    return v is None
+def _value(d: dict, key: str) -> object:
+    return d.get(key)
 
 
-def _is_set(v: object) -> bool:
-    return v is not None
+def _is_none(d: dict, key: str) -> bool:
+    return d.get(key) is None
 
 
-def _same(v: object) -> object:
-    return v
+def _present(d: dict, key: str) -> bool:
+    return key in d  # (what plan's _smoothed and Int8Linear.run test)
 
 
-def _plan_reads(m: nn.Module) -> list[tuple[dict, str, Callable[[object], object]]]:
-    """What :func:`plan` reads from a module beyond its exact type, as ``(dict, key, what of the value)``: clip
-    bounds, pooling indices, whether a conv pads explicitly, whether a Linear has a SmoothQuant divisor. The one
-    table behind :func:`_plan_input` and the batch-1 guard's reads (:class:`_Guard`)."""
+def _plan_reads(m: nn.Module) -> list[tuple[dict, str, Callable[[dict, str], object]]]:
+    """What :func:`plan` reads from a module beyond its exact type, as ``(dict, key, how)``: clip bounds, pooling
+    indices, whether a conv pads explicitly, whether a Linear has a SmoothQuant divisor. The one table behind
+    :func:`_plan_input` (``how(dict, key)``) and the batch-1 guard's reads (:class:`_Guard`: ``dict.get(key)``
+    by identity)."""
     t = type(m)
     if t is nn.Hardtanh or t is nn.ReLU6:
-        return [(m.__dict__, "min_val", _same), (m.__dict__, "max_val", _same)]
+        return [(m.__dict__, "min_val", _value), (m.__dict__, "max_val", _value)]
     if t is nn.MaxPool2d:
-        return [(m.__dict__, "return_indices", _same)]
+        return [(m.__dict__, "return_indices", _value)]
     if isinstance(m, Int8ConvNd):
         return [(m.__dict__, "_pre_pad", _is_none)]
     if isinstance(m, Int8Linear):
-        return [(m._buffers, "input_smoothing", _is_set)]
+        return [(m._buffers, "input_smoothing", _present)]
     return []
 
 
@@ -231,7 +232,7 @@ def _plan_input(m: nn.Module) -> object:
     """What :func:`plan` reads from a module: its exact type (``_between`` / ``_relu_top`` test exact types)
     and :func:`_plan_reads`' values."""
     reads = _plan_reads(m)
-    return type(m) if not reads else (type(m), *(f(d.get(k)) for d, k, f in reads))
+    return type(m) if not reads else (type(m), *(how(d, k) for d, k, how in reads))
 
 
 def _plan_inputs(modules: list[nn.Module]) -> list[object]:
@@ -483,6 +484,7 @@ class Int8Sequential(nn.Sequential):
             # _fused_forward's compiler.disable, whose wrapper alone costs ~10 us a call
             program = self._lean_program()
             if program is None:
+                self._guard = None  # (a guard of a program that is gone would only fail on every call)
                 return self._fused_forward(x)
             self._guard = self._take_guard(program)
         for step_fn in program:

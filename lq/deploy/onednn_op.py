@@ -121,7 +121,9 @@ def _onednn_conv_cpu(u: torch.Tensor, layer: int, zero_point: int, signed: bool)
     """Eq. 10 with the bias for the uint8 operand ``u`` (NCHW sizes, zero point ``zero_point``, ``signed``: the
     half-range split) of the converted conv whose ``id`` is ``layer`` (:func:`register`): fp32, channels-last."""
     hw.ran("Int8Conv2d", "onednn (compiled graph)")
-    return _layer(layer).onednn_u8(u, zero_point, signed).contiguous(memory_format=torch.channels_last)
+    conv = _layer(layer)
+    conv.sync_cache()  # (a scale replaced through _buffers: the graph quantizes with it, so must the pack)
+    return conv.onednn_u8(u, zero_point, signed).contiguous(memory_format=torch.channels_last)
 
 
 _LIB.impl("onednn_conv", _onednn_conv_cpu, "CPU")

@@ -385,6 +385,14 @@ def quantize_grad_pair(
     for op, p in zip(ops, plans):
         noise, seed = fused.rounding_inputs(g, stochastic)
         inputs += [op.mult, _ratio_tensor(p.cand, g.device), op.axis, noise, seed]
+    # no tensor twice (equal cached ratios or level shifts are the same object): Dynamo guards on which inputs
+    # are the same object and would compile the graph again the first time two coincide (review finding)
+    seen: set[int] = set()
+    for i, a in enumerate(inputs):
+        if isinstance(a, torch.Tensor):
+            if id(a) in seen:
+                inputs[i] = a.clone()
+            seen.add(id(a))
     out = fused.call("grad_quant_fixed_pair", _fused_fixed_pair, g, *inputs, qmax)
     results = []
     for i, (op, p) in enumerate(zip(ops, plans)):
