@@ -24,6 +24,7 @@ from lq.ops import int8_conv_kernels as K
 from lq.ops.config import Int8ComputeConfig
 from lq.ops.grad_quant import GradOperand, check_unquantized_grad, quantize_layer_grads
 from lq.ops.quantize import dequantize_along, quantize_along
+from lq.ops.partitioner import keep, keep_input
 from lq.ops.saved_int8 import share_int8, shared_int8
 from lq.quant.functional import qmax as _qmax
 
@@ -51,7 +52,8 @@ class Int8Conv2dFunction(torch.autograd.Function):
         fast = config.use_fast_kernels
         fwd = K.int8_conv2d_fwd if fast else K.conv2d_fwd_reference
         y = fwd(xq, wq, x_step, w_step, qa, qw, bias, stride, padding, dilation, groups)
-        ctx.save_for_backward(xq, x_step, wq, w_step)
+        ctx.keep_input = keep_input(x, ctx.needs_input_grad[0])  # (compiled on CPU: see lq.ops.partitioner)
+        ctx.save_for_backward(xq, x_step, wq, w_step, *((x,) if ctx.keep_input else ()))
         ctx.args = (stride, padding, dilation, groups)
         ctx.config, ctx.name, ctx.x_dtype = config, name, x.dtype
         ctx.clip_state = clip_state  # the layer's own dict: periodic clip ratios (config.clip_every)
@@ -60,7 +62,7 @@ class Int8Conv2dFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        xq, x_step, wq, w_step = ctx.saved_tensors
+        xq, x_step, wq, w_step, *kept = ctx.saved_tensors
         cfg: Int8ComputeConfig = ctx.config
         stride, padding, dilation, groups = ctx.args
         qa, qw, qg = _qmax(cfg.act_bits), _qmax(cfg.weight_bits), _qmax(cfg.grad_bits)
@@ -85,6 +87,8 @@ class Int8Conv2dFunction(torch.autograd.Function):
             if ctx.static:
                 grad_x = grad_x.masked_fill_(xq.abs() >= qa, 0.0)  # eq. 13 (clipped inputs get no gradient)
             grad_x = grad_x.to(ctx.x_dtype)
+            if kept:
+                grad_x = keep(kept[0], grad_x)
         if ctx.needs_input_grad[1]:
             wsize = list(wq.shape)
             if "w" in quantized:

@@ -26,6 +26,7 @@ import torch
 from lq.ops.config import Int8ComputeConfig
 from lq.ops.grad_quant import GradOperand, check_unquantized_grad, quantize_layer_grads
 from lq.ops.int8_mm import int8_mm, int8_mm_reference
+from lq.ops.partitioner import keep, keep_input
 from lq.ops.quantize import dequantize_along, quantize_along
 from lq.quant.functional import qmax as _qmax
 
@@ -54,7 +55,8 @@ class Int8LinearFunction(torch.autograd.Function):
             xq, x_step = quantize_along(x2, qa, 0, name=name)
         wq, w_step = quantize_along(weight, qw, 0, name=name, what="weight")
         y = _mm(config, xq, wq, x_step, w_step, qa, qw, bias)
-        ctx.save_for_backward(xq, x_step, wq, w_step)
+        ctx.keep_input = keep_input(x, ctx.needs_input_grad[0])  # (compiled on CPU: see lq.ops.partitioner)
+        ctx.save_for_backward(xq, x_step, wq, w_step, *((x,) if ctx.keep_input else ()))
         ctx.config, ctx.name, ctx.x_shape, ctx.x_dtype = config, name, x.shape, x.dtype
         ctx.clip_state = clip_state  # the layer's own dict: periodic clip ratios (config.clip_every)
         ctx.static = config.act_scale == "static"
@@ -63,7 +65,7 @@ class Int8LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        xq, x_step, wq, w_step = ctx.saved_tensors
+        xq, x_step, wq, w_step, *kept = ctx.saved_tensors
         cfg: Int8ComputeConfig = ctx.config
         qa, qw, qg = _qmax(cfg.act_bits), _qmax(cfg.weight_bits), _qmax(cfg.grad_bits)
         n = wq.shape[0]
@@ -94,6 +96,8 @@ class Int8LinearFunction(torch.autograd.Function):
                 # eq. 13: no gradient where the input was clipped by the calibrated range (|x_q| = qmax).
                 grad_x = grad_x.masked_fill_(xq.abs() >= qa, 0.0)
             grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
+            if kept:
+                grad_x = keep(kept[0], grad_x)
         if ctx.needs_input_grad[1]:
             if "w" in quantized:
                 r = quantized.pop("w")
