@@ -429,11 +429,8 @@ class Int8Sequential(nn.Sequential):
                         read(d, key)
         for layer, key, step, _ in self._lean[1]:
             read(layer._cache, key)
-            if step.feeds is not None:
-                consumer = step.feeds
-                read(consumer._cache, ("grid_output", step.out.upper))
-                read(consumer._buffers, "input_scale")
-                read(consumer._buffers, "input_smoothing")
+            if step.feeds is not None:  # (the consumer's buffers are read above: it is a leaf of the chain)
+                read(step.feeds._cache, ("grid_output", step.out.upper))
         return _Guard(
             program, tuple(dicts), tuple(keys), tuple(values), tuple(c._modules for c in containers),
             tuple(len(c._modules) for c in containers), tuple(hooks), tuple(self._leaf_list),

@@ -143,25 +143,14 @@ class Int8Module(nn.Module):
                 self._buffers[key] = buf.float()
         return out
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        """A tensor assigned to the layer (``layer.input_scale = t``, a new weight) makes every packed weight
-        and cached step stale: the cache is cleared. (Edits in place, ``layer.input_scale.mul_(2)``, are not
-        seen: the packed weights are copies, as in torch.ao's quantized modules; use ``load_state_dict``.)"""
-        if isinstance(value, torch.Tensor) and "_cache" in self.__dict__:
-            self._cache.clear()
-        super().__setattr__(name, value)
-
-    def __delattr__(self, name: str) -> None:
-        """Deleting a tensor (``del layer.input_smoothing``): the cache is cleared, as for an assignment."""
-        if "_cache" in self.__dict__:
-            self._cache.clear()
-        super().__delattr__(name)
-
     def sync_cache(self) -> dict[str, Any]:
-        """The kernel cache, emptied first if a parameter or buffer was replaced behind the module's back
-        (``layer._buffers["input_scale"] = t``, which no ``__setattr__`` sees): one identity check of the
-        layer's tensors, ~1 us. Called on every forward (and by the int8 chains before they use what the
-        cache holds)."""
+        """The kernel cache, emptied first if a parameter or buffer was assigned, registered, deleted or
+        replaced since it was filled (``layer.input_scale = t``, ``register_buffer``, ``del
+        layer.input_smoothing``, ``layer._buffers["input_scale"] = t``): every packed weight and cached step
+        was made from the old tensors. One identity check of the layer's tensors, ~1 us; called on every
+        forward and by the int8 chains before they use what the cache holds. (Edits in place,
+        ``layer.input_scale.mul_(2)``, are not seen: the packed weights are copies, as in torch.ao's quantized
+        modules; ``load_state_dict`` and device moves clear the cache themselves.)"""
         cache = self._cache
         now = (*self._parameters.values(), *self._buffers.values())
         seen = cache.get("tensors")
@@ -169,16 +158,6 @@ class Int8Module(nn.Module):
             cache.clear()
             cache["tensors"] = now
         return cache
-
-    def register_buffer(self, name: str, tensor: torch.Tensor | None, persistent: bool = True) -> None:
-        if "_cache" in self.__dict__:  # a scale or SmoothQuant divisor registered or replaced: as __setattr__
-            self._cache.clear()
-        super().register_buffer(name, tensor, persistent)
-
-    def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
-        if "_cache" in self.__dict__:
-            self._cache.clear()
-        super().register_parameter(name, param)
 
     def _steps(self) -> tuple[float, torch.Tensor]:
         """(input step ``1/s_x`` as a float, weight steps ``1/s_w``), cached between calls; while compiling,

@@ -339,12 +339,11 @@ def fbgemm_grid_cap(step: float, inv_step: torch.Tensor, qmax: int) -> float | N
     values below quantize as eq. 7 does (monotone). Checked in ``tests/test_deploy_chain.py`` on values at
     and next to every half-integer.
     """
-    s = inv_step.detach().float().cpu().reshape(())
-    one = torch.ones((), dtype=torch.float32)
-    if float(one / torch.tensor(step, dtype=torch.float32)) != float(s):
+    a = fake_quant_step(step, inv_step)  # fp32(1 / step) == s, or None
+    if a is None:
         return None
-    cap = torch.tensor(float(qmax), dtype=torch.float32) * torch.tensor(step, dtype=torch.float32)
-    return float(cap) if float((cap * s).round()) == qmax else None
+    cap = torch.tensor(float(qmax), dtype=torch.float32) * torch.tensor(a, dtype=torch.float32)
+    return float(cap) if float((cap * inv_step.detach().float().cpu().reshape(())).round()) == qmax else None
 
 
 #: the smallest magnitude that rounds to Inf in fp32 (round to nearest): ``2**128 - 2**103``

@@ -121,12 +121,17 @@ def noise_bits(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 _SHIFTS: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 
+def _level_shift(k):
+    """``(k + 1/2) / 128`` for a level ``k`` (an int, or a tensor in a compiled graph)."""
+    return (k + 0.5) / (1 << NOISE_BITS)
+
+
 def _shift(k: int, device: torch.device) -> torch.Tensor:
-    """The 0-d fp32 ``(k + 1/2) / 128`` on ``device`` (cached: 128 values a device)."""
+    """:func:`_level_shift` of ``k`` as a 0-d fp32 tensor on ``device`` (cached: 128 values a device)."""
     t = _SHIFTS.get((k, device))
     if t is None:
         with torch.inference_mode(False):  # never an inference tensor (a first call under inference_mode)
-            t = torch.tensor((k + 0.5) / (1 << NOISE_BITS), dtype=torch.float32, device=device)
+            t = torch.tensor(_level_shift(k), dtype=torch.float32, device=device)
         _SHIFTS[(k, device)] = t
     return t
 
@@ -362,7 +367,7 @@ def rounding_inputs(x: torch.Tensor, stochastic: bool | str) -> tuple[torch.Tens
         return None, torch.randint(0, 1 << 32, (), dtype=torch.int64).to(x.device)
     if stochastic and torch.compiler.is_compiling():  # noise bytes from an op the compiler keeps opaque
         seed = torch.randint(0, 1 << 62, (1,), dtype=torch.int64, device=x.device)
-        shift = ((seed & ((1 << NOISE_BITS) - 1)).to(torch.float32).reshape(()) + 0.5) / (1 << NOISE_BITS)
+        shift = _level_shift((seed & ((1 << NOISE_BITS) - 1)).to(torch.float32).reshape(()))
         return torch.ops.lq.noise_bytes(x, seed), shift
     if stochastic:
         return noise_bits(x)

@@ -23,8 +23,8 @@ from torch.nn.modules.utils import _pair
 from lq.ops import int8_conv_kernels as K
 from lq.ops.config import Int8ComputeConfig
 from lq.ops.grad_quant import GradOperand, check_unquantized_grad, quantize_layer_grads
-from lq.ops.quantize import dequantize_along, quantize_along
 from lq.ops.partitioner import keep, keep_input
+from lq.ops.quantize import dequantize_along, quantize_along
 from lq.ops.saved_int8 import share_int8, shared_int8
 from lq.quant.functional import qmax as _qmax
 
@@ -52,8 +52,8 @@ class Int8Conv2dFunction(torch.autograd.Function):
         fast = config.use_fast_kernels
         fwd = K.int8_conv2d_fwd if fast else K.conv2d_fwd_reference
         y = fwd(xq, wq, x_step, w_step, qa, qw, bias, stride, padding, dilation, groups)
-        ctx.keep_input = keep_input(x, ctx.needs_input_grad[0])  # (compiled on CPU: see lq.ops.partitioner)
-        ctx.save_for_backward(xq, x_step, wq, w_step, *((x,) if ctx.keep_input else ()))
+        kept = (x,) if keep_input(x, ctx.needs_input_grad[0]) else ()  # (compiled on CPU: lq.ops.partitioner)
+        ctx.save_for_backward(xq, x_step, wq, w_step, *kept)
         ctx.args = (stride, padding, dilation, groups)
         ctx.config, ctx.name, ctx.x_dtype = config, name, x.dtype
         ctx.clip_state = clip_state  # the layer's own dict: periodic clip ratios (config.clip_every)

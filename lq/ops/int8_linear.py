@@ -55,8 +55,8 @@ class Int8LinearFunction(torch.autograd.Function):
             xq, x_step = quantize_along(x2, qa, 0, name=name)
         wq, w_step = quantize_along(weight, qw, 0, name=name, what="weight")
         y = _mm(config, xq, wq, x_step, w_step, qa, qw, bias)
-        ctx.keep_input = keep_input(x, ctx.needs_input_grad[0])  # (compiled on CPU: see lq.ops.partitioner)
-        ctx.save_for_backward(xq, x_step, wq, w_step, *((x,) if ctx.keep_input else ()))
+        kept = (x,) if keep_input(x, ctx.needs_input_grad[0]) else ()  # (compiled on CPU: lq.ops.partitioner)
+        ctx.save_for_backward(xq, x_step, wq, w_step, *kept)
         ctx.config, ctx.name, ctx.x_shape, ctx.x_dtype = config, name, x.shape, x.dtype
         ctx.clip_state = clip_state  # the layer's own dict: periodic clip ratios (config.clip_every)
         ctx.static = config.act_scale == "static"
