@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
+from lq.deploy import gemv
 from lq.deploy.int8_layers import Int8ConvNd, Int8Linear, Int8Module, _memory_format
 from lq.deploy.kernels import FLOAT, Output
 
@@ -272,6 +273,30 @@ class _Guard:
         )
 
 
+def _gemv_step(keys: list, program: list) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The bound fbgemm program ``program`` of the layers in ``keys`` (:meth:`Int8Sequential._lean_program`)
+    as one :mod:`lq.deploy.gemv` call for inputs of a few rows (``program`` itself for more), where the kernel
+    computes what it computes: every hand-over on the next layer's grid after ReLU, a float output at the end,
+    no SmoothQuant divisor. ``None`` otherwise, or where the kernel is not available."""
+    first = keys[0][0]
+    if "input_smoothing" in first._buffers:
+        return None
+    layers = []
+    for i, (layer, (_, _, out), _, _) in enumerate(keys):
+        if out.divisor is not None or out.upper is not None or out.grid == (i == len(keys) - 1):
+            return None
+        step_x, w_step = layer._steps()
+        hand_over = (float(out.inv_step), out.qmax) if out.grid else None
+        layers.append((layer.weight, step_x * w_step, layer.bias, out.relu or out.grid, hand_over))
+
+    def run_program(x: torch.Tensor) -> torch.Tensor:
+        for step_fn in program:
+            x = step_fn(x)
+        return x
+
+    return gemv.chain_step(first.input_scale, first.qmax_input, layers, run_program)
+
+
 _MODULE_GLOBALS = torch.nn.modules.module.__dict__
 _MISSING = object()
 _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks")
@@ -392,6 +417,9 @@ class Int8Sequential(nn.Sequential):
             program.append(bound[0])
             keys.append((layer, ("lean_step", form, out), step, bound))
             form = bound[1]
+        native = _gemv_step(keys, program)
+        if native is not None:  # a few rows: the whole chain in one call of lq/deploy/gemv.c, same numbers
+            program = [native]
         self._lean = (program, keys)
         return program
 

@@ -1,0 +1,210 @@
+/* lq batch-1 int8 Linear chains: eq. 7 and eq. 10 of Wu et al. 2020 for a few rows, every layer in one call.
+ *
+ * Built at first use by lq/deploy/gemv.py (cc -O3 -fopenmp -ffp-contract=off) and called through ctypes. At batch
+ * 1 a Linear layer is a matrix-vector product that streams its int8 weight once: the library kernels (fbgemm,
+ * oneDNN, torch._int_mm) take 37-57 us for a 1024 x 1024 weight on a 2-core AVX-512 VNNI host, about a quarter of
+ * what the cache bandwidth allows, and a chain of them adds a Python call and an output-stage op per layer.
+ * Here each thread owns a fixed slice of every layer's output rows (so it streams the same weight rows on every
+ * call), computes the exact int32 sums (VNNI u8 x s8 on AVX-512 VNNI, int16 multiply-add on AVX2, plain C
+ * elsewhere: the same integers on every path), and writes fbgemm's output stage
+ *     y = acc * mult[j] + bias[j]   (one fused multiply-add, or a multiply and an add: lq/deploy/gemv.py finds
+ *                                    which one fbgemm computes on this CPU and passes it in `fma`)
+ * then ReLU and either the next layer's eq. 7 integers clip(round(y * s'), 0, q') or the float output. The first
+ * layer's float input is quantized here too: clip(round(x * s), -q, q), round half to even, fp32 product.
+ *
+ * Integers between layers are stored as u = q + 128 (uint8), the form VNNI's u8 x s8 product takes; each layer's
+ * `wsum` (128 * the row sums of its weight) takes the 128 back out. Rows of the weight are padded with zeros to a
+ * multiple of 64 bytes (`kp`), the integer buffers with 128 (the integer 0).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define LQ_X86 1
+#endif
+
+typedef struct {
+    const int8_t *w;      /* n x kp, row-major, zero padded */
+    const int32_t *wsum;  /* n: 128 * sum_k w[j, k] */
+    const float *mult;    /* n: eq. 10's factor step_x * step_w[j] (fp32) */
+    const float *bias;    /* n, or NULL */
+    int64_t n, k, kp;
+    int32_t relu;         /* ReLU on y */
+    float next_s;         /* the next layer's input scale s' (its eq. 7); 0: float output */
+    int32_t next_qmax;
+} lq_layer;
+
+enum { LQ_SCALAR = 0, LQ_AVX2 = 1, LQ_VNNI = 2 };
+
+int32_t lq_isa(void) {
+#ifdef LQ_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw")) return LQ_VNNI;
+    if (__builtin_cpu_supports("avx2")) return LQ_AVX2;
+#endif
+    return LQ_SCALAR;
+}
+
+/* sums of u (uint8, kp bytes) with four weight rows w, w + kp, w + 2 kp, w + 3 kp (before the 128 correction) */
+static void dot4_scalar(const uint8_t *u, const int8_t *w, int64_t kp, int32_t *acc) {
+    for (int r = 0; r < 4; r++) {
+        int32_t a = 0;
+        for (int64_t k = 0; k < kp; k++) a += (int32_t)u[k] * (int32_t)w[r * kp + k];
+        acc[r] = a;
+    }
+}
+
+#ifdef LQ_X86
+__attribute__((target("avx512f,avx512bw,avx512vnni")))
+static void dot4_vnni(const uint8_t *u, const int8_t *w, int64_t kp, int32_t *acc) {
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t k = 0; k < kp; k += 64) {  /* vpdpbusd: four u8 x s8 products per int32 lane, no saturation */
+        __m512i uv = _mm512_loadu_si512((const void *)(u + k));
+        a0 = _mm512_dpbusd_epi32(a0, uv, _mm512_loadu_si512((const void *)(w + k)));
+        a1 = _mm512_dpbusd_epi32(a1, uv, _mm512_loadu_si512((const void *)(w + kp + k)));
+        a2 = _mm512_dpbusd_epi32(a2, uv, _mm512_loadu_si512((const void *)(w + 2 * kp + k)));
+        a3 = _mm512_dpbusd_epi32(a3, uv, _mm512_loadu_si512((const void *)(w + 3 * kp + k)));
+    }
+    acc[0] = _mm512_reduce_add_epi32(a0);
+    acc[1] = _mm512_reduce_add_epi32(a1);
+    acc[2] = _mm512_reduce_add_epi32(a2);
+    acc[3] = _mm512_reduce_add_epi32(a3);
+}
+
+__attribute__((target("avx2")))
+static inline __m256i madd16(const uint8_t *u, const int8_t *w) {
+    /* 16 products widened to int16 (exact), pairs summed into int32 (|255 * 128 * 2| fits): no saturation,
+       unlike _mm256_maddubs_epi16 (u8 x s8 -> saturated int16) */
+    __m256i uv = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)u));
+    __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w));
+    return _mm256_madd_epi16(uv, wv);
+}
+
+__attribute__((target("avx2")))
+static inline int32_t hsum8(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+
+__attribute__((target("avx2")))
+static void dot4_avx2(const uint8_t *u, const int8_t *w, int64_t kp, int32_t *acc) {
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t k = 0; k < kp; k += 16) {
+        a0 = _mm256_add_epi32(a0, madd16(u + k, w + k));
+        a1 = _mm256_add_epi32(a1, madd16(u + k, w + kp + k));
+        a2 = _mm256_add_epi32(a2, madd16(u + k, w + 2 * kp + k));
+        a3 = _mm256_add_epi32(a3, madd16(u + k, w + 3 * kp + k));
+    }
+    acc[0] = hsum8(a0);
+    acc[1] = hsum8(a1);
+    acc[2] = hsum8(a2);
+    acc[3] = hsum8(a3);
+}
+#endif
+
+/* one row (the last n % 4 rows of a layer) */
+static inline int32_t dot1(const uint8_t *u, const int8_t *w, int64_t kp) {
+    int32_t a = 0;
+    for (int64_t k = 0; k < kp; k++) a += (int32_t)u[k] * (int32_t)w[k];
+    return a;
+}
+
+static inline float clampf(float t, float lo, float hi) { return t < lo ? lo : (t > hi ? hi : t); }
+
+/* eq. 10 + ReLU for output j of a layer from its raw u8 x s8 sum */
+static inline float output(const lq_layer *L, int64_t j, int32_t raw, int32_t fma) {
+    float a = (float)(raw - L->wsum[j]), y;
+    if (L->bias) y = fma ? fmaf(a, L->mult[j], L->bias[j]) : a * L->mult[j] + L->bias[j];
+    else y = a * L->mult[j];
+    if (L->relu && !(y > 0.0f)) y = 0.0f;
+    return y;
+}
+
+/* The per-instruction-set parts, each compiled for its target (so that fmaf and nearbyintf are instructions
+ * there, not library calls): eq. 7 of a float row, and outputs j0 .. j0 + cnt - 1 of a layer for one row. */
+#define LQ_QUANTIZE_ROW                                                                  \
+    for (int64_t i = 0; i < k; i++) {                                                    \
+        float t = x[i] * s;                                                              \
+        if (!isfinite(t)) return 1 + i;                                                  \
+        u[i] = (uint8_t)((int32_t)clampf(nearbyintf(t), -q, q) + 128);                   \
+    }                                                                                    \
+    return 0;
+
+#define LQ_BLOCK(DOT4)                                                                                  \
+    int32_t acc[4];                                                                                     \
+    if (cnt == 4) DOT4(u, L->w + j0 * L->kp, L->kp, acc);                                               \
+    else for (int64_t c = 0; c < cnt; c++) acc[c] = dot1(u, L->w + (j0 + c) * L->kp, L->kp);            \
+    for (int64_t c = 0; c < cnt; c++) {                                                                 \
+        float y = output(L, j0 + c, acc[c], fma);                                                       \
+        if (L->next_s != 0.0f) /* y >= 0 (ReLU): the next layer's eq. 7, lower clip 0 */                \
+            nxt[j0 + c] = (uint8_t)((int32_t)clampf(nearbyintf(y * L->next_s), 0.0f, (float)L->next_qmax) + 128); \
+        else                                                                                            \
+            out[j0 + c] = y;                                                                            \
+    }
+
+typedef int64_t (*quantize_fn)(const float *x, int64_t k, float s, float q, uint8_t *u);
+typedef void (*block_fn)(const lq_layer *L, int64_t j0, int64_t cnt, const uint8_t *u, uint8_t *nxt, float *out,
+                         int32_t fma);
+
+static int64_t quantize_scalar(const float *x, int64_t k, float s, float q, uint8_t *u) { LQ_QUANTIZE_ROW }
+static void block_scalar(const lq_layer *L, int64_t j0, int64_t cnt, const uint8_t *u, uint8_t *nxt, float *out,
+                         int32_t fma) { LQ_BLOCK(dot4_scalar) }
+#ifdef LQ_X86
+__attribute__((target("avx2,fma")))
+static int64_t quantize_avx2(const float *x, int64_t k, float s, float q, uint8_t *u) { LQ_QUANTIZE_ROW }
+__attribute__((target("avx2,fma")))
+static void block_avx2(const lq_layer *L, int64_t j0, int64_t cnt, const uint8_t *u, uint8_t *nxt, float *out,
+                       int32_t fma) { LQ_BLOCK(dot4_avx2) }
+__attribute__((target("avx512f,avx512bw,avx512vnni,fma")))
+static void block_vnni(const lq_layer *L, int64_t j0, int64_t cnt, const uint8_t *u, uint8_t *nxt, float *out,
+                       int32_t fma) { LQ_BLOCK(dot4_vnni) }
+#endif
+
+/* One call for the whole chain on m rows of x (row stride ldx floats): returns 0, or 1 + the flat index
+ * (row * k + column) of the first input whose x * s is not finite (NaN, Inf, or an overflowing product:
+ * eq. 7 cannot represent it; the caller raises, naming the layer). `out` is m x n_last (row stride n_last);
+ * `work` holds 2 * m * width bytes, width >= every layer's kp. `isa` <= lq_isa(). */
+int64_t lq_chain(const lq_layer *layers, int32_t nl, int64_t m, const float *x, int64_t ldx, float s, int32_t qmax,
+                 float *out, uint8_t *work, int64_t width, int32_t isa, int32_t fma, int32_t threads) {
+    quantize_fn quantize = quantize_scalar;
+    block_fn block = block_scalar;
+#ifdef LQ_X86
+    if (isa >= LQ_AVX2) quantize = quantize_avx2;
+    if (isa == LQ_AVX2) block = block_avx2;
+    if (isa == LQ_VNNI) block = block_vnni;
+#endif
+    const lq_layer *first = &layers[0];
+    uint8_t *buf[2] = {work, work + m * width};
+    for (int64_t r = 0; r < m; r++) {
+        uint8_t *u = buf[0] + r * width;
+        int64_t bad = quantize(x + r * ldx, first->k, s, (float)qmax, u);
+        if (bad) return r * first->k + bad;
+        memset(u + first->k, 128, (size_t)(first->kp - first->k));
+    }
+    int64_t n_last = layers[nl - 1].n;
+#pragma omp parallel num_threads(threads)
+    {
+        for (int32_t l = 0; l < nl; l++) {
+            const lq_layer *L = &layers[l];
+            const uint8_t *cur = buf[l % 2];
+            uint8_t *nxt = buf[(l + 1) % 2];
+            int64_t blocks = (L->n + 3) / 4;
+#pragma omp for schedule(static)
+            for (int64_t b = 0; b < blocks; b++) {  /* each thread: the same output rows on every call */
+                int64_t j0 = 4 * b, cnt = L->n - j0 < 4 ? L->n - j0 : 4;
+                for (int64_t r = 0; r < m; r++)
+                    block(L, j0, cnt, cur + r * width, nxt + r * width, out + r * n_last, fma);
+            }
+            /* (implicit barrier: the layer's integers are all written) */
+            if (l + 1 < nl) {
+                int64_t pad = layers[l + 1].kp - L->n;
+#pragma omp for schedule(static)
+                for (int64_t r = 0; r < m; r++) memset(nxt + r * width + L->n, 128, (size_t)pad);
+            }
+        }
+    }
+    return 0;
+}

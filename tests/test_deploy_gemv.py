@@ -1,0 +1,178 @@
+"""lq.deploy.gemv: the batch-1 int8 Linear chain kernel (lq/deploy/gemv.c).
+
+Checked on every instruction set this CPU has (VNNI, AVX2 and plain C run on an AVX-512 VNNI host; an AVX2 host
+runs the last two): the integer sums against int64 math, eq. 7 on a float input against float64 at every
+rounding tie, the output stage and hand-overs against fbgemm (whose numbers the per-layer path gives) and
+against eq. 10 / eq. 7 in float64, odd sizes (padding), several rows, one and two threads; a build that fails
+leaves the chains on fbgemm with the same numbers and one warning.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lq
+from lq.deploy import convert, gemv, kernels
+
+pytestmark = pytest.mark.skipif(gemv.library() is None, reason="no C compiler: the chains run fbgemm's program")
+
+CFG = lq.QuantConfig(activation=lq.QuantSpec(calibrator="max"), smoothquant=False)
+
+
+def _layer(g: torch.Generator, n: int, k: int, bias: bool = True) -> tuple:
+    w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    mult = torch.rand(n, generator=g) * 1e-3 + 1e-5
+    b = torch.randn(n, generator=g) if bias else None
+    return w, mult, b
+
+
+def _eq10(q: torch.Tensor, w: torch.Tensor, mult: torch.Tensor, b: torch.Tensor | None, relu: bool) -> torch.Tensor:
+    """Eq. 10 with fbgemm's rounding on this CPU, from int64 sums: one fp32 rounding of ``acc * mult + b``
+    (float64 holds the product of a 24-bit sum and a 24-bit factor exactly) or two."""
+    acc = (q.long() @ w.long().t()).double()
+    m = mult.double()
+    if b is None:
+        y = (acc * m).float()
+    elif gemv.fbgemm_formula():
+        y = (acc * m + b.double()).float()  # exact product, one rounding of the sum (exact in float64 here)
+    else:
+        y = (acc * m).float() + b
+    return y.clamp(min=0) if relu else y
+
+
+@pytest.mark.parametrize("isa", gemv.isas(), ids=lambda i: gemv.ISA_NAMES[i])
+@pytest.mark.parametrize("n,k,rows", [(1, 1, 1), (5, 3, 2), (67, 130, 3), (256, 512, 1), (33, 64, 9)])
+def test_integer_sums_are_exact_on_every_instruction_set(isa: int, n: int, k: int, rows: int) -> None:
+    """With step 1 and no bias the output is the int32 sum itself (|sum| < 2**24, exact in fp32): equal to
+    int64 math for the extreme operands (+-127 weights, inputs at +-127) and random ones."""
+    g = torch.Generator().manual_seed(n * 1000 + k)
+    w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    w[0] = 127 if n > 1 else -127
+    x = torch.randint(-127, 128, (rows, k), generator=g).float()
+    x[0] = -127
+    chain = gemv.Chain(1.0, 127, [(w, torch.ones(n), None, False, None)], fma=True, isa=isa)
+    assert torch.equal(chain(x), (x.long() @ w.long().t()).float())
+
+
+def _ties(inv: float) -> torch.Tensor:
+    """Inputs whose ``x * inv`` is at every half-integer in [-130, 130], one fp32 ulp above and below, and far
+    outside the clip."""
+    half = (torch.arange(-260, 261, dtype=torch.float32) + 0.5) / inv
+    return torch.cat([half, torch.nextafter(half, torch.tensor(math.inf)), torch.nextafter(half, torch.tensor(-math.inf)),
+                      torch.tensor([0.0, -0.0, 1e30, -1e30, 3e-39])])
+
+
+@pytest.mark.parametrize("isa", gemv.isas(), ids=lambda i: gemv.ISA_NAMES[i])
+def test_float_input_is_quantized_as_eq7_at_every_tie(isa: int) -> None:
+    """Eq. 7 on the float input: ``clip(round(x * s), -q, q)`` with the fp32 product, ties to even; read back
+    through an identity weight."""
+    s = torch.tensor(1 / 0.0371, dtype=torch.float32)
+    x = _ties(float(s))
+    k = x.numel()
+    eye = torch.eye(k, dtype=torch.int8)
+    for q in (127, 7):
+        chain = gemv.Chain(float(s), q, [(eye, torch.ones(k), None, False, None)], fma=True, isa=isa)
+        want = (x * s).round().clamp(-q, q)  # fp32 product, round half to even
+        assert ((x * s) - (x * s).floor() == 0.5).sum() > 200  # real ties among the inputs
+        assert torch.equal(chain(x[None])[0], want)
+
+
+@pytest.mark.parametrize("isa", gemv.isas(), ids=lambda i: gemv.ISA_NAMES[i])
+@pytest.mark.parametrize("bias", [True, False])
+def test_chain_equals_fbgemm_and_eq10_with_hand_overs(isa: int, bias: bool) -> None:
+    """Two layers, hand-over on the second one's grid (clip at q, values far above it included), float output
+    with and without ReLU: equal to fbgemm's op layer by layer and to float64 eq. 10 / eq. 7."""
+    g = torch.Generator().manual_seed(3)
+    w1, m1, b1 = _layer(g, 70, 100, bias)
+    w2, m2, b2 = _layer(g, 9, 70, bias)
+    s_in, s_mid = 2.5, float(torch.tensor(40.0))
+    x = torch.randn(5, 100, generator=g) * 20
+    for relu_last in (False, True):
+        chain = gemv.Chain(s_in, 127, [(w1, m1, b1, True, (s_mid, 127)), (w2, m2, b2, relu_last, None)],
+                           fma=gemv.fbgemm_formula(), isa=isa)
+        q1 = (x * torch.tensor(s_in)).round().clamp(-127, 127)
+        h = _eq10(q1, w1, m1, b1, relu=True)
+        q2 = (h * torch.tensor(s_mid)).round().clamp(0, 127)
+        assert (h * s_mid > 127.5).any() and (q2 > 0).float().mean() > 0.2  # the clip and real values are hit
+        want = _eq10(q2, w2, m2, b2, relu_last)
+        got = chain(x)
+        assert torch.equal(got, want)
+        # and fbgemm itself, the kernel of the per-layer path, on the same integers
+        ref1 = kernels.fbgemm_op(True)(q1, 1.0, 128, kernels.fbgemm_prepack(w1, m1, b1)) \
+            if kernels.fbgemm_mode() == kernels.FULL_RANGE else None
+        if ref1 is not None:
+            assert torch.equal(ref1, h)
+            ref2 = kernels.fbgemm_op(relu_last)(q2, 1.0, 0, kernels.fbgemm_prepack(w2, m2, b2))
+            assert torch.equal(ref2, got)
+
+
+def test_non_finite_input_or_product_returns_none() -> None:
+    g = torch.Generator().manual_seed(4)
+    w, m, b = _layer(g, 8, 16)
+    chain = gemv.Chain(8.0, 127, [(w, m, b, False, None)], fma=True)
+    x = torch.randn(2, 16, generator=g)
+    assert chain(x) is not None
+    for bad in (float("nan"), float("inf"), -float("inf"), 3e38):  # 3e38 * 8 overflows fp32: eq. 7 cannot hold it
+        xb = x.clone()
+        xb[1, 5] = bad
+        assert chain(xb) is None
+
+
+def _mlp() -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(96, 130), nn.ReLU(), nn.Linear(130, 67), nn.ReLU(), nn.Linear(67, 10)).eval()
+    x = torch.randn(128, 96)
+    lq.quantize(model, CFG)
+    lq.calibrate(model, [x], num_samples=None, method="max")
+    return model, convert(copy.deepcopy(model), fuse=False), x
+
+
+@pytest.mark.skipif(kernels.fbgemm_mode() != kernels.FULL_RANGE, reason="the batch-1 program needs fbgemm full range")
+def test_converted_mlp_runs_the_kernel_for_few_rows_with_the_per_layer_numbers() -> None:
+    """A converted MLP: up to MAX_ROWS rows run gemv.c (1 and 2 threads), more rows fbgemm's program; both give
+    the per-layer path's numbers bit for bit, and stay within one output step of the fake-quant model."""
+    import lq.ops.hardware as hw
+
+    fq, plain, x = _mlp()
+    fused = convert(copy.deepcopy(fq))
+    threads = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            for t in (1, 2):
+                torch.set_num_threads(t)
+                for rows in (1, 3, gemv.MAX_ROWS, gemv.MAX_ROWS + 1):
+                    xb = x[:rows] * 1.7  # beyond the calibrated range too: clips on every layer
+                    with hw.record_kernels() as ran:
+                        y = fused(xb)
+                    kind = "gemv" if rows <= gemv.MAX_ROWS else "fbgemm"
+                    assert ran == [f"Int8Linear:{kind}"] * 3
+                    assert torch.equal(y, plain(xb))
+                    step = list(lq.quantized_layers(fq).values())[-1]
+                    bound = step.input_quantizer.amax.item() / 127 * step.weight.detach().abs().max().item()
+                    assert (y - fq(xb)).abs().max() <= bound * 1.01
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_failed_build_warns_and_leaves_the_chain_on_fbgemm(monkeypatch, tmp_path) -> None:
+    fq, plain, x = _mlp()
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setenv("LQ_CACHE_DIR", str(tmp_path))
+    gemv.library.cache_clear()
+    gemv.fbgemm_formula.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="could not be built"):
+            assert gemv.library() is None
+        fused = convert(copy.deepcopy(fq))
+        with torch.no_grad():
+            assert torch.equal(fused(x[:1]), plain(x[:1]))
+    finally:
+        monkeypatch.undo()
+        gemv.library.cache_clear()
+        gemv.fbgemm_formula.cache_clear()
+    assert gemv.library() is not None  # (the real build again, for the tests after this one)
