@@ -453,15 +453,14 @@ def test_lean_linear_program_equals_the_generic_run(monkeypatch) -> None:
             with hw.record_kernels() as ran:
                 y = fused(xb)
             # a few rows: the whole program in one call of gemv.c where it is built (same numbers)
-            native = (len(xb) <= gemv.MAX_ROWS and gemv.fbgemm_formula() is not None
-                      and kernels.fbgemm_mode() == kernels.FULL_RANGE)  # (half range: no program, see below)
+            native = len(xb) <= gemv.MAX_ROWS and gemv.fbgemm_formula() is not None
             assert ran == ["Int8Linear:gemv" if native else "Int8Linear:fbgemm"] * 4
             torch.testing.assert_close(y, generic(xb), rtol=0, atol=0)
         if kernels.fbgemm_mode() == kernels.FULL_RANGE:
-            forms = [key[1] for _, key, _, _ in fused._lean[1]]
+            forms = [key[1] for _, key, _, _ in fused._lean[1] if key[0] == "lean_step"]
             assert forms == ["float", "clipped", "grid", "clipped"]  # the form each layer is handed
-        else:  # half range: a float input needs the sign test of run (the program does not apply)
-            assert fused._lean[0] is None
+        else:  # half range: a float input needs the sign test of run (no bound fbgemm steps; gemv.c may run)
+            assert [b for _, key, _, b in fused._lean[1] if key[0] == "lean_step"] == [None]
         assert generic._lean is None
         # a consumer's input scale reloaded after the program was made: the program is made again
         before = fused(x)

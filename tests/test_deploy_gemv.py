@@ -132,7 +132,7 @@ def _mlp() -> tuple[nn.Module, nn.Module, torch.Tensor]:
     return model, convert(copy.deepcopy(model), fuse=False), x
 
 
-@pytest.mark.skipif(kernels.fbgemm_mode() != kernels.FULL_RANGE, reason="the batch-1 program needs fbgemm full range")
+@pytest.mark.skipif(gemv.fbgemm_formula() is None, reason="fbgemm missing, or its output stage not gemv.c's")
 def test_converted_mlp_runs_the_kernel_for_few_rows_with_the_per_layer_numbers() -> None:
     """A converted MLP: up to MAX_ROWS rows run gemv.c (1 and 2 threads), more rows fbgemm's program; both give
     the per-layer path's numbers bit for bit, and stay within one output step of the fake-quant model."""
@@ -176,3 +176,24 @@ def test_a_failed_build_warns_and_leaves_the_chain_on_fbgemm(monkeypatch, tmp_pa
         gemv.library.cache_clear()
         gemv.fbgemm_formula.cache_clear()
     assert gemv.library() is not None  # (the real build again, for the tests after this one)
+
+
+@pytest.mark.skipif(gemv.fbgemm_formula() is None, reason="fbgemm missing, or its output stage not gemv.c's")
+def test_half_range_hosts_run_the_kernel_where_fbgemm_needs_a_sign_test(monkeypatch) -> None:
+    """On an AVX2 host (fbgemm in half range) a signed float input costs the per-layer path two GEMMs and the
+    bound fbgemm steps do not apply; the kernel's sums are exact either way, so the chain runs it there too
+    with the per-layer numbers (fbgemm's half-range path, run on this CPU)."""
+    import lq.ops.hardware as hw
+
+    monkeypatch.setattr(kernels, "fbgemm_mode", lambda: kernels.HALF_RANGE)
+    fq, _, x = _mlp()
+    fused, plain = convert(copy.deepcopy(fq)), convert(copy.deepcopy(fq), fuse=False)
+    with torch.no_grad():
+        for rows in (1, 5, gemv.MAX_ROWS + 3):
+            xb = x[:rows]
+            assert (xb < 0).any()  # signed: the sign test's two GEMMs on the per-layer path
+            with hw.record_kernels() as ran:
+                y = fused(xb)
+            assert ran == ["Int8Linear:gemv" if rows <= gemv.MAX_ROWS else "Int8Linear:fbgemm"] * 3
+            assert torch.equal(y, plain(xb))
+    assert [b for _, key, _, b in fused._lean[1] if key[0] == "lean_step"] == [None]

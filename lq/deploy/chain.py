@@ -273,28 +273,26 @@ class _Guard:
         )
 
 
-def _gemv_step(keys: list, program: list) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """The bound fbgemm program ``program`` of the layers in ``keys`` (:meth:`Int8Sequential._lean_program`)
-    as one :mod:`lq.deploy.gemv` call for inputs of a few rows (``program`` itself for more), where the kernel
-    computes what it computes: every hand-over on the next layer's grid after ReLU, a float output at the end,
-    no SmoothQuant divisor. ``None`` otherwise, or where the kernel is not available."""
-    first = keys[0][0]
-    if "input_smoothing" in first._buffers:
+def _gemv_step(
+    first: Int8Linear, parts: list, fallback: list | Callable[[torch.Tensor], torch.Tensor]
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The chain as one :mod:`lq.deploy.gemv` call for inputs of a few rows, ``fallback`` (a bound program or
+    a forward, same numbers) for the others, where every layer has its part (:meth:`Int8Linear.gemv_part`:
+    fbgemm's numbers, a ReLU'd hand-over on the next layer's grid, a float output at the end) and the first
+    layer takes its float input unsmoothed. ``None`` otherwise, or where the kernel is not available."""
+    if "input_smoothing" in first._buffers or any(p is None for p in parts):
         return None
-    layers = []
-    for i, (layer, (_, _, out), _, _) in enumerate(keys):
-        if out.divisor is not None or out.upper is not None or out.grid == (i == len(keys) - 1):
-            return None
-        step_x, w_step = layer._steps()
-        hand_over = (float(out.inv_step), out.qmax) if out.grid else None
-        layers.append((layer.weight, step_x * w_step, layer.bias, out.relu or out.grid, hand_over))
+    if any((p[4] is None) != (i == len(parts) - 1) for i, p in enumerate(parts)):
+        return None
+    if isinstance(fallback, list):
+        steps = fallback
 
-    def run_program(x: torch.Tensor) -> torch.Tensor:
-        for step_fn in program:
-            x = step_fn(x)
-        return x
+        def fallback(x: torch.Tensor) -> torch.Tensor:
+            for step_fn in steps:
+                x = step_fn(x)
+            return x
 
-    return gemv.chain_step(first.input_scale, first.qmax_input, layers, run_program)
+    return gemv.chain_step(first.input_scale, first.qmax_input, parts, fallback)
 
 
 _MODULE_GLOBALS = torch.nn.modules.module.__dict__
@@ -388,11 +386,13 @@ class Int8Sequential(nn.Sequential):
         super().__setstate__(state)
 
     def _lean_program(self) -> list | None:
-        """The bound steps (:meth:`Int8Linear.lean_step`) of a chain of Linear layers with only ReLUs and eval
-        no-ops between them, each on fbgemm: the batch-1 MLP, where per-call bookkeeping rivals the GEMMs.
-        ``None`` for any other chain. Rebuilt when a layer's kernel cache was cleared (state_dict load,
-        device move), a consumer's hand-over changed (a scale or divisor buffer replaced: ``_grid_output``) or
-        the chain was re-planned."""
+        """The program of a chain of Linear layers with only ReLUs and eval no-ops between them, each on fbgemm:
+        the batch-1 MLP, where per-call bookkeeping rivals the GEMMs. Inputs of a few rows run the whole chain in
+        one call of :mod:`lq.deploy.gemv` where it is built (any accumulation mode), more rows the layers' bound
+        fbgemm steps (:meth:`Int8Linear.lean_step`; full range) or, without them, :meth:`_fused_forward`.
+        ``None`` for any other chain. Rebuilt when a layer's kernel cache was cleared (state_dict load, device
+        move), a consumer's hand-over changed (a scale or divisor buffer replaced: ``_grid_output``) or the chain
+        was re-planned."""
         made = self._lean
         if made is not None and all(
             layer.sync_cache().get(key, _MISSING) is bound
@@ -401,7 +401,7 @@ class Int8Sequential(nn.Sequential):
         ):  # (the very steps bound, or the very "no" (None): another chain over the same layers may have bound new
             # ones under the key; a cleared cache is asked again)
             return made[0]
-        program, keys, form = [], [], "float"
+        program, keys, parts, form = [], [], [], "float"
         for step in self._steps:
             if step.kind == "skip":
                 continue
@@ -410,14 +410,18 @@ class Int8Sequential(nn.Sequential):
                 self._lean = (None, [])
                 return None
             out = _grid_output(step.out, step.feeds) if step.feeds is not None else step.out
-            bound = layer.lean_step(form, out)
-            if bound is None:  # the layer's cache keeps this answer until it is cleared: planned again then
-                self._lean = (None, [(layer, ("lean_step", form, out), step, None)])
-                return None
-            program.append(bound[0])
-            keys.append((layer, ("lean_step", form, out), step, bound))
-            form = bound[1]
-        native = _gemv_step(keys, program)
+            part = layer.gemv_part(out)
+            keys.append((layer, ("gemv_part", "", out), step, part))
+            parts.append(part)
+            if program is not None:
+                bound = layer.lean_step(form, out)
+                keys.append((layer, ("lean_step", form, out), step, bound))
+                if bound is None:  # the layer's cache keeps this answer until it is cleared: planned again then
+                    program = None
+                else:
+                    program.append(bound[0])
+                    form = bound[1]
+        native = _gemv_step(keys[0][0], parts, program if program is not None else self._fused_forward)
         if native is not None:  # a few rows: the whole chain in one call of lq/deploy/gemv.c, same numbers
             program = [native]
         self._lean = (program, keys)

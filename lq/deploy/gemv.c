@@ -55,6 +55,10 @@ static void dot4_scalar(const uint8_t *u, const int8_t *w, int64_t kp, int32_t *
     }
 }
 
+static void dot4x4_scalar(const uint8_t *u, int64_t ldu, const int8_t *w, int64_t kp, int32_t acc[4][4]) {
+    for (int r = 0; r < 4; r++) dot4_scalar(u + r * ldu, w, kp, acc[r]);
+}
+
 #ifdef LQ_X86
 __attribute__((target("avx512f,avx512bw,avx512vnni")))
 static void dot4_vnni(const uint8_t *u, const int8_t *w, int64_t kp, int32_t *acc) {
@@ -70,6 +74,24 @@ static void dot4_vnni(const uint8_t *u, const int8_t *w, int64_t kp, int32_t *ac
     acc[1] = _mm512_reduce_add_epi32(a1);
     acc[2] = _mm512_reduce_add_epi32(a2);
     acc[3] = _mm512_reduce_add_epi32(a3);
+}
+
+/* four input rows (stride ldu) with four weight rows: acc[r][c]; the weights are read once for the four rows */
+__attribute__((target("avx512f,avx512bw,avx512vnni")))
+static void dot4x4_vnni(const uint8_t *u, int64_t ldu, const int8_t *w, int64_t kp, int32_t acc[4][4]) {
+    __m512i a[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int c = 0; c < 4; c++) a[r][c] = _mm512_setzero_si512();
+    for (int64_t k = 0; k < kp; k += 64) {
+        __m512i wv[4];
+        for (int c = 0; c < 4; c++) wv[c] = _mm512_loadu_si512((const void *)(w + c * kp + k));
+        for (int r = 0; r < 4; r++) {
+            __m512i uv = _mm512_loadu_si512((const void *)(u + r * ldu + k));
+            for (int c = 0; c < 4; c++) a[r][c] = _mm512_dpbusd_epi32(a[r][c], uv, wv[c]);
+        }
+    }
+    for (int r = 0; r < 4; r++)
+        for (int c = 0; c < 4; c++) acc[r][c] = _mm512_reduce_add_epi32(a[r][c]);
 }
 
 __attribute__((target("avx2")))
@@ -103,6 +125,11 @@ static void dot4_avx2(const uint8_t *u, const int8_t *w, int64_t kp, int32_t *ac
     acc[2] = hsum8(a2);
     acc[3] = hsum8(a3);
 }
+
+__attribute__((target("avx2")))
+static void dot4x4_avx2(const uint8_t *u, int64_t ldu, const int8_t *w, int64_t kp, int32_t acc[4][4]) {
+    for (int r = 0; r < 4; r++) dot4_avx2(u + r * ldu, w, kp, acc[r]);
+}
 #endif
 
 /* one row (the last n % 4 rows of a layer) */
@@ -133,34 +160,50 @@ static inline float output(const lq_layer *L, int64_t j, int32_t raw, int32_t fm
     }                                                                                    \
     return 0;
 
-#define LQ_BLOCK(DOT4)                                                                                  \
-    int32_t acc[4];                                                                                     \
-    if (cnt == 4) DOT4(u, L->w + j0 * L->kp, L->kp, acc);                                               \
-    else for (int64_t c = 0; c < cnt; c++) acc[c] = dot1(u, L->w + (j0 + c) * L->kp, L->kp);            \
-    for (int64_t c = 0; c < cnt; c++) {                                                                 \
-        float y = output(L, j0 + c, acc[c], fma);                                                       \
+/* outputs j0 .. j0 + cnt - 1 of layer L for all m rows (row r's integers at cur + r * width) */
+#define LQ_STORE(R, C, ACC)                                                                             \
+    {                                                                                                   \
+        float y = output(L, j0 + (C), (ACC), fma);                                                      \
         if (L->next_s != 0.0f) /* y >= 0 (ReLU): the next layer's eq. 7, lower clip 0 */                \
-            nxt[j0 + c] = (uint8_t)((int32_t)clampf(nearbyintf(y * L->next_s), 0.0f, (float)L->next_qmax) + 128); \
+            nxt[(R) * width + j0 + (C)] =                                                               \
+                (uint8_t)((int32_t)clampf(nearbyintf(y * L->next_s), 0.0f, (float)L->next_qmax) + 128); \
         else                                                                                            \
-            out[j0 + c] = y;                                                                            \
+            out[(R) * ldo + j0 + (C)] = y;                                                              \
+    }
+
+#define LQ_BLOCK(DOT4, DOT4X4)                                                                          \
+    const int8_t *w = L->w + j0 * L->kp;                                                                \
+    int64_t r = 0;                                                                                      \
+    if (cnt == 4)                                                                                       \
+        for (; r + 4 <= m; r += 4) {                                                                    \
+            int32_t acc[4][4];                                                                          \
+            DOT4X4(cur + r * width, width, w, L->kp, acc);                                              \
+            for (int64_t i = 0; i < 4; i++)                                                             \
+                for (int64_t c = 0; c < 4; c++) LQ_STORE(r + i, c, acc[i][c])                           \
+        }                                                                                               \
+    for (; r < m; r++) {                                                                                \
+        int32_t acc[4];                                                                                 \
+        const uint8_t *u = cur + r * width;                                                             \
+        if (cnt == 4) DOT4(u, w, L->kp, acc);                                                           \
+        else for (int64_t c = 0; c < cnt; c++) acc[c] = dot1(u, w + c * L->kp, L->kp);                  \
+        for (int64_t c = 0; c < cnt; c++) LQ_STORE(r, c, acc[c])                                        \
     }
 
 typedef int64_t (*quantize_fn)(const float *x, int64_t k, float s, float q, uint8_t *u);
-typedef void (*block_fn)(const lq_layer *L, int64_t j0, int64_t cnt, const uint8_t *u, uint8_t *nxt, float *out,
-                         int32_t fma);
+#define LQ_BLOCK_ARGS                                                                                   \
+    const lq_layer *L, int64_t j0, int64_t cnt, const uint8_t *cur, uint8_t *nxt, float *out, int64_t m,     \
+        int64_t width, int64_t ldo, int32_t fma
+typedef void (*block_fn)(LQ_BLOCK_ARGS);
 
 static int64_t quantize_scalar(const float *x, int64_t k, float s, float q, uint8_t *u) { LQ_QUANTIZE_ROW }
-static void block_scalar(const lq_layer *L, int64_t j0, int64_t cnt, const uint8_t *u, uint8_t *nxt, float *out,
-                         int32_t fma) { LQ_BLOCK(dot4_scalar) }
+static void block_scalar(LQ_BLOCK_ARGS) { LQ_BLOCK(dot4_scalar, dot4x4_scalar) }
 #ifdef LQ_X86
 __attribute__((target("avx2,fma")))
 static int64_t quantize_avx2(const float *x, int64_t k, float s, float q, uint8_t *u) { LQ_QUANTIZE_ROW }
 __attribute__((target("avx2,fma")))
-static void block_avx2(const lq_layer *L, int64_t j0, int64_t cnt, const uint8_t *u, uint8_t *nxt, float *out,
-                       int32_t fma) { LQ_BLOCK(dot4_avx2) }
+static void block_avx2(LQ_BLOCK_ARGS) { LQ_BLOCK(dot4_avx2, dot4x4_avx2) }
 __attribute__((target("avx512f,avx512bw,avx512vnni,fma")))
-static void block_vnni(const lq_layer *L, int64_t j0, int64_t cnt, const uint8_t *u, uint8_t *nxt, float *out,
-                       int32_t fma) { LQ_BLOCK(dot4_vnni) }
+static void block_vnni(LQ_BLOCK_ARGS) { LQ_BLOCK(dot4_vnni, dot4x4_vnni) }
 #endif
 
 /* One call for the whole chain on m rows of x (row stride ldx floats): returns 0, or 1 + the flat index
@@ -195,8 +238,7 @@ int64_t lq_chain(const lq_layer *layers, int32_t nl, int64_t m, const float *x, 
 #pragma omp for schedule(static)
             for (int64_t b = 0; b < blocks; b++) {  /* each thread: the same output rows on every call */
                 int64_t j0 = 4 * b, cnt = L->n - j0 < 4 ? L->n - j0 : 4;
-                for (int64_t r = 0; r < m; r++)
-                    block(L, j0, cnt, cur + r * width, nxt + r * width, out + r * n_last, fma);
+                block(L, j0, cnt, cur, nxt, out, m, width, n_last, fma);
             }
             /* (implicit barrier: the layer's integers are all written) */
             if (l + 1 < nl) {

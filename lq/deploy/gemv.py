@@ -42,9 +42,10 @@ FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-
 #: instruction sets of ``lq_isa`` (``gemv.c``): the integer sums are the same on each
 SCALAR, AVX2, VNNI = 0, 1, 2
 ISA_NAMES = {SCALAR: "scalar", AVX2: "avx2", VNNI: "avx512-vnni"}
-#: rows up to which the chain runs here rather than on fbgemm's program (VNNI host, 4 x 1024 MLP: the kernel
-#: is bandwidth-bound at 1 row, compute-bound above; ``benchmarks/RESULTS.md``)
-MAX_ROWS = 8
+#: rows up to which the chain runs here rather than on fbgemm's program (VNNI host, 4 x 1024 MLP, us per call,
+#: kernel / fbgemm's program / torch.ao dynamic: 1 row 73 / 166 / 164, 8 rows 242 / 332 / 292, 16 rows 395-413 /
+#: 439-488 / 377-419, 24 rows 572 / 574 / 500, 32 rows 709 / 678 / 591: bandwidth-bound at 1 row, compute above)
+MAX_ROWS = 16
 #: the int32 sums are exact while ``kp * 255 * 128 < 2**31``
 MAX_K = 65536
 

@@ -343,6 +343,28 @@ class Int8Linear(Int8Module):
         self._cache[key] = made
         return made
 
+    def gemv_part(self, out: kernels.Output) -> tuple | None:
+        """This layer's part of a :class:`lq.deploy.gemv.Chain` writing ``out``: ``(int8 weight, eq. 10's
+        factor step_x * step_w (fp32, as fbgemm's pack holds it), bias, ReLU, the next layer's (s, qmax) or
+        None)``, where fbgemm is this layer's CPU kernel (the chain computes fbgemm's numbers) and ``out`` is a
+        float output or a ReLU'd hand-over to the next layer's grid; else ``None``. Kept in the kernel cache."""
+        key = ("gemv_part", "", out)  # (the chain reads key[2] as the Output, as for lean_step's keys)
+        cache = self.sync_cache()
+        if key not in cache:
+            part = None
+            if (
+                self._kernel(torch.device("cpu"), _LINEAR_KERNELS) == "fbgemm"
+                and out.upper is None
+                and out.divisor is None
+                and self.weight.dtype == torch.int8
+            ):
+                step_x, w_step = self._steps()
+                hand_over = (float(out.inv_step), out.qmax) if out.grid else None
+                bias = None if self.bias is None else self.bias.detach()
+                part = (self.weight.detach(), step_x * w_step, bias, out.relu or out.grid, hand_over)
+            cache[key] = part
+        return cache[key]
+
     def _packed_1x1(self, signed: bool, zero_point: int) -> torch.Tensor:
         key = f"packed_1x1_{signed}_{zero_point}"
         if key not in self._cache:
