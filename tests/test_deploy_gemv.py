@@ -197,3 +197,38 @@ def test_half_range_hosts_run_the_kernel_where_fbgemm_needs_a_sign_test(monkeypa
             assert ran == ["Int8Linear:gemv" if rows <= gemv.MAX_ROWS else "Int8Linear:fbgemm"] * 3
             assert torch.equal(y, plain(xb))
     assert [b for _, key, _, b in fused._lean[1] if key[0] == "lean_step"] == [None]
+
+
+@pytest.mark.skipif(gemv.fbgemm_formula() is None, reason="fbgemm missing, or its output stage not gemv.c's")
+@pytest.mark.parametrize("smooth", [False, True], ids=["plain", "smoothquant"])
+def test_single_layer_few_rows_equal_fbgemm(monkeypatch, smooth: bool) -> None:
+    """A converted Linear on its own (per-layer path) with a few rows runs the kernel: the same numbers as
+    fbgemm's per-layer path (forced with MAX_ROWS = 0), 2-D and 3-D inputs, a SmoothQuant divisor included;
+    NaN still raises naming the layer."""
+    import lq.ops.hardware as hw
+
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(40, 24), nn.GELU(), nn.Linear(24, 7)).eval()
+    x = torch.randn(64, 40)
+    x[:, 3] *= 30  # an outlier channel
+    lq.quantize(model, lq.QuantConfig(activation=lq.QuantSpec(calibrator="max"), smoothquant=False))
+    if smooth:
+        lq.smooth_quant(model, [x], num_samples=None, alphas=[0.5])
+    lq.calibrate(model, [x], num_samples=None, method="max")
+    conv = convert(copy.deepcopy(model), fuse=False)
+    assert ("input_smoothing" in conv[0]._buffers) == smooth
+    with torch.no_grad():
+        for xb in (x[:1], x[:5], x[:16].reshape(2, 8, 40)):
+            with hw.record_kernels() as ran:
+                y = conv(xb)
+            assert ran == ["Int8Linear:gemv"] * 2
+            monkeypatch.setattr(gemv, "MAX_ROWS", 0)
+            with hw.record_kernels() as ran:
+                want = conv(xb)
+            monkeypatch.undo()
+            assert ran == ["Int8Linear:fbgemm"] * 2
+            assert y.shape == want.shape and torch.equal(y, want)
+        bad = x[:2].clone()
+        bad[1, 3] = float("nan")
+        with pytest.raises(FloatingPointError, match="0: NaN"):
+            conv(bad)

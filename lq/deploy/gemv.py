@@ -159,6 +159,9 @@ class Chain:
         self._ptr = ctypes.addressof(self._layers)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
+        if x.dim() != 2 or x.shape[1] != self.in_features or x.dtype != torch.float32 or not x.is_cpu:
+            raise ValueError(f"gemv.Chain: expected a CPU float32 (rows, {self.in_features}) input, got "
+                             f"{x.dtype} {tuple(x.shape)} on {x.device}")
         if not x.is_contiguous():
             x = x.contiguous()
         m = x.shape[0]

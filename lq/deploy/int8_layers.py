@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lq.deploy import kernels, onednn_op, traced
+from lq.deploy import gemv, kernels, onednn_op, traced
 from lq.ops import hardware as hw
 from lq.quant.functional import AMAX_EPS, qmax
 
@@ -343,6 +343,18 @@ class Int8Linear(Int8Module):
         self._cache[key] = made
         return made
 
+    def _gemv_chain(self, relu: bool) -> gemv.Chain | None:
+        """This layer alone as a :class:`lq.deploy.gemv.Chain` (float in, float out, ``relu``), ``None`` where
+        the kernel is not available. Kept in the kernel cache."""
+        key = ("gemv_chain", relu)
+        cache = self.sync_cache()
+        if key not in cache:
+            part = self.gemv_part(kernels.Output(relu=relu))
+            fma = gemv.fbgemm_formula()
+            cache[key] = None if part is None or fma is None or self.in_features > gemv.MAX_K else gemv.Chain(
+                float(self.input_scale), self.qmax_input, [part], fma)
+        return cache[key]
+
     def gemv_part(self, out: kernels.Output) -> tuple | None:
         """This layer's part of a :class:`lq.deploy.gemv.Chain` writing ``out``: ``(int8 weight, eq. 10's
         factor step_x * step_w (fp32, as fbgemm's pack holds it), bias, ReLU, the next layer's (s, qmax) or
@@ -417,8 +429,19 @@ class Int8Linear(Int8Module):
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # (at batch 1 every skipped call counts)
         if not grid and "input_smoothing" in self._buffers:  # lq.smooth_quant: the fake-quant model's x / s
             x2 = (x2 if x2.dtype == torch.float32 else x2.float()) / self.input_smoothing
-        t = x2 if grid else kernels.quantize_to_grid(x2, self.input_scale, self.qmax_input)
         kernel = self._kernel(x.device, _LINEAR_KERNELS) if x.numel() else "reference"
+        if (
+            kernel == "fbgemm" and not grid and not out.grid and out.upper is None and x2.shape[0] <= gemv.MAX_ROWS
+            and x2.shape[1] == self.in_features
+        ):
+            # a few rows: eq. 7, fbgemm's eq. 10 and ReLU in one call of lq/deploy/gemv.c (same numbers)
+            chain = self._gemv_chain(out.relu)
+            y = None if chain is None else chain(x2 if x2.dtype == torch.float32 else x2.float())
+            if y is not None:  # (None: a NaN / Inf input, which quantize_to_grid below reports)
+                hw.ran("Int8Linear", "gemv")
+                y = y if x.dim() == 2 else y.reshape(*lead, self.out_features)
+                return y if y.dtype == dtype else y.to(dtype)
+        t = x2 if grid else kernels.quantize_to_grid(x2, self.input_scale, self.qmax_input)
         hw.ran("Int8Linear", kernel)
         step_x, w_step = self._steps()
         act_done = False
