@@ -232,3 +232,57 @@ def test_single_layer_few_rows_equal_fbgemm(monkeypatch, smooth: bool) -> None:
         bad[1, 3] = float("nan")
         with pytest.raises(FloatingPointError, match="0: NaN"):
             conv(bad)
+
+
+@pytest.mark.skipif(gemv.fbgemm_formula() is None, reason="fbgemm missing, or its output stage not gemv.c's")
+def test_a_float64_default_dtype_changes_nothing() -> None:
+    """The kernel writes fp32: its output is allocated as fp32 whatever torch's default dtype (review: a
+    float64 default had it write fp32 bits into a float64 tensor)."""
+    fq, plain, x = _mlp()
+    fused = convert(copy.deepcopy(fq))
+    previous = torch.get_default_dtype()
+    with torch.no_grad():
+        want = plain(x[:2])
+        torch.set_default_dtype(torch.float64)
+        try:
+            got, single = fused(x[:2]), plain(x[:2])
+        finally:
+            torch.set_default_dtype(previous)
+    assert got.dtype == single.dtype == torch.float32
+    assert torch.equal(got, want) and torch.equal(single, want)
+
+
+@pytest.mark.parametrize("n1,k2", [(130, 64), (64, 130)])
+def test_layers_that_do_not_connect_raise_as_the_per_layer_path_does(n1: int, k2: int) -> None:
+    """An Int8Sequential whose Linear sizes do not connect: the per-layer path's shape error, never a read
+    or write past the kernel's buffers (review: 130 -> 64 crashed the process, 64 -> 130 returned numbers)."""
+    from lq.deploy import Int8Linear
+    from lq.deploy.chain import Int8Sequential
+
+    torch.manual_seed(0)
+    a, b = Int8Linear(96, n1), Int8Linear(k2, 10)
+    for layer in (a, b):
+        layer.weight.copy_(torch.randint(-127, 128, layer.weight.shape, dtype=torch.int8))
+        layer.input_scale.fill_(20.0)
+        layer.weight_scale.fill_(100.0)
+    seq = Int8Sequential(a, nn.ReLU(), b).eval()
+    with torch.no_grad(), pytest.raises(RuntimeError):
+        seq(torch.randn(1, 96))
+    with pytest.raises(ValueError, match="feeds one of"):
+        gemv.Chain(1.0, 127, [(a.weight, torch.ones(n1), None, True, (1.0, 127)), (b.weight, torch.ones(10), None,
+                                                                                   False, None)], fma=True)
+
+
+@pytest.mark.skipif(gemv.fbgemm_formula() is None, reason="fbgemm missing, or its output stage not gemv.c's")
+def test_jit_trace_records_the_torch_ops_not_the_c_call() -> None:
+    """torch.jit.trace cannot see a ctypes call (it would record an empty output): traced, the chain and the
+    single layer run their torch ops, and the trace computes the per-layer numbers for other inputs."""
+    import warnings
+
+    fq, plain, x = _mlp()
+    fused = convert(copy.deepcopy(fq))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for model in (fused, plain):
+            traced = torch.jit.trace(model, x[:1], check_trace=False)
+            assert torch.equal(traced(x[5:6]), plain(x[5:6]))

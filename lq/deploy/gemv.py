@@ -15,7 +15,7 @@ in float64. The kernel is C because no library has a fast exact int8 matrix-vect
 compiled with the C compiler Inductor uses too (``$CC``, else ``cc``/``gcc``/``clang``), ``-O3 -fopenmp
 -ffp-contract=off``, once per source and compiler into ``$LQ_CACHE_DIR`` (default ``~/.cache/lq``), and its
 OpenMP threads are torch's (the loader resolves ``libgomp.so.1`` to the copy torch loaded). Without a compiler
-(or with ``LQ_NATIVE=0``) the chains run fbgemm's program as before, after one warning.
+the chains run fbgemm's program as before, after one warning; ``LQ_NATIVE=0`` turns the kernel off quietly.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import functools
 import hashlib
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -58,11 +59,14 @@ class _Layer(ctypes.Structure):
     ]
 
 
-def _compiler() -> str | None:
+def _compiler() -> list[str] | None:
+    """The C compiler command: ``$CC`` (split as a shell would: ``ccache gcc`` works), else the first of
+    ``cc`` / ``gcc`` / ``clang`` on the path."""
     cc = os.environ.get("CC")
     if cc:
-        return cc
-    return next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+        return shlex.split(cc)
+    found = next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+    return None if found is None else [found]
 
 
 def cache_dir() -> Path:
@@ -70,22 +74,32 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def _build(cc: str) -> Path:
-    """The shared library for this source and compiler, compiled unless the cache holds it."""
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    digest = hashlib.sha256((SOURCE.read_text() + version + " ".join(FLAGS) + sys.platform).encode()).hexdigest()[:16]
-    target = cache_dir() / f"lq_gemv_{digest}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # the rename makes concurrent builds safe
-        built = Path(tmp) / target.name
-        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], capture_output=True, text=True,
+def _build(cc: list[str]) -> Path:
+    """The shared library for this source and compiler, compiled unless the cache holds it (into a fresh
+    temporary folder when the cache folder cannot be written)."""
+    version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = SOURCE.read_text() + " ".join(cc) + version + " ".join(FLAGS) + sys.platform
+    name = f"lq_gemv_{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+    try:
+        folder = cache_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        if (folder / name).exists():
+            return folder / name
+        tmp = tempfile.mkdtemp(dir=folder)  # the rename below makes concurrent builds safe
+    except OSError as err:
+        log.info("lq.deploy: cache folder %s not writable (%s); building in a temporary folder", cache_dir(), err)
+        folder = Path(tempfile.mkdtemp(prefix="lq_gemv_"))
+        tmp = tempfile.mkdtemp(dir=folder)
+    built = Path(tmp) / name
+    try:
+        done = subprocess.run([*cc, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], capture_output=True, text=True,
                               timeout=300)
         if done.returncode:
-            raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-2000:]}")
-        os.replace(built, target)
-    return target
+            raise RuntimeError(f"{' '.join(cc)} failed: {done.stderr.strip()[-2000:]}")
+        os.replace(built, folder / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder / name
 
 
 @functools.cache
@@ -95,10 +109,10 @@ def library() -> ctypes.CDLL | None:
         return None
     cc = _compiler()
     try:
-        if cc is None:
+        if not cc:
             raise RuntimeError("no C compiler found (set CC)")
         lib = ctypes.CDLL(str(_build(cc)))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+    except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as err:
         warnings.warn(
             f"lq.deploy: the batch-1 int8 kernel (lq/deploy/gemv.c) could not be built ({err}); batch-1 Linear "
             "chains run fbgemm's slower program. Install a C compiler or set CC to use it.",
@@ -154,6 +168,9 @@ class Chain:
             self._layers[i] = _Layer(padded.data_ptr(), wsum.data_ptr(), mult.data_ptr(),
                                      None if b is None else b.data_ptr(), n, k, kp, int(relu), s, q)
             width = max(width, kp)
+        for (w, *_), (nxt, *_) in zip(layers, layers[1:]):
+            if w.shape[0] != nxt.shape[1]:
+                raise ValueError(f"gemv.Chain: a layer of {w.shape[0]} outputs feeds one of {nxt.shape[1]} inputs")
         self.in_features, self.out_features = layers[0][0].shape[1], layers[-1][0].shape[0]
         self._width, self._count = width, len(layers)
         self._ptr = ctypes.addressof(self._layers)
@@ -165,8 +182,8 @@ class Chain:
         if not x.is_contiguous():
             x = x.contiguous()
         m = x.shape[0]
-        out = torch.empty(m, self.out_features)
-        work = torch.empty(2 * m * self._width, dtype=torch.uint8)
+        out = torch.empty(m, self.out_features, dtype=torch.float32, device="cpu")  # (not the default dtype)
+        work = torch.empty(2 * m * self._width, dtype=torch.uint8, device="cpu")
         bad = self._lib.lq_chain(self._ptr, self._count, m, x.data_ptr(), x.shape[1], self._s, self._qmax,
                                  out.data_ptr(), work.data_ptr(), self._width, self._isa, self._fma,
                                  torch.get_num_threads())
@@ -183,12 +200,12 @@ def fbgemm_formula() -> bool | None:
     if library() is None or kernels.fbgemm_mode() == kernels.UNAVAILABLE:
         return None
     g = torch.Generator().manual_seed(0)
-    n, k = 67, 200
+    n, k, f32 = 67, 200, torch.float32  # (explicit dtypes: the caller's default dtype may be float64)
     w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
-    mult = torch.rand(n, generator=g) * 1e-3 + 1e-5
-    bias = torch.randn(n, generator=g)
+    mult = torch.rand(n, generator=g, dtype=f32) * 1e-3 + 1e-5
+    bias = torch.randn(n, generator=g, dtype=f32)
     # integers (eq. 7 with s = 1 gives them back), non-negative: fbgemm takes them in either accumulation mode
-    x = torch.randint(0, 128, (3, k), generator=g).float()
+    x = torch.randint(0, 128, (3, k), generator=g).to(f32)
     packed = kernels.fbgemm_prepack(w, mult, bias)
     found = None
     for relu in (False, True):
@@ -213,6 +230,8 @@ def chain_step(
     fma = fbgemm_formula()
     if fma is None or any(w.shape[1] > MAX_K for w, *_ in layers):
         return None
+    if any(w.shape[0] != nxt.shape[1] for (w, *_), (nxt, *_) in zip(layers, layers[1:])):
+        return None  # (layers that do not connect: the fallback raises the per-layer path's error)
     chain = Chain(float(first_scale), first_qmax, layers, fma)
     from lq.ops import hardware as hw
 
@@ -220,8 +239,8 @@ def chain_step(
 
     @torch.compiler.disable(recursive=False)
     def step(x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] > MAX_ROWS or x.shape[1] != chain.in_features:
-            return fallback(x)
+        if x.shape[0] > MAX_ROWS or x.shape[1] != chain.in_features or torch.jit.is_tracing():
+            return fallback(x)  # (torch.jit.trace cannot see a ctypes call: it would record an empty output)
         y = chain(x)
         if y is None:  # NaN / Inf: fbgemm's program raises the error that names the layer
             return fallback(x)

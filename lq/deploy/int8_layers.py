@@ -432,7 +432,7 @@ class Int8Linear(Int8Module):
         kernel = self._kernel(x.device, _LINEAR_KERNELS) if x.numel() else "reference"
         if (
             kernel == "fbgemm" and not grid and not out.grid and out.upper is None and x2.shape[0] <= gemv.MAX_ROWS
-            and x2.shape[1] == self.in_features
+            and x2.shape[1] == self.in_features and not torch.jit.is_tracing()  # (a trace cannot see the C call)
         ):
             # a few rows: eq. 7, fbgemm's eq. 10 and ReLU in one call of lq/deploy/gemv.c (same numbers)
             chain = self._gemv_chain(out.relu)

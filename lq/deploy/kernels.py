@@ -381,7 +381,7 @@ def fbgemm_mode() -> str:
         w = torch.full((n, k), 127, dtype=torch.int8)
         w[n // 2 :] = -127
         packed = fbgemm_prepack(w, torch.ones(n))
-        x = torch.full((4, k), float(u_max - zp))  # integers, as lq feeds it
+        x = torch.full((4, k), float(u_max - zp), dtype=torch.float32)  # integers, as lq feeds it
         y = getattr(torch.ops.quantized, _FBGEMM_OP)(x, 1.0, zp, packed)
         return bool(torch.equal(y.double(), x.double() @ w.double().t()))
 
