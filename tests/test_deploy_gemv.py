@@ -286,3 +286,130 @@ def test_jit_trace_records_the_torch_ops_not_the_c_call() -> None:
         for model in (fused, plain):
             traced = torch.jit.trace(model, x[:1], check_trace=False)
             assert torch.equal(traced(x[5:6]), plain(x[5:6]))
+
+
+# ------------------------------------------------------------------------------------------ Conv2d chains
+def _conv_ref(x: torch.Tensor, s_in: float, ops: list, fma: bool) -> torch.Tensor:
+    """Eq. 7, then per op eq. 10 (from float64 sums, the given rounding), ReLU, the next eq. 7, or max pooling
+    of the integers: the chain in float64 / fp32 torch ops."""
+    import torch.nn.functional as F
+
+    h = (x * torch.tensor(s_in)).round().clamp(-127, 127)
+    for op in ops:
+        if op[0] == "pool":
+            k, st, p, d, ceil = op[1:]
+            h = F.max_pool2d(h, k, st, p, d, ceil)
+            continue
+        w, mult, b, relu, nxt, st, p, d = op[1:]
+        acc = F.conv2d(h.double(), w.double(), None, st, p, d).float()
+        m = mult.view(1, -1, 1, 1)
+        if b is None:
+            y = acc * m
+        elif fma:
+            y = (acc.double() * m.double() + b.double().view(1, -1, 1, 1)).float()
+        else:
+            y = acc * m + b.view(1, -1, 1, 1)
+        y = y.clamp(min=0) if relu else y
+        h = y if nxt is None else (y * torch.tensor(nxt[0])).round().clamp(0, nxt[1])
+    return h
+
+
+@pytest.mark.parametrize("isa", gemv.isas(), ids=lambda i: gemv.ISA_NAMES[i])
+@pytest.mark.parametrize("fma", [False, True])
+def test_conv_chain_equals_eq7_eq10_on_every_instruction_set(isa: int, fma: bool) -> None:
+    """Odd channel counts (not multiples of 4 or 16), 1x1 / 3x3 / 5x1 kernels, strides, padding, dilation,
+    pooling with padding and ceil mode, 1-3 images in NCHW, channels-last and a strided view: equal to eq. 7 /
+    eq. 10 with the chosen rounding, the clip at q reached."""
+    g = torch.Generator().manual_seed(8)
+
+    def conv(cout: int, cin: int, kh: int, kw: int, bias: bool = True) -> tuple:
+        w = torch.randint(-127, 128, (cout, cin, kh, kw), generator=g, dtype=torch.int8)
+        return w, torch.rand(cout, generator=g) * 2e-3 + 1e-4, torch.randn(cout, generator=g) if bias else None
+
+    w1, m1, b1 = conv(17, 3, 3, 3)
+    w2, m2, b2 = conv(33, 17, 5, 1, bias=False)
+    w3, m3, b3 = conv(6, 33, 1, 1)
+    ops = [
+        ("conv", w1, m1, b1, True, (25.0, 127), (1, 1), (1, 1), (1, 1)),
+        ("pool", (3, 3), (2, 2), (1, 1), (1, 1), True),
+        ("conv", w2, m2, b2, True, (7.0, 63), (2, 1), (2, 0), (1, 2)),
+        ("pool", (2, 2), (1, 1), (0, 0), (1, 1), False),
+        ("conv", w3, m3, b3, False, None, (1, 1), (0, 0), (1, 1)),
+    ]
+    chain = gemv.ConvChain(3.0, 127, ops, fma=fma, isa=isa)
+    for n, (hh, ww) in ((1, (13, 11)), (3, (9, 16))):
+        x = torch.randn(n, 3, hh, ww, generator=g) * 30
+        want = _conv_ref(x, 3.0, ops, fma)
+        for xb in (x, x.contiguous(memory_format=torch.channels_last)):
+            y = chain(xb)
+            assert y.shape == want.shape and torch.equal(y, want)
+        wide = torch.randn(n, 3, hh, 2 * ww, generator=g)[..., ::2] * 30  # a strided view
+        assert torch.equal(chain(wide), _conv_ref(wide, 3.0, ops, fma))
+    mid = _conv_ref(x, 3.0, ops[:1], fma)
+    assert (mid == 127).any() and (mid > 0).float().mean() > 0.2  # the clip and real values
+
+
+def _cnn_model(batchnorm: bool = True) -> nn.Module:
+    torch.manual_seed(9)
+
+    def block(cin: int, cout: int) -> list:
+        return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
+
+    m = nn.Sequential(*block(1, 8), nn.MaxPool2d(2), *block(8, 20), nn.MaxPool2d(3, 2, padding=1, ceil_mode=True),
+                      nn.Dropout(0.1), *block(20, 16)).eval()
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.normal_(0, 0.2)
+            mod.running_var.uniform_(0.5, 2.0)
+    return m
+
+
+@pytest.mark.skipif(gemv.onednn_conv_formula() is None, reason="oneDNN missing, or its output stage not gemv.c's")
+def test_converted_cnn_runs_the_conv_chain_for_small_inputs_with_the_per_layer_numbers(monkeypatch) -> None:
+    """A converted Sequential CNN: a few small images run gemv.c (both layouts, 1 and 2 threads), a big batch
+    oneDNN; the per-layer path's numbers bit for bit; NaN raises naming the layer; a pooling edited after the
+    chain ran is seen."""
+    import lq.ops.hardware as hw
+
+    model = _cnn_model()
+    x = torch.randn(32, 1, 20, 20)
+    lq.quantize(model, CFG)
+    lq.calibrate(model, [x], num_samples=None, method="max")
+    fused, plain = convert(copy.deepcopy(model)), convert(copy.deepcopy(model), fuse=False)
+    threads = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            for t in (1, 2):
+                torch.set_num_threads(t)
+                for n in (1, 3):
+                    for xb in (x[:n] * 1.5, (x[:n] * 1.5).contiguous(memory_format=torch.channels_last)):
+                        with hw.record_kernels() as ran:
+                            y = fused(xb)
+                        assert ran == ["Int8Conv2d:gemv"] * 3
+                        want = plain(xb)
+                        assert torch.equal(y, want) and y.is_contiguous(memory_format=torch.channels_last) == \
+                            want.is_contiguous(memory_format=torch.channels_last)
+            monkeypatch.setattr(gemv, "MAX_MACS", 0)
+            with hw.record_kernels() as ran:
+                y = fused(x[:2])
+            assert ran == ["Int8Conv2d:onednn"] * 3 and torch.equal(y, plain(x[:2]))
+            monkeypatch.undo()
+            bad = x[:2].clone()
+            bad[1, 0, 3, 4] = float("inf")
+            with pytest.raises(FloatingPointError, match="0: Inf"):
+                fused(bad)
+            fused(x[:1])
+            for m in (fused, plain):
+                m[7].kernel_size = 2  # the second pooling (3x3, stride 2), edited after the chain ran
+            assert torch.equal(fused(x[:1]), plain(x[:1]))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_conv_formula_self_test_finds_onednns_rounding() -> None:
+    """On this CPU oneDNN's float conv output is acc * mult + bias with one rounding or two; the self-test
+    says which (None only where oneDNN is missing or matches neither)."""
+    from lq.ops import hardware as hw
+
+    found = gemv.onednn_conv_formula()
+    assert found in (True, False) or not hw.onednn_available()

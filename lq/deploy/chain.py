@@ -273,6 +273,13 @@ class _Guard:
         )
 
 
+def _geometry(m: nn.Module) -> tuple:
+    """What the conv chain read from a convolution or pooling beyond its part: its geometry."""
+    if isinstance(m, nn.MaxPool2d):
+        return (m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, m.return_indices)
+    return (m.stride, m.padding, m.dilation, m.groups)
+
+
 def _gemv_step(
     first: Int8Linear, parts: list, fallback: list | Callable[[torch.Tensor], torch.Tensor]
 ) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -363,6 +370,7 @@ class Int8Sequential(nn.Sequential):
         self._plan_inputs = _plan_inputs(self._leaf_list)
         self._steps = plan(self._leaf_list)
         self._lean = None  # (bound steps or None, [(layer, its cache key, the plan step, what it bound)] that keep them valid)
+        self._conv = None  # (the conv chain's step or None, the same kind of list; key None: a module's geometry)
         self._guard = None  # _Guard of the bound steps
 
     def _stale(self) -> bool:
@@ -378,11 +386,12 @@ class Int8Sequential(nn.Sequential):
     def __getstate__(self) -> dict:
         """Pickling and ``copy.deepcopy`` leave the bound steps behind (closures over this chain's layers)."""
         state = super().__getstate__()
-        state["_lean"] = state["_guard"] = None
+        state["_lean"] = state["_guard"] = state["_conv"] = None
         return state
 
     def __setstate__(self, state: dict) -> None:
         state.setdefault("_guard", None)  # pickled before the guard existed
+        state.setdefault("_conv", None)  # ... or before the conv chain
         super().__setstate__(state)
 
     def _lean_program(self) -> list | None:
@@ -522,6 +531,50 @@ class Int8Sequential(nn.Sequential):
 
     @torch.compiler.disable  # eager kernels only; under the compiler _fusable_now is False
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:  # a few small images: the conv chain in one C call (its step decides)
+            program = self._conv_program()
+            if program is not None:
+                return _in_layout(program(x), 4, _memory_format(x))
+        return self._kernel_forward(x)
+
+    def _conv_program(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The chain as one :func:`lq.deploy.gemv.conv_chain_step` (int8 Conv2d layers with ReLU and max
+        pooling between them, a float output at the end), or ``None``. Kept while every layer holds the very
+        part it gave (its kernel cache is cleared whenever its tensors change), every consumer the same hand-over
+        and every pooling and convolution the same geometry."""
+        made = self._conv
+        if made is not None and all(
+            (layer.sync_cache().get(key, _MISSING) is part
+             and (step.feeds is None or _grid_output(step.out, step.feeds) is key[2])
+             if key is not None else _geometry(layer) == part)
+            for layer, key, step, part in made[1]
+        ):
+            return made[0]
+        ops, keys, first = [], [], None
+        for step in self._steps:
+            if step.kind == "skip":
+                continue
+            m = step.module
+            if step.kind == "layer" and type(m) is Int8ConvNd:
+                out = _grid_output(step.out, step.feeds) if step.feeds is not None else step.out
+                part = m.conv_part(out)
+                keys.append((m, ("conv_part", "", out), step, part))
+                keys.append((m, None, step, _geometry(m)))
+                first = first or m
+                ops.append(part)
+            elif step.kind == "pool" and type(m) is nn.MaxPool2d and first is not None:
+                keys.append((m, None, step, _geometry(m)))
+                k, s, p, d = (_pair(v) for v in (m.kernel_size, m.stride or m.kernel_size, m.padding, m.dilation))
+                ops.append(("pool", k, s, p, d, bool(m.ceil_mode)))
+            else:
+                ops.append(None)
+        program = None
+        if ops and all(op is not None for op in ops) and "input_smoothing" not in first._buffers:
+            program = gemv.conv_chain_step(first.input_scale, first.qmax_input, ops, self._kernel_forward)
+        self._conv = (program, keys)
+        return program
+
+    def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         layout = _memory_format(x)
         h, dtype = x, x.dtype
         for step in self._steps:

@@ -559,6 +559,30 @@ class Int8ConvNd(Int8Module):
             )
         return call(u)
 
+    def conv_part(self, out: kernels.Output) -> tuple | None:
+        """This convolution's entry of a :class:`lq.deploy.gemv.ConvChain` writing ``out``: ``("conv", int8
+        weight, eq. 10's factor step_x * step_w (fp32), bias, ReLU, the next layer's (s, qmax) or None, stride,
+        padding, dilation)`` for a 2-D convolution with groups 1 and zero padding whose CPU kernel is oneDNN
+        (the chain computes oneDNN's numbers) and an ``out`` that is a float output or a ReLU'd hand-over to the
+        next layer's grid; else ``None``. Kept in the kernel cache."""
+        key = ("conv_part", "", out)  # (the chain reads key[2] as the Output)
+        cache = self.sync_cache()
+        if key not in cache:
+            part = None
+            if (
+                self.dims == 2 and self.groups == 1 and self._pre_pad is None and self.weight.dtype == torch.int8
+                and all(isinstance(p, int) for p in self.padding)
+                and self._kernel(torch.device("cpu"), ("onednn",)) == "onednn"
+                and out.upper is None and out.divisor is None
+            ):
+                step_x, w_step = self._steps()
+                hand_over = (float(out.inv_step), out.qmax) if out.grid else None
+                bias = None if self.bias is None else self.bias.detach()
+                part = ("conv", self.weight.detach(), torch.tensor(step_x, dtype=torch.float32) * w_step, bias,
+                        out.relu or out.grid, hand_over, tuple(self.stride), tuple(self.padding), tuple(self.dilation))
+            cache[key] = part
+        return cache[key]
+
     def _kernel_padding(self) -> list[int]:
         return [0] * self.dims if self._pre_pad is not None else list(self.padding)
 
