@@ -7,7 +7,8 @@
 
 ``lq int8 (convert, compile=True)`` is the same conversion compiled with torch.compile (``lq.deploy.traced``:
 int8 im2col + ``torch._int_mm``, fused output stages, any graph). ``lq int8 (convert)`` is the default conversion: int8 layers in Sequentials hand each other uint8 integers
-(``lq.deploy.chain``); ``fuse=False`` is the same model with every layer float in, float out.
+(``lq.deploy.chain``; Linear chains of up to 16 rows and Conv2d chains of small batches run in one call of
+``lq/deploy/gemv.c``); ``fuse=False`` is the same model with every layer float in, float out.
 
 Models: (a) MLP of four 1024x1024 Linear layers with ReLU; (b) the Fashion-MNIST CNN ``lq.models.SmallCNN``,
 conv 1->32->64->128 (3x3, BN folded, ReLU, max-pool) + Linear(128, 10), 28x28 inputs (real Fashion-MNIST test images when

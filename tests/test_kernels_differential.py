@@ -348,11 +348,13 @@ def test_int8_conv2d_fast_kernels_equal_reference(case, dtype, channels_last, se
 
 
 # ------------------------------------------------------------------------- converted inference layers
-def expected_deploy_kernel(layer: str, in_features: int = 0) -> str:
-    from lq.deploy import kernels
+def expected_deploy_kernel(layer: str, in_features: int = 0, rows: int | None = None) -> str:
+    from lq.deploy import gemv, kernels
 
     if layer == "Int8Linear" and kernels.fbgemm_mode() != hw.UNAVAILABLE and 2 * in_features <= hw.max_exact_reduction(255, 127):
-        return "fbgemm"
+        # a few rows: the same numbers from lq/deploy/gemv.c where it is built
+        few = rows is not None and rows <= gemv.MAX_ROWS and gemv.fbgemm_formula() is not None
+        return "gemv" if few else "fbgemm"
     return "onednn" if hw.onednn_mode() != hw.UNAVAILABLE else "reference"
 
 
@@ -384,7 +386,7 @@ def test_converted_linear_fast_equals_reference(m, k, n, dtype, strided, seed):
     assert y.dtype == dtype
     rtol, atol = TOL[dtype]  # fp32 values one rounding of the output dtype apart at most
     torch.testing.assert_close(y.float(), y_ref.float(), rtol=rtol, atol=atol)
-    assert ran == [f"Int8Linear:{expected_deploy_kernel('Int8Linear', k)}"]
+    assert ran == [f"Int8Linear:{expected_deploy_kernel('Int8Linear', k, m)}"]
 
 
 @SETTINGS

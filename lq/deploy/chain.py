@@ -277,7 +277,7 @@ def _geometry(m: nn.Module) -> tuple:
     """What the conv chain read from a convolution or pooling beyond its part: its geometry."""
     if isinstance(m, nn.MaxPool2d):
         return (m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, m.return_indices)
-    return (m.stride, m.padding, m.dilation, m.groups)
+    return (tuple(m.stride), tuple(m.padding), tuple(m.dilation), m.groups)
 
 
 def _gemv_step(
@@ -550,7 +550,7 @@ class Int8Sequential(nn.Sequential):
             for layer, key, step, part in made[1]
         ):
             return made[0]
-        ops, keys, first = [], [], None
+        ops, keys, refs, first = [], [], [], None
         for step in self._steps:
             if step.kind == "skip":
                 continue
@@ -558,19 +558,23 @@ class Int8Sequential(nn.Sequential):
             if step.kind == "layer" and type(m) is Int8ConvNd:
                 out = _grid_output(step.out, step.feeds) if step.feeds is not None else step.out
                 part = m.conv_part(out)
-                keys.append((m, ("conv_part", "", out), step, part))
-                keys.append((m, None, step, _geometry(m)))
+                geometry = _geometry(m)
+                keys.append((m, ("conv_part", geometry, out), step, part))
+                keys.append((m, None, step, geometry))
+                refs.append(m.run)  # (its per-layer forward: the rounding the chain must match, per input size)
                 first = first or m
                 ops.append(part)
-            elif step.kind == "pool" and type(m) is nn.MaxPool2d and first is not None:
+            elif step.kind == "pool" and type(m) is nn.MaxPool2d and first is not None and not m.return_indices:
                 keys.append((m, None, step, _geometry(m)))
                 k, s, p, d = (_pair(v) for v in (m.kernel_size, m.stride or m.kernel_size, m.padding, m.dilation))
-                ops.append(("pool", k, s, p, d, bool(m.ceil_mode)))
+                # torch refuses padding over half the window; the per-layer path raises that
+                ops.append(("pool", k, s, p, d, bool(m.ceil_mode)) if all(pi <= ki // 2 for pi, ki in zip(p, k))
+                           else None)
             else:
                 ops.append(None)
         program = None
         if ops and all(op is not None for op in ops) and "input_smoothing" not in first._buffers:
-            program = gemv.conv_chain_step(first.input_scale, first.qmax_input, ops, self._kernel_forward)
+            program = gemv.conv_chain_step(first.input_scale, first.qmax_input, ops, refs, self._kernel_forward)
         self._conv = (program, keys)
         return program
 

@@ -33,6 +33,11 @@ typedef struct {
     int32_t relu;         /* ReLU on y */
     float next_s;         /* the next layer's input scale s' (its eq. 7); 0: float output */
     int32_t next_qmax;
+    /* (convolutions) how the output stage rounds, found per layer and input size against oneDNN: 0 acc * mult
+       + bias, 1 fma(acc, mult, bias), 2 (acc * sx) * wstep[j] + bias (two scale multiplies) */
+    int32_t mode;
+    float sx;
+    const float *wstep;
 } lq_layer;
 
 enum { LQ_SCALAR = 0, LQ_AVX2 = 1, LQ_VNNI = 2 };
@@ -142,10 +147,13 @@ static inline int32_t dot1(const uint8_t *u, const int8_t *w, int64_t kp) {
 
 static inline float clampf(float t, float lo, float hi) { return t < lo ? lo : (t > hi ? hi : t); }
 
-/* eq. 10 + ReLU for output j of a layer from its raw u8 x s8 sum */
+/* eq. 10 + ReLU for output j of a layer from its raw u8 x s8 sum; `fma`: the rounding mode (0, 1, 2 above) */
 static inline float output(const lq_layer *L, int64_t j, int32_t raw, int32_t fma) {
     float a = (float)(raw - L->wsum[j]), y;
-    if (L->bias) y = fma ? fmaf(a, L->mult[j], L->bias[j]) : a * L->mult[j] + L->bias[j];
+    if (fma == 2) {
+        y = (a * L->sx) * L->wstep[j];
+        if (L->bias) y = y + L->bias[j];
+    } else if (L->bias) y = fma ? fmaf(a, L->mult[j], L->bias[j]) : a * L->mult[j] + L->bias[j];
     else y = a * L->mult[j];
     if (L->relu && !(y > 0.0f)) y = 0.0f;
     return y;
@@ -269,7 +277,7 @@ typedef struct {
        (zero channels past cout), with wsum / mult / bias padded to 16 * ceil(cout / 16) */
     const int8_t *wv;
     const int32_t *wsum16;
-    const float *mult16, *bias16;
+    const float *mult16, *bias16, *wstep16;
     int64_t kq;           /* k rounded up to 4: the VNNI kernel's im2col row (no padding to 64 bytes) */
 } lq_conv_op;
 
@@ -280,8 +288,10 @@ typedef struct {
  * from the buffer's spare rows and not stored. */
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma")))
 static void conv_rows_vnni(const lq_conv_op *op, const uint8_t *col, int64_t r0, int64_t m, uint8_t *nxt,
-                           float *out, int32_t fma, int32_t nchw) {
+                           float *out, int32_t nchw) {
     const lq_layer *L = &op->gemm;
+    const int32_t mode = L->mode;
+    const __m512 sx = _mm512_set1_ps(L->sx);
     int64_t kp = op->kq, groups = (L->n + 15) / 16;
     const __m512 zero = _mm512_setzero_ps(), top = _mm512_set1_ps((float)L->next_qmax);
     const __m512 s = _mm512_set1_ps(L->next_s);
@@ -311,10 +321,14 @@ static void conv_rows_vnni(const lq_conv_op *op, const uint8_t *col, int64_t r0,
             __m512i ws = _mm512_loadu_si512((const void *)(op->wsum16 + j0));
             __m512 mu = _mm512_loadu_ps(op->mult16 + j0);
             __m512 bi = op->bias16 ? _mm512_loadu_ps(op->bias16 + j0) : zero;
+            __m512 sw = mode == 2 ? _mm512_loadu_ps(op->wstep16 + j0) : zero;
             for (int r = 0; r < 4 && r0 + r < m; r++) {
                 __m512 a = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][c], ws)), y;
-                if (!op->bias16) y = _mm512_mul_ps(a, mu);
-                else y = fma ? _mm512_fmadd_ps(a, mu, bi) : _mm512_add_ps(_mm512_mul_ps(a, mu), bi);
+                if (mode == 2) {
+                    y = _mm512_mul_ps(_mm512_mul_ps(a, sx), sw);
+                    if (op->bias16) y = _mm512_add_ps(y, bi);
+                } else if (!op->bias16) y = _mm512_mul_ps(a, mu);
+                else y = mode ? _mm512_fmadd_ps(a, mu, bi) : _mm512_add_ps(_mm512_mul_ps(a, mu), bi);
                 if (L->relu) y = _mm512_max_ps(y, zero);
                 int64_t row = (r0 + r) * L->n + j0;
                 if (L->next_s != 0.0f) {
@@ -385,7 +399,7 @@ static void max_pool(const lq_conv_op *op, int64_t n, const uint8_t *src, uint8_
  * x * s is not finite. */
 int64_t lq_conv_chain(const lq_conv_op *ops, int32_t nops, int64_t n, const float *x, int64_t xs0, int64_t xs1,
                       int64_t xs2, int64_t xs3, float s, int32_t qmax, float *out, uint8_t *act, int64_t act_size,
-                      uint8_t *col, int32_t isa, int32_t fma, int32_t threads, int32_t nchw) {
+                      uint8_t *col, int32_t isa, int32_t threads, int32_t nchw) {
     block_fn block = block_scalar;
 #ifdef LQ_X86
     if (isa == LQ_AVX2) block = block_avx2;
@@ -418,14 +432,14 @@ int64_t lq_conv_chain(const lq_conv_op *ops, int32_t nops, int64_t n, const floa
                 if (isa == LQ_VNNI) {
 #pragma omp for schedule(static)
                     for (int64_t r0 = 0; r0 < rows; r0 += 4)
-                        conv_rows_vnni(op, col, r0, rows, buf[1 - cur], out, fma, nchw);
+                        conv_rows_vnni(op, col, r0, rows, buf[1 - cur], out, nchw);
                 } else
 #endif
                 {
 #pragma omp for schedule(static)
                     for (int64_t bl = 0; bl < blocks; bl++) {
                         int64_t j0 = 4 * bl, cnt = L->n - j0 < 4 ? L->n - j0 : 4;
-                        block(L, j0, cnt, col, buf[1 - cur], out, rows, L->kp, L->n, L->n, fma);
+                        block(L, j0, cnt, col, buf[1 - cur], out, rows, L->kp, L->n, L->n, L->mode);
                     }
                 }
             }

@@ -56,6 +56,7 @@ class _Layer(ctypes.Structure):
         ("w", ctypes.c_void_p), ("wsum", ctypes.c_void_p), ("mult", ctypes.c_void_p), ("bias", ctypes.c_void_p),
         ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("kp", ctypes.c_int64), ("relu", ctypes.c_int32),
         ("next_s", ctypes.c_float), ("next_qmax", ctypes.c_int32),
+        ("mode", ctypes.c_int32), ("sx", ctypes.c_float), ("wstep", ctypes.c_void_p),  # (convolutions)
     ]
 
 
@@ -123,7 +124,7 @@ def library() -> ctypes.CDLL | None:
     lib.lq_conv_chain.argtypes = [
         ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
         ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p,
-        ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,
+        ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,
     ]
     lib.lq_isa.restype = ctypes.c_int32
     lib.lq_chain.restype = ctypes.c_int64
@@ -172,7 +173,7 @@ class Chain:
             self._keep += [padded, wsum, mult] + ([] if b is None else [b])
             s, q = (0.0, 0) if nxt is None else (float(nxt[0]), int(nxt[1]))
             self._layers[i] = _Layer(padded.data_ptr(), wsum.data_ptr(), mult.data_ptr(),
-                                     None if b is None else b.data_ptr(), n, k, kp, int(relu), s, q)
+                                     None if b is None else b.data_ptr(), n, k, kp, int(relu), s, q, int(fma))
             width = max(width, kp)
         for (w, *_), (nxt, *_) in zip(layers, layers[1:]):
             if w.shape[0] != nxt.shape[1]:
@@ -200,7 +201,7 @@ class _ConvOp(ctypes.Structure):
     _fields_ = [("kind", ctypes.c_int32), ("gemm", _Layer)] + [
         (name, ctypes.c_int64) for name in ("cin", "h", "w", "oh", "ow", "kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw")
     ] + [("wv", ctypes.c_void_p), ("wsum16", ctypes.c_void_p), ("mult16", ctypes.c_void_p), ("bias16", ctypes.c_void_p),
-         ("kq", ctypes.c_int64)]
+         ("wstep16", ctypes.c_void_p), ("kq", ctypes.c_int64)]
 
 
 def _lanes(t: torch.Tensor, n16: int) -> torch.Tensor:
@@ -219,29 +220,51 @@ def _pool_size(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> in
     return out
 
 
+#: how a convolution's output stage rounds (``gemv.c``): acc * mult + bias, fma(acc, mult, bias), and
+#: (acc * step_x) * step_w + bias; oneDNN uses each of them, depending on the shape (found per input size)
+MODES = (0, 1, 2)
+
+
 class ConvChain:
     """Int8 Conv2d layers (groups 1, zero padding) with ReLU and max pooling between them, run by one kernel
     call for a few images: eq. 7 on the float input with ``(input_scale, qmax)``, then per entry of ``ops``
-    either ``("conv", w int8 [cout, cin, kh, kw], mult [cout], bias or None, relu, next (s, qmax) or None,
-    stride, padding, dilation)`` or ``("pool", kernel, stride, padding, dilation, ceil_mode)``; the last entry is
-    a convolution with a float output. ``__call__`` returns the NCHW float output (contiguous for a contiguous
-    input on the VNNI kernel, else channels-last strides), or
-    ``None`` when an input's ``x * s`` is not finite. The kernel's tables are made once per input size."""
+    either ``("conv", w int8 [cout, cin, kh, kw], mult [cout] = fp32(step_x) * step_w, bias or None, relu, next
+    (s, qmax) or None, stride, padding, dilation, step_x, step_w [cout], input scale s)`` or ``("pool", kernel,
+    stride, padding, dilation, ceil_mode)``; every convolution but the last hands over to the next grid, the last
+    has a float output.
 
-    def __init__(self, input_scale: float, input_qmax: int, ops: Sequence[tuple], fma: bool, isa: int | None = None):
+    How each convolution's output stage rounds (:data:`MODES`) is what its per-layer kernel does: oneDNN picks
+    other implementations for other shapes, and they round differently (1x1 convolutions over a channel count
+    that is not a multiple of 4, or outputs of 1 or 2 pixels, multiply by the two steps one after the other).
+    ``references[i]`` (the i-th convolution's per-layer forward, float in and out) is run once per input size
+    on a probe of integers, and the mode that gives its numbers bit for bit is used; where none does, that
+    size is not run here (``__call__`` is not called: :meth:`runs` is False). Without references, ``mode``.
+
+    ``__call__`` returns the NCHW float output (contiguous for a contiguous input on the VNNI kernel, else
+    channels-last strides), or ``None`` when an input's ``x * s`` is not finite."""
+
+    def __init__(
+        self, input_scale: float, input_qmax: int, ops: Sequence[tuple], references: Sequence[Callable] | None = None,
+        mode: int = 0, isa: int | None = None,
+    ) -> None:
         lib = library()
         if lib is None:
             raise RuntimeError("the batch-1 int8 kernel is not available here")
+        convs = [op for op in ops if op[0] == "conv"]
         if not ops or ops[0][0] != "conv" or ops[-1][0] != "conv" or ops[-1][5] is not None:
             raise ValueError("gemv.ConvChain: starts with a convolution and ends with one of float output")
-        self._lib, self._fma, self._isa = lib, int(fma), lib.lq_isa() if isa is None else isa
+        if any(op[5] is None for op in convs[:-1]):
+            raise ValueError("gemv.ConvChain: every convolution but the last hands over to the next one's grid")
+        if references is not None and len(references) != len(convs):
+            raise ValueError("gemv.ConvChain: one reference per convolution")
+        self._lib, self._isa = lib, lib.lq_isa() if isa is None else isa
         self._s, self._qmax = float(input_scale), int(input_qmax)
-        self._ops, self._keep, self._tables = list(ops), [], {}
+        self._ops, self._refs, self._mode = list(ops), references, int(mode)
+        self._keep: list[torch.Tensor] = []
+        self._tables: dict = {}
         self._convs: list[tuple] = []
         channels = ops[0][1].shape[1]
-        for op in ops:
-            if op[0] != "conv":
-                continue
+        for op in convs:
             w, mult, bias, relu, nxt = op[1:6]
             if w.shape[1] != channels:
                 raise ValueError(f"gemv.ConvChain: a convolution of {w.shape[1]} input channels gets {channels}")
@@ -252,80 +275,130 @@ class ConvChain:
             padded[:, :k] = w.permute(0, 2, 3, 1).reshape(cout, k)  # taps (kh, kw) outer, input channels inner
             wsum = (128 * w.to(torch.int32).sum((1, 2, 3))).to(torch.int32).contiguous()
             mult = mult.detach().to(torch.float32).contiguous()
+            wstep = op[10].detach().to(torch.float32).contiguous()
             b = None if bias is None else bias.detach().to(torch.float32).contiguous()
             # the VNNI kernel's copy: output channels in the lanes, [cout16 / 16][kq / 4][16][4] (kq: k to 4)
             n16, kq = -(-cout // 16) * 16, -(-k // 4) * 4
             lanes = torch.zeros(n16, kq, dtype=torch.int8)
             lanes[:cout, :k] = padded[:, :k]
             lanes = lanes.reshape(n16 // 16, 16, kq // 4, 4).permute(0, 2, 1, 3).contiguous()
-            extra = [lanes, _lanes(wsum, n16), _lanes(mult, n16)] + ([] if b is None else [_lanes(b, n16)])
-            self._keep += [padded, wsum, mult] + ([] if b is None else [b]) + extra
+            extra = [lanes, _lanes(wsum, n16), _lanes(mult, n16), None if b is None else _lanes(b, n16),
+                     _lanes(wstep, n16)]
+            self._keep += [t for t in (padded, wsum, mult, wstep, b, *extra) if t is not None]
             s, q = (0.0, 0) if nxt is None else (float(nxt[0]), int(nxt[1]))
-            self._convs.append((_Layer(padded.data_ptr(), wsum.data_ptr(), mult.data_ptr(),
-                                       None if b is None else b.data_ptr(), cout, k, kp, int(relu), s, q),
-                                [t.data_ptr() for t in extra[:3]] + [None if b is None else extra[3].data_ptr(), kq]))
+            layer = _Layer(padded.data_ptr(), wsum.data_ptr(), mult.data_ptr(), None if b is None else b.data_ptr(),
+                           cout, k, kp, int(relu), s, q, self._mode, float(op[9]), wstep.data_ptr())
+            vnni = [None if t is None else t.data_ptr() for t in extra] + [kq]
+            q_in = int(input_qmax) if not self._convs else int(self._convs[-1][0].next_qmax)
+            self._convs.append((layer, vnni, float(op[11]), q_in))
             channels = cout
         self.in_channels, self.out_channels = ops[0][1].shape[1], channels
+        self._kp_max = max(c[0].kp for c in self._convs)
 
-    def macs(self, h: int, w: int) -> int | None:
-        """Multiply-adds of one ``h x w`` image through the chain (``None``: too small for it)."""
-        made = self._table(h, w)
-        return None if made is None else made[4]
+    def macs(self, n: int, h: int, w: int) -> int | None:
+        """Multiply-adds of ``n`` ``h x w`` images through the chain (``None``: it does not run them)."""
+        made = self._table(n, h, w)
+        return None if made is None else n * made[4]
 
-    def _table(self, h: int, w: int) -> tuple | None:
+    def _table(self, n: int, h: int, w: int) -> tuple | None:
         """(ops array, per-image largest integer tensor, per-image largest im2col, output size, multiply-adds
-        per image) for ``h x w`` images; ``None`` where a layer's output would be empty (the per-layer path
-        reports it)."""
-        key = (h, w)
-        if key not in self._tables:
-            table = (_ConvOp * len(self._ops))()
-            c, act, col, conv, macs = self.in_channels, h * w * self.in_channels, 0, 0, 0
-            for i, op in enumerate(self._ops):
-                if op[0] == "conv":
-                    layer, vnni = self._convs[conv]
-                    conv += 1
-                    kh, kw = op[1].shape[2:]
-                    (sh, sw), (ph, pw), (dh, dw) = op[6], op[7], op[8]
-                    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-                    ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-                    table[i] = _ConvOp(0, layer, c, h, w, oh, ow, kh, kw, sh, sw, ph, pw, dh, dw, *vnni)
-                    col = max(col, oh * ow * layer.kp)
-                    macs += oh * ow * layer.k * layer.n
-                    c = layer.n
-                else:
-                    (kh, kw), (sh, sw), (ph, pw), (dh, dw), ceil = op[1:6]
-                    oh = _pool_size(h, kh, sh, ph, dh, ceil)
-                    ow = _pool_size(w, kw, sw, pw, dw, ceil)
-                    table[i] = _ConvOp(1, _Layer(), c, h, w, oh, ow, kh, kw, sh, sw, ph, pw, dh, dw)
+        per image) for ``n`` ``h x w`` images; ``None`` where a layer's output would be empty (the per-layer
+        path reports it) or a convolution's rounding matches no mode."""
+        key = (n, h, w) if self._refs is not None else (0, h, w)  # (oneDNN's choice may depend on the batch)
+        if key in self._tables:
+            return self._tables[key]
+        table = (_ConvOp * len(self._ops))()
+        c, act, col, conv, macs = self.in_channels, h * w * self.in_channels, 0, 0, 0
+        made = None
+        for i, op in enumerate(self._ops):
+            if op[0] == "conv":
+                layer, vnni, s_in, q_in = self._convs[conv]
+                kh, kw = op[1].shape[2:]
+                (sh, sw), (ph, pw), (dh, dw) = op[6], op[7], op[8]
+                oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+                ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
                 if oh <= 0 or ow <= 0:
-                    self._tables[key] = None
-                    return None
-                h, w = oh, ow
-                act = max(act, h * w * c)
-            if len(self._tables) >= 16:  # many image sizes: start over
-                self._tables.clear()
-            self._tables[key] = (table, act, col, (c, h, w), macs)
-        return self._tables[key]
+                    break
+                table[i] = _ConvOp(0, layer, c, h, w, oh, ow, kh, kw, sh, sw, ph, pw, dh, dw, *vnni)
+                if self._refs is not None:
+                    mode = self._probe(table[i], n, s_in, q_in, self._refs[conv])
+                    if mode is None:
+                        break
+                    table[i].gemm.mode = mode
+                conv += 1
+                col = max(col, oh * ow * layer.kp)
+                macs += oh * ow * layer.k * layer.n
+                c = layer.n
+            else:
+                (kh, kw), (sh, sw), (ph, pw), (dh, dw), ceil = op[1:6]
+                oh = _pool_size(h, kh, sh, ph, dh, ceil)
+                ow = _pool_size(w, kw, sw, pw, dw, ceil)
+                if oh <= 0 or ow <= 0:
+                    break
+                table[i] = _ConvOp(1, _Layer(), c, h, w, oh, ow, kh, kw, sh, sw, ph, pw, dh, dw)
+            h, w = oh, ow
+            act = max(act, h * w * c)
+        else:
+            made = (table, act, col, (c, h, w), macs)
+        if len(self._tables) >= 16:  # many input sizes: start over
+            self._tables.clear()
+        self._tables[key] = made
+        return made
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
-        if x.dim() != 4 or x.shape[1] != self.in_channels or x.dtype != torch.float32 or not x.is_cpu:
-            raise ValueError(f"gemv.ConvChain: expected a CPU float32 (N, {self.in_channels}, H, W) input, got "
-                             f"{x.dtype} {tuple(x.shape)} on {x.device}")
-        made = self._table(x.shape[2], x.shape[3])
-        if made is None:
-            raise ValueError(f"gemv.ConvChain: input {tuple(x.shape)} too small for the chain")
-        table, act, col, (c, h, w), _ = made
+    def _run(self, table, count: int, x: torch.Tensor, s: float, qmax: int, act: int, col: int,
+             out_chw: tuple) -> torch.Tensor | None:
         n = x.shape[0]
+        c, h, w = out_chw
         nchw = self._isa == VNNI and x.is_contiguous()  # (the output in the input's layout: no copy after)
         out = torch.empty((n, c, h, w) if nchw else (n, h, w, c), dtype=torch.float32, device="cpu")
-        kp_max = max(layer.kp for layer, _ in self._convs)
-        work = torch.empty(2 * n * act + n * col + 3 * kp_max, dtype=torch.uint8, device="cpu")  # (+ 3 spare rows)
+        work = torch.empty(2 * n * act + n * col + 3 * self._kp_max, dtype=torch.uint8, device="cpu")  # (3 spare rows)
         base = work.data_ptr()
         bad = self._lib.lq_conv_chain(
-            ctypes.addressof(table), len(self._ops), n, x.data_ptr(), *x.stride(), self._s, self._qmax,
-            out.data_ptr(), base, n * act, base + 2 * n * act, self._isa, self._fma, torch.get_num_threads(), nchw,
+            ctypes.addressof(table), count, n, x.data_ptr(), *x.stride(), s, qmax, out.data_ptr(), base, n * act,
+            base + 2 * n * act, self._isa, torch.get_num_threads(), nchw,
         )
         return None if bad else out if nchw else out.permute(0, 3, 1, 2)
+
+    def _probe(self, op: _ConvOp, n: int, s_in: float, q_in: int, reference: Callable) -> int | None:
+        """The mode whose numbers equal ``reference``'s (the convolution's per-layer forward) on a probe of
+        this input size: eq. 7 integers in [-q_in, q_in] as ``q / s`` (eq. 7 gives them back)."""
+        g = torch.Generator().manual_seed(n * 7919 + op.h * 31 + op.w)
+        q = torch.randint(-q_in, q_in + 1, (n, op.cin, op.h, op.w), generator=g).to(torch.float32)
+        xf = q / torch.tensor(s_in, dtype=torch.float32)
+        from lq.ops import hardware as hw
+
+        recording = hw._RECORDERS[:]  # (the probe is not a call of the model: hw.record_kernels does not see it)
+        hw._RECORDERS.clear()
+        try:
+            with torch.no_grad():
+                ref = reference(xf).float()
+        finally:
+            hw._RECORDERS.extend(recording)
+        single = (_ConvOp * 1)(op)
+        single[0].gemm.relu, single[0].gemm.next_s = 0, 0.0  # float output, no ReLU: the whole output stage seen
+        rows = op.oh * op.ow
+        for mode in MODES:
+            single[0].gemm.mode = mode
+            y = self._run(single, 1, xf.contiguous(), s_in, q_in, op.h * op.w * max(op.cin, op.gemm.n),
+                          rows * op.gemm.kp, (op.gemm.n, op.oh, op.ow))
+            if y is not None and y.shape == ref.shape and torch.equal(y, ref):
+                return mode
+        log.info("lq.deploy: a %dx%d convolution's oneDNN rounding on %s inputs matches no mode of gemv.c; "
+                 "oneDNN runs it", op.kh, op.kw, (n, op.cin, op.h, op.w))
+        return None
+
+    def runs(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`__call__` takes ``x`` (4-D CPU float32 with this chain's channels, big enough, every
+        convolution's rounding known for its size)."""
+        return (x.dim() == 4 and x.shape[1] == self.in_channels and x.dtype == torch.float32 and x.is_cpu
+                and self._table(*x.shape[:1], *x.shape[2:]) is not None)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
+        if not self.runs(x):
+            raise ValueError(f"gemv.ConvChain: cannot run a {x.dtype} {tuple(x.shape)} input on {x.device} (expected "
+                             f"CPU float32 (N, {self.in_channels}, H, W), big enough for the chain)")
+        table, act, col, out_chw, _ = self._table(x.shape[0], x.shape[2], x.shape[3])
+        return self._run(table, len(self._ops), x, self._s, self._qmax, act, col, out_chw)
 
 
 @functools.cache
@@ -357,38 +430,6 @@ def fbgemm_formula() -> bool | None:
     return found
 
 
-@functools.cache
-def onednn_conv_formula() -> bool | None:
-    """As :func:`fbgemm_formula`, for oneDNN's int8 convolution with a float output (the kernel of lq's
-    per-layer Conv2d on CPU): ``True`` if it rounds ``acc * mult + bias`` once, ``False`` if twice (what the
-    VNNI host's oneDNN does), ``None`` where neither matches or oneDNN is missing."""
-    from lq.deploy import kernels
-    from lq.ops import hardware as hw
-
-    if library() is None or not hw.onednn_available():
-        return None
-    g = torch.Generator().manual_seed(1)
-    f32 = torch.float32
-    w = torch.randint(-127, 128, (19, 5, 3, 3), generator=g, dtype=torch.int8)
-    w_step = torch.rand(19, generator=g, dtype=f32) * 1e-2 + 1e-4
-    step_x = 0.0371
-    bias = torch.randn(19, generator=g, dtype=f32)
-    q = torch.randint(0, 128, (2, 5, 9, 7), generator=g).to(f32)  # non-negative integers: zero point 0 anywhere
-    try:
-        packed = torch.ops.onednn.qconv_prepack(w, w_step, step_x, 0, [1, 1], [1, 1], [1, 1], 1, None)
-        ref = kernels.onednn_conv(q.to(torch.uint8), 0, packed, step_x, w_step, bias, (1, 1), (1, 1), (1, 1), 1)
-    except Exception as err:  # noqa: BLE001 - no usable oneDNN: the chains keep the per-layer kernels
-        log.info("lq.deploy: oneDNN conv self-test failed (%s)", err)
-        return None
-    mult = torch.tensor(step_x, dtype=f32) * w_step
-    for fma in (False, True):
-        chain = ConvChain(1.0, 127, [("conv", w, mult, bias, False, None, (1, 1), (1, 1), (1, 1))], fma)
-        if torch.equal(chain(q), ref.float()):
-            return fma
-    log.info("lq.deploy: oneDNN's conv output stage matches no formula of gemv.c; conv chains use oneDNN")
-    return None
-
-
 #: multiply-adds per call up to which a Conv2d chain runs here rather than on oneDNN (VNNI host, SmallCNN 28 x 28,
 #: 7.4M per image, us per call, kernel / oneDNN chain: 1 image 213 / 719, 4: 384 / 852, 8: 569 / 991, 16: 1003 /
 #: 1191, 32: 1937 / 1564; ``benchmarks/RESULTS.md``): about 16 such images
@@ -396,28 +437,28 @@ MAX_MACS = 120_000_000
 
 
 def conv_chain_step(
-    first_scale: torch.Tensor, first_qmax: int, ops: Sequence[tuple], fallback: Callable[[torch.Tensor], torch.Tensor],
+    first_scale: torch.Tensor, first_qmax: int, ops: Sequence[tuple], references: Sequence[Callable],
+    fallback: Callable[[torch.Tensor], torch.Tensor],
 ) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """A step for 4-D inputs of up to :data:`MAX_MACS` multiply-adds: the :class:`ConvChain`, ``fallback``
-    (the chain's oneDNN forward, same numbers) for bigger inputs, too-small ones and to raise its own error for
-    a non-finite input. ``None`` where the kernel cannot run these layers."""
-    fma = onednn_conv_formula()
-    if fma is None or any(op[0] == "conv" and op[1][0].numel() > MAX_K for op in ops):
-        return None
-    try:
-        chain = ConvChain(float(first_scale), first_qmax, ops, fma)
-    except ValueError:  # (channels that do not connect: the fallback raises the per-layer path's error)
-        return None
+    """A step for 4-D inputs of up to :data:`MAX_MACS` multiply-adds: the :class:`ConvChain` (each convolution
+    rounding as its per-layer forward in ``references`` does), ``fallback`` (the chain's oneDNN forward, same
+    numbers) for bigger inputs, sizes the chain does not run and to raise its own error for a non-finite input.
+    ``None`` where the kernel cannot run these layers."""
     from lq.ops import hardware as hw
 
+    if library() is None or not hw.onednn_available():
+        return None
+    if any(op[0] == "conv" and op[1][0].numel() > MAX_K for op in ops):
+        return None
+    try:
+        chain = ConvChain(float(first_scale), first_qmax, ops, references)
+    except ValueError:  # (layers that do not chain: the fallback runs them, with the per-layer errors)
+        return None
     recorders, count = hw._RECORDERS, sum(op[0] == "conv" for op in ops)
 
     @torch.compiler.disable(recursive=False)
     def step(x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[1] != chain.in_channels or x.dtype != torch.float32 or not x.is_cpu:
-            return fallback(x)
-        macs = chain.macs(x.shape[2], x.shape[3])
-        if macs is None or x.shape[0] * macs > MAX_MACS or torch.jit.is_tracing():
+        if torch.jit.is_tracing() or not chain.runs(x) or chain.macs(x.shape[0], *x.shape[2:]) > MAX_MACS:
             return fallback(x)
         y = chain(x)
         if y is None:  # NaN / Inf: the per-layer kernels raise the error that names the layer
@@ -464,6 +505,6 @@ def chain_step(
 
 
 __all__ = [
-    "MAX_MACS", "MAX_ROWS", "Chain", "ConvChain", "cache_dir", "chain_step", "conv_chain_step", "fbgemm_formula",
-    "isas", "library", "onednn_conv_formula",
+    "MAX_MACS", "MAX_ROWS", "MODES", "Chain", "ConvChain", "cache_dir", "chain_step", "conv_chain_step",
+    "fbgemm_formula", "isas", "library",
 ]

@@ -561,11 +561,13 @@ class Int8ConvNd(Int8Module):
 
     def conv_part(self, out: kernels.Output) -> tuple | None:
         """This convolution's entry of a :class:`lq.deploy.gemv.ConvChain` writing ``out``: ``("conv", int8
-        weight, eq. 10's factor step_x * step_w (fp32), bias, ReLU, the next layer's (s, qmax) or None, stride,
-        padding, dilation)`` for a 2-D convolution with groups 1 and zero padding whose CPU kernel is oneDNN
-        (the chain computes oneDNN's numbers) and an ``out`` that is a float output or a ReLU'd hand-over to the
-        next layer's grid; else ``None``. Kept in the kernel cache."""
-        key = ("conv_part", "", out)  # (the chain reads key[2] as the Output)
+        weight, fp32(step_x) * step_w (oneDNN forms it in fp32), bias, ReLU, the next layer's (s, qmax) or None,
+        stride, padding, dilation, step_x, step_w, input scale)`` for a 2-D convolution with groups 1 and zero
+        padding whose CPU kernel is oneDNN (the chain computes oneDNN's numbers) and an ``out`` that is a float
+        output or a ReLU'd hand-over to the next layer's grid; else ``None``. Kept in the kernel cache, under
+        the geometry it was made for."""
+        geometry = (tuple(self.stride), tuple(self.padding), tuple(self.dilation), self.groups)
+        key = ("conv_part", geometry, out)  # (the chain reads key[2] as the Output)
         cache = self.sync_cache()
         if key not in cache:
             part = None
@@ -576,10 +578,11 @@ class Int8ConvNd(Int8Module):
                 and out.upper is None and out.divisor is None
             ):
                 step_x, w_step = self._steps()
+                sx, sw = torch.tensor(step_x, dtype=torch.float32), w_step.detach().float()
                 hand_over = (float(out.inv_step), out.qmax) if out.grid else None
                 bias = None if self.bias is None else self.bias.detach()
-                part = ("conv", self.weight.detach(), torch.tensor(step_x, dtype=torch.float32) * w_step, bias,
-                        out.relu or out.grid, hand_over, tuple(self.stride), tuple(self.padding), tuple(self.dilation))
+                part = ("conv", self.weight.detach(), sx * sw, bias, out.relu or out.grid, hand_over,
+                        *geometry[:3], float(sx), sw, float(self.input_scale))
             cache[key] = part
         return cache[key]
 
