@@ -265,7 +265,7 @@ def profile_batch1(model: nn.Module, x: torch.Tensor) -> str:
     with torch.no_grad(), hw.record_kernels() as ran:
         model(x)
     if ran and all(r.endswith(":gemv") for r in ran):
-        return "one lq/deploy/gemv.c call for the whole chain (C through ctypes: torch's profiler does not see it)"
+        return "every int8 layer runs in lq/deploy/gemv.c (one call per chain, C through ctypes: torch's profiler does not see it)"
     rows = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
     total = sum(rows.values())
     kernel = sum(v for k, v in rows.items() if "onednn::q" in k or k.startswith("quantized::linear"))
