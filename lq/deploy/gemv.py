@@ -262,6 +262,7 @@ class ConvChain:
         self._ops, self._refs, self._mode = list(ops), references, int(mode)
         self._keep: list[torch.Tensor] = []
         self._tables: dict = {}
+        self._macs: dict = {}
         self._convs: list[tuple] = []
         channels = ops[0][1].shape[1]
         for op in convs:
@@ -295,10 +296,30 @@ class ConvChain:
         self.in_channels, self.out_channels = ops[0][1].shape[1], channels
         self._kp_max = max(c[0].kp for c in self._convs)
 
-    def macs(self, n: int, h: int, w: int) -> int | None:
-        """Multiply-adds of ``n`` ``h x w`` images through the chain (``None``: it does not run them)."""
-        made = self._table(n, h, w)
-        return None if made is None else n * made[4]
+    def macs(self, h: int, w: int) -> int | None:
+        """Multiply-adds of one ``h x w`` image through the chain (``None``: a layer's output would be empty);
+        from the geometry alone (no probe)."""
+        key = (h, w)
+        if key not in self._macs:
+            total = 0
+            for op in self._ops:
+                if op[0] == "conv":
+                    kh, kw = op[1].shape[2:]
+                    (sh, sw), (ph, pw), (dh, dw) = op[6], op[7], op[8]
+                    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+                    ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+                    total += max(oh, 0) * max(ow, 0) * op[1][0].numel() * op[1].shape[0]
+                else:
+                    (kh, kw), (sh, sw), (ph, pw), (dh, dw), ceil = op[1:6]
+                    oh, ow = _pool_size(h, kh, sh, ph, dh, ceil), _pool_size(w, kw, sw, pw, dw, ceil)
+                if oh <= 0 or ow <= 0:
+                    total = None
+                    break
+                h, w = oh, ow
+            if len(self._macs) >= 64:  # many image sizes: start over
+                self._macs.clear()
+            self._macs[key] = total
+        return self._macs[key]
 
     def _table(self, n: int, h: int, w: int) -> tuple | None:
         """(ops array, per-image largest integer tensor, per-image largest im2col, output size, multiply-adds
@@ -458,7 +479,10 @@ def conv_chain_step(
 
     @torch.compiler.disable(recursive=False)
     def step(x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_tracing() or not chain.runs(x) or chain.macs(x.shape[0], *x.shape[2:]) > MAX_MACS:
+        if x.dim() != 4 or torch.jit.is_tracing():
+            return fallback(x)
+        macs = chain.macs(x.shape[2], x.shape[3])  # (the geometry first: the probes only for sizes run here)
+        if macs is None or x.shape[0] * macs > MAX_MACS or not chain.runs(x):
             return fallback(x)
         y = chain(x)
         if y is None:  # NaN / Inf: the per-layer kernels raise the error that names the layer
