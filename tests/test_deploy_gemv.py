@@ -387,7 +387,8 @@ def _converted_pair(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, nn.Mo
     return convert(copy.deepcopy(model)), convert(copy.deepcopy(model), fuse=False)
 
 
-_ONEDNN = pytest.mark.skipif(not __import__("lq.ops.hardware").ops.hardware.onednn_available(), reason="needs oneDNN")
+# the conv chain runs on full-range (VNNI) hosts: on half range the per-layer path's sign split changes oneDNN's kernel
+_ONEDNN = pytest.mark.skipif(kernels.onednn_mode() != kernels.FULL_RANGE, reason="needs oneDNN in full range (VNNI)")
 
 
 @_ONEDNN
@@ -477,3 +478,68 @@ def test_conv_chain_of_a_float64_model() -> None:
                     layer._buffers[name] = layer._buffers[name].double()
     with torch.no_grad():
         assert torch.equal(fused(x[:2].float()), plain(x[:2].float()))
+
+
+@_ONEDNN
+def test_conv_chain_probes_until_one_rounding_is_left() -> None:
+    """A conv with one output value per image (cout 1, a 1x1 output): one probe cannot tell two roundings apart;
+    the chain probes again until one is left (review: 18 of 64 images differed with a single probe)."""
+    import lq.ops.hardware as hw
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        x = torch.randn(64, 3, 10, 10)
+        fused, plain = _converted_pair(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 1, 8)).eval(), x)
+        with torch.no_grad():
+            for i in range(64):
+                with hw.record_kernels() as ran:
+                    y = fused(x[i:i + 1])
+                assert ran == ["Int8Conv2d:gemv"] * 2 and torch.equal(y, plain(x[i:i + 1]))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@_ONEDNN
+def test_conv_chain_rounding_follows_the_thread_count() -> None:
+    """oneDNN's rounding of a 1x1 conv over 8 channels at batch 1 depends on the thread count: the chain's
+    rounding is found per thread count too (review: 109 of 490 outputs differed after a switch)."""
+    threads = torch.get_num_threads()
+    try:
+        torch.manual_seed(0)
+        x = torch.randn(8, 3, 9, 9)
+        fused, plain = _converted_pair(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 10, 1)).eval(), x)
+        with torch.no_grad():
+            for t in (2, 1, 2):
+                torch.set_num_threads(t)
+                assert torch.equal(fused(x[:1]), plain(x[:1]))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_suspended_recording_is_per_thread() -> None:
+    """The probes run the per-layer kernels with recording suspended in their own thread only; another
+    thread's record_kernels block records and ends as usual (review: the probe emptied the global list)."""
+    import threading
+
+    import lq.ops.hardware as hw
+
+    inside, done, seen = threading.Event(), threading.Event(), []
+
+    def other() -> None:
+        with hw.record_kernels() as ran:
+            inside.wait(10)
+            hw.ran("op", "kernel")
+        seen.append(ran)
+        done.set()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    with hw.record_kernels() as mine, hw.recording_suspended():
+        inside.set()
+        done.wait(10)
+        hw.ran("probe", "kernel")
+    thread.join(10)
+    # (recorders are process-wide: each list sees every thread's kernels, but none sees the suspended probe's)
+    assert seen == [["op:kernel"]] and mine == ["op:kernel"] and hw._RECORDERS == []

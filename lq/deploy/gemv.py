@@ -197,6 +197,9 @@ class Chain:
         return None if bad else out
 
 
+_MISSING = object()
+
+
 class _ConvOp(ctypes.Structure):
     _fields_ = [("kind", ctypes.c_int32), ("gemm", _Layer)] + [
         (name, ctypes.c_int64) for name in ("cin", "h", "w", "oh", "ow", "kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw")
@@ -325,9 +328,11 @@ class ConvChain:
         """(ops array, per-image largest integer tensor, per-image largest im2col, output size, multiply-adds
         per image) for ``n`` ``h x w`` images; ``None`` where a layer's output would be empty (the per-layer
         path reports it) or a convolution's rounding matches no mode."""
-        key = (n, h, w) if self._refs is not None else (0, h, w)  # (oneDNN's choice may depend on the batch)
-        if key in self._tables:
-            return self._tables[key]
+        # oneDNN's implementation (and its rounding) may depend on the batch and the thread count
+        key = (n, h, w, torch.get_num_threads()) if self._refs is not None else (0, h, w, 0)
+        made = self._tables.get(key, _MISSING)
+        if made is not _MISSING:
+            return made
         table = (_ConvOp * len(self._ops))()
         c, act, col, conv, macs = self.in_channels, h * w * self.in_channels, 0, 0, 0
         made = None
@@ -342,7 +347,7 @@ class ConvChain:
                     break
                 table[i] = _ConvOp(0, layer, c, h, w, oh, ow, kh, kw, sh, sw, ph, pw, dh, dw, *vnni)
                 if self._refs is not None:
-                    mode = self._probe(table[i], n, s_in, q_in, self._refs[conv])
+                    mode = self._probe(table[i], n, s_in, q_in, conv == 0, self._refs[conv])
                     if mode is None:
                         break
                     table[i].gemm.mode = mode
@@ -380,32 +385,37 @@ class ConvChain:
         )
         return None if bad else out if nchw else out.permute(0, 3, 1, 2)
 
-    def _probe(self, op: _ConvOp, n: int, s_in: float, q_in: int, reference: Callable) -> int | None:
-        """The mode whose numbers equal ``reference``'s (the convolution's per-layer forward) on a probe of
-        this input size: eq. 7 integers in [-q_in, q_in] as ``q / s`` (eq. 7 gives them back)."""
-        g = torch.Generator().manual_seed(n * 7919 + op.h * 31 + op.w)
-        q = torch.randint(-q_in, q_in + 1, (n, op.cin, op.h, op.w), generator=g).to(torch.float32)
-        xf = q / torch.tensor(s_in, dtype=torch.float32)
+    def _probe(self, op: _ConvOp, n: int, s_in: float, q_in: int, signed: bool, reference: Callable) -> int | None:
+        """The mode whose numbers equal ``reference``'s (the convolution's per-layer forward) on probes of this
+        input size: eq. 7 integers in [-q_in, q_in] (``signed``, the first convolution) or [0, q_in] (the others
+        take ReLU'd integers) as ``q / s``, which eq. 7 gives back. Probes again with new integers while more
+        than one mode matches (a few outputs may not tell two roundings apart), up to 32 times; ``None`` if no
+        mode or still more than one distinct mode matches."""
         from lq.ops import hardware as hw
 
-        recording = hw._RECORDERS[:]  # (the probe is not a call of the model: hw.record_kernels does not see it)
-        hw._RECORDERS.clear()
-        try:
-            with torch.no_grad():
-                ref = reference(xf).float()
-        finally:
-            hw._RECORDERS.extend(recording)
         single = (_ConvOp * 1)(op)
         single[0].gemm.relu, single[0].gemm.next_s = 0, 0.0  # float output, no ReLU: the whole output stage seen
-        rows = op.oh * op.ow
-        for mode in MODES:
-            single[0].gemm.mode = mode
-            y = self._run(single, 1, xf.contiguous(), s_in, q_in, op.h * op.w * max(op.cin, op.gemm.n),
-                          rows * op.gemm.kp, (op.gemm.n, op.oh, op.ow))
-            if y is not None and y.shape == ref.shape and torch.equal(y, ref):
-                return mode
-        log.info("lq.deploy: a %dx%d convolution's oneDNN rounding on %s inputs matches no mode of gemv.c; "
-                 "oneDNN runs it", op.kh, op.kw, (n, op.cin, op.h, op.w))
+        rows, alive = op.oh * op.ow, set(MODES)
+        if not op.gemm.bias:
+            alive.discard(1)  # (no bias: fma(acc, mult, 0) is acc * mult, mode 0)
+        for attempt in range(32):
+            g = torch.Generator().manual_seed(attempt * 1_000_003 + n * 7919 + op.h * 31 + op.w)
+            q = torch.randint(-q_in if signed else 0, q_in + 1, (n, op.cin, op.h, op.w), generator=g).to(torch.float32)
+            xf = q / torch.tensor(s_in, dtype=torch.float32)
+            with torch.no_grad(), hw.recording_suspended():  # (a probe, not a call of the model)
+                ref = reference(xf).float()
+            for mode in sorted(alive):
+                single[0].gemm.mode = mode
+                y = self._run(single, 1, xf.contiguous(), s_in, q_in, op.h * op.w * max(op.cin, op.gemm.n),
+                              rows * op.gemm.kp, (op.gemm.n, op.oh, op.ow))
+                if y is None or y.shape != ref.shape or not torch.equal(y, ref):
+                    alive.discard(mode)
+            if len(alive) <= 1:
+                break
+        if len(alive) == 1:
+            return alive.pop()
+        log.info("lq.deploy: a %dx%d convolution's oneDNN rounding on %s inputs is %s of gemv.c's modes; oneDNN "
+                 "runs it", op.kh, op.kw, (n, op.cin, op.h, op.w), "none" if not alive else "not one")
         return None
 
     def runs(self, x: torch.Tensor) -> bool:
@@ -465,9 +475,12 @@ def conv_chain_step(
     rounding as its per-layer forward in ``references`` does), ``fallback`` (the chain's oneDNN forward, same
     numbers) for bigger inputs, sizes the chain does not run and to raise its own error for a non-finite input.
     ``None`` where the kernel cannot run these layers."""
+    from lq.deploy import kernels
     from lq.ops import hardware as hw
 
-    if library() is None or not hw.onednn_available():
+    # full range only: on a half-range (AVX2) host the per-layer path splits a signed input into [P, N] with the
+    # weight [W, -W], a different oneDNN convolution whose rounding would depend on the data's sign
+    if library() is None or not hw.onednn_available() or kernels.onednn_mode() != kernels.FULL_RANGE:
         return None
     if any(op[0] == "conv" and op[1][0].numel() > MAX_K for op in ops):
         return None

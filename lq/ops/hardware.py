@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 
@@ -266,9 +267,24 @@ def record_kernels() -> Iterator[list[str]]:
         _RECORDERS.remove(ran)
 
 
+_LOCAL = threading.local()
+
+
+@contextlib.contextmanager
+def recording_suspended() -> Iterator[None]:
+    """Kernels run in this thread inside the block are not recorded (a probe the library runs for itself, not a
+    call of the user's model); other threads record as usual."""
+    before = getattr(_LOCAL, "suspended", False)
+    _LOCAL.suspended = True
+    try:
+        yield
+    finally:
+        _LOCAL.suspended = before
+
+
 def ran(op: str, kernel: str) -> None:
     """Note that ``op`` ran ``kernel`` (for :func:`record_kernels`; a no-op when nothing records)."""
-    if _RECORDERS:
+    if _RECORDERS and not getattr(_LOCAL, "suspended", False):
         for log_ in _RECORDERS:
             log_.append(f"{op}:{kernel}")
 
