@@ -402,8 +402,12 @@ class ConvChain:
             g = torch.Generator().manual_seed(attempt * 1_000_003 + n * 7919 + op.h * 31 + op.w)
             q = torch.randint(-q_in if signed else 0, q_in + 1, (n, op.cin, op.h, op.w), generator=g).to(torch.float32)
             xf = q / torch.tensor(s_in, dtype=torch.float32)
-            with torch.no_grad(), hw.recording_suspended():  # (a probe, not a call of the model)
-                ref = reference(xf).float()
+            try:
+                with torch.no_grad(), hw.recording_suspended():  # (a probe, not a call of the model)
+                    ref = reference(xf).float()
+            except Exception as err:  # noqa: BLE001 - the layer cannot take this size: the fallback says why
+                log.info("lq.deploy: probing a convolution on %s inputs failed (%s)", (n, op.cin, op.h, op.w), err)
+                return None
             for mode in sorted(alive):
                 single[0].gemm.mode = mode
                 y = self._run(single, 1, xf.contiguous(), s_in, q_in, op.h * op.w * max(op.cin, op.gemm.n),
