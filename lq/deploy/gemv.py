@@ -215,12 +215,11 @@ def _lanes(t: torch.Tensor, n16: int) -> torch.Tensor:
 
 
 def _pool_size(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
-    """Output length of max pooling along one dim (torch's rule, ``ceil_mode`` included)."""
-    span = size + 2 * p - d * (k - 1) - 1
-    out = (span + (s - 1 if ceil_mode else 0)) // s + 1
-    if ceil_mode and (out - 1) * s >= size + p:  # the last window must start inside the input or left padding
-        out -= 1
-    return out
+    """Output length of max pooling along one dim: the chains' rule (``lq.deploy.chain``, which imports this
+    module)."""
+    from lq.deploy.chain import _out_size
+
+    return _out_size(size, k, s, p, d, ceil_mode)
 
 
 #: how a convolution's output stage rounds (``gemv.c``): acc * mult + bias, fma(acc, mult, bias), and
@@ -492,21 +491,37 @@ def conv_chain_step(
         chain = ConvChain(float(first_scale), first_qmax, ops, references)
     except ValueError:  # (layers that do not chain: the fallback runs them, with the per-layer errors)
         return None
-    recorders, count = hw._RECORDERS, sum(op[0] == "conv" for op in ops)
+
+    def takes(x: torch.Tensor) -> bool:
+        if x.dim() != 4:
+            return False
+        macs = chain.macs(x.shape[2], x.shape[3])  # (the geometry first: the probes only for sizes run here)
+        return macs is not None and x.shape[0] * macs <= MAX_MACS and chain.runs(x)
+
+    return _step(chain, takes, fallback, "Int8Conv2d", sum(op[0] == "conv" for op in ops))
+
+
+def _step(
+    chain: Callable[[torch.Tensor], torch.Tensor | None], takes: Callable[[torch.Tensor], bool],
+    fallback: Callable[[torch.Tensor], torch.Tensor], layer: str, count: int,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``chain(x)`` where ``takes(x)``, else ``fallback(x)`` (the same numbers by the per-layer kernels, which
+    also raise the error naming the layer for a non-finite input, where ``chain`` returns None); never under
+    ``torch.jit.trace``, which cannot see a ctypes call (it would record an empty output)."""
+    from lq.ops import hardware as hw
+
+    recorders = hw._RECORDERS
 
     @torch.compiler.disable(recursive=False)
     def step(x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or torch.jit.is_tracing():
-            return fallback(x)
-        macs = chain.macs(x.shape[2], x.shape[3])  # (the geometry first: the probes only for sizes run here)
-        if macs is None or x.shape[0] * macs > MAX_MACS or not chain.runs(x):
+        if torch.jit.is_tracing() or not takes(x):
             return fallback(x)
         y = chain(x)
-        if y is None:  # NaN / Inf: the per-layer kernels raise the error that names the layer
+        if y is None:
             return fallback(x)
         if recorders:
             for _ in range(count):
-                hw.ran("Int8Conv2d", "gemv")
+                hw.ran(layer, "gemv")
         return y
 
     return step
@@ -526,23 +541,11 @@ def chain_step(
     if any(w.shape[0] != nxt.shape[1] for (w, *_), (nxt, *_) in zip(layers, layers[1:])):
         return None  # (layers that do not connect: the fallback raises the per-layer path's error)
     chain = Chain(float(first_scale), first_qmax, layers, fma)
-    from lq.ops import hardware as hw
 
-    recorders, count = hw._RECORDERS, len(layers)
+    def takes(x: torch.Tensor) -> bool:
+        return x.shape[0] <= MAX_ROWS and x.shape[1] == chain.in_features
 
-    @torch.compiler.disable(recursive=False)
-    def step(x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] > MAX_ROWS or x.shape[1] != chain.in_features or torch.jit.is_tracing():
-            return fallback(x)  # (torch.jit.trace cannot see a ctypes call: it would record an empty output)
-        y = chain(x)
-        if y is None:  # NaN / Inf: fbgemm's program raises the error that names the layer
-            return fallback(x)
-        if recorders:
-            for _ in range(count):
-                hw.ran("Int8Linear", "gemv")
-        return y
-
-    return step
+    return _step(chain, takes, fallback, "Int8Linear", len(layers))
 
 
 __all__ = [
