@@ -1,21 +1,27 @@
-"""Batch-1 int8 Linear chains in one call of a small C kernel (``lq/deploy/gemv.c``), built at first use.
+"""Small-batch int8 chains in one call of a small C kernel (``lq/deploy/gemv.c``), built at first use.
 
-At batch 1 an int8 Linear layer is a matrix-vector product that reads its weight once. On the 2-core AVX-512
-VNNI host fbgemm, oneDNN and ``torch._int_mm`` take 37-57 us for a 1024 x 1024 int8 weight that the caches
-deliver in ~10 us, and an MLP adds a Python call and an output-stage op per layer: lq's fbgemm program ran the
-4 x 1024 MLP in ~200 us, torch.ao's dynamic quantization in ~200 us. ``gemv.c`` runs the whole chain in one
-call (eq. 7 on the float input, then per layer the exact int32 sums, eq. 10's ``acc * step_x * step_w[j] +
-bias[j]`` as fbgemm computes it, ReLU and the next layer's eq. 7), each thread streaming its fixed slice of
-every weight: ~65 us for that MLP (``benchmarks/bench_convert.py``).
+**Linear chains** (:class:`Chain`, up to :data:`MAX_ROWS` rows). At batch 1 an int8 Linear layer is a
+matrix-vector product that reads its weight once. On the 2-core AVX-512 VNNI host fbgemm, oneDNN and
+``torch._int_mm`` take 37-57 us for a 1024 x 1024 int8 weight that the caches deliver in ~10 us, and an MLP adds a
+Python call and an output-stage op per layer: lq's fbgemm program ran the 4 x 1024 MLP in ~200 us, torch.ao's
+dynamic quantization in ~200 us. ``gemv.c`` runs the whole chain in one call (eq. 7 on the float input, then per
+layer the exact int32 sums, eq. 10's ``acc * step_x * step_w[j] + bias[j]`` as fbgemm computes it, ReLU and the
+next layer's eq. 7), each thread streaming its fixed slice of every weight: ~65-85 us for that MLP. The numbers
+are fbgemm's, bit for bit: :func:`fbgemm_formula` finds once per process whether fbgemm's output stage rounds
+``acc * mult + bias`` once (a fused multiply-add) or twice, and the chain uses that one.
 
-The numbers are fbgemm's, bit for bit: :func:`fbgemm_formula` finds once per process whether fbgemm's output
-stage rounds ``acc * mult + bias`` once (a fused multiply-add) or twice, and the chain uses that one;
-``tests/test_deploy_gemv.py`` compares every instruction set this CPU has with fbgemm and with eq. 7 / eq. 10
-in float64. The kernel is C because no library has a fast exact int8 matrix-vector product for CPUs: it is
-compiled with the C compiler Inductor uses too (``$CC``, else ``cc``/``gcc``/``clang``), ``-O3 -fopenmp
--ffp-contract=off``, once per source and compiler into ``$LQ_CACHE_DIR`` (default ``~/.cache/lq``), and its
-OpenMP threads are torch's (the loader resolves ``libgomp.so.1`` to the copy torch loaded). Without a compiler
-the chains run fbgemm's program as before, after one warning; ``LQ_NATIVE=0`` turns the kernel off quietly.
+**Conv2d chains** (:class:`ConvChain`, up to :data:`MAX_MACS` multiply-adds a call; VNNI hosts): a Sequential of
+int8 Conv2d with ReLU and max pooling between them, im2col of the uint8 integers and the sums with the output
+channels in the VNNI lanes; oneDNN's rounding of the output stage depends on the shape and the thread count, so
+each convolution's is found per input size by running the layer itself on probes (:meth:`ConvChain._probe`).
+
+``tests/test_deploy_gemv.py`` compares every instruction set this CPU has with fbgemm / oneDNN and with eq. 7 /
+eq. 10 in float64. The kernel is C because no library has a fast exact int8 matrix-vector product (or a
+set-up-free small convolution) for CPUs: it is compiled with the C compiler Inductor uses too (``$CC``, else
+``cc``/``gcc``/``clang``), ``-O3 -fopenmp -ffp-contract=off``, once per source and compiler into
+``$LQ_CACHE_DIR`` (default ``~/.cache/lq``), and its OpenMP threads are torch's (the loader resolves
+``libgomp.so.1`` to the copy torch loaded). Without a compiler the chains run fbgemm / oneDNN as before, after
+one warning; ``LQ_NATIVE=0`` turns the kernel off quietly.
 """
 
 from __future__ import annotations
@@ -115,8 +121,8 @@ def library() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(_build(cc)))
     except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as err:
         warnings.warn(
-            f"lq.deploy: the batch-1 int8 kernel (lq/deploy/gemv.c) could not be built ({err}); batch-1 Linear "
-            "chains run fbgemm's slower program. Install a C compiler or set CC to use it.",
+            f"lq.deploy: the small-batch int8 kernel (lq/deploy/gemv.c) could not be built ({err}); small-batch "
+            "Linear and Conv2d chains run on fbgemm / oneDNN, slower. Install a C compiler or set CC to use it.",
             RuntimeWarning, stacklevel=2,
         )
         return None
