@@ -517,6 +517,10 @@ class Int8Sequential(nn.Sequential):
             if not self._fusable_now(x):
                 return super().forward(x)
             if not lean:
+                if x.dim() == 4 and type(x) is torch.Tensor:  # a few small images: the conv chain in one C call
+                    program = self._conv_program()  # (called here, not under _fused_forward's ~10 us wrapper)
+                    if program is not None:
+                        return _in_layout(program(x), 4, _memory_format(x))
                 return self._fused_forward(x)
             # an all-Linear chain on fbgemm (the batch-1 MLP): its bound steps, called here rather than under
             # _fused_forward's compiler.disable, whose wrapper alone costs ~10 us a call
@@ -529,13 +533,6 @@ class Int8Sequential(nn.Sequential):
             x = step_fn(x)
         return x
 
-    @torch.compiler.disable  # eager kernels only; under the compiler _fusable_now is False
-    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 4:  # a few small images: the conv chain in one C call (its step decides)
-            program = self._conv_program()
-            if program is not None:
-                return _in_layout(program(x), 4, _memory_format(x))
-        return self._kernel_forward(x)
 
     def _conv_program(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """The chain as one :func:`lq.deploy.gemv.conv_chain_step` (int8 Conv2d layers with ReLU and max
@@ -574,11 +571,12 @@ class Int8Sequential(nn.Sequential):
                 ops.append(None)
         program = None
         if ops and all(op is not None for op in ops) and "input_smoothing" not in first._buffers:
-            program = gemv.conv_chain_step(first.input_scale, first.qmax_input, ops, refs, self._kernel_forward)
+            program = gemv.conv_chain_step(first.input_scale, first.qmax_input, ops, refs, self._fused_forward)
         self._conv = (program, keys)
         return program
 
-    def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+    @torch.compiler.disable  # eager kernels only; under the compiler _fusable_now is False
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
         layout = _memory_format(x)
         h, dtype = x, x.dtype
         for step in self._steps:
