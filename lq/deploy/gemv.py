@@ -229,7 +229,7 @@ def _pool_size(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> in
 
 
 #: how a convolution's output stage rounds (``gemv.c``): acc * mult + bias, fma(acc, mult, bias), and
-#: (acc * step_x) * step_w + bias; oneDNN uses each of them, depending on the shape (found per input size)
+#: (acc * step_x) * step_w + bias; oneDNN uses more than one, depending on the shape and the thread count
 MODES = (0, 1, 2)
 
 
@@ -243,10 +243,11 @@ class ConvChain:
 
     How each convolution's output stage rounds (:data:`MODES`) is what its per-layer kernel does: oneDNN picks
     other implementations for other shapes, and they round differently (1x1 convolutions over a channel count
-    that is not a multiple of 4, or outputs of 1 or 2 pixels, multiply by the two steps one after the other).
-    ``references[i]`` (the i-th convolution's per-layer forward, float in and out) is run once per input size
-    on a probe of integers, and the mode that gives its numbers bit for bit is used; where none does, that
-    size is not run here (``__call__`` is not called: :meth:`runs` is False). Without references, ``mode``.
+    that is not a multiple of 4, or outputs of 1 or 2 pixels, multiply by the two steps one after the other; some
+    1x1 convolutions round differently at 1 and 2 threads). ``references[i]`` (the i-th convolution's per-layer
+    forward, float in and out) is run per input size and thread count on probes of integers until one mode
+    gives its numbers bit for bit (:meth:`_probe`); where none does, that size is not run here (:meth:`runs` is
+    False). Without references, every convolution rounds with ``mode``.
 
     ``__call__`` returns the NCHW float output (contiguous for a contiguous input on the VNNI kernel, else
     channels-last strides), or ``None`` when an input's ``x * s`` is not finite."""
