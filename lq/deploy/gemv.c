@@ -8,7 +8,7 @@
  * call), computes the exact int32 sums (VNNI u8 x s8 on AVX-512 VNNI, int16 multiply-add on AVX2, plain C
  * elsewhere: the same integers on every path), and writes fbgemm's output stage
  *     y = acc * mult[j] + bias[j]   (one fused multiply-add, or a multiply and an add: lq/deploy/gemv.py finds
- *                                    which one fbgemm computes on this CPU and passes it in `fma`)
+ *                                    which one fbgemm computes on this CPU and sets each layer's `mode`)
  * then ReLU and either the next layer's eq. 7 integers clip(round(y * s'), 0, q') or the float output. The first
  * layer's float input is quantized here too: clip(round(x * s), -q, q), round half to even, fp32 product.
  *
@@ -33,8 +33,8 @@ typedef struct {
     int32_t relu;         /* ReLU on y */
     float next_s;         /* the next layer's input scale s' (its eq. 7); 0: float output */
     int32_t next_qmax;
-    /* (convolutions) how the output stage rounds, found per layer and input size against oneDNN: 0 acc * mult
-       + bias, 1 fma(acc, mult, bias), 2 (acc * sx) * wstep[j] + bias (two scale multiplies) */
+    /* how the output stage rounds (Linear: as fbgemm, found once; convolutions: as oneDNN, found per layer and
+       input size): 0 acc * mult + bias, 1 fma(acc, mult, bias), 2 (acc * sx) * wstep[j] + bias */
     int32_t mode;
     float sx;
     const float *wstep;
@@ -52,13 +52,16 @@ int32_t lq_isa(void) {
     return LQ_SCALAR;
 }
 
-/* sums of u (uint8, kp bytes) with four weight rows w, w + kp, w + 2 kp, w + 3 kp (before the 128 correction) */
+/* sum of u (uint8, kp bytes) with one weight row (before the 128 correction) */
+static inline int32_t dot1(const uint8_t *u, const int8_t *w, int64_t kp) {
+    int32_t a = 0;
+    for (int64_t k = 0; k < kp; k++) a += (int32_t)u[k] * (int32_t)w[k];
+    return a;
+}
+
+/* ... with four weight rows w, w + kp, w + 2 kp, w + 3 kp */
 static void dot4_scalar(const uint8_t *u, const int8_t *w, int64_t kp, int32_t *acc) {
-    for (int r = 0; r < 4; r++) {
-        int32_t a = 0;
-        for (int64_t k = 0; k < kp; k++) a += (int32_t)u[k] * (int32_t)w[r * kp + k];
-        acc[r] = a;
-    }
+    for (int r = 0; r < 4; r++) acc[r] = dot1(u, w + r * kp, kp);
 }
 
 static void dot4x4_scalar(const uint8_t *u, int64_t ldu, const int8_t *w, int64_t kp, int32_t acc[4][4]) {
@@ -138,29 +141,22 @@ static void dot4x4_avx2(const uint8_t *u, int64_t ldu, const int8_t *w, int64_t 
 }
 #endif
 
-/* one row (the last n % 4 rows of a layer) */
-static inline int32_t dot1(const uint8_t *u, const int8_t *w, int64_t kp) {
-    int32_t a = 0;
-    for (int64_t k = 0; k < kp; k++) a += (int32_t)u[k] * (int32_t)w[k];
-    return a;
-}
-
 static inline float clampf(float t, float lo, float hi) { return t < lo ? lo : (t > hi ? hi : t); }
 
-/* eq. 10 + ReLU for output j of a layer from its raw u8 x s8 sum; `fma`: the rounding mode (0, 1, 2 above) */
-static inline float output(const lq_layer *L, int64_t j, int32_t raw, int32_t fma) {
+/* eq. 10 + ReLU for output j of a layer from its raw u8 x s8 sum, rounded as L->mode says (0, 1, 2 above) */
+static inline float output(const lq_layer *L, int64_t j, int32_t raw) {
     float a = (float)(raw - L->wsum[j]), y;
-    if (fma == 2) {
+    if (L->mode == 2) {
         y = (a * L->sx) * L->wstep[j];
         if (L->bias) y = y + L->bias[j];
-    } else if (L->bias) y = fma ? fmaf(a, L->mult[j], L->bias[j]) : a * L->mult[j] + L->bias[j];
+    } else if (L->bias) y = L->mode ? fmaf(a, L->mult[j], L->bias[j]) : a * L->mult[j] + L->bias[j];
     else y = a * L->mult[j];
     if (L->relu && !(y > 0.0f)) y = 0.0f;
     return y;
 }
 
 /* The per-instruction-set parts, each compiled for its target (so that fmaf and nearbyintf are instructions
- * there, not library calls): eq. 7 of a float row, and outputs j0 .. j0 + cnt - 1 of a layer for one row. */
+ * there, not library calls): eq. 7 of a float row, and outputs j0 .. j0 + cnt - 1 of a layer for all rows. */
 #define LQ_QUANTIZE_ROW                                                                  \
     for (int64_t i = 0; i < k; i++) {                                                    \
         float t = x[i] * s;                                                              \
@@ -173,7 +169,7 @@ static inline float output(const lq_layer *L, int64_t j, int32_t raw, int32_t fm
  * integers at nxt + r * ldn, its float outputs at out + r * ldo) */
 #define LQ_STORE(R, C, ACC)                                                                             \
     {                                                                                                   \
-        float y = output(L, j0 + (C), (ACC), fma);                                                      \
+        float y = output(L, j0 + (C), (ACC));                                                           \
         if (L->next_s != 0.0f) /* y >= 0 (ReLU): the next layer's eq. 7, lower clip 0 */                \
             nxt[(R) * ldn + j0 + (C)] =                                                                 \
                 (uint8_t)((int32_t)clampf(nearbyintf(y * L->next_s), 0.0f, (float)L->next_qmax) + 128); \
@@ -202,7 +198,7 @@ static inline float output(const lq_layer *L, int64_t j, int32_t raw, int32_t fm
 typedef int64_t (*quantize_fn)(const float *x, int64_t k, float s, float q, uint8_t *u);
 #define LQ_BLOCK_ARGS                                                                                   \
     const lq_layer *L, int64_t j0, int64_t cnt, const uint8_t *cur, uint8_t *nxt, float *out, int64_t m,     \
-        int64_t width, int64_t ldn, int64_t ldo, int32_t fma
+        int64_t width, int64_t ldn, int64_t ldo
 typedef void (*block_fn)(LQ_BLOCK_ARGS);
 
 static int64_t quantize_scalar(const float *x, int64_t k, float s, float q, uint8_t *u) { LQ_QUANTIZE_ROW }
@@ -221,7 +217,7 @@ static void block_vnni(LQ_BLOCK_ARGS) { LQ_BLOCK(dot4_vnni, dot4x4_vnni) }
  * eq. 7 cannot represent it; the caller raises, naming the layer). `out` is m x n_last (row stride n_last);
  * `work` holds 2 * m * width bytes, width >= every layer's kp. `isa` <= lq_isa(). */
 int64_t lq_chain(const lq_layer *layers, int32_t nl, int64_t m, const float *x, int64_t ldx, float s, int32_t qmax,
-                 float *out, uint8_t *work, int64_t width, int32_t isa, int32_t fma, int32_t threads) {
+                 float *out, uint8_t *work, int64_t width, int32_t isa, int32_t threads) {
     quantize_fn quantize = quantize_scalar;
     block_fn block = block_scalar;
 #ifdef LQ_X86
@@ -248,7 +244,7 @@ int64_t lq_chain(const lq_layer *layers, int32_t nl, int64_t m, const float *x, 
 #pragma omp for schedule(static)
             for (int64_t b = 0; b < blocks; b++) {  /* each thread: the same output rows on every call */
                 int64_t j0 = 4 * b, cnt = L->n - j0 < 4 ? L->n - j0 : 4;
-                block(L, j0, cnt, cur, nxt, out, m, width, width, n_last, fma);
+                block(L, j0, cnt, cur, nxt, out, m, width, width, n_last);
             }
             /* (implicit barrier: the layer's integers are all written) */
             if (l + 1 < nl) {
@@ -263,10 +259,11 @@ int64_t lq_chain(const lq_layer *layers, int32_t nl, int64_t m, const float *x, 
 
 
 /* ------------------------------------------------------------------------------------------------------------
- * Conv2d chains (a Sequential of int8 Conv2d, ReLU, MaxPool2d at batch 1-4): eq. 7 on the float input, then per
- * convolution an im2col of the uint8 NHWC integers (taps ordered (kh, kw, cin); padding is the integer 0, i.e.
- * 128) and the same blocks as the Linear chain over (pixels x output channels), max pooling on the integers (it
- * commutes with the quantizer; u = q + 128 keeps the order), and a float NHWC output at the end. At batch 1 a
+ * Conv2d chains (a Sequential of int8 Conv2d, ReLU, MaxPool2d at small batches): eq. 7 on the float input, then
+ * per convolution an im2col of the uint8 NHWC integers (taps ordered (kh, kw, cin); padding is the integer 0,
+ * i.e. 128) and the (pixels x output channels) product (conv_rows_vnni; elsewhere the Linear chain's blocks), max
+ * pooling on the integers (it commutes with the quantizer; u = q + 128 keeps the order), and a float output at
+ * the end. At batch 1 a
  * convolution is a few million MACs: oneDNN's per-call set-up (~60-100 us a convolution) is what costs.
  */
 typedef struct {
@@ -439,7 +436,7 @@ int64_t lq_conv_chain(const lq_conv_op *ops, int32_t nops, int64_t n, const floa
 #pragma omp for schedule(static)
                     for (int64_t bl = 0; bl < blocks; bl++) {
                         int64_t j0 = 4 * bl, cnt = L->n - j0 < 4 ? L->n - j0 : 4;
-                        block(L, j0, cnt, col, buf[1 - cur], out, rows, L->kp, L->n, L->n, L->mode);
+                        block(L, j0, cnt, col, buf[1 - cur], out, rows, L->kp, L->n, L->n);
                     }
                 }
             }

@@ -137,7 +137,6 @@ def library() -> ctypes.CDLL | None:
     lib.lq_chain.argtypes = [
         ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_float,
         ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32,
-        ctypes.c_int32,
     ]
     log.info("lq.deploy: batch-1 int8 kernel loaded (%s)", ISA_NAMES[lib.lq_isa()])
     return lib
@@ -153,7 +152,8 @@ class Chain:
     """Int8 Linear layers run by one kernel call: eq. 7 on the float input with ``(input_scale, qmax)``, then
     per layer ``(w int8 [n, k], mult [n] fp32, bias [n] fp32 or None, relu, next layer's (s, qmax) or None)``.
     Keeps its own padded copies of the weights. ``__call__`` returns the float output, or ``None`` when an
-    input's ``x * s`` is not finite (the caller raises its own error, naming the layer)."""
+    input's ``x * s`` is not finite (the caller raises its own error, naming the layer). ``ValueError`` for
+    layers that do not connect or sums that int32 cannot hold (more than :data:`MAX_K` inputs)."""
 
     def __init__(
         self, input_scale: float, input_qmax: int,
@@ -163,7 +163,9 @@ class Chain:
         lib = library()
         if lib is None:
             raise RuntimeError("the batch-1 int8 kernel is not available here")
-        self._lib, self._fma, self._isa = lib, int(fma), lib.lq_isa() if isa is None else isa
+        if any(w.shape[1] > MAX_K for w, *_ in layers):
+            raise ValueError(f"gemv.Chain: more than {MAX_K} inputs to a layer: its int32 sums could overflow")
+        self._lib, self._isa = lib, lib.lq_isa() if isa is None else isa
         self._s, self._qmax = float(input_scale), int(input_qmax)
         self._keep: list[torch.Tensor] = []
         self._layers = (_Layer * len(layers))()
@@ -198,8 +200,7 @@ class Chain:
         out = torch.empty(m, self.out_features, dtype=torch.float32, device="cpu")  # (not the default dtype)
         work = torch.empty(2 * m * self._width, dtype=torch.uint8, device="cpu")
         bad = self._lib.lq_chain(self._ptr, self._count, m, x.data_ptr(), x.shape[1], self._s, self._qmax,
-                                 out.data_ptr(), work.data_ptr(), self._width, self._isa, self._fma,
-                                 torch.get_num_threads())
+                                 out.data_ptr(), work.data_ptr(), self._width, self._isa, torch.get_num_threads())
         return None if bad else out
 
 
@@ -266,12 +267,14 @@ class ConvChain:
             raise ValueError("gemv.ConvChain: every convolution but the last hands over to the next one's grid")
         if references is not None and len(references) != len(convs):
             raise ValueError("gemv.ConvChain: one reference per convolution")
+        if any(op[1][0].numel() > MAX_K for op in convs):
+            raise ValueError(f"gemv.ConvChain: more than {MAX_K} products per output: its int32 sums could overflow")
         self._lib, self._isa = lib, lib.lq_isa() if isa is None else isa
         self._s, self._qmax = float(input_scale), int(input_qmax)
         self._ops, self._refs, self._mode = list(ops), references, int(mode)
         self._keep: list[torch.Tensor] = []
         self._tables: dict = {}
-        self._macs: dict = {}
+        self._geometry: dict = {}
         self._convs: list[tuple] = []
         channels = ops[0][1].shape[1]
         for op in convs:
@@ -305,52 +308,56 @@ class ConvChain:
         self.in_channels, self.out_channels = ops[0][1].shape[1], channels
         self._kp_max = max(c[0].kp for c in self._convs)
 
+    def _shapes(self, h: int, w: int) -> list[tuple[int, int, int, int]] | None:
+        """Each op's (input height, width, output height, width) for ``h x w`` images, ``None`` where an output
+        would be empty (the per-layer path reports it); torch's pooling rule, which without ceil mode is also
+        the convolution's."""
+        key = (h, w)
+        if key not in self._geometry:
+            shapes: list | None = []
+            for op in self._ops:
+                if op[0] == "conv":
+                    (kh, kw), (sh, sw), (ph, pw), (dh, dw), ceil = op[1].shape[2:], op[6], op[7], op[8], False
+                else:
+                    (kh, kw), (sh, sw), (ph, pw), (dh, dw), ceil = op[1:6]
+                oh, ow = _pool_size(h, kh, sh, ph, dh, ceil), _pool_size(w, kw, sw, pw, dw, ceil)
+                if oh <= 0 or ow <= 0:
+                    shapes = None
+                    break
+                shapes.append((h, w, oh, ow))
+                h, w = oh, ow
+            if len(self._geometry) >= 64:  # many image sizes: start over
+                self._geometry.clear()
+            self._geometry[key] = shapes
+        return self._geometry[key]
+
     def macs(self, h: int, w: int) -> int | None:
         """Multiply-adds of one ``h x w`` image through the chain (``None``: a layer's output would be empty);
         from the geometry alone (no probe)."""
-        key = (h, w)
-        if key not in self._macs:
-            total = 0
-            for op in self._ops:
-                if op[0] == "conv":
-                    kh, kw = op[1].shape[2:]
-                    (sh, sw), (ph, pw), (dh, dw) = op[6], op[7], op[8]
-                    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-                    ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-                    total += max(oh, 0) * max(ow, 0) * op[1][0].numel() * op[1].shape[0]
-                else:
-                    (kh, kw), (sh, sw), (ph, pw), (dh, dw), ceil = op[1:6]
-                    oh, ow = _pool_size(h, kh, sh, ph, dh, ceil), _pool_size(w, kw, sw, pw, dw, ceil)
-                if oh <= 0 or ow <= 0:
-                    total = None
-                    break
-                h, w = oh, ow
-            if len(self._macs) >= 64:  # many image sizes: start over
-                self._macs.clear()
-            self._macs[key] = total
-        return self._macs[key]
+        shapes = self._shapes(h, w)
+        if shapes is None:
+            return None
+        return sum(oh * ow * op[1][0].numel() * op[1].shape[0]
+                   for op, (_, _, oh, ow) in zip(self._ops, shapes) if op[0] == "conv")
 
     def _table(self, n: int, h: int, w: int) -> tuple | None:
-        """(ops array, per-image largest integer tensor, per-image largest im2col, output size, multiply-adds
-        per image) for ``n`` ``h x w`` images; ``None`` where a layer's output would be empty (the per-layer
-        path reports it) or a convolution's rounding matches no mode."""
+        """(ops array, per-image largest integer tensor, per-image largest im2col, output size) for ``n``
+        ``h x w`` images; ``None`` where a layer's output would be empty (the per-layer path reports it) or a
+        convolution's rounding matches no mode."""
         # oneDNN's implementation (and its rounding) may depend on the batch and the thread count
         key = (n, h, w, torch.get_num_threads()) if self._refs is not None else (0, h, w, 0)
         made = self._tables.get(key, _MISSING)
         if made is not _MISSING:
             return made
+        shapes = self._shapes(h, w)
         table = (_ConvOp * len(self._ops))()
-        c, act, col, conv, macs = self.in_channels, h * w * self.in_channels, 0, 0, 0
+        c, act, col, conv = self.in_channels, h * w * self.in_channels, 0, 0
         made = None
-        for i, op in enumerate(self._ops):
+        for i, op in enumerate(self._ops if shapes is not None else ()):
+            h, w, oh, ow = shapes[i]
             if op[0] == "conv":
                 layer, vnni, s_in, q_in = self._convs[conv]
-                kh, kw = op[1].shape[2:]
-                (sh, sw), (ph, pw), (dh, dw) = op[6], op[7], op[8]
-                oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-                ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-                if oh <= 0 or ow <= 0:
-                    break
+                (kh, kw), (sh, sw), (ph, pw), (dh, dw) = op[1].shape[2:], op[6], op[7], op[8]
                 table[i] = _ConvOp(0, layer, c, h, w, oh, ow, kh, kw, sh, sw, ph, pw, dh, dw, *vnni)
                 if self._refs is not None:
                     mode = self._probe(table[i], n, s_in, q_in, conv == 0, self._refs[conv])
@@ -359,19 +366,14 @@ class ConvChain:
                     table[i].gemm.mode = mode
                 conv += 1
                 col = max(col, oh * ow * layer.kp)
-                macs += oh * ow * layer.k * layer.n
                 c = layer.n
             else:
-                (kh, kw), (sh, sw), (ph, pw), (dh, dw), ceil = op[1:6]
-                oh = _pool_size(h, kh, sh, ph, dh, ceil)
-                ow = _pool_size(w, kw, sw, pw, dw, ceil)
-                if oh <= 0 or ow <= 0:
-                    break
+                (kh, kw), (sh, sw), (ph, pw), (dh, dw) = op[1:5]
                 table[i] = _ConvOp(1, _Layer(), c, h, w, oh, ow, kh, kw, sh, sw, ph, pw, dh, dw)
-            h, w = oh, ow
-            act = max(act, h * w * c)
+            act = max(act, oh * ow * c)
         else:
-            made = (table, act, col, (c, h, w), macs)
+            if shapes is not None:
+                made = (table, act, col, (c, *shapes[-1][2:]))
         if len(self._tables) >= 16:  # many input sizes: start over
             self._tables.clear()
         self._tables[key] = made
@@ -428,17 +430,24 @@ class ConvChain:
                  "runs it", op.kh, op.kw, (n, op.cin, op.h, op.w), "none" if not alive else "not one")
         return None
 
+    def _made(self, x: torch.Tensor) -> tuple | None:
+        """:meth:`_table` for ``x``, or ``None`` where ``x`` is not a 4-D CPU float32 input of this chain's
+        channels."""
+        if x.dim() != 4 or x.shape[1] != self.in_channels or x.dtype != torch.float32 or not x.is_cpu:
+            return None
+        return self._table(x.shape[0], x.shape[2], x.shape[3])
+
     def runs(self, x: torch.Tensor) -> bool:
         """Whether :meth:`__call__` takes ``x`` (4-D CPU float32 with this chain's channels, big enough, every
         convolution's rounding known for its size)."""
-        return (x.dim() == 4 and x.shape[1] == self.in_channels and x.dtype == torch.float32 and x.is_cpu
-                and self._table(*x.shape[:1], *x.shape[2:]) is not None)
+        return self._made(x) is not None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
-        if not self.runs(x):
+        made = self._made(x)
+        if made is None:
             raise ValueError(f"gemv.ConvChain: cannot run a {x.dtype} {tuple(x.shape)} input on {x.device} (expected "
                              f"CPU float32 (N, {self.in_channels}, H, W), big enough for the chain)")
-        table, act, col, out_chw, _ = self._table(x.shape[0], x.shape[2], x.shape[3])
+        table, act, col, out_chw = made
         return self._run(table, len(self._ops), x, self._s, self._qmax, act, col, out_chw)
 
 
@@ -492,11 +501,9 @@ def conv_chain_step(
     # weight [W, -W], a different oneDNN convolution whose rounding would depend on the data's sign
     if library() is None or not hw.onednn_available() or kernels.onednn_mode() != kernels.FULL_RANGE:
         return None
-    if any(op[0] == "conv" and op[1][0].numel() > MAX_K for op in ops):
-        return None
     try:
         chain = ConvChain(float(first_scale), first_qmax, ops, references)
-    except ValueError:  # (layers that do not chain: the fallback runs them, with the per-layer errors)
+    except ValueError:  # (layers that do not chain, or too wide: the fallback runs them, with the per-layer errors)
         return None
 
     def takes(x: torch.Tensor) -> bool:
@@ -543,11 +550,12 @@ def chain_step(
     program, same numbers) for more rows and to raise its own error for a non-finite input. ``None`` where
     the kernel cannot run these layers (not built, fbgemm's formula unknown, a dimension too large)."""
     fma = fbgemm_formula()
-    if fma is None or any(w.shape[1] > MAX_K for w, *_ in layers):
+    if fma is None:
         return None
-    if any(w.shape[0] != nxt.shape[1] for (w, *_), (nxt, *_) in zip(layers, layers[1:])):
-        return None  # (layers that do not connect: the fallback raises the per-layer path's error)
-    chain = Chain(float(first_scale), first_qmax, layers, fma)
+    try:
+        chain = Chain(float(first_scale), first_qmax, layers, fma)
+    except ValueError:  # (layers that do not connect, or too wide: the fallback raises the per-layer path's error)
+        return None
 
     def takes(x: torch.Tensor) -> bool:
         return x.shape[0] <= MAX_ROWS and x.shape[1] == chain.in_features

@@ -351,8 +351,12 @@ class Int8Linear(Int8Module):
         if key not in cache:
             part = self.gemv_part(kernels.Output(relu=relu))
             fma = gemv.fbgemm_formula()
-            cache[key] = None if part is None or fma is None or self.in_features > gemv.MAX_K else gemv.Chain(
-                float(self.input_scale), self.qmax_input, [part], fma)
+            try:
+                made = None if part is None or fma is None else gemv.Chain(
+                    float(self.input_scale), self.qmax_input, [part], fma)
+            except ValueError:  # (too many inputs for its int32 sums: fbgemm runs it)
+                made = None
+            cache[key] = made
         return cache[key]
 
     def gemv_part(self, out: kernels.Output) -> tuple | None:
