@@ -15,6 +15,6 @@ CONF_PACKAGES = ["lq._conf"] + [f"lq._conf.{group}" for group in CONF_GROUPS]
 setup(
     packages=sorted(find_packages(include=["lq", "lq.*"])) + CONF_PACKAGES,
     package_dir={"lq._conf": "conf"},
-    # lq/deploy/gemv.c: the batch-1 int8 kernel, compiled on the user's machine at first use (lq.deploy.gemv)
-    package_data={**{name: ["*.yaml"] for name in CONF_PACKAGES}, "lq.deploy": ["*.c"]},
+    # the C kernels (lq/deploy/gemv.c, lq/ops/quant.c), compiled on the user's machine at first use (lq.native)
+    package_data={**{name: ["*.yaml"] for name in CONF_PACKAGES}, "lq.deploy": ["*.c"], "lq.ops": ["*.c"]},
 )

@@ -109,6 +109,7 @@ def test_compiled_quantizers_stay_compiled_through_a_resnet(monkeypatch):
     from lq.ops import Int8ComputeConfig, fused
 
     monkeypatch.setenv("LQ_COMPILE_QUANT", "1")
+    monkeypatch.setenv("LQ_NATIVE", "0")  # (the compiled quantizers; lq/ops/quant.c takes the Linear head's)
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     monkeypatch.setattr(fused, "_compiled", {})
     monkeypatch.setattr(fused, "_failed", set())

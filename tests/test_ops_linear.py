@@ -251,6 +251,7 @@ def test_compiled_quantizers_match_eager(monkeypatch):
 
     torch.manual_seed(6)
     x = torch.randn(37, 53)
+    monkeypatch.setenv("LQ_NATIVE", "0")  # (the torch ops, not lq/ops/quant.c)
     monkeypatch.setenv("LQ_COMPILE_QUANT", "0")
     q_eager, s_eager = quantize_along(x, 127, 0)
     monkeypatch.setenv("LQ_COMPILE_QUANT", "1")

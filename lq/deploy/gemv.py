@@ -17,35 +17,25 @@ each convolution's is found per input size by running the layer itself on probes
 
 ``tests/test_deploy_gemv.py`` compares every instruction set this CPU has with fbgemm / oneDNN and with eq. 7 /
 eq. 10 in float64. The kernel is C because no library has a fast exact int8 matrix-vector product (or a
-set-up-free small convolution) for CPUs: it is compiled with the C compiler Inductor uses too (``$CC``, else
-``cc``/``gcc``/``clang``), ``-O3 -fopenmp -ffp-contract=off``, once per source and compiler into
-``$LQ_CACHE_DIR`` (default ``~/.cache/lq``), and its OpenMP threads are torch's (the loader resolves
-``libgomp.so.1`` to the copy torch loaded). Without a compiler the chains run fbgemm / oneDNN as before, after
-one warning; ``LQ_NATIVE=0`` turns the kernel off quietly.
+set-up-free small convolution) for CPUs; :mod:`lq.native` builds it at first use (without a compiler the chains
+run fbgemm / oneDNN as before, after one warning; ``LQ_NATIVE=0`` turns it off quietly).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
-import os
-import shlex
-import shutil
-import subprocess
-import sys
-import tempfile
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
+from lq import native
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("gemv.c")
-FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math"]
 #: instruction sets of ``lq_isa`` (``gemv.c``): the integer sums are the same on each
 SCALAR, AVX2, VNNI = 0, 1, 2
 ISA_NAMES = {SCALAR: "scalar", AVX2: "avx2", VNNI: "avx512-vnni"}
@@ -66,65 +56,11 @@ class _Layer(ctypes.Structure):
     ]
 
 
-def _compiler() -> list[str] | None:
-    """The C compiler command: ``$CC`` (split as a shell would: ``ccache gcc`` works), else the first of
-    ``cc`` / ``gcc`` / ``clang`` on the path."""
-    cc = os.environ.get("CC")
-    if cc:
-        return shlex.split(cc)
-    found = next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
-    return None if found is None else [found]
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("LQ_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lq"
-    return Path(root)
-
-
-def _build(cc: list[str]) -> Path:
-    """The shared library for this source and compiler, compiled unless the cache holds it (into a fresh
-    temporary folder when the cache folder cannot be written)."""
-    version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = SOURCE.read_text() + " ".join(cc) + version + " ".join(FLAGS) + sys.platform
-    name = f"lq_gemv_{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
-    try:
-        folder = cache_dir()
-        folder.mkdir(parents=True, exist_ok=True)
-        if (folder / name).exists():
-            return folder / name
-        tmp = tempfile.mkdtemp(dir=folder)  # the rename below makes concurrent builds safe
-    except OSError as err:
-        log.info("lq.deploy: cache folder %s not writable (%s); building in a temporary folder", cache_dir(), err)
-        folder = Path(tempfile.mkdtemp(prefix="lq_gemv_"))
-        tmp = tempfile.mkdtemp(dir=folder)
-    built = Path(tmp) / name
-    try:
-        done = subprocess.run([*cc, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], capture_output=True, text=True,
-                              timeout=300)
-        if done.returncode:
-            raise RuntimeError(f"{' '.join(cc)} failed: {done.stderr.strip()[-2000:]}")
-        os.replace(built, folder / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder / name
-
-
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernel (``None`` where it cannot be built or ``LQ_NATIVE=0``; warned once)."""
-    if os.environ.get("LQ_NATIVE", "1") == "0":
-        return None
-    cc = _compiler()
-    try:
-        if not cc:
-            raise RuntimeError("no C compiler found (set CC)")
-        lib = ctypes.CDLL(str(_build(cc)))
-    except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as err:
-        warnings.warn(
-            f"lq.deploy: the small-batch int8 kernel (lq/deploy/gemv.c) could not be built ({err}); small-batch "
-            "Linear and Conv2d chains run on fbgemm / oneDNN, slower. Install a C compiler or set CC to use it.",
-            RuntimeWarning, stacklevel=2,
-        )
+    lib = native.load(SOURCE, "small-batch Linear and Conv2d chains run on fbgemm / oneDNN, slower")
+    if lib is None:
         return None
     lib.lq_conv_chain.restype = ctypes.c_int64
     lib.lq_conv_chain.argtypes = [

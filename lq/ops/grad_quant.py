@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from lq.ops import fused
+from lq.ops import fused, native_quant
 from lq.ops.quantize import check_finite, quantize_empty, require_finite
 from lq.quant.functional import AMAX_EPS
 
@@ -328,7 +328,11 @@ def _quantize_planned(
         if plan.periodic and plan.search:  # searched this call (not a reuse): restart the count
             plan.state[plan.what] = [1, ratio]
     else:
-        q, step, amax, finite = fused.call("grad_quant_fixed", _fused_fixed, g, mult, r, qmax, axis, noise, seed)
+        done = None if stochastic == "hash" else native_quant.grad_operands(g, qmax, [(axis, mult, plan.cand[0], noise, seed)])
+        if done is not None:
+            q, step, amax, finite = done[0]
+        else:
+            q, step, amax, finite = fused.call("grad_quant_fixed", _fused_fixed, g, mult, r, qmax, axis, noise, seed)
         require_finite(finite, amax, what, name)
     if not compiling:
         _report(name, what, 1.0 - cos)
@@ -381,10 +385,18 @@ def quantize_grad_pair(
         return tuple(quantize_grad(g, qmax, op.axis, ratios, clip, num_samples, name, op.what, op.mult, every,
                                    state, stochastic) for op in ops)
     plans = [_plan(ratios, clip, name, op.what, every, state) for op in ops]
-    inputs = []
+    inputs, native = [], []
     for op, p in zip(ops, plans):
         noise, seed = fused.rounding_inputs(g, stochastic)
         inputs += [op.mult, _ratio_tensor(p.cand, g.device), op.axis, noise, seed]
+        native.append((op.axis, op.mult, p.cand[0], noise, seed))
+    done = None if stochastic == "hash" else native_quant.grad_operands(g, qmax, native)  # (C, CPU)
+    if done is not None:
+        results = []
+        for (q, step, amax, finite), op, p in zip(done, ops, plans):
+            require_finite(finite, amax, op.what, name)
+            results.append(GradQuantResult(q=q, step=step, ratio=p.ratio, cos=1.0))
+        return tuple(results)
     # no tensor twice (equal cached ratios or level shifts are the same object): Dynamo guards on which inputs
     # are the same object and would compile the graph again the first time two coincide (review finding)
     seen: set[int] = set()

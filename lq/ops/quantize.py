@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from lq.ops import fused
+from lq.ops import fused, native_quant
 
 
 def quantize_along(
@@ -34,7 +34,8 @@ def quantize_along(
     static = None if amax is None else amax.to(x.device).float().reshape(-1)
     if x.numel() == 0:  # an empty batch: no data amax (a reduction over nothing); the calibrated one, else 0
         return quantize_empty(x, qmax, keep_dim, static)
-    q, step, data_amax, finite = fused.quantize_dynamic(x, qmax, keep_dim, static)
+    done = native_quant.quantize_rows(x, qmax) if static is None and keep_dim is not None and keep_dim % x.dim() == 0 else None
+    q, step, data_amax, finite = done if done is not None else fused.quantize_dynamic(x, qmax, keep_dim, static)
     require_finite(finite, data_amax, what, name)  # a NaN would otherwise become garbage int8: raises
     return q, step
 

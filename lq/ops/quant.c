@@ -1,0 +1,264 @@
+/* lq int8 training on CPUs: the quantization passes and the GEMM output stage of an int8 Linear step in C.
+ *
+ * Built at first use by lq/ops/native_quant.py (lq/native.py: cc -O3 -fopenmp -ffp-contract=off
+ * -fno-trapping-math) and called through ctypes. Each function computes, bit for bit, what the fp32 torch ops
+ * of lq.ops.fused / lq.ops.grad_quant / lq.ops.int8_mm compute (tests/test_native_quant.py compares them), in
+ * one or two passes over the rows instead of Inductor's reduction-then-pointwise loops and a compiled call
+ * (~0.9 ms for a 1024 x 1024 quantization on the 2-core AVX-512 host, against ~0.1 ms of memory traffic):
+ *
+ *   eq. 6-7 (Wu et al. 2020), a scale per row:  s = (1 / max(amax, eps)) * qmax       (torch's qmax / t is
+ *                                                 q = clamp(rint(x * s), -qmax, qmax)     reciprocal(t) * qmax)
+ *                                                 step = 1 / s
+ *   gradients (Zhu et al. 2020), ratio r found by lq.ops.grad_quant's clip search:
+ *                                                 s = (1 / max(amax * r, eps)) * qmax
+ *                                                 q = clamp(floor(y * s + u), -qmax, qmax)  (stochastic rounding)
+ *                                                 u = frac(b / 128 + shift), b the noise byte (fused.noise_bits)
+ *   eq. 10's output stage:                        out = ((float)acc * a_step[i]) * b_step[j] + bias[j]
+ *
+ * rint is round half to even (torch.round). The max of |x| is taken on the bit patterns: for non-negative floats
+ * the integer order is the float order, and every NaN orders above +inf, so a row holding a NaN gets a NaN amax
+ * (torch's amax propagates NaN too) and the caller raises. The row loops are plain C that GCC vectorizes per
+ * instruction set (target_clones: AVX-512, AVX2, baseline; -fno-trapping-math lets it use vector floor); the
+ * OpenMP loops over rows call them.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define LQ_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#else
+#define LQ_CLONES
+#endif
+
+#define ABS_BITS 0x7fffffffu
+
+static inline uint32_t bits_of(float v) {
+    uint32_t b;
+    memcpy(&b, &v, 4);
+    return b;
+}
+
+static inline float float_of(uint32_t b) {
+    float v;
+    memcpy(&v, &b, 4);
+    return v;
+}
+
+/* torch.clamp(r, lo, hi) then the cast to int8 (r integral) */
+static inline int8_t to_int8(float r, float lo, float hi) {
+    r = r < lo ? lo : r;
+    r = r > hi ? hi : r;
+    return (int8_t)(int32_t)r;
+}
+
+/* scale_from_amax: (1 / max(a, eps)) * qmax (a NaN stays NaN, as torch's clamp_min keeps it) */
+static inline float scale_of(float a, float eps, int32_t qmax) {
+    float c = a < eps ? eps : a;
+    return (1.0f / c) * (float)qmax;
+}
+
+/* ------------------------------------------------------------------------------------------ row loops */
+
+LQ_CLONES static uint32_t row_amax(const float *x, int64_t n) {
+    const uint32_t *b = (const uint32_t *)x;
+    uint32_t m = 0;
+    for (int64_t j = 0; j < n; j++) {
+        uint32_t a = b[j] & ABS_BITS;
+        m = a > m ? a : m;
+    }
+    return m;
+}
+
+/* max_j |x[j] * mult[j]| (bits) */
+LQ_CLONES static uint32_t row_amax_mul(const float *x, const float *mult, int64_t n) {
+    uint32_t m = 0;
+    for (int64_t j = 0; j < n; j++) {
+        float y = x[j] * mult[j];
+        uint32_t a;
+        memcpy(&a, &y, 4);
+        a &= ABS_BITS;
+        m = a > m ? a : m;
+    }
+    return m;
+}
+
+/* cols[j] = max(cols[j], |x[j] * c|) (bits) */
+LQ_CLONES static void col_amax_mul(const float *x, float c, int64_t n, uint32_t *cols) {
+    for (int64_t j = 0; j < n; j++) {
+        float y = x[j] * c;
+        uint32_t a;
+        memcpy(&a, &y, 4);
+        a &= ABS_BITS;
+        cols[j] = a > cols[j] ? a : cols[j];
+    }
+}
+
+LQ_CLONES static void row_round(const float *x, float s, float lo, float hi, int64_t n, int8_t *q) {
+    for (int64_t j = 0; j < n; j++) q[j] = to_int8(rintf(x[j] * s), lo, hi);
+}
+
+/* per-row scale s, per-column multiplier: y = x[j] * mult[j] */
+LQ_CLONES static void row_round_mul(const float *x, const float *mult, float s, float lo, float hi, int64_t n,
+                                    int8_t *q) {
+    for (int64_t j = 0; j < n; j++) q[j] = to_int8(rintf(x[j] * mult[j] * s), lo, hi);
+}
+
+LQ_CLONES static void row_floor_mul(const float *x, const float *mult, float s, const int8_t *noise, float shift,
+                                    float lo, float hi, int64_t n, int8_t *q) {
+    for (int64_t j = 0; j < n; j++) {
+        int32_t b = noise[j];
+        float w = (float)b * (1.0f / 128) + shift;
+        float u = w - floorf(w);
+        q[j] = to_int8(floorf(x[j] * mult[j] * s + u), lo, hi);
+    }
+}
+
+/* per-column scales s[j], one multiplier c for the row: y = x[j] * c */
+LQ_CLONES static void col_round_mul(const float *x, float c, const float *s, float lo, float hi, int64_t n,
+                                    int8_t *q) {
+    for (int64_t j = 0; j < n; j++) q[j] = to_int8(rintf(x[j] * c * s[j]), lo, hi);
+}
+
+LQ_CLONES static void col_floor_mul(const float *x, float c, const float *s, const int8_t *noise, float shift,
+                                    float lo, float hi, int64_t n, int8_t *q) {
+    for (int64_t j = 0; j < n; j++) {
+        int32_t b = noise[j];
+        float w = (float)b * (1.0f / 128) + shift;
+        float u = w - floorf(w);
+        q[j] = to_int8(floorf(x[j] * c * s[j] + u), lo, hi);
+    }
+}
+
+LQ_CLONES static void row_scale(const int32_t *acc, float a, const float *b, const float *bias, int64_t n,
+                                float *out) {
+    if (bias) {
+        for (int64_t j = 0; j < n; j++) out[j] = (float)acc[j] * a * b[j] + bias[j];
+    } else {
+        for (int64_t j = 0; j < n; j++) out[j] = (float)acc[j] * a * b[j];
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ entry points */
+
+/* fused.quantize_dynamic(x, qmax, keep_dim=0) of a row-major x [m, k] (row stride ldx): q [m, k] contiguous,
+   step, amax [m]. Returns the number of rows whose amax is not finite (their q and step are meaningless). */
+int64_t lq_quant_rows(const float *x, int64_t m, int64_t k, int64_t ldx, int32_t qmax, float eps, int8_t *q,
+                      float *step, float *amax, int32_t threads) {
+    const float lo = -(float)qmax, hi = (float)qmax;
+    int64_t bad = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(+ : bad)
+    for (int64_t i = 0; i < m; i++) {
+        const float *xi = x + i * ldx;
+        float a = float_of(row_amax(xi, k));
+        float s = scale_of(a, eps, qmax);
+        amax[i] = a;
+        step[i] = 1.0f / s;
+        bad += !isfinite(a);
+        row_round(xi, s, lo, hi, k, q + i * k);
+    }
+    return bad;
+}
+
+/* Both backward operands of one output gradient g [m, n] (row stride ldg), each skipped when its q is NULL:
+     A (grad_input's): y = g[i, j] * mult_a[j], a scale per row i    -> qa [m, n], step_a / amax_a [m]
+     B (grad_weight's): y = g[i, j] * mult_b[i * mult_b_stride], a scale per column j -> qb [m, n], step_b /
+        amax_b [n]
+   with the clip ratios ratio_a / ratio_b; noise_x [m * n] bytes with level shift shift_x (stochastic
+   rounding) or NULL (round half to even). Returns bit 0 set when an amax of A is not finite, bit 1 for B,
+   4 when the column partials could not be allocated (nothing written). */
+int64_t lq_grad_pair(const float *g, int64_t m, int64_t n, int64_t ldg, int32_t qmax, float eps,
+                     const float *mult_a, float ratio_a, const int8_t *noise_a, float shift_a, int8_t *qa,
+                     float *step_a, float *amax_a,
+                     const float *mult_b, int64_t mult_b_stride, float ratio_b, const int8_t *noise_b, float shift_b,
+                     int8_t *qb, float *step_b, float *amax_b, int32_t threads) {
+    const float lo = -(float)qmax, hi = (float)qmax;
+    int64_t result = 0;
+    uint32_t *cols = NULL;
+    float *s_b = NULL;
+    if (qb) {
+        cols = (uint32_t *)calloc((size_t)threads * (size_t)n, sizeof(uint32_t));
+        s_b = (float *)malloc((size_t)(n > 0 ? n : 1) * sizeof(float));
+        if (!cols || !s_b) {
+            free(cols);
+            free(s_b);
+            return 4;
+        }
+    }
+    int64_t bad_a = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        int t = 0;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+#endif
+        uint32_t *mine = cols ? cols + (size_t)t * (size_t)n : NULL;
+        /* pass 1: the row amaxes of A, each thread's column amaxes of B */
+#pragma omp for schedule(static) reduction(+ : bad_a)
+        for (int64_t i = 0; i < m; i++) {
+            const float *gi = g + i * ldg;
+            if (qa) {
+                float a = float_of(row_amax_mul(gi, mult_a, n));
+                amax_a[i] = a;
+                step_a[i] = 1.0f / scale_of(a * ratio_a, eps, qmax);
+                bad_a += !isfinite(a);
+            }
+            if (qb) col_amax_mul(gi, mult_b[i * mult_b_stride], n, mine);
+        }
+        /* the column amaxes of B (the threads' partials merged) and their scales */
+        if (qb) {
+#pragma omp for schedule(static)
+            for (int64_t j = 0; j < n; j++) {
+                uint32_t c = 0;
+                for (int u = 0; u < threads; u++) c = cols[(size_t)u * (size_t)n + j] > c ? cols[(size_t)u * (size_t)n + j] : c;
+                float a = float_of(c);
+                amax_b[j] = a;
+                s_b[j] = scale_of(a * ratio_b, eps, qmax);
+                step_b[j] = 1.0f / s_b[j];
+            }
+        }
+        /* pass 2: the integers */
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < m; i++) {
+            const float *gi = g + i * ldg;
+            if (qa) {
+                float s = scale_of(amax_a[i] * ratio_a, eps, qmax);
+                if (noise_a)
+                    row_floor_mul(gi, mult_a, s, noise_a + i * n, shift_a, lo, hi, n, qa + i * n);
+                else
+                    row_round_mul(gi, mult_a, s, lo, hi, n, qa + i * n);
+            }
+            if (qb) {
+                float c = mult_b[i * mult_b_stride];
+                if (noise_b)
+                    col_floor_mul(gi, c, s_b, noise_b + i * n, shift_b, lo, hi, n, qb + i * n);
+                else
+                    col_round_mul(gi, c, s_b, lo, hi, n, qb + i * n);
+            }
+        }
+    }
+    if (bad_a) result |= 1;
+    if (qb) {
+        for (int64_t j = 0; j < n; j++)
+            if (!isfinite(amax_b[j])) {
+                result |= 2;
+                break;
+            }
+    }
+    free(cols);
+    free(s_b);
+    return result;
+}
+
+/* eq. 10's output stage: out [m, n] = ((float)acc * a_step[i * a_stride]) * b_step[j] + bias[j] (bias may be
+   NULL); acc row stride lda; out contiguous, and may be acc's own memory (each element is read before it is
+   written, by the same thread). */
+void lq_scale_sums(const int32_t *acc, int64_t m, int64_t n, int64_t lda, const float *a_step, int64_t a_stride,
+                   const float *b_step, const float *bias, float *out, int32_t threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < m; i++) row_scale(acc + i * lda, a_step[i * a_stride], b_step, bias, n, out + i * n);
+}
