@@ -24,6 +24,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+__all__ = ["FLAGS", "build", "cache_dir", "compiler", "enabled", "load"]
+
 #: flags every kernel is compiled with: no contraction of a * b + c into one rounding, no fast math (the
 #: kernels reproduce torch's fp32 arithmetic bit for bit)
 FLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math")
@@ -44,6 +46,7 @@ def compiler() -> list[str] | None:
 
 
 def cache_dir() -> Path:
+    """Where built kernels are kept: ``$LQ_CACHE_DIR``, else ``$XDG_CACHE_HOME/lq``, else ``~/.cache/lq``."""
     root = os.environ.get("LQ_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lq"
     return Path(root)
 

@@ -12,7 +12,12 @@ from lq.ops import hardware as hw
 def expected_mm_kernel(m: int, k: int, n: int, qa: int, qb: int) -> str:
     """``lq::int8_mm`` on CPU: ``torch._int_mm`` where it is fast (VNNI) and exact (K >= 2 or N == 1, as
     measured), else oneDNN where its u8 x s8 accumulation is exact for these ranges (either operand as the
-    unsigned source), else the reference."""
+    unsigned source), else the reference; on AMX CPUs the tile kernel (``lq/ops/amx.c``) before all of them
+    while the int32 sums cannot overflow."""
+    from lq.ops import native_quant
+
+    if native_quant.amx_library() is not None and k <= hw.max_exact_reduction(qa, qb) and min(m, k, n) > 0:
+        return "amx"
     if hw.cpu_int_mm_is_fast() and (k >= 2 or n == 1):
         return "int_mm"
     if hw.u8s8_exact(qa, qb):

@@ -53,6 +53,25 @@ def test_rows_quantize_as_the_torch_ops(shape, threads) -> None:
     assert torch.equal(native_quant.quantize_rows(view, 127)[0], fused._quantize_dynamic(view, None, 127, 0)[0])
 
 
+@pytest.mark.parametrize("shape", [(1,), (5, 3), (64, 16, 9, 9), (3, 5, 7, 2), (40000,)])
+def test_tensors_quantize_as_the_torch_ops_in_their_memory_order(shape, threads) -> None:
+    """One scale per tensor (a conv input, a static calibrated amax): the same integers, step and amax as the torch
+    ops, for row-major and channels-last tensors (``q`` keeps ``x``'s layout), ties included."""
+    torch.manual_seed(len(shape))
+    x = torch.randn(*shape) * 2
+    flat = x.view(-1)
+    s = 127 / flat.abs().max()
+    flat[1::7] = (torch.arange(flat[1::7].numel()) % 40 + 0.5) / s  # ties of eq. 7
+    layouts = [x] + ([x.contiguous(memory_format=torch.channels_last)] if x.dim() == 4 else [])
+    for xx in layouts:
+        for static in (None, torch.tensor([1.5]), torch.tensor([0.0])):
+            q, step, amax, finite = native_quant.quantize_tensor(xx, 127, static)
+            q2, step2, amax2, finite2 = fused._quantize_dynamic(xx, static, 127, None)
+            assert q.stride() == xx.stride() and torch.equal(q, q2)
+            assert torch.equal(step, step2) and torch.equal(amax, amax2) and finite is True and bool(finite2)
+    assert native_quant.quantize_tensor(x.t() if x.dim() == 2 else x[..., ::2], 127) is None or x.dim() == 1
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_a_non_finite_row_is_reported_and_raises_naming_the_layer(bad) -> None:
     x = torch.randn(8, 40)
@@ -61,6 +80,11 @@ def test_a_non_finite_row_is_reported_and_raises_naming_the_layer(bad) -> None:
     assert finite is False and not torch.isfinite(amax[5]) and torch.isfinite(amax[torch.arange(8) != 5]).all()
     with pytest.raises(FloatingPointError, match="fc3"):
         quantize_along(x, 127, 0, name="fc3")
+    assert native_quant.quantize_tensor(x, 127)[3] is False
+    with pytest.raises(FloatingPointError, match="conv2"):
+        quantize_along(x.reshape(2, 4, 5, 8), 127, None, name="conv2")
+    with pytest.raises(FloatingPointError, match="conv3"):  # also with a calibrated amax
+        quantize_along(x, 127, None, amax=torch.tensor([2.0]), name="conv3")
 
 
 def test_the_kernel_declines_what_it_does_not_cover() -> None:
@@ -145,16 +169,129 @@ def test_int8_linear_training_is_the_same_with_and_without_the_kernel(rounding, 
     """The whole int8 Linear step (forward, both backward GEMMs, periodic clip) with the C kernel equals the
     torch ops' step bit for bit, the same draws of torch's generator included; and the kernel ran."""
     config = Int8ComputeConfig(grad_rounding=rounding, clip_every=2)
-    lib = native_quant.library()
     calls = []
-    for fn in ("lq_quant_rows", "lq_grad_pair", "lq_scale_sums"):
-        real = getattr(lib, fn)
-        monkeypatch.setattr(lib, fn, lambda *a, _real=real, _fn=fn: (calls.append(_fn), _real(*a))[1])
+    amx = native_quant.amx_library()
+    product = "lq_amx_mm" if amx is not None else "lq_scale_sums"  # (the output stage: inside the AMX kernel)
+    for lib in {native_quant.library(), amx} - {None}:
+        for fn in ("lq_quant_rows", "lq_grad_pair", "lq_scale_sums", "lq_amx_mm"):
+            if hasattr(lib, fn):
+                real = getattr(lib, fn)
+                monkeypatch.setattr(lib, fn, lambda *a, _real=real, _fn=fn: (calls.append(_fn), _real(*a))[1])
     with_kernel = _linear_step(0, config)
-    assert {"lq_quant_rows", "lq_grad_pair", "lq_scale_sums"} <= set(calls)
+    assert {"lq_quant_rows", "lq_grad_pair", product} <= set(calls)
     monkeypatch.setenv("LQ_NATIVE", "0")
     calls.clear()
     without = _linear_step(0, config)
     assert calls == []
     for got, want in zip(with_kernel, without):
         assert torch.equal(got, want)
+
+
+def _layouts(t: torch.Tensor) -> list[torch.Tensor]:
+    """``t`` row-major, as a transposed view of its transpose (column-major), and as a view with a row stride of its
+    own."""
+    wide = torch.zeros(t.shape[0], t.shape[1] + 5, dtype=t.dtype)
+    wide[:, 3 : 3 + t.shape[1]] = t
+    return [t, t.t().contiguous().t(), wide[:, 3 : 3 + t.shape[1]]]
+
+
+@pytest.mark.skipif(native_quant.amx_library() is None, reason="no AMX-INT8 on this CPU (or not permitted)")
+@pytest.mark.parametrize("mkn", [(1, 1, 1), (1, 3, 1), (33, 65, 17), (64, 64, 32), (200, 1000, 77), (128, 512, 96)])
+def test_amx_product_and_output_stage_are_exact_for_every_layout(mkn, threads) -> None:
+    """The tile kernel's sums equal int64 sums for every shape (padding to 32 x 32 blocks and 64-deep steps) and
+    operand layout (the transposed operands of the backward products), the extreme values -128 and 127
+    included, and its output stage is eq. 10's fp32 operations bit for bit."""
+    m, k, n = mkn
+    gen = torch.Generator().manual_seed(m * k * n)
+    a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=gen)
+    b = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=gen)
+    a[0, 0], b[0, 0] = -128, -128
+    sums = (a.long() @ b.long().t()).int()
+    a_step, b_step, bias = torch.rand(m, generator=gen) + 0.01, torch.rand(n, generator=gen), torch.randn(n)
+    for sa, c in ((a_step, bias), (a_step[:1], None)):
+        want = im._epilogue(sums, sa, b_step, c)
+        for aa in _layouts(a):
+            for bb in _layouts(b):
+                got = native_quant.amx_mm(aa, bb, sa, b_step, c, im.hw.max_exact_reduction(128, 128))
+                assert got is not None and torch.equal(got, want)
+
+
+@pytest.mark.skipif(native_quant.amx_library() is None, reason="no AMX-INT8 on this CPU (or not permitted)")
+def test_amx_declines_reductions_whose_int32_sums_could_overflow() -> None:
+    a, b = torch.ones(2, 70, dtype=torch.int8), torch.ones(3, 70, dtype=torch.int8)
+    assert native_quant.amx_mm(a, b, torch.ones(2), torch.ones(3), None, max_k=69) is None
+    with im.hw.record_kernels() as ran:  # lq::int8_mm then splits the reduction on another kernel
+        out = im.int8_mm(torch.full((2, 70000), 127, dtype=torch.int8), torch.full((3, 70000), 127, dtype=torch.int8),
+                         torch.ones(2), torch.ones(3), 127, 127, None)
+    assert ran == ["int8_mm:amx"]  # 70000 * 127 * 127 < 2^31: one call
+    assert torch.equal(out, torch.full((2, 3), 70000.0 * 127 * 127))
+
+
+# ---- inputs the kernels must not take (found by review) ---------------------------------------------------------
+def test_a_float64_default_dtype_leaves_the_kernels_fp32(monkeypatch) -> None:
+    """Buffers the C code writes are fp32 whatever ``torch.set_default_dtype`` says (a float64 default made them
+    float64: garbage steps, a mult of ones read as other numbers, half-garbage outputs)."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        x, g = torch.randn(4, 8, dtype=torch.float32), torch.randn(6, 9, dtype=torch.float32)
+        acc = torch.randint(-100, 100, (3, 5), dtype=torch.int32)
+        a8, b8 = torch.randint(-5, 5, (3, 8), dtype=torch.int8), torch.randint(-5, 5, (5, 8), dtype=torch.int8)
+        ones3, ones5 = torch.ones(3, dtype=torch.float32), torch.ones(5, dtype=torch.float32)
+        ops = (gq.GradOperand(0, None, "grad_input"), gq.GradOperand(1, None, "grad_weight"))
+
+        def run():
+            return (quantize_along(x, 127, 0), quantize_along(x, 127, None), gq.quantize_grad_pair(g, 127, *ops),
+                    im.scale_sums(acc, ones3, ones5, None), im.int8_mm(a8, b8, ones3, ones5, 127, 127, None))
+
+        native = run()
+        monkeypatch.setenv("LQ_NATIVE", "0")
+        plain = run()
+    finally:
+        torch.set_default_dtype(before)
+    (q, s), (qt, st), pair, sums, mm = native
+    (q2, s2), (qt2, st2), pair2, sums2, mm2 = plain
+    assert s.dtype == st.dtype == sums.dtype == mm.dtype == torch.float32
+    assert torch.equal(q, q2) and torch.equal(s, s2) and torch.equal(qt, qt2) and torch.equal(st, st2)
+    assert all(torch.equal(r.q, w.q) and torch.equal(r.step, w.step) for r, w in zip(pair, pair2))
+    assert torch.equal(sums, sums2) and torch.equal(mm, (a8.long() @ b8.long().t()).float())
+
+
+def _subprocess(code: str):
+    import subprocess
+    import sys
+    import textwrap
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", LQ_COMPILE_QUANT="0")
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300,
+                          env=env)
+
+
+def test_default_device_and_fake_tensors_do_not_reach_the_c_code() -> None:
+    """``torch.set_default_device("meta")`` (or cuda) must not place the kernels' buffers off the CPU, and fake
+    tensors (shape propagation outside Dynamo) have no memory behind their pointers: both crashed the process
+    (segfault) before; now the torch ops run (and raise their own error for fake tensors)."""
+    done = _subprocess("""
+        import torch
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from lq.ops.quantize import quantize_along
+        x = torch.randn(4, 8)
+        with FakeTensorMode() as mode:
+            try:
+                quantize_along(mode.from_tensor(x), 127, 0)
+            except Exception as err:
+                print("raised", type(err).__name__)
+        torch.set_default_device("meta")
+        q, step = quantize_along(torch.randn(4, 8, device="cpu"), 127, 0)
+        assert step.device.type == "cpu" and q.device.type == "cpu"
+    """)
+    assert done.returncode == 0, (done.returncode, done.stderr[-1500:])
+
+
+def test_a_learned_amax_keeps_its_gradient(monkeypatch) -> None:
+    x = torch.randn(4, 8)
+    amax = torch.nn.Parameter(torch.tensor([2.0]))
+    _, step = quantize_along(x, 127, None, amax=amax)
+    monkeypatch.setenv("LQ_NATIVE", "0")
+    _, step2 = quantize_along(x, 127, None, amax=amax)
+    assert step.requires_grad and step2.requires_grad and torch.equal(step, step2)

@@ -192,6 +192,7 @@ def test_nan_gradient_error_names_layer():
 
 
 def test_fallback_warning_fires_once(monkeypatch):
+    monkeypatch.setenv("LQ_NATIVE", "0")  # (a CPU without the AMX kernel)
     monkeypatch.setattr(hw, "cpu_int_mm_is_fast", lambda: False)
     monkeypatch.setattr(hw, "u8s8_exact", lambda u, s: False)
     hw.reset_warnings()

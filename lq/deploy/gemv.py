@@ -500,6 +500,6 @@ def chain_step(
 
 
 __all__ = [
-    "MAX_MACS", "MAX_ROWS", "MODES", "Chain", "ConvChain", "cache_dir", "chain_step", "conv_chain_step",
+    "MAX_MACS", "MAX_ROWS", "MODES", "Chain", "ConvChain", "chain_step", "conv_chain_step",
     "fbgemm_formula", "isas", "library",
 ]

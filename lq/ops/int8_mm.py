@@ -283,6 +283,12 @@ def _int8_mm_cpu(a, b, a_step, b_step, a_qmax, b_qmax, bias):
     if m == 0 or n == 0 or k == 0:
         hw.ran("int8_mm", "reference")
         return int8_mm_reference(a, b, a_step, b_step, a_qmax, b_qmax, bias)
+    from lq.ops import native_quant
+
+    out = native_quant.amx_mm(a, b, a_step, b_step, bias, hw.max_exact_reduction(a_qmax, b_qmax))
+    if out is not None:  # (AMX: the product and the output stage in one C call)
+        hw.ran("int8_mm", "amx")
+        return out
     if hw.cpu_int_mm_is_fast() and int_mm_covers(m, k, n):
         hw.ran("int8_mm", "int_mm")
         return scale_sums(_int_mm_chunked(a, b, a_qmax, b_qmax, sums_workspace(m, n)), a_step, b_step, bias)

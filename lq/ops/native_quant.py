@@ -22,7 +22,7 @@ import torch
 from lq import native
 from lq.quant.functional import AMAX_EPS
 
-__all__ = ["grad_operands", "library", "quantize_rows", "scale_sums"]
+__all__ = ["amx_library", "amx_mm", "grad_operands", "library", "quantize_rows", "quantize_tensor", "scale_sums"]
 
 SOURCE = Path(__file__).with_name("quant.c")
 #: the row loops use vector floor (roundps), which GCC emits only when it may assume no FP traps
@@ -31,13 +31,56 @@ FLAGS = (*native.FLAGS, "-fno-trapping-math")
 _P, _I64, _I32, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
 
 
+AMX_SOURCE = Path(__file__).with_name("amx.c")
+
+
+@functools.cache
+def amx_library() -> ctypes.CDLL | None:
+    """``lq/ops/amx.c`` where the CPU has AMX-INT8 and Linux lets this process use it, else ``None``."""
+    lib = native.load(AMX_SOURCE, "int8 products run on torch._int_mm with a separate output stage, slower", FLAGS)
+    if lib is None or not lib.lq_amx_available():
+        return None
+    lib.lq_amx_mm.restype = _I64
+    lib.lq_amx_mm.argtypes = [_P, _I64, _I64, _I64, _I64, _P, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _I32]
+    return lib
+
+
+def amx_mm(
+    a: torch.Tensor, b: torch.Tensor, a_step: torch.Tensor, b_step: torch.Tensor, bias: torch.Tensor | None,
+    max_k: int,
+) -> torch.Tensor | None:
+    """``lq::int8_mm`` on the tile unit (``amx.c``): ``(a @ b^T) * a_step[:, None] * b_step[None, :] + bias`` for
+    int8 ``a [M, K]``, ``b [N, K]`` of any strides, the output stage applied to each block of int32 sums in L1;
+    ``None`` where it does not apply (no AMX, ``K > max_k`` (int32 headroom), not CPU, empty, or traced)."""
+    m, k = a.shape
+    n = b.shape[0]
+    if k > max_k or m == 0 or n == 0 or k == 0 or not _usable(a, b, a_step, b_step) or amx_library() is None:
+        return None
+    if a_step.numel() not in (1, m) or b_step.numel() not in (1, n) or bias is not None and (
+            bias.numel() != n or not _usable(bias)):
+        return None
+    sa = a_step.float().reshape(-1).contiguous()
+    sb = b_step.float().reshape(-1).expand(n).contiguous()
+    c = None if bias is None else bias.float().reshape(-1).contiguous()
+    out = torch.empty(m, n, dtype=torch.float32, device="cpu")
+    res = amx_library().lq_amx_mm(
+        a.data_ptr(), m, k, a.stride(0), a.stride(1), b.data_ptr(), n, b.stride(0), b.stride(1), sa.data_ptr(),
+        0 if sa.numel() == 1 else 1, sb.data_ptr(), None if c is None else c.data_ptr(), out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return out if res == 0 else None
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
+    """``lq/ops/quant.c`` built and loaded (``None`` with ``LQ_NATIVE=0`` or without a C compiler; warned once)."""
     lib = native.load(SOURCE, "int8 training's quantizations run as compiled torch graphs, slower", FLAGS)
     if lib is None:
         return None
     lib.lq_quant_rows.restype = _I64
     lib.lq_quant_rows.argtypes = [_P, _I64, _I64, _I64, _I32, _F, _P, _P, _P, _I32]
+    lib.lq_quant_tensor.restype = _I64
+    lib.lq_quant_tensor.argtypes = [_P, _I64, _I32, _F, _I32, _F, _P, _P, _P, _I32]
     lib.lq_grad_pair.restype = _I64
     lib.lq_grad_pair.argtypes = [
         _P, _I64, _I64, _I64, _I32, _F,
@@ -49,10 +92,17 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
+def _floats(*shape: int) -> torch.Tensor:
+    """An fp32 CPU buffer for the kernels to write (never the default dtype or device: a user's float64 default or
+    ``set_default_device`` would hand C memory of another type or none at all)."""
+    return torch.empty(*shape, dtype=torch.float32, device="cpu")
+
+
 def _usable(*tensors: torch.Tensor) -> bool:
-    """CPU tensors outside a compiled trace, with the kernel built."""
+    """Plain CPU tensors (not fake, functional or other subclasses whose data pointer is not their data) outside a
+    compiled trace, with the kernel built."""
     return (
-        all(t.device.type == "cpu" for t in tensors)
+        all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu" for t in tensors)
         and not torch.compiler.is_compiling()
         and native.enabled()
         and library() is not None
@@ -70,11 +120,33 @@ def quantize_rows(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tenso
     if x.dtype != torch.float32 or not _rows(x) or x.requires_grad and torch.is_grad_enabled() or not _usable(x):
         return None
     m, k = x.shape
-    q = torch.empty(m, k, dtype=torch.int8)
-    step, amax = torch.empty(m), torch.empty(m)
+    q = torch.empty(m, k, dtype=torch.int8, device="cpu")
+    step, amax = _floats(m), _floats(m)
     bad = library().lq_quant_rows(x.data_ptr(), m, k, x.stride(0), qmax, AMAX_EPS, q.data_ptr(), step.data_ptr(),
                                   amax.data_ptr(), torch.get_num_threads())
     return q, step, amax, bad == 0
+
+
+def quantize_tensor(
+    x: torch.Tensor, qmax: int, amax: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool] | None:
+    """``fused.quantize_dynamic(x, qmax, keep_dim=None, amax)`` (eq. 6-7, one scale for the tensor, from its own
+    amax or the calibrated ``amax [1]``) of a dense fp32 ``x`` of any shape and memory format (row-major,
+    channels-last: ``q`` gets ``x``'s strides): ``(q, step, data_amax, finite)``, or ``None`` where the kernel does
+    not apply."""
+    if x.dtype != torch.float32 or x.numel() == 0 or x.requires_grad and torch.is_grad_enabled() or not _usable(x):
+        return None
+    if amax is not None and (amax.numel() != 1 or amax.dtype != torch.float32 or not _usable(amax)
+                             or amax.requires_grad and torch.is_grad_enabled()):  # (a learned range keeps its graph)
+        return None
+    q = torch.empty_like(x, dtype=torch.int8)
+    if q.stride() != x.stride() or not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        return None
+    step, data_amax = _floats(1), _floats(1)
+    bad = library().lq_quant_tensor(x.data_ptr(), x.numel(), qmax, AMAX_EPS, amax is not None,
+                                    0.0 if amax is None else float(amax), q.data_ptr(), step.data_ptr(),
+                                    data_amax.data_ptr(), torch.get_num_threads())
+    return q, step, data_amax, bad == 0
 
 
 def grad_operands(
@@ -96,16 +168,16 @@ def grad_operands(
         if noise is not None and (noise.dtype != torch.int8 or noise.shape != g.shape or not noise.is_contiguous()
                                   or shift.dtype != torch.float32 or shift.numel() != 1):
             return None
-        if mult is not None and (mult.dtype != torch.float32 or mult.device.type != "cpu"):
+        if mult is not None and (mult.dtype != torch.float32 or not _usable(mult)):
             return None
         if axis == 0 and (mult is None or mult.shape == (1, n)):
-            mult = torch.ones(n) if mult is None else mult.reshape(n).contiguous()
+            mult = _floats(n).fill_(1.0) if mult is None else mult.reshape(n).contiguous()
         elif axis == 1 and (mult is None or mult.shape in ((m, 1), (1, 1))):
-            mult = torch.ones(1) if mult is None else mult.reshape(-1).contiguous()
+            mult = _floats(1).fill_(1.0) if mult is None else mult.reshape(-1).contiguous()
         else:
             return None
         size = m if axis == 0 else n
-        q, step, amax = torch.empty(m, n, dtype=torch.int8), torch.empty(size), torch.empty(size)
+        q, step, amax = torch.empty(m, n, dtype=torch.int8, device="cpu"), _floats(size), _floats(size)
         args[axis] = (mult, float(ratio), noise, 0.0 if shift is None else float(shift), q, step, amax)
     a, b = args.get(0), args.get(1)
 
@@ -141,13 +213,13 @@ def scale_sums(
         return None
     a = a_step.float().reshape(-1).contiguous()
     b = b_step.float().reshape(-1).expand(n).contiguous()
-    c = None if bias is None else bias.float().reshape(-1).contiguous()
-    if c is not None and c.device.type != "cpu":
+    if bias is not None and not _usable(bias):
         return None
+    c = None if bias is None else bias.float().reshape(-1).contiguous()
     if in_place and acc.is_contiguous():
         out = acc.view(torch.float32)
     else:
-        out = torch.empty(m, n)
+        out = _floats(m, n)
     library().lq_scale_sums(acc.data_ptr(), m, n, acc.stride(0), a.data_ptr(), 0 if a.numel() == 1 else 1,
                             b.data_ptr(), None if c is None else c.data_ptr(), out.data_ptr(), torch.get_num_threads())
     return out

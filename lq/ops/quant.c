@@ -164,6 +164,32 @@ int64_t lq_quant_rows(const float *x, int64_t m, int64_t k, int64_t ldx, int32_t
     return bad;
 }
 
+/* fused.quantize_dynamic(x, qmax, keep_dim=None[, amax]) of n dense floats (any memory order: one scale for all):
+   amax of all of them, s from it or, with has_calibrated, from calibrated (a static amax: Wu et al. eq. 7 clips
+   beyond it), q in the same memory order. Returns 1 when the data's amax is not finite. */
+int64_t lq_quant_tensor(const float *x, int64_t n, int32_t qmax, float eps, int32_t has_calibrated, float calibrated,
+                        int8_t *q, float *step, float *amax, int32_t threads) {
+    const float lo = -(float)qmax, hi = (float)qmax;
+    const int64_t chunk = 1 << 14, chunks = (n + chunk - 1) / chunk;
+    uint32_t m = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(max : m)
+    for (int64_t c = 0; c < chunks; c++) {
+        int64_t len = n - c * chunk < chunk ? n - c * chunk : chunk;
+        uint32_t v = row_amax(x + c * chunk, len);
+        m = v > m ? v : m;
+    }
+    float a = float_of(m);
+    float s = scale_of(has_calibrated ? calibrated : a, eps, qmax);
+    *amax = a;
+    *step = 1.0f / s;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t c = 0; c < chunks; c++) {
+        int64_t len = n - c * chunk < chunk ? n - c * chunk : chunk;
+        row_round(x + c * chunk, s, lo, hi, len, q + c * chunk);
+    }
+    return !isfinite(a);
+}
+
 /* Both backward operands of one output gradient g [m, n] (row stride ldg), each skipped when its q is NULL:
      A (grad_input's): y = g[i, j] * mult_a[j], a scale per row i    -> qa [m, n], step_a / amax_a [m]
      B (grad_weight's): y = g[i, j] * mult_b[i * mult_b_stride], a scale per column j -> qb [m, n], step_b /

@@ -34,7 +34,10 @@ def quantize_along(
     static = None if amax is None else amax.to(x.device).float().reshape(-1)
     if x.numel() == 0:  # an empty batch: no data amax (a reduction over nothing); the calibrated one, else 0
         return quantize_empty(x, qmax, keep_dim, static)
-    done = native_quant.quantize_rows(x, qmax) if static is None and keep_dim is not None and keep_dim % x.dim() == 0 else None
+    if keep_dim is None:  # (C kernels on CPU; None where they do not apply)
+        done = native_quant.quantize_tensor(x, qmax, static)
+    else:
+        done = native_quant.quantize_rows(x, qmax) if static is None and keep_dim % x.dim() == 0 else None
     q, step, data_amax, finite = done if done is not None else fused.quantize_dynamic(x, qmax, keep_dim, static)
     require_finite(finite, data_amax, what, name)  # a NaN would otherwise become garbage int8: raises
     return q, step

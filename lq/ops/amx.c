@@ -1,0 +1,252 @@
+/* lq::int8_mm on CPUs with AMX: out = (a @ b^T) * a_step[:, None] * b_step[None, :] + bias with the output stage
+ * applied to each 32 x 32 block of int32 sums while it is in L1 (Wu et al. 2020 eq. 10).
+ *
+ * Built at first use by lq/ops/native_quant.py (lq/native.py) and called through ctypes. torch._int_mm (oneDNN)
+ * takes ~0.8 ms for a 1024^3 product on the 2-core host and the output stage another ~0.25-0.4 ms over the int32
+ * sums in memory; the tile unit does the product in ~0.2 ms at its peak. The sums are exact: TDPBSSD multiplies
+ * signed bytes and accumulates in int32 without saturation, exact while K * 128 * 128 < 2^31 (the caller checks).
+ *
+ * Layouts. Both operands are packed per call into 1 KiB tiles (zero padded to M, N multiples of 32 and K of 64), so
+ * every tile load reads 1 KiB in a row: a into 16 rows x 64 bytes (copied row by row when its K is contiguous, 16 x 16
+ * byte transposes when its M is: the grad-weight product's transposed gradient); b into the tile unit's B layout,
+ * for each 16-column block j and 64-deep step s a tile whose row kk holds b[16j + n][64s + 4kk + i] at byte 4n + i
+ * (4-byte words gathered from 16 rows when b's K is contiguous, four rows interleaved byte by byte when its N is).
+ * Threads share the 32 x 32 output blocks, row blocks outer.
+ *
+ * Output stage, the same fp32 operations as lq.ops.int8_mm._epilogue: ((float)acc * a_step[m]) * b_step[n] + bias[n].
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define LQ_AMX 1
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+/* 1 when the CPU has AMX-INT8 and Linux lets this process use the tile registers (asked once: a process-wide
+   permission, which torch's oneDNN asks for too) */
+int32_t lq_amx_available(void) {
+#ifdef LQ_AMX
+    unsigned int eax, ebx, ecx, edx;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return 0;
+    if (!(edx & (1u << 24)) || !(edx & (1u << 25))) return 0; /* AMX-TILE, AMX-INT8 */
+    if (syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) != 0) return 0;
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+#ifdef LQ_AMX
+typedef struct {
+    uint8_t palette_id;
+    uint8_t start_row;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} __attribute__((packed)) tile_config;
+
+__attribute__((target("amx-tile"))) static void configure_tiles(void) {
+    tile_config cfg __attribute__((aligned(64)));
+    memset(&cfg, 0, sizeof(cfg));
+    cfg.palette_id = 1;
+    for (int t = 0; t < 8; t++) { /* 0-3: int32 sums 16 x 16; 4-5: a 16 rows x 64 bytes; 6-7: packed b */
+        cfg.rows[t] = 16;
+        cfg.colsb[t] = 64;
+    }
+    __asm__ volatile("" : : "m"(cfg) : "memory"); /* GCC 12 drops the stores otherwise: it does not see ldtilecfg read them */
+    _tile_loadconfig(&cfg);
+}
+
+/* sums of rows [m0, m0 + 32) of a and columns [32 jb, 32 jb + 32) of b over ks 64-deep steps, into c [32][32] */
+__attribute__((target("amx-tile,amx-int8"))) static void block_sums(const int8_t *ap, int64_t ib, const int8_t *bp,
+                                                                     int64_t ks, int64_t jb, int32_t *c) {
+    const int8_t *a0 = ap + (2 * ib) * ks * 1024, *a1 = ap + (2 * ib + 1) * ks * 1024;
+    const int8_t *b0 = bp + (2 * jb) * ks * 1024, *b1 = bp + (2 * jb + 1) * ks * 1024;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t s = 0; s < ks; s++) {
+        _tile_loadd(4, a0 + s * 1024, 64);
+        _tile_loadd(5, a1 + s * 1024, 64);
+        _tile_loadd(6, b0 + s * 1024, 64);
+        _tile_loadd(7, b1 + s * 1024, 64);
+        _tile_dpbssd(0, 4, 6);
+        _tile_dpbssd(1, 4, 7);
+        _tile_dpbssd(2, 5, 6);
+        _tile_dpbssd(3, 5, 7);
+    }
+    _tile_stored(0, c, 128);
+    _tile_stored(1, c + 16, 128);
+    _tile_stored(2, c + 16 * 32, 128);
+    _tile_stored(3, c + 16 * 32 + 16, 128);
+}
+
+__attribute__((target("amx-tile"))) static void release_tiles(void) { _tile_release(); }
+
+__attribute__((target("avx512f"))) static void finish_row(const int32_t *c, float as, const float *bs,
+                                                          const float *bias, int64_t n, float *out) {
+    if (bias) {
+        for (int64_t j = 0; j < n; j++) out[j] = (float)c[j] * as * bs[j] + bias[j];
+    } else {
+        for (int64_t j = 0; j < n; j++) out[j] = (float)c[j] * as * bs[j];
+    }
+}
+
+/* b [N, K] into the packed layout (see above) with ks = Kp / 64 steps and jn = Np / 16 column blocks; b's element
+   (n, k) at b[n * sn + k * sk] with sk == 1 or sn == 1. Zero beyond N and K. */
+static void pack_b(const int8_t *b, int64_t n, int64_t k, int64_t sn, int64_t sk, int64_t jn, int64_t ks, int8_t *bp,
+                   int32_t threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) collapse(2)
+    for (int64_t j = 0; j < jn; j++) {
+        for (int64_t s = 0; s < ks; s++) {
+            int8_t *tile = bp + (j * ks + s) * 1024;
+            int64_t k0 = 64 * s;
+            for (int64_t nn = 0; nn < 16; nn++) {
+                int64_t col = 16 * j + nn;
+                if (col >= n) {
+                    for (int64_t kk = 0; kk < 16; kk++) memset(tile + kk * 64 + 4 * nn, 0, 4);
+                    continue;
+                }
+                if (sn == 1 && nn == 0 && col + 16 <= n && k0 + 64 <= k) {
+                    /* N contiguous: rows k of the [K, N] matrix, four interleaved byte by byte per tile row */
+                    for (int64_t kk = 0; kk < 16; kk++) {
+                        const int8_t *src = b + (k0 + 4 * kk) * sk + col;
+                        __m128i r0 = _mm_loadu_si128((const __m128i *)src);
+                        __m128i r1 = _mm_loadu_si128((const __m128i *)(src + sk));
+                        __m128i r2 = _mm_loadu_si128((const __m128i *)(src + 2 * sk));
+                        __m128i r3 = _mm_loadu_si128((const __m128i *)(src + 3 * sk));
+                        __m128i t0 = _mm_unpacklo_epi8(r0, r1), t1 = _mm_unpackhi_epi8(r0, r1);
+                        __m128i t2 = _mm_unpacklo_epi8(r2, r3), t3 = _mm_unpackhi_epi8(r2, r3);
+                        __m128i *dst = (__m128i *)(tile + kk * 64);
+                        _mm_storeu_si128(dst, _mm_unpacklo_epi16(t0, t2));
+                        _mm_storeu_si128(dst + 1, _mm_unpackhi_epi16(t0, t2));
+                        _mm_storeu_si128(dst + 2, _mm_unpacklo_epi16(t1, t3));
+                        _mm_storeu_si128(dst + 3, _mm_unpackhi_epi16(t1, t3));
+                    }
+                    break; /* the whole tile */
+                }
+                if (sk == 1 && k0 + 64 <= k) {
+                    const int8_t *src = b + col * sn + k0;
+                    for (int64_t kk = 0; kk < 16; kk++) memcpy(tile + kk * 64 + 4 * nn, src + 4 * kk, 4);
+                } else {
+                    for (int64_t kk = 0; kk < 16; kk++)
+                        for (int64_t i = 0; i < 4; i++) {
+                            int64_t kx = k0 + 4 * kk + i;
+                            tile[kk * 64 + 4 * nn + i] = kx < k ? b[col * sn + kx * sk] : 0;
+                        }
+                }
+            }
+        }
+    }
+}
+
+/* dst row c (16 bytes, row stride ds) = column c of the 16 x 16 bytes at src (row stride ss) */
+static inline void transpose16(const int8_t *src, int64_t ss, int8_t *dst, int64_t ds) {
+    __m128i x[16], t[16], u[16], v[16];
+    for (int i = 0; i < 16; i++) x[i] = _mm_loadu_si128((const __m128i *)(src + i * ss));
+    for (int i = 0; i < 8; i++) { /* rows 2i, 2i + 1 paired: columns 0-7, 8-15 */
+        t[i] = _mm_unpacklo_epi8(x[2 * i], x[2 * i + 1]);
+        t[i + 8] = _mm_unpackhi_epi8(x[2 * i], x[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) { /* u[4g + i]: rows 4i..4i+3 of columns 4g..4g+3 */
+        u[i] = _mm_unpacklo_epi16(t[2 * i], t[2 * i + 1]);
+        u[i + 4] = _mm_unpackhi_epi16(t[2 * i], t[2 * i + 1]);
+        u[i + 8] = _mm_unpacklo_epi16(t[8 + 2 * i], t[8 + 2 * i + 1]);
+        u[i + 12] = _mm_unpackhi_epi16(t[8 + 2 * i], t[8 + 2 * i + 1]);
+    }
+    for (int g = 0; g < 4; g++) {
+        v[4 * g] = _mm_unpacklo_epi32(u[4 * g], u[4 * g + 1]);     /* rows 0-7, columns 4g, 4g+1 */
+        v[4 * g + 1] = _mm_unpackhi_epi32(u[4 * g], u[4 * g + 1]); /* rows 0-7, columns 4g+2, 4g+3 */
+        v[4 * g + 2] = _mm_unpacklo_epi32(u[4 * g + 2], u[4 * g + 3]);
+        v[4 * g + 3] = _mm_unpackhi_epi32(u[4 * g + 2], u[4 * g + 3]);
+        _mm_storeu_si128((__m128i *)(dst + (4 * g) * ds), _mm_unpacklo_epi64(v[4 * g], v[4 * g + 2]));
+        _mm_storeu_si128((__m128i *)(dst + (4 * g + 1) * ds), _mm_unpackhi_epi64(v[4 * g], v[4 * g + 2]));
+        _mm_storeu_si128((__m128i *)(dst + (4 * g + 2) * ds), _mm_unpacklo_epi64(v[4 * g + 1], v[4 * g + 3]));
+        _mm_storeu_si128((__m128i *)(dst + (4 * g + 3) * ds), _mm_unpackhi_epi64(v[4 * g + 1], v[4 * g + 3]));
+    }
+}
+
+/* a [M, K] into 16 x 64 tiles: for each 16-row block i and 64-deep step s, 1 KiB holding a[16i + r][64s + c] at
+   byte 64r + c; a's element (m, k) at a[m * sm + k * sk] with sk == 1 (copied row by row) or sm == 1 (a transposed
+   view of a row-major [K, M]: 16 x 16 byte transposes). Zero beyond M and K. */
+static void pack_a(const int8_t *a, int64_t m, int64_t k, int64_t sm, int64_t sk, int64_t im, int64_t ks, int8_t *ap,
+                   int32_t threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) collapse(2)
+    for (int64_t i = 0; i < im; i++) {
+        for (int64_t s = 0; s < ks; s++) {
+            int8_t *tile = ap + (i * ks + s) * 1024;
+            int64_t k0 = 64 * s;
+            if (sk != 1 && sm == 1 && 16 * i + 16 <= m && k0 + 64 <= k) {
+                for (int q = 0; q < 4; q++) transpose16(a + 16 * i + (k0 + 16 * q) * sk, sk, tile + 16 * q, 64);
+                continue;
+            }
+            for (int64_t r = 0; r < 16; r++) {
+                int64_t row = 16 * i + r, len = row < m ? (k - k0 < 64 ? k - k0 : 64) : 0;
+                if (sk == 1) {
+                    if (len > 0) memcpy(tile + 64 * r, a + row * sm + k0, (size_t)len);
+                } else {
+                    for (int64_t c = 0; c < len; c++) tile[64 * r + c] = a[row * sm + (k0 + c) * sk];
+                }
+                if (len < 64) memset(tile + 64 * r + (len > 0 ? len : 0), 0, (size_t)(64 - (len > 0 ? len : 0)));
+            }
+        }
+    }
+}
+
+#endif
+
+/* out [M, N] fp32 contiguous; a's (m, k) at a[m * sam + k * sak], b's (n, k) at b[n * sn + k * sk], each with one of
+   its strides 1; a_step [M] (a_stride 1) or [1] (a_stride 0), b_step [N], bias [N] or NULL. Returns 0, or -1 without
+   AMX, -2 when a
+   buffer could not be allocated (nothing written). */
+int64_t lq_amx_mm(const int8_t *a, int64_t m, int64_t k, int64_t sam, int64_t sak, const int8_t *b, int64_t n, int64_t sn,
+                  int64_t sk, const float *a_step, int64_t a_stride, const float *b_step, const float *bias, float *out,
+                  int32_t threads) {
+#ifndef LQ_AMX
+    return -1;
+#else
+    int64_t mp = (m + 31) / 32 * 32, np = (n + 31) / 32 * 32, kp = (k + 63) / 64 * 64, ks = kp / 64;
+    int8_t *bp = (int8_t *)aligned_alloc(64, (size_t)(np / 16) * (size_t)ks * 1024);
+    int8_t *ap = (int8_t *)aligned_alloc(64, (size_t)mp * (size_t)kp);
+    if (!bp || !ap) {
+        free(bp);
+        free(ap);
+        return -2;
+    }
+    pack_b(b, n, k, sn, sk, np / 16, ks, bp, threads);
+    pack_a(a, m, k, sam, sak, mp / 16, ks, ap, threads);
+    int64_t mb = mp / 32, nb = np / 32;
+#pragma omp parallel num_threads(threads)
+    {
+        int32_t c[32 * 32] __attribute__((aligned(64)));
+        configure_tiles();
+#pragma omp for schedule(static) collapse(2)
+        for (int64_t ib = 0; ib < mb; ib++) {
+            for (int64_t jb = 0; jb < nb; jb++) {
+                block_sums(ap, ib, bp, ks, jb, c);
+                int64_t rows = m - ib * 32 < 32 ? m - ib * 32 : 32, cols = n - jb * 32 < 32 ? n - jb * 32 : 32;
+                for (int64_t r = 0; r < rows; r++) {
+                    int64_t i = ib * 32 + r;
+                    finish_row(c + r * 32, a_step[i * a_stride], b_step + jb * 32, bias ? bias + jb * 32 : NULL, cols,
+                               out + i * n + jb * 32);
+                }
+            }
+        }
+        release_tiles();
+    }
+    free(ap);
+    free(bp);
+    return 0;
+#endif
+}
