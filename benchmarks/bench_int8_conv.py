@@ -13,7 +13,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from common import median_time
+from common import add_cpu_malloc_flag, apply_cpu_malloc, median_time
 
 from lq.ops import Int8ComputeConfig, int8_conv2d
 from lq.ops import hardware as hw
@@ -72,7 +72,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                     help="also time bf16 autocast (very slow on CPUs without AVX512-BF16)")
+    add_cpu_malloc_flag(ap)
     args = ap.parse_args()
+    print(apply_cpu_malloc(args))
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpu capability "

@@ -15,7 +15,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from common import interleaved, median_time
+from common import interleaved, median_time, add_cpu_malloc_flag, apply_cpu_malloc
 
 from lq.ops import Int8ComputeConfig, int8_linear
 from lq.ops import hardware as hw
@@ -27,7 +27,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    add_cpu_malloc_flag(ap)
     args = ap.parse_args()
+    print(apply_cpu_malloc(args))
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     n = args.size

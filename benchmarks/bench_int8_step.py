@@ -26,7 +26,7 @@ import copy
 import warnings
 
 import torch
-from common import interleaved, train_step
+from common import interleaved, train_step, add_cpu_malloc_flag, apply_cpu_malloc
 from torch import nn
 
 import lq
@@ -148,7 +148,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--no-bf16", action="store_true", help="skip bf16 autocast (very slow without AVX512-BF16)")
     ap.add_argument("--compile", action="store_true", help="add torch.compile'd int8 and fp32 steps (~1 min to compile)")
+    add_cpu_malloc_flag(ap)
     args = ap.parse_args()
+    print(apply_cpu_malloc(args))
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpu capability "
           f"{torch.backends.cpu.get_cpu_capability()}, oneDNN u8s8 {hw.onednn_mode()}")

@@ -23,7 +23,7 @@ import copy
 
 import torch
 import torch.nn.functional as F
-from common import interleaved
+from common import add_cpu_malloc_flag, apply_cpu_malloc, interleaved
 from torch import nn
 
 import lq
@@ -136,7 +136,9 @@ def main() -> None:
     ap.add_argument("--skip-minilm", action="store_true")
     ap.add_argument("--compile", action="store_true",
                     help="add the int8 models under torch.compile (clip searched every step inside a graph)")
+    add_cpu_malloc_flag(ap)
     args = ap.parse_args()
+    print(apply_cpu_malloc(args))
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {args.threads}, cpu capability "
           f"{torch.backends.cpu.get_cpu_capability()}, oneDNN u8s8 {hw.onednn_mode()}")

@@ -61,3 +61,20 @@ def train_step(
         opt.step()
 
     return step
+
+
+def add_cpu_malloc_flag(ap) -> None:
+    """``--cpu-malloc``: run every variant with glibc keeping freed blocks for reuse (``lq.cpu_memory``, what the
+    recipes' ``cpu_malloc: true`` does in a training run); off by default (glibc's own behaviour)."""
+    ap.add_argument("--cpu-malloc", action="store_true",
+                    help="glibc keeps freed blocks for reuse for every variant (lq.cpu_memory; the recipes' setting)")
+
+
+def apply_cpu_malloc(args) -> str:
+    """Apply ``--cpu-malloc`` (process-wide, so fp32, bf16 and int8 alike); returns a line saying which malloc ran."""
+    if not getattr(args, "cpu_malloc", False):
+        return "malloc: glibc defaults (fresh pages for blocks above its mmap threshold)"
+    from lq import cpu_memory
+
+    on = cpu_memory.keep_freed_cpu_memory()
+    return "malloc: lq.cpu_memory keeps freed blocks (--cpu-malloc)" if on else "malloc: --cpu-malloc not applicable here"

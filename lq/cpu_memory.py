@@ -10,6 +10,10 @@ settings below (the fp32 step itself is unchanged within noise). This is the sam
 performance guides' advice to preload jemalloc/tcmalloc, done in-process with ``mallopt``:
 
 * ``M_MMAP_THRESHOLD = 32 MiB`` (glibc's maximum): blocks up to 32 MiB come from the heap and are reused;
+* ``M_MMAP_MAX = 0``: larger blocks too (no block gets its own ``mmap``; an int8 transformer's 48 MiB fp32
+  activations faulted in fresh every step: MiniLM's int8 step 2090 -> 1238 ms, bf16 autocast 1759 -> 1671, whose
+  activations are half the size and stayed under 32 MiB; 2-core AVX-512 host, RESULTS.md 2026-11-30 seventh
+  session);
 * ``M_TRIM_THRESHOLD = 1 GiB``: free memory at the top of the heap is not returned to the OS after each step.
 
 The cost is that the process keeps up to its peak heap usage (as PyTorch's CUDA caching allocator does on
@@ -20,7 +24,7 @@ exception). Holders are counted: the settings go in with the first holder and ar
 lets go, so one trainer's teardown does not undo them under another trainer that is still running.
 
 glibc has no getter for these parameters, so "restored" means glibc's documented defaults
-(``M_MMAP_THRESHOLD`` = ``M_TRIM_THRESHOLD`` = 128 KiB). One difference stays: any ``mallopt`` of either
+(``M_MMAP_THRESHOLD`` = ``M_TRIM_THRESHOLD`` = 128 KiB, ``M_MMAP_MAX`` = 65536). One difference stays: any ``mallopt`` of either
 parameter switches off glibc's dynamic mmap threshold (which otherwise grows with the sizes freed) for the
 rest of the process; after the restore the thresholds stay fixed at 128 KiB. That lasting change is why this
 is opt-in. The environment variable ``LQ_CPU_MALLOC=0`` is a hard opt-out (wins over ``cpu_malloc=True``).
@@ -41,11 +45,13 @@ log = logging.getLogger(__name__)
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_MMAP_MAX = -4
 MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's upper bound for M_MMAP_THRESHOLD on 64-bit
 TRIM_THRESHOLD = 1024 * 1024 * 1024
 # glibc's documented defaults (mallopt(3)); glibc has no getter, so these are what a restore sets
 DEFAULT_MMAP_THRESHOLD = 128 * 1024
 DEFAULT_TRIM_THRESHOLD = 128 * 1024
+DEFAULT_MMAP_MAX = 65536
 
 
 def enabled() -> bool:
@@ -66,11 +72,11 @@ def _libc() -> ctypes.CDLL | None:
         return None
 
 
-def _mallopt(libc: ctypes.CDLL, mmap_threshold: int, trim_threshold: int) -> bool:
+def _mallopt(libc: ctypes.CDLL, mmap_threshold: int, trim_threshold: int, mmap_max: int) -> bool:
     try:
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(
-            libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold)
-        )
+        return (bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold))
+                and bool(libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+                and bool(libc.mallopt(_M_MMAP_MAX, mmap_max)))
     except AttributeError:  # a C library without mallopt
         return False
 
@@ -99,11 +105,11 @@ def keep_freed_cpu_memory() -> bool:
             libc = _libc()
             if libc is None:
                 return False
-            if not _mallopt(libc, MMAP_THRESHOLD, TRIM_THRESHOLD):
-                _mallopt(libc, DEFAULT_MMAP_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
+            if not _mallopt(libc, MMAP_THRESHOLD, TRIM_THRESHOLD, 0):
+                _mallopt(libc, DEFAULT_MMAP_THRESHOLD, DEFAULT_TRIM_THRESHOLD, DEFAULT_MMAP_MAX)
                 return False
-            log.info("lq: glibc malloc keeps freed blocks up to 32 MiB for reuse (until the last lq callback "
-                     "using cpu_malloc=True tears down)")
+            log.info("lq: glibc malloc keeps freed blocks for reuse (until the last lq callback using "
+                     "cpu_malloc=True tears down)")
         _holders += 1
         return True
 
@@ -120,5 +126,5 @@ def release_freed_cpu_memory() -> None:
         _holders -= 1
         if _holders == 0:
             libc = _libc()
-            if libc is not None and _mallopt(libc, DEFAULT_MMAP_THRESHOLD, DEFAULT_TRIM_THRESHOLD):
+            if libc is not None and _mallopt(libc, DEFAULT_MMAP_THRESHOLD, DEFAULT_TRIM_THRESHOLD, DEFAULT_MMAP_MAX):
                 log.info("lq: glibc malloc thresholds restored to glibc's defaults (128 KiB)")

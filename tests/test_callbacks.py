@@ -363,9 +363,10 @@ class _FakeLibc:
         return self.ok
 
 
-# <malloc.h>: M_TRIM_THRESHOLD -1, M_MMAP_THRESHOLD -3; glibc's documented defaults 128 KiB each (mallopt(3))
-KEEP = [(-3, 32 * 2**20), (-1, 2**30)]
-GLIBC_DEFAULTS = [(-3, 128 * 1024), (-1, 128 * 1024)]
+# <malloc.h>: M_TRIM_THRESHOLD -1, M_MMAP_THRESHOLD -3, M_MMAP_MAX -4; glibc's documented defaults 128 KiB each
+# and 65536 mmapped blocks (mallopt(3))
+KEEP = [(-3, 32 * 2**20), (-1, 2**30), (-4, 0)]
+GLIBC_DEFAULTS = [(-3, 128 * 1024), (-1, 128 * 1024), (-4, 65536)]
 
 
 class _Device:
