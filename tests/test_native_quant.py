@@ -121,6 +121,46 @@ def test_gradient_operands_quantize_as_the_torch_ops(shape, stochastic, threads)
                     assert finite is True and bool(finite2)
 
 
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 5, 7), (4, 16, 9, 9), (8, 64, 6, 6)])
+@pytest.mark.parametrize("layout", ["row-major", "channels-last"])
+def test_convolution_gradient_operands_quantize_as_the_torch_ops(shape, layout, stochastic, threads) -> None:
+    """A conv's output gradient [N, O, H, W]: grad_input's operand with one scale (of ``g * step_w[o]``) and
+    grad_weight's with a scale per channel, both layouts, ties included; ``q`` keeps ``g``'s layout."""
+    torch.manual_seed(sum(shape))
+    g = torch.randn(*shape) * 1e-3
+    step_w = torch.rand(1, shape[1], 1, 1) + 0.1
+    flat = g.view(-1)
+    flat[::5] = (torch.arange(flat[::5].numel()) % 30 + 0.5) / (127 / (flat.abs().max() * 0.8))  # near ties
+    if layout == "channels-last":
+        g = g.contiguous(memory_format=torch.channels_last)
+    for order in ((None, 1), (1, None), (None,), (1,)):
+        torch.manual_seed(2)
+        ops = []
+        for axis in order:
+            noise, shift = fused.rounding_inputs(g, stochastic)
+            ops.append((axis, step_w if axis is None else None, 0.8 if axis is None else 0.6, noise, shift))
+        done = native_quant.grad_operands(g, 127, ops)
+        assert done is not None
+        for (axis, mult, ratio, noise, shift), (q, step, amax, finite) in zip(ops, done):
+            q2, step2, amax2, finite2 = gq._fused_fixed(g, mult, torch.tensor([ratio]), 127, axis, noise, shift)
+            assert q.stride() == g.stride() and torch.equal(q, q2)
+            assert torch.equal(step, step2) and torch.equal(amax, amax2) and finite is True and bool(finite2)
+    bad = g.clone()
+    bad[0, -1, 0, 0] = float("nan")
+    (_, _, amax_a, fa), (_, _, amax_b, fb) = native_quant.grad_operands(
+        bad, 127, [(None, step_w, 1.0, None, None), (1, None, 1.0, None, None)])
+    assert fa is False and fb is False and torch.isnan(amax_a).all() and torch.isnan(amax_b).tolist() == [
+        c == shape[1] - 1 for c in range(shape[1])]
+
+
+def test_a_conv_weight_quantizes_per_output_channel_as_the_torch_ops() -> None:
+    w = torch.randn(16, 8, 3, 3)
+    q, step = quantize_along(w, 127, 0)
+    q2, step2, _, _ = fused._quantize_dynamic(w, None, 127, 0)
+    assert q.shape == w.shape and torch.equal(q, q2) and torch.equal(step, step2)
+
+
 def test_a_non_finite_gradient_flags_each_operand() -> None:
     g = torch.randn(6, 9)
     g[2, 4] = float("nan")

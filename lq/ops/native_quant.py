@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from lq import native
+from lq.ops import fused
 from lq.quant.functional import AMAX_EPS
 
 __all__ = ["amx_library", "amx_mm", "grad_operands", "library", "quantize_rows", "quantize_tensor", "scale_sums"]
@@ -86,6 +87,12 @@ def library() -> ctypes.CDLL | None:
         _P, _I64, _I64, _I64, _I32, _F,
         _P, _F, _P, _F, _P, _P, _P,
         _P, _I64, _F, _P, _F, _P, _P, _P, _I32,
+    ]
+    lib.lq_grad_conv.restype = _I64
+    lib.lq_grad_conv.argtypes = [
+        _P, _I64, _I64, _I32, _I64, _I32, _F,
+        _P, _F, _P, _F, _P, _P, _P,
+        _F, _P, _F, _P, _P, _P, _I32,
     ]
     lib.lq_scale_sums.restype = None
     lib.lq_scale_sums.argtypes = [_P, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _I32]
@@ -158,6 +165,8 @@ def grad_operands(
     ``noise, shift`` what :func:`fused.rounding_inputs` drew for it (:func:`fused.noise_bits`' bytes and level
     shift for stochastic rounding, ``None, None`` for round to nearest; the in-kernel hash is not done here).
     Returns ``(q, step, amax, finite)`` per operand, or ``None`` where the kernel does not apply."""
+    if g.dim() == 4:
+        return _conv_grad_operands(g, qmax, ops)
     if g.dtype != torch.float32 or g.dim() != 2 or not g.is_contiguous() or g.numel() == 0 or not _usable(g):
         return None
     m, n = g.shape
@@ -197,6 +206,53 @@ def grad_operands(
         raise MemoryError(f"lq grad quantization: could not allocate {n} column maxima per thread")
     done = {0: None if a is None else (qa, step_a, amax_a, not res & 1),
             1: None if b is None else (qb, step_b, amax_b, not res & 2)}
+    return [done[axis] for axis, *_ in ops]
+
+
+def _conv_grad_operands(g: torch.Tensor, qmax: int, ops: list[tuple]) -> list[tuple] | None:
+    """:func:`grad_operands` for a convolution's output gradient ``g [N, O, H, W]`` (row-major or channels-last):
+    grad_input's operand one scale for the tensor (``axis`` None, ``mult`` ``[1, O, 1, 1]`` or None), grad_weight's
+    a scale per channel (``axis`` 1, ``mult`` None); ``q`` in ``g``'s layout."""
+    if g.dtype != torch.float32 or g.numel() == 0 or not _usable(g):
+        return None
+    n, o, h, w = g.shape
+    last = fused.is_channels_last(g)
+    if not (last or g.is_contiguous()):
+        return None
+    args: dict = {}
+    for axis, mult, ratio, noise, shift in ops:
+        if axis in args or (noise is None) != (shift is None):
+            return None
+        if noise is not None and (noise.dtype != torch.int8 or noise.shape != g.shape or noise.stride() != g.stride()
+                                  or shift.dtype != torch.float32 or shift.numel() != 1):
+            return None
+        if axis is None and (mult is None or (mult.shape == (1, o, 1, 1) and mult.dtype == torch.float32
+                                              and _usable(mult))):
+            mult = _floats(o).fill_(1.0) if mult is None else mult.reshape(o).contiguous()
+        elif axis != 1 or mult is not None:
+            return None
+        q = torch.empty_like(g, dtype=torch.int8)
+        if q.stride() != g.stride():
+            return None
+        size = 1 if axis is None else o
+        args[axis] = (mult, float(ratio), noise, 0.0 if shift is None else float(shift), q, _floats(size), _floats(size))
+    none = (None, 1.0, None, 0.0, None, None, None)
+    ma, ra, na, sa, qa, step_a, amax_a = args.get(None, none)
+    _, rb, nb, sb, qb, step_b, amax_b = args.get(1, none)
+
+    def ptr(t):
+        return None if t is None else t.data_ptr()
+
+    rows, cols = (n * h * w, o) if last else (n * o, h * w)
+    res = library().lq_grad_conv(
+        g.data_ptr(), rows, cols, last, o, qmax, AMAX_EPS,
+        ptr(ma), ra, ptr(na), sa, ptr(qa), ptr(step_a), ptr(amax_a),
+        rb, ptr(nb), sb, ptr(qb), ptr(step_b), ptr(amax_b), torch.get_num_threads(),
+    )
+    if res & 4:
+        raise MemoryError(f"lq grad quantization: could not allocate {o} channel maxima per thread")
+    done = {None: None if qa is None else (qa, step_a, amax_a, not res & 1),
+            1: None if qb is None else (qb, step_b, amax_b, not res & 2)}
     return [done[axis] for axis, *_ in ops]
 
 

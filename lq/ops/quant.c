@@ -134,6 +134,21 @@ LQ_CLONES static void col_floor_mul(const float *x, float c, const float *s, con
     }
 }
 
+/* one multiplier c and one scale s for the row: y = x[j] * c */
+LQ_CLONES static void row_round_cs(const float *x, float c, float s, float lo, float hi, int64_t n, int8_t *q) {
+    for (int64_t j = 0; j < n; j++) q[j] = to_int8(rintf(x[j] * c * s), lo, hi);
+}
+
+LQ_CLONES static void row_floor_cs(const float *x, float c, float s, const int8_t *noise, float shift, float lo,
+                                   float hi, int64_t n, int8_t *q) {
+    for (int64_t j = 0; j < n; j++) {
+        int32_t b = noise[j];
+        float w = (float)b * (1.0f / 128) + shift;
+        float u = w - floorf(w);
+        q[j] = to_int8(floorf(x[j] * c * s + u), lo, hi);
+    }
+}
+
 LQ_CLONES static void row_scale(const int32_t *acc, float a, const float *b, const float *bias, int64_t n,
                                 float *out) {
     if (bias) {
@@ -276,6 +291,122 @@ int64_t lq_grad_pair(const float *g, int64_t m, int64_t n, int64_t ldg, int32_t 
             }
     }
     free(cols);
+    free(s_b);
+    return result;
+}
+
+/* Both backward operands of a convolution's output gradient g [N, O, H, W] (lq.ops.int8_conv), each skipped when
+   its q is NULL:
+     A (grad_input's): y = g * mult_a[o], one scale for the tensor  -> qa, step_a / amax_a [1]
+     B (grad_weight's): y = g, a scale per channel o                   -> qb, step_b / amax_b [O]
+   g dense in memory as rows x cols with the channel on the columns (channels-last: rows = N * H * W, cols = O)
+   or on the rows (row-major: rows = N * O, cols = H * W, the channel of row r is r % O); qa and qb in g's memory
+   order, noise_x likewise. A's amax comes from the channel maxima: max |g * m| = max_o fl(max |g| * |m_o|),
+   because rounding a product by a positive factor is monotonic. Returns bit 0 / bit 1 when A's / B's amax is not
+   finite, 4 when the scratch could not be allocated (nothing written). */
+int64_t lq_grad_conv(const float *g, int64_t rows, int64_t cols, int32_t channel_on_cols, int64_t channels,
+                     int32_t qmax, float eps, const float *mult_a, float ratio_a, const int8_t *noise_a, float shift_a,
+                     int8_t *qa, float *step_a, float *amax_a, float ratio_b, const int8_t *noise_b, float shift_b,
+                     int8_t *qb, float *step_b, float *amax_b, int32_t threads) {
+    const float lo = -(float)qmax, hi = (float)qmax;
+    uint32_t *part = (uint32_t *)calloc((size_t)threads * (size_t)channels, sizeof(uint32_t));
+    float *s_b = (float *)malloc((size_t)channels * sizeof(float));
+    if (!part || !s_b) {
+        free(part);
+        free(s_b);
+        return 4;
+    }
+    float s_a = 0.0f;
+#pragma omp parallel num_threads(threads)
+    {
+        int t = 0;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+#endif
+        uint32_t *mine = part + (size_t)t * (size_t)channels;
+        /* pass 1: each thread's channel maxima of |g| */
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < rows; i++) {
+            const float *gi = g + i * cols;
+            if (channel_on_cols) {
+                col_amax_mul(gi, 1.0f, cols, mine);
+            } else {
+                uint32_t v = row_amax(gi, cols);
+                int64_t o = i % channels;
+                mine[o] = v > mine[o] ? v : mine[o];
+            }
+        }
+        /* the channel maxima merged, B's scales, A's amax and scale (one thread) */
+#pragma omp single
+        {
+            uint32_t a_bits = 0;
+            for (int64_t o = 0; o < channels; o++) {
+                uint32_t c = 0;
+                for (int u = 0; u < threads; u++) {
+                    uint32_t v = part[(size_t)u * (size_t)channels + o];
+                    c = v > c ? v : c;
+                }
+                float amax = float_of(c);
+                if (qb) {
+                    amax_b[o] = amax;
+                    s_b[o] = scale_of(amax * ratio_b, eps, qmax);
+                    step_b[o] = 1.0f / s_b[o];
+                }
+                if (qa) {
+                    uint32_t v = bits_of(amax * fabsf(mult_a[o])) & ABS_BITS;
+                    a_bits = v > a_bits ? v : a_bits;
+                }
+            }
+            if (qa) {
+                amax_a[0] = float_of(a_bits);
+                s_a = scale_of(amax_a[0] * ratio_a, eps, qmax);
+                step_a[0] = 1.0f / s_a;
+            }
+        }
+        /* pass 2: the integers, in g's memory order */
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < rows; i++) {
+            const float *gi = g + i * cols;
+            int64_t at = i * cols;
+            if (channel_on_cols) {
+                if (qa) {
+                    if (noise_a)
+                        row_floor_mul(gi, mult_a, s_a, noise_a + at, shift_a, lo, hi, cols, qa + at);
+                    else
+                        row_round_mul(gi, mult_a, s_a, lo, hi, cols, qa + at);
+                }
+                if (qb) {
+                    if (noise_b)
+                        col_floor_mul(gi, 1.0f, s_b, noise_b + at, shift_b, lo, hi, cols, qb + at);
+                    else
+                        col_round_mul(gi, 1.0f, s_b, lo, hi, cols, qb + at);
+                }
+            } else {
+                int64_t o = i % channels;
+                if (qa) {
+                    if (noise_a)
+                        row_floor_cs(gi, mult_a[o], s_a, noise_a + at, shift_a, lo, hi, cols, qa + at);
+                    else
+                        row_round_cs(gi, mult_a[o], s_a, lo, hi, cols, qa + at);
+                }
+                if (qb) {
+                    if (noise_b)
+                        row_floor_cs(gi, 1.0f, s_b[o], noise_b + at, shift_b, lo, hi, cols, qb + at);
+                    else
+                        row_round_cs(gi, 1.0f, s_b[o], lo, hi, cols, qb + at);
+                }
+            }
+        }
+    }
+    int64_t result = 0;
+    if (qa && !isfinite(amax_a[0])) result |= 1;
+    if (qb)
+        for (int64_t o = 0; o < channels; o++)
+            if (!isfinite(amax_b[o])) {
+                result |= 2;
+                break;
+            }
+    free(part);
     free(s_b);
     return result;
 }

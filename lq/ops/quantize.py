@@ -34,10 +34,15 @@ def quantize_along(
     static = None if amax is None else amax.to(x.device).float().reshape(-1)
     if x.numel() == 0:  # an empty batch: no data amax (a reduction over nothing); the calibrated one, else 0
         return quantize_empty(x, qmax, keep_dim, static)
-    if keep_dim is None:  # (C kernels on CPU; None where they do not apply)
+    done = None  # (C kernels on CPU, lq.ops.native_quant: None where they do not apply)
+    if keep_dim is None:
         done = native_quant.quantize_tensor(x, qmax, static)
-    else:
-        done = native_quant.quantize_rows(x, qmax) if static is None and keep_dim % x.dim() == 0 else None
+    elif static is None and keep_dim % x.dim() == 0 and x.dim() > 1:
+        # a scale per row; a conv weight [O, C, kh, kw] as the rows [O, C * kh * kw]
+        rows = x if x.dim() == 2 else x.reshape(x.shape[0], -1) if x.is_contiguous() else None
+        done = None if rows is None else native_quant.quantize_rows(rows, qmax)
+        if done is not None and x.dim() > 2:
+            done = (done[0].view(x.shape), *done[1:])
     q, step, data_amax, finite = done if done is not None else fused.quantize_dynamic(x, qmax, keep_dim, static)
     require_finite(finite, data_amax, what, name)  # a NaN would otherwise become garbage int8: raises
     return q, step
