@@ -335,3 +335,39 @@ def test_a_learned_amax_keeps_its_gradient(monkeypatch) -> None:
     monkeypatch.setenv("LQ_NATIVE", "0")
     _, step2 = quantize_along(x, 127, None, amax=amax)
     assert step.requires_grad and step2.requires_grad and torch.equal(step, step2)
+
+
+@pytest.mark.skipif(native_quant.amx_library() is None, reason="no AMX-INT8 on this CPU (or not permitted)")
+def test_amx_packing_buffers_do_not_outlive_their_thread_or_a_large_call() -> None:
+    """The AMX kernel keeps its packing buffers per thread (fresh ones cost page faults every call); they go with
+    the thread (a service running products on short-lived threads leaked ~2 MiB a thread, found by review), and a
+    product larger than the kept size frees them after the call."""
+    import ctypes
+    import threading
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(f, ctypes.c_size_t) for f in
+                    "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+    libc = ctypes.CDLL("libc.so.6")
+    if not hasattr(libc, "mallinfo2"):
+        pytest.skip("glibc without mallinfo2")
+    libc.mallinfo2.restype = MallInfo2
+
+    def in_use() -> int:
+        info = libc.mallinfo2()
+        return info.uordblks + info.hblkhd
+
+    def product(m=1024, k=1024, n=1024):
+        a, b = torch.ones(m, k, dtype=torch.int8), torch.ones(n, k, dtype=torch.int8)
+        assert native_quant.amx_mm(a, b, torch.ones(m), torch.ones(n), None, 1 << 20) is not None
+
+    product()  # this thread's own buffers are in the baseline
+    before = in_use()
+    for _ in range(16):
+        t = threading.Thread(target=product)
+        t.start()
+        t.join()
+    assert in_use() - before < 8 * 2**20
+    product(m=32, k=80000, n=1024)  # 80 MB of packed b: freed after the call
+    assert in_use() - before < 8 * 2**20

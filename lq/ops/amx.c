@@ -15,6 +15,7 @@
  *
  * Output stage, the same fp32 operations as lq.ops.int8_mm._epilogue: ((float)acc * a_step[m]) * b_step[n] + bias[n].
  */
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -207,18 +208,63 @@ static void pack_a(const int8_t *a, int64_t m, int64_t k, int64_t sm, int64_t sk
 #endif
 
 /* The packed operands' buffers, kept per calling thread and grown as needed: fresh buffers per call cost their
-   page faults every time (1 MiB each for a 1024^3 product: ~0.2 ms of a ~0.7 ms call). */
-static __thread int8_t *scratch_buf[2];
-static __thread size_t scratch_size[2];
+   page faults every time (1 MiB each for a 1024^3 product: ~0.2 ms of a ~0.7 ms call). Freed when the thread
+   exits (a thread-specific key's destructor) and after any call that needed more than SCRATCH_KEEP bytes (one
+   large product does not pin its buffers for the rest of the process). */
+#define SCRATCH_KEEP ((size_t)64 << 20)
+
+typedef struct {
+    int8_t *buf[2];
+    size_t size[2];
+} scratch_t;
+
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+static int scratch_key_ok;
+
+static void scratch_free(void *p) {
+    scratch_t *s = (scratch_t *)p;
+    free(s->buf[0]);
+    free(s->buf[1]);
+    free(s);
+}
+
+static void scratch_init(void) { scratch_key_ok = pthread_key_create(&scratch_key, scratch_free) == 0; }
+
+static scratch_t *scratch_of_thread(int create) {
+    pthread_once(&scratch_once, scratch_init);
+    if (!scratch_key_ok) return NULL;
+    scratch_t *s = (scratch_t *)pthread_getspecific(scratch_key);
+    if (!s && create) {
+        s = (scratch_t *)calloc(1, sizeof(scratch_t));
+        if (s && pthread_setspecific(scratch_key, s) != 0) {
+            free(s);
+            s = NULL;
+        }
+    }
+    return s;
+}
 
 static int8_t *scratch(int which, size_t bytes) {
-    if (scratch_size[which] < bytes) {
-        free(scratch_buf[which]);
+    scratch_t *s = scratch_of_thread(1);
+    if (!s) return NULL;
+    if (s->size[which] < bytes) {
+        free(s->buf[which]);
         size_t size = (bytes + 63) / 64 * 64;
-        scratch_buf[which] = (int8_t *)aligned_alloc(64, size);
-        scratch_size[which] = scratch_buf[which] ? size : 0;
+        s->buf[which] = (int8_t *)aligned_alloc(64, size);
+        s->size[which] = s->buf[which] ? size : 0;
     }
-    return scratch_buf[which];
+    return s->buf[which];
+}
+
+static void scratch_trim(void) {
+    scratch_t *s = scratch_of_thread(0);
+    for (int which = 0; s && which < 2; which++)
+        if (s->size[which] > SCRATCH_KEEP) {
+            free(s->buf[which]);
+            s->buf[which] = NULL;
+            s->size[which] = 0;
+        }
 }
 
 /* out [M, N] fp32 contiguous; a's (m, k) at a[m * sam + k * sak], b's (n, k) at b[n * sn + k * sk], each with one of
@@ -256,6 +302,7 @@ int64_t lq_amx_mm(const int8_t *a, int64_t m, int64_t k, int64_t sam, int64_t sa
         }
         release_tiles();
     }
+    scratch_trim();
     return 0;
 #endif
 }
