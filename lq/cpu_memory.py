@@ -11,11 +11,10 @@ performance guides' advice to preload jemalloc/tcmalloc, done in-process with ``
 
 * ``M_MMAP_THRESHOLD = 32 MiB`` (glibc's maximum): blocks up to 32 MiB come from the heap and are reused;
 * ``M_MMAP_MAX = 0``: larger blocks too (the main thread's heap serves them instead of an ``mmap`` each; glibc
-  still maps a block its heap cannot grow for, and other threads' arenas keep their own rules; an int8
-  transformer's 48 MiB fp32
-  activations faulted in fresh every step: MiniLM's int8 step 2090 -> 1238 ms, bf16 autocast 1759 -> 1671, whose
-  activations are half the size and stayed under 32 MiB; 2-core AVX-512 host, RESULTS.md 2026-11-30 seventh
-  session);
+  still maps a block its heap cannot grow for, and other threads' arenas keep their own rules). An int8
+  transformer's 48 MiB fp32 activations faulted in fresh every step: MiniLM's int8 step 2090 -> 1238 ms, bf16
+  autocast 1759 -> 1671 (its activations are half the size and stayed under 32 MiB); 2-core AVX-512 host,
+  RESULTS.md 2026-11-30 seventh session;
 * ``M_TRIM_THRESHOLD = 1 GiB``: free memory at the top of the heap is not returned to the OS after each step.
 
 The cost is that the process keeps up to its peak heap usage (as PyTorch's CUDA caching allocator does on
