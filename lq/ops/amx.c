@@ -106,9 +106,8 @@ __attribute__((target("avx512f"))) static void finish_row(const int32_t *c, floa
 
 /* b [N, K] into the packed layout (see above) with ks = Kp / 64 steps and jn = Np / 16 column blocks; b's element
    (n, k) at b[n * sn + k * sk] with sk == 1 or sn == 1. Zero beyond N and K. */
-static void pack_b(const int8_t *b, int64_t n, int64_t k, int64_t sn, int64_t sk, int64_t jn, int64_t ks, int8_t *bp,
-                   int32_t threads) {
-#pragma omp parallel for num_threads(threads) schedule(static) collapse(2)
+static void pack_b(const int8_t *b, int64_t n, int64_t k, int64_t sn, int64_t sk, int64_t jn, int64_t ks, int8_t *bp) {
+#pragma omp for schedule(static) collapse(2)
     for (int64_t j = 0; j < jn; j++) {
         for (int64_t s = 0; s < ks; s++) {
             int8_t *tile = bp + (j * ks + s) * 1024;
@@ -181,9 +180,8 @@ static inline void transpose16(const int8_t *src, int64_t ss, int8_t *dst, int64
 /* a [M, K] into 16 x 64 tiles: for each 16-row block i and 64-deep step s, 1 KiB holding a[16i + r][64s + c] at
    byte 64r + c; a's element (m, k) at a[m * sm + k * sk] with sk == 1 (copied row by row) or sm == 1 (a transposed
    view of a row-major [K, M]: 16 x 16 byte transposes). Zero beyond M and K. */
-static void pack_a(const int8_t *a, int64_t m, int64_t k, int64_t sm, int64_t sk, int64_t im, int64_t ks, int8_t *ap,
-                   int32_t threads) {
-#pragma omp parallel for num_threads(threads) schedule(static) collapse(2)
+static void pack_a(const int8_t *a, int64_t m, int64_t k, int64_t sm, int64_t sk, int64_t im, int64_t ks, int8_t *ap) {
+#pragma omp for schedule(static) collapse(2)
     for (int64_t i = 0; i < im; i++) {
         for (int64_t s = 0; s < ks; s++) {
             int8_t *tile = ap + (i * ks + s) * 1024;
@@ -281,12 +279,13 @@ int64_t lq_amx_mm(const int8_t *a, int64_t m, int64_t k, int64_t sam, int64_t sa
     int8_t *bp = scratch(0, (size_t)(np / 16) * (size_t)ks * 1024);
     int8_t *ap = scratch(1, (size_t)mp * (size_t)kp);
     if (!bp || !ap) return -2;
-    pack_b(b, n, k, sn, sk, np / 16, ks, bp, threads);
-    pack_a(a, m, k, sam, sak, mp / 16, ks, ap, threads);
     int64_t mb = mp / 32, nb = np / 32;
 #pragma omp parallel num_threads(threads)
     {
         int32_t c[32 * 32] __attribute__((aligned(64)));
+        pack_b(b, n, k, sn, sk, np / 16, ks, bp); /* (work-shared loops of this parallel region, each ending in a
+                                                     barrier: one region a call instead of three) */
+        pack_a(a, m, k, sam, sak, mp / 16, ks, ap);
         configure_tiles();
 #pragma omp for schedule(static) collapse(2)
         for (int64_t ib = 0; ib < mb; ib++) {

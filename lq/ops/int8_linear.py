@@ -25,7 +25,7 @@ import torch
 
 from lq.ops.config import Int8ComputeConfig
 from lq.ops.grad_quant import GradOperand, check_unquantized_grad, quantize_layer_grads
-from lq.ops.int8_mm import int8_mm, int8_mm_reference
+from lq.ops.int8_mm import int8_mm_eager, int8_mm_reference
 from lq.ops.partitioner import keep, keep_input
 from lq.ops.quantize import dequantize_along, quantize_along
 from lq.quant.functional import qmax as _qmax
@@ -34,7 +34,7 @@ __all__ = ["Int8LinearFunction", "int8_linear"]
 
 
 def _mm(cfg: Int8ComputeConfig, *args):
-    return int8_mm(*args) if cfg.use_fast_kernels else int8_mm_reference(*args)
+    return int8_mm_eager(*args) if cfg.use_fast_kernels else int8_mm_reference(*args)
 
 
 class Int8LinearFunction(torch.autograd.Function):
