@@ -24,10 +24,11 @@ SHAPES = [(64, 56, 3), (256, 14, 3), (128, 28, 1)]
 
 def run_shape(c: int, hw_size: int, k: int, cfg: Int8ComputeConfig, args: argparse.Namespace):
     """Median seconds: fp32, int8, bf16 fwd+bwd and fp32, int8 forward-only kernels for one shape."""
-    x = torch.randn(args.batch, c, hw_size, hw_size, requires_grad=True)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    x = torch.randn(args.batch, c, hw_size, hw_size).contiguous(memory_format=fmt).requires_grad_()
     w = (torch.randn(c, c, k, k) / (c * k * k) ** 0.5).requires_grad_()
     pad = k // 2
-    g = torch.randn(args.batch, c, hw_size, hw_size)
+    g = torch.randn(args.batch, c, hw_size, hw_size).contiguous(memory_format=fmt)
 
     def step(f):
         def run():
@@ -70,6 +71,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--channels-last", action="store_true",
+                    help="input and output gradient channels-last (as inside a CNN whose convs run oneDNN) for every variant")
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                     help="also time bf16 autocast (very slow on CPUs without AVX512-BF16)")
     add_cpu_malloc_flag(ap)
