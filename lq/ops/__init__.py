@@ -12,7 +12,9 @@ default ``Int8ComputeConfig()`` (8/8/8) runs the exact but slow reference kernel
 Set ``LQ_COMPILE_QUANT=0`` to skip torch.compile of the fused quantizers (``lq.ops.fused``).
 
 Custom ops (``torch.ops.lq.*``): ``int8_mm``, ``int8_conv2d``, ``int8_conv2d_grad_input``,
-``int8_conv2d_grad_weight`` -- each a portable reference plus CPU/CUDA fast kernels.
+``int8_conv2d_grad_weight`` -- each a portable reference plus CPU/CUDA fast kernels. On CPUs the quantizations
+and output stages run small C kernels built at first use (``lq.ops.native_quant``: ``quant.c``, and ``amx.c``
+for ``int8_mm`` on AMX-INT8 CPUs), bit-identical to the torch ops; ``LQ_NATIVE=0`` turns them off.
 Gradient quantization helpers (Zhu et al.): ``quantize_grad``, ``deviation_lr_factor``,
 ``GradDeviationTracker``, ``reset_clip_state(model)`` (``Int8ComputeConfig(clip_every=n)``: the searched
 clip ratios live with each layer object).
