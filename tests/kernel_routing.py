@@ -27,18 +27,31 @@ def expected_mm_kernel(m: int, k: int, n: int, qa: int, qb: int) -> str:
     return "reference"
 
 
-def expected_conv_kernel(op: str, u_qmax: int, w_qmax: int, reduction: int, geometry: tuple | None = None) -> str:
+def expected_conv_kernel(
+    op: str, u_qmax: int, w_qmax: int, reduction: int, geometry: tuple | None = None, channels_last: bool = False
+) -> str:
     """The int8 conv ops on CPU: oneDNN where exact (ranges and int32 headroom), else the reference; the
     weight gradient runs oneDNN's GEMM on an int8 im2col where ``_int_mm`` is slow, else per-tap
     ``torch._int_mm`` GEMMs for stride-1 one-group layers (``geometry``: x size, weight size, stride, padding,
-    dilation, groups; ``lq.ops.int8_conv_kernels.grad_weight_taps_apply``), else ``lq::int8_mm`` on an im2col."""
+    dilation, groups; ``lq.ops.int8_conv_kernels.grad_weight_taps_apply``; on AMX CPUs the tile kernel takes the taps
+    unless few input channels stack them into one GEMM), a 1x1 stride-1 layer with both operands ``channels_last``
+    one AMX product, else ``lq::int8_mm`` on an im2col."""
     if op == "int8_conv2d_grad_weight":
         if not hw.cpu_int_mm_is_fast() and hw.u8s8_exact(u_qmax, w_qmax):
             return "onednn"
         from lq.ops.int8_conv_kernels import grad_weight_taps_apply
 
+        from lq.ops import native_quant
+
+        amx = native_quant.amx_library() is not None
         if geometry is not None and grad_weight_taps_apply(*geometry, w_qmax, u_qmax):
-            return "taps_int_mm"
+            x_size, w_size = geometry[0], geometry[1]
+            stacked = x_size[1] * w_size[2] * w_size[3] <= w_size[0]  # few input channels: one stacked _int_mm
+            return "taps_amx" if amx and not stacked else "taps_int_mm"
+        if (geometry is not None and amx and channels_last and tuple(geometry[1][2:]) == (1, 1)
+                and tuple(geometry[2]) == (1, 1) and tuple(geometry[3]) == (0, 0) and tuple(geometry[4]) == (1, 1)
+                and geometry[5] == 1):
+            return "pointwise_amx"  # (1x1 on channels-last operands: one AMX product of transposed views)
         return "im2col_int8_mm"
     exact = hw.u8s8_exact(u_qmax, w_qmax) and reduction <= hw.max_exact_reduction(hw.biased_u8_max(u_qmax), w_qmax)
     return "onednn" if exact else "reference"

@@ -371,3 +371,41 @@ def test_amx_packing_buffers_do_not_outlive_their_thread_or_a_large_call() -> No
     assert in_use() - before < 8 * 2**20
     product(m=32, k=80000, n=1024)  # 80 MB of packed b: freed after the call
     assert in_use() - before < 8 * 2**20
+
+
+@pytest.mark.skipif(native_quant.amx_library() is None, reason="no AMX-INT8 on this CPU (or not permitted)")
+@pytest.mark.parametrize("geometry", [
+    (8, 64, 64, 14, 14, 3, 1, 1), (4, 16, 32, 9, 9, 3, 2, 1), (2, 40, 70, 7, 5, 3, 1, 1), (3, 33, 17, 8, 8, 1, 2, 0),
+    (2, 8, 8, 6, 6, 5, 1, 2), (4, 40, 33, 6, 6, 1, 1, 0), (2, 3, 5, 4, 7, 1, 1, 0),
+])
+@pytest.mark.parametrize("layout", ["row-major", "channels-last"])
+def test_amx_conv_weight_gradients_equal_the_int_mm_paths(geometry, layout, monkeypatch) -> None:
+    """The tile unit's conv weight gradients (every tap from each phase packed once, the reduction in chunks
+    shared by the threads; 1x1 layers on channels-last operands as one product of transposed views) give the
+    numbers of the `_int_mm` tap and im2col paths (tested against the reference elsewhere) bit for bit, and the
+    float64 convolution's within fp32 scaling; the channels-last gradient reaches the grid by 16 x 16 transposes."""
+    from lq.ops import hardware as hw
+    from lq.ops import int8_conv_kernels as K
+
+    n, c, o, h, w, k, s, p = geometry
+    gen = torch.Generator().manual_seed(sum(geometry))
+    x = torch.randint(-127, 128, (n, c, h, w), dtype=torch.int8, generator=gen)
+    ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    g = torch.randint(-127, 128, (n, o, ho, wo), dtype=torch.int8, generator=gen)
+    if layout == "channels-last":
+        x, g = (t.contiguous(memory_format=torch.channels_last) for t in (x, g))
+    g_step, x_step = torch.rand(o, generator=gen) + 0.1, torch.rand(1, generator=gen) + 0.1
+    args = (g, x, g_step, x_step, 127, 127, [o, c, k, k], [s, s], [p, p], [1, 1], 1)
+    with hw.record_kernels() as ran:
+        got = K._conv_grad_weight_cpu(*args)
+    monkeypatch.setenv("LQ_NATIVE", "0")
+    with hw.record_kernels() as ran_plain:
+        want = K._conv_grad_weight_cpu(*args)
+    stacked = c * k * k <= o
+    pointwise = k == 1 and s == 1 and layout == "channels-last"
+    assert ran == [f"int8_conv2d_grad_weight:{'pointwise_amx' if pointwise else 'taps_int_mm' if stacked else 'taps_amx'}"
+                   ] or (k == 1 and s == 1 and not pointwise), (ran, ran_plain)
+    assert torch.equal(got, want)
+    exact = torch.nn.grad.conv2d_weight(x.double(), [o, c, k, k], g.double(), (s, s), (p, p))
+    scaled = exact * g_step.double().reshape(-1, 1, 1, 1) * x_step.double()
+    assert torch.allclose(got.double(), scaled, rtol=1e-6, atol=0)

@@ -93,6 +93,30 @@ __attribute__((target("amx-tile,amx-int8"))) static void block_sums(const int8_t
     _tile_stored(3, c + 16 * 32 + 16, 128);
 }
 
+/* adds the sums of rows [0, 32) of a row-major a (row stride lda) with the packed column tiles b0 / b1 (16 columns
+   each, consecutive 1 KiB steps) over `steps` 64-deep steps to c [32][32] */
+__attribute__((target("amx-tile,amx-int8"))) static void block_sums_add(const int8_t *a, int64_t lda, const int8_t *b0,
+                                                                         const int8_t *b1, int64_t steps, int32_t *c) {
+    _tile_loadd(0, c, 128);
+    _tile_loadd(1, c + 16, 128);
+    _tile_loadd(2, c + 16 * 32, 128);
+    _tile_loadd(3, c + 16 * 32 + 16, 128);
+    for (int64_t s = 0; s < steps; s++) {
+        _tile_loadd(4, a + s * 64, lda);
+        _tile_loadd(5, a + 16 * lda + s * 64, lda);
+        _tile_loadd(6, b0 + s * 1024, 64);
+        _tile_loadd(7, b1 + s * 1024, 64);
+        _tile_dpbssd(0, 4, 6);
+        _tile_dpbssd(1, 4, 7);
+        _tile_dpbssd(2, 5, 6);
+        _tile_dpbssd(3, 5, 7);
+    }
+    _tile_stored(0, c, 128);
+    _tile_stored(1, c + 16, 128);
+    _tile_stored(2, c + 16 * 32, 128);
+    _tile_stored(3, c + 16 * 32 + 16, 128);
+}
+
 __attribute__((target("amx-tile"))) static void release_tiles(void) { _tile_release(); }
 
 __attribute__((target("avx512f"))) static void finish_row(const int32_t *c, float as, const float *bs,
@@ -104,51 +128,54 @@ __attribute__((target("avx512f"))) static void finish_row(const int32_t *c, floa
     }
 }
 
-/* b [N, K] into the packed layout (see above) with ks = Kp / 64 steps and jn = Np / 16 column blocks; b's element
-   (n, k) at b[n * sn + k * sk] with sk == 1 or sn == 1. Zero beyond N and K. */
-static void pack_b(const int8_t *b, int64_t n, int64_t k, int64_t sn, int64_t sk, int64_t jn, int64_t ks, int8_t *bp) {
-#pragma omp for schedule(static) collapse(2)
-    for (int64_t j = 0; j < jn; j++) {
-        for (int64_t s = 0; s < ks; s++) {
-            int8_t *tile = bp + (j * ks + s) * 1024;
-            int64_t k0 = 64 * s;
-            for (int64_t nn = 0; nn < 16; nn++) {
-                int64_t col = 16 * j + nn;
-                if (col >= n) {
-                    for (int64_t kk = 0; kk < 16; kk++) memset(tile + kk * 64 + 4 * nn, 0, 4);
-                    continue;
-                }
-                if (sn == 1 && nn == 0 && col + 16 <= n && k0 + 64 <= k) {
-                    /* N contiguous: rows k of the [K, N] matrix, four interleaved byte by byte per tile row */
-                    for (int64_t kk = 0; kk < 16; kk++) {
-                        const int8_t *src = b + (k0 + 4 * kk) * sk + col;
-                        __m128i r0 = _mm_loadu_si128((const __m128i *)src);
-                        __m128i r1 = _mm_loadu_si128((const __m128i *)(src + sk));
-                        __m128i r2 = _mm_loadu_si128((const __m128i *)(src + 2 * sk));
-                        __m128i r3 = _mm_loadu_si128((const __m128i *)(src + 3 * sk));
-                        __m128i t0 = _mm_unpacklo_epi8(r0, r1), t1 = _mm_unpackhi_epi8(r0, r1);
-                        __m128i t2 = _mm_unpacklo_epi8(r2, r3), t3 = _mm_unpackhi_epi8(r2, r3);
-                        __m128i *dst = (__m128i *)(tile + kk * 64);
-                        _mm_storeu_si128(dst, _mm_unpacklo_epi16(t0, t2));
-                        _mm_storeu_si128(dst + 1, _mm_unpackhi_epi16(t0, t2));
-                        _mm_storeu_si128(dst + 2, _mm_unpacklo_epi16(t1, t3));
-                        _mm_storeu_si128(dst + 3, _mm_unpackhi_epi16(t1, t3));
-                    }
-                    break; /* the whole tile */
-                }
-                if (sk == 1 && k0 + 64 <= k) {
-                    const int8_t *src = b + col * sn + k0;
-                    for (int64_t kk = 0; kk < 16; kk++) memcpy(tile + kk * 64 + 4 * nn, src + 4 * kk, 4);
-                } else {
-                    for (int64_t kk = 0; kk < 16; kk++)
-                        for (int64_t i = 0; i < 4; i++) {
-                            int64_t kx = k0 + 4 * kk + i;
-                            tile[kk * 64 + 4 * nn + i] = kx < k ? b[col * sn + kx * sk] : 0;
-                        }
-                }
+/* tile (j, s) of b's packed layout (see above): rows kk = 0..15 hold b[16j + n][64s + 4kk + i] at byte 4n + i;
+   b's element (n, k) at b[n * sn + k * sk] with sk == 1 or sn == 1; zero beyond N and K */
+static void pack_b_tile(const int8_t *b, int64_t n, int64_t k, int64_t sn, int64_t sk, int64_t j, int64_t s,
+                        int8_t *tile) {
+    int64_t k0 = 64 * s;
+    for (int64_t nn = 0; nn < 16; nn++) {
+        int64_t col = 16 * j + nn;
+        if (col >= n) {
+            for (int64_t kk = 0; kk < 16; kk++) memset(tile + kk * 64 + 4 * nn, 0, 4);
+            continue;
+        }
+        if (sn == 1 && nn == 0 && col + 16 <= n && k0 + 64 <= k) {
+            /* N contiguous: rows k of the [K, N] matrix, four interleaved byte by byte per tile row */
+            for (int64_t kk = 0; kk < 16; kk++) {
+                const int8_t *src = b + (k0 + 4 * kk) * sk + col;
+                __m128i r0 = _mm_loadu_si128((const __m128i *)src);
+                __m128i r1 = _mm_loadu_si128((const __m128i *)(src + sk));
+                __m128i r2 = _mm_loadu_si128((const __m128i *)(src + 2 * sk));
+                __m128i r3 = _mm_loadu_si128((const __m128i *)(src + 3 * sk));
+                __m128i t0 = _mm_unpacklo_epi8(r0, r1), t1 = _mm_unpackhi_epi8(r0, r1);
+                __m128i t2 = _mm_unpacklo_epi8(r2, r3), t3 = _mm_unpackhi_epi8(r2, r3);
+                __m128i *dst = (__m128i *)(tile + kk * 64);
+                _mm_storeu_si128(dst, _mm_unpacklo_epi16(t0, t2));
+                _mm_storeu_si128(dst + 1, _mm_unpackhi_epi16(t0, t2));
+                _mm_storeu_si128(dst + 2, _mm_unpacklo_epi16(t1, t3));
+                _mm_storeu_si128(dst + 3, _mm_unpackhi_epi16(t1, t3));
             }
+            return; /* the whole tile */
+        }
+        if (sk == 1 && k0 + 64 <= k) {
+            const int8_t *src = b + col * sn + k0;
+            for (int64_t kk = 0; kk < 16; kk++) memcpy(tile + kk * 64 + 4 * nn, src + 4 * kk, 4);
+        } else {
+            for (int64_t kk = 0; kk < 16; kk++)
+                for (int64_t i = 0; i < 4; i++) {
+                    int64_t kx = k0 + 4 * kk + i;
+                    tile[kk * 64 + 4 * nn + i] = kx < k ? b[col * sn + kx * sk] : 0;
+                }
         }
     }
+}
+
+/* b [N, K] into the packed layout with ks = Kp / 64 steps and jn = Np / 16 column blocks (a work-shared loop of
+   the caller's parallel region) */
+static void pack_b(const int8_t *b, int64_t n, int64_t k, int64_t sn, int64_t sk, int64_t jn, int64_t ks, int8_t *bp) {
+#pragma omp for schedule(static) collapse(2)
+    for (int64_t j = 0; j < jn; j++)
+        for (int64_t s = 0; s < ks; s++) pack_b_tile(b, n, k, sn, sk, j, s, bp + (j * ks + s) * 1024);
 }
 
 /* dst row c (16 bytes, row stride ds) = column c of the 16 x 16 bytes at src (row stride ss) */
@@ -300,6 +327,80 @@ int64_t lq_amx_mm(const int8_t *a, int64_t m, int64_t k, int64_t sam, int64_t sa
             }
         }
         release_tiles();
+    }
+    scratch_trim();
+    return 0;
+#endif
+}
+
+/* A convolution's weight gradient by taps (lq.ops.int8_conv_kernels._grad_weight_taps) on the tile unit:
+     out[o, c, tap] = (sum_t ge[o, t] * X_p(tap)[t + off[tap], c]) * g_step[o] * x_step
+   ge: the output gradient laid out on the (phase) grid, rows o of a row-major buffer with row stride ge_row whose
+   columns [lead, lead + T) hold it and are zero elsewhere (lead >= every off, width >= lead + tx rounded up to 64,
+   rows >= o rounded up to 32, the extra rows zero). Phase p's input: (c, t) at x[p][c * xc + t * xt] for t in
+   [0, tx). Tap k's a operand is ge read from column lead - off[k] (a shifted view: row-major a needs no packing).
+   The reduction (~100K positions) is cut into chunks that the threads share: per chunk a thread packs the phases'
+   columns once for every tap and adds every tap's 32 x 32 blocks into its own int32 sums (a chunk of a and b stays
+   in L2: without the chunks every block streamed both ~3 MB panels from memory, 0.65 TMAC/s); the threads' sums
+   are added (exact integers) before the output stage. out [O, C, taps] fp32 (the [O, C, kh, kw] weight gradient).
+   Returns 0, -1 without AMX, -2 when a buffer could not be allocated. */
+int64_t lq_amx_taps(const int8_t *ge, int64_t o, int64_t ge_row, int64_t lead, int64_t taps, const int64_t *off,
+                    const int32_t *phase_of, int64_t phases, const int8_t *const *x, int64_t xc, int64_t xt,
+                    int64_t c, int64_t tx, const float *g_step, float x_step, float *out, int32_t threads) {
+#ifndef LQ_AMX
+    return -1;
+#else
+    int64_t cp = (c + 31) / 32 * 32, ks = (tx + 63) / 64, ob = (o + 31) / 32, cb = cp / 32, jn = cp / 16;
+    int64_t chunk = (int64_t)((1 << 20) / ((ob * 32 + cp * phases) * 64));
+    chunk = chunk < 4 ? 4 : chunk > ks ? ks : chunk;
+    int64_t chunks = (ks + chunk - 1) / chunk, items = taps * ob * cb;
+    size_t per_thread_b = (size_t)(phases * jn * chunk) * 1024, per_thread_acc = (size_t)items * 32 * 32 * 4;
+    int8_t *buf = scratch(0, (size_t)threads * (per_thread_b + per_thread_acc));
+    if (!buf) return -2;
+    memset(buf, 0, (size_t)threads * (per_thread_b + per_thread_acc));
+#pragma omp parallel num_threads(threads)
+    {
+        int t = 0;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+#endif
+        int8_t *bchunk = buf + (size_t)t * (per_thread_b + per_thread_acc);
+        int32_t *acc = (int32_t *)(bchunk + per_thread_b);
+        configure_tiles();
+#pragma omp for schedule(static)
+        for (int64_t q = 0; q < chunks; q++) {
+            int64_t s0 = q * chunk, steps = ks - s0 < chunk ? ks - s0 : chunk;
+            for (int64_t p = 0; p < phases; p++)
+                for (int64_t j = 0; j < jn; j++)
+                    for (int64_t ss = 0; ss < steps; ss++)
+                        pack_b_tile(x[p], c, tx, xc, xt, j, s0 + ss, bchunk + ((p * jn + j) * chunk + ss) * 1024);
+            for (int64_t k = 0; k < taps; k++)
+                for (int64_t i = 0; i < ob; i++)
+                    for (int64_t j = 0; j < cb; j++) {
+                        int32_t *sums = acc + ((k * ob + i) * cb + j) * 1024;
+                        const int8_t *a = ge + i * 32 * ge_row + (lead - off[k]) + s0 * 64;
+                        const int8_t *b0 = bchunk + ((phase_of[k] * jn + 2 * j) * chunk) * 1024;
+                        const int8_t *b1 = b0 + chunk * 1024;
+                        block_sums_add(a, ge_row, b0, b1, steps, sums);
+                    }
+        }
+        release_tiles();
+        /* the threads' sums added, then the output stage */
+#pragma omp for schedule(static)
+        for (int64_t it = 0; it < items; it++) {
+            int64_t k = it / (ob * cb), i = (it / cb) % ob, j = it % cb;
+            int32_t *first = (int32_t *)(buf + per_thread_b) + it * 1024;
+            for (int u = 1; u < threads; u++) {
+                const int32_t *other = (const int32_t *)(buf + (size_t)u * (per_thread_b + per_thread_acc) + per_thread_b) + it * 1024;
+                for (int e = 0; e < 1024; e++) first[e] += other[e];
+            }
+            int64_t rows = o - i * 32 < 32 ? o - i * 32 : 32, cols = c - j * 32 < 32 ? c - j * 32 : 32;
+            for (int64_t r = 0; r < rows; r++) {
+                int64_t oo = i * 32 + r;
+                float *dst = out + (oo * c + j * 32) * taps + k;
+                for (int64_t qq = 0; qq < cols; qq++) dst[qq * taps] = (float)first[r * 32 + qq] * g_step[oo] * x_step;
+            }
+        }
     }
     scratch_trim();
     return 0;

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lq.ops import fused
+from lq.ops import fused, native_quant
 from lq.ops import hardware as hw
 from lq.ops.int8_mm import _canonical, onednn_qlinear, reduction_chunks
 
@@ -407,6 +407,15 @@ def _input_phases(x, padding, stride, grid, tx, wanted, position_major) -> dict:
     return phases
 
 
+def _grid_rows(g: torch.Tensor, dst: torch.Tensor, hs: int, ws: int) -> None:
+    """``dst [O, >= N * hs * ws]`` (zeros) gets the gradient ``g [N, O, Ho, Wo]`` on the grid, channel rows: a C
+    kernel of 16 x 16 byte transposes for a channels-last ``g`` on CPU (``native_quant.grid_rows``), else torch's
+    strided copy."""
+    n, o, ho, wo = g.shape
+    if not native_quant.grid_rows(g, dst, hs, ws):
+        dst[:, : n * hs * ws].view(o, n, hs, ws)[:, :, :ho, :wo].copy_(g.permute(1, 0, 2, 3))
+
+
 def _grad_weight_taps(g, x, g_step, x_step, weight_size, padding, stride=(1, 1)) -> torch.Tensor:
     """The weight gradient of a convolution (dilation 1, one group) without im2col: integer GEMMs on shifted
     views of the input's stride phases.
@@ -436,10 +445,24 @@ def _grad_weight_taps(g, x, g_step, x_step, weight_size, padding, stride=(1, 1))
     tx = t + max(offs)
     dev = g.device
     ge = torch.zeros((o, t), dtype=torch.int8, device=dev)
-    ge.view(o, n, hs, ws)[:, :, :ho, :wo].copy_(g.permute(1, 0, 2, 3))
+    _grid_rows(g, ge, hs, ws)
     stacked = c * len(taps) <= o  # few input channels: the taps' shifted rows of X stacked, one GEMM
     position_major = not stacked and fused.is_channels_last(x)
-    phases = _input_phases(x, padding, stride, (hs, ws), tx, sorted(set(phase_of)), position_major)
+    wanted = sorted(set(phase_of))
+    phases = _input_phases(x, padding, stride, (hs, ws), tx, wanted, position_major)
+    if not stacked and native_quant.amx_taps_usable(g, x, g_step, x_step) and x_step.numel() == 1:
+        # the tile unit: each phase packed once for all its taps, each tap reading the gradient at a shift (ge with
+        # a zero lead of max(offs) columns, rows up to a multiple of 32)
+        lead = max(offs)
+        geb = torch.zeros((-(-o // 32) * 32, lead + -(-tx // 64) * 64), dtype=torch.int8, device=dev)
+        _grid_rows(g, geb[:o, lead : lead + t], hs, ws)
+        out = native_quant.amx_taps(geb, o, lead, offs, [wanted.index(p) for p in phase_of],
+                                    [phases[p] for p in wanted], position_major, c, tx, g_step, x_step,
+                                    list(weight_size))
+        if out is not None:
+            hw.ran("int8_conv2d_grad_weight", "taps_amx")
+            return out
+    hw.ran("int8_conv2d_grad_weight", "taps_int_mm")
     if stacked:
         xs = torch.empty((len(taps), c, t), dtype=torch.int8, device=dev)
         for k, off in enumerate(offs):
@@ -455,6 +478,21 @@ def _grad_weight_taps(g, x, g_step, x_step, weight_size, padding, stride=(1, 1))
     return out.mul_(g_step.float().reshape(-1, 1, 1, 1)).mul_(x_step.float().reshape(1, -1, 1, 1))
 
 
+def _grad_weight_pointwise(g, x, g_step, x_step, g_qmax, x_qmax, weight_size, stride, padding, dilation, groups):
+    """A 1x1, stride-1, unpadded, one-group convolution's weight gradient on channels-last operands as one AMX
+    product of the transposed views ``g [N*H*W, O]^T`` and ``x [N*H*W, C]^T`` (the kernel packs them itself:
+    no im2col copies), scaled as ``lq::int8_mm`` scales the im2col path's product (bit-identical); ``None``
+    where that does not apply."""
+    o, c, kh, kw = weight_size
+    if ((kh, kw) != (1, 1) or tuple(stride) != (1, 1) or tuple(padding) != (0, 0) or tuple(dilation) != (1, 1)
+            or groups != 1 or x_step.numel() != 1 or not (fused.is_channels_last(g) and fused.is_channels_last(x))):
+        return None
+    gm = g.permute(0, 2, 3, 1).reshape(-1, o)  # [N*H*W, O]: views of the channels-last memory
+    xm = x.permute(0, 2, 3, 1).reshape(-1, c)
+    out = native_quant.amx_mm(gm.t(), xm.t(), g_step, x_step, None, hw.max_exact_reduction(g_qmax, x_qmax))
+    return None if out is None else out.view(o, c, 1, 1)
+
+
 @int8_conv2d_grad_weight.register_kernel("cpu")
 def _conv_grad_weight_cpu(g, x, g_step, x_step, g_qmax, x_qmax, weight_size, stride, padding, dilation, groups):
     if not hw.cpu_int_mm_is_fast() and hw.u8s8_exact(x_qmax, g_qmax):
@@ -463,8 +501,12 @@ def _conv_grad_weight_cpu(g, x, g_step, x_step, g_qmax, x_qmax, weight_size, str
             g, x, g_step, x_step, g_qmax, x_qmax, weight_size, stride, padding, dilation, groups
         ).contiguous()
     if grad_weight_taps_apply(x.shape, weight_size, stride, padding, dilation, groups, g_qmax, x_qmax):
-        hw.ran("int8_conv2d_grad_weight", "taps_int_mm")
-        return _grad_weight_taps(g, x, g_step, x_step, weight_size, padding, stride)
+        return _grad_weight_taps(g, x, g_step, x_step, weight_size, padding, stride)  # (records taps_amx / taps_int_mm)
+    pointwise = _grad_weight_pointwise(g, x, g_step, x_step, g_qmax, x_qmax, weight_size, stride, padding, dilation,
+                                       groups)
+    if pointwise is not None:
+        hw.ran("int8_conv2d_grad_weight", "pointwise_amx")
+        return pointwise
     hw.ran("int8_conv2d_grad_weight", "im2col_int8_mm")  # lq::int8_mm records its own kernel per group
     # int8 im2col + one lq::int8_mm per group: the CUDA kernel's algorithm, without its shape padding
     return int8_conv_gemm.conv2d_grad_weight_gemm(

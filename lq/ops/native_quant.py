@@ -23,7 +23,7 @@ from lq import native
 from lq.ops import fused
 from lq.quant.functional import AMAX_EPS
 
-__all__ = ["amx_library", "amx_mm", "grad_operands", "library", "quantize_rows", "quantize_tensor", "scale_sums"]
+__all__ = ["amx_library", "amx_mm", "amx_taps", "amx_taps_usable", "grad_operands", "grid_rows", "library", "quantize_rows", "quantize_tensor", "scale_sums"]
 
 SOURCE = Path(__file__).with_name("quant.c")
 #: the row loops use vector floor (roundps), which GCC emits only when it may assume no FP traps
@@ -43,7 +43,47 @@ def amx_library() -> ctypes.CDLL | None:
         return None
     lib.lq_amx_mm.restype = _I64
     lib.lq_amx_mm.argtypes = [_P, _I64, _I64, _I64, _I64, _P, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _I32]
+    lib.lq_amx_taps.restype = _I64
+    lib.lq_amx_taps.argtypes = [_P, _I64, _I64, _I64, _I64, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, _P, _F, _P,
+                                _I32]
     return lib
+
+
+def amx_taps_usable(*tensors: torch.Tensor) -> bool:
+    """Whether :func:`amx_taps` runs for these CPU tensors (AMX, the kernel built, plain tensors, not traced)."""
+    return _usable(*tensors) and amx_library() is not None
+
+
+def amx_taps(
+    ge: torch.Tensor, o: int, lead: int, offs: list[int], phase_of: list[int], phases: list[torch.Tensor],
+    position_major: bool, c: int, tx: int, g_step: torch.Tensor, x_step: torch.Tensor, weight_size: list[int],
+) -> torch.Tensor | None:
+    """A convolution's weight gradient by taps on the tile unit (``amx.c`` ``lq_amx_taps``; the algorithm of
+    ``lq.ops.int8_conv_kernels._grad_weight_taps``, each phase packed once for all its taps, each tap's gradient
+    operand a shifted view of ``ge``): ``ge`` int8 ``[rows >= o rounded up to 32, lead + tx rounded up to 64]``,
+    the gradient on the grid at columns ``[lead, lead + T)``, zero elsewhere; ``phases`` int8 ``[tx, C]``
+    (``position_major``) or ``[C, tx]``; ``g_step`` ``[O]`` or ``[1]``, ``x_step`` ``[1]``. Returns the fp32
+    ``weight_size`` gradient, or ``None`` where the kernel does not apply."""
+    if x_step.numel() != 1 or g_step.numel() not in (1, o) or not amx_taps_usable(ge, *phases, g_step, x_step):
+        return None
+    taps = len(offs)
+    if (ge.dtype != torch.int8 or not ge.is_contiguous() or ge.shape[0] < -(-o // 32) * 32
+            or ge.shape[1] < lead + -(-tx // 64) * 64 or min(offs) < 0 or max(offs) > lead):
+        return None
+    for buf in phases:
+        if buf.dtype != torch.int8 or not buf.is_contiguous() or buf.shape != ((tx, c) if position_major else (c, tx)):
+            return None
+    xc, xt = (1, c) if position_major else (tx, 1)
+    steps = g_step.float().reshape(-1).expand(o).contiguous()
+    out = torch.empty(weight_size, dtype=torch.float32, device="cpu")
+    off_arr = (ctypes.c_int64 * taps)(*offs)
+    phase_arr = (ctypes.c_int32 * taps)(*phase_of)
+    ptrs = (ctypes.c_void_p * len(phases))(*[b.data_ptr() for b in phases])
+    res = amx_library().lq_amx_taps(
+        ge.data_ptr(), o, ge.shape[1], lead, taps, off_arr, phase_arr, len(phases), ptrs, xc, xt, c, tx,
+        steps.data_ptr(), float(x_step), out.data_ptr(), torch.get_num_threads(),
+    )
+    return out if res == 0 else None
 
 
 def amx_mm(
@@ -94,6 +134,8 @@ def library() -> ctypes.CDLL | None:
         _P, _F, _P, _F, _P, _P, _P,
         _F, _P, _F, _P, _P, _P, _I32,
     ]
+    lib.lq_grid_rows.restype = None
+    lib.lq_grid_rows.argtypes = [_P, _I64, _I64, _I64, _I64, _I64, _I64, _P, _I64, _I32]
     lib.lq_scale_sums.restype = None
     lib.lq_scale_sums.argtypes = [_P, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _I32]
     return lib
@@ -254,6 +296,20 @@ def _conv_grad_operands(g: torch.Tensor, qmax: int, ops: list[tuple]) -> list[tu
     done = {None: None if qa is None else (qa, step_a, amax_a, not res & 1),
             1: None if qb is None else (qb, step_b, amax_b, not res & 2)}
     return [done[axis] for axis, *_ in ops]
+
+
+def grid_rows(g: torch.Tensor, dst: torch.Tensor, hs: int, ws: int) -> bool:
+    """Write a channels-last int8 gradient ``g [N, O, Ho, Wo]`` into ``dst``'s channel rows on the ``hs x ws`` grid:
+    ``dst[o, n * hs * ws + a * ws + b] = g[n, o, a, b]`` (the rest of ``dst`` untouched), ``dst`` int8 with unit
+    column stride; ``False`` (nothing written) where the kernel does not apply."""
+    if (g.dtype != torch.int8 or dst.dtype != torch.int8 or not fused.is_channels_last(g) or dst.dim() != 2
+            or dst.stride(1) != 1 or not _usable(g, dst)):
+        return False
+    n, o, ho, wo = g.shape
+    if ho > hs or wo > ws or dst.shape[0] < o or dst.shape[1] < n * hs * ws:
+        return False
+    library().lq_grid_rows(g.data_ptr(), n, ho, wo, o, hs, ws, dst.data_ptr(), dst.stride(0), torch.get_num_threads())
+    return True
 
 
 def scale_sums(
