@@ -409,3 +409,45 @@ def test_amx_conv_weight_gradients_equal_the_int_mm_paths(geometry, layout, monk
     exact = torch.nn.grad.conv2d_weight(x.double(), [o, c, k, k], g.double(), (s, s), (p, p))
     scaled = exact * g_step.double().reshape(-1, 1, 1, 1) * x_step.double()
     assert torch.allclose(got.double(), scaled, rtol=1e-6, atol=0)
+
+
+def test_the_conv_wrappers_decline_inconsistent_sizes_and_overlapping_rows() -> None:
+    """Found by review: ``amx_taps`` wrote ``O * C * taps`` floats whatever ``weight_size`` said (a heap overflow
+    for a smaller one), and ``grid_rows`` wrote a destination whose rows overlap (an expanded one)."""
+    o, c, tx = 32, 32, 64
+    ge, phase = torch.zeros(32, 64, dtype=torch.int8), torch.ones(c, tx, dtype=torch.int8)
+    for size, phase_of in (([1, 1, 1, 1], [0] * 9), ([o, c, 3, 3], [0] * 8), ([o, c, 3, 3], [1] * 9)):
+        assert native_quant.amx_taps(ge, o, 0, [0] * 9, phase_of, [phase], False, c, tx, torch.ones(o),
+                                     torch.ones(1), size) is None
+    g = torch.randint(-100, 100, (2, 32, 4, 4), dtype=torch.int8).contiguous(memory_format=torch.channels_last)
+    assert not native_quant.grid_rows(g, torch.zeros(1, 32, dtype=torch.int8).expand(32, 32), 4, 4)
+
+
+@pytest.mark.skipif(native_quant.amx_library() is None, reason="no AMX-INT8 on this CPU (or not permitted)")
+def test_amx_taps_scratch_does_not_grow_with_idle_threads() -> None:
+    """One reduction chunk (a 512 x 512 3x3 layer at batch 1, 7x7): threads without a chunk no longer get an
+    accumulator of O * C * taps int32 each (9 MiB a thread, found by review)."""
+    code = """
+        import sys, torch
+        from lq.ops import int8_conv_kernels as K
+        torch.set_num_threads(int(sys.argv[1]))
+        o = c = 512
+        x = torch.randint(-127, 128, (1, c, 7, 7), dtype=torch.int8)
+        g = torch.randint(-127, 128, (1, o, 7, 7), dtype=torch.int8)
+        args = (g, x, torch.rand(o) + .1, torch.rand(1) + .1, 127, 127, [o, c, 3, 3], [1, 1], [1, 1], [1, 1], 1)
+        def kb(key):
+            return next(int(line.split()[1]) for line in open('/proc/self/status') if line.startswith(key))
+        before = max(kb('VmHWM'), kb('VmRSS'))
+        K._conv_grad_weight_cpu(*args)
+        print("EXTRA", (kb('VmHWM') - before) / 1024)
+    """
+    import subprocess
+    import sys
+    import textwrap
+
+    extra = {}
+    for t in (1, 3):
+        done = subprocess.run([sys.executable, "-c", textwrap.dedent(code), str(t)], capture_output=True, text=True,
+                              env=dict(os.environ, OMP_NUM_THREADS=str(t)), timeout=300)
+        extra[t] = float(done.stdout.split("EXTRA")[1])
+    assert extra[3] < extra[1] + 9, extra

@@ -354,6 +354,7 @@ int64_t lq_amx_taps(const int8_t *ge, int64_t o, int64_t ge_row, int64_t lead, i
     int64_t chunk = (int64_t)((1 << 20) / ((ob * 32 + cp * phases) * 64));
     chunk = chunk < 4 ? 4 : chunk > ks ? ks : chunk;
     int64_t chunks = (ks + chunk - 1) / chunk, items = taps * ob * cb;
+    if (threads > chunks) threads = (int32_t)chunks; /* (a thread without a chunk would only add zeros) */
     size_t per_thread_b = (size_t)(phases * jn * chunk) * 1024, per_thread_acc = (size_t)items * 32 * 32 * 4;
     int8_t *buf = scratch(0, (size_t)threads * (per_thread_b + per_thread_acc));
     if (!buf) return -2;

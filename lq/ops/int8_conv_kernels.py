@@ -444,8 +444,6 @@ def _grad_weight_taps(g, x, g_step, x_step, weight_size, padding, stride=(1, 1))
     phase_of = [(i % sh, j % sw) for i, j in taps]
     tx = t + max(offs)
     dev = g.device
-    ge = torch.zeros((o, t), dtype=torch.int8, device=dev)
-    _grid_rows(g, ge, hs, ws)
     stacked = c * len(taps) <= o  # few input channels: the taps' shifted rows of X stacked, one GEMM
     position_major = not stacked and fused.is_channels_last(x)
     wanted = sorted(set(phase_of))
@@ -463,6 +461,8 @@ def _grad_weight_taps(g, x, g_step, x_step, weight_size, padding, stride=(1, 1))
             hw.ran("int8_conv2d_grad_weight", "taps_amx")
             return out
     hw.ran("int8_conv2d_grad_weight", "taps_int_mm")
+    ge = torch.zeros((o, t), dtype=torch.int8, device=dev)
+    _grid_rows(g, ge, hs, ws)
     if stacked:
         xs = torch.empty((len(taps), c, t), dtype=torch.int8, device=dev)
         for k, off in enumerate(offs):

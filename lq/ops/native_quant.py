@@ -67,6 +67,9 @@ def amx_taps(
     if x_step.numel() != 1 or g_step.numel() not in (1, o) or not amx_taps_usable(ge, *phases, g_step, x_step):
         return None
     taps = len(offs)
+    if (len(weight_size) != 4 or list(weight_size[:2]) != [o, c] or weight_size[2] * weight_size[3] != taps
+            or len(phase_of) != taps or not phases or min(phase_of) < 0 or max(phase_of) >= len(phases)):
+        return None
     if (ge.dtype != torch.int8 or not ge.is_contiguous() or ge.shape[0] < -(-o // 32) * 32
             or ge.shape[1] < lead + -(-tx // 64) * 64 or min(offs) < 0 or max(offs) > lead):
         return None
@@ -306,8 +309,8 @@ def grid_rows(g: torch.Tensor, dst: torch.Tensor, hs: int, ws: int) -> bool:
             or dst.stride(1) != 1 or not _usable(g, dst)):
         return False
     n, o, ho, wo = g.shape
-    if ho > hs or wo > ws or dst.shape[0] < o or dst.shape[1] < n * hs * ws:
-        return False
+    if ho > hs or wo > ws or dst.shape[0] < o or dst.shape[1] < n * hs * ws or dst.stride(0) < n * hs * ws:
+        return False  # (rows that overlap, e.g. an expanded dst: torch's copy raises there)
     library().lq_grid_rows(g.data_ptr(), n, ho, wo, o, hs, ws, dst.data_ptr(), dst.stride(0), torch.get_num_threads())
     return True
 
