@@ -16,5 +16,5 @@ setup(
     packages=sorted(find_packages(include=["lq", "lq.*"])) + CONF_PACKAGES,
     package_dir={"lq._conf": "conf"},
     # the C kernels (lq/deploy/gemv.c, lq/ops/quant.c), compiled on the user's machine at first use (lq.native)
-    package_data={**{name: ["*.yaml"] for name in CONF_PACKAGES}, "lq.deploy": ["*.c"], "lq.ops": ["*.c"]},
+    package_data={**{name: ["*.yaml"] for name in CONF_PACKAGES}, "lq.deploy": ["*.c"], "lq.ops": ["*.c", "*.h"]},
 )

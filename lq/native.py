@@ -52,9 +52,11 @@ def cache_dir() -> Path:
 
 
 def build(source: Path, cc: list[str], flags: Sequence[str] = FLAGS) -> Path:
-    """The shared library of ``source`` for this compiler and ``flags``, compiled unless the cache holds it."""
+    """The shared library of ``source`` for this compiler and ``flags``, compiled unless the cache holds it (the key
+    covers the source, the headers beside it, the compiler's version and the flags)."""
     version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = source.read_text() + " ".join(cc) + version + " ".join(flags) + sys.platform
+    headers = "".join(h.read_text() for h in sorted(source.parent.glob("*.h")))  # (included by the source)
+    key = source.read_text() + headers + " ".join(cc) + version + " ".join(flags) + sys.platform
     name = f"lq_{source.stem}_{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
     try:
         folder = cache_dir()

@@ -112,6 +112,7 @@ def test_wheel_carries_packages_configs_and_recipes(installed: dict[str, Path]) 
     assert not {n for n in names if n.startswith(("conf/", "recipes/", "tests/", "benchmarks/"))}
     assert "lq/deploy/gemv.c" in names  # the batch-1 kernel's source, built at first use (lq.native)
     assert "lq/ops/quant.c" in names  # the training step's quantizations (lq.ops.native_quant)
+    assert "lq/ops/amx.c" in names and "lq/ops/lq_simd.h" in names  # the AMX products and their shared helpers
     (meta_name,) = [n for n in names if n.endswith(".dist-info/METADATA")]
     meta = zipfile.ZipFile(installed["wheel"]).read(meta_name).decode()
     requires = re.findall(r"^Requires-Dist: (.*)$", meta, flags=re.M)

@@ -22,6 +22,7 @@
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <cpuid.h>
 #include <immintrin.h>
+#include "lq_simd.h"
 #include <sys/syscall.h>
 #include <unistd.h>
 #define LQ_AMX 1
@@ -68,42 +69,26 @@ __attribute__((target("amx-tile"))) static void configure_tiles(void) {
     _tile_loadconfig(&cfg);
 }
 
-/* sums of rows [m0, m0 + 32) of a and columns [32 jb, 32 jb + 32) of b over ks 64-deep steps, into c [32][32] */
-__attribute__((target("amx-tile,amx-int8"))) static void block_sums(const int8_t *ap, int64_t ib, const int8_t *bp,
-                                                                     int64_t ks, int64_t jb, int32_t *c) {
-    const int8_t *a0 = ap + (2 * ib) * ks * 1024, *a1 = ap + (2 * ib + 1) * ks * 1024;
-    const int8_t *b0 = bp + (2 * jb) * ks * 1024, *b1 = bp + (2 * jb + 1) * ks * 1024;
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
-    for (int64_t s = 0; s < ks; s++) {
-        _tile_loadd(4, a0 + s * 1024, 64);
-        _tile_loadd(5, a1 + s * 1024, 64);
-        _tile_loadd(6, b0 + s * 1024, 64);
-        _tile_loadd(7, b1 + s * 1024, 64);
-        _tile_dpbssd(0, 4, 6);
-        _tile_dpbssd(1, 4, 7);
-        _tile_dpbssd(2, 5, 6);
-        _tile_dpbssd(3, 5, 7);
+/* the int32 sums of two 16-row a tiles (a0, a1: step s at a_x + s * a_step, rows lda bytes apart) with two
+   packed 16-column b tiles (b0, b1: step s at b_x + s * 1024) over `steps` 64-deep steps, into c [32][32]
+   (added to what c holds when `add`) */
+__attribute__((target("amx-tile,amx-int8"))) static void block_sums(const int8_t *a0, const int8_t *a1, int64_t a_step,
+                                                                     int64_t lda, const int8_t *b0, const int8_t *b1,
+                                                                     int64_t steps, int32_t *c, int add) {
+    if (add) {
+        _tile_loadd(0, c, 128);
+        _tile_loadd(1, c + 16, 128);
+        _tile_loadd(2, c + 16 * 32, 128);
+        _tile_loadd(3, c + 16 * 32 + 16, 128);
+    } else {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
     }
-    _tile_stored(0, c, 128);
-    _tile_stored(1, c + 16, 128);
-    _tile_stored(2, c + 16 * 32, 128);
-    _tile_stored(3, c + 16 * 32 + 16, 128);
-}
-
-/* adds the sums of rows [0, 32) of a row-major a (row stride lda) with the packed column tiles b0 / b1 (16 columns
-   each, consecutive 1 KiB steps) over `steps` 64-deep steps to c [32][32] */
-__attribute__((target("amx-tile,amx-int8"))) static void block_sums_add(const int8_t *a, int64_t lda, const int8_t *b0,
-                                                                         const int8_t *b1, int64_t steps, int32_t *c) {
-    _tile_loadd(0, c, 128);
-    _tile_loadd(1, c + 16, 128);
-    _tile_loadd(2, c + 16 * 32, 128);
-    _tile_loadd(3, c + 16 * 32 + 16, 128);
     for (int64_t s = 0; s < steps; s++) {
-        _tile_loadd(4, a + s * 64, lda);
-        _tile_loadd(5, a + 16 * lda + s * 64, lda);
+        _tile_loadd(4, a0 + s * a_step, lda);
+        _tile_loadd(5, a1 + s * a_step, lda);
         _tile_loadd(6, b0 + s * 1024, 64);
         _tile_loadd(7, b1 + s * 1024, 64);
         _tile_dpbssd(0, 4, 6);
@@ -178,31 +163,6 @@ static void pack_b(const int8_t *b, int64_t n, int64_t k, int64_t sn, int64_t sk
         for (int64_t s = 0; s < ks; s++) pack_b_tile(b, n, k, sn, sk, j, s, bp + (j * ks + s) * 1024);
 }
 
-/* dst row c (16 bytes, row stride ds) = column c of the 16 x 16 bytes at src (row stride ss) */
-static inline void transpose16(const int8_t *src, int64_t ss, int8_t *dst, int64_t ds) {
-    __m128i x[16], t[16], u[16], v[16];
-    for (int i = 0; i < 16; i++) x[i] = _mm_loadu_si128((const __m128i *)(src + i * ss));
-    for (int i = 0; i < 8; i++) { /* rows 2i, 2i + 1 paired: columns 0-7, 8-15 */
-        t[i] = _mm_unpacklo_epi8(x[2 * i], x[2 * i + 1]);
-        t[i + 8] = _mm_unpackhi_epi8(x[2 * i], x[2 * i + 1]);
-    }
-    for (int i = 0; i < 4; i++) { /* u[4g + i]: rows 4i..4i+3 of columns 4g..4g+3 */
-        u[i] = _mm_unpacklo_epi16(t[2 * i], t[2 * i + 1]);
-        u[i + 4] = _mm_unpackhi_epi16(t[2 * i], t[2 * i + 1]);
-        u[i + 8] = _mm_unpacklo_epi16(t[8 + 2 * i], t[8 + 2 * i + 1]);
-        u[i + 12] = _mm_unpackhi_epi16(t[8 + 2 * i], t[8 + 2 * i + 1]);
-    }
-    for (int g = 0; g < 4; g++) {
-        v[4 * g] = _mm_unpacklo_epi32(u[4 * g], u[4 * g + 1]);     /* rows 0-7, columns 4g, 4g+1 */
-        v[4 * g + 1] = _mm_unpackhi_epi32(u[4 * g], u[4 * g + 1]); /* rows 0-7, columns 4g+2, 4g+3 */
-        v[4 * g + 2] = _mm_unpacklo_epi32(u[4 * g + 2], u[4 * g + 3]);
-        v[4 * g + 3] = _mm_unpackhi_epi32(u[4 * g + 2], u[4 * g + 3]);
-        _mm_storeu_si128((__m128i *)(dst + (4 * g) * ds), _mm_unpacklo_epi64(v[4 * g], v[4 * g + 2]));
-        _mm_storeu_si128((__m128i *)(dst + (4 * g + 1) * ds), _mm_unpackhi_epi64(v[4 * g], v[4 * g + 2]));
-        _mm_storeu_si128((__m128i *)(dst + (4 * g + 2) * ds), _mm_unpacklo_epi64(v[4 * g + 1], v[4 * g + 3]));
-        _mm_storeu_si128((__m128i *)(dst + (4 * g + 3) * ds), _mm_unpackhi_epi64(v[4 * g + 1], v[4 * g + 3]));
-    }
-}
 
 /* a [M, K] into 16 x 64 tiles: for each 16-row block i and 64-deep step s, 1 KiB holding a[16i + r][64s + c] at
    byte 64r + c; a's element (m, k) at a[m * sm + k * sk] with sk == 1 (copied row by row) or sm == 1 (a transposed
@@ -317,7 +277,8 @@ int64_t lq_amx_mm(const int8_t *a, int64_t m, int64_t k, int64_t sam, int64_t sa
 #pragma omp for schedule(static) collapse(2)
         for (int64_t ib = 0; ib < mb; ib++) {
             for (int64_t jb = 0; jb < nb; jb++) {
-                block_sums(ap, ib, bp, ks, jb, c);
+                const int8_t *a0 = ap + (2 * ib) * ks * 1024, *b0 = bp + (2 * jb) * ks * 1024;
+                block_sums(a0, a0 + ks * 1024, 1024, 64, b0, b0 + ks * 1024, ks, c, 0);
                 int64_t rows = m - ib * 32 < 32 ? m - ib * 32 : 32, cols = n - jb * 32 < 32 ? n - jb * 32 : 32;
                 for (int64_t r = 0; r < rows; r++) {
                     int64_t i = ib * 32 + r;
@@ -382,7 +343,7 @@ int64_t lq_amx_taps(const int8_t *ge, int64_t o, int64_t ge_row, int64_t lead, i
                         const int8_t *a = ge + i * 32 * ge_row + (lead - off[k]) + s0 * 64;
                         const int8_t *b0 = bchunk + ((phase_of[k] * jn + 2 * j) * chunk) * 1024;
                         const int8_t *b1 = b0 + chunk * 1024;
-                        block_sums_add(a, ge_row, b0, b1, steps, sums);
+                        block_sums(a, a + 16 * ge_row, 64, ge_row, b0, b1, steps, sums, 1);
                     }
         }
         release_tiles();

@@ -30,7 +30,7 @@
 #endif
 
 #if defined(__x86_64__)
-#include <emmintrin.h>
+#include "lq_simd.h"
 #define LQ_SSE2 1
 #endif
 
@@ -163,6 +163,24 @@ LQ_CLONES static void row_scale(const int32_t *acc, float a, const float *b, con
     }
 }
 
+static inline int thread_num(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+/* per-thread partial maxima (zeroed) and one float per column or channel; 0 (nothing allocated) on failure */
+static int partials(int32_t threads, int64_t n, uint32_t **part, float **scales) {
+    *part = (uint32_t *)calloc((size_t)threads * (size_t)(n > 0 ? n : 1), sizeof(uint32_t));
+    *scales = (float *)malloc((size_t)(n > 0 ? n : 1) * sizeof(float));
+    if (*part && *scales) return 1;
+    free(*part);
+    free(*scales);
+    return 0;
+}
+
 /* ------------------------------------------------------------------------------------------ entry points */
 
 /* fused.quantize_dynamic(x, qmax, keep_dim=0) of a row-major x [m, k] (row stride ldx): q [m, k] contiguous,
@@ -226,22 +244,11 @@ int64_t lq_grad_pair(const float *g, int64_t m, int64_t n, int64_t ldg, int32_t 
     int64_t result = 0;
     uint32_t *cols = NULL;
     float *s_b = NULL;
-    if (qb) {
-        cols = (uint32_t *)calloc((size_t)threads * (size_t)n, sizeof(uint32_t));
-        s_b = (float *)malloc((size_t)(n > 0 ? n : 1) * sizeof(float));
-        if (!cols || !s_b) {
-            free(cols);
-            free(s_b);
-            return 4;
-        }
-    }
+    if (qb && !partials(threads, n, &cols, &s_b)) return 4;
     int64_t bad_a = 0;
 #pragma omp parallel num_threads(threads)
     {
-        int t = 0;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-#endif
+        int t = thread_num();
         uint32_t *mine = cols ? cols + (size_t)t * (size_t)n : NULL;
         /* pass 1: the row amaxes of A, each thread's column amaxes of B */
 #pragma omp for schedule(static) reduction(+ : bad_a)
@@ -314,20 +321,13 @@ int64_t lq_grad_conv(const float *g, int64_t rows, int64_t cols, int32_t channel
                      int8_t *qa, float *step_a, float *amax_a, float ratio_b, const int8_t *noise_b, float shift_b,
                      int8_t *qb, float *step_b, float *amax_b, int32_t threads) {
     const float lo = -(float)qmax, hi = (float)qmax;
-    uint32_t *part = (uint32_t *)calloc((size_t)threads * (size_t)channels, sizeof(uint32_t));
-    float *s_b = (float *)malloc((size_t)channels * sizeof(float));
-    if (!part || !s_b) {
-        free(part);
-        free(s_b);
-        return 4;
-    }
+    uint32_t *part;
+    float *s_b;
+    if (!partials(threads, channels, &part, &s_b)) return 4;
     float s_a = 0.0f;
 #pragma omp parallel num_threads(threads)
     {
-        int t = 0;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-#endif
+        int t = thread_num();
         uint32_t *mine = part + (size_t)t * (size_t)channels;
         /* pass 1: each thread's channel maxima of |g| */
 #pragma omp for schedule(static)
@@ -416,34 +416,6 @@ int64_t lq_grad_conv(const float *g, int64_t rows, int64_t cols, int32_t channel
     return result;
 }
 
-#ifdef LQ_SSE2
-/* dst row c (16 bytes, row stride ds) = column c of the 16 x 16 bytes at src (row stride ss): four rounds of
-   unpacks (bytes, words, dwords, qwords) */
-static inline void transpose16(const int8_t *src, int64_t ss, int8_t *dst, int64_t ds) {
-    __m128i x[16], t[16], u[16], v[16];
-    for (int i = 0; i < 16; i++) x[i] = _mm_loadu_si128((const __m128i *)(src + i * ss));
-    for (int i = 0; i < 8; i++) {
-        t[i] = _mm_unpacklo_epi8(x[2 * i], x[2 * i + 1]);
-        t[i + 8] = _mm_unpackhi_epi8(x[2 * i], x[2 * i + 1]);
-    }
-    for (int i = 0; i < 4; i++) {
-        u[i] = _mm_unpacklo_epi16(t[2 * i], t[2 * i + 1]);
-        u[i + 4] = _mm_unpackhi_epi16(t[2 * i], t[2 * i + 1]);
-        u[i + 8] = _mm_unpacklo_epi16(t[8 + 2 * i], t[8 + 2 * i + 1]);
-        u[i + 12] = _mm_unpackhi_epi16(t[8 + 2 * i], t[8 + 2 * i + 1]);
-    }
-    for (int g = 0; g < 4; g++) {
-        v[4 * g] = _mm_unpacklo_epi32(u[4 * g], u[4 * g + 1]);
-        v[4 * g + 1] = _mm_unpackhi_epi32(u[4 * g], u[4 * g + 1]);
-        v[4 * g + 2] = _mm_unpacklo_epi32(u[4 * g + 2], u[4 * g + 3]);
-        v[4 * g + 3] = _mm_unpackhi_epi32(u[4 * g + 2], u[4 * g + 3]);
-        _mm_storeu_si128((__m128i *)(dst + (4 * g) * ds), _mm_unpacklo_epi64(v[4 * g], v[4 * g + 2]));
-        _mm_storeu_si128((__m128i *)(dst + (4 * g + 1) * ds), _mm_unpackhi_epi64(v[4 * g], v[4 * g + 2]));
-        _mm_storeu_si128((__m128i *)(dst + (4 * g + 2) * ds), _mm_unpacklo_epi64(v[4 * g + 1], v[4 * g + 3]));
-        _mm_storeu_si128((__m128i *)(dst + (4 * g + 3) * ds), _mm_unpackhi_epi64(v[4 * g + 1], v[4 * g + 3]));
-    }
-}
-#endif
 
 /* A channels-last int8 output gradient g [N, Ho, Wo, O] (memory order) laid out on a convolution's grid as channel
    rows (lq.ops.int8_conv_kernels._grad_weight_taps): dst[o * ds + n * hs * ws + a * ws + b] = g[n, a, b, o] for
