@@ -30,7 +30,8 @@ def expected_mm_kernel(m: int, k: int, n: int, qa: int, qb: int) -> str:
 def expected_conv_kernel(
     op: str, u_qmax: int, w_qmax: int, reduction: int, geometry: tuple | None = None, channels_last: bool = False
 ) -> str:
-    """The int8 conv ops on CPU: oneDNN where exact (ranges and int32 headroom), else the reference; the
+    """The int8 conv ops on CPU: oneDNN where exact (ranges and int32 headroom), on AMX CPUs the tile kernel for
+    stride-1 forwards and grad-inputs of undilated one-group layers (``geometry`` given), else the reference; the
     weight gradient runs oneDNN's GEMM on an int8 im2col where ``_int_mm`` is slow, else per-tap
     ``torch._int_mm`` GEMMs for stride-1 one-group layers (``geometry``: x size, weight size, stride, padding,
     dilation, groups; ``lq.ops.int8_conv_kernels.grad_weight_taps_apply``; on AMX CPUs the tile kernel takes the taps
@@ -54,4 +55,14 @@ def expected_conv_kernel(
             return "pointwise_amx"  # (1x1 on channels-last operands: one AMX product of transposed views)
         return "im2col_int8_mm"
     exact = hw.u8s8_exact(u_qmax, w_qmax) and reduction <= hw.max_exact_reduction(hw.biased_u8_max(u_qmax), w_qmax)
-    return "onednn" if exact else "reference"
+    if not exact:
+        return "reference"
+    from lq.ops import native_quant
+
+    if geometry is not None and native_quant.amx_library() is not None:
+        _, _, stride, _, dilation, groups = geometry
+        # the tile unit: stride-1 forward and every grad-input (zero-inserted) of undilated one-group layers
+        if (tuple(dilation) == (1, 1) and groups == 1 and reduction <= hw.max_exact_reduction(u_qmax, w_qmax)
+                and (op == "int8_conv2d_grad_input" or tuple(stride) == (1, 1))):
+            return "amx"
+    return "onednn"

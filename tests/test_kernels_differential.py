@@ -252,7 +252,8 @@ def test_int8_conv_kernels_equal_exact_integer_convolutions(case, bits, channels
         y = K.int8_conv2d_fwd(x, wt, one, ones_o, qa, qw, None, *args)
     exact = F.conv2d(x.double(), wt.double(), None, *args)
     assert torch.equal(y.double(), exact), f"forward {case} {bits}: {ran}"
-    assert ran == [f"int8_conv2d:{expected_conv_kernel('int8_conv2d', qa, qw, c // groups * kh * kw)}"]
+    geometry = (x.shape, wt.shape, *args)
+    assert ran == [f"int8_conv2d:{expected_conv_kernel('int8_conv2d', qa, qw, c // groups * kh * kw, geometry)}"]
 
     g = _ints(tuple(y.shape), qa, gen)  # an output gradient on the activation grid
     if channels_last:
@@ -262,7 +263,7 @@ def test_int8_conv_kernels_equal_exact_integer_convolutions(case, bits, channels
     exact_gx = torch.nn.grad.conv2d_input(list(x.shape), wt.double(), g.double(), *args)
     assert torch.equal(gx.double(), exact_gx), f"grad_input {case} {bits}: {ran}"
     op = "int8_conv2d_grad_input"
-    assert ran == [f"{op}:{expected_conv_kernel(op, qa, qw, o // groups * kh * kw)}"]
+    assert ran == [f"{op}:{expected_conv_kernel(op, qa, qw, o // groups * kh * kw, geometry)}"]
 
     with hw.record_kernels() as ran:
         gw = K.int8_conv2d_grad_weight(g, x, ones_o, one, qa, qa, list(wt.shape), *args)
@@ -339,11 +340,11 @@ def test_int8_conv2d_fast_kernels_equal_reference(case, dtype, channels_last, se
         torch.testing.assert_close(got, want, rtol=rtol, atol=max(atol, 1e-4))
     assert ref[4] == []
     qa, qw, qg = qmax(cfg.act_bits), qmax(cfg.weight_bits), qmax(cfg.grad_bits)
-    assert f"int8_conv2d:{expected_conv_kernel('int8_conv2d', qa, qw, c // groups * kh * kw)}" in fast[4]
-    op = "int8_conv2d_grad_input"
-    assert f"{op}:{expected_conv_kernel(op, qg, qw, o // groups * kh * kw)}" in fast[4]
-    op = "int8_conv2d_grad_weight"
     geometry = (x.shape, weight.shape, _pair(stride), _pair(padding), _pair(dilation), groups)
+    assert f"int8_conv2d:{expected_conv_kernel('int8_conv2d', qa, qw, c // groups * kh * kw, geometry)}" in fast[4]
+    op = "int8_conv2d_grad_input"
+    assert f"{op}:{expected_conv_kernel(op, qg, qw, o // groups * kh * kw, geometry)}" in fast[4]
+    op = "int8_conv2d_grad_weight"
     assert f"{op}:{expected_conv_kernel(op, qa, qg, 0, geometry)}" in fast[4]
 
 

@@ -118,19 +118,20 @@ def test_fast_kernels_equal_reference_integers(case):
     one, ones = torch.ones(1), torch.ones(o)
     with hw.record_kernels() as ran:
         fwd = torch.ops.lq.int8_conv2d(xq, wq, one, ones, qx, qw, None, st, pa, di, grp)
-    assert ran == [f"int8_conv2d:{expected_conv_kernel('int8_conv2d', qx, qw, c // grp * k[0] * k[1])}"]
+    geometry = (xq.shape, wq.shape, st, pa, di, grp)
+    assert ran == [f"int8_conv2d:{expected_conv_kernel('int8_conv2d', qx, qw, c // grp * k[0] * k[1], geometry)}"]
     assert torch.equal(fwd, K.conv2d_fwd_reference(xq, wq, one, ones, qx, qw, None, st, pa, di, grp))
     gq = _ints(tuple(fwd.shape), qg, gen)
     wq7 = _ints((o, c // grp, *k), 63, gen)  # grad_input: g is oneDNN's unsigned source (8-bit x 7-bit)
     with hw.record_kernels() as ran:
         gi = torch.ops.lq.int8_conv2d_grad_input(gq, wq7, one, qg, 63, list(xq.shape), st, pa, di, grp)
     op = "int8_conv2d_grad_input"
-    assert ran == [f"{op}:{expected_conv_kernel(op, qg, 63, o // grp * k[0] * k[1])}"]
+    assert ran == [f"{op}:{expected_conv_kernel(op, qg, 63, o // grp * k[0] * k[1], geometry)}"]
     assert torch.equal(gi, K.conv2d_grad_input_reference(gq, wq7, one, qg, 63, list(xq.shape), st, pa, di, grp))
     with hw.record_kernels() as ran:
         gw = torch.ops.lq.int8_conv2d_grad_weight(gq, xq, ones, one, qg, qx, list(wq.shape), st, pa, di, grp)
     op = "int8_conv2d_grad_weight"
-    assert ran[0] == f"{op}:{expected_conv_kernel(op, qx, qg, 0, (xq.shape, wq.shape, st, pa, di, grp))}"
+    assert ran[0] == f"{op}:{expected_conv_kernel(op, qx, qg, 0, geometry)}"
     assert torch.equal(gw, K.conv2d_grad_weight_reference(gq, xq, ones, one, qg, qx, list(wq.shape), st, pa, di, grp))
 
 
@@ -145,9 +146,9 @@ def test_fast_path_matches_reference_path(cfg_name):
     with hw.record_kernels() as ran:
         fast = _run(x, w, b, args, cfg, g)
     qa, qw, qg = qmax(cfg.act_bits), qmax(cfg.weight_bits), qmax(cfg.grad_bits)
-    assert f"int8_conv2d:{expected_conv_kernel('int8_conv2d', qa, qw, 4 * 9)}" in ran
-    assert f"int8_conv2d_grad_input:{expected_conv_kernel('int8_conv2d_grad_input', qg, qw, 4 * 9)}" in ran
     geometry = (x.shape, w.shape, (2, 2), (1, 1), (1, 1), 2)
+    assert f"int8_conv2d:{expected_conv_kernel('int8_conv2d', qa, qw, 4 * 9, geometry)}" in ran
+    assert f"int8_conv2d_grad_input:{expected_conv_kernel('int8_conv2d_grad_input', qg, qw, 4 * 9, geometry)}" in ran
     assert f"int8_conv2d_grad_weight:{expected_conv_kernel('int8_conv2d_grad_weight', qa, qg, 0, geometry)}" in ran
     torch.manual_seed(11)
     ref = _run(x, w, b, args, replace(cfg, use_fast_kernels=False), g)

@@ -368,3 +368,90 @@ int64_t lq_amx_taps(const int8_t *ge, int64_t o, int64_t ge_row, int64_t lead, i
     return 0;
 #endif
 }
+
+#ifdef LQ_AMX
+/* the int32 sums of 32 grid positions (rows t0.. of xg, row stride cp bytes) with 32 output channels (packed
+   weight tiles of column blocks 2jb, 2jb + 1) over every tap (rows shifted by off[k]) and 64-channel step */
+__attribute__((target("amx-tile,amx-int8"))) static void conv_block(const int8_t *xg, int64_t cp, int64_t t0,
+                                                                     int64_t taps, const int64_t *off,
+                                                                     const int8_t *wp, int64_t ks, int64_t jn,
+                                                                     int64_t jb, int32_t *c) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t k = 0; k < taps; k++) {
+        const int8_t *a = xg + (t0 + off[k]) * cp;
+        const int8_t *b0 = wp + ((k * jn + 2 * jb) * ks) * 1024, *b1 = b0 + ks * 1024;
+        for (int64_t s = 0; s < ks; s++) {
+            _tile_loadd(4, a + s * 64, cp);
+            _tile_loadd(5, a + 16 * cp + s * 64, cp);
+            _tile_loadd(6, b0 + s * 1024, 64);
+            _tile_loadd(7, b1 + s * 1024, 64);
+            _tile_dpbssd(0, 4, 6);
+            _tile_dpbssd(1, 4, 7);
+            _tile_dpbssd(2, 5, 6);
+            _tile_dpbssd(3, 5, 7);
+        }
+    }
+    _tile_stored(0, c, 128);
+    _tile_stored(1, c + 16, 128);
+    _tile_stored(2, c + 16 * 32, 128);
+    _tile_stored(3, c + 16 * 32 + 16, 128);
+}
+#endif
+
+/* A stride-1, one-group convolution on the tile unit (implicit GEMM over the input's grid, lq.ops.int8_conv_kernels):
+     y[n, a, b, o] = ((float)(sum_(tap, c) xg[t + off[tap], c] * w[o, c, tap]) * x_step) * w_step[o] + bias[o]
+   for grid position t = n * hs * ws + a * ws + b (a < ho, b < wo). xg: the zero-padded int8 input on the grid,
+   position-major, channels padded with zeros to cp (a multiple of 64) and rows to at least t_out rounded up to 32
+   plus the largest off; w: int8 [O, C, taps] (row-major [O, C, kh, kw]); y: fp32 [N, Ho, Wo, O] (channels-last).
+   The weight is packed once per call (per tap: B tiles over channels), each output block of 32 positions x 32
+   channels sums every tap and channel step in the tile registers, and the output stage is applied in L1.
+   Returns 0, -1 without AMX, -2 when the packing buffer could not be allocated. */
+int64_t lq_amx_conv(const int8_t *xg, int64_t cp, int64_t t_out, int64_t taps, const int64_t *off, const int8_t *w,
+                    int64_t o, int64_t c, int64_t n, int64_t hs, int64_t ws, int64_t ho, int64_t wo, float x_step,
+                    const float *w_step, const float *bias, float *y, int32_t threads) {
+#ifndef LQ_AMX
+    return -1;
+#else
+    int64_t op = (o + 31) / 32 * 32, jn = op / 16, ks = cp / 64, tb = (t_out + 31) / 32, ob = op / 32;
+    int8_t *wp = scratch(0, (size_t)(taps * jn * ks) * 1024);
+    if (!wp) return -2;
+    (void)n;
+#pragma omp parallel num_threads(threads)
+    {
+        int32_t acc[32 * 32] __attribute__((aligned(64)));
+#pragma omp for schedule(static) collapse(3)
+        for (int64_t k = 0; k < taps; k++)
+            for (int64_t j = 0; j < jn; j++)
+                for (int64_t s = 0; s < ks; s++)
+                    pack_b_tile(w + k, o, c, c * taps, taps, j, s, wp + ((k * jn + j) * ks + s) * 1024);
+        configure_tiles();
+#pragma omp for schedule(static) collapse(2)
+        for (int64_t i = 0; i < tb; i++) {
+            for (int64_t jb = 0; jb < ob; jb++) {
+                conv_block(xg, cp, i * 32, taps, off, wp, ks, jn, jb, acc);
+                int64_t cols = o - jb * 32 < 32 ? o - jb * 32 : 32;
+                for (int64_t r = 0; r < 32; r++) {
+                    int64_t t = i * 32 + r;
+                    if (t >= t_out) break;
+                    int64_t img = t / (hs * ws), rem = t % (hs * ws), a = rem / ws, b = rem % ws;
+                    if (a >= ho || b >= wo) continue;
+                    float *dst = y + ((img * ho + a) * wo + b) * o + jb * 32;
+                    const float *sw = w_step + jb * 32;
+                    if (bias) {
+                        const float *bb = bias + jb * 32;
+                        for (int64_t q = 0; q < cols; q++) dst[q] = (float)acc[r * 32 + q] * x_step * sw[q] + bb[q];
+                    } else {
+                        for (int64_t q = 0; q < cols; q++) dst[q] = (float)acc[r * 32 + q] * x_step * sw[q];
+                    }
+                }
+            }
+        }
+        release_tiles();
+    }
+    scratch_trim();
+    return 0;
+#endif
+}

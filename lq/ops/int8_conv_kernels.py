@@ -228,6 +228,11 @@ def _conv_fwd_cpu(x, w, x_step, w_step, x_qmax, w_qmax, bias, stride, padding, d
         return _as_promised(
             conv2d_fwd_reference(x, w, x_step, w_step, x_qmax, w_qmax, bias, stride, padding, dilation, groups)
         )
+    if tuple(stride) == (1, 1) and tuple(dilation) == (1, 1) and groups == 1:
+        y = native_quant.amx_conv(x, w, x_step, w_step, bias, list(padding), hw.max_exact_reduction(x_qmax, w_qmax))
+        if y is not None:  # (the tile unit: no weight prepacking, no biased-uint8 input)
+            hw.ran("int8_conv2d", "amx")
+            return y
     hw.ran("int8_conv2d", "onednn")
     u, zp = hw.to_biased_u8(_channels_last(x), x_qmax)
     o = w.shape[0]
@@ -253,6 +258,17 @@ def _conv_grad_input_cpu(g, w, g_step, g_qmax, w_qmax, input_size, stride, paddi
         return _as_promised(
             conv2d_grad_input_reference(g, w, g_step, g_qmax, w_qmax, input_size, stride, padding, dilation, groups)
         )
+    if tuple(dilation) == (1, 1) and groups == 1 and native_quant.amx_library() is not None:
+        # the tile unit: the transposed convolution as an ordinary stride-1 one on the (zero-inserted) int8 gradient
+        canvas, conv_pad = transposed_conv_input(
+            g, w.shape, input_size, stride, padding, dilation, memory_format=torch.channels_last
+        )
+        wt = transposed_conv_weight(w, groups)
+        ones = torch.ones(wt.shape[0], dtype=torch.float32)
+        y = native_quant.amx_conv(canvas, wt, g_step, ones, None, conv_pad, hw.max_exact_reduction(g_qmax, w_qmax))
+        if y is not None and list(y.shape) == list(input_size):
+            hw.ran("int8_conv2d_grad_input", "amx")
+            return y
     hw.ran("int8_conv2d_grad_input", "onednn")
     u, zp = hw.to_biased_u8(_channels_last(g), g_qmax)
     canvas, conv_pad = transposed_conv_input(

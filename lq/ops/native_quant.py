@@ -23,7 +23,7 @@ from lq import native
 from lq.ops import fused
 from lq.quant.functional import AMAX_EPS
 
-__all__ = ["amx_library", "amx_mm", "amx_taps", "amx_taps_usable", "grad_operands", "grid_rows", "library", "quantize_rows", "quantize_tensor", "scale_sums"]
+__all__ = ["amx_conv", "amx_library", "amx_mm", "amx_taps", "amx_taps_usable", "grad_operands", "grid_rows", "library", "quantize_rows", "quantize_tensor", "scale_sums"]
 
 SOURCE = Path(__file__).with_name("quant.c")
 #: the row loops use vector floor (roundps), which GCC emits only when it may assume no FP traps
@@ -43,10 +43,51 @@ def amx_library() -> ctypes.CDLL | None:
         return None
     lib.lq_amx_mm.restype = _I64
     lib.lq_amx_mm.argtypes = [_P, _I64, _I64, _I64, _I64, _P, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _I32]
+    lib.lq_amx_conv.restype = _I64
+    lib.lq_amx_conv.argtypes = [_P, _I64, _I64, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _F, _P, _P,
+                                _P, _I32]
     lib.lq_amx_taps.restype = _I64
     lib.lq_amx_taps.argtypes = [_P, _I64, _I64, _I64, _I64, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, _P, _F, _P,
                                 _I32]
     return lib
+
+
+def amx_conv(
+    x: torch.Tensor, w: torch.Tensor, x_step: torch.Tensor, w_step: torch.Tensor, bias: torch.Tensor | None,
+    padding: list[int], max_reduction: int,
+) -> torch.Tensor | None:
+    """A stride-1, one-group, undilated int8 convolution on the tile unit (``amx.c`` ``lq_amx_conv``: an implicit
+    GEMM over the zero-padded input's grid, each tap a row shift of it, the weight packed once a call, the output
+    stage ``((acc * x_step) * w_step[o]) + bias[o]`` applied per block in L1): ``x`` int8 ``[N, C, H, W]`` (any
+    layout; channels-last is copied without a transpose), ``w`` int8 ``[O, C, kh, kw]``, ``x_step [1]``,
+    ``w_step [O]`` or ``[1]``. Returns the fp32 ``[N, O, Ho, Wo]`` output, channels-last, or ``None`` where the
+    kernel does not apply (no AMX, a reduction ``C * kh * kw`` beyond ``max_reduction``, ...)."""
+    if x.dim() != 4 or w.dim() != 4 or x.dtype != torch.int8 or w.dtype != torch.int8 or x_step.numel() != 1:
+        return None
+    n, c, h, wd = x.shape
+    o, cw, kh, kw = w.shape
+    ph, pw = padding
+    hs, ws = h + 2 * ph, wd + 2 * pw
+    ho, wo = hs - kh + 1, ws - kw + 1
+    if (cw != c or ho < 1 or wo < 1 or n == 0 or c * kh * kw > max_reduction or w_step.numel() not in (1, o)
+            or bias is not None and bias.numel() != o
+            or not _usable(x, w, x_step, w_step, *(() if bias is None else (bias,))) or amx_library() is None):
+        return None
+    cp = -(-c // 64) * 64
+    t_out = n * hs * ws
+    offs = [i * ws + j for i in range(kh) for j in range(kw)]
+    xg = torch.zeros((-(-t_out // 32) * 32 + max(offs), cp), dtype=torch.int8, device="cpu")
+    xg[:t_out].view(n, hs, ws, cp)[:, ph : ph + h, pw : pw + wd, :c].copy_(x.permute(0, 2, 3, 1))
+    wc = w.contiguous()
+    steps = w_step.float().reshape(-1).expand(o).contiguous()
+    b = None if bias is None else bias.float().reshape(-1).contiguous()
+    y = torch.empty((n, ho, wo, o), dtype=torch.float32, device="cpu")
+    off_arr = (ctypes.c_int64 * len(offs))(*offs)
+    res = amx_library().lq_amx_conv(
+        xg.data_ptr(), cp, t_out, len(offs), off_arr, wc.data_ptr(), o, c, n, hs, ws, ho, wo, float(x_step),
+        steps.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(), torch.get_num_threads(),
+    )
+    return y.permute(0, 3, 1, 2) if res == 0 else None
 
 
 def amx_taps_usable(*tensors: torch.Tensor) -> bool:
