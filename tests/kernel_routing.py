@@ -59,7 +59,9 @@ def expected_conv_kernel(
         return "reference"
     from lq.ops import native_quant
 
-    if geometry is not None and native_quant.amx_library() is not None:
+    from lq.ops.int8_conv_kernels import amx_conv_pays
+
+    if geometry is not None and native_quant.amx_library() is not None and amx_conv_pays(geometry[1]):
         _, _, stride, _, dilation, groups = geometry
         # the tile unit: stride-1 forward and every grad-input (zero-inserted) of undilated one-group layers
         if (tuple(dilation) == (1, 1) and groups == 1 and reduction <= hw.max_exact_reduction(u_qmax, w_qmax)

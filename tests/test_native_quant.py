@@ -451,3 +451,40 @@ def test_amx_taps_scratch_does_not_grow_with_idle_threads() -> None:
                               env=dict(os.environ, OMP_NUM_THREADS=str(t)), timeout=300)
         extra[t] = float(done.stdout.split("EXTRA")[1])
     assert extra[3] < extra[1] + 9, extra
+
+
+@pytest.mark.skipif(native_quant.amx_library() is None, reason="no AMX-INT8 on this CPU (or not permitted)")
+@pytest.mark.parametrize("geometry", [(2, 64, 64, 7, 9, 3, 1), (2, 3, 5, 7, 9, 3, 1), (2, 70, 33, 6, 5, 3, 0),
+                                      (1, 16, 8, 5, 5, 5, 2), (3, 128, 96, 4, 4, 1, 0), (2, 130, 129, 5, 5, 3, 1)])
+@pytest.mark.parametrize("layout", ["row-major", "channels-last"])
+def test_amx_convolution_is_exact_and_scales_as_eq10(geometry, layout, threads) -> None:
+    """The tile unit's stride-1 convolution (implicit GEMM over the padded input's grid): the integer sums of the
+    convolution exactly (unit steps, -128 and 127 included), eq. 10's output stage ((acc * x_step) * w_step[o] +
+    bias[o]) within fp32 rounding, a channels-last output; and the grad-input route (a transposed convolution on
+    the zero-inserted gradient) for strides 1 and 2."""
+    import torch.nn.functional as F
+
+    from lq.ops import int8_conv_kernels as K
+
+    n, c, o, h, w, k, p = geometry
+    gen = torch.Generator().manual_seed(sum(geometry))
+    x = torch.randint(-128, 128, (n, c, h, w), dtype=torch.int8, generator=gen)
+    wt = torch.randint(-128, 128, (o, c, k, k), dtype=torch.int8, generator=gen)
+    if layout == "channels-last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    exact = F.conv2d(x.double(), wt.double(), None, 1, p)
+    y = native_quant.amx_conv(x, wt, torch.ones(1), torch.ones(o), None, [p, p], 1 << 20)
+    assert torch.equal(y.double(), exact) and y.is_contiguous(memory_format=torch.channels_last)
+    xs, ws, b = torch.rand(1, generator=gen) + 0.01, torch.rand(o, generator=gen) + 0.01, torch.randn(o, generator=gen)
+    y = native_quant.amx_conv(x, wt, xs, ws, b, [p, p], 1 << 20)
+    want = exact * xs.double() * ws.double().reshape(1, -1, 1, 1) + b.double().reshape(1, -1, 1, 1)
+    assert torch.allclose(y.double(), want, rtol=1e-6, atol=1e-5 * want.abs().max().item())
+    assert native_quant.amx_conv(x, wt, xs, ws, b, [p, p], c * k * k - 1) is None  # beyond the int32 headroom
+    for stride in (1, 2):
+        ho, wo = (h + 2 * p - k) // stride + 1, (w + 2 * p - k) // stride + 1
+        g = torch.randint(-127, 128, (n, o, ho, wo), dtype=torch.int8, generator=gen)
+        canvas, pad = K.transposed_conv_input(g, wt.shape, [n, c, h, w], [stride] * 2, [p, p], [1, 1])
+        gx = native_quant.amx_conv(canvas, K.transposed_conv_weight(wt, 1), torch.ones(1), torch.ones(c), None, pad,
+                                   1 << 20)
+        assert torch.equal(gx.double(), torch.nn.grad.conv2d_input([n, c, h, w], wt.double(), g.double(),
+                                                                    [stride] * 2, [p, p]))

@@ -220,6 +220,19 @@ def _fast_conv_ok(kind: str, u_qmax: int, w_qmax: int, reduction: int) -> bool:
     return True
 
 
+#: the tile-unit convolution (``native_quant.amx_conv``) runs layers with at least this many weight channel
+#: pairs (O x C): forward, batch 64, channels-last, 2-core host, ms amx / oneDNN: 32 x 32 @28 1.02-1.11 / 0.94-1.05,
+#: 64 x 64 @28 1.62 / 1.52, 64 x 64 @56 (batch 32) 3.13 / 2.72, 64 x 64 @14 0.54 / 0.72, 128 x 128 @7 0.51 / 0.95,
+#: 256 x 256 @14 (batch 32) 2.37 / 3.84: oneDNN's per-call weight prepacking grows with the weight, the tile
+#: kernel's grid copy and per-position output stage with the positions
+AMX_CONV_MIN_CHANNEL_PAIRS = 128 * 128
+
+
+def amx_conv_pays(w_shape) -> bool:
+    """Whether a conv (or its grad-input) with weight ``[O, C, kh, kw]`` runs on the tile unit where it can."""
+    return w_shape[0] * w_shape[1] >= AMX_CONV_MIN_CHANNEL_PAIRS
+
+
 @int8_conv2d_fwd.register_kernel("cpu")
 def _conv_fwd_cpu(x, w, x_step, w_step, x_qmax, w_qmax, bias, stride, padding, dilation, groups):
     reduction = w.shape[1] * w.shape[2] * w.shape[3]
@@ -228,7 +241,7 @@ def _conv_fwd_cpu(x, w, x_step, w_step, x_qmax, w_qmax, bias, stride, padding, d
         return _as_promised(
             conv2d_fwd_reference(x, w, x_step, w_step, x_qmax, w_qmax, bias, stride, padding, dilation, groups)
         )
-    if tuple(stride) == (1, 1) and tuple(dilation) == (1, 1) and groups == 1:
+    if tuple(stride) == (1, 1) and tuple(dilation) == (1, 1) and groups == 1 and amx_conv_pays(w.shape):
         y = native_quant.amx_conv(x, w, x_step, w_step, bias, list(padding), hw.max_exact_reduction(x_qmax, w_qmax))
         if y is not None:  # (the tile unit: no weight prepacking, no biased-uint8 input)
             hw.ran("int8_conv2d", "amx")
@@ -258,7 +271,7 @@ def _conv_grad_input_cpu(g, w, g_step, g_qmax, w_qmax, input_size, stride, paddi
         return _as_promised(
             conv2d_grad_input_reference(g, w, g_step, g_qmax, w_qmax, input_size, stride, padding, dilation, groups)
         )
-    if tuple(dilation) == (1, 1) and groups == 1 and native_quant.amx_library() is not None:
+    if tuple(dilation) == (1, 1) and groups == 1 and amx_conv_pays(w.shape) and native_quant.amx_library() is not None:
         # the tile unit: the transposed convolution as an ordinary stride-1 one on the (zero-inserted) int8 gradient
         canvas, conv_pad = transposed_conv_input(
             g, w.shape, input_size, stride, padding, dilation, memory_format=torch.channels_last
