@@ -72,7 +72,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--channels-last", action="store_true",
-                    help="input and output gradient channels-last (as inside a CNN whose convs run oneDNN) for every variant")
+                    help="input and output gradient channels-last (as inside a CNN) for every variant")
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                     help="also time bf16 autocast (very slow on CPUs without AVX512-BF16)")
     add_cpu_malloc_flag(ap)

@@ -77,4 +77,6 @@ def apply_cpu_malloc(args) -> str:
     from lq import cpu_memory
 
     on = cpu_memory.keep_freed_cpu_memory()
-    return "malloc: lq.cpu_memory keeps freed blocks (--cpu-malloc)" if on else "malloc: --cpu-malloc not applicable here"
+    if not on:
+        return "malloc: --cpu-malloc not applicable here"
+    return "malloc: lq.cpu_memory keeps freed blocks (--cpu-malloc)"

@@ -25,9 +25,9 @@ exception). Holders are counted: the settings go in with the first holder and ar
 lets go, so one trainer's teardown does not undo them under another trainer that is still running.
 
 glibc has no getter for these parameters, so "restored" means glibc's documented defaults
-(``M_MMAP_THRESHOLD`` = ``M_TRIM_THRESHOLD`` = 128 KiB, ``M_MMAP_MAX`` = 65536). One difference stays: any ``mallopt`` of either
-parameter switches off glibc's dynamic mmap threshold (which otherwise grows with the sizes freed) for the
-rest of the process; after the restore the thresholds stay fixed at 128 KiB. That lasting change is why this
+(``M_MMAP_THRESHOLD`` = ``M_TRIM_THRESHOLD`` = 128 KiB, ``M_MMAP_MAX`` = 65536). One difference stays: any
+``mallopt`` of either threshold switches off glibc's dynamic mmap threshold (which otherwise grows with the
+sizes freed) for the rest of the process; after the restore the thresholds stay fixed at 128 KiB. That lasting change is why this
 is opt-in. The environment variable ``LQ_CPU_MALLOC=0`` is a hard opt-out (wins over ``cpu_malloc=True``).
 A no-op where the C library is not glibc (macOS, Windows, musl) or jemalloc/tcmalloc is preloaded (their own
 caching applies).

@@ -403,8 +403,8 @@ def test_amx_conv_weight_gradients_equal_the_int_mm_paths(geometry, layout, monk
         want = K._conv_grad_weight_cpu(*args)
     stacked = c * k * k <= o
     pointwise = k == 1 and s == 1 and layout == "channels-last"
-    assert ran == [f"int8_conv2d_grad_weight:{'pointwise_amx' if pointwise else 'taps_int_mm' if stacked else 'taps_amx'}"
-                   ] or (k == 1 and s == 1 and not pointwise), (ran, ran_plain)
+    kernel = "pointwise_amx" if pointwise else "taps_int_mm" if stacked else "taps_amx"
+    assert ran == [f"int8_conv2d_grad_weight:{kernel}"] or (k == 1 and s == 1 and not pointwise), (ran, ran_plain)
     assert torch.equal(got, want)
     exact = torch.nn.grad.conv2d_weight(x.double(), [o, c, k, k], g.double(), (s, s), (p, p))
     scaled = exact * g_step.double().reshape(-1, 1, 1, 1) * x_step.double()

@@ -328,7 +328,8 @@ def _quantize_planned(
         if plan.periodic and plan.search:  # searched this call (not a reuse): restart the count
             plan.state[plan.what] = [1, ratio]
     else:
-        done = None if stochastic == "hash" else native_quant.grad_operands(g, qmax, [(axis, mult, plan.cand[0], noise, seed)])
+        ops = [(axis, mult, plan.cand[0], noise, seed)]
+        done = None if stochastic == "hash" else native_quant.grad_operands(g, qmax, ops)
         if done is not None:
             q, step, amax, finite = done[0]
         else:

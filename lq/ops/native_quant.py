@@ -23,7 +23,10 @@ from lq import native
 from lq.ops import fused
 from lq.quant.functional import AMAX_EPS
 
-__all__ = ["amx_conv", "amx_library", "amx_mm", "amx_taps", "amx_taps_usable", "grad_operands", "grid_rows", "library", "quantize_rows", "quantize_tensor", "scale_sums"]
+__all__ = [
+    "amx_conv", "amx_library", "amx_mm", "amx_taps", "amx_taps_usable", "grad_operands", "grid_rows", "library",
+    "quantize_rows", "quantize_tensor", "scale_sums",
+]
 
 SOURCE = Path(__file__).with_name("quant.c")
 #: the row loops use vector floor (roundps), which GCC emits only when it may assume no FP traps
@@ -69,7 +72,8 @@ def amx_conv(
     ph, pw = padding
     hs, ws = h + 2 * ph, wd + 2 * pw
     ho, wo = hs - kh + 1, ws - kw + 1
-    if (cw != c or ho < 1 or wo < 1 or n == 0 or c * kh * kw > max_reduction or w_step.numel() not in (1, o)
+    if (cw != c or ho < 1 or wo < 1 or n == 0 or ph < 0 or pw < 0 or c * kh * kw > max_reduction
+            or w_step.numel() not in (1, o)
             or bias is not None and bias.numel() != o
             or not _usable(x, w, x_step, w_step, *(() if bias is None else (bias,))) or amx_library() is None):
         return None
@@ -243,7 +247,8 @@ def quantize_tensor(
 
 
 def grad_operands(
-    g: torch.Tensor, qmax: int, ops: list[tuple[int, torch.Tensor | None, float, torch.Tensor | None, torch.Tensor | None]]
+    g: torch.Tensor, qmax: int,
+    ops: list[tuple[int, torch.Tensor | None, float, torch.Tensor | None, torch.Tensor | None]],
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]] | None:
     """``grad_quant._fused_fixed`` for the operands ``ops`` of one gradient ``g [m, n]`` (fp32, row-major): each
     ``(axis, mult, ratio, noise, shift)`` with a scale per row (``axis`` 0, ``mult`` of shape ``[1, n]`` or
@@ -321,7 +326,8 @@ def _conv_grad_operands(g: torch.Tensor, qmax: int, ops: list[tuple]) -> list[tu
         if q.stride() != g.stride():
             return None
         size = 1 if axis is None else o
-        args[axis] = (mult, float(ratio), noise, 0.0 if shift is None else float(shift), q, _floats(size), _floats(size))
+        shift_value = 0.0 if shift is None else float(shift)
+        args[axis] = (mult, float(ratio), noise, shift_value, q, _floats(size), _floats(size))
     none = (None, 1.0, None, 0.0, None, None, None)
     ma, ra, na, sa, qa, step_a, amax_a = args.get(None, none)
     _, rb, nb, sb, qb, step_b, amax_b = args.get(1, none)
