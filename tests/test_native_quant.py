@@ -488,3 +488,31 @@ def test_amx_convolution_is_exact_and_scales_as_eq10(geometry, layout, threads) 
                                    1 << 20)
         assert torch.equal(gx.double(), torch.nn.grad.conv2d_input([n, c, h, w], wt.double(), g.double(),
                                                                     [stride] * 2, [p, p]))
+
+
+@pytest.mark.skipif(native_quant.amx_library() is None, reason="no AMX-INT8 on this CPU (or not permitted)")
+@pytest.mark.parametrize("stride", [1, 2, 3])
+def test_conv_ops_above_the_threshold_run_the_tile_unit_exactly(stride) -> None:
+    """The custom ops route layers of O x C >= 128 x 128 to the tile unit (forward at stride 1; grad-input at every
+    stride through the zero-inserted gradient, output-padding cases included) with exact integer results."""
+    import torch.nn.functional as F
+
+    from lq.ops import hardware as hw
+    from lq.ops import int8_conv_kernels as K
+
+    gen = torch.Generator().manual_seed(stride)
+    n, c, o, h, w, k, p = 2, 128, 130, 8, 7, 3, 1
+    x = torch.randint(-127, 128, (n, c, h, w), dtype=torch.int8, generator=gen).contiguous(
+        memory_format=torch.channels_last)
+    wt = torch.randint(-127, 128, (o, c, k, k), dtype=torch.int8, generator=gen)
+    one, ones = torch.ones(1), torch.ones(o)
+    args = ([stride] * 2, [p, p], [1, 1], 1)
+    with hw.record_kernels() as ran:
+        y = K.int8_conv2d_fwd(x, wt, one, ones, 127, 127, None, *args)
+    assert ran == ["int8_conv2d:" + ("amx" if stride == 1 else "onednn")]
+    assert torch.equal(y.double(), F.conv2d(x.double(), wt.double(), None, stride, p))
+    g = torch.randint(-127, 128, tuple(y.shape), dtype=torch.int8, generator=gen)
+    with hw.record_kernels() as ran:
+        gx = K.int8_conv2d_grad_input(g, wt, one, 127, 127, [n, c, h, w], *args)
+    assert ran == ["int8_conv2d_grad_input:amx"] and tuple(gx.shape) == (n, c, h, w)
+    assert torch.equal(gx.double(), torch.nn.grad.conv2d_input([n, c, h, w], wt.double(), g.double(), stride, p))
