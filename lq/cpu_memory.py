@@ -27,10 +27,10 @@ lets go, so one trainer's teardown does not undo them under another trainer that
 glibc has no getter for these parameters, so "restored" means glibc's documented defaults
 (``M_MMAP_THRESHOLD`` = ``M_TRIM_THRESHOLD`` = 128 KiB, ``M_MMAP_MAX`` = 65536). One difference stays: any
 ``mallopt`` of either threshold switches off glibc's dynamic mmap threshold (which otherwise grows with the
-sizes freed) for the rest of the process; after the restore the thresholds stay fixed at 128 KiB. That lasting change is why this
-is opt-in. The environment variable ``LQ_CPU_MALLOC=0`` is a hard opt-out (wins over ``cpu_malloc=True``).
-A no-op where the C library is not glibc (macOS, Windows, musl) or jemalloc/tcmalloc is preloaded (their own
-caching applies).
+sizes freed) for the rest of the process; after the restore the thresholds stay fixed at 128 KiB. That lasting
+change is why this is opt-in. The environment variable ``LQ_CPU_MALLOC=0`` is a hard opt-out (wins over
+``cpu_malloc=True``). A no-op where the C library is not glibc (macOS, Windows, musl) or jemalloc/tcmalloc is
+preloaded (their own caching applies).
 """
 
 from __future__ import annotations

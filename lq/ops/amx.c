@@ -65,16 +65,16 @@ __attribute__((target("amx-tile"))) static void configure_tiles(void) {
         cfg.rows[t] = 16;
         cfg.colsb[t] = 64;
     }
-    __asm__ volatile("" : : "m"(cfg) : "memory"); /* GCC 12 drops the stores otherwise: it does not see ldtilecfg read them */
+    /* GCC 12 drops the stores above otherwise: it does not see ldtilecfg read them */
+    __asm__ volatile("" : : "m"(cfg) : "memory");
     _tile_loadconfig(&cfg);
 }
 
-/* the int32 sums of two 16-row a tiles (a0, a1: step s at a_x + s * a_step, rows lda bytes apart) with two
-   packed 16-column b tiles (b0, b1: step s at b_x + s * 1024) over `steps` 64-deep steps, into c [32][32]
-   (added to what c holds when `add`) */
-__attribute__((target("amx-tile,amx-int8"))) static void block_sums(const int8_t *a0, const int8_t *a1, int64_t a_step,
-                                                                     int64_t lda, const int8_t *b0, const int8_t *b1,
-                                                                     int64_t steps, int32_t *c, int add) {
+/* The 2 x 2 blocking: tiles 0-3 hold a 32 x 32 block of int32 sums, 4-5 two 16-row a tiles, 6-7 two packed
+   16-column b tiles. start: zero the sums or load them from c [32][32]; steps: add `steps` 64-deep steps of a0 / a1
+   (step s at a_x + s * a_step, rows lda bytes apart) times b0 / b1 (step s at b_x + s * 1024); store: write them to
+   c. */
+__attribute__((target("amx-tile"))) static inline void sums_start(const int32_t *c, int add) {
     if (add) {
         _tile_loadd(0, c, 128);
         _tile_loadd(1, c + 16, 128);
@@ -86,6 +86,12 @@ __attribute__((target("amx-tile,amx-int8"))) static void block_sums(const int8_t
         _tile_zero(2);
         _tile_zero(3);
     }
+}
+
+__attribute__((target("amx-tile,amx-int8"))) static inline void sums_steps(const int8_t *a0, const int8_t *a1,
+                                                                            int64_t a_step, int64_t lda,
+                                                                            const int8_t *b0, const int8_t *b1,
+                                                                            int64_t steps) {
     for (int64_t s = 0; s < steps; s++) {
         _tile_loadd(4, a0 + s * a_step, lda);
         _tile_loadd(5, a1 + s * a_step, lda);
@@ -96,10 +102,22 @@ __attribute__((target("amx-tile,amx-int8"))) static void block_sums(const int8_t
         _tile_dpbssd(2, 5, 6);
         _tile_dpbssd(3, 5, 7);
     }
+}
+
+__attribute__((target("amx-tile"))) static inline void sums_store(int32_t *c) {
     _tile_stored(0, c, 128);
     _tile_stored(1, c + 16, 128);
     _tile_stored(2, c + 16 * 32, 128);
     _tile_stored(3, c + 16 * 32 + 16, 128);
+}
+
+/* one 32 x 32 block of sums over `steps` steps into c (added to what c holds when `add`) */
+__attribute__((target("amx-tile,amx-int8"))) static void block_sums(const int8_t *a0, const int8_t *a1, int64_t a_step,
+                                                                     int64_t lda, const int8_t *b0, const int8_t *b1,
+                                                                     int64_t steps, int32_t *c, int add) {
+    sums_start(c, add);
+    sums_steps(a0, a1, a_step, lda, b0, b1, steps);
+    sums_store(c);
 }
 
 __attribute__((target("amx-tile"))) static void release_tiles(void) { _tile_release(); }
@@ -162,7 +180,6 @@ static void pack_b(const int8_t *b, int64_t n, int64_t k, int64_t sn, int64_t sk
     for (int64_t j = 0; j < jn; j++)
         for (int64_t s = 0; s < ks; s++) pack_b_tile(b, n, k, sn, sk, j, s, bp + (j * ks + s) * 1024);
 }
-
 
 /* a [M, K] into 16 x 64 tiles: for each 16-row block i and 64-deep step s, 1 KiB holding a[16i + r][64s + c] at
    byte 64r + c; a's element (m, k) at a[m * sm + k * sk] with sk == 1 (copied row by row) or sm == 1 (a transposed
@@ -254,11 +271,10 @@ static void scratch_trim(void) {
 
 /* out [M, N] fp32 contiguous; a's (m, k) at a[m * sam + k * sak], b's (n, k) at b[n * sn + k * sk], each with one of
    its strides 1; a_step [M] (a_stride 1) or [1] (a_stride 0), b_step [N], bias [N] or NULL. Returns 0, or -1 without
-   AMX, -2 when a
-   buffer could not be allocated (nothing written). */
-int64_t lq_amx_mm(const int8_t *a, int64_t m, int64_t k, int64_t sam, int64_t sak, const int8_t *b, int64_t n, int64_t sn,
-                  int64_t sk, const float *a_step, int64_t a_stride, const float *b_step, const float *bias, float *out,
-                  int32_t threads) {
+   AMX, -2 when a buffer could not be allocated (nothing written). */
+int64_t lq_amx_mm(const int8_t *a, int64_t m, int64_t k, int64_t sam, int64_t sak, const int8_t *b, int64_t n,
+                  int64_t sn, int64_t sk, const float *a_step, int64_t a_stride, const float *b_step, const float *bias,
+                  float *out, int32_t threads) {
 #ifndef LQ_AMX
     return -1;
 #else
@@ -316,17 +332,18 @@ int64_t lq_amx_taps(const int8_t *ge, int64_t o, int64_t ge_row, int64_t lead, i
     chunk = chunk < 4 ? 4 : chunk > ks ? ks : chunk;
     int64_t chunks = (ks + chunk - 1) / chunk, items = taps * ob * cb;
     if (threads > chunks) threads = (int32_t)chunks; /* (a thread without a chunk would only add zeros) */
-    size_t per_thread_b = (size_t)(phases * jn * chunk) * 1024, per_thread_acc = (size_t)items * 32 * 32 * 4;
-    int8_t *buf = scratch(0, (size_t)threads * (per_thread_b + per_thread_acc));
+    /* thread u's packed chunk at buf + u * per_thread, its int32 sums per_thread_b bytes further */
+    size_t per_thread_b = (size_t)(phases * jn * chunk) * 1024, per_thread = per_thread_b + (size_t)items * 32 * 32 * 4;
+    int8_t *buf = scratch(0, (size_t)threads * per_thread);
     if (!buf) return -2;
-    memset(buf, 0, (size_t)threads * (per_thread_b + per_thread_acc));
+    memset(buf, 0, (size_t)threads * per_thread);
 #pragma omp parallel num_threads(threads)
     {
         int t = 0;
 #ifdef _OPENMP
         t = omp_get_thread_num();
 #endif
-        int8_t *bchunk = buf + (size_t)t * (per_thread_b + per_thread_acc);
+        int8_t *bchunk = buf + (size_t)t * per_thread;
         int32_t *acc = (int32_t *)(bchunk + per_thread_b);
         configure_tiles();
 #pragma omp for schedule(static)
@@ -353,7 +370,7 @@ int64_t lq_amx_taps(const int8_t *ge, int64_t o, int64_t ge_row, int64_t lead, i
             int64_t k = it / (ob * cb), i = (it / cb) % ob, j = it % cb;
             int32_t *first = (int32_t *)(buf + per_thread_b) + it * 1024;
             for (int u = 1; u < threads; u++) {
-                const int32_t *other = (const int32_t *)(buf + (size_t)u * (per_thread_b + per_thread_acc) + per_thread_b) + it * 1024;
+                const int32_t *other = (const int32_t *)(buf + (size_t)u * per_thread + per_thread_b) + it * 1024;
                 for (int e = 0; e < 1024; e++) first[e] += other[e];
             }
             int64_t rows = o - i * 32 < 32 ? o - i * 32 : 32, cols = c - j * 32 < 32 ? c - j * 32 : 32;
@@ -376,28 +393,13 @@ __attribute__((target("amx-tile,amx-int8"))) static void conv_block(const int8_t
                                                                      int64_t taps, const int64_t *off,
                                                                      const int8_t *wp, int64_t ks, int64_t jn,
                                                                      int64_t jb, int32_t *c) {
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
+    sums_start(c, 0);
     for (int64_t k = 0; k < taps; k++) {
         const int8_t *a = xg + (t0 + off[k]) * cp;
-        const int8_t *b0 = wp + ((k * jn + 2 * jb) * ks) * 1024, *b1 = b0 + ks * 1024;
-        for (int64_t s = 0; s < ks; s++) {
-            _tile_loadd(4, a + s * 64, cp);
-            _tile_loadd(5, a + 16 * cp + s * 64, cp);
-            _tile_loadd(6, b0 + s * 1024, 64);
-            _tile_loadd(7, b1 + s * 1024, 64);
-            _tile_dpbssd(0, 4, 6);
-            _tile_dpbssd(1, 4, 7);
-            _tile_dpbssd(2, 5, 6);
-            _tile_dpbssd(3, 5, 7);
-        }
+        const int8_t *b0 = wp + ((k * jn + 2 * jb) * ks) * 1024;
+        sums_steps(a, a + 16 * cp, 64, cp, b0, b0 + ks * 1024, ks);
     }
-    _tile_stored(0, c, 128);
-    _tile_stored(1, c + 16, 128);
-    _tile_stored(2, c + 16 * 32, 128);
-    _tile_stored(3, c + 16 * 32 + 16, 128);
+    sums_store(c);
 }
 #endif
 
@@ -410,7 +412,7 @@ __attribute__((target("amx-tile,amx-int8"))) static void conv_block(const int8_t
    channels sums every tap and channel step in the tile registers, and the output stage is applied in L1.
    Returns 0, -1 without AMX, -2 when the packing buffer could not be allocated. */
 int64_t lq_amx_conv(const int8_t *xg, int64_t cp, int64_t t_out, int64_t taps, const int64_t *off, const int8_t *w,
-                    int64_t o, int64_t c, int64_t n, int64_t hs, int64_t ws, int64_t ho, int64_t wo, float x_step,
+                    int64_t o, int64_t c, int64_t hs, int64_t ws, int64_t ho, int64_t wo, float x_step,
                     const float *w_step, const float *bias, float *y, int32_t threads) {
 #ifndef LQ_AMX
     return -1;
@@ -418,7 +420,6 @@ int64_t lq_amx_conv(const int8_t *xg, int64_t cp, int64_t t_out, int64_t taps, c
     int64_t op = (o + 31) / 32 * 32, jn = op / 16, ks = cp / 64, tb = (t_out + 31) / 32, ob = op / 32;
     int8_t *wp = scratch(0, (size_t)(taps * jn * ks) * 1024);
     if (!wp) return -2;
-    (void)n;
 #pragma omp parallel num_threads(threads)
     {
         int32_t acc[32 * 32] __attribute__((aligned(64)));
@@ -438,14 +439,8 @@ int64_t lq_amx_conv(const int8_t *xg, int64_t cp, int64_t t_out, int64_t taps, c
                     if (t >= t_out) break;
                     int64_t img = t / (hs * ws), rem = t % (hs * ws), a = rem / ws, b = rem % ws;
                     if (a >= ho || b >= wo) continue;
-                    float *dst = y + ((img * ho + a) * wo + b) * o + jb * 32;
-                    const float *sw = w_step + jb * 32;
-                    if (bias) {
-                        const float *bb = bias + jb * 32;
-                        for (int64_t q = 0; q < cols; q++) dst[q] = (float)acc[r * 32 + q] * x_step * sw[q] + bb[q];
-                    } else {
-                        for (int64_t q = 0; q < cols; q++) dst[q] = (float)acc[r * 32 + q] * x_step * sw[q];
-                    }
+                    finish_row(acc + r * 32, x_step, w_step + jb * 32, bias ? bias + jb * 32 : NULL, cols,
+                               y + ((img * ho + a) * wo + b) * o + jb * 32);
                 }
             }
         }

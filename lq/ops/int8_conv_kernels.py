@@ -271,7 +271,7 @@ def _conv_grad_input_cpu(g, w, g_step, g_qmax, w_qmax, input_size, stride, paddi
         return _as_promised(
             conv2d_grad_input_reference(g, w, g_step, g_qmax, w_qmax, input_size, stride, padding, dilation, groups)
         )
-    if tuple(dilation) == (1, 1) and groups == 1 and amx_conv_pays(w.shape) and native_quant.amx_library() is not None:
+    if tuple(dilation) == (1, 1) and groups == 1 and amx_conv_pays(w.shape) and native_quant.amx_usable(g, w, g_step):
         # the tile unit: the transposed convolution as an ordinary stride-1 one on the (zero-inserted) int8 gradient
         canvas, conv_pad = transposed_conv_input(
             g, w.shape, input_size, stride, padding, dilation, memory_format=torch.channels_last
@@ -477,7 +477,7 @@ def _grad_weight_taps(g, x, g_step, x_step, weight_size, padding, stride=(1, 1))
     position_major = not stacked and fused.is_channels_last(x)
     wanted = sorted(set(phase_of))
     phases = _input_phases(x, padding, stride, (hs, ws), tx, wanted, position_major)
-    if not stacked and native_quant.amx_taps_usable(g, x, g_step, x_step) and x_step.numel() == 1:
+    if not stacked and native_quant.amx_usable(g, x, g_step, x_step) and x_step.numel() == 1:
         # the tile unit: each phase packed once for all its taps, each tap reading the gradient at a shift (ge with
         # a zero lead of max(offs) columns, rows up to a multiple of 32)
         lead = max(offs)

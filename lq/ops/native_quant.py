@@ -24,7 +24,7 @@ from lq.ops import fused
 from lq.quant.functional import AMAX_EPS
 
 __all__ = [
-    "amx_conv", "amx_library", "amx_mm", "amx_taps", "amx_taps_usable", "grad_operands", "grid_rows", "library",
+    "amx_conv", "amx_library", "amx_mm", "amx_taps", "amx_usable", "grad_operands", "grid_rows", "library",
     "quantize_rows", "quantize_tensor", "scale_sums",
 ]
 
@@ -47,8 +47,8 @@ def amx_library() -> ctypes.CDLL | None:
     lib.lq_amx_mm.restype = _I64
     lib.lq_amx_mm.argtypes = [_P, _I64, _I64, _I64, _I64, _P, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _I32]
     lib.lq_amx_conv.restype = _I64
-    lib.lq_amx_conv.argtypes = [_P, _I64, _I64, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _F, _P, _P,
-                                _P, _I32]
+    lib.lq_amx_conv.argtypes = [_P, _I64, _I64, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _F, _P, _P, _P,
+                                _I32]
     lib.lq_amx_taps.restype = _I64
     lib.lq_amx_taps.argtypes = [_P, _I64, _I64, _I64, _I64, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, _P, _F, _P,
                                 _I32]
@@ -74,8 +74,7 @@ def amx_conv(
     ho, wo = hs - kh + 1, ws - kw + 1
     if (cw != c or ho < 1 or wo < 1 or n == 0 or ph < 0 or pw < 0 or c * kh * kw > max_reduction
             or w_step.numel() not in (1, o)
-            or bias is not None and bias.numel() != o
-            or not _usable(x, w, x_step, w_step, *(() if bias is None else (bias,))) or amx_library() is None):
+            or bias is not None and bias.numel() != o or not amx_usable(x, w, x_step, w_step, bias)):
         return None
     cp = -(-c // 64) * 64
     t_out = n * hs * ws
@@ -83,20 +82,21 @@ def amx_conv(
     xg = torch.zeros((-(-t_out // 32) * 32 + max(offs), cp), dtype=torch.int8, device="cpu")
     xg[:t_out].view(n, hs, ws, cp)[:, ph : ph + h, pw : pw + wd, :c].copy_(x.permute(0, 2, 3, 1))
     wc = w.contiguous()
-    steps = w_step.float().reshape(-1).expand(o).contiguous()
-    b = None if bias is None else bias.float().reshape(-1).contiguous()
+    steps = _vector(w_step, o)
+    b = None if bias is None else _vector(bias, o)
     y = torch.empty((n, ho, wo, o), dtype=torch.float32, device="cpu")
     off_arr = (ctypes.c_int64 * len(offs))(*offs)
     res = amx_library().lq_amx_conv(
-        xg.data_ptr(), cp, t_out, len(offs), off_arr, wc.data_ptr(), o, c, n, hs, ws, ho, wo, float(x_step),
-        steps.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(), torch.get_num_threads(),
+        xg.data_ptr(), cp, t_out, len(offs), off_arr, wc.data_ptr(), o, c, hs, ws, ho, wo, float(x_step),
+        steps.data_ptr(), _ptr(b), y.data_ptr(), torch.get_num_threads(),
     )
     return y.permute(0, 3, 1, 2) if res == 0 else None
 
 
-def amx_taps_usable(*tensors: torch.Tensor) -> bool:
-    """Whether :func:`amx_taps` runs for these CPU tensors (AMX, the kernel built, plain tensors, not traced)."""
-    return _usable(*tensors) and amx_library() is not None
+def amx_usable(*tensors: torch.Tensor) -> bool:
+    """Whether the tile-unit kernels (:func:`amx_mm`, :func:`amx_conv`, :func:`amx_taps`) may run on these tensors:
+    AMX and the kernels built, plain CPU tensors, not traced (``None`` entries are skipped)."""
+    return _usable(*(t for t in tensors if t is not None)) and amx_library() is not None
 
 
 def amx_taps(
@@ -109,7 +109,7 @@ def amx_taps(
     the gradient on the grid at columns ``[lead, lead + T)``, zero elsewhere; ``phases`` int8 ``[tx, C]``
     (``position_major``) or ``[C, tx]``; ``g_step`` ``[O]`` or ``[1]``, ``x_step`` ``[1]``. Returns the fp32
     ``weight_size`` gradient, or ``None`` where the kernel does not apply."""
-    if x_step.numel() != 1 or g_step.numel() not in (1, o) or not amx_taps_usable(ge, *phases, g_step, x_step):
+    if x_step.numel() != 1 or g_step.numel() not in (1, o) or not amx_usable(ge, *phases, g_step, x_step):
         return None
     taps = len(offs)
     if (len(weight_size) != 4 or list(weight_size[:2]) != [o, c] or weight_size[2] * weight_size[3] != taps
@@ -122,7 +122,7 @@ def amx_taps(
         if buf.dtype != torch.int8 or not buf.is_contiguous() or buf.shape != ((tx, c) if position_major else (c, tx)):
             return None
     xc, xt = (1, c) if position_major else (tx, 1)
-    steps = g_step.float().reshape(-1).expand(o).contiguous()
+    steps = _vector(g_step, o)
     out = torch.empty(weight_size, dtype=torch.float32, device="cpu")
     off_arr = (ctypes.c_int64 * taps)(*offs)
     phase_arr = (ctypes.c_int32 * taps)(*phase_of)
@@ -143,18 +143,15 @@ def amx_mm(
     ``None`` where it does not apply (no AMX, ``K > max_k`` (int32 headroom), not CPU, empty, or traced)."""
     m, k = a.shape
     n = b.shape[0]
-    if k > max_k or m == 0 or n == 0 or k == 0 or not _usable(a, b, a_step, b_step) or amx_library() is None:
+    if (k > max_k or m == 0 or n == 0 or k == 0 or a_step.numel() not in (1, m) or b_step.numel() not in (1, n)
+            or bias is not None and bias.numel() != n or not amx_usable(a, b, a_step, b_step, bias)):
         return None
-    if a_step.numel() not in (1, m) or b_step.numel() not in (1, n) or bias is not None and (
-            bias.numel() != n or not _usable(bias)):
-        return None
-    sa = a_step.float().reshape(-1).contiguous()
-    sb = b_step.float().reshape(-1).expand(n).contiguous()
-    c = None if bias is None else bias.float().reshape(-1).contiguous()
-    out = torch.empty(m, n, dtype=torch.float32, device="cpu")
+    sa, sb = _vector(a_step, a_step.numel()), _vector(b_step, n)
+    c = None if bias is None else _vector(bias, n)
+    out = _floats(m, n)
     res = amx_library().lq_amx_mm(
         a.data_ptr(), m, k, a.stride(0), a.stride(1), b.data_ptr(), n, b.stride(0), b.stride(1), sa.data_ptr(),
-        0 if sa.numel() == 1 else 1, sb.data_ptr(), None if c is None else c.data_ptr(), out.data_ptr(),
+        0 if sa.numel() == 1 else 1, sb.data_ptr(), _ptr(c), out.data_ptr(),
         torch.get_num_threads(),
     )
     return out if res == 0 else None
@@ -193,6 +190,24 @@ def _floats(*shape: int) -> torch.Tensor:
     """An fp32 CPU buffer for the kernels to write (never the default dtype or device: a user's float64 default or
     ``set_default_device`` would hand C memory of another type or none at all)."""
     return torch.empty(*shape, dtype=torch.float32, device="cpu")
+
+
+def _vector(t: torch.Tensor, n: int) -> torch.Tensor:
+    """``t`` (``[n]`` or ``[1]``, any float dtype) as a contiguous fp32 vector of ``n`` for the kernels."""
+    return t.float().reshape(-1).expand(n).contiguous()
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _noise_fits(noise: torch.Tensor | None, shift: torch.Tensor | None, g: torch.Tensor) -> bool:
+    """Whether ``(noise, shift)`` from :func:`fused.rounding_inputs` is something the kernels read: both ``None``
+    (round to nearest), or int8 bytes laid out as ``g`` and a 0-d fp32 level shift."""
+    if noise is None or shift is None:
+        return noise is None and shift is None
+    return (noise.dtype == torch.int8 and noise.shape == g.shape and noise.stride() == g.stride()
+            and shift.dtype == torch.float32 and shift.numel() == 1)
 
 
 def _usable(*tensors: torch.Tensor) -> bool:
@@ -263,10 +278,7 @@ def grad_operands(
     m, n = g.shape
     args: dict[int, tuple] = {}
     for axis, mult, ratio, noise, shift in ops:
-        if axis in args or (noise is None) != (shift is None):
-            return None
-        if noise is not None and (noise.dtype != torch.int8 or noise.shape != g.shape or not noise.is_contiguous()
-                                  or shift.dtype != torch.float32 or shift.numel() != 1):
+        if axis in args or not _noise_fits(noise, shift, g):
             return None
         if mult is not None and (mult.dtype != torch.float32 or not _usable(mult)):
             return None
@@ -279,25 +291,15 @@ def grad_operands(
         size = m if axis == 0 else n
         q, step, amax = torch.empty(m, n, dtype=torch.int8, device="cpu"), _floats(size), _floats(size)
         args[axis] = (mult, float(ratio), noise, 0.0 if shift is None else float(shift), q, step, amax)
-    a, b = args.get(0), args.get(1)
-
-    def ptr(t):
-        return None if t is None else t.data_ptr()
-
-    none = (None, 1.0, None, 0.0, None, None, None)
-    ma, ra, na, sa, qa, step_a, amax_a = a or none
-    mb, rb, nb, sb, qb, step_b, amax_b = b or none
+    ma, ra, na, sa, qa, step_a, amax_a = args.get(0, _NO_OPERAND)
+    mb, rb, nb, sb, qb, step_b, amax_b = args.get(1, _NO_OPERAND)
     res = library().lq_grad_pair(
         g.data_ptr(), m, n, n, qmax, AMAX_EPS,
-        ptr(ma), ra, ptr(na), sa, ptr(qa), ptr(step_a), ptr(amax_a),
-        ptr(mb), 0 if mb is None or mb.numel() == 1 else 1, rb, ptr(nb), sb, ptr(qb), ptr(step_b), ptr(amax_b),
+        _ptr(ma), ra, _ptr(na), sa, _ptr(qa), _ptr(step_a), _ptr(amax_a),
+        _ptr(mb), 0 if mb is None or mb.numel() == 1 else 1, rb, _ptr(nb), sb, _ptr(qb), _ptr(step_b), _ptr(amax_b),
         torch.get_num_threads(),
     )
-    if res & 4:
-        raise MemoryError(f"lq grad quantization: could not allocate {n} column maxima per thread")
-    done = {0: None if a is None else (qa, step_a, amax_a, not res & 1),
-            1: None if b is None else (qb, step_b, amax_b, not res & 2)}
-    return [done[axis] for axis, *_ in ops]
+    return _operand_results(res, args, 0, 1, ops, f"{n} column maxima")
 
 
 def _conv_grad_operands(g: torch.Tensor, qmax: int, ops: list[tuple]) -> list[tuple] | None:
@@ -312,10 +314,7 @@ def _conv_grad_operands(g: torch.Tensor, qmax: int, ops: list[tuple]) -> list[tu
         return None
     args: dict = {}
     for axis, mult, ratio, noise, shift in ops:
-        if axis in args or (noise is None) != (shift is None):
-            return None
-        if noise is not None and (noise.dtype != torch.int8 or noise.shape != g.shape or noise.stride() != g.stride()
-                                  or shift.dtype != torch.float32 or shift.numel() != 1):
+        if axis in args or not _noise_fits(noise, shift, g):
             return None
         if axis is None and (mult is None or (mult.shape == (1, o, 1, 1) and mult.dtype == torch.float32
                                               and _usable(mult))):
@@ -328,23 +327,31 @@ def _conv_grad_operands(g: torch.Tensor, qmax: int, ops: list[tuple]) -> list[tu
         size = 1 if axis is None else o
         shift_value = 0.0 if shift is None else float(shift)
         args[axis] = (mult, float(ratio), noise, shift_value, q, _floats(size), _floats(size))
-    none = (None, 1.0, None, 0.0, None, None, None)
-    ma, ra, na, sa, qa, step_a, amax_a = args.get(None, none)
-    _, rb, nb, sb, qb, step_b, amax_b = args.get(1, none)
-
-    def ptr(t):
-        return None if t is None else t.data_ptr()
-
+    ma, ra, na, sa, qa, step_a, amax_a = args.get(None, _NO_OPERAND)
+    _, rb, nb, sb, qb, step_b, amax_b = args.get(1, _NO_OPERAND)
     rows, cols = (n * h * w, o) if last else (n * o, h * w)
     res = library().lq_grad_conv(
         g.data_ptr(), rows, cols, last, o, qmax, AMAX_EPS,
-        ptr(ma), ra, ptr(na), sa, ptr(qa), ptr(step_a), ptr(amax_a),
-        rb, ptr(nb), sb, ptr(qb), ptr(step_b), ptr(amax_b), torch.get_num_threads(),
+        _ptr(ma), ra, _ptr(na), sa, _ptr(qa), _ptr(step_a), _ptr(amax_a),
+        rb, _ptr(nb), sb, _ptr(qb), _ptr(step_b), _ptr(amax_b), torch.get_num_threads(),
     )
+    return _operand_results(res, args, None, 1, ops, f"{o} channel maxima")
+
+
+#: an operand the kernels skip: (mult, ratio, noise, shift, q, step, amax)
+_NO_OPERAND = (None, 1.0, None, 0.0, None, None, None)
+
+
+def _operand_results(res: int, args: dict, first, second, ops: list[tuple], partials: str) -> list[tuple]:
+    """``(q, step, amax, finite)`` per operand of ``ops`` (in their order) from a gradient kernel's return value
+    ``res`` (bit 0 / bit 1: the ``first`` / ``second`` operand's amax is not finite; 4: no memory)."""
     if res & 4:
-        raise MemoryError(f"lq grad quantization: could not allocate {o} channel maxima per thread")
-    done = {None: None if qa is None else (qa, step_a, amax_a, not res & 1),
-            1: None if qb is None else (qb, step_b, amax_b, not res & 2)}
+        raise MemoryError(f"lq grad quantization: could not allocate {partials} per thread")
+    done = {}
+    for key, bit in ((first, 1), (second, 2)):
+        if key in args:
+            q, step, amax = args[key][4:]
+            done[key] = (q, step, amax, not res & bit)
     return [done[axis] for axis, *_ in ops]
 
 
@@ -371,17 +378,15 @@ def scale_sums(
     if acc.dtype != torch.int32 or not _rows(acc) or not _usable(acc, a_step, b_step):
         return None
     m, n = acc.shape
-    if a_step.numel() not in (1, m) or b_step.numel() not in (1, n) or bias is not None and bias.numel() != n:
+    if (a_step.numel() not in (1, m) or b_step.numel() not in (1, n)
+            or bias is not None and (bias.numel() != n or not _usable(bias))):
         return None
-    a = a_step.float().reshape(-1).contiguous()
-    b = b_step.float().reshape(-1).expand(n).contiguous()
-    if bias is not None and not _usable(bias):
-        return None
-    c = None if bias is None else bias.float().reshape(-1).contiguous()
+    a, b = _vector(a_step, a_step.numel()), _vector(b_step, n)
+    c = None if bias is None else _vector(bias, n)
     if in_place and acc.is_contiguous():
         out = acc.view(torch.float32)
     else:
         out = _floats(m, n)
     library().lq_scale_sums(acc.data_ptr(), m, n, acc.stride(0), a.data_ptr(), 0 if a.numel() == 1 else 1,
-                            b.data_ptr(), None if c is None else c.data_ptr(), out.data_ptr(), torch.get_num_threads())
+                            b.data_ptr(), _ptr(c), out.data_ptr(), torch.get_num_threads())
     return out

@@ -61,6 +61,13 @@ static inline int8_t to_int8(float r, float lo, float hi) {
     return (int8_t)(int32_t)r;
 }
 
+/* stochastic rounding's u = frac(b / 128 + shift) of noise byte b (fused.noise_bits; exact in fp32) */
+static inline float noise_u(int8_t noise, float shift) {
+    int32_t b = noise;
+    float w = (float)b * (1.0f / 128) + shift;
+    return w - floorf(w);
+}
+
 /* scale_from_amax: (1 / max(a, eps)) * qmax (a NaN stays NaN, as torch's clamp_min keeps it) */
 static inline float scale_of(float a, float eps, int32_t qmax) {
     float c = a < eps ? eps : a;
@@ -84,9 +91,7 @@ LQ_CLONES static uint32_t row_amax_mul(const float *x, const float *mult, int64_
     uint32_t m = 0;
     for (int64_t j = 0; j < n; j++) {
         float y = x[j] * mult[j];
-        uint32_t a;
-        memcpy(&a, &y, 4);
-        a &= ABS_BITS;
+        uint32_t a = bits_of(y) & ABS_BITS;
         m = a > m ? a : m;
     }
     return m;
@@ -96,9 +101,7 @@ LQ_CLONES static uint32_t row_amax_mul(const float *x, const float *mult, int64_
 LQ_CLONES static void col_amax_mul(const float *x, float c, int64_t n, uint32_t *cols) {
     for (int64_t j = 0; j < n; j++) {
         float y = x[j] * c;
-        uint32_t a;
-        memcpy(&a, &y, 4);
-        a &= ABS_BITS;
+        uint32_t a = bits_of(y) & ABS_BITS;
         cols[j] = a > cols[j] ? a : cols[j];
     }
 }
@@ -116,9 +119,7 @@ LQ_CLONES static void row_round_mul(const float *x, const float *mult, float s, 
 LQ_CLONES static void row_floor_mul(const float *x, const float *mult, float s, const int8_t *noise, float shift,
                                     float lo, float hi, int64_t n, int8_t *q) {
     for (int64_t j = 0; j < n; j++) {
-        int32_t b = noise[j];
-        float w = (float)b * (1.0f / 128) + shift;
-        float u = w - floorf(w);
+        float u = noise_u(noise[j], shift);
         q[j] = to_int8(floorf(x[j] * mult[j] * s + u), lo, hi);
     }
 }
@@ -132,9 +133,7 @@ LQ_CLONES static void col_round_mul(const float *x, float c, const float *s, flo
 LQ_CLONES static void col_floor_mul(const float *x, float c, const float *s, const int8_t *noise, float shift,
                                     float lo, float hi, int64_t n, int8_t *q) {
     for (int64_t j = 0; j < n; j++) {
-        int32_t b = noise[j];
-        float w = (float)b * (1.0f / 128) + shift;
-        float u = w - floorf(w);
+        float u = noise_u(noise[j], shift);
         q[j] = to_int8(floorf(x[j] * c * s[j] + u), lo, hi);
     }
 }
@@ -147,9 +146,7 @@ LQ_CLONES static void row_round_cs(const float *x, float c, float s, float lo, f
 LQ_CLONES static void row_floor_cs(const float *x, float c, float s, const int8_t *noise, float shift, float lo,
                                    float hi, int64_t n, int8_t *q) {
     for (int64_t j = 0; j < n; j++) {
-        int32_t b = noise[j];
-        float w = (float)b * (1.0f / 128) + shift;
-        float u = w - floorf(w);
+        float u = noise_u(noise[j], shift);
         q[j] = to_int8(floorf(x[j] * c * s + u), lo, hi);
     }
 }
@@ -179,6 +176,16 @@ static int partials(int32_t threads, int64_t n, uint32_t **part, float **scales)
     free(*part);
     free(*scales);
     return 0;
+}
+
+/* entry j of the threads' partial maxima (bits; thread u's n entries at part + u * n) */
+static inline uint32_t merged_max(const uint32_t *part, int32_t threads, int64_t n, int64_t j) {
+    uint32_t m = 0;
+    for (int u = 0; u < threads; u++) {
+        uint32_t v = part[(size_t)u * (size_t)n + j];
+        m = v > m ? v : m;
+    }
+    return m;
 }
 
 /* ------------------------------------------------------------------------------------------ entry points */
@@ -266,9 +273,7 @@ int64_t lq_grad_pair(const float *g, int64_t m, int64_t n, int64_t ldg, int32_t 
         if (qb) {
 #pragma omp for schedule(static)
             for (int64_t j = 0; j < n; j++) {
-                uint32_t c = 0;
-                for (int u = 0; u < threads; u++) c = cols[(size_t)u * (size_t)n + j] > c ? cols[(size_t)u * (size_t)n + j] : c;
-                float a = float_of(c);
+                float a = float_of(merged_max(cols, threads, n, j));
                 amax_b[j] = a;
                 s_b[j] = scale_of(a * ratio_b, eps, qmax);
                 step_b[j] = 1.0f / s_b[j];
@@ -346,12 +351,7 @@ int64_t lq_grad_conv(const float *g, int64_t rows, int64_t cols, int32_t channel
         {
             uint32_t a_bits = 0;
             for (int64_t o = 0; o < channels; o++) {
-                uint32_t c = 0;
-                for (int u = 0; u < threads; u++) {
-                    uint32_t v = part[(size_t)u * (size_t)channels + o];
-                    c = v > c ? v : c;
-                }
-                float amax = float_of(c);
+                float amax = float_of(merged_max(part, threads, channels, o));
                 if (qb) {
                     amax_b[o] = amax;
                     s_b[o] = scale_of(amax * ratio_b, eps, qmax);
