@@ -178,6 +178,12 @@ static int partials(int32_t threads, int64_t n, uint32_t **part, float **scales)
     return 0;
 }
 
+static int all_finite(const float *a, int64_t n) {
+    for (int64_t i = 0; i < n; i++)
+        if (!isfinite(a[i])) return 0;
+    return 1;
+}
+
 /* entry j of the threads' partial maxima (bits; thread u's n entries at part + u * n) */
 static inline uint32_t merged_max(const uint32_t *part, int32_t threads, int64_t n, int64_t j) {
     uint32_t m = 0;
@@ -300,13 +306,7 @@ int64_t lq_grad_pair(const float *g, int64_t m, int64_t n, int64_t ldg, int32_t 
         }
     }
     if (bad_a) result |= 1;
-    if (qb) {
-        for (int64_t j = 0; j < n; j++)
-            if (!isfinite(amax_b[j])) {
-                result |= 2;
-                break;
-            }
-    }
+    if (qb && !all_finite(amax_b, n)) result |= 2;
     free(cols);
     free(s_b);
     return result;
@@ -405,12 +405,7 @@ int64_t lq_grad_conv(const float *g, int64_t rows, int64_t cols, int32_t channel
     }
     int64_t result = 0;
     if (qa && !isfinite(amax_a[0])) result |= 1;
-    if (qb)
-        for (int64_t o = 0; o < channels; o++)
-            if (!isfinite(amax_b[o])) {
-                result |= 2;
-                break;
-            }
+    if (qb && !all_finite(amax_b, channels)) result |= 2;
     free(part);
     free(s_b);
     return result;
