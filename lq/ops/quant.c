@@ -41,6 +41,8 @@
 #endif
 
 #define ABS_BITS 0x7fffffffu
+/* floats per call of the row loops where rows are short (lq_grad_conv's channels-last spans) */
+#define SPAN_FLOATS 1024
 
 static inline uint32_t bits_of(float v) {
     uint32_t b;
@@ -326,22 +328,33 @@ int64_t lq_grad_conv(const float *g, int64_t rows, int64_t cols, int32_t channel
                      int8_t *qa, float *step_a, float *amax_a, float ratio_b, const int8_t *noise_b, float shift_b,
                      int8_t *qb, float *step_b, float *amax_b, int32_t threads) {
     const float lo = -(float)qmax, hi = (float)qmax;
+    /* Channels-last rows are cut into spans of `per` whole rows (span = per * cols floats, ~SPAN_FLOATS), each
+       one call of the row loops with the per-channel vectors repeated per row: a SmallResNet gradient has 16-64
+       channels, and one call per 16-float row cost 12x its memory traffic. Row-major rows are single rows. */
+    const int64_t per = channel_on_cols && cols < SPAN_FLOATS ? SPAN_FLOATS / cols : 1;
+    const int64_t span = channel_on_cols ? per * cols : channels, spans = (rows + per - 1) / per;
     uint32_t *part;
     float *s_b;
-    if (!partials(threads, channels, &part, &s_b)) return 4;
+    float *m_a = (float *)malloc((size_t)span * sizeof(float));
+    if (!m_a || !partials(threads, span, &part, &s_b)) {
+        free(m_a);
+        return 4;
+    }
+    if (channel_on_cols && qa)
+        for (int64_t j = 0; j < span; j++) m_a[j] = mult_a[j % cols];
     float s_a = 0.0f;
 #pragma omp parallel num_threads(threads)
     {
         int t = thread_num();
-        uint32_t *mine = part + (size_t)t * (size_t)channels;
-        /* pass 1: each thread's channel maxima of |g| */
+        uint32_t *mine = part + (size_t)t * (size_t)span;
+        /* pass 1: each thread's maxima of |g| per channel (channels-last: per span position) */
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < rows; i++) {
-            const float *gi = g + i * cols;
+        for (int64_t i = 0; i < spans; i++) {
             if (channel_on_cols) {
-                col_amax_mul(gi, 1.0f, cols, mine);
+                int64_t width = (i + 1 < spans ? per : rows - i * per) * cols;
+                col_amax_mul(g + i * span, 1.0f, width, mine);
             } else {
-                uint32_t v = row_amax(gi, cols);
+                uint32_t v = row_amax(g + i * cols, cols);
                 int64_t o = i % channels;
                 mine[o] = v > mine[o] ? v : mine[o];
             }
@@ -351,7 +364,12 @@ int64_t lq_grad_conv(const float *g, int64_t rows, int64_t cols, int32_t channel
         {
             uint32_t a_bits = 0;
             for (int64_t o = 0; o < channels; o++) {
-                float amax = float_of(merged_max(part, threads, channels, o));
+                uint32_t m = 0;
+                for (int64_t r = o; r < span; r += channels) {
+                    uint32_t v = merged_max(part, threads, span, r);
+                    m = v > m ? v : m;
+                }
+                float amax = float_of(m);
                 if (qb) {
                     amax_b[o] = amax;
                     s_b[o] = scale_of(amax * ratio_b, eps, qmax);
@@ -362,6 +380,8 @@ int64_t lq_grad_conv(const float *g, int64_t rows, int64_t cols, int32_t channel
                     a_bits = v > a_bits ? v : a_bits;
                 }
             }
+            if (qb && channel_on_cols)
+                for (int64_t j = channels; j < span; j++) s_b[j] = s_b[j % channels];
             if (qa) {
                 amax_a[0] = float_of(a_bits);
                 s_a = scale_of(amax_a[0] * ratio_a, eps, qmax);
@@ -370,24 +390,25 @@ int64_t lq_grad_conv(const float *g, int64_t rows, int64_t cols, int32_t channel
         }
         /* pass 2: the integers, in g's memory order */
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < rows; i++) {
-            const float *gi = g + i * cols;
-            int64_t at = i * cols;
+        for (int64_t i = 0; i < spans; i++) {
             if (channel_on_cols) {
+                int64_t at = i * span, width = (i + 1 < spans ? per : rows - i * per) * cols;
+                const float *gi = g + at;
                 if (qa) {
                     if (noise_a)
-                        row_floor_mul(gi, mult_a, s_a, noise_a + at, shift_a, lo, hi, cols, qa + at);
+                        row_floor_mul(gi, m_a, s_a, noise_a + at, shift_a, lo, hi, width, qa + at);
                     else
-                        row_round_mul(gi, mult_a, s_a, lo, hi, cols, qa + at);
+                        row_round_mul(gi, m_a, s_a, lo, hi, width, qa + at);
                 }
                 if (qb) {
                     if (noise_b)
-                        col_floor_mul(gi, 1.0f, s_b, noise_b + at, shift_b, lo, hi, cols, qb + at);
+                        col_floor_mul(gi, 1.0f, s_b, noise_b + at, shift_b, lo, hi, width, qb + at);
                     else
-                        col_round_mul(gi, 1.0f, s_b, lo, hi, cols, qb + at);
+                        col_round_mul(gi, 1.0f, s_b, lo, hi, width, qb + at);
                 }
             } else {
-                int64_t o = i % channels;
+                int64_t at = i * cols, o = i % channels;
+                const float *gi = g + at;
                 if (qa) {
                     if (noise_a)
                         row_floor_cs(gi, mult_a[o], s_a, noise_a + at, shift_a, lo, hi, cols, qa + at);
@@ -408,6 +429,7 @@ int64_t lq_grad_conv(const float *g, int64_t rows, int64_t cols, int32_t channel
     if (qb && !all_finite(amax_b, channels)) result |= 2;
     free(part);
     free(s_b);
+    free(m_a);
     return result;
 }
 
