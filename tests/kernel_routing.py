@@ -59,12 +59,11 @@ def expected_conv_kernel(
         return "reference"
     from lq.ops import native_quant
 
-    from lq.ops.int8_conv_kernels import amx_conv_pays
+    from lq.ops.int8_conv_kernels import amx_conv_applies
 
-    if geometry is not None and native_quant.amx_library() is not None and amx_conv_pays(geometry[1]):
+    if geometry is not None and native_quant.amx_library() is not None:
         _, _, stride, _, dilation, groups = geometry
-        # the tile unit: stride-1 forward and every grad-input (zero-inserted) of undilated one-group layers
-        if (tuple(dilation) == (1, 1) and groups == 1 and reduction <= hw.max_exact_reduction(u_qmax, w_qmax)
-                and (op == "int8_conv2d_grad_input" or tuple(stride) == (1, 1))):
+        # the tile unit: forward at strides 1 and 2, every grad-input, of undilated one-group layers
+        if amx_conv_applies(op, stride, dilation, groups) and reduction <= hw.max_exact_reduction(u_qmax, w_qmax):
             return "amx"
     return "onednn"

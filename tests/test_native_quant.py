@@ -457,13 +457,16 @@ def test_amx_taps_scratch_does_not_grow_with_idle_threads() -> None:
 
 @pytest.mark.skipif(native_quant.amx_library() is None, reason="no AMX-INT8 on this CPU (or not permitted)")
 @pytest.mark.parametrize("geometry", [(2, 64, 64, 7, 9, 3, 1), (2, 3, 5, 7, 9, 3, 1), (2, 70, 33, 6, 5, 3, 0),
-                                      (1, 16, 8, 5, 5, 5, 2), (3, 128, 96, 4, 4, 1, 0), (2, 130, 129, 5, 5, 3, 1)])
+                                      (1, 16, 8, 5, 5, 5, 2), (3, 128, 96, 4, 4, 1, 0), (2, 130, 129, 5, 5, 3, 1),
+                                      (2, 16, 16, 9, 9, 3, 1), (2, 32, 40, 8, 7, 3, 1), (2, 1, 16, 9, 9, 3, 1),
+                                      (2, 48, 20, 6, 6, 1, 0), (2, 8, 24, 7, 10, 5, 2), (2, 2, 3, 6, 5, 2, 0)])
 @pytest.mark.parametrize("layout", ["row-major", "channels-last"])
 def test_amx_convolution_is_exact_and_scales_as_eq10(geometry, layout, threads) -> None:
-    """The tile unit's stride-1 convolution (implicit GEMM over the padded input's grid): the integer sums of the
-    convolution exactly (unit steps, -128 and 127 included), eq. 10's output stage ((acc * x_step) * w_step[o] +
-    bias[o]) within fp32 rounding, a channels-last output; and the grad-input route (a transposed convolution on
-    the zero-inserted gradient) for strides 1 and 2."""
+    """The tile unit's convolution (implicit GEMM over the padded input's grid; fewer than 64 channels as several
+    taps a step, stride 2 on the space-to-depth grid): the integer sums of the convolution exactly (unit steps, -128
+    and 127 included) at strides 1 and 2, eq. 10's output stage ((acc * x_step) * w_step[o] + bias[o]) within fp32
+    rounding, a channels-last output; and the grad-input route (a transposed convolution on the zero-inserted
+    gradient) for strides 1 and 2."""
     import torch.nn.functional as F
 
     from lq.ops import int8_conv_kernels as K
@@ -474,9 +477,10 @@ def test_amx_convolution_is_exact_and_scales_as_eq10(geometry, layout, threads) 
     wt = torch.randint(-128, 128, (o, c, k, k), dtype=torch.int8, generator=gen)
     if layout == "channels-last":
         x = x.contiguous(memory_format=torch.channels_last)
-    exact = F.conv2d(x.double(), wt.double(), None, 1, p)
-    y = native_quant.amx_conv(x, wt, torch.ones(1), torch.ones(o), None, [p, p], 1 << 20)
-    assert torch.equal(y.double(), exact) and y.is_contiguous(memory_format=torch.channels_last)
+    for stride in (2, 1):
+        exact = F.conv2d(x.double(), wt.double(), None, stride, p)
+        y = native_quant.amx_conv(x, wt, torch.ones(1), torch.ones(o), None, [p, p], 1 << 20, [stride] * 2)
+        assert torch.equal(y.double(), exact) and y.is_contiguous(memory_format=torch.channels_last)
     xs, ws, b = torch.rand(1, generator=gen) + 0.01, torch.rand(o, generator=gen) + 0.01, torch.randn(o, generator=gen)
     y = native_quant.amx_conv(x, wt, xs, ws, b, [p, p], 1 << 20)
     want = exact * xs.double() * ws.double().reshape(1, -1, 1, 1) + b.double().reshape(1, -1, 1, 1)
@@ -493,17 +497,19 @@ def test_amx_convolution_is_exact_and_scales_as_eq10(geometry, layout, threads) 
 
 
 @pytest.mark.skipif(native_quant.amx_library() is None, reason="no AMX-INT8 on this CPU (or not permitted)")
+@pytest.mark.parametrize("channels", [(16, 16), (16, 32), (128, 130)])
 @pytest.mark.parametrize("stride", [1, 2, 3])
-def test_conv_ops_above_the_threshold_run_the_tile_unit_exactly(stride) -> None:
-    """The custom ops route layers of O x C >= 128 x 128 to the tile unit (forward at stride 1; grad-input at every
-    stride through the zero-inserted gradient, output-padding cases included) with exact integer results."""
+def test_conv_ops_run_the_tile_unit_exactly(stride, channels) -> None:
+    """The custom ops route undilated one-group layers to the tile unit (forward at strides 1 and 2; grad-input at
+    every stride: strides 1-2 directly, others through the zero-inserted gradient; output-padding cases included)
+    with exact integer results, few channels (several taps a step) and many."""
     import torch.nn.functional as F
 
     from lq.ops import hardware as hw
     from lq.ops import int8_conv_kernels as K
 
     gen = torch.Generator().manual_seed(stride)
-    n, c, o, h, w, k, p = 2, 128, 130, 8, 7, 3, 1
+    (c, o), n, h, w, k, p = channels, 2, 8, 7, 3, 1
     x = torch.randint(-127, 128, (n, c, h, w), dtype=torch.int8, generator=gen).contiguous(
         memory_format=torch.channels_last)
     wt = torch.randint(-127, 128, (o, c, k, k), dtype=torch.int8, generator=gen)
@@ -511,7 +517,7 @@ def test_conv_ops_above_the_threshold_run_the_tile_unit_exactly(stride) -> None:
     args = ([stride] * 2, [p, p], [1, 1], 1)
     with hw.record_kernels() as ran:
         y = K.int8_conv2d_fwd(x, wt, one, ones, 127, 127, None, *args)
-    assert ran == ["int8_conv2d:" + ("amx" if stride == 1 else "onednn")]
+    assert ran == ["int8_conv2d:" + ("amx" if stride < 3 else "onednn")]
     assert torch.equal(y.double(), F.conv2d(x.double(), wt.double(), None, stride, p))
     g = torch.randint(-127, 128, tuple(y.shape), dtype=torch.int8, generator=gen)
     with hw.record_kernels() as ran:

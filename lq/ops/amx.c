@@ -122,7 +122,7 @@ __attribute__((target("amx-tile,amx-int8"))) static void block_sums(const int8_t
 
 __attribute__((target("amx-tile"))) static void release_tiles(void) { _tile_release(); }
 
-__attribute__((target("avx512f"))) static void finish_row(const int32_t *c, float as, const float *bs,
+__attribute__((target("avx512f"))) static inline void finish_row(const int32_t *c, float as, const float *bs,
                                                           const float *bias, int64_t n, float *out) {
     if (bias) {
         for (int64_t j = 0; j < n; j++) out[j] = (float)c[j] * as * bs[j] + bias[j];
@@ -387,39 +387,121 @@ int64_t lq_amx_taps(const int8_t *ge, int64_t o, int64_t ge_row, int64_t lead, i
 }
 
 #ifdef LQ_AMX
-/* the int32 sums of 32 grid positions (rows t0.. of xg, row stride cp bytes) with 32 output channels (packed
-   weight tiles of column blocks 2jb, 2jb + 1) over every tap (rows shifted by off[k]) and 64-channel step */
-__attribute__((target("amx-tile,amx-int8"))) static void conv_block(const int8_t *xg, int64_t cp, int64_t t0,
+/* the int32 sums of 32 grid positions (rows t0.. of xg, lda bytes apart) with 32 output channels (packed weight
+   tiles of column blocks 2jb, 2jb + 1) over every tap (rows shifted by off[k]) and 64-deep step of a row */
+__attribute__((target("amx-tile,amx-int8"))) static void conv_block(const int8_t *xg, int64_t lda, int64_t t0,
                                                                      int64_t taps, const int64_t *off,
                                                                      const int8_t *wp, int64_t ks, int64_t jn,
                                                                      int64_t jb, int32_t *c) {
     sums_start(c, 0);
     for (int64_t k = 0; k < taps; k++) {
-        const int8_t *a = xg + (t0 + off[k]) * cp;
+        const int8_t *a = xg + (t0 + off[k]) * lda;
         const int8_t *b0 = wp + ((k * jn + 2 * jb) * ks) * 1024;
-        sums_steps(a, a + 16 * cp, 64, cp, b0, b0 + ks * 1024, ks);
+        sums_steps(a, a + 16 * lda, 64, lda, b0, b0 + ks * 1024, ks);
     }
     sums_store(c);
 }
+
+/* conv_block for at most 16 output channels: 64 grid positions (four a tiles, rows t0.. of xg) x 16 channels (column
+   block 0), four independent sums (fewer would wait on each other's latency) stored as c [64][16] */
+__attribute__((target("amx-tile,amx-int8"))) static void conv_block_narrow(const int8_t *xg, int64_t lda, int64_t t0,
+                                                                            int64_t taps, const int64_t *off,
+                                                                            const int8_t *wp, int64_t ks, int64_t jn,
+                                                                            int32_t *c) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t k = 0; k < taps; k++) {
+        const int8_t *a = xg + (t0 + off[k]) * lda;
+        const int8_t *b = wp + (k * jn * ks) * 1024;
+        for (int64_t s = 0; s < ks; s++) {
+            _tile_loadd(7, b + s * 1024, 64);
+            _tile_loadd(4, a + s * 64, lda);
+            _tile_loadd(5, a + 16 * lda + s * 64, lda);
+            _tile_loadd(6, a + 32 * lda + s * 64, lda);
+            _tile_dpbssd(0, 4, 7);
+            _tile_dpbssd(1, 5, 7);
+            _tile_dpbssd(2, 6, 7);
+            _tile_loadd(4, a + 48 * lda + s * 64, lda);
+            _tile_dpbssd(3, 4, 7);
+        }
+    }
+    _tile_stored(0, c, 64);
+    _tile_stored(1, c + 16 * 16, 64);
+    _tile_stored(2, c + 32 * 16, 64);
+    _tile_stored(3, c + 48 * 16, 64);
+}
+
+/* Where lq_amx_conv writes its outputs: y fp32 channels-last [N, yh, yw, yc]. Plain (s2d = 0): grid position (a, b)
+   and channel ch to y[n, a, b, ch] (yh = ho, yw = wo, yc = O). Depth-to-space (s2d = 1, a stride-2 convolution's
+   input gradient on the space-to-depth grid): channel ch = (2p + q) * yc + c to y[n, 2a + p - crop_h, 2b + q - crop_w,
+   c] where that lies inside y. */
+typedef struct {
+    float *y;
+    int64_t yh, yw, yc, crop_h, crop_w;
+    int32_t s2d;
+} conv_out;
+
+/* the output stage of one block of sums acc [rows][lda] (grid positions t0.., channels ch0 .. ch0 + cols) into y:
+   the block's first position as (image, row, column), then stepped along (divisions per position were most of a
+   16-channel layer's time) */
+__attribute__((target("avx512f"))) static void finish_block(const int32_t *acc, int64_t rows, int64_t lda,
+                                                            int64_t t0, int64_t t_out, int64_t hs, int64_t ws,
+                                                            int64_t ho, int64_t wo, int64_t ch0, int64_t cols,
+                                                            float x_step, const float *bs, const float *bias,
+                                                            const conv_out *out) {
+    int64_t img = t0 / (hs * ws), rem = t0 % (hs * ws), a = rem / ws, b = rem % ws, yc = out->yc;
+    for (int64_t r = 0; r < rows && t0 + r < t_out; r++) {
+        if (a < ho && b < wo) {
+            const int32_t *c = acc + r * lda;
+            if (!out->s2d) {
+                finish_row(c, x_step, bs + ch0, bias ? bias + ch0 : NULL, cols,
+                           out->y + ((img * out->yh + a) * out->yw + b) * yc + ch0);
+            } else {
+                for (int64_t j = 0; j < cols;) { /* runs of channels of one (p, q) */
+                    int64_t ch = ch0 + j, pq = ch / yc, cc = ch % yc, run = yc - cc < cols - j ? yc - cc : cols - j;
+                    int64_t yy = 2 * a + pq / 2 - out->crop_h, xx = 2 * b + pq % 2 - out->crop_w;
+                    if (yy >= 0 && yy < out->yh && xx >= 0 && xx < out->yw)
+                        finish_row(c + j, x_step, bs + ch, bias ? bias + ch : NULL, run,
+                                   out->y + ((img * out->yh + yy) * out->yw + xx) * yc + cc);
+                    j += run;
+                }
+            }
+        }
+        if (++b == ws) {
+            b = 0;
+            if (++a == hs) {
+                a = 0;
+                img++;
+            }
+        }
+    }
+}
 #endif
 
-/* A stride-1, one-group convolution on the tile unit (implicit GEMM over the input's grid, lq.ops.int8_conv_kernels):
-     y[n, a, b, o] = ((float)(sum_(tap, c) xg[t + off[tap], c] * w[o, c, tap]) * x_step) * w_step[o] + bias[o]
-   for grid position t = n * hs * ws + a * ws + b (a < ho, b < wo). xg: the zero-padded int8 input on the grid,
-   position-major, channels padded with zeros to cp (a multiple of 64) and rows to at least t_out rounded up to 32
-   plus the largest off; w: int8 [O, C, taps] (row-major [O, C, kh, kw]); y: fp32 [N, Ho, Wo, O] (channels-last).
-   The weight is packed once per call (per tap: B tiles over channels), each output block of 32 positions x 32
-   channels sums every tap and channel step in the tile registers, and the output stage is applied in L1.
-   Returns 0, -1 without AMX, -2 when the packing buffer could not be allocated. */
-int64_t lq_amx_conv(const int8_t *xg, int64_t cp, int64_t t_out, int64_t taps, const int64_t *off, const int8_t *w,
-                    int64_t o, int64_t c, int64_t hs, int64_t ws, int64_t ho, int64_t wo, float x_step,
-                    const float *w_step, const float *bias, float *y, int32_t threads) {
+/* A stride-1, one-group convolution on the tile unit (implicit GEMM over the input's grid, lq.ops.native_quant):
+     y[n, a, b, o] = ((float)(sum_(tap, k < kc) A[t + off[tap], k] * w[o, k, tap]) * x_step) * w_step[o] + bias[o]
+   for grid position t = n * hs * ws + a * ws + b (a < ho, b < wo), where A's row t is the kc bytes at xg + t * lda
+   (kc a multiple of 64). With lda = kc that is the zero-padded input on the grid, position-major, its channels
+   padded to kc; with lda = C < kc = 64 (C dividing 64) a row spans 64 / C neighbouring positions, i.e. as many
+   horizontal taps of a kernel row (the caller's weight holds them as one "tap" of 64 channels). xg holds rows up
+   to t_out rounded up to 64 plus the largest off (and the bytes a row reads beyond); w: int8 [O, c, taps]
+   (row-major; k >= c reads as 0); y: fp32 channels-last, [N, Ho, Wo, O] (s2d = 0; yh = ho, yw = wo) or, with
+   s2d = 1, [N, yh, yw, O / 4] written depth-to-space (conv_out). The weight is packed once per call, each
+   output block of 32 positions x 32 channels sums every tap and step in the tile registers, and the output stage is
+   applied in L1. Returns 0, -1 without AMX, -2 when the packing buffer could not be allocated. */
+int64_t lq_amx_conv(const int8_t *xg, int64_t lda, int64_t kc, int64_t t_out, int64_t taps, const int64_t *off,
+                    const int8_t *w, int64_t o, int64_t c, int64_t hs, int64_t ws, int64_t ho, int64_t wo, float x_step,
+                    const float *w_step, const float *bias, float *y, int64_t yh, int64_t yw, int32_t s2d,
+                    int64_t crop_h, int64_t crop_w, int32_t threads) {
 #ifndef LQ_AMX
     return -1;
 #else
-    int64_t op = (o + 31) / 32 * 32, jn = op / 16, ks = cp / 64, tb = (t_out + 31) / 32, ob = op / 32;
+    int64_t op = (o + 31) / 32 * 32, jn = op / 16, ks = kc / 64, tb = (t_out + 31) / 32, ob = op / 32;
     int8_t *wp = scratch(0, (size_t)(taps * jn * ks) * 1024);
     if (!wp) return -2;
+    const conv_out out = {y, yh, yw, s2d ? o / 4 : o, crop_h, crop_w, s2d};
 #pragma omp parallel num_threads(threads)
     {
         int32_t acc[32 * 32] __attribute__((aligned(64)));
@@ -429,18 +511,20 @@ int64_t lq_amx_conv(const int8_t *xg, int64_t cp, int64_t t_out, int64_t taps, c
                 for (int64_t s = 0; s < ks; s++)
                     pack_b_tile(w + k, o, c, c * taps, taps, j, s, wp + ((k * jn + j) * ks + s) * 1024);
         configure_tiles();
+        if (o <= 16) {
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < (t_out + 63) / 64; i++) {
+                conv_block_narrow(xg, lda, i * 64, taps, off, wp, ks, jn, acc);
+                finish_block(acc, 64, 16, i * 64, t_out, hs, ws, ho, wo, 0, o, x_step, w_step, bias, &out);
+            }
+        } else {
 #pragma omp for schedule(static) collapse(2)
-        for (int64_t i = 0; i < tb; i++) {
-            for (int64_t jb = 0; jb < ob; jb++) {
-                conv_block(xg, cp, i * 32, taps, off, wp, ks, jn, jb, acc);
-                int64_t cols = o - jb * 32 < 32 ? o - jb * 32 : 32;
-                for (int64_t r = 0; r < 32; r++) {
-                    int64_t t = i * 32 + r;
-                    if (t >= t_out) break;
-                    int64_t img = t / (hs * ws), rem = t % (hs * ws), a = rem / ws, b = rem % ws;
-                    if (a >= ho || b >= wo) continue;
-                    finish_row(acc + r * 32, x_step, w_step + jb * 32, bias ? bias + jb * 32 : NULL, cols,
-                               y + ((img * ho + a) * wo + b) * o + jb * 32);
+            for (int64_t i = 0; i < tb; i++) {
+                for (int64_t jb = 0; jb < ob; jb++) {
+                    int64_t cols = o - jb * 32 < 32 ? o - jb * 32 : 32;
+                    conv_block(xg, lda, i * 32, taps, off, wp, ks, jn, jb, acc);
+                    finish_block(acc, 32, 32, i * 32, t_out, hs, ws, ho, wo, jb * 32, cols, x_step, w_step, bias,
+                                 &out);
                 }
             }
         }
@@ -449,4 +533,39 @@ int64_t lq_amx_conv(const int8_t *xg, int64_t cp, int64_t t_out, int64_t taps, c
     scratch_trim();
     return 0;
 #endif
+}
+
+/* lq_amx_conv's input grid from a channels-last int8 x [N, H, W, C] (memory order): grid rows of cg bytes (cg >= C,
+   or >= 4C with s2d), rows_total of them (the N * hs * ws grid positions first; the rest zero).
+     s2d = 0: row (n, u, v) holds x[n, u - ph, v - pw, :] (zero outside the image, and bytes C.. of the row)
+     s2d = 1: row (n, u, v) holds x[n, 2u + p - ph, 2v + q - pw, :] at bytes (2p + q) * C .. (space-to-depth) */
+void lq_conv_grid(const int8_t *x, int64_t n, int64_t h, int64_t w, int64_t c, int64_t ph, int64_t pw, int32_t s2d,
+                  int64_t hs, int64_t ws, int64_t cg, int8_t *xg, int64_t rows_total, int32_t threads) {
+    const int64_t f = s2d ? 2 : 1;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t nu = 0; nu < n * hs; nu++) {
+            int64_t img = nu / hs, u = nu % hs;
+            int8_t *dst = xg + nu * ws * cg;
+            memset(dst, 0, (size_t)(ws * cg));
+            for (int64_t p = 0; p < f; p++) {
+                int64_t r = f * u + p - ph;
+                if (r < 0 || r >= h) continue;
+                const int8_t *src = x + (img * h + r) * w * c;
+                if (!s2d && cg == c) {
+                    int64_t v0 = pw > 0 ? pw : 0, x0 = v0 - pw, len = (w - x0 < ws - v0 ? w - x0 : ws - v0);
+                    if (len > 0) memcpy(dst + v0 * cg, src + x0 * c, (size_t)(len * c));
+                    continue;
+                }
+                for (int64_t v = 0; v < ws; v++)
+                    for (int64_t q = 0; q < f; q++) {
+                        int64_t col = f * v + q - pw;
+                        if (col >= 0 && col < w) memcpy(dst + v * cg + (p * f + q) * c, src + col * c, (size_t)c);
+                    }
+            }
+        }
+#pragma omp single
+        memset(xg + n * hs * ws * cg, 0, (size_t)((rows_total - n * hs * ws) * cg));
+    }
 }

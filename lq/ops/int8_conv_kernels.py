@@ -220,17 +220,17 @@ def _fast_conv_ok(kind: str, u_qmax: int, w_qmax: int, reduction: int) -> bool:
     return True
 
 
-#: the tile-unit convolution (``native_quant.amx_conv``) runs layers with at least this many weight channel
-#: pairs (O x C): forward, batch 64, channels-last, 2-core host, ms amx / oneDNN: 32 x 32 @28 1.02-1.11 / 0.94-1.05,
-#: 64 x 64 @28 1.62 / 1.52, 64 x 64 @56 (batch 32) 3.13 / 2.72, 64 x 64 @14 0.54 / 0.72, 128 x 128 @7 0.51 / 0.95,
-#: 256 x 256 @14 (batch 32) 2.37 / 3.84: oneDNN's per-call weight prepacking grows with the weight, the tile
-#: kernel's grid copy and per-position output stage with the positions
-AMX_CONV_MIN_CHANNEL_PAIRS = 128 * 128
-
-
-def amx_conv_pays(w_shape) -> bool:
-    """Whether a conv (or its grad-input) with weight ``[O, C, kh, kw]`` runs on the tile unit where it can."""
-    return w_shape[0] * w_shape[1] >= AMX_CONV_MIN_CHANNEL_PAIRS
+def amx_conv_applies(op: str, stride, dilation, groups: int) -> bool:
+    """Whether ``op`` (``int8_conv2d`` or ``int8_conv2d_grad_input``) of this geometry runs on the tile unit where the
+    CPU has one (``native_quant.amx_conv`` / ``amx_conv_grad_input``): undilated one-group layers, forward at strides
+    1 and 2, the input gradient at every stride. It beats oneDNN on every ResNet shape measured (forward / grad-input,
+    batch 64 channels-last, 2-core host, ms tile vs oneDNN: 16 x 16 @28 0.41 / 0.55 and 0.43 / 0.59; 16 -> 32 stride
+    2 @28 0.29 / 0.48 and 0.48 / 0.69; 64 x 64 @7 0.21 / 0.37 and 0.24 / 0.47; 64 x 64 @56 batch 32 2.27 / 2.54 and
+    2.28 / 2.84; 256 x 256 @14 batch 32 2.65 / 3.47 and 2.68 / 3.93; the 1-channel stem 0.46 / 0.45): no weight
+    prepacking per call, no biased-uint8 copy, fewer than 64 channels packed as several taps a step."""
+    if tuple(dilation) != (1, 1) or groups != 1:
+        return False
+    return op == "int8_conv2d_grad_input" or tuple(stride) in ((1, 1), (2, 2))
 
 
 @int8_conv2d_fwd.register_kernel("cpu")
@@ -241,8 +241,9 @@ def _conv_fwd_cpu(x, w, x_step, w_step, x_qmax, w_qmax, bias, stride, padding, d
         return _as_promised(
             conv2d_fwd_reference(x, w, x_step, w_step, x_qmax, w_qmax, bias, stride, padding, dilation, groups)
         )
-    if tuple(stride) == (1, 1) and tuple(dilation) == (1, 1) and groups == 1 and amx_conv_pays(w.shape):
-        y = native_quant.amx_conv(x, w, x_step, w_step, bias, list(padding), hw.max_exact_reduction(x_qmax, w_qmax))
+    if amx_conv_applies("int8_conv2d", stride, dilation, groups):
+        y = native_quant.amx_conv(x, w, x_step, w_step, bias, list(padding), hw.max_exact_reduction(x_qmax, w_qmax),
+                                  list(stride))
         if y is not None:  # (the tile unit: no weight prepacking, no biased-uint8 input)
             hw.ran("int8_conv2d", "amx")
             return y
@@ -271,14 +272,16 @@ def _conv_grad_input_cpu(g, w, g_step, g_qmax, w_qmax, input_size, stride, paddi
         return _as_promised(
             conv2d_grad_input_reference(g, w, g_step, g_qmax, w_qmax, input_size, stride, padding, dilation, groups)
         )
-    if tuple(dilation) == (1, 1) and groups == 1 and amx_conv_pays(w.shape) and native_quant.amx_usable(g, w, g_step):
-        # the tile unit: the transposed convolution as an ordinary stride-1 one on the (zero-inserted) int8 gradient
-        canvas, conv_pad = transposed_conv_input(
-            g, w.shape, input_size, stride, padding, dilation, memory_format=torch.channels_last
-        )
-        wt = transposed_conv_weight(w, groups)
-        ones = torch.ones(wt.shape[0], dtype=torch.float32)
-        y = native_quant.amx_conv(canvas, wt, g_step, ones, None, conv_pad, hw.max_exact_reduction(g_qmax, w_qmax))
+    if amx_conv_applies("int8_conv2d_grad_input", stride, dilation, groups) and native_quant.amx_usable(g, w, g_step):
+        limit = hw.max_exact_reduction(g_qmax, w_qmax)
+        y = native_quant.amx_conv_grad_input(g, w, g_step, list(input_size), list(stride), list(padding), limit)
+        if y is None:  # (other strides and paddings: a stride-1 convolution of the zero-inserted gradient)
+            canvas, conv_pad = transposed_conv_input(
+                g, w.shape, input_size, stride, padding, dilation, memory_format=torch.channels_last
+            )
+            wt = transposed_conv_weight(w, groups)
+            ones = torch.ones(wt.shape[0], dtype=torch.float32)
+            y = native_quant.amx_conv(canvas, wt, g_step, ones, None, conv_pad, limit)
         if y is not None and list(y.shape) == list(input_size):
             hw.ran("int8_conv2d_grad_input", "amx")
             return y

@@ -24,7 +24,7 @@ from lq.ops import fused
 from lq.quant.functional import AMAX_EPS
 
 __all__ = [
-    "amx_conv", "amx_library", "amx_mm", "amx_taps", "amx_usable", "grad_operands", "grid_rows", "library",
+    "amx_conv", "amx_conv_grad_input", "amx_library", "amx_mm", "amx_taps", "amx_usable", "grad_operands", "grid_rows", "library",
     "quantize_rows", "quantize_tensor", "scale_sums",
 ]
 
@@ -47,8 +47,10 @@ def amx_library() -> ctypes.CDLL | None:
     lib.lq_amx_mm.restype = _I64
     lib.lq_amx_mm.argtypes = [_P, _I64, _I64, _I64, _I64, _P, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _I32]
     lib.lq_amx_conv.restype = _I64
-    lib.lq_amx_conv.argtypes = [_P, _I64, _I64, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _F, _P, _P, _P,
-                                _I32]
+    lib.lq_amx_conv.argtypes = [_P, _I64, _I64, _I64, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _F, _P, _P,
+                                _P, _I64, _I64, _I32, _I64, _I64, _I32]
+    lib.lq_conv_grid.restype = None
+    lib.lq_conv_grid.argtypes = [_P, _I64, _I64, _I64, _I64, _I64, _I64, _I32, _I64, _I64, _I64, _P, _I64, _I32]
     lib.lq_amx_taps.restype = _I64
     lib.lq_amx_taps.argtypes = [_P, _I64, _I64, _I64, _I64, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, _P, _F, _P,
                                 _I32]
@@ -57,40 +59,152 @@ def amx_library() -> ctypes.CDLL | None:
 
 def amx_conv(
     x: torch.Tensor, w: torch.Tensor, x_step: torch.Tensor, w_step: torch.Tensor, bias: torch.Tensor | None,
-    padding: list[int], max_reduction: int,
+    padding: list[int], max_reduction: int, stride: list[int] | tuple[int, int] = (1, 1),
 ) -> torch.Tensor | None:
-    """A stride-1, one-group, undilated int8 convolution on the tile unit (``amx.c`` ``lq_amx_conv``: an implicit
-    GEMM over the zero-padded input's grid, each tap a row shift of it, the weight packed once a call, the output
-    stage ``((acc * x_step) * w_step[o]) + bias[o]`` applied per block in L1): ``x`` int8 ``[N, C, H, W]`` (any
-    layout; channels-last is copied without a transpose), ``w`` int8 ``[O, C, kh, kw]``, ``x_step [1]``,
+    """A one-group, undilated int8 convolution of stride 1 or 2 on the tile unit (``amx.c`` ``lq_amx_conv``: an
+    implicit GEMM over the zero-padded input's grid, each tap a row shift of it, the weight packed once a call, the
+    output stage ``((acc * x_step) * w_step[o]) + bias[o]`` applied per block in L1): ``x`` int8 ``[N, C, H, W]``
+    (channels-last is read in place, another layout copied to it), ``w`` int8 ``[O, C, kh, kw]``, ``x_step [1]``,
     ``w_step [O]`` or ``[1]``. Returns the fp32 ``[N, O, Ho, Wo]`` output, channels-last, or ``None`` where the
-    kernel does not apply (no AMX, a reduction ``C * kh * kw`` beyond ``max_reduction``, ...)."""
+    kernel does not apply (no AMX, a reduction ``C * kh * kw`` beyond ``max_reduction``, ...).
+
+    Stride 2 is the stride-1 convolution of the input's space-to-depth grid (2 x 2 pixels -> ``4 C`` channels) with
+    the weight cut into its ``ceil(k / 2)^2`` phases (:func:`_phase_weight`)."""
     if x.dim() != 4 or w.dim() != 4 or x.dtype != torch.int8 or w.dtype != torch.int8 or x_step.numel() != 1:
         return None
     n, c, h, wd = x.shape
     o, cw, kh, kw = w.shape
-    ph, pw = padding
-    hs, ws = h + 2 * ph, wd + 2 * pw
-    ho, wo = hs - kh + 1, ws - kw + 1
-    if (cw != c or ho < 1 or wo < 1 or n == 0 or ph < 0 or pw < 0 or c * kh * kw > max_reduction
-            or w_step.numel() not in (1, o)
+    (ph, pw), (sh, sw) = padding, stride
+    hp, wp = h + 2 * ph, wd + 2 * pw
+    if (cw != c or n == 0 or ph < 0 or pw < 0 or (sh, sw) not in ((1, 1), (2, 2)) or hp < kh or wp < kw
+            or c * kh * kw > max_reduction or w_step.numel() not in (1, o)
             or bias is not None and bias.numel() != o or not amx_usable(x, w, x_step, w_step, bias)):
         return None
-    cp = -(-c // 64) * 64
-    t_out = n * hs * ws
-    offs = [i * ws + j for i in range(kh) for j in range(kw)]
-    xg = torch.zeros((-(-t_out // 32) * 32 + max(offs), cp), dtype=torch.int8, device="cpu")
-    xg[:t_out].view(n, hs, ws, cp)[:, ph : ph + h, pw : pw + wd, :c].copy_(x.permute(0, 2, 3, 1))
-    wc = w.contiguous()
-    steps = _vector(w_step, o)
-    b = None if bias is None else _vector(bias, o)
+    ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+    grid = (-(-hp // 2), -(-wp // 2)) if sh == 2 else (hp, wp)
     y = torch.empty((n, ho, wo, o), dtype=torch.float32, device="cpu")
-    off_arr = (ctypes.c_int64 * len(offs))(*offs)
-    res = amx_library().lq_amx_conv(
-        xg.data_ptr(), cp, t_out, len(offs), off_arr, wc.data_ptr(), o, c, hs, ws, ho, wo, float(x_step),
-        steps.data_ptr(), _ptr(b), y.data_ptr(), torch.get_num_threads(),
+    ok = _conv_on_grid(x, (ph, pw), sh == 2, grid, w, f"conv{sh}", x_step, _vector(w_step, o), bias, (ho, wo), y,
+                       False, (0, 0))
+    return y.permute(0, 3, 1, 2) if ok else None
+
+
+def amx_conv_grad_input(
+    g: torch.Tensor, w: torch.Tensor, g_step: torch.Tensor, input_size: list[int], stride: list[int],
+    padding: list[int], max_reduction: int,
+) -> torch.Tensor | None:
+    """The input gradient of a one-group, undilated convolution of stride 1 or 2 on the tile unit, from the int8
+    output gradient ``g [N, O, Ho, Wo]`` (per-tensor ``g_step``) and the int8 weight ``w [O, C, kh, kw]``: fp32
+    ``input_size`` ``[N, C, H, W]``, channels-last, ``g_step * sum`` (eq. 10 with the weight steps folded into ``g``),
+    or ``None`` where the kernel does not apply.
+
+    Stride 1: the ordinary convolution of ``g`` padded by ``k - 1 - p`` with the weight flipped and its channels
+    swapped. Stride 2 (no zero-inserted canvas, whose zeros were 3/4 of the work): the padded input's space-to-depth
+    grid, ``dx[2u + p, 2v + q, c] = sum_(i', j', o) g'[u + i', v + j', o] w[o, c, 2(k2 - 1 - i') + p, 2(k2 - 1 - j')
+    + q]`` with ``g'`` = ``g`` shifted by ``k2 - 1 = ceil(k / 2) - 1``: a stride-1 convolution with ``4 C`` outputs,
+    written back depth-to-space (``lq_amx_conv``'s ``s2d`` output) with the padding cropped."""
+    if g.dim() != 4 or w.dim() != 4 or g.dtype != torch.int8 or w.dtype != torch.int8 or g_step.numel() != 1:
+        return None
+    n, c, h, wd = input_size
+    o, cw, kh, kw = w.shape
+    (ph, pw), (sh, sw) = padding, stride
+    hp, wp = h + 2 * ph, wd + 2 * pw
+    if (cw != c or n == 0 or g.shape[:2] != (n, o) or (sh, sw) not in ((1, 1), (2, 2)) or hp < kh or wp < kw
+            or list(g.shape[2:]) != [(hp - kh) // sh + 1, (wp - kw) // sw + 1] or o * kh * kw > max_reduction
+            or not 0 <= ph <= kh - 1 or not 0 <= pw <= kw - 1 or not amx_usable(g, w, g_step)):
+        return None
+    y = torch.empty((n, h, wd, c), dtype=torch.float32, device="cpu")
+    if sh == 1:
+        pads, out_hw, crop = (kh - 1 - ph, kw - 1 - pw), (h, wd), (0, 0)
+        grid = (g.shape[2] + 2 * pads[0], g.shape[3] + 2 * pads[1])
+    else:
+        kh2, kw2 = -(-kh // 2), -(-kw // 2)
+        pads, out_hw, crop = (kh2 - 1, kw2 - 1), (-(-hp // 2), -(-wp // 2)), (ph, pw)
+        grid = (out_hw[0] + kh2 - 1, out_hw[1] + kw2 - 1)
+    ones = _floats(4 * c if sh == 2 else c).fill_(1.0)
+    ok = _conv_on_grid(g, pads, False, grid, w, f"grad{sh}", g_step, ones, None, out_hw, y, sh == 2, crop)
+    return y.permute(0, 3, 1, 2) if ok else None
+
+
+def _phase_weight(w: torch.Tensor, kind: str) -> torch.Tensor:
+    """The stride-1 weight ``[O2, C2, kh2, kw2]`` that ``lq_amx_conv`` runs for a weight ``w [O, C, kh, kw]``:
+    ``conv1`` ``w``; ``conv2`` its space-to-depth phases (``[O, (p, q, c), i2, j2] = w[o, c, 2 i2 + p, 2 j2 + q]``);
+    ``grad1`` flipped with its channels swapped (the input gradient at stride 1); ``grad2`` the stride-2 input
+    gradient's (``[(p, q, c), o, i', j'] = w[o, c, 2 (k2 - 1 - i') + p, 2 (k2 - 1 - j') + q]``). Zeros where a phase
+    reaches beyond the kernel. Any dtype (run once per geometry on index codes, :func:`_tap_index`)."""
+    o, c, kh, kw = w.shape
+    if kind == "conv1":
+        return w
+    if kind == "grad1":
+        return w.transpose(0, 1).flip(2, 3)
+    kh2, kw2 = -(-kh // 2), -(-kw // 2)
+    wpad = w.new_zeros((o, c, 2 * kh2, 2 * kw2))
+    wpad[:, :, :kh, :kw] = w
+    phases = wpad.view(o, c, kh2, 2, kw2, 2)  # [o, c, i2, p, j2, q]
+    if kind == "conv2":
+        return phases.permute(0, 3, 5, 1, 2, 4).reshape(o, 4 * c, kh2, kw2)
+    return phases.flip(2, 4).permute(3, 5, 1, 0, 2, 4).reshape(4 * c, o, kh2, kw2)
+
+
+def _grid_layout(c2: int) -> tuple[int, int]:
+    """``(bytes of a grid row, positions a 64-byte step spans)`` for ``c2`` channels: with 64 or more, the channels
+    of one position padded to a multiple of 64; with fewer, ``64 / c2`` neighbouring positions of ``c2`` channels
+    (padded to a power of two, at least 4), i.e. that many horizontal taps of a kernel row in one step (16 channels: a
+    3x3 kernel in 3 steps instead of 9 steps of 16 useful bytes in 64). (Rows of 1 byte, C = 1, summed kernels of
+    several rows wrongly on the AMX host, unexplained; 2- and 4-byte rows were exact in every test.)"""
+    if c2 >= 64:
+        return -(-c2 // 64) * 64, 1
+    cg = max(4, 1 << (c2 - 1).bit_length())
+    return cg, 64 // cg
+
+
+@functools.lru_cache(maxsize=256)
+def _tap_index(kind: str, shape: tuple[int, int, int, int]) -> tuple[torch.Tensor, int, int, int, int]:
+    """For a weight of ``shape`` and :func:`_phase_weight` ``kind``: ``(index, cg, group, kh2, tj)``, ``index`` the
+    int64 ``[O2, kc, kh2 * tj]`` positions in the flat weight (``numel`` = a zero) of the taps' ``[O2, kc, taps]``
+    operand of ``lq_amx_conv`` (tap ``(i, j)``: kernel row ``i``, horizontal taps ``j * group ..`` as the 64-byte step's
+    positions, :func:`_grid_layout`). One gather a call instead of a chain of small strided copies (a flip and two
+    reshapes of a 64 x 32 x 3 x 3 weight took 0.3 ms)."""
+    numel = shape[0] * shape[1] * shape[2] * shape[3]
+    w2 = _phase_weight(torch.arange(1, numel + 1, dtype=torch.int64).view(shape), kind)
+    o2, c2, kh2, kw2 = w2.shape
+    cg, group = _grid_layout(c2)
+    tj = -(-kw2 // group)
+    wk = torch.zeros((o2, cg, kh2, tj * group), dtype=torch.int64)
+    wk[:, :c2, :, :kw2] = w2
+    wk = wk.view(o2, cg, kh2, tj, group).permute(0, 4, 1, 2, 3).reshape(o2, max(cg, 64), kh2 * tj)
+    return torch.where(wk > 0, wk - 1, numel).contiguous(), cg, group, kh2, tj
+
+
+def _conv_on_grid(
+    src: torch.Tensor, pads: tuple[int, int], s2d_in: bool, grid: tuple[int, int], w: torch.Tensor, kind: str,
+    x_step: torch.Tensor, steps: torch.Tensor, bias: torch.Tensor | None, out_hw: tuple[int, int], y: torch.Tensor,
+    s2d_out: bool, crop: tuple[int, int],
+) -> bool:
+    """Run ``lq_amx_conv`` for the int8 ``src [N, C, H, W]`` (any layout) on its ``grid`` (rows x columns per
+    image; zero padding ``pads`` at the top/left; space-to-depth when ``s2d_in``) with the weight ``w`` made a
+    stride-1 one by :func:`_phase_weight` ``kind``, outputs at the grid's first ``out_hw`` rows and columns into the
+    channels-last fp32 ``y`` (depth-to-space when ``s2d_out``, ``crop`` cut at the top/left)."""
+    src = src.contiguous(memory_format=torch.channels_last)
+    n, c, h, wd = src.shape
+    index, cg, group, kh2, tj = _tap_index(kind, tuple(w.shape))
+    o2, kc, taps = index.shape
+    wk = torch.cat((w.reshape(-1), w.new_zeros(1))).take(index)
+    hs, ws = grid
+    offs = [i * ws + j * group for i in range(kh2) for j in range(tj)]
+    t_out = n * hs * ws
+    rows = -(-t_out // 64) * 64 + max(offs) + group
+    xg = torch.empty((rows, cg), dtype=torch.int8, device="cpu")
+    threads = torch.get_num_threads()
+    lib = amx_library()
+    lib.lq_conv_grid(src.data_ptr(), n, h, wd, c, pads[0], pads[1], int(s2d_in), hs, ws, cg, xg.data_ptr(), rows,
+                     threads)
+    off_arr = (ctypes.c_int64 * taps)(*offs)
+    res = lib.lq_amx_conv(
+        xg.data_ptr(), cg, kc, t_out, taps, off_arr, wk.data_ptr(), o2, kc, hs, ws, out_hw[0], out_hw[1],
+        float(x_step), steps.data_ptr(), _ptr(None if bias is None else _vector(bias, o2)), y.data_ptr(), y.shape[1],
+        y.shape[2], int(s2d_out), crop[0], crop[1], threads,
     )
-    return y.permute(0, 3, 1, 2) if res == 0 else None
+    return res == 0
 
 
 def amx_usable(*tensors: torch.Tensor) -> bool:
