@@ -23,6 +23,7 @@ from torch.nn.modules.utils import _pair
 from lq.ops import int8_conv_kernels as K
 from lq.ops.config import Int8ComputeConfig
 from lq.ops.grad_quant import GradOperand, check_unquantized_grad, quantize_layer_grads
+from lq.ops.int8_mm import plain_cpu_eager
 from lq.ops.partitioner import keep, keep_input
 from lq.ops.quantize import dequantize_along, quantize_along
 from lq.ops.saved_int8 import share_int8, shared_int8
@@ -50,7 +51,7 @@ class Int8Conv2dFunction(torch.autograd.Function):
                 share_int8(x, xq, x_step, qa)
         wq, w_step = quantize_along(weight, qw, 0, name=name, what="weight")
         fast = config.use_fast_kernels
-        fwd = K.int8_conv2d_fwd if fast else K.conv2d_fwd_reference
+        fwd = _kernel(K.int8_conv2d_fwd, K.conv2d_fwd_reference, fast, xq, wq)
         y = fwd(xq, wq, x_step, w_step, qa, qw, bias, stride, padding, dilation, groups)
         kept = (x,) if keep_input(x, ctx.needs_input_grad[0]) else ()  # (compiled on CPU: lq.ops.partitioner)
         ctx.save_for_backward(xq, x_step, wq, w_step, *kept)
@@ -79,7 +80,7 @@ class Int8Conv2dFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             if "x" in quantized:
                 r = quantized.pop("x")  # (freed once its GEMM has run)
-                op = K.int8_conv2d_grad_input if fast else K.conv2d_grad_input_reference
+                op = _kernel(K.int8_conv2d_grad_input, K.conv2d_grad_input_reference, fast, r.q, wq)
                 grad_x = op(r.q, wq, r.step, qg, qw, list(xq.shape), stride, padding, dilation, groups)
             else:
                 w = dequantize_along(wq, w_step, 0)
@@ -93,7 +94,7 @@ class Int8Conv2dFunction(torch.autograd.Function):
             wsize = list(wq.shape)
             if "w" in quantized:
                 r = quantized.pop("w")
-                op = K.int8_conv2d_grad_weight if fast else K.conv2d_grad_weight_reference
+                op = _kernel(K.int8_conv2d_grad_weight, K.conv2d_grad_weight_reference, fast, r.q, xq)
                 grad_w = op(r.q, xq, r.step, x_step, qg, qa, wsize, stride, padding, dilation, groups)
             else:
                 x = dequantize_along(xq, x_step, None)
@@ -101,6 +102,14 @@ class Int8Conv2dFunction(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g.sum((0, 2, 3))
         return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None
+
+
+def _kernel(op, reference, fast: bool, *tensors: torch.Tensor):
+    """The custom ``op`` (fast kernels), its CPU kernel itself where nothing needs the op (plain eager CPU tensors:
+    the op's Python dispatch cost ~50 us a call, 26 calls a SmallResNet step), or the ``reference``."""
+    if not fast:
+        return reference
+    return K.CPU_KERNELS[op] if plain_cpu_eager(*tensors) else op
 
 
 def int8_conv2d(

@@ -546,5 +546,12 @@ def _conv_grad_weight_cpu(g, x, g_step, x_step, g_qmax, x_qmax, weight_size, str
     )
 
 
+#: each op's CPU kernel, for callers that skip the op's dispatch in plain eager use (``lq.ops.int8_conv``)
+CPU_KERNELS = {
+    int8_conv2d_fwd: _conv_fwd_cpu,
+    int8_conv2d_grad_input: _conv_grad_input_cpu,
+    int8_conv2d_grad_weight: _conv_grad_weight_cpu,
+}
+
 # The CUDA kernels (int8 im2col + torch._int_mm) register themselves; imported last: they use this module.
 from lq.ops import int8_conv_gemm  # noqa: E402

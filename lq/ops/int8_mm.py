@@ -22,7 +22,7 @@ import torch
 
 from lq.ops import hardware as hw
 
-__all__ = ["exact_int_matmul", "int8_mm", "int8_mm_eager", "int8_mm_reference"]
+__all__ = ["exact_int_matmul", "int8_mm", "int8_mm_eager", "int8_mm_reference", "plain_cpu_eager"]
 
 
 def _exact_fp32_ok(device: torch.device) -> bool:
@@ -326,13 +326,20 @@ def int8_mm_eager(
     """``lq::int8_mm`` with its CPU kernel called directly where nothing needs the op itself: plain CPU tensors, no
     compile trace, no dispatch or torch-function mode (profilers, fake tensors and tracers see the op as before).
     The custom op's Python dispatch cost 70-250 us a call on the 2-core host, against a 0.85 ms 1024^3 product."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
-    if (a.device.type == "cpu" and type(a) is torch.Tensor and type(b) is torch.Tensor
-            and not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
-            and not torch._C._is_torch_function_mode_enabled()):
+    if plain_cpu_eager(a, b):
         return _int8_mm_cpu(a, b, a_step, b_step, a_qmax, b_qmax, bias)
     return int8_mm(a, b, a_step, b_step, a_qmax, b_qmax, bias)
+
+
+def plain_cpu_eager(*tensors: torch.Tensor) -> bool:
+    """Whether a custom op's CPU kernel may be called directly on ``tensors``: plain CPU tensors, no compile trace, no
+    dispatch or torch-function mode (where those are active, the op itself must run: profilers, fake tensors and
+    tracers see it)."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return (all(t.device.type == "cpu" and type(t) is torch.Tensor for t in tensors)
+            and not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
+            and not torch._C._is_torch_function_mode_enabled())
 
 
 # -------------------------------------------------------------------------------------------- CUDA
