@@ -379,11 +379,12 @@ def test_amx_packing_buffers_do_not_outlive_their_thread_or_a_large_call() -> No
 @pytest.mark.parametrize("geometry", [
     (8, 64, 64, 14, 14, 3, 1, 1), (4, 16, 32, 9, 9, 3, 2, 1), (2, 40, 70, 7, 5, 3, 1, 1), (3, 33, 17, 8, 8, 1, 2, 0),
     (2, 8, 8, 6, 6, 5, 1, 2), (4, 40, 33, 6, 6, 1, 1, 0), (2, 3, 5, 4, 7, 1, 1, 0),
+    (2, 16, 16, 9, 9, 3, 2, 1), (3, 12, 10, 7, 8, 3, 1, 1), (40, 16, 16, 12, 12, 3, 1, 1),
 ])
 @pytest.mark.parametrize("layout", ["row-major", "channels-last"])
 def test_amx_conv_weight_gradients_equal_the_int_mm_paths(geometry, layout, monkeypatch) -> None:
     """The tile unit's conv weight gradients (every tap from each phase packed once, the reduction in chunks
-    shared by the threads; 1x1 layers on channels-last operands as one product of transposed views) give the
+    shared by the threads; at most 16 x 16 channels four taps at a time, several chunks and phases included; 1x1 layers on channels-last operands as one product of transposed views) give the
     numbers of the `_int_mm` tap and im2col paths (tested against the reference elsewhere) bit for bit, and the
     float64 convolution's within fp32 scaling; the channels-last gradient reaches the grid by 16 x 16 transposes."""
     from lq.ops import hardware as hw

@@ -310,6 +310,52 @@ int64_t lq_amx_mm(const int8_t *a, int64_t m, int64_t k, int64_t sam, int64_t sa
 #endif
 }
 
+#ifdef LQ_AMX
+/* one tap of taps_narrow: a 16-row a tile of ge at the tap's shift into tile A, its phase's b tile into tile 7 where
+   the previous tap had another phase, the sums of tap slot T (tile T) */
+#define NARROW_TAP(T, A)                                                                                           \
+    if (T < nk) {                                                                                                  \
+        int32_t ph = phase_of[k0 + T];                                                                             \
+        if (ph != loaded) {                                                                                        \
+            _tile_loadd(7, bchunk + ((ph * jn) * chunk + ss) * 1024, 64);                                          \
+            loaded = ph;                                                                                           \
+        }                                                                                                          \
+        _tile_loadd(A, ge + (lead - off[k0 + T]) + (s0 + ss) * 64, ge_row);                                        \
+        _tile_dpbssd(T, A, 7);                                                                                     \
+    }
+
+/* The taps of one reduction chunk for at most 16 output and 16 input channels (lq_amx_taps): the 2 x 2 blocking's
+   32 x 32 blocks would be 3/4 zeros, so four taps' 16 x 16 sums sit in tiles 0-3 at once, each step one a tile per
+   tap and the b tile of its phase (one for all taps at stride 1). The sums live at the top-left of each tap's 32 x 32
+   block of acc. */
+__attribute__((target("amx-tile,amx-int8"))) static void taps_narrow(const int8_t *ge, int64_t ge_row, int64_t lead,
+                                                                      int64_t s0, int64_t steps, int64_t taps,
+                                                                      const int64_t *off, const int32_t *phase_of,
+                                                                      const int8_t *bchunk, int64_t jn, int64_t chunk,
+                                                                      int32_t *acc) {
+    for (int64_t k0 = 0; k0 < taps; k0 += 4) {
+        int64_t nk = taps - k0 < 4 ? taps - k0 : 4;
+        int32_t *c = acc + k0 * 1024;
+        _tile_loadd(0, c, 128);
+        if (nk > 1) _tile_loadd(1, c + 1024, 128);
+        if (nk > 2) _tile_loadd(2, c + 2048, 128);
+        if (nk > 3) _tile_loadd(3, c + 3072, 128);
+        for (int64_t ss = 0; ss < steps; ss++) {
+            int32_t loaded = -1; /* (the phase whose step-ss b tile is in tile 7) */
+            NARROW_TAP(0, 4)
+            NARROW_TAP(1, 5)
+            NARROW_TAP(2, 6)
+            NARROW_TAP(3, 4)
+        }
+        _tile_stored(0, c, 128);
+        if (nk > 1) _tile_stored(1, c + 1024, 128);
+        if (nk > 2) _tile_stored(2, c + 2048, 128);
+        if (nk > 3) _tile_stored(3, c + 3072, 128);
+    }
+}
+#undef NARROW_TAP
+#endif
+
 /* A convolution's weight gradient by taps (lq.ops.int8_conv_kernels._grad_weight_taps) on the tile unit:
      out[o, c, tap] = (sum_t ge[o, t] * X_p(tap)[t + off[tap], c]) * g_step[o] * x_step
    ge: the output gradient laid out on the (phase) grid, rows o of a row-major buffer with row stride ge_row whose
@@ -331,7 +377,13 @@ int64_t lq_amx_taps(const int8_t *ge, int64_t o, int64_t ge_row, int64_t lead, i
     int64_t chunk = (int64_t)((1 << 20) / ((ob * 32 + cp * phases) * 64));
     chunk = chunk < 4 ? 4 : chunk > ks ? ks : chunk;
     int64_t chunks = (ks + chunk - 1) / chunk, items = taps * ob * cb;
+    if (chunks > 1 && chunks % threads) { /* as many chunks per thread (5 chunks on 2 threads ran 3 : 2) */
+        chunks = (chunks + threads - 1) / threads * threads;
+        chunk = (ks + chunks - 1) / chunks;
+        chunks = (ks + chunk - 1) / chunk;
+    }
     if (threads > chunks) threads = (int32_t)chunks; /* (a thread without a chunk would only add zeros) */
+    const int narrow = o <= 16 && c <= 16;
     /* thread u's packed chunk at buf + u * per_thread, its int32 sums per_thread_b bytes further */
     size_t per_thread_b = (size_t)(phases * jn * chunk) * 1024, per_thread = per_thread_b + (size_t)items * 32 * 32 * 4;
     int8_t *buf = scratch(0, (size_t)threads * per_thread);
@@ -350,9 +402,13 @@ int64_t lq_amx_taps(const int8_t *ge, int64_t o, int64_t ge_row, int64_t lead, i
         for (int64_t q = 0; q < chunks; q++) {
             int64_t s0 = q * chunk, steps = ks - s0 < chunk ? ks - s0 : chunk;
             for (int64_t p = 0; p < phases; p++)
-                for (int64_t j = 0; j < jn; j++)
+                for (int64_t j = 0; j < (narrow ? 1 : jn); j++)
                     for (int64_t ss = 0; ss < steps; ss++)
                         pack_b_tile(x[p], c, tx, xc, xt, j, s0 + ss, bchunk + ((p * jn + j) * chunk + ss) * 1024);
+            if (narrow) {
+                taps_narrow(ge, ge_row, lead, s0, steps, taps, off, phase_of, bchunk, jn, chunk, acc);
+                continue;
+            }
             for (int64_t k = 0; k < taps; k++)
                 for (int64_t i = 0; i < ob; i++)
                     for (int64_t j = 0; j < cb; j++) {
