@@ -439,13 +439,13 @@ def _input_phases(x, padding, stride, grid, tx, wanted, position_major) -> dict:
     return phases
 
 
-def _grid_rows(g: torch.Tensor, dst: torch.Tensor, hs: int, ws: int) -> None:
-    """``dst [O, >= N * hs * ws]`` (zeros) gets the gradient ``g [N, O, Ho, Wo]`` on the grid, channel rows: a C
-    kernel of 16 x 16 byte transposes for a channels-last ``g`` on CPU (``native_quant.grid_rows``), else torch's
-    strided copy."""
+def _grid_rows(g: torch.Tensor, dst: torch.Tensor, hs: int, ws: int, lead: int = 0) -> None:
+    """``dst [>= O, >= lead + N * hs * ws]`` (contiguous) gets the gradient ``g [N, O, Ho, Wo]`` on the grid in its
+    channel rows from column ``lead`` on, zeros elsewhere: a C kernel of 16 x 16 byte transposes for a channels-last
+    ``g`` on CPU (``native_quant.grid_rows``), else a fill and torch's strided copy."""
     n, o, ho, wo = g.shape
-    if not native_quant.grid_rows(g, dst, hs, ws):
-        dst[:, : n * hs * ws].view(o, n, hs, ws)[:, :, :ho, :wo].copy_(g.permute(1, 0, 2, 3))
+    if not native_quant.grid_rows(g, dst, hs, ws, lead):
+        dst.zero_()[:o, lead : lead + n * hs * ws].view(o, n, hs, ws)[:, :, :ho, :wo].copy_(g.permute(1, 0, 2, 3))
 
 
 def _grad_weight_taps(g, x, g_step, x_step, weight_size, padding, stride=(1, 1)) -> torch.Tensor:
@@ -479,13 +479,16 @@ def _grad_weight_taps(g, x, g_step, x_step, weight_size, padding, stride=(1, 1))
     stacked = c * len(taps) <= o  # few input channels: the taps' shifted rows of X stacked, one GEMM
     position_major = not stacked and fused.is_channels_last(x)
     wanted = sorted(set(phase_of))
-    phases = _input_phases(x, padding, stride, (hs, ws), tx, wanted, position_major)
+    phases = None
     if not stacked and native_quant.amx_usable(g, x, g_step, x_step) and x_step.numel() == 1:
         # the tile unit: each phase packed once for all its taps, each tap reading the gradient at a shift (ge with
-        # a zero lead of max(offs) columns, rows up to a multiple of 32)
+        # a zero lead of max(offs) columns, rows up to a multiple of 32); position-major phases as views of one
+        # grid built in C (the space-to-depth grid at stride 2)
+        phases = native_quant.phase_grids(x, padding, stride, (hs, ws), tx) if position_major else None
+        phases = phases or _input_phases(x, padding, stride, (hs, ws), tx, wanted, position_major)
         lead = max(offs)
-        geb = torch.zeros((-(-o // 32) * 32, lead + -(-tx // 64) * 64), dtype=torch.int8, device=dev)
-        _grid_rows(g, geb[:o, lead : lead + t], hs, ws)
+        geb = torch.empty((-(-o // 32) * 32, lead + -(-tx // 64) * 64), dtype=torch.int8, device=dev)
+        _grid_rows(g, geb, hs, ws, lead)
         out = native_quant.amx_taps(geb, o, lead, offs, [wanted.index(p) for p in phase_of],
                                     [phases[p] for p in wanted], position_major, c, tx, g_step, x_step,
                                     list(weight_size))
@@ -493,7 +496,8 @@ def _grad_weight_taps(g, x, g_step, x_step, weight_size, padding, stride=(1, 1))
             hw.ran("int8_conv2d_grad_weight", "taps_amx")
             return out
     hw.ran("int8_conv2d_grad_weight", "taps_int_mm")
-    ge = torch.zeros((o, t), dtype=torch.int8, device=dev)
+    phases = _input_phases(x, padding, stride, (hs, ws), tx, wanted, position_major)
+    ge = torch.empty((o, t), dtype=torch.int8, device=dev)
     _grid_rows(g, ge, hs, ws)
     if stacked:
         xs = torch.empty((len(taps), c, t), dtype=torch.int8, device=dev)

@@ -207,6 +207,24 @@ def _conv_on_grid(
     return res == 0
 
 
+def phase_grids(x: torch.Tensor, padding, stride, grid: tuple[int, int], rows: int) -> dict | None:
+    """The stride phases of the zero-padded int8 ``x [N, C, H, W]`` (channels-last) position-major for the weight
+    gradient's taps (``lq.ops.int8_conv_kernels._input_phases``' dict ``{(p, q): [rows, C]}``) as views of one grid
+    built in C (``lq_conv_grid``: the padded input at stride 1, its space-to-depth grid at stride 2, rows after the
+    ``N * grid`` positions zero), or ``None`` where that does not apply (other strides, no AMX, another layout)."""
+    n, c, h, w = x.shape
+    s = tuple(stride)
+    if (s not in ((1, 1), (2, 2)) or x.dtype != torch.int8 or not fused.is_channels_last(x) or min(padding) < 0
+            or grid != (-(-(h + 2 * padding[0]) // s[0]), -(-(w + 2 * padding[1]) // s[1]))
+            or rows < n * grid[0] * grid[1] or not amx_usable(x)):
+        return None
+    f = s[0]
+    buf = torch.empty((rows, f * f * c), dtype=torch.int8, device="cpu")
+    amx_library().lq_conv_grid(x.data_ptr(), n, h, w, c, padding[0], padding[1], int(f == 2), grid[0], grid[1],
+                               f * f * c, buf.data_ptr(), rows, torch.get_num_threads())
+    return {(p, q): buf[:, (p * f + q) * c : (p * f + q + 1) * c] for p in range(f) for q in range(f)}
+
+
 def amx_usable(*tensors: torch.Tensor) -> bool:
     """Whether the tile-unit kernels (:func:`amx_mm`, :func:`amx_conv`, :func:`amx_taps`) may run on these tensors:
     AMX and the kernels built, plain CPU tensors, not traced (``None`` entries are skipped)."""
@@ -232,10 +250,11 @@ def amx_taps(
     if (ge.dtype != torch.int8 or not ge.is_contiguous() or ge.shape[0] < -(-o // 32) * 32
             or ge.shape[1] < lead + -(-tx // 64) * 64 or min(offs) < 0 or max(offs) > lead):
         return None
-    for buf in phases:
-        if buf.dtype != torch.int8 or not buf.is_contiguous() or buf.shape != ((tx, c) if position_major else (c, tx)):
+    xc, xt = (1, phases[0].stride(0)) if position_major else (tx, 1)
+    for buf in phases:  # position-major rows may be strided (views of a space-to-depth grid), all alike
+        if (buf.dtype != torch.int8 or buf.shape != ((tx, c) if position_major else (c, tx))
+                or buf.stride() != ((xt, 1) if position_major else (tx, 1)) or position_major and xt < c):
             return None
-    xc, xt = (1, c) if position_major else (tx, 1)
     steps = _vector(g_step, o)
     out = torch.empty(weight_size, dtype=torch.float32, device="cpu")
     off_arr = (ctypes.c_int64 * taps)(*offs)
@@ -294,7 +313,7 @@ def library() -> ctypes.CDLL | None:
         _F, _P, _F, _P, _P, _P, _I32,
     ]
     lib.lq_grid_rows.restype = None
-    lib.lq_grid_rows.argtypes = [_P, _I64, _I64, _I64, _I64, _I64, _I64, _P, _I64, _I32]
+    lib.lq_grid_rows.argtypes = [_P, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _P, _I32]
     lib.lq_scale_sums.restype = None
     lib.lq_scale_sums.argtypes = [_P, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _I32]
     return lib
@@ -469,17 +488,18 @@ def _operand_results(res: int, args: dict, first, second, ops: list[tuple], part
     return [done[axis] for axis, *_ in ops]
 
 
-def grid_rows(g: torch.Tensor, dst: torch.Tensor, hs: int, ws: int) -> bool:
-    """Write a channels-last int8 gradient ``g [N, O, Ho, Wo]`` into ``dst``'s channel rows on the ``hs x ws`` grid:
-    ``dst[o, n * hs * ws + a * ws + b] = g[n, o, a, b]`` (the rest of ``dst`` untouched), ``dst`` int8 with unit
-    column stride; ``False`` (nothing written) where the kernel does not apply."""
+def grid_rows(g: torch.Tensor, dst: torch.Tensor, hs: int, ws: int, lead: int = 0) -> bool:
+    """Write a channels-last int8 gradient ``g [N, O, Ho, Wo]`` into the channel rows of ``dst`` (int8, contiguous,
+    ``[>= O, >= lead + N * hs * ws]``) on the ``hs x ws`` grid: ``dst[o, lead + n * hs * ws + a * ws + b] = g[n, o, a,
+    b]``, and zeros in every other byte of ``dst``; ``False`` (nothing written) where the kernel does not apply."""
     if (g.dtype != torch.int8 or dst.dtype != torch.int8 or not fused.is_channels_last(g) or dst.dim() != 2
-            or dst.stride(1) != 1 or not _usable(g, dst)):
+            or not dst.is_contiguous() or not _usable(g, dst)):
         return False
     n, o, ho, wo = g.shape
-    if ho > hs or wo > ws or dst.shape[0] < o or dst.shape[1] < n * hs * ws or dst.stride(0) < n * hs * ws:
-        return False  # (rows that overlap, e.g. an expanded dst: torch's copy raises there)
-    library().lq_grid_rows(g.data_ptr(), n, ho, wo, o, hs, ws, dst.data_ptr(), dst.stride(0), torch.get_num_threads())
+    if ho > hs or wo > ws or dst.shape[0] < o or lead < 0 or dst.shape[1] < lead + n * hs * ws:
+        return False
+    library().lq_grid_rows(g.data_ptr(), n, ho, wo, o, hs, ws, lead, dst.shape[1], dst.shape[0], dst.data_ptr(),
+                           torch.get_num_threads())
     return True
 
 
