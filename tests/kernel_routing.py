@@ -54,16 +54,15 @@ def expected_conv_kernel(
                 and geometry[5] == 1):
             return "pointwise_amx"  # (1x1 on channels-last operands: one AMX product of transposed views)
         return "im2col_int8_mm"
-    exact = hw.u8s8_exact(u_qmax, w_qmax) and reduction <= hw.max_exact_reduction(hw.biased_u8_max(u_qmax), w_qmax)
-    if not exact:
-        return "reference"
     from lq.ops import native_quant
 
     from lq.ops.int8_conv_kernels import amx_conv_applies
 
     if geometry is not None and native_quant.amx_library() is not None:
         _, _, stride, _, dilation, groups = geometry
-        # the tile unit: forward at strides 1 and 2, every grad-input, of undilated one-group layers
+        # the tile unit first (its own limit: signed operands): forward at strides 1 and 2, every grad-input, of
+        # undilated one-group layers
         if amx_conv_applies(op, stride, dilation, groups) and reduction <= hw.max_exact_reduction(u_qmax, w_qmax):
             return "amx"
-    return "onednn"
+    exact = hw.u8s8_exact(u_qmax, w_qmax) and reduction <= hw.max_exact_reduction(hw.biased_u8_max(u_qmax), w_qmax)
+    return "onednn" if exact else "reference"

@@ -380,6 +380,7 @@ def test_amx_packing_buffers_do_not_outlive_their_thread_or_a_large_call() -> No
     (8, 64, 64, 14, 14, 3, 1, 1), (4, 16, 32, 9, 9, 3, 2, 1), (2, 40, 70, 7, 5, 3, 1, 1), (3, 33, 17, 8, 8, 1, 2, 0),
     (2, 8, 8, 6, 6, 5, 1, 2), (4, 40, 33, 6, 6, 1, 1, 0), (2, 3, 5, 4, 7, 1, 1, 0),
     (2, 16, 16, 9, 9, 3, 2, 1), (3, 12, 10, 7, 8, 3, 1, 1), (40, 16, 16, 12, 12, 3, 1, 1),
+    (24, 256, 256, 14, 14, 3, 2, 1),  # (3 reduction chunks rounded up to 4 for two threads: 6/6/6/7 steps)
 ])
 @pytest.mark.parametrize("layout", ["row-major", "channels-last"])
 def test_amx_conv_weight_gradients_equal_the_int_mm_paths(geometry, layout, monkeypatch) -> None:
@@ -525,3 +526,29 @@ def test_conv_ops_run_the_tile_unit_exactly(stride, channels) -> None:
         gx = K.int8_conv2d_grad_input(g, wt, one, 127, 127, [n, c, h, w], *args)
     assert ran == ["int8_conv2d_grad_input:amx"] and tuple(gx.shape) == (n, c, h, w)
     assert torch.equal(gx.double(), torch.nn.grad.conv2d_input([n, c, h, w], wt.double(), g.double(), stride, p))
+
+
+@pytest.mark.skipif(native_quant.amx_library() is None, reason="no AMX-INT8 on this CPU (or not permitted)")
+def test_a_reduction_beyond_onednns_limit_runs_the_tile_unit_exactly() -> None:
+    """C * kh * kw = 73,728 is beyond what oneDNN's biased-uint8 product keeps exact (66,313 for 8-bit operands) but
+    within the tile unit's signed limit (133,144): forward and grad-input run the tile unit, exactly, instead of the
+    float64 reference (review finding: the oneDNN check ran first)."""
+    import torch.nn.functional as F
+
+    from lq.ops import hardware as hw
+    from lq.ops import int8_conv_kernels as K
+
+    gen = torch.Generator().manual_seed(5)
+    n, c, o, h = 1, 8192, 16, 3
+    x = torch.randint(-127, 128, (n, c, h, h), dtype=torch.int8, generator=gen)
+    wt = torch.randint(-127, 128, (o, c, 3, 3), dtype=torch.int8, generator=gen)
+    args = ([1, 1], [1, 1], [1, 1], 1)
+    with hw.record_kernels() as ran:
+        y = K.int8_conv2d_fwd(x, wt, torch.ones(1), torch.ones(o), 127, 127, None, *args)
+    assert ran == ["int8_conv2d:amx"] and torch.equal(y.double(), F.conv2d(x.double(), wt.double(), None, 1, 1))
+    wt2 = wt.transpose(0, 1).contiguous()  # [8192, 16, 3, 3]: grad-input reduces 8192 * 9
+    g = torch.randint(-127, 128, (n, c, h, h), dtype=torch.int8, generator=gen)
+    with hw.record_kernels() as ran:
+        gx = K.int8_conv2d_grad_input(g, wt2, torch.ones(1), 127, 127, [n, o, h, h], *args)
+    assert ran == ["int8_conv2d_grad_input:amx"]
+    assert torch.equal(gx.double(), torch.nn.grad.conv2d_input([n, o, h, h], wt2.double(), g.double(), 1, 1))

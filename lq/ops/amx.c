@@ -377,11 +377,9 @@ int64_t lq_amx_taps(const int8_t *ge, int64_t o, int64_t ge_row, int64_t lead, i
     int64_t chunk = (int64_t)((1 << 20) / ((ob * 32 + cp * phases) * 64));
     chunk = chunk < 4 ? 4 : chunk > ks ? ks : chunk;
     int64_t chunks = (ks + chunk - 1) / chunk, items = taps * ob * cb;
-    if (chunks > 1 && chunks % threads) { /* as many chunks per thread (5 chunks on 2 threads ran 3 : 2) */
+    if (chunks > 1 && chunks % threads) /* as many chunks per thread (5 chunks on 2 threads ran 3 : 2) */
         chunks = (chunks + threads - 1) / threads * threads;
-        chunk = (ks + chunks - 1) / chunks;
-        chunks = (ks + chunk - 1) / chunk;
-    }
+    chunk = (ks + chunks - 1) / chunks; /* chunk q: steps q * ks / chunks .. (q + 1) * ks / chunks (sizes differ by 1) */
     if (threads > chunks) threads = (int32_t)chunks; /* (a thread without a chunk would only add zeros) */
     const int narrow = o <= 16 && c <= 16;
     /* thread u's packed chunk at buf + u * per_thread, its int32 sums per_thread_b bytes further */
@@ -400,7 +398,7 @@ int64_t lq_amx_taps(const int8_t *ge, int64_t o, int64_t ge_row, int64_t lead, i
         configure_tiles();
 #pragma omp for schedule(static)
         for (int64_t q = 0; q < chunks; q++) {
-            int64_t s0 = q * chunk, steps = ks - s0 < chunk ? ks - s0 : chunk;
+            int64_t s0 = q * ks / chunks, steps = (q + 1) * ks / chunks - s0;
             for (int64_t p = 0; p < phases; p++)
                 for (int64_t j = 0; j < (narrow ? 1 : jn); j++)
                     for (int64_t ss = 0; ss < steps; ss++)

@@ -236,17 +236,17 @@ def amx_conv_applies(op: str, stride, dilation, groups: int) -> bool:
 @int8_conv2d_fwd.register_kernel("cpu")
 def _conv_fwd_cpu(x, w, x_step, w_step, x_qmax, w_qmax, bias, stride, padding, dilation, groups):
     reduction = w.shape[1] * w.shape[2] * w.shape[3]
-    if not _fast_conv_ok("int8_conv2d", x_qmax, w_qmax, reduction):
-        hw.ran("int8_conv2d", "reference")
-        return _as_promised(
-            conv2d_fwd_reference(x, w, x_step, w_step, x_qmax, w_qmax, bias, stride, padding, dilation, groups)
-        )
-    if amx_conv_applies("int8_conv2d", stride, dilation, groups):
+    if amx_conv_applies("int8_conv2d", stride, dilation, groups):  # (its own int32 limit: signed operands)
         y = native_quant.amx_conv(x, w, x_step, w_step, bias, list(padding), hw.max_exact_reduction(x_qmax, w_qmax),
                                   list(stride))
         if y is not None:  # (the tile unit: no weight prepacking, no biased-uint8 input)
             hw.ran("int8_conv2d", "amx")
             return y
+    if not _fast_conv_ok("int8_conv2d", x_qmax, w_qmax, reduction):
+        hw.ran("int8_conv2d", "reference")
+        return _as_promised(
+            conv2d_fwd_reference(x, w, x_step, w_step, x_qmax, w_qmax, bias, stride, padding, dilation, groups)
+        )
     hw.ran("int8_conv2d", "onednn")
     u, zp = hw.to_biased_u8(_channels_last(x), x_qmax)
     o = w.shape[0]
@@ -267,11 +267,6 @@ def transposed_conv_weight(w: torch.Tensor, groups: int) -> torch.Tensor:
 def _conv_grad_input_cpu(g, w, g_step, g_qmax, w_qmax, input_size, stride, padding, dilation, groups):
     o, _, kh, kw = w.shape
     reduction = (o // groups) * kh * kw
-    if not _fast_conv_ok("int8_conv2d_grad_input", g_qmax, w_qmax, reduction):
-        hw.ran("int8_conv2d_grad_input", "reference")
-        return _as_promised(
-            conv2d_grad_input_reference(g, w, g_step, g_qmax, w_qmax, input_size, stride, padding, dilation, groups)
-        )
     if amx_conv_applies("int8_conv2d_grad_input", stride, dilation, groups) and native_quant.amx_usable(g, w, g_step):
         limit = hw.max_exact_reduction(g_qmax, w_qmax)
         y = native_quant.amx_conv_grad_input(g, w, g_step, list(input_size), list(stride), list(padding), limit)
@@ -285,6 +280,11 @@ def _conv_grad_input_cpu(g, w, g_step, g_qmax, w_qmax, input_size, stride, paddi
         if y is not None and list(y.shape) == list(input_size):
             hw.ran("int8_conv2d_grad_input", "amx")
             return y
+    if not _fast_conv_ok("int8_conv2d_grad_input", g_qmax, w_qmax, reduction):
+        hw.ran("int8_conv2d_grad_input", "reference")
+        return _as_promised(
+            conv2d_grad_input_reference(g, w, g_step, g_qmax, w_qmax, input_size, stride, padding, dilation, groups)
+        )
     hw.ran("int8_conv2d_grad_input", "onednn")
     u, zp = hw.to_biased_u8(_channels_last(g), g_qmax)
     canvas, conv_pad = transposed_conv_input(

@@ -76,8 +76,8 @@ def amx_conv(
     o, cw, kh, kw = w.shape
     (ph, pw), (sh, sw) = padding, stride
     hp, wp = h + 2 * ph, wd + 2 * pw
-    if (cw != c or n == 0 or ph < 0 or pw < 0 or (sh, sw) not in ((1, 1), (2, 2)) or hp < kh or wp < kw
-            or c * kh * kw > max_reduction or w_step.numel() not in (1, o)
+    if (cw != c or n == 0 or o == 0 or c == 0 or ph < 0 or pw < 0 or (sh, sw) not in ((1, 1), (2, 2)) or hp < kh
+            or wp < kw or c * kh * kw > max_reduction or w_step.numel() not in (1, o)
             or bias is not None and bias.numel() != o or not amx_usable(x, w, x_step, w_step, bias)):
         return None
     ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
@@ -108,7 +108,8 @@ def amx_conv_grad_input(
     o, cw, kh, kw = w.shape
     (ph, pw), (sh, sw) = padding, stride
     hp, wp = h + 2 * ph, wd + 2 * pw
-    if (cw != c or n == 0 or g.shape[:2] != (n, o) or (sh, sw) not in ((1, 1), (2, 2)) or hp < kh or wp < kw
+    if (cw != c or n == 0 or o == 0 or c == 0 or g.shape[:2] != (n, o) or (sh, sw) not in ((1, 1), (2, 2)) or hp < kh
+            or wp < kw
             or list(g.shape[2:]) != [(hp - kh) // sh + 1, (wp - kw) // sw + 1] or o * kh * kw > max_reduction
             or not 0 <= ph <= kh - 1 or not 0 <= pw <= kw - 1 or not amx_usable(g, w, g_step)):
         return None
@@ -149,21 +150,24 @@ def _grid_layout(c2: int) -> tuple[int, int]:
     """``(bytes of a grid row, positions a 64-byte step spans)`` for ``c2`` channels: with 64 or more, the channels
     of one position padded to a multiple of 64; with fewer, ``64 / c2`` neighbouring positions of ``c2`` channels
     (padded to a power of two, at least 4), i.e. that many horizontal taps of a kernel row in one step (16 channels: a
-    3x3 kernel in 3 steps instead of 9 steps of 16 useful bytes in 64). (Rows of 1 byte, C = 1, summed kernels of
-    several rows wrongly on the AMX host, unexplained; 2- and 4-byte rows were exact in every test.)"""
+    3x3 kernel in 3 steps instead of 9 steps of 16 useful bytes in 64). (The minimum of 4: a first version of the
+    kernel summed kernels of several rows wrongly with 1-byte rows, C = 1, never explained; the current one is exact
+    with them in a review's sweeps, and 4-byte rows cost the same steps.)"""
     if c2 >= 64:
         return -(-c2 // 64) * 64, 1
     cg = max(4, 1 << (c2 - 1).bit_length())
     return cg, 64 // cg
 
 
-@functools.lru_cache(maxsize=256)
-def _tap_index(kind: str, shape: tuple[int, int, int, int]) -> tuple[torch.Tensor, int, int, int, int]:
+@functools.lru_cache(maxsize=64)
+def _tap_index(kind: str, shape: tuple[int, int, int, int]) -> tuple[torch.Tensor | None, int, int, int, int]:
     """For a weight of ``shape`` and :func:`_phase_weight` ``kind``: ``(index, cg, group, kh2, tj)``, ``index`` the
-    int64 ``[O2, kc, kh2 * tj]`` positions in the flat weight (``numel`` = a zero) of the taps' ``[O2, kc, taps]``
+    int32 ``[O2, kc, kh2 * tj]`` positions in the flat weight (``numel`` = a zero) of the taps' ``[O2, kc, taps]``
     operand of ``lq_amx_conv`` (tap ``(i, j)``: kernel row ``i``, horizontal taps ``j * group ..`` as the 64-byte step's
-    positions, :func:`_grid_layout`). One gather a call instead of a chain of small strided copies (a flip and two
-    reshapes of a 64 x 32 x 3 x 3 weight took 0.3 ms)."""
+    positions, :func:`_grid_layout`), or ``None`` where that operand is the weight itself (a forward weight with a
+    multiple of 64 channels). One gather a call instead of a chain of small strided copies (a flip and two reshapes
+    of a 64 x 32 x 3 x 3 weight took 0.3 ms); int32 and at most 64 geometries (int64 indices of every shape kept for
+    a ResNet-50's convs came to 353 MiB: review finding)."""
     numel = shape[0] * shape[1] * shape[2] * shape[3]
     w2 = _phase_weight(torch.arange(1, numel + 1, dtype=torch.int64).view(shape), kind)
     o2, c2, kh2, kw2 = w2.shape
@@ -171,8 +175,10 @@ def _tap_index(kind: str, shape: tuple[int, int, int, int]) -> tuple[torch.Tenso
     tj = -(-kw2 // group)
     wk = torch.zeros((o2, cg, kh2, tj * group), dtype=torch.int64)
     wk[:, :c2, :, :kw2] = w2
+    if kind == "conv1" and cg == c2 and group == 1:
+        return None, cg, group, kh2, tj
     wk = wk.view(o2, cg, kh2, tj, group).permute(0, 4, 1, 2, 3).reshape(o2, max(cg, 64), kh2 * tj)
-    return torch.where(wk > 0, wk - 1, numel).contiguous(), cg, group, kh2, tj
+    return torch.where(wk > 0, wk - 1, numel).to(torch.int32).contiguous(), cg, group, kh2, tj
 
 
 def _conv_on_grid(
@@ -187,8 +193,11 @@ def _conv_on_grid(
     src = src.contiguous(memory_format=torch.channels_last)
     n, c, h, wd = src.shape
     index, cg, group, kh2, tj = _tap_index(kind, tuple(w.shape))
-    o2, kc, taps = index.shape
-    wk = torch.cat((w.reshape(-1), w.new_zeros(1))).take(index)
+    if index is None:
+        wk = w.contiguous().view(w.shape[0], w.shape[1], -1)
+    else:
+        wk = torch.cat((w.reshape(-1), w.new_zeros(1))).index_select(0, index.view(-1)).view(index.shape)
+    o2, kc, taps = wk.shape
     hs, ws = grid
     offs = [i * ws + j * group for i in range(kh2) for j in range(tj)]
     t_out = n * hs * ws
