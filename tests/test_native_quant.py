@@ -385,7 +385,8 @@ def test_amx_packing_buffers_do_not_outlive_their_thread_or_a_large_call() -> No
 @pytest.mark.parametrize("layout", ["row-major", "channels-last"])
 def test_amx_conv_weight_gradients_equal_the_int_mm_paths(geometry, layout, monkeypatch) -> None:
     """The tile unit's conv weight gradients (every tap from each phase packed once, the reduction in chunks
-    shared by the threads; at most 16 x 16 channels four taps at a time, several chunks and phases included; 1x1 layers on channels-last operands as one product of transposed views) give the
+    shared by the threads; at most 16 x 16 channels four taps at a time, several chunks and phases included; 1x1
+    layers on channels-last operands as one product of transposed views) give the
     numbers of the `_int_mm` tap and im2col paths (tested against the reference elsewhere) bit for bit, and the
     float64 convolution's within fp32 scaling; the channels-last gradient reaches the grid by 16 x 16 transposes."""
     from lq.ops import hardware as hw

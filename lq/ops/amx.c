@@ -379,7 +379,8 @@ int64_t lq_amx_taps(const int8_t *ge, int64_t o, int64_t ge_row, int64_t lead, i
     int64_t chunks = (ks + chunk - 1) / chunk, items = taps * ob * cb;
     if (chunks > 1 && chunks % threads) /* as many chunks per thread (5 chunks on 2 threads ran 3 : 2) */
         chunks = (chunks + threads - 1) / threads * threads;
-    chunk = (ks + chunks - 1) / chunks; /* chunk q: steps q * ks / chunks .. (q + 1) * ks / chunks (sizes differ by 1) */
+    /* chunk q: steps q * ks / chunks .. (q + 1) * ks / chunks (sizes differ by 1) */
+    chunk = (ks + chunks - 1) / chunks;
     if (threads > chunks) threads = (int32_t)chunks; /* (a thread without a chunk would only add zeros) */
     const int narrow = o <= 16 && c <= 16;
     /* thread u's packed chunk at buf + u * per_thread, its int32 sums per_thread_b bytes further */

@@ -15,6 +15,11 @@ scaled afterwards; ground truth in tests, runs on any device with float64 conv) 
   reduction (N * H_out * W_out, up to ~10^5 in ResNets) so int32 can never overflow (the algorithm lives
   in ``lq.ops.int8_conv_gemm``, whose padded variant is the CUDA kernel).
 
+On CPUs with AMX-INT8 the tile unit (``lq/ops/amx.c`` through ``lq.ops.native_quant``) takes these ops first where
+it applies: forwards of stride 1 and 2 and every grad-input of undilated one-group layers (``amx_conv_applies``:
+an implicit GEMM over the padded input's grid, the stride-2 ones on its space-to-depth grid) and the weight
+gradients by taps (``_grad_weight_taps``), all with exact int32 sums of signed operands.
+
 CUDA kernels of all three ops: int8 im2col + ``torch._int_mm`` (``lq.ops.int8_conv_gemm``).
 Shapes/ranges the fast kernel cannot compute exactly fall back to the reference with a one-time warning.
 """

@@ -24,7 +24,8 @@ from lq.ops import fused
 from lq.quant.functional import AMAX_EPS
 
 __all__ = [
-    "amx_conv", "amx_conv_grad_input", "amx_library", "amx_mm", "amx_taps", "amx_usable", "grad_operands", "grid_rows", "library",
+    "amx_conv", "amx_conv_grad_input", "amx_library", "amx_mm", "amx_taps", "amx_usable", "grad_operands", "grid_rows",
+    "library",
     "quantize_rows", "quantize_tensor", "scale_sums",
 ]
 

@@ -435,10 +435,11 @@ int64_t lq_grad_conv(const float *g, int64_t rows, int64_t cols, int32_t channel
 
 
 /* A channels-last int8 output gradient g [N, Ho, Wo, O] (memory order) laid out on a convolution's grid as channel
-   rows (lq.ops.int8_conv_kernels._grad_weight_taps): dst [rows, width] row-major gets dst[o, lead + n * hs * ws + a * ws
-   + b] = g[n, a, b, o] for a < Ho, b < Wo, and zeros everywhere else (the lead, the grid positions without an
-   output, the tail, rows o >= O): no separate fill of the buffer. 16 x 16 byte transposes: torch's strided copy of
-   the same permutation took 5 ms for a 32 x 64 x 56 x 56 gradient on the 2-core host. */
+   rows (lq.ops.int8_conv_kernels._grad_weight_taps): dst [rows, width] row-major gets
+   dst[o, lead + n * hs * ws + a * ws + b] = g[n, a, b, o] for a < Ho, b < Wo, and zeros everywhere else (the lead,
+   the grid positions without an output, the tail, rows o >= O): no separate fill of the buffer. 16 x 16 byte
+   transposes: torch's strided copy of the same permutation took 5 ms for a 32 x 64 x 56 x 56 gradient on the 2-core
+   host. */
 void lq_grid_rows(const int8_t *g, int64_t n, int64_t ho, int64_t wo, int64_t o, int64_t hs, int64_t ws, int64_t lead,
                   int64_t width, int64_t rows, int8_t *dst, int32_t threads) {
 #pragma omp parallel num_threads(threads)
