@@ -553,3 +553,69 @@ def test_a_reduction_beyond_onednns_limit_runs_the_tile_unit_exactly() -> None:
         gx = K.int8_conv2d_grad_input(g, wt2, torch.ones(1), 127, 127, [n, o, h, h], *args)
     assert ran == ["int8_conv2d_grad_input:amx"]
     assert torch.equal(gx.double(), torch.nn.grad.conv2d_input([n, o, h, h], wt2.double(), g.double(), 1, 1))
+
+
+@pytest.mark.parametrize("shape", [(64, 300), (2, 16, 9, 9), (3, 70, 5, 6)])
+@pytest.mark.parametrize("layout", ["row-major", "channels-last"])
+def test_per_channel_activations_quantize_as_the_torch_ops(shape, layout, threads) -> None:
+    """quantize_along(x, qmax, 1) (a scale per column / channel: lq.ops.saved_int8's BatchNorm inputs) through the
+    gradient-operand kernel gives the compiled torch path's integers and steps, ties and a zero channel included."""
+    torch.manual_seed(len(shape))
+    x = torch.randn(*shape)
+    x.view(-1)[::7] = torch.round(x.view(-1)[::7] * 4) / 4  # ties after scaling are likelier
+    x.select(1, 1).zero_()
+    if layout == "channels-last":
+        if x.dim() != 4:
+            pytest.skip("2-d")
+        x = x.contiguous(memory_format=torch.channels_last)
+    q, step = quantize_along(x, 127, 1)
+    q2, step2, _, _ = fused._quantize_dynamic(x, None, 127, 1)
+    assert torch.equal(q, q2) and torch.equal(step.reshape(-1), step2.reshape(-1)) and q.stride() == x.stride()
+
+
+@pytest.mark.parametrize("case", ["relu", "negative", "nan", "channels-last"])
+def test_saved_activation_packing_matches_the_torch_ops(case, threads) -> None:
+    """native_quant.pack_activation: a non-negative tensor's per-tensor int8 form as quantize_along makes it (the
+    conv's own input quantization, shared with it), "negative" / "nonfinite" otherwise, in one call."""
+    torch.manual_seed(3)
+    x = torch.randn(8, 16, 7, 9)
+    if case in ("relu", "channels-last"):
+        x = x.relu()
+    if case == "channels-last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    if case == "nan":
+        x = x.relu()
+        x[1, 2, 3, 4] = float("nan")
+    done = native_quant.pack_activation(x, 127)
+    if case == "negative":
+        assert done == "negative"
+    elif case == "nan":
+        assert done == "nonfinite"
+    else:
+        q, step = done
+        q2, step2 = quantize_along(x, 127, None)
+        assert torch.equal(q, q2) and torch.equal(step, step2) and q.stride() == x.stride()
+
+
+@pytest.mark.parametrize("shape", [(64, 300), (2, 16, 9, 9), (3, 70, 5, 6), (4, 3, 1, 1)])
+@pytest.mark.parametrize("layout", ["row-major", "channels-last"])
+@pytest.mark.parametrize("axis", [None, 1])
+def test_dequantization_is_the_torch_product(shape, layout, axis, threads) -> None:
+    """Eq. 8 in one C pass (dequantize_along): (float) q * step bit for bit, per tensor and per channel, q's
+    layout kept."""
+    from lq.ops.quantize import dequantize_along
+
+    gen = torch.Generator().manual_seed(len(shape))
+    q = torch.randint(-127, 128, shape, dtype=torch.int8, generator=gen)
+    if layout == "channels-last":
+        if q.dim() != 4:
+            pytest.skip("2-d")
+        q = q.contiguous(memory_format=torch.channels_last)
+    step = torch.rand(1 if axis is None else shape[1], generator=gen) / 100
+    got = native_quant.dequantize(q, step, axis)
+    view = [1] * q.dim()
+    if axis is not None:
+        view[1] = -1
+    want = q.float() * (step.reshape(()) if axis is None else step.reshape(view))
+    assert got is not None and torch.equal(got, want) and got.stride() == q.stride()
+    assert torch.equal(dequantize_along(q, step, axis), want)

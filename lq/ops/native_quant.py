@@ -25,7 +25,7 @@ from lq.quant.functional import AMAX_EPS
 
 __all__ = [
     "amx_conv", "amx_conv_grad_input", "amx_library", "amx_mm", "amx_taps", "amx_usable", "grad_operands", "grid_rows",
-    "library",
+    "dequantize", "library", "pack_activation",
     "quantize_rows", "quantize_tensor", "scale_sums",
 ]
 
@@ -308,6 +308,10 @@ def library() -> ctypes.CDLL | None:
         return None
     lib.lq_quant_rows.restype = _I64
     lib.lq_quant_rows.argtypes = [_P, _I64, _I64, _I64, _I32, _F, _P, _P, _P, _I32]
+    lib.lq_dequant.restype = None
+    lib.lq_dequant.argtypes = [_P, _I64, _I64, _I64, _I32, _P, _P, _I32]
+    lib.lq_pack_activation.restype = _I64
+    lib.lq_pack_activation.argtypes = [_P, _I64, _I32, _F, _P, _P, _P, _P, _I32]
     lib.lq_quant_tensor.restype = _I64
     lib.lq_quant_tensor.argtypes = [_P, _I64, _I32, _F, _I32, _F, _P, _P, _P, _I32]
     lib.lq_grad_pair.restype = _I64
@@ -402,6 +406,47 @@ def quantize_tensor(
                                     0.0 if amax is None else float(amax), q.data_ptr(), step.data_ptr(),
                                     data_amax.data_ptr(), torch.get_num_threads())
     return q, step, data_amax, bad == 0
+
+
+def dequantize(q: torch.Tensor, step: torch.Tensor, axis: int | None) -> torch.Tensor | None:
+    """Eq. 8, ``q * step`` as fp32 in ``q``'s layout, one pass (``lq.ops.quantize.dequantize_along``): one step
+    (``axis`` None or a single step), or a step per index of ``axis`` 1 of a dense 2-d ``[M, N]`` or 4-d
+    (row-major or channels-last) ``q``; ``None`` where the kernel does not apply."""
+    if q.dtype != torch.int8 or q.numel() == 0 or step.dtype != torch.float32 or not _usable(q, step):
+        return None
+    per_tensor = axis is None or step.numel() == 1
+    last = q.dim() == 4 and fused.is_channels_last(q) and not q.is_contiguous()
+    if not (q.is_contiguous() or last) or not per_tensor and (axis % q.dim() != 1 or q.dim() not in (2, 4)
+                                                             or step.numel() != q.shape[1]):
+        return None
+    out = torch.empty_like(q, dtype=torch.float32)
+    if out.stride() != q.stride():
+        return None
+    c = 0 if per_tensor else q.shape[1]
+    if per_tensor or q.dim() == 2 or last:
+        rows, cols, on_cols = q.numel() // max(c, 1) if c else 1, c if c else q.numel(), 1
+    else:
+        rows, cols, on_cols = q.shape[0] * c, q.shape[2] * q.shape[3], 0
+    library().lq_dequant(q.data_ptr(), rows, cols, c, on_cols, _vector(step, step.numel()).data_ptr(),
+                         out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def pack_activation(x: torch.Tensor, qmax: int) -> str | tuple[torch.Tensor, torch.Tensor] | None:
+    """A saved activation's per-tensor int8 form where it has no negative element (``lq.ops.saved_int8``: a ReLU's
+    output, quantized as the next int8 conv quantizes its input, :func:`quantize_tensor`'s ``q`` and ``step`` bit for
+    bit) in one C call (its minimum, maximum and finiteness in one pass, the integers in a second): ``(q, step)``,
+    ``"negative"``, ``"nonfinite"``, or ``None`` where the kernel does not apply (then ``torch.aminmax`` and the
+    compiled quantization cost ~1 ms a tensor on a SmallResNet step)."""
+    if x.dtype != torch.float32 or x.numel() == 0 or not _usable(x):
+        return None
+    q = torch.empty_like(x, dtype=torch.int8)
+    if q.stride() != x.stride() or not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        return None
+    step, lo, hi = _floats(1), _floats(1), _floats(1)
+    res = library().lq_pack_activation(x.data_ptr(), x.numel(), qmax, AMAX_EPS, q.data_ptr(), step.data_ptr(),
+                                       lo.data_ptr(), hi.data_ptr(), torch.get_num_threads())
+    return (q, step) if res == 0 else "negative" if res == 1 else "nonfinite"
 
 
 def grad_operands(

@@ -243,6 +243,95 @@ int64_t lq_quant_tensor(const float *x, int64_t n, int32_t qmax, float eps, int3
     return !isfinite(a);
 }
 
+/* float bits -> an int32 with the float order (negative floats' magnitude bits flipped) */
+static inline int32_t order_key(uint32_t b) { return (int32_t)(b ^ ((uint32_t)((int32_t)b >> 31) & ABS_BITS)); }
+
+/* the order keys' minimum and maximum of x, and whether any element is not finite (exponent bits all set) */
+LQ_CLONES static void row_minmax(const float *x, int64_t n, int32_t *mn, int32_t *mx, uint32_t *nonfinite) {
+    const uint32_t *b = (const uint32_t *)x;
+    int32_t lo = *mn, hi = *mx;
+    uint32_t bad = 0;
+    for (int64_t j = 0; j < n; j++) {
+        int32_t k = order_key(b[j]);
+        lo = k < lo ? k : lo;
+        hi = k > hi ? k : hi;
+        bad |= (b[j] & 0x7f800000u) == 0x7f800000u;
+    }
+    *mn = lo;
+    *mx = hi;
+    *nonfinite |= bad;
+}
+
+/* A saved activation of n dense floats (lq.ops.saved_int8), in one or two passes: its minimum and maximum; when
+   every element is finite and the minimum is >= 0 (a ReLU's output, the next int8 conv's input), eq. 6-7 with one
+   scale from the maximum (= max |x|), q and step exactly as lq_quant_tensor makes them. Returns 0 (quantized), 1
+   (a negative element: nothing written but lo / hi), 2 (NaN or Inf: nothing written). */
+int64_t lq_pack_activation(const float *x, int64_t n, int32_t qmax, float eps, int8_t *q, float *step, float *lo,
+                           float *hi, int32_t threads) {
+    const int64_t chunk = 1 << 14, chunks = (n + chunk - 1) / chunk;
+    int32_t mn = INT32_MAX, mx = INT32_MIN;
+    uint32_t bad = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(min : mn) reduction(max : mx) \
+    reduction(| : bad)
+    for (int64_t c = 0; c < chunks; c++) {
+        int64_t len = n - c * chunk < chunk ? n - c * chunk : chunk;
+        row_minmax(x + c * chunk, len, &mn, &mx, &bad);
+    }
+    if (bad) return 2;
+    *lo = float_of((uint32_t)mn ^ ((uint32_t)(mn >> 31) & ABS_BITS));
+    *hi = float_of((uint32_t)mx ^ ((uint32_t)(mx >> 31) & ABS_BITS));
+    if (*lo < 0.0f) return 1;
+    const float s = scale_of(*hi, eps, qmax), lo_q = -(float)qmax, hi_q = (float)qmax;
+    *step = 1.0f / s;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t c = 0; c < chunks; c++) {
+        int64_t len = n - c * chunk < chunk ? n - c * chunk : chunk;
+        row_round(x + c * chunk, s, lo_q, hi_q, len, q + c * chunk);
+    }
+    return 0;
+}
+
+LQ_CLONES static void row_dequant(const int8_t *q, const float *step, int64_t step_stride, int64_t n, float *out) {
+    for (int64_t j = 0; j < n; j++) out[j] = (float)q[j] * step[j * step_stride];
+}
+
+/* Eq. 8 in one pass, out = (float)q * step (lq.ops.quantize.dequantize_along; torch's q.float() * step takes two):
+   q dense as rows x cols; one step for all (channels 0), or a step per channel on the columns (channel_on_cols:
+   channels-last [N, H, W, C] or [M, C]; cols = channels) or on the rows (row-major [N, C, H, W]: row r's channel is
+   r % channels). */
+void lq_dequant(const int8_t *q, int64_t rows, int64_t cols, int64_t channels, int32_t channel_on_cols,
+                const float *step, float *out, int32_t threads) {
+    if (channels == 0) { /* one step: flat chunks */
+        const int64_t n = rows * cols, chunk = 1 << 14, chunks = (n + chunk - 1) / chunk;
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t c = 0; c < chunks; c++) {
+            int64_t len = n - c * chunk < chunk ? n - c * chunk : chunk;
+            row_dequant(q + c * chunk, step, 0, len, out + c * chunk);
+        }
+        return;
+    }
+    if (!channel_on_cols) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t i = 0; i < rows; i++) row_dequant(q + i * cols, step + i % channels, 0, cols, out + i * cols);
+        return;
+    }
+    /* spans of whole rows with the per-channel steps repeated over a span (short rows: lq_grad_conv's reason) */
+    const int64_t per = cols < SPAN_FLOATS ? SPAN_FLOATS / cols : 1, span = per * cols, spans = (rows + per - 1) / per;
+    float *rep = (float *)malloc((size_t)span * sizeof(float));
+    if (!rep) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t i = 0; i < rows; i++) row_dequant(q + i * cols, step, 1, cols, out + i * cols);
+        return;
+    }
+    for (int64_t j = 0; j < span; j++) rep[j] = step[j % cols];
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < spans; i++) {
+        int64_t width = (i + 1 < spans ? per : rows - i * per) * cols;
+        row_dequant(q + i * span, rep, 1, width, out + i * span);
+    }
+    free(rep);
+}
+
 /* Both backward operands of one output gradient g [m, n] (row stride ldg), each skipped when its q is NULL:
      A (grad_input's): y = g[i, j] * mult_a[j], a scale per row i    -> qa [m, n], step_a / amax_a [m]
      B (grad_weight's): y = g[i, j] * mult_b[i * mult_b_stride], a scale per column j -> qb [m, n], step_b /

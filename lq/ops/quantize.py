@@ -43,6 +43,11 @@ def quantize_along(
         done = None if rows is None else native_quant.quantize_rows(rows, qmax)
         if done is not None and x.dim() > 2:
             done = (done[0].view(x.shape), *done[1:])
+    elif static is None and keep_dim % x.dim() == 1 and x.dim() in (2, 4) and not x.requires_grad:
+        # a scale per column of [M, N] / per channel of [N, C, H, W]: grad_weight's operand kernel with ratio 1, no
+        # multiplier and round-to-nearest is eq. 6-7 per channel (saved activations, lq.ops.saved_int8)
+        done = native_quant.grad_operands(x, qmax, [(1, None, 1.0, None, None)])
+        done = None if done is None else done[0]
     q, step, data_amax, finite = done if done is not None else fused.quantize_dynamic(x, qmax, keep_dim, static)
     require_finite(finite, data_amax, what, name)  # a NaN would otherwise become garbage int8: raises
     return q, step
@@ -69,6 +74,9 @@ def require_finite(finite: torch.Tensor, amax: torch.Tensor, what: str, name: st
 
 def dequantize_along(q: torch.Tensor, step: torch.Tensor, keep_dim: int | None) -> torch.Tensor:
     """Eq. 8: ``q * step`` with ``step`` broadcast along ``keep_dim`` (``None``: per tensor), fp32."""
+    done = native_quant.dequantize(q, step, keep_dim)  # (one C pass on CPU where it applies)
+    if done is not None:
+        return done
     if keep_dim is None or step.numel() == 1:
         return q.float() * step.reshape(())
     shape = [1] * q.dim()

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lq.ops import fused
+from lq.ops import fused, native_quant
 from lq.ops.quantize import dequantize_along, quantize_along
 
 #: tensors smaller than this are saved as they are (scales, statistics, logits of small heads)
@@ -95,18 +95,23 @@ class _Session:
         if hit is not None:
             return _Packed(hit[0], hit[1], None, t.dtype)
         x = t.detach()
-        lo, hi = torch.aminmax(x)
-        if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
+        done = native_quant.pack_activation(x, self.act_qmax)  # (one C call: its min/max, then its integers)
+        if done is None:  # (no C kernel here: torch ops)
+            lo, hi = torch.aminmax(x)
+            done = "nonfinite" if not (math.isfinite(float(lo)) and math.isfinite(float(hi))) else (
+                "negative" if float(lo) < 0.0 else None)
+            if done is None:
+                # quantize_along(x, act_qmax, None)'s integers and step, bit for bit (max |x| = hi here), without
+                # its second reduction pass
+                s = fused.scale_from_amax(hi.float().reshape(1), self.act_qmax)
+                done = fused.quantize_with_scale(x, s, self.act_qmax, None), 1.0 / s
+        if done == "nonfinite":
             return t  # NaN/Inf: left for the layers' own checks to report, by name
-        if float(lo) >= 0.0:
-            # quantize_along(x, act_qmax, None)'s integers and step, bit for bit (max |x| = hi here), without
-            # its second reduction pass: the next int8 conv takes them as its own (shared_int8)
-            s = fused.scale_from_amax(hi.float().reshape(1), self.act_qmax)
-            q, step = fused.quantize_with_scale(x, s, self.act_qmax, None), 1.0 / s
-            self.remember(t, q, step)
-            return _Packed(q, step, None, t.dtype)
+        if done != "negative":  # non-negative: the next int8 conv takes these integers as its own (shared_int8)
+            self.remember(t, *done)
+            return _Packed(*done, None, t.dtype)
         axis = 1 if t.dim() >= 2 else None
-        q, step = quantize_along(t.detach(), 127, axis, what="saved activation")
+        q, step = quantize_along(x, 127, axis, what="saved activation")
         return _Packed(q, step, axis, t.dtype)
 
     @staticmethod
