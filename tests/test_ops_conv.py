@@ -232,3 +232,42 @@ def test_argument_errors():
         int8_conv2d(torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3), padding="same")
     with pytest.raises(ValueError, match="groups"):
         int8_conv2d(torch.randn(1, 4, 5, 5), torch.randn(3, 2, 3, 3), groups=2)
+
+
+def test_plain_eager_calls_the_cpu_kernels_and_equals_the_ops(monkeypatch):
+    """In plain eager use int8_conv2d calls its ops' CPU kernels directly (no custom-op dispatch); under a torch
+    function mode (what tracers install) its forward goes through the op. Same outputs, gradients and kernels
+    either way (stochastic rounding drawn from the same seed)."""
+    from torch.overrides import TorchFunctionMode
+
+    class Passthrough(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    def step():
+        torch.manual_seed(3)
+        x = torch.randn(4, 16, 9, 9).contiguous(memory_format=torch.channels_last).requires_grad_()
+        w = torch.randn(32, 16, 3, 3, requires_grad=True)
+        y = int8_conv2d(x, w, None, 2, 1, config=Int8ComputeConfig.for_this_machine(), name="c")
+        y.backward(torch.randn_like(y))
+        return y.detach(), x.grad, w.grad
+
+    import lq.ops.int8_conv as conv_module
+
+    seen = []
+
+    def recording(*tensors):
+        seen.append(conv_module.__dict__["_plain"](*tensors))
+        return seen[-1]
+
+    monkeypatch.setitem(conv_module.__dict__, "_plain", conv_module.plain_cpu_eager)
+    monkeypatch.setattr(conv_module, "plain_cpu_eager", recording)
+    with hw.record_kernels() as direct_ran:
+        direct = step()
+    assert seen == [True] * 3
+    seen.clear()
+    with Passthrough(), hw.record_kernels() as op_ran:
+        through_ops = step()
+    assert seen[0] is False and direct_ran == op_ran  # (the mode is not active in autograd's backward calls)
+    for a, b in zip(direct, through_ops):
+        assert torch.equal(a, b)
