@@ -619,3 +619,17 @@ def test_dequantization_is_the_torch_product(shape, layout, axis, threads) -> No
     want = q.float() * (step.reshape(()) if axis is None else step.reshape(view))
     assert got is not None and torch.equal(got, want) and got.stride() == q.stride()
     assert torch.equal(dequantize_along(q, step, axis), want)
+
+
+def test_dequantization_keeps_a_learned_steps_gradient_and_refuses_a_bad_step() -> None:
+    """A step that requires grad keeps its graph (the C pass is skipped), and several steps with keep_dim None raise
+    as the torch expression does (review findings)."""
+    from lq.ops.quantize import dequantize_along
+
+    q = torch.randint(-127, 128, (4, 3, 5, 5), dtype=torch.int8)
+    step = torch.full((3,), 0.1, requires_grad=True)
+    out = dequantize_along(q, step, 1)
+    out.sum().backward()
+    assert out.grad_fn is not None and torch.equal(step.grad, q.float().sum((0, 2, 3)))
+    with pytest.raises(RuntimeError):
+        dequantize_along(q, torch.rand(3), None)

@@ -329,12 +329,13 @@ int64_t lq_amx_mm(const int8_t *a, int64_t m, int64_t k, int64_t sam, int64_t sa
    tap and the b tile of its phase (one for all taps at stride 1). The sums live at the top-left of each tap's 32 x 32
    block of acc. */
 __attribute__((target("amx-tile,amx-int8"))) static void taps_narrow(const int8_t *ge, int64_t ge_row, int64_t lead,
-                                                                      int64_t s0, int64_t steps, int64_t taps,
-                                                                      const int64_t *off, const int32_t *phase_of,
+                                                                      int64_t s0, int64_t steps, int64_t kb,
+                                                                      int64_t ke, const int64_t *off,
+                                                                      const int32_t *phase_of,
                                                                       const int8_t *bchunk, int64_t jn, int64_t chunk,
                                                                       int32_t *acc) {
-    for (int64_t k0 = 0; k0 < taps; k0 += 4) {
-        int64_t nk = taps - k0 < 4 ? taps - k0 : 4;
+    for (int64_t k0 = kb; k0 < ke; k0 += 4) { /* taps kb .. ke, four at a time */
+        int64_t nk = ke - k0 < 4 ? ke - k0 : 4;
         int32_t *c = acc + k0 * 1024;
         _tile_loadd(0, c, 128);
         if (nk > 1) _tile_loadd(1, c + 1024, 128);
@@ -381,50 +382,79 @@ int64_t lq_amx_taps(const int8_t *ge, int64_t o, int64_t ge_row, int64_t lead, i
         chunks = (chunks + threads - 1) / threads * threads;
     /* chunk q: steps q * ks / chunks .. (q + 1) * ks / chunks (sizes differ by 1) */
     chunk = (ks + chunks - 1) / chunks;
-    if (threads > chunks) threads = (int32_t)chunks; /* (a thread without a chunk would only add zeros) */
     const int narrow = o <= 16 && c <= 16;
-    /* thread u's packed chunk at buf + u * per_thread, its int32 sums per_thread_b bytes further */
+    /* one chunk (a short reduction, e.g. a 7x7 layer): the threads split the blocks of sums instead, sharing one
+       packing of the input (one thread did all the work) */
+    const int64_t groups = narrow ? (taps + 3) / 4 : items;
+    const int split = chunks == 1 && threads > 1 && groups > 1;
+    if (!split && threads > chunks) threads = (int32_t)chunks; /* (a thread without a chunk would only add zeros) */
+    const int32_t copies = split ? 1 : threads; /* sets of int32 sums */
+    /* copy u's packed chunk at buf + u * per_thread, its int32 sums per_thread_b bytes further */
     size_t per_thread_b = (size_t)(phases * jn * chunk) * 1024, per_thread = per_thread_b + (size_t)items * 32 * 32 * 4;
-    int8_t *buf = scratch(0, (size_t)threads * per_thread);
+    int8_t *buf = scratch(0, (size_t)copies * per_thread);
     if (!buf) return -2;
-    memset(buf, 0, (size_t)threads * per_thread);
+    memset(buf, 0, (size_t)copies * per_thread);
 #pragma omp parallel num_threads(threads)
     {
         int t = 0;
 #ifdef _OPENMP
         t = omp_get_thread_num();
 #endif
-        int8_t *bchunk = buf + (size_t)t * per_thread;
-        int32_t *acc = (int32_t *)(bchunk + per_thread_b);
-        configure_tiles();
-#pragma omp for schedule(static)
-        for (int64_t q = 0; q < chunks; q++) {
-            int64_t s0 = q * ks / chunks, steps = (q + 1) * ks / chunks - s0;
+        if (split) {
+            int32_t *acc = (int32_t *)(buf + per_thread_b);
+#pragma omp for schedule(static) collapse(3)
             for (int64_t p = 0; p < phases; p++)
-                for (int64_t j = 0; j < (narrow ? 1 : jn); j++)
-                    for (int64_t ss = 0; ss < steps; ss++)
-                        pack_b_tile(x[p], c, tx, xc, xt, j, s0 + ss, bchunk + ((p * jn + j) * chunk + ss) * 1024);
-            if (narrow) {
-                taps_narrow(ge, ge_row, lead, s0, steps, taps, off, phase_of, bchunk, jn, chunk, acc);
-                continue;
+                for (int64_t j = 0; j < jn; j++)
+                    for (int64_t ss = 0; ss < ks; ss++)
+                        if (!narrow || j == 0)
+                            pack_b_tile(x[p], c, tx, xc, xt, j, ss, buf + ((p * jn + j) * chunk + ss) * 1024);
+            configure_tiles();
+#pragma omp for schedule(static)
+            for (int64_t it = 0; it < groups; it++) {
+                if (narrow) {
+                    int64_t kb = it * 4, ke = kb + 4 < taps ? kb + 4 : taps;
+                    taps_narrow(ge, ge_row, lead, 0, ks, kb, ke, off, phase_of, buf, jn, chunk, acc);
+                    continue;
+                }
+                int64_t k = it / (ob * cb), i = (it / cb) % ob, j = it % cb;
+                const int8_t *a = ge + i * 32 * ge_row + (lead - off[k]);
+                const int8_t *b0 = buf + ((phase_of[k] * jn + 2 * j) * chunk) * 1024;
+                block_sums(a, a + 16 * ge_row, 64, ge_row, b0, b0 + chunk * 1024, ks, acc + it * 1024, 1);
             }
-            for (int64_t k = 0; k < taps; k++)
-                for (int64_t i = 0; i < ob; i++)
-                    for (int64_t j = 0; j < cb; j++) {
-                        int32_t *sums = acc + ((k * ob + i) * cb + j) * 1024;
-                        const int8_t *a = ge + i * 32 * ge_row + (lead - off[k]) + s0 * 64;
-                        const int8_t *b0 = bchunk + ((phase_of[k] * jn + 2 * j) * chunk) * 1024;
-                        const int8_t *b1 = b0 + chunk * 1024;
-                        block_sums(a, a + 16 * ge_row, 64, ge_row, b0, b1, steps, sums, 1);
-                    }
+            release_tiles();
+        } else {
+            int8_t *bchunk = buf + (size_t)t * per_thread;
+            int32_t *acc = (int32_t *)(bchunk + per_thread_b);
+            configure_tiles();
+#pragma omp for schedule(static)
+            for (int64_t q = 0; q < chunks; q++) {
+                int64_t s0 = q * ks / chunks, steps = (q + 1) * ks / chunks - s0;
+                for (int64_t p = 0; p < phases; p++)
+                    for (int64_t j = 0; j < (narrow ? 1 : jn); j++)
+                        for (int64_t ss = 0; ss < steps; ss++)
+                            pack_b_tile(x[p], c, tx, xc, xt, j, s0 + ss, bchunk + ((p * jn + j) * chunk + ss) * 1024);
+                if (narrow) {
+                    taps_narrow(ge, ge_row, lead, s0, steps, 0, taps, off, phase_of, bchunk, jn, chunk, acc);
+                    continue;
+                }
+                for (int64_t k = 0; k < taps; k++)
+                    for (int64_t i = 0; i < ob; i++)
+                        for (int64_t j = 0; j < cb; j++) {
+                            int32_t *sums = acc + ((k * ob + i) * cb + j) * 1024;
+                            const int8_t *a = ge + i * 32 * ge_row + (lead - off[k]) + s0 * 64;
+                            const int8_t *b0 = bchunk + ((phase_of[k] * jn + 2 * j) * chunk) * 1024;
+                            const int8_t *b1 = b0 + chunk * 1024;
+                            block_sums(a, a + 16 * ge_row, 64, ge_row, b0, b1, steps, sums, 1);
+                        }
+            }
+            release_tiles();
         }
-        release_tiles();
-        /* the threads' sums added, then the output stage */
+        /* the copies' sums added, then the output stage */
 #pragma omp for schedule(static)
         for (int64_t it = 0; it < items; it++) {
             int64_t k = it / (ob * cb), i = (it / cb) % ob, j = it % cb;
             int32_t *first = (int32_t *)(buf + per_thread_b) + it * 1024;
-            for (int u = 1; u < threads; u++) {
+            for (int u = 1; u < copies; u++) {
                 const int32_t *other = (const int32_t *)(buf + (size_t)u * per_thread + per_thread_b) + it * 1024;
                 for (int e = 0; e < 1024; e++) first[e] += other[e];
             }

@@ -412,7 +412,9 @@ def dequantize(q: torch.Tensor, step: torch.Tensor, axis: int | None) -> torch.T
     """Eq. 8, ``q * step`` as fp32 in ``q``'s layout, one pass (``lq.ops.quantize.dequantize_along``): one step
     (``axis`` None or a single step), or a step per index of ``axis`` 1 of a dense 2-d ``[M, N]`` or 4-d
     (row-major or channels-last) ``q``; ``None`` where the kernel does not apply."""
-    if q.dtype != torch.int8 or q.numel() == 0 or step.dtype != torch.float32 or not _usable(q, step):
+    if (q.dtype != torch.int8 or q.numel() == 0 or step.dtype != torch.float32 or not _usable(q, step)
+            or step.requires_grad and torch.is_grad_enabled()  # (a learned step keeps its graph: review finding)
+            or axis is None and step.numel() != 1):  # (torch's reshape raises there)
         return None
     per_tensor = axis is None or step.numel() == 1
     last = q.dim() == 4 and fused.is_channels_last(q) and not q.is_contiguous()
