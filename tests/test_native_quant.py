@@ -462,7 +462,8 @@ def test_amx_taps_scratch_does_not_grow_with_idle_threads() -> None:
 @pytest.mark.parametrize("geometry", [(2, 64, 64, 7, 9, 3, 1), (2, 3, 5, 7, 9, 3, 1), (2, 70, 33, 6, 5, 3, 0),
                                       (1, 16, 8, 5, 5, 5, 2), (3, 128, 96, 4, 4, 1, 0), (2, 130, 129, 5, 5, 3, 1),
                                       (2, 16, 16, 9, 9, 3, 1), (2, 32, 40, 8, 7, 3, 1), (2, 1, 16, 9, 9, 3, 1),
-                                      (2, 48, 20, 6, 6, 1, 0), (2, 8, 24, 7, 10, 5, 2), (2, 2, 3, 6, 5, 2, 0)])
+                                      (2, 48, 20, 6, 6, 1, 0), (2, 8, 24, 7, 10, 5, 2), (2, 2, 3, 6, 5, 2, 0),
+                                      (4, 64, 128, 4, 4, 1, 0)])  # (1x1, 64 positions: the input is its own grid)
 @pytest.mark.parametrize("layout", ["row-major", "channels-last"])
 def test_amx_convolution_is_exact_and_scales_as_eq10(geometry, layout, threads) -> None:
     """The tile unit's convolution (implicit GEMM over the padded input's grid; fewer than 64 channels as several
@@ -495,8 +496,13 @@ def test_amx_convolution_is_exact_and_scales_as_eq10(geometry, layout, threads) 
         canvas, pad = K.transposed_conv_input(g, wt.shape, [n, c, h, w], [stride] * 2, [p, p], [1, 1])
         gx = native_quant.amx_conv(canvas, K.transposed_conv_weight(wt, 1), torch.ones(1), torch.ones(c), None, pad,
                                    1 << 20)
-        assert torch.equal(gx.double(), torch.nn.grad.conv2d_input([n, c, h, w], wt.double(), g.double(),
-                                                                    [stride] * 2, [p, p]))
+        want = torch.nn.grad.conv2d_input([n, c, h, w], wt.double(), g.double(), [stride] * 2, [p, p])
+        assert torch.equal(gx.double(), want)
+        if layout == "channels-last":
+            g = g.contiguous(memory_format=torch.channels_last)
+        # the direct route (stride 2 on the space-to-depth grid, written back depth-to-space)
+        gx = native_quant.amx_conv_grad_input(g, wt, torch.ones(1), [n, c, h, w], [stride] * 2, [p, p], 1 << 20)
+        assert torch.equal(gx.double(), want) and gx.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.skipif(native_quant.amx_library() is None, reason="no AMX-INT8 on this CPU (or not permitted)")

@@ -203,11 +203,15 @@ def _conv_on_grid(
     offs = [i * ws + j * group for i in range(kh2) for j in range(tj)]
     t_out = n * hs * ws
     rows = -(-t_out // 64) * 64 + max(offs) + group
-    xg = torch.empty((rows, cg), dtype=torch.int8, device="cpu")
     threads = torch.get_num_threads()
     lib = amx_library()
-    lib.lq_conv_grid(src.data_ptr(), n, h, wd, c, pads[0], pads[1], int(s2d_in), hs, ws, cg, xg.data_ptr(), rows,
-                     threads)
+    if (taps == 1 and group == 1 and cg == c and not s2d_in and pads == (0, 0) and (hs, ws) == (h, wd)
+            and t_out % 64 == 0):
+        xg = src  # a 1x1 layer over 64k channels: the channels-last input is its own grid (the blocks end at t_out)
+    else:
+        xg = torch.empty((rows, cg), dtype=torch.int8, device="cpu")
+        lib.lq_conv_grid(src.data_ptr(), n, h, wd, c, pads[0], pads[1], int(s2d_in), hs, ws, cg, xg.data_ptr(), rows,
+                         threads)
     off_arr = (ctypes.c_int64 * taps)(*offs)
     res = lib.lq_amx_conv(
         xg.data_ptr(), cg, kc, t_out, taps, off_arr, wk.data_ptr(), o2, kc, hs, ws, out_hw[0], out_hw[1],
