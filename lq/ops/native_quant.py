@@ -174,10 +174,10 @@ def _tap_index(kind: str, shape: tuple[int, int, int, int]) -> tuple[torch.Tenso
     o2, c2, kh2, kw2 = w2.shape
     cg, group = _grid_layout(c2)
     tj = -(-kw2 // group)
-    wk = torch.zeros((o2, cg, kh2, tj * group), dtype=torch.int64)
-    wk[:, :c2, :, :kw2] = w2
     if kind == "conv1" and cg == c2 and group == 1:
         return None, cg, group, kh2, tj
+    wk = torch.zeros((o2, cg, kh2, tj * group), dtype=torch.int64)
+    wk[:, :c2, :, :kw2] = w2
     wk = wk.view(o2, cg, kh2, tj, group).permute(0, 4, 1, 2, 3).reshape(o2, max(cg, 64), kh2 * tj)
     return torch.where(wk > 0, wk - 1, numel).to(torch.int32).contiguous(), cg, group, kh2, tj
 
@@ -429,9 +429,11 @@ def dequantize(q: torch.Tensor, step: torch.Tensor, axis: int | None) -> torch.T
     if out.stride() != q.stride():
         return None
     c = 0 if per_tensor else q.shape[1]
-    if per_tensor or q.dim() == 2 or last:
-        rows, cols, on_cols = q.numel() // max(c, 1) if c else 1, c if c else q.numel(), 1
-    else:
+    if per_tensor:
+        rows, cols, on_cols = 1, q.numel(), 1
+    elif q.dim() == 2 or last:  # the channel is the fastest dimension
+        rows, cols, on_cols = q.numel() // c, c, 1
+    else:  # row-major [N, C, H, W]: rows of H * W with one channel each
         rows, cols, on_cols = q.shape[0] * c, q.shape[2] * q.shape[3], 0
     library().lq_dequant(q.data_ptr(), rows, cols, c, on_cols, _vector(step, step.numel()).data_ptr(),
                          out.data_ptr(), torch.get_num_threads())
