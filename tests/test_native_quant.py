@@ -561,8 +561,8 @@ def test_a_reduction_beyond_onednns_limit_runs_the_tile_unit_exactly() -> None:
     assert torch.equal(gx.double(), torch.nn.grad.conv2d_input([n, o, h, h], wt2.double(), g.double(), 1, 1))
 
 
-@pytest.mark.parametrize("shape", [(64, 300), (2, 16, 9, 9), (3, 70, 5, 6)])
-@pytest.mark.parametrize("layout", ["row-major", "channels-last"])
+@pytest.mark.parametrize(("shape", "layout"), [((64, 300), "row-major")] + [
+    (shape, layout) for shape in ((2, 16, 9, 9), (3, 70, 5, 6)) for layout in ("row-major", "channels-last")])
 def test_per_channel_activations_quantize_as_the_torch_ops(shape, layout, threads) -> None:
     """quantize_along(x, qmax, 1) (a scale per column / channel: lq.ops.saved_int8's BatchNorm inputs) through the
     gradient-operand kernel gives the compiled torch path's integers and steps, ties and a zero channel included."""
@@ -571,8 +571,6 @@ def test_per_channel_activations_quantize_as_the_torch_ops(shape, layout, thread
     x.view(-1)[::7] = torch.round(x.view(-1)[::7] * 4) / 4  # ties after scaling are likelier
     x.select(1, 1).zero_()
     if layout == "channels-last":
-        if x.dim() != 4:
-            pytest.skip("2-d")
         x = x.contiguous(memory_format=torch.channels_last)
     q, step = quantize_along(x, 127, 1)
     q2, step2, _, _ = fused._quantize_dynamic(x, None, 127, 1)
@@ -603,8 +601,9 @@ def test_saved_activation_packing_matches_the_torch_ops(case, threads) -> None:
         assert torch.equal(q, q2) and torch.equal(step, step2) and q.stride() == x.stride()
 
 
-@pytest.mark.parametrize("shape", [(64, 300), (2, 16, 9, 9), (3, 70, 5, 6), (4, 3, 1, 1)])
-@pytest.mark.parametrize("layout", ["row-major", "channels-last"])
+@pytest.mark.parametrize(("shape", "layout"), [((64, 300), "row-major")] + [
+    (shape, layout) for shape in ((2, 16, 9, 9), (3, 70, 5, 6), (4, 3, 1, 1))
+    for layout in ("row-major", "channels-last")])
 @pytest.mark.parametrize("axis", [None, 1])
 def test_dequantization_is_the_torch_product(shape, layout, axis, threads) -> None:
     """Eq. 8 in one C pass (dequantize_along): (float) q * step bit for bit, per tensor and per channel, q's
@@ -614,8 +613,6 @@ def test_dequantization_is_the_torch_product(shape, layout, axis, threads) -> No
     gen = torch.Generator().manual_seed(len(shape))
     q = torch.randint(-127, 128, shape, dtype=torch.int8, generator=gen)
     if layout == "channels-last":
-        if q.dim() != 4:
-            pytest.skip("2-d")
         q = q.contiguous(memory_format=torch.channels_last)
     step = torch.rand(1 if axis is None else shape[1], generator=gen) / 100
     got = native_quant.dequantize(q, step, axis)
