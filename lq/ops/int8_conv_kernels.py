@@ -228,11 +228,11 @@ def _fast_conv_ok(kind: str, u_qmax: int, w_qmax: int, reduction: int) -> bool:
 def amx_conv_applies(op: str, stride, dilation, groups: int) -> bool:
     """Whether ``op`` (``int8_conv2d`` or ``int8_conv2d_grad_input``) of this geometry runs on the tile unit where the
     CPU has one (``native_quant.amx_conv`` / ``amx_conv_grad_input``): undilated one-group layers, forward at strides
-    1 and 2, the input gradient at every stride. It beats oneDNN on every ResNet shape measured (forward / grad-input,
-    batch 64 channels-last, 2-core host, ms tile vs oneDNN: 16 x 16 @28 0.41 / 0.55 and 0.43 / 0.59; 16 -> 32 stride
-    2 @28 0.29 / 0.48 and 0.48 / 0.69; 64 x 64 @7 0.21 / 0.37 and 0.24 / 0.47; 64 x 64 @56 batch 32 2.27 / 2.54 and
-    2.28 / 2.84; 256 x 256 @14 batch 32 2.65 / 3.47 and 2.68 / 3.93; the 1-channel stem 0.46 / 0.45): no weight
-    prepacking per call, no biased-uint8 copy, fewer than 64 channels packed as several taps a step."""
+    1 and 2, the input gradient at every stride. It beats or ties oneDNN on every ResNet shape measured (forward /
+    grad-input, batch 64 channels-last, 2-core host, ms tile vs oneDNN: 16 x 16 @28 0.41 / 0.55 and 0.43 / 0.59;
+    16 -> 32 stride 2 @28 0.29 / 0.48 and 0.48 / 0.69; 64 x 64 @7 0.21 / 0.37 and 0.24 / 0.47; 64 x 64 @56 batch 32
+    2.27 / 2.54 and 2.28 / 2.84; 256 x 256 @14 batch 32 2.65 / 3.47 and 2.68 / 3.93; the 1-channel stem 0.46 / 0.45):
+    no weight prepacking per call, no biased-uint8 copy, fewer than 64 channels packed as several taps a step."""
     if tuple(dilation) != (1, 1) or groups != 1:
         return False
     return op == "int8_conv2d_grad_input" or tuple(stride) in ((1, 1), (2, 2))
