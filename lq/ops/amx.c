@@ -355,6 +355,22 @@ __attribute__((target("amx-tile,amx-int8"))) static void taps_narrow(const int8_
     }
 }
 #undef NARROW_TAP
+
+/* lq_amx_taps' work item `it` of a chunk (steps s0 .. s0 + steps, packed at bchunk): narrow, the group of taps
+   4 it .. 4 it + 3; else tap k's 32 x 32 block (i, j) of the sums, it = (k * ob + i) * cb + j */
+static void taps_item(const int8_t *ge, int64_t ge_row, int64_t lead, int64_t taps, const int64_t *off,
+                      const int32_t *phase_of, int narrow, int64_t ob, int64_t cb, int64_t jn, int64_t it, int64_t s0,
+                      int64_t steps, const int8_t *bchunk, int64_t chunk, int32_t *acc) {
+    if (narrow) {
+        int64_t kb = it * 4, ke = kb + 4 < taps ? kb + 4 : taps;
+        taps_narrow(ge, ge_row, lead, s0, steps, kb, ke, off, phase_of, bchunk, jn, chunk, acc);
+        return;
+    }
+    int64_t k = it / (ob * cb), i = (it / cb) % ob, j = it % cb;
+    const int8_t *a = ge + i * 32 * ge_row + (lead - off[k]) + s0 * 64;
+    const int8_t *b0 = bchunk + ((phase_of[k] * jn + 2 * j) * chunk) * 1024;
+    block_sums(a, a + 16 * ge_row, 64, ge_row, b0, b0 + chunk * 1024, steps, acc + it * 1024, 1);
+}
 #endif
 
 /* A convolution's weight gradient by taps (lq.ops.int8_conv_kernels._grad_weight_taps) on the tile unit:
@@ -383,9 +399,10 @@ int64_t lq_amx_taps(const int8_t *ge, int64_t o, int64_t ge_row, int64_t lead, i
     /* chunk q: steps q * ks / chunks .. (q + 1) * ks / chunks (sizes differ by 1) */
     chunk = (ks + chunks - 1) / chunks;
     const int narrow = o <= 16 && c <= 16;
-    /* one chunk (a short reduction, e.g. a 7x7 layer): the threads split the blocks of sums instead, sharing one
+    const int64_t jpack = narrow ? 1 : jn; /* column blocks of b that are packed (narrow: c <= 16, the first) */
+    /* one chunk (a short reduction, e.g. a 7x7 layer): the threads split the work items instead, sharing one
        packing of the input (one thread did all the work) */
-    const int64_t groups = narrow ? (taps + 3) / 4 : items;
+    const int64_t groups = narrow ? (taps + 3) / 4 : items; /* work items of a chunk (taps_item) */
     const int split = chunks == 1 && threads > 1 && groups > 1;
     if (!split && threads > chunks) threads = (int32_t)chunks; /* (a thread without a chunk would only add zeros) */
     const int32_t copies = split ? 1 : threads; /* sets of int32 sums */
@@ -404,23 +421,13 @@ int64_t lq_amx_taps(const int8_t *ge, int64_t o, int64_t ge_row, int64_t lead, i
             int32_t *acc = (int32_t *)(buf + per_thread_b);
 #pragma omp for schedule(static) collapse(3)
             for (int64_t p = 0; p < phases; p++)
-                for (int64_t j = 0; j < jn; j++)
+                for (int64_t j = 0; j < jpack; j++)
                     for (int64_t ss = 0; ss < ks; ss++)
-                        if (!narrow || j == 0)
-                            pack_b_tile(x[p], c, tx, xc, xt, j, ss, buf + ((p * jn + j) * chunk + ss) * 1024);
+                        pack_b_tile(x[p], c, tx, xc, xt, j, ss, buf + ((p * jn + j) * chunk + ss) * 1024);
             configure_tiles();
 #pragma omp for schedule(static)
-            for (int64_t it = 0; it < groups; it++) {
-                if (narrow) {
-                    int64_t kb = it * 4, ke = kb + 4 < taps ? kb + 4 : taps;
-                    taps_narrow(ge, ge_row, lead, 0, ks, kb, ke, off, phase_of, buf, jn, chunk, acc);
-                    continue;
-                }
-                int64_t k = it / (ob * cb), i = (it / cb) % ob, j = it % cb;
-                const int8_t *a = ge + i * 32 * ge_row + (lead - off[k]);
-                const int8_t *b0 = buf + ((phase_of[k] * jn + 2 * j) * chunk) * 1024;
-                block_sums(a, a + 16 * ge_row, 64, ge_row, b0, b0 + chunk * 1024, ks, acc + it * 1024, 1);
-            }
+            for (int64_t it = 0; it < groups; it++)
+                taps_item(ge, ge_row, lead, taps, off, phase_of, narrow, ob, cb, jn, it, 0, ks, buf, chunk, acc);
             release_tiles();
         } else {
             int8_t *bchunk = buf + (size_t)t * per_thread;
@@ -430,22 +437,12 @@ int64_t lq_amx_taps(const int8_t *ge, int64_t o, int64_t ge_row, int64_t lead, i
             for (int64_t q = 0; q < chunks; q++) {
                 int64_t s0 = q * ks / chunks, steps = (q + 1) * ks / chunks - s0;
                 for (int64_t p = 0; p < phases; p++)
-                    for (int64_t j = 0; j < (narrow ? 1 : jn); j++)
+                    for (int64_t j = 0; j < jpack; j++)
                         for (int64_t ss = 0; ss < steps; ss++)
                             pack_b_tile(x[p], c, tx, xc, xt, j, s0 + ss, bchunk + ((p * jn + j) * chunk + ss) * 1024);
-                if (narrow) {
-                    taps_narrow(ge, ge_row, lead, s0, steps, 0, taps, off, phase_of, bchunk, jn, chunk, acc);
-                    continue;
-                }
-                for (int64_t k = 0; k < taps; k++)
-                    for (int64_t i = 0; i < ob; i++)
-                        for (int64_t j = 0; j < cb; j++) {
-                            int32_t *sums = acc + ((k * ob + i) * cb + j) * 1024;
-                            const int8_t *a = ge + i * 32 * ge_row + (lead - off[k]) + s0 * 64;
-                            const int8_t *b0 = bchunk + ((phase_of[k] * jn + 2 * j) * chunk) * 1024;
-                            const int8_t *b1 = b0 + chunk * 1024;
-                            block_sums(a, a + 16 * ge_row, 64, ge_row, b0, b1, steps, sums, 1);
-                        }
+                for (int64_t it = 0; it < groups; it++)
+                    taps_item(ge, ge_row, lead, taps, off, phase_of, narrow, ob, cb, jn, it, s0, steps, bchunk, chunk,
+                              acc);
             }
             release_tiles();
         }

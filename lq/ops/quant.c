@@ -196,6 +196,29 @@ static inline uint32_t merged_max(const uint32_t *part, int32_t threads, int64_t
     return m;
 }
 
+/* the length of piece i when n items are cut into pieces of `size` (the last one shorter) */
+static inline int64_t piece(int64_t n, int64_t size, int64_t i) { return n - i * size < size ? n - i * size : size; }
+
+/* flat loops over n dense floats run in chunks of this many (one call of a row loop each) */
+#define CHUNK ((int64_t)1 << 14)
+
+/* whole rows of `cols` floats per call of a row loop where rows are short (~SPAN_FLOATS floats a call) */
+static inline int64_t span_rows(int64_t cols) { return cols < SPAN_FLOATS ? SPAN_FLOATS / cols : 1; }
+
+/* dst[j] = src[j % period] for j < n (a per-channel vector repeated over a span; dst may be src: the first period
+   entries are rewritten with themselves) */
+static void repeat(float *dst, const float *src, int64_t n, int64_t period) {
+    for (int64_t j = 0; j < n; j++) dst[j] = src[j % period];
+}
+
+/* eq. 7 with one scale s for n dense floats, in chunks over the threads */
+static void round_chunks(const float *x, int64_t n, float s, int32_t qmax, int8_t *q, int32_t threads) {
+    const float lo = -(float)qmax, hi = (float)qmax;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t c = 0; c < (n + CHUNK - 1) / CHUNK; c++)
+        row_round(x + c * CHUNK, s, lo, hi, piece(n, CHUNK, c), q + c * CHUNK);
+}
+
 /* ------------------------------------------------------------------------------------------ entry points */
 
 /* fused.quantize_dynamic(x, qmax, keep_dim=0) of a row-major x [m, k] (row stride ldx): q [m, k] contiguous,
@@ -222,28 +245,21 @@ int64_t lq_quant_rows(const float *x, int64_t m, int64_t k, int64_t ldx, int32_t
    beyond it), q in the same memory order. Returns 1 when the data's amax is not finite. */
 int64_t lq_quant_tensor(const float *x, int64_t n, int32_t qmax, float eps, int32_t has_calibrated, float calibrated,
                         int8_t *q, float *step, float *amax, int32_t threads) {
-    const float lo = -(float)qmax, hi = (float)qmax;
-    const int64_t chunk = 1 << 14, chunks = (n + chunk - 1) / chunk;
     uint32_t m = 0;
 #pragma omp parallel for num_threads(threads) schedule(static) reduction(max : m)
-    for (int64_t c = 0; c < chunks; c++) {
-        int64_t len = n - c * chunk < chunk ? n - c * chunk : chunk;
-        uint32_t v = row_amax(x + c * chunk, len);
+    for (int64_t c = 0; c < (n + CHUNK - 1) / CHUNK; c++) {
+        uint32_t v = row_amax(x + c * CHUNK, piece(n, CHUNK, c));
         m = v > m ? v : m;
     }
     float a = float_of(m);
     float s = scale_of(has_calibrated ? calibrated : a, eps, qmax);
     *amax = a;
     *step = 1.0f / s;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t c = 0; c < chunks; c++) {
-        int64_t len = n - c * chunk < chunk ? n - c * chunk : chunk;
-        row_round(x + c * chunk, s, lo, hi, len, q + c * chunk);
-    }
+    round_chunks(x, n, s, qmax, q, threads);
     return !isfinite(a);
 }
 
-/* float bits -> an int32 with the float order (negative floats' magnitude bits flipped) */
+/* float bits -> an int32 with the float order (negative floats' magnitude bits flipped); its own inverse */
 static inline int32_t order_key(uint32_t b) { return (int32_t)(b ^ ((uint32_t)((int32_t)b >> 31) & ABS_BITS)); }
 
 /* the order keys' minimum and maximum of x, and whether any element is not finite (exponent bits all set) */
@@ -268,26 +284,18 @@ LQ_CLONES static void row_minmax(const float *x, int64_t n, int32_t *mn, int32_t
    (a negative element: nothing written but lo / hi), 2 (NaN or Inf: nothing written). */
 int64_t lq_pack_activation(const float *x, int64_t n, int32_t qmax, float eps, int8_t *q, float *step, float *lo,
                            float *hi, int32_t threads) {
-    const int64_t chunk = 1 << 14, chunks = (n + chunk - 1) / chunk;
     int32_t mn = INT32_MAX, mx = INT32_MIN;
     uint32_t bad = 0;
 #pragma omp parallel for num_threads(threads) schedule(static) reduction(min : mn) reduction(max : mx) \
     reduction(| : bad)
-    for (int64_t c = 0; c < chunks; c++) {
-        int64_t len = n - c * chunk < chunk ? n - c * chunk : chunk;
-        row_minmax(x + c * chunk, len, &mn, &mx, &bad);
-    }
+    for (int64_t c = 0; c < (n + CHUNK - 1) / CHUNK; c++) row_minmax(x + c * CHUNK, piece(n, CHUNK, c), &mn, &mx, &bad);
     if (bad) return 2;
-    *lo = float_of((uint32_t)mn ^ ((uint32_t)(mn >> 31) & ABS_BITS));
-    *hi = float_of((uint32_t)mx ^ ((uint32_t)(mx >> 31) & ABS_BITS));
+    *lo = float_of((uint32_t)order_key((uint32_t)mn));
+    *hi = float_of((uint32_t)order_key((uint32_t)mx));
     if (*lo < 0.0f) return 1;
-    const float s = scale_of(*hi, eps, qmax), lo_q = -(float)qmax, hi_q = (float)qmax;
+    const float s = scale_of(*hi, eps, qmax);
     *step = 1.0f / s;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t c = 0; c < chunks; c++) {
-        int64_t len = n - c * chunk < chunk ? n - c * chunk : chunk;
-        row_round(x + c * chunk, s, lo_q, hi_q, len, q + c * chunk);
-    }
+    round_chunks(x, n, s, qmax, q, threads);
     return 0;
 }
 
@@ -302,12 +310,10 @@ LQ_CLONES static void row_dequant(const int8_t *q, const float *step, int64_t st
 void lq_dequant(const int8_t *q, int64_t rows, int64_t cols, int64_t channels, int32_t channel_on_cols,
                 const float *step, float *out, int32_t threads) {
     if (channels == 0) { /* one step: flat chunks */
-        const int64_t n = rows * cols, chunk = 1 << 14, chunks = (n + chunk - 1) / chunk;
+        const int64_t n = rows * cols;
 #pragma omp parallel for num_threads(threads) schedule(static)
-        for (int64_t c = 0; c < chunks; c++) {
-            int64_t len = n - c * chunk < chunk ? n - c * chunk : chunk;
-            row_dequant(q + c * chunk, step, 0, len, out + c * chunk);
-        }
+        for (int64_t c = 0; c < (n + CHUNK - 1) / CHUNK; c++)
+            row_dequant(q + c * CHUNK, step, 0, piece(n, CHUNK, c), out + c * CHUNK);
         return;
     }
     if (!channel_on_cols) {
@@ -316,19 +322,17 @@ void lq_dequant(const int8_t *q, int64_t rows, int64_t cols, int64_t channels, i
         return;
     }
     /* spans of whole rows with the per-channel steps repeated over a span (short rows: lq_grad_conv's reason) */
-    const int64_t per = cols < SPAN_FLOATS ? SPAN_FLOATS / cols : 1, span = per * cols, spans = (rows + per - 1) / per;
+    const int64_t per = span_rows(cols), span = per * cols;
     float *rep = (float *)malloc((size_t)span * sizeof(float));
     if (!rep) {
 #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t i = 0; i < rows; i++) row_dequant(q + i * cols, step, 1, cols, out + i * cols);
         return;
     }
-    for (int64_t j = 0; j < span; j++) rep[j] = step[j % cols];
+    repeat(rep, step, span, cols);
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t i = 0; i < spans; i++) {
-        int64_t width = (i + 1 < spans ? per : rows - i * per) * cols;
-        row_dequant(q + i * span, rep, 1, width, out + i * span);
-    }
+    for (int64_t i = 0; i < (rows + per - 1) / per; i++)
+        row_dequant(q + i * span, rep, 1, piece(rows, per, i) * cols, out + i * span);
     free(rep);
 }
 
@@ -420,7 +424,7 @@ int64_t lq_grad_conv(const float *g, int64_t rows, int64_t cols, int32_t channel
     /* Channels-last rows are cut into spans of `per` whole rows (span = per * cols floats, ~SPAN_FLOATS), each
        one call of the row loops with the per-channel vectors repeated per row: a SmallResNet gradient has 16-64
        channels, and one call per 16-float row cost 12x its memory traffic. Row-major rows are single rows. */
-    const int64_t per = channel_on_cols && cols < SPAN_FLOATS ? SPAN_FLOATS / cols : 1;
+    const int64_t per = channel_on_cols ? span_rows(cols) : 1;
     const int64_t span = channel_on_cols ? per * cols : channels, spans = (rows + per - 1) / per;
     uint32_t *part;
     float *s_b;
@@ -429,8 +433,7 @@ int64_t lq_grad_conv(const float *g, int64_t rows, int64_t cols, int32_t channel
         free(m_a);
         return 4;
     }
-    if (channel_on_cols && qa)
-        for (int64_t j = 0; j < span; j++) m_a[j] = mult_a[j % cols];
+    if (channel_on_cols && qa) repeat(m_a, mult_a, span, cols);
     float s_a = 0.0f;
 #pragma omp parallel num_threads(threads)
     {
@@ -440,8 +443,7 @@ int64_t lq_grad_conv(const float *g, int64_t rows, int64_t cols, int32_t channel
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < spans; i++) {
             if (channel_on_cols) {
-                int64_t width = (i + 1 < spans ? per : rows - i * per) * cols;
-                col_amax_mul(g + i * span, 1.0f, width, mine);
+                col_amax_mul(g + i * span, 1.0f, piece(rows, per, i) * cols, mine);
             } else {
                 uint32_t v = row_amax(g + i * cols, cols);
                 int64_t o = i % channels;
@@ -469,8 +471,7 @@ int64_t lq_grad_conv(const float *g, int64_t rows, int64_t cols, int32_t channel
                     a_bits = v > a_bits ? v : a_bits;
                 }
             }
-            if (qb && channel_on_cols)
-                for (int64_t j = channels; j < span; j++) s_b[j] = s_b[j % channels];
+            if (qb && channel_on_cols) repeat(s_b, s_b, span, channels);
             if (qa) {
                 amax_a[0] = float_of(a_bits);
                 s_a = scale_of(amax_a[0] * ratio_a, eps, qmax);
@@ -481,7 +482,7 @@ int64_t lq_grad_conv(const float *g, int64_t rows, int64_t cols, int32_t channel
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < spans; i++) {
             if (channel_on_cols) {
-                int64_t at = i * span, width = (i + 1 < spans ? per : rows - i * per) * cols;
+                int64_t at = i * span, width = piece(rows, per, i) * cols;
                 const float *gi = g + at;
                 if (qa) {
                     if (noise_a)
