@@ -484,7 +484,6 @@ def _grad_weight_taps(g, x, g_step, x_step, weight_size, padding, stride=(1, 1))
     stacked = c * len(taps) <= o  # few input channels: the taps' shifted rows of X stacked, one GEMM
     position_major = not stacked and fused.is_channels_last(x)
     wanted = sorted(set(phase_of))
-    phases = None
     if not stacked and native_quant.amx_usable(g, x, g_step, x_step) and x_step.numel() == 1:
         # the tile unit: each phase packed once for all its taps, each tap reading the gradient at a shift (ge with
         # a zero lead of max(offs) columns, rows up to a multiple of 32); position-major phases as views of one

@@ -390,6 +390,14 @@ def quantize_rows(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tenso
     return q, step, amax, bad == 0
 
 
+def _int8_like(x: torch.Tensor) -> torch.Tensor | None:
+    """An int8 buffer with the strides of a dense ``x`` (row-major or channels-last), or ``None`` for another layout."""
+    q = torch.empty_like(x, dtype=torch.int8)
+    if q.stride() != x.stride() or not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        return None
+    return q
+
+
 def quantize_tensor(
     x: torch.Tensor, qmax: int, amax: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool] | None:
@@ -402,8 +410,8 @@ def quantize_tensor(
     if amax is not None and (amax.numel() != 1 or amax.dtype != torch.float32 or not _usable(amax)
                              or amax.requires_grad and torch.is_grad_enabled()):  # (a learned range keeps its graph)
         return None
-    q = torch.empty_like(x, dtype=torch.int8)
-    if q.stride() != x.stride() or not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+    q = _int8_like(x)
+    if q is None:
         return None
     step, data_amax = _floats(1), _floats(1)
     bad = library().lq_quant_tensor(x.data_ptr(), x.numel(), qmax, AMAX_EPS, amax is not None,
@@ -448,8 +456,8 @@ def pack_activation(x: torch.Tensor, qmax: int) -> str | tuple[torch.Tensor, tor
     compiled quantization cost ~1 ms a tensor on a SmallResNet step)."""
     if x.dtype != torch.float32 or x.numel() == 0 or not _usable(x):
         return None
-    q = torch.empty_like(x, dtype=torch.int8)
-    if q.stride() != x.stride() or not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+    q = _int8_like(x)
+    if q is None:
         return None
     step, lo, hi = _floats(1), _floats(1), _floats(1)
     res = library().lq_pack_activation(x.data_ptr(), x.numel(), qmax, AMAX_EPS, q.data_ptr(), step.data_ptr(),

@@ -95,16 +95,8 @@ class _Session:
         if hit is not None:
             return _Packed(hit[0], hit[1], None, t.dtype)
         x = t.detach()
-        done = native_quant.pack_activation(x, self.act_qmax)  # (one C call: its min/max, then its integers)
-        if done is None:  # (no C kernel here: torch ops)
-            lo, hi = torch.aminmax(x)
-            done = "nonfinite" if not (math.isfinite(float(lo)) and math.isfinite(float(hi))) else (
-                "negative" if float(lo) < 0.0 else None)
-            if done is None:
-                # quantize_along(x, act_qmax, None)'s integers and step, bit for bit (max |x| = hi here), without
-                # its second reduction pass
-                s = fused.scale_from_amax(hi.float().reshape(1), self.act_qmax)
-                done = fused.quantize_with_scale(x, s, self.act_qmax, None), 1.0 / s
+        # (one C call: its min/max, then its integers; torch ops where the kernel does not apply)
+        done = native_quant.pack_activation(x, self.act_qmax) or _pack_activation_torch(x, self.act_qmax)
         if done == "nonfinite":
             return t  # NaN/Inf: left for the layers' own checks to report, by name
         if done != "negative":  # non-negative: the next int8 conv takes these integers as its own (shared_int8)
@@ -128,6 +120,19 @@ class _Session:
         if entry is None or entry[0]() is not t or entry[1] != t._version:
             return None
         return entry[2], entry[3]
+
+
+def _pack_activation_torch(x: torch.Tensor, qmax: int) -> str | tuple[torch.Tensor, torch.Tensor]:
+    """``native_quant.pack_activation`` with torch ops: ``"nonfinite"``, ``"negative"``, or a non-negative ``x``'s
+    per-tensor ``(q, step)`` as ``quantize_along(x, qmax, None)`` makes them, bit for bit (max |x| = its maximum
+    here), without that function's second reduction pass."""
+    lo, hi = torch.aminmax(x)
+    if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
+        return "nonfinite"
+    if float(lo) < 0.0:
+        return "negative"
+    s = fused.scale_from_amax(hi.float().reshape(1), qmax)
+    return fused.quantize_with_scale(x, s, qmax, None), 1.0 / s
 
 
 def shared_int8(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor] | None:
