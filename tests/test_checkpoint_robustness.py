@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lq
 from lq.callbacks import Int8PTQ, Int8QAT, Int8Training
-from test_callbacks import DigitsData, Plain, digits, trainer
+from test_callbacks import DigitsData, Plain, ReleaseProcessGroup, digits, trainer
 
 LAYERS = ("net.0", "net.2", "net.4")
 AMAX_KEYS = {f"{layer}.{kind}_quantizer.amax" for layer in LAYERS for kind in ("input", "weight")}
@@ -370,7 +370,7 @@ def test_ddp_spawn_main_process_module_stays_float_with_a_warning(tmp_path):
         accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, limit_train_batches=2,
         limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=tmp_path,
-        callbacks=[RankZeroRecorder(tmp_path), Int8QAT(FAST, num_samples=128), ckpt],
+        callbacks=[RankZeroRecorder(tmp_path), Int8QAT(FAST, num_samples=128), ckpt, ReleaseProcessGroup()],
     )
     t.fit(m, DigitsData())  # no error
     warned = (tmp_path / "warnings.txt").read_text()

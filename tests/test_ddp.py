@@ -8,7 +8,7 @@ from lightning.pytorch.callbacks import Callback
 
 import lq
 from lq.callbacks import Int8PTQ
-from test_callbacks import DigitsData, Plain, digits
+from test_callbacks import DigitsData, Plain, ReleaseProcessGroup, digits
 
 
 def shard_loop(model):
@@ -38,7 +38,9 @@ def test_ddp_two_cpu_processes_calibrate_like_one(tmp_path, calibrator, bias_cor
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=1, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[Int8PTQ(cfg, num_samples=4096, calibration_data=shard_loop), SaveAmax(tmp_path)],
+        callbacks=[
+            Int8PTQ(cfg, num_samples=4096, calibration_data=shard_loop), SaveAmax(tmp_path), ReleaseProcessGroup()
+        ],
     )
     trainer.fit(module, DigitsData())
     r0 = torch.load(tmp_path / "amax_rank0.pt")
