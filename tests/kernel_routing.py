@@ -36,7 +36,8 @@ def expected_conv_kernel(
     ``torch._int_mm`` GEMMs for stride-1 one-group layers (``geometry``: x size, weight size, stride, padding,
     dilation, groups; ``lq.ops.int8_conv_kernels.grad_weight_taps_apply``; on AMX CPUs the tile kernel takes the taps
     unless few input channels stack them into one GEMM), a 1x1 stride-1 layer with both operands ``channels_last``
-    one AMX product, else ``lq::int8_mm`` on an im2col."""
+    one AMX product, else ``lq::int8_mm`` on an im2col. On CPUs with AVX-512 VNNI but no tile unit the same kernels run
+    their VNNI form (``native_quant.tile_unit() == "vnni"``: the taps, and the grad-inputs of strided layers)."""
     if op == "int8_conv2d_grad_weight":
         if not hw.cpu_int_mm_is_fast() and hw.u8s8_exact(u_qmax, w_qmax):
             return "onednn"
@@ -45,10 +46,11 @@ def expected_conv_kernel(
         from lq.ops import native_quant
 
         amx = native_quant.amx_library() is not None
+        unit = native_quant.tile_unit()
         if geometry is not None and grad_weight_taps_apply(*geometry, w_qmax, u_qmax):
             x_size, w_size = geometry[0], geometry[1]
             stacked = x_size[1] * w_size[2] * w_size[3] <= w_size[0]  # few input channels: one stacked _int_mm
-            return "taps_amx" if amx and not stacked else "taps_int_mm"
+            return f"taps_{unit}" if unit and not stacked else "taps_int_mm"
         if (geometry is not None and amx and channels_last and tuple(geometry[1][2:]) == (1, 1)
                 and tuple(geometry[2]) == (1, 1) and tuple(geometry[3]) == (0, 0) and tuple(geometry[4]) == (1, 1)
                 and geometry[5] == 1):
@@ -58,11 +60,13 @@ def expected_conv_kernel(
 
     from lq.ops.int8_conv_kernels import amx_conv_applies
 
-    if geometry is not None and native_quant.amx_library() is not None:
+    if geometry is not None and native_quant.tile_unit() is not None:
         _, _, stride, _, dilation, groups = geometry
         # the tile unit first (its own limit: signed operands): forward at strides 1 and 2, every grad-input, of
-        # undilated one-group layers
-        if amx_conv_applies(op, stride, dilation, groups) and reduction <= hw.max_exact_reduction(u_qmax, w_qmax):
-            return "amx"
+        # undilated one-group layers (on VNNI the strided grad-inputs)
+        beyond = reduction > hw.max_exact_reduction(hw.biased_u8_max(u_qmax), w_qmax)
+        if (amx_conv_applies(op, stride, dilation, groups, beyond)
+                and reduction <= hw.max_exact_reduction(u_qmax, w_qmax)):
+            return native_quant.tile_unit()
     exact = hw.u8s8_exact(u_qmax, w_qmax) and reduction <= hw.max_exact_reduction(hw.biased_u8_max(u_qmax), w_qmax)
     return "onednn" if exact else "reference"

@@ -19,6 +19,20 @@ from lq.ops.quantize import quantize_along
 pytestmark = pytest.mark.skipif(native_quant.library() is None, reason="no C compiler: the torch ops run")
 
 
+@pytest.fixture(params=["amx", "vnni"])
+def unit(request, monkeypatch):
+    """Each unit ``amx.c``'s convolution kernels can run on where this CPU has it (``native_quant.tile_unit``): the
+    tile unit, and AVX-512 VNNI (also forced on an AMX host with ``LQ_TILE_UNIT=vnni``), else skipped."""
+    monkeypatch.setenv("LQ_TILE_UNIT", request.param)
+    native_quant.tile_unit.cache_clear()
+    try:
+        if native_quant.tile_unit() != request.param:
+            pytest.skip(f"no {request.param.upper()} on this CPU (or not permitted)")
+        yield request.param
+    finally:
+        native_quant.tile_unit.cache_clear()  # (the environment is restored after this fixture's teardown)
+
+
 @pytest.fixture(params=[1, 2], ids=["1 thread", "2 threads"])
 def threads(request):
     before = torch.get_num_threads()
@@ -375,7 +389,6 @@ def test_amx_packing_buffers_do_not_outlive_their_thread_or_a_large_call() -> No
     assert in_use() - before < 8 * 2**20
 
 
-@pytest.mark.skipif(native_quant.amx_library() is None, reason="no AMX-INT8 on this CPU (or not permitted)")
 @pytest.mark.parametrize("geometry", [
     (8, 64, 64, 14, 14, 3, 1, 1), (4, 16, 32, 9, 9, 3, 2, 1), (2, 40, 70, 7, 5, 3, 1, 1), (3, 33, 17, 8, 8, 1, 2, 0),
     (2, 8, 8, 6, 6, 5, 1, 2), (4, 40, 33, 6, 6, 1, 1, 0), (2, 3, 5, 4, 7, 1, 1, 0),
@@ -383,8 +396,8 @@ def test_amx_packing_buffers_do_not_outlive_their_thread_or_a_large_call() -> No
     (24, 256, 256, 14, 14, 3, 2, 1),  # (3 reduction chunks rounded up to 4 for two threads: 6/6/6/7 steps)
 ])
 @pytest.mark.parametrize("layout", ["row-major", "channels-last"])
-def test_amx_conv_weight_gradients_equal_the_int_mm_paths(geometry, layout, monkeypatch) -> None:
-    """The tile unit's conv weight gradients (every tap from each phase packed once, the reduction in chunks
+def test_amx_conv_weight_gradients_equal_the_int_mm_paths(geometry, layout, monkeypatch, unit) -> None:
+    """The tile unit's (and VNNI's: ``unit``) conv weight gradients (every tap from each phase packed once, the reduction in chunks
     shared by the threads; at most 16 x 16 channels four taps at a time, several chunks and phases included; 1x1
     layers on channels-last operands as one product of transposed views) give the
     numbers of the `_int_mm` tap and im2col paths (tested against the reference elsewhere) bit for bit, and the
@@ -408,7 +421,8 @@ def test_amx_conv_weight_gradients_equal_the_int_mm_paths(geometry, layout, monk
         want = K._conv_grad_weight_cpu(*args)
     stacked = c * k * k <= o
     pointwise = k == 1 and s == 1 and layout == "channels-last"
-    kernel = "pointwise_amx" if pointwise else "taps_int_mm" if stacked else "taps_amx"
+    pointwise = pointwise and unit == "amx"  # (one AMX product; VNNI hosts keep the im2col _int_mm path)
+    kernel = "pointwise_amx" if pointwise else "taps_int_mm" if stacked else f"taps_{unit}"
     assert ran == [f"int8_conv2d_grad_weight:{kernel}"] or (k == 1 and s == 1 and not pointwise), (ran, ran_plain)
     assert torch.equal(got, want)
     exact = torch.nn.grad.conv2d_weight(x.double(), [o, c, k, k], g.double(), (s, s), (p, p))
@@ -428,8 +442,7 @@ def test_the_conv_wrappers_decline_inconsistent_sizes_and_overlapping_rows() -> 
     assert not native_quant.grid_rows(g, torch.zeros(1, 32, dtype=torch.int8).expand(32, 32), 4, 4)
 
 
-@pytest.mark.skipif(native_quant.amx_library() is None, reason="no AMX-INT8 on this CPU (or not permitted)")
-def test_amx_taps_scratch_does_not_grow_with_idle_threads() -> None:
+def test_amx_taps_scratch_does_not_grow_with_idle_threads(unit) -> None:
     """One reduction chunk (a 512 x 512 3x3 layer at batch 1, 7x7): threads without a chunk no longer get an
     accumulator of O * C * taps int32 each (9 MiB a thread, found by review)."""
     code = """
@@ -453,20 +466,19 @@ def test_amx_taps_scratch_does_not_grow_with_idle_threads() -> None:
     extra = {}
     for t in (1, 3):
         done = subprocess.run([sys.executable, "-c", textwrap.dedent(code), str(t)], capture_output=True, text=True,
-                              env=dict(os.environ, OMP_NUM_THREADS=str(t)), timeout=300)
+                              env=dict(os.environ, OMP_NUM_THREADS=str(t), LQ_TILE_UNIT=unit), timeout=300)
         extra[t] = float(done.stdout.split("EXTRA")[1])
     assert extra[3] < extra[1] + 9, extra
 
 
-@pytest.mark.skipif(native_quant.amx_library() is None, reason="no AMX-INT8 on this CPU (or not permitted)")
 @pytest.mark.parametrize("geometry", [(2, 64, 64, 7, 9, 3, 1), (2, 3, 5, 7, 9, 3, 1), (2, 70, 33, 6, 5, 3, 0),
                                       (1, 16, 8, 5, 5, 5, 2), (3, 128, 96, 4, 4, 1, 0), (2, 130, 129, 5, 5, 3, 1),
                                       (2, 16, 16, 9, 9, 3, 1), (2, 32, 40, 8, 7, 3, 1), (2, 1, 16, 9, 9, 3, 1),
                                       (2, 48, 20, 6, 6, 1, 0), (2, 8, 24, 7, 10, 5, 2), (2, 2, 3, 6, 5, 2, 0),
                                       (4, 64, 128, 4, 4, 1, 0)])  # (1x1, 64 positions: the input is its own grid)
 @pytest.mark.parametrize("layout", ["row-major", "channels-last"])
-def test_amx_convolution_is_exact_and_scales_as_eq10(geometry, layout, threads) -> None:
-    """The tile unit's convolution (implicit GEMM over the padded input's grid; fewer than 64 channels as several
+def test_amx_convolution_is_exact_and_scales_as_eq10(geometry, layout, threads, unit) -> None:
+    """The tile unit's (and VNNI's: ``unit``; its unsigned input grid and the offset it subtracts) convolution (implicit GEMM over the padded input's grid; fewer than 64 channels as several
     taps a step, stride 2 on the space-to-depth grid): the integer sums of the convolution exactly (unit steps, -128
     and 127 included) at strides 1 and 2, eq. 10's output stage ((acc * x_step) * w_step[o] + bias[o]) within fp32
     rounding, a channels-last output; and the grad-input route (a transposed convolution on the zero-inserted
@@ -505,13 +517,13 @@ def test_amx_convolution_is_exact_and_scales_as_eq10(geometry, layout, threads) 
         assert torch.equal(gx.double(), want) and gx.is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.skipif(native_quant.amx_library() is None, reason="no AMX-INT8 on this CPU (or not permitted)")
 @pytest.mark.parametrize("channels", [(16, 16), (16, 32), (128, 130)])
 @pytest.mark.parametrize("stride", [1, 2, 3])
-def test_conv_ops_run_the_tile_unit_exactly(stride, channels) -> None:
+def test_conv_ops_run_the_tile_unit_exactly(stride, channels, unit) -> None:
     """The custom ops route undilated one-group layers to the tile unit (forward at strides 1 and 2; grad-input at
     every stride: strides 1-2 directly, others through the zero-inserted gradient; output-padding cases included)
-    with exact integer results, few channels (several taps a step) and many."""
+    with exact integer results, few channels (several taps a step) and many. On VNNI only the strided grad-inputs
+    (``amx_conv_applies``: oneDNN is as fast on the rest)."""
     import torch.nn.functional as F
 
     from lq.ops import hardware as hw
@@ -526,17 +538,17 @@ def test_conv_ops_run_the_tile_unit_exactly(stride, channels) -> None:
     args = ([stride] * 2, [p, p], [1, 1], 1)
     with hw.record_kernels() as ran:
         y = K.int8_conv2d_fwd(x, wt, one, ones, 127, 127, None, *args)
-    assert ran == ["int8_conv2d:" + ("amx" if stride < 3 else "onednn")]
+    assert ran == ["int8_conv2d:" + ("amx" if stride < 3 and unit == "amx" else "onednn")]
     assert torch.equal(y.double(), F.conv2d(x.double(), wt.double(), None, stride, p))
     g = torch.randint(-127, 128, tuple(y.shape), dtype=torch.int8, generator=gen)
     with hw.record_kernels() as ran:
         gx = K.int8_conv2d_grad_input(g, wt, one, 127, 127, [n, c, h, w], *args)
-    assert ran == ["int8_conv2d_grad_input:amx"] and tuple(gx.shape) == (n, c, h, w)
+    assert ran == ["int8_conv2d_grad_input:" + (unit if unit == "amx" or stride > 1 else "onednn")]
+    assert tuple(gx.shape) == (n, c, h, w)
     assert torch.equal(gx.double(), torch.nn.grad.conv2d_input([n, c, h, w], wt.double(), g.double(), stride, p))
 
 
-@pytest.mark.skipif(native_quant.amx_library() is None, reason="no AMX-INT8 on this CPU (or not permitted)")
-def test_a_reduction_beyond_onednns_limit_runs_the_tile_unit_exactly() -> None:
+def test_a_reduction_beyond_onednns_limit_runs_the_tile_unit_exactly(unit) -> None:
     """C * kh * kw = 73,728 is beyond what oneDNN's biased-uint8 product keeps exact (66,313 for 8-bit operands) but
     within the tile unit's signed limit (133,144): forward and grad-input run the tile unit, exactly, instead of the
     float64 reference (review finding: the oneDNN check ran first)."""
@@ -552,12 +564,12 @@ def test_a_reduction_beyond_onednns_limit_runs_the_tile_unit_exactly() -> None:
     args = ([1, 1], [1, 1], [1, 1], 1)
     with hw.record_kernels() as ran:
         y = K.int8_conv2d_fwd(x, wt, torch.ones(1), torch.ones(o), 127, 127, None, *args)
-    assert ran == ["int8_conv2d:amx"] and torch.equal(y.double(), F.conv2d(x.double(), wt.double(), None, 1, 1))
+    assert ran == [f"int8_conv2d:{unit}"] and torch.equal(y.double(), F.conv2d(x.double(), wt.double(), None, 1, 1))
     wt2 = wt.transpose(0, 1).contiguous()  # [8192, 16, 3, 3]: grad-input reduces 8192 * 9
     g = torch.randint(-127, 128, (n, c, h, h), dtype=torch.int8, generator=gen)
     with hw.record_kernels() as ran:
         gx = K.int8_conv2d_grad_input(g, wt2, torch.ones(1), 127, 127, [n, o, h, h], *args)
-    assert ran == ["int8_conv2d_grad_input:amx"]
+    assert ran == [f"int8_conv2d_grad_input:{unit}"]
     assert torch.equal(gx.double(), torch.nn.grad.conv2d_input([n, o, h, h], wt2.double(), g.double(), 1, 1))
 
 
@@ -636,3 +648,27 @@ def test_dequantization_keeps_a_learned_steps_gradient_and_refuses_a_bad_step() 
     assert out.grad_fn is not None and torch.equal(step.grad, q.float().sum((0, 2, 3)))
     with pytest.raises(RuntimeError):
         dequantize_along(q, torch.rand(3), None)
+
+
+def test_sums_whose_unsigned_form_passes_int32_stay_exact(unit) -> None:
+    """VNNI multiplies the input stored as ``x + 128`` and subtracts ``128 * sum(w)`` afterwards; with every operand
+    at 127 and a reduction of 126,000 (the true sums 2.03e9, within int32; their offset form 4.1e9, beyond it) the
+    wrapping int32 lanes and corrections must still give the exact sums, in the forward convolution (its weights'
+    offset) and in the weight gradient (the input columns' offset, over several reduction chunks)."""
+    from lq.ops import hardware as hw
+    from lq.ops import int8_conv_kernels as K
+
+    c = 14000  # 14,000 channels x 9 taps
+    x = torch.full((1, c, 3, 3), 127, dtype=torch.int8).contiguous(memory_format=torch.channels_last)
+    wt = torch.full((16, c, 3, 3), 127, dtype=torch.int8)
+    y = native_quant.amx_conv(x, wt, torch.ones(1), torch.ones(16), None, [0, 0], 133_144)
+    assert y is not None and torch.equal(y.double(), torch.full((1, 16, 1, 1), 126_000 * 127 * 127.0))
+    n, hw_ = 1, 355  # the weight gradient of a 32 -> 16 channel 1x1 stride-2 layer: 126,025 positions, one tap
+    x = torch.full((n, 32, 2 * hw_ - 1, 2 * hw_ - 1), 127, dtype=torch.int8).contiguous(
+        memory_format=torch.channels_last)
+    g = torch.full((n, 16, hw_, hw_), 127, dtype=torch.int8).contiguous(memory_format=torch.channels_last)
+    with hw.record_kernels() as ran:
+        gw = K._conv_grad_weight_cpu(g, x, torch.ones(16), torch.ones(1), 127, 127, [16, 32, 1, 1], [2, 2], [0, 0],
+                                     [1, 1], 1)
+    assert ran == [f"int8_conv2d_grad_weight:taps_{unit}"]
+    assert torch.equal(gw.double(), torch.full((16, 32, 1, 1), hw_ * hw_ * 127 * 127.0))

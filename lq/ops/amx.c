@@ -48,6 +48,17 @@ int32_t lq_amx_available(void) {
 #endif
 }
 
+/* 1 when the CPU has AVX-512 F, BW and VNNI (the kernels' VNNI path; GCC's check includes the OS's zmm state) */
+int32_t lq_vnni_available(void) {
+#ifdef LQ_AMX
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vnni");
+#else
+    return 0;
+#endif
+}
+
 #ifdef LQ_AMX
 typedef struct {
     uint8_t palette_id;
@@ -122,13 +133,117 @@ __attribute__((target("amx-tile,amx-int8"))) static void block_sums(const int8_t
 
 __attribute__((target("amx-tile"))) static void release_tiles(void) { _tile_release(); }
 
+/* out[j] = ((float)sum[j] * as) * bs[j] (+ bias[j]), sum[j] = c[j] - corr[j] (VNNI's offset; corr NULL: none) in
+   wrapping int32 arithmetic */
 __attribute__((target("avx512f"))) static inline void finish_row(const int32_t *c, float as, const float *bs,
-                                                          const float *bias, int64_t n, float *out) {
-    if (bias) {
+                                                          const float *bias, int64_t n, float *out,
+                                                          const int32_t *corr) {
+    if (corr && bias) {
+        for (int64_t j = 0; j < n; j++)
+            out[j] = (float)(int32_t)((uint32_t)c[j] - (uint32_t)corr[j]) * as * bs[j] + bias[j];
+    } else if (corr) {
+        for (int64_t j = 0; j < n; j++) out[j] = (float)(int32_t)((uint32_t)c[j] - (uint32_t)corr[j]) * as * bs[j];
+    } else if (bias) {
         for (int64_t j = 0; j < n; j++) out[j] = (float)c[j] * as * bs[j] + bias[j];
     } else {
         for (int64_t j = 0; j < n; j++) out[j] = (float)c[j] * as * bs[j];
     }
+}
+
+/* ---- The same products on AVX-512 VNNI, for CPUs without the tile unit (AMD Zen 4/5, Intel before Sapphire Rapids).
+   VPDPBUSD multiplies unsigned bytes (a register) by signed bytes and adds each four products to an int32 lane,
+   without saturation. The packed b tile rows are exactly its signed operand (row kk: 16 columns x 4 bytes of k), so
+   b stays as packed for AMX; the a operand is broadcast four bytes at a time and must be unsigned: the callers
+   store it xor 0x80, i.e. a + 128 (a zero as 0x80), and subtract 128 * (the sum of b's column over the reduction)
+   from each sum (oneDNN's u8 x s8 scheme). The int32 lanes wrap, and so do the corrections (uint32 arithmetic), so
+   the difference is the exact sum wherever that fits int32: the same limit as the tile unit's signed products. */
+#define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni")))
+
+/* c (+)= the sums over `segs` segments of `steps` 64-deep steps each: segment g reads rows of a from a + a_off[g]
+   (row r, step s at + r * lda + s * a_step; unsigned) and packed b tiles from b + b_off[g] (step s at + s * b_step,
+   the second column block b_col further). A convolution's taps are its segments, so the sums stay in registers over
+   all of them (stored once: storing a block per tap cost ~40% of a 64-channel layer). Two register blockings, every
+   accumulator a named variable (GCC kept an array of them partly on the stack): 8 rows x 32 columns (c [8][ldc], 16
+   accumulators, 2 b rows) and 16 rows x 16 columns (c [16][ldc]). */
+static inline __attribute__((always_inline)) int32_t word_at(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+#define VNNI_LOAD(R, C) __m512i acc##R##C = add ? _mm512_loadu_si512((const void *)(c + R * ldc + 16 * C)) \
+                                                : _mm512_setzero_si512();
+#define VNNI_STORE(R, C) _mm512_storeu_si512((void *)(c + R * ldc + 16 * C), acc##R##C);
+#define VNNI_ROW2(R)                                                                                                \
+    {                                                                                                               \
+        __m512i av = _mm512_set1_epi32(word_at(as + R * lda + 4 * kk));                                            \
+        acc##R##0 = _mm512_dpbusd_epi32(acc##R##0, av, b0);                                                         \
+        acc##R##1 = _mm512_dpbusd_epi32(acc##R##1, av, b1);                                                         \
+    }
+#define VNNI_ROW1(R)                                                                                                \
+    acc##R##0 = _mm512_dpbusd_epi32(acc##R##0, _mm512_set1_epi32(word_at(as + R * lda + 4 * kk)), b0);
+#define VNNI_SEGMENTS(BODY)                                                                                         \
+    for (int64_t g = 0; g < segs; g++)                                                                              \
+        for (int64_t s = 0; s < steps; s++) {                                                                       \
+            const int8_t *as = a + a_off[g] + s * a_step, *bs = b + b_off[g] + s * b_step;                          \
+            for (int kk = 0; kk < 16; kk++) {                                                                       \
+                BODY                                                                                                \
+            }                                                                                                       \
+        }
+
+VNNI_TARGET static void vnni_8x32(const int8_t *a, int64_t lda, int64_t a_step, const int8_t *b, int64_t b_step,
+                                  int64_t b_col, int64_t steps, int64_t segs, const int64_t *a_off,
+                                  const int64_t *b_off, int32_t *c, int64_t ldc, int add) {
+    VNNI_LOAD(0, 0) VNNI_LOAD(0, 1) VNNI_LOAD(1, 0) VNNI_LOAD(1, 1) VNNI_LOAD(2, 0) VNNI_LOAD(2, 1)
+    VNNI_LOAD(3, 0) VNNI_LOAD(3, 1) VNNI_LOAD(4, 0) VNNI_LOAD(4, 1) VNNI_LOAD(5, 0) VNNI_LOAD(5, 1)
+    VNNI_LOAD(6, 0) VNNI_LOAD(6, 1) VNNI_LOAD(7, 0) VNNI_LOAD(7, 1)
+    VNNI_SEGMENTS(__m512i b0 = _mm512_loadu_si512((const void *)(bs + kk * 64));
+                  __m512i b1 = _mm512_loadu_si512((const void *)(bs + b_col + kk * 64));
+                  VNNI_ROW2(0) VNNI_ROW2(1) VNNI_ROW2(2) VNNI_ROW2(3) VNNI_ROW2(4) VNNI_ROW2(5) VNNI_ROW2(6)
+                  VNNI_ROW2(7))
+    VNNI_STORE(0, 0) VNNI_STORE(0, 1) VNNI_STORE(1, 0) VNNI_STORE(1, 1) VNNI_STORE(2, 0) VNNI_STORE(2, 1)
+    VNNI_STORE(3, 0) VNNI_STORE(3, 1) VNNI_STORE(4, 0) VNNI_STORE(4, 1) VNNI_STORE(5, 0) VNNI_STORE(5, 1)
+    VNNI_STORE(6, 0) VNNI_STORE(6, 1) VNNI_STORE(7, 0) VNNI_STORE(7, 1)
+}
+
+VNNI_TARGET static void vnni_16x16(const int8_t *a, int64_t lda, int64_t a_step, const int8_t *b, int64_t b_step,
+                                   int64_t steps, int64_t segs, const int64_t *a_off, const int64_t *b_off,
+                                   int32_t *c, int64_t ldc, int add) {
+    VNNI_LOAD(0, 0) VNNI_LOAD(1, 0) VNNI_LOAD(2, 0) VNNI_LOAD(3, 0) VNNI_LOAD(4, 0) VNNI_LOAD(5, 0)
+    VNNI_LOAD(6, 0) VNNI_LOAD(7, 0) VNNI_LOAD(8, 0) VNNI_LOAD(9, 0) VNNI_LOAD(10, 0) VNNI_LOAD(11, 0)
+    VNNI_LOAD(12, 0) VNNI_LOAD(13, 0) VNNI_LOAD(14, 0) VNNI_LOAD(15, 0)
+    VNNI_SEGMENTS(__m512i b0 = _mm512_loadu_si512((const void *)(bs + kk * 64));
+                  VNNI_ROW1(0) VNNI_ROW1(1) VNNI_ROW1(2) VNNI_ROW1(3) VNNI_ROW1(4) VNNI_ROW1(5) VNNI_ROW1(6)
+                  VNNI_ROW1(7) VNNI_ROW1(8) VNNI_ROW1(9) VNNI_ROW1(10) VNNI_ROW1(11) VNNI_ROW1(12) VNNI_ROW1(13)
+                  VNNI_ROW1(14) VNNI_ROW1(15))
+    VNNI_STORE(0, 0) VNNI_STORE(1, 0) VNNI_STORE(2, 0) VNNI_STORE(3, 0) VNNI_STORE(4, 0) VNNI_STORE(5, 0)
+    VNNI_STORE(6, 0) VNNI_STORE(7, 0) VNNI_STORE(8, 0) VNNI_STORE(9, 0) VNNI_STORE(10, 0) VNNI_STORE(11, 0)
+    VNNI_STORE(12, 0) VNNI_STORE(13, 0) VNNI_STORE(14, 0) VNNI_STORE(15, 0)
+}
+#undef VNNI_SEGMENTS
+#undef VNNI_LOAD
+#undef VNNI_STORE
+#undef VNNI_ROW2
+#undef VNNI_ROW1
+
+/* block_sums on VNNI: a 32 x 32 block (c [32][32]) as four 8-row blockings; a1 must be a0 + 16 * lda and b1 b0 + b_col
+   (how every caller lays them out) */
+static const int64_t ONE_SEGMENT[1] = {0};
+
+static void vnni_block_sums(const int8_t *a0, int64_t a_step, int64_t lda, const int8_t *b0, int64_t b_col,
+                            int64_t steps, int32_t *c, int add) {
+    for (int rg = 0; rg < 4; rg++)
+        vnni_8x32(a0 + 8 * rg * lda, lda, a_step, b0, 1024, b_col, steps, 1, ONE_SEGMENT, ONE_SEGMENT,
+                  c + 8 * rg * 32, 32, add);
+}
+
+/* column sums of a packed b tile: sums[n] += the tile's 64 bytes of column n (VPDPBUSD with ones as the unsigned
+   operand) */
+VNNI_TARGET static void tile_column_sums(const int8_t *tile, int32_t *sums) {
+    __m512i acc = _mm512_loadu_si512((const void *)sums), ones = _mm512_set1_epi8(1);
+    for (int kk = 0; kk < 16; kk++)
+        acc = _mm512_dpbusd_epi32(acc, ones, _mm512_loadu_si512((const void *)(tile + kk * 64)));
+    _mm512_storeu_si512((void *)sums, acc);
 }
 
 /* tile (j, s) of b's packed layout (see above): rows kk = 0..15 hold b[16j + n][64s + 4kk + i] at byte 4n + i;
@@ -191,7 +306,7 @@ static void pack_a(const int8_t *a, int64_t m, int64_t k, int64_t sm, int64_t sk
             int8_t *tile = ap + (i * ks + s) * 1024;
             int64_t k0 = 64 * s;
             if (sk != 1 && sm == 1 && 16 * i + 16 <= m && k0 + 64 <= k) {
-                for (int q = 0; q < 4; q++) transpose16(a + 16 * i + (k0 + 16 * q) * sk, sk, tile + 16 * q, 64);
+                for (int q = 0; q < 4; q++) transpose16(a + 16 * i + (k0 + 16 * q) * sk, sk, tile + 16 * q, 64, 0);
                 continue;
             }
             for (int64_t r = 0; r < 16; r++) {
@@ -299,7 +414,7 @@ int64_t lq_amx_mm(const int8_t *a, int64_t m, int64_t k, int64_t sam, int64_t sa
                 for (int64_t r = 0; r < rows; r++) {
                     int64_t i = ib * 32 + r;
                     finish_row(c + r * 32, a_step[i * a_stride], b_step + jb * 32, bias ? bias + jb * 32 : NULL, cols,
-                               out + i * n + jb * 32);
+                               out + i * n + jb * 32, NULL);
                 }
             }
         }
@@ -360,16 +475,25 @@ __attribute__((target("amx-tile,amx-int8"))) static void taps_narrow(const int8_
    4 it .. 4 it + 3; else tap k's 32 x 32 block (i, j) of the sums, it = (k * ob + i) * cb + j */
 static void taps_item(const int8_t *ge, int64_t ge_row, int64_t lead, int64_t taps, const int64_t *off,
                       const int32_t *phase_of, int narrow, int64_t ob, int64_t cb, int64_t jn, int64_t it, int64_t s0,
-                      int64_t steps, const int8_t *bchunk, int64_t chunk, int32_t *acc) {
+                      int64_t steps, const int8_t *bchunk, int64_t chunk, int32_t *acc, int vnni) {
     if (narrow) {
         int64_t kb = it * 4, ke = kb + 4 < taps ? kb + 4 : taps;
-        taps_narrow(ge, ge_row, lead, s0, steps, kb, ke, off, phase_of, bchunk, jn, chunk, acc);
+        if (!vnni) {
+            taps_narrow(ge, ge_row, lead, s0, steps, kb, ke, off, phase_of, bchunk, jn, chunk, acc);
+            return;
+        }
+        for (int64_t k = kb; k < ke; k++) /* (the 16 x 16 sums at the top-left of tap k's 32 x 32 block) */
+            vnni_16x16(ge + (lead - off[k]) + s0 * 64, ge_row, 64, bchunk + (phase_of[k] * jn * chunk) * 1024, 1024,
+                       steps, 1, ONE_SEGMENT, ONE_SEGMENT, acc + k * 1024, 32, 1);
         return;
     }
     int64_t k = it / (ob * cb), i = (it / cb) % ob, j = it % cb;
     const int8_t *a = ge + i * 32 * ge_row + (lead - off[k]) + s0 * 64;
     const int8_t *b0 = bchunk + ((phase_of[k] * jn + 2 * j) * chunk) * 1024;
-    block_sums(a, a + 16 * ge_row, 64, ge_row, b0, b0 + chunk * 1024, steps, acc + it * 1024, 1);
+    if (vnni)
+        vnni_block_sums(a, 64, ge_row, b0, chunk * 1024, steps, acc + it * 1024, 1);
+    else
+        block_sums(a, a + 16 * ge_row, 64, ge_row, b0, b0 + chunk * 1024, steps, acc + it * 1024, 1);
 }
 #endif
 
@@ -383,13 +507,17 @@ static void taps_item(const int8_t *ge, int64_t ge_row, int64_t lead, int64_t ta
    columns once for every tap and adds every tap's 32 x 32 blocks into its own int32 sums (a chunk of a and b stays
    in L2: without the chunks every block streamed both ~3 MB panels from memory, 0.65 TMAC/s); the threads' sums
    are added (exact integers) before the output stage. out [O, C, taps] fp32 (the [O, C, kh, kw] weight gradient).
-   Returns 0, -1 without AMX, -2 when a buffer could not be allocated. */
+   vnni = 1: AVX-512 VNNI instead of the tile unit, ge stored xor 0x80 (lq_grid_rows' flip; every byte, the zeros
+   too), each tap's sums less 128 * its phase's column sums (taken from the packed tiles).
+   Returns 0, -1 without AMX (VNNI), -2 when a buffer could not be allocated. */
 int64_t lq_amx_taps(const int8_t *ge, int64_t o, int64_t ge_row, int64_t lead, int64_t taps, const int64_t *off,
                     const int32_t *phase_of, int64_t phases, const int8_t *const *x, int64_t xc, int64_t xt,
-                    int64_t c, int64_t tx, const float *g_step, float x_step, float *out, int32_t threads) {
+                    int64_t c, int64_t tx, const float *g_step, float x_step, float *out, int32_t threads,
+                    int32_t vnni) {
 #ifndef LQ_AMX
     return -1;
 #else
+    if (vnni && !lq_vnni_available()) return -1;
     int64_t cp = (c + 31) / 32 * 32, ks = (tx + 63) / 64, ob = (o + 31) / 32, cb = cp / 32, jn = cp / 16;
     int64_t chunk = (int64_t)((1 << 20) / ((ob * 32 + cp * phases) * 64));
     chunk = chunk < 4 ? 4 : chunk > ks ? ks : chunk;
@@ -409,7 +537,13 @@ int64_t lq_amx_taps(const int8_t *ge, int64_t o, int64_t ge_row, int64_t lead, i
     /* copy u's packed chunk at buf + u * per_thread, its int32 sums per_thread_b bytes further */
     size_t per_thread_b = (size_t)(phases * jn * chunk) * 1024, per_thread = per_thread_b + (size_t)items * 32 * 32 * 4;
     int8_t *buf = scratch(0, (size_t)copies * per_thread);
-    if (!buf) return -2;
+    /* VNNI: each thread's column sums of the tiles it packed, [phases][jn * 16] int32 */
+    const int64_t csum_n = phases * jn * 16;
+    int32_t *csums = vnni ? (int32_t *)calloc((size_t)(threads * csum_n), sizeof(int32_t)) : NULL;
+    if (!buf || (vnni && !csums)) {
+        free(csums);
+        return -2;
+    }
     memset(buf, 0, (size_t)copies * per_thread);
 #pragma omp parallel num_threads(threads)
     {
@@ -417,52 +551,73 @@ int64_t lq_amx_taps(const int8_t *ge, int64_t o, int64_t ge_row, int64_t lead, i
 #ifdef _OPENMP
         t = omp_get_thread_num();
 #endif
+        int32_t *csum = vnni ? csums + t * csum_n : NULL;
         if (split) {
             int32_t *acc = (int32_t *)(buf + per_thread_b);
 #pragma omp for schedule(static) collapse(3)
             for (int64_t p = 0; p < phases; p++)
                 for (int64_t j = 0; j < jpack; j++)
-                    for (int64_t ss = 0; ss < ks; ss++)
-                        pack_b_tile(x[p], c, tx, xc, xt, j, ss, buf + ((p * jn + j) * chunk + ss) * 1024);
-            configure_tiles();
+                    for (int64_t ss = 0; ss < ks; ss++) {
+                        int8_t *tile = buf + ((p * jn + j) * chunk + ss) * 1024;
+                        pack_b_tile(x[p], c, tx, xc, xt, j, ss, tile);
+                        if (vnni) tile_column_sums(tile, csum + (p * jn + j) * 16);
+                    }
+            if (!vnni) configure_tiles();
 #pragma omp for schedule(static)
             for (int64_t it = 0; it < groups; it++)
-                taps_item(ge, ge_row, lead, taps, off, phase_of, narrow, ob, cb, jn, it, 0, ks, buf, chunk, acc);
-            release_tiles();
+                taps_item(ge, ge_row, lead, taps, off, phase_of, narrow, ob, cb, jn, it, 0, ks, buf, chunk, acc, vnni);
+            if (!vnni) release_tiles();
         } else {
             int8_t *bchunk = buf + (size_t)t * per_thread;
             int32_t *acc = (int32_t *)(bchunk + per_thread_b);
-            configure_tiles();
+            if (!vnni) configure_tiles();
 #pragma omp for schedule(static)
             for (int64_t q = 0; q < chunks; q++) {
                 int64_t s0 = q * ks / chunks, steps = (q + 1) * ks / chunks - s0;
                 for (int64_t p = 0; p < phases; p++)
                     for (int64_t j = 0; j < jpack; j++)
-                        for (int64_t ss = 0; ss < steps; ss++)
-                            pack_b_tile(x[p], c, tx, xc, xt, j, s0 + ss, bchunk + ((p * jn + j) * chunk + ss) * 1024);
+                        for (int64_t ss = 0; ss < steps; ss++) {
+                            int8_t *tile = bchunk + ((p * jn + j) * chunk + ss) * 1024;
+                            pack_b_tile(x[p], c, tx, xc, xt, j, s0 + ss, tile);
+                            if (vnni) tile_column_sums(tile, csum + (p * jn + j) * 16);
+                        }
                 for (int64_t it = 0; it < groups; it++)
                     taps_item(ge, ge_row, lead, taps, off, phase_of, narrow, ob, cb, jn, it, s0, steps, bchunk, chunk,
-                              acc);
+                              acc, vnni);
             }
-            release_tiles();
+            if (!vnni) release_tiles();
+        }
+        if (vnni) { /* the threads' column sums, times 128: the offset of the unsigned ge in each sum */
+#pragma omp barrier
+#pragma omp for schedule(static)
+            for (int64_t e = 0; e < csum_n; e++) {
+                uint32_t total = 0;
+                for (int u = 0; u < threads; u++) total += (uint32_t)csums[u * csum_n + e];
+                csums[e] = (int32_t)(128u * total);
+            }
         }
         /* the copies' sums added, then the output stage */
 #pragma omp for schedule(static)
         for (int64_t it = 0; it < items; it++) {
             int64_t k = it / (ob * cb), i = (it / cb) % ob, j = it % cb;
             int32_t *first = (int32_t *)(buf + per_thread_b) + it * 1024;
-            for (int u = 1; u < copies; u++) {
+            for (int u = 1; u < copies; u++) { /* (wrapping: VNNI's offset sums may pass 2^31) */
                 const int32_t *other = (const int32_t *)(buf + (size_t)u * per_thread + per_thread_b) + it * 1024;
-                for (int e = 0; e < 1024; e++) first[e] += other[e];
+                for (int e = 0; e < 1024; e++) first[e] = (int32_t)((uint32_t)first[e] + (uint32_t)other[e]);
             }
             int64_t rows = o - i * 32 < 32 ? o - i * 32 : 32, cols = c - j * 32 < 32 ? c - j * 32 : 32;
+            const int32_t *corr = vnni ? csums + phase_of[k] * jn * 16 + j * 32 : NULL;
             for (int64_t r = 0; r < rows; r++) {
                 int64_t oo = i * 32 + r;
                 float *dst = out + (oo * c + j * 32) * taps + k;
-                for (int64_t qq = 0; qq < cols; qq++) dst[qq * taps] = (float)first[r * 32 + qq] * g_step[oo] * x_step;
+                for (int64_t qq = 0; qq < cols; qq++) {
+                    int32_t sum = corr ? (int32_t)((uint32_t)first[r * 32 + qq] - (uint32_t)corr[qq]) : first[r * 32 + qq];
+                    dst[qq * taps] = (float)sum * g_step[oo] * x_step;
+                }
             }
         }
     }
+    free(csums);
     scratch_trim();
     return 0;
 #endif
@@ -515,6 +670,21 @@ __attribute__((target("amx-tile,amx-int8"))) static void conv_block_narrow(const
     _tile_stored(3, c + 48 * 16, 64);
 }
 
+/* conv_block / conv_block_narrow on VNNI (xg unsigned: stored xor 0x80): narrow = 0, the 32 positions x 32 channels
+   of column blocks 2jb, 2jb + 1 into c [32][32]; narrow = 1, 64 positions x 16 channels into c [64][16]. The taps
+   are the kernels' segments: a_off[k] = off[k] * lda, b_off[k] = k * jn * ks * 1024. */
+static void conv_block_vnni(const int8_t *xg, int64_t lda, int64_t t0, int64_t taps, const int64_t *a_off,
+                            const int64_t *b_off, const int8_t *wp, int64_t ks, int64_t jb, int narrow, int32_t *c) {
+    const int8_t *b = wp + 2 * jb * ks * 1024;
+    for (int rg = 0; rg < 4; rg++) {
+        if (narrow)
+            vnni_16x16(xg + (t0 + 16 * rg) * lda, lda, 64, b, 1024, ks, taps, a_off, b_off, c + 16 * rg * 16, 16, 0);
+        else
+            vnni_8x32(xg + (t0 + 8 * rg) * lda, lda, 64, b, 1024, ks * 1024, ks, taps, a_off, b_off, c + 8 * rg * 32,
+                      32, 0);
+    }
+}
+
 /* Where lq_amx_conv writes its outputs: y fp32 channels-last [N, yh, yw, yc]. Plain (s2d = 0): grid position (a, b)
    and channel ch to y[n, a, b, ch] (yh = ho, yw = wo, yc = O). Depth-to-space (s2d = 1, a stride-2 convolution's
    input gradient on the space-to-depth grid): channel ch = (2p + q) * yc + c to y[n, 2a + p - crop_h, 2b + q - crop_w,
@@ -532,21 +702,21 @@ __attribute__((target("avx512f"))) static void finish_block(const int32_t *acc, 
                                                             int64_t t0, int64_t t_out, int64_t hs, int64_t ws,
                                                             int64_t ho, int64_t wo, int64_t ch0, int64_t cols,
                                                             float x_step, const float *bs, const float *bias,
-                                                            const conv_out *out) {
+                                                            const int32_t *corr, const conv_out *out) {
     int64_t img = t0 / (hs * ws), rem = t0 % (hs * ws), a = rem / ws, b = rem % ws, yc = out->yc;
     for (int64_t r = 0; r < rows && t0 + r < t_out; r++) {
         if (a < ho && b < wo) {
             const int32_t *c = acc + r * lda;
             if (!out->s2d) {
                 finish_row(c, x_step, bs + ch0, bias ? bias + ch0 : NULL, cols,
-                           out->y + ((img * out->yh + a) * out->yw + b) * yc + ch0);
+                           out->y + ((img * out->yh + a) * out->yw + b) * yc + ch0, corr ? corr + ch0 : NULL);
             } else {
                 for (int64_t j = 0; j < cols;) { /* runs of channels of one (p, q) */
                     int64_t ch = ch0 + j, pq = ch / yc, cc = ch % yc, run = yc - cc < cols - j ? yc - cc : cols - j;
                     int64_t yy = 2 * a + pq / 2 - out->crop_h, xx = 2 * b + pq % 2 - out->crop_w;
                     if (yy >= 0 && yy < out->yh && xx >= 0 && xx < out->yw)
                         finish_row(c + j, x_step, bs + ch, bias ? bias + ch : NULL, run,
-                                   out->y + ((img * out->yh + yy) * out->yw + xx) * yc + cc);
+                                   out->y + ((img * out->yh + yy) * out->yw + xx) * yc + cc, corr ? corr + ch : NULL);
                     j += run;
                 }
             }
@@ -572,17 +742,35 @@ __attribute__((target("avx512f"))) static void finish_block(const int32_t *acc, 
    (row-major; k >= c reads as 0); y: fp32 channels-last, [N, Ho, Wo, O] (s2d = 0; yh = ho, yw = wo) or, with
    s2d = 1, [N, yh, yw, O / 4] written depth-to-space (conv_out). The weight is packed once per call, each
    output block of 32 positions x 32 channels sums every tap and step in the tile registers, and the output stage is
-   applied in L1. Returns 0, -1 without AMX, -2 when the packing buffer could not be allocated. */
+   applied in L1. vnni = 1: AVX-512 VNNI instead of the tile unit, xg stored xor 0x80 (lq_conv_grid's flip: every
+   byte a row reads, the zeros too), each sum less 128 * the sum of its output channel's weights.
+   Returns 0, -1 without AMX (VNNI), -2 when a buffer could not be allocated. */
 int64_t lq_amx_conv(const int8_t *xg, int64_t lda, int64_t kc, int64_t t_out, int64_t taps, const int64_t *off,
                     const int8_t *w, int64_t o, int64_t c, int64_t hs, int64_t ws, int64_t ho, int64_t wo, float x_step,
                     const float *w_step, const float *bias, float *y, int64_t yh, int64_t yw, int32_t s2d,
-                    int64_t crop_h, int64_t crop_w, int32_t threads) {
+                    int64_t crop_h, int64_t crop_w, int32_t threads, int32_t vnni) {
 #ifndef LQ_AMX
     return -1;
 #else
+    if (vnni && !lq_vnni_available()) return -1;
     int64_t op = (o + 31) / 32 * 32, jn = op / 16, ks = kc / 64, tb = (t_out + 31) / 32, ob = op / 32;
     int8_t *wp = scratch(0, (size_t)(taps * jn * ks) * 1024);
-    if (!wp) return -2;
+    int32_t *corr = vnni ? (int32_t *)calloc((size_t)op, sizeof(int32_t)) : NULL;
+    int64_t *seg = vnni ? (int64_t *)malloc((size_t)(2 * taps) * sizeof(int64_t)) : NULL; /* a_off, b_off */
+    if (!wp || (vnni && (!corr || !seg))) {
+        free(corr);
+        free(seg);
+        return -2;
+    }
+    for (int64_t k = 0; vnni && k < taps; k++) {
+        seg[k] = off[k] * lda;
+        seg[taps + k] = k * jn * ks * 1024;
+    }
+    for (int64_t oo = 0; vnni && oo < o; oo++) { /* 128 * the sum of output channel oo's weights (wrapping) */
+        uint32_t total = 0;
+        for (int64_t e = 0; e < c * taps; e++) total += (uint32_t)(int32_t)w[oo * c * taps + e];
+        corr[oo] = (int32_t)(128u * total);
+    }
     const conv_out out = {y, yh, yw, s2d ? o / 4 : o, crop_h, crop_w, s2d};
 #pragma omp parallel num_threads(threads)
     {
@@ -592,62 +780,81 @@ int64_t lq_amx_conv(const int8_t *xg, int64_t lda, int64_t kc, int64_t t_out, in
             for (int64_t j = 0; j < jn; j++)
                 for (int64_t s = 0; s < ks; s++)
                     pack_b_tile(w + k, o, c, c * taps, taps, j, s, wp + ((k * jn + j) * ks + s) * 1024);
-        configure_tiles();
+        if (!vnni) configure_tiles();
         if (o <= 16) {
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < (t_out + 63) / 64; i++) {
-                conv_block_narrow(xg, lda, i * 64, taps, off, wp, ks, jn, acc);
-                finish_block(acc, 64, 16, i * 64, t_out, hs, ws, ho, wo, 0, o, x_step, w_step, bias, &out);
+                if (vnni)
+                    conv_block_vnni(xg, lda, i * 64, taps, seg, seg + taps, wp, ks, 0, 1, acc);
+                else
+                    conv_block_narrow(xg, lda, i * 64, taps, off, wp, ks, jn, acc);
+                finish_block(acc, 64, 16, i * 64, t_out, hs, ws, ho, wo, 0, o, x_step, w_step, bias, corr, &out);
             }
         } else {
 #pragma omp for schedule(static) collapse(2)
             for (int64_t i = 0; i < tb; i++) {
                 for (int64_t jb = 0; jb < ob; jb++) {
                     int64_t cols = o - jb * 32 < 32 ? o - jb * 32 : 32;
-                    conv_block(xg, lda, i * 32, taps, off, wp, ks, jn, jb, acc);
+                    if (vnni)
+                        conv_block_vnni(xg, lda, i * 32, taps, seg, seg + taps, wp, ks, jb, 0, acc);
+                    else
+                        conv_block(xg, lda, i * 32, taps, off, wp, ks, jn, jb, acc);
                     finish_block(acc, 32, 32, i * 32, t_out, hs, ws, ho, wo, jb * 32, cols, x_step, w_step, bias,
-                                 &out);
+                                 corr, &out);
                 }
             }
         }
-        release_tiles();
+        if (!vnni) release_tiles();
     }
+    free(corr);
+    free(seg);
     scratch_trim();
     return 0;
 #endif
 }
 
+/* dst = src with every byte xor-ed with fill (0: a copy) */
+static inline void copy_flipped(int8_t *dst, const int8_t *src, int64_t len, int fill) {
+    if (!fill) {
+        memcpy(dst, src, (size_t)len);
+        return;
+    }
+    for (int64_t e = 0; e < len; e++) dst[e] = (int8_t)(src[e] ^ fill);
+}
+
 /* lq_amx_conv's input grid from a channels-last int8 x [N, H, W, C] (memory order): grid rows of cg bytes (cg >= C,
-   or >= 4C with s2d), rows_total of them (the N * hs * ws grid positions first; the rest zero).
+   or >= 4C with s2d), rows_total of them (the N * hs * ws grid positions first; the rest zero). flip = 0x80: every
+   byte xor-ed with 0x80 (the VNNI kernels' unsigned operand; zeros as 0x80).
      s2d = 0: row (n, u, v) holds x[n, u - ph, v - pw, :] (zero outside the image, and bytes C.. of the row)
      s2d = 1: row (n, u, v) holds x[n, 2u + p - ph, 2v + q - pw, :] at bytes (2p + q) * C .. (space-to-depth) */
 void lq_conv_grid(const int8_t *x, int64_t n, int64_t h, int64_t w, int64_t c, int64_t ph, int64_t pw, int32_t s2d,
-                  int64_t hs, int64_t ws, int64_t cg, int8_t *xg, int64_t rows_total, int32_t threads) {
+                  int64_t hs, int64_t ws, int64_t cg, int8_t *xg, int64_t rows_total, int32_t flip, int32_t threads) {
     const int64_t f = s2d ? 2 : 1;
+    const int fill = flip & 0xff;
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(static)
         for (int64_t nu = 0; nu < n * hs; nu++) {
             int64_t img = nu / hs, u = nu % hs;
             int8_t *dst = xg + nu * ws * cg;
-            memset(dst, 0, (size_t)(ws * cg));
+            memset(dst, fill, (size_t)(ws * cg));
             for (int64_t p = 0; p < f; p++) {
                 int64_t r = f * u + p - ph;
                 if (r < 0 || r >= h) continue;
                 const int8_t *src = x + (img * h + r) * w * c;
                 if (!s2d && cg == c) {
                     int64_t v0 = pw > 0 ? pw : 0, x0 = v0 - pw, len = (w - x0 < ws - v0 ? w - x0 : ws - v0);
-                    if (len > 0) memcpy(dst + v0 * cg, src + x0 * c, (size_t)(len * c));
+                    if (len > 0) copy_flipped(dst + v0 * cg, src + x0 * c, len * c, fill);
                     continue;
                 }
                 for (int64_t v = 0; v < ws; v++)
                     for (int64_t q = 0; q < f; q++) {
                         int64_t col = f * v + q - pw;
-                        if (col >= 0 && col < w) memcpy(dst + v * cg + (p * f + q) * c, src + col * c, (size_t)c);
+                        if (col >= 0 && col < w) copy_flipped(dst + v * cg + (p * f + q) * c, src + col * c, c, fill);
                     }
             }
         }
 #pragma omp single
-        memset(xg + n * hs * ws * cg, 0, (size_t)((rows_total - n * hs * ws) * cg));
+        memset(xg + n * hs * ws * cg, fill, (size_t)((rows_total - n * hs * ws) * cg));
     }
 }

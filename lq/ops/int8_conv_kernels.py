@@ -225,27 +225,37 @@ def _fast_conv_ok(kind: str, u_qmax: int, w_qmax: int, reduction: int) -> bool:
     return True
 
 
-def amx_conv_applies(op: str, stride, dilation, groups: int) -> bool:
+def amx_conv_applies(op: str, stride, dilation, groups: int, beyond_onednn: bool = False) -> bool:
     """Whether ``op`` (``int8_conv2d`` or ``int8_conv2d_grad_input``) of this geometry runs on the tile unit where the
     CPU has one (``native_quant.amx_conv`` / ``amx_conv_grad_input``): undilated one-group layers, forward at strides
     1 and 2, the input gradient at every stride. It beats or ties oneDNN on every ResNet shape measured (forward /
     grad-input, batch 64 channels-last, 2-core host, ms tile vs oneDNN: 16 x 16 @28 0.41 / 0.55 and 0.43 / 0.59;
     16 -> 32 stride 2 @28 0.29 / 0.48 and 0.48 / 0.69; 64 x 64 @7 0.21 / 0.37 and 0.24 / 0.47; 64 x 64 @56 batch 32
     2.27 / 2.54 and 2.28 / 2.84; 256 x 256 @14 batch 32 2.65 / 3.47 and 2.68 / 3.93; the 1-channel stem 0.46 / 0.45):
-    no weight prepacking per call, no biased-uint8 copy, fewer than 64 channels packed as several taps a step."""
+    no weight prepacking per call, no biased-uint8 copy, fewer than 64 channels packed as several taps a step.
+
+    On VNNI (``native_quant.tile_unit() == "vnni"``, no tile unit) only the input gradients of strided layers: there
+    the kernel's space-to-depth sub-pixel form skips the zero-inserted canvas oneDNN convolves (ms VNNI / oneDNN,
+    interleaved, AMD Zen 5 2-core host: 16 -> 32 @28 0.41 / 0.54, 32 -> 64 @14 0.34 / 0.51, 64 -> 128 @28 3.24 /
+    4.55); oneDNN's own VNNI convolutions were as fast or faster on the others (64 x 64 @56 batch 32 forward 4.63
+    against 5.69, grad-input 4.51 against 5.51; the stem forward 0.27 against 0.41), except where the reduction is
+    beyond what oneDNN's biased-uint8 sums keep exact (``beyond_onednn``; else the float64 reference would run)."""
     if tuple(dilation) != (1, 1) or groups != 1:
         return False
+    if native_quant.tile_unit() == "vnni" and not beyond_onednn:
+        return op == "int8_conv2d_grad_input" and tuple(stride) != (1, 1)
     return op == "int8_conv2d_grad_input" or tuple(stride) in ((1, 1), (2, 2))
 
 
 @int8_conv2d_fwd.register_kernel("cpu")
 def _conv_fwd_cpu(x, w, x_step, w_step, x_qmax, w_qmax, bias, stride, padding, dilation, groups):
     reduction = w.shape[1] * w.shape[2] * w.shape[3]
-    if amx_conv_applies("int8_conv2d", stride, dilation, groups):  # (its own int32 limit: signed operands)
+    beyond = reduction > hw.max_exact_reduction(hw.biased_u8_max(x_qmax), w_qmax)
+    if amx_conv_applies("int8_conv2d", stride, dilation, groups, beyond):  # (its own int32 limit: signed operands)
         y = native_quant.amx_conv(x, w, x_step, w_step, bias, list(padding), hw.max_exact_reduction(x_qmax, w_qmax),
                                   list(stride))
-        if y is not None:  # (the tile unit: no weight prepacking, no biased-uint8 input)
-            hw.ran("int8_conv2d", "amx")
+        if y is not None:  # (the tile unit or VNNI: no weight prepacking, no biased-uint8 copy of the input)
+            hw.ran("int8_conv2d", native_quant.tile_unit())
             return y
     if not _fast_conv_ok("int8_conv2d", x_qmax, w_qmax, reduction):
         hw.ran("int8_conv2d", "reference")
@@ -272,7 +282,9 @@ def transposed_conv_weight(w: torch.Tensor, groups: int) -> torch.Tensor:
 def _conv_grad_input_cpu(g, w, g_step, g_qmax, w_qmax, input_size, stride, padding, dilation, groups):
     o, _, kh, kw = w.shape
     reduction = (o // groups) * kh * kw
-    if amx_conv_applies("int8_conv2d_grad_input", stride, dilation, groups) and native_quant.amx_usable(g, w, g_step):
+    beyond = reduction > hw.max_exact_reduction(hw.biased_u8_max(g_qmax), w_qmax)
+    tile = amx_conv_applies("int8_conv2d_grad_input", stride, dilation, groups, beyond)
+    if tile and native_quant.tile_usable(g, w, g_step):
         limit = hw.max_exact_reduction(g_qmax, w_qmax)
         y = native_quant.amx_conv_grad_input(g, w, g_step, list(input_size), list(stride), list(padding), limit)
         if y is None:  # (other strides and paddings: a stride-1 convolution of the zero-inserted gradient)
@@ -283,7 +295,7 @@ def _conv_grad_input_cpu(g, w, g_step, g_qmax, w_qmax, input_size, stride, paddi
             ones = torch.ones(wt.shape[0], dtype=torch.float32)
             y = native_quant.amx_conv(canvas, wt, g_step, ones, None, conv_pad, limit)
         if y is not None and list(y.shape) == list(input_size):
-            hw.ran("int8_conv2d_grad_input", "amx")
+            hw.ran("int8_conv2d_grad_input", native_quant.tile_unit())
             return y
     if not _fast_conv_ok("int8_conv2d_grad_input", g_qmax, w_qmax, reduction):
         hw.ran("int8_conv2d_grad_input", "reference")
@@ -444,13 +456,16 @@ def _input_phases(x, padding, stride, grid, tx, wanted, position_major) -> dict:
     return phases
 
 
-def _grid_rows(g: torch.Tensor, dst: torch.Tensor, hs: int, ws: int, lead: int = 0) -> None:
+def _grid_rows(g: torch.Tensor, dst: torch.Tensor, hs: int, ws: int, lead: int = 0, flip: int = 0) -> None:
     """``dst [>= O, >= lead + N * hs * ws]`` (contiguous) gets the gradient ``g [N, O, Ho, Wo]`` on the grid in its
-    channel rows from column ``lead`` on, zeros elsewhere: a C kernel of 16 x 16 byte transposes for a channels-last
-    ``g`` on CPU (``native_quant.grid_rows``), else a fill and torch's strided copy."""
+    channel rows from column ``lead`` on, zeros elsewhere, every byte xor ``flip`` (``native_quant.flip_byte``): a C
+    kernel of 16 x 16 byte transposes for a channels-last ``g`` on CPU (``native_quant.grid_rows``), else a fill and
+    torch's strided copy."""
     n, o, ho, wo = g.shape
-    if not native_quant.grid_rows(g, dst, hs, ws, lead):
+    if not native_quant.grid_rows(g, dst, hs, ws, lead, flip):
         dst.zero_()[:o, lead : lead + n * hs * ws].view(o, n, hs, ws)[:, :, :ho, :wo].copy_(g.permute(1, 0, 2, 3))
+        if flip:
+            dst.view(torch.uint8).bitwise_xor_(flip)
 
 
 def _grad_weight_taps(g, x, g_step, x_step, weight_size, padding, stride=(1, 1)) -> torch.Tensor:
@@ -484,20 +499,21 @@ def _grad_weight_taps(g, x, g_step, x_step, weight_size, padding, stride=(1, 1))
     stacked = c * len(taps) <= o  # few input channels: the taps' shifted rows of X stacked, one GEMM
     position_major = not stacked and fused.is_channels_last(x)
     wanted = sorted(set(phase_of))
-    if not stacked and native_quant.amx_usable(g, x, g_step, x_step) and x_step.numel() == 1:
-        # the tile unit: each phase packed once for all its taps, each tap reading the gradient at a shift (ge with
-        # a zero lead of max(offs) columns, rows up to a multiple of 32); position-major phases as views of one
-        # grid built in C (the space-to-depth grid at stride 2)
+    if not stacked and native_quant.tile_usable(g, x, g_step, x_step) and x_step.numel() == 1:
+        # the tile unit (or VNNI): each phase packed once for all its taps, each tap reading the gradient at a shift
+        # (ge with a zero lead of max(offs) columns, rows up to a multiple of 32; on VNNI stored xor 0x80, its
+        # unsigned operand); position-major phases as views of one grid built in C (the space-to-depth grid at
+        # stride 2)
         phases = native_quant.phase_grids(x, padding, stride, (hs, ws), tx) if position_major else None
         phases = phases or _input_phases(x, padding, stride, (hs, ws), tx, wanted, position_major)
         lead = max(offs)
         geb = torch.empty((-(-o // 32) * 32, lead + -(-tx // 64) * 64), dtype=torch.int8, device=dev)
-        _grid_rows(g, geb, hs, ws, lead)
+        _grid_rows(g, geb, hs, ws, lead, native_quant.flip_byte())
         out = native_quant.amx_taps(geb, o, lead, offs, [wanted.index(p) for p in phase_of],
                                     [phases[p] for p in wanted], position_major, c, tx, g_step, x_step,
                                     list(weight_size))
         if out is not None:
-            hw.ran("int8_conv2d_grad_weight", "taps_amx")
+            hw.ran("int8_conv2d_grad_weight", "taps_" + native_quant.tile_unit())
             return out
     hw.ran("int8_conv2d_grad_weight", "taps_int_mm")
     phases = _input_phases(x, padding, stride, (hs, ws), tx, wanted, position_major)

@@ -5,11 +5,12 @@
 #include <emmintrin.h>
 #include <stdint.h>
 
-/* dst row c (16 bytes, row stride ds) = column c of the 16 x 16 bytes at src (row stride ss): four rounds of
+/* dst row c (16 bytes, row stride ds) = column c of the 16 x 16 bytes at src (row stride ss), each byte xor-ed with
+   flip (0, or 0x80: a signed byte as its unsigned value + 128, for the VNNI kernels of amx.c): four rounds of
    unpacks (bytes, words, dwords, qwords) */
-static inline void transpose16(const int8_t *src, int64_t ss, int8_t *dst, int64_t ds) {
-    __m128i x[16], t[16], u[16], v[16];
-    for (int i = 0; i < 16; i++) x[i] = _mm_loadu_si128((const __m128i *)(src + i * ss));
+static inline void transpose16(const int8_t *src, int64_t ss, int8_t *dst, int64_t ds, int8_t flip) {
+    __m128i x[16], t[16], u[16], v[16], mask = _mm_set1_epi8(flip);
+    for (int i = 0; i < 16; i++) x[i] = _mm_xor_si128(_mm_loadu_si128((const __m128i *)(src + i * ss)), mask);
     for (int i = 0; i < 8; i++) { /* rows 2i, 2i + 1 paired: columns 0-7, 8-15 */
         t[i] = _mm_unpacklo_epi8(x[2 * i], x[2 * i + 1]);
         t[i + 8] = _mm_unpackhi_epi8(x[2 * i], x[2 * i + 1]);

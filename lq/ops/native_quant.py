@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 from pathlib import Path
 
 import torch
@@ -25,8 +26,8 @@ from lq.quant.functional import AMAX_EPS
 
 __all__ = [
     "amx_conv", "amx_conv_grad_input", "amx_library", "amx_mm", "amx_taps", "amx_usable", "grad_operands", "grid_rows",
-    "dequantize", "library", "pack_activation",
-    "quantize_rows", "quantize_tensor", "scale_sums",
+    "dequantize", "flip_byte", "library", "pack_activation",
+    "quantize_rows", "quantize_tensor", "scale_sums", "tile_library", "tile_unit", "tile_usable",
 ]
 
 SOURCE = Path(__file__).with_name("quant.c")
@@ -40,22 +41,59 @@ AMX_SOURCE = Path(__file__).with_name("amx.c")
 
 
 @functools.cache
-def amx_library() -> ctypes.CDLL | None:
-    """``lq/ops/amx.c`` where the CPU has AMX-INT8 and Linux lets this process use it, else ``None``."""
-    lib = native.load(AMX_SOURCE, "int8 products run on torch._int_mm with a separate output stage, slower", FLAGS)
-    if lib is None or not lib.lq_amx_available():
+def _amx_source() -> ctypes.CDLL | None:
+    lib = native.load(AMX_SOURCE, "int8 products and convolutions run on torch._int_mm / oneDNN, slower", FLAGS)
+    if lib is None:
         return None
+    lib.lq_amx_available.restype = _I32
+    lib.lq_vnni_available.restype = _I32
     lib.lq_amx_mm.restype = _I64
     lib.lq_amx_mm.argtypes = [_P, _I64, _I64, _I64, _I64, _P, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _I32]
     lib.lq_amx_conv.restype = _I64
     lib.lq_amx_conv.argtypes = [_P, _I64, _I64, _I64, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _F, _P, _P,
-                                _P, _I64, _I64, _I32, _I64, _I64, _I32]
+                                _P, _I64, _I64, _I32, _I64, _I64, _I32, _I32]
     lib.lq_conv_grid.restype = None
-    lib.lq_conv_grid.argtypes = [_P, _I64, _I64, _I64, _I64, _I64, _I64, _I32, _I64, _I64, _I64, _P, _I64, _I32]
+    lib.lq_conv_grid.argtypes = [_P, _I64, _I64, _I64, _I64, _I64, _I64, _I32, _I64, _I64, _I64, _P, _I64, _I32, _I32]
     lib.lq_amx_taps.restype = _I64
     lib.lq_amx_taps.argtypes = [_P, _I64, _I64, _I64, _I64, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, _P, _F, _P,
-                                _I32]
+                                _I32, _I32]
     return lib
+
+
+@functools.cache
+def tile_unit() -> str | None:
+    """The unit ``amx.c``'s convolution kernels (:func:`amx_conv`, :func:`amx_conv_grad_input`, :func:`amx_taps`) run
+    on: ``"amx"`` (the tile unit, where the CPU has AMX-INT8 and Linux lets this process use it), ``"vnni"`` (AVX-512
+    VNNI on the same packed operands: AMD Zen 4/5, Intel before Sapphire Rapids), or ``None`` (the oneDNN /
+    ``torch._int_mm`` kernels). ``LQ_TILE_UNIT=vnni`` runs the VNNI kernels on an AMX host too (tests, comparisons),
+    ``LQ_TILE_UNIT=off`` neither."""
+    lib = _amx_source()
+    if lib is None:
+        return None
+    forced = os.environ.get("LQ_TILE_UNIT", "").strip().lower()
+    if forced not in ("", "amx", "vnni", "off"):
+        raise ValueError(f"LQ_TILE_UNIT={forced!r}: use 'amx', 'vnni' or 'off' (or leave it unset)")
+    amx, vnni = bool(lib.lq_amx_available()), bool(lib.lq_vnni_available())
+    if forced == "off" or forced == "amx" and not amx or forced == "vnni" and not vnni:
+        return None
+    return "vnni" if forced == "vnni" or not amx and vnni else "amx" if amx else None
+
+
+def tile_library() -> ctypes.CDLL | None:
+    """``lq/ops/amx.c`` where :func:`tile_unit` has a unit for its convolution kernels, else ``None``."""
+    return _amx_source() if tile_unit() else None
+
+
+def amx_library() -> ctypes.CDLL | None:
+    """``lq/ops/amx.c`` where its kernels run on the tile unit (AMX-INT8, :func:`tile_unit`), else ``None``."""
+    return _amx_source() if tile_unit() == "amx" else None
+
+
+def flip_byte() -> int:
+    """The xor that stores the kernels' first operand (the input grid of :func:`amx_conv`, the gradient rows of
+    :func:`amx_taps`): ``0x80`` on VNNI, whose products take it unsigned (``value + 128``; ``amx.c`` subtracts the
+    offset again), else 0."""
+    return 0x80 if tile_unit() == "vnni" else 0
 
 
 def amx_conv(
@@ -79,7 +117,7 @@ def amx_conv(
     hp, wp = h + 2 * ph, wd + 2 * pw
     if (cw != c or n == 0 or o == 0 or c == 0 or ph < 0 or pw < 0 or (sh, sw) not in ((1, 1), (2, 2)) or hp < kh
             or wp < kw or c * kh * kw > max_reduction or w_step.numel() not in (1, o)
-            or bias is not None and bias.numel() != o or not amx_usable(x, w, x_step, w_step, bias)):
+            or bias is not None and bias.numel() != o or not tile_usable(x, w, x_step, w_step, bias)):
         return None
     ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
     grid = (-(-hp // 2), -(-wp // 2)) if sh == 2 else (hp, wp)
@@ -112,7 +150,7 @@ def amx_conv_grad_input(
     if (cw != c or n == 0 or o == 0 or c == 0 or g.shape[:2] != (n, o) or (sh, sw) not in ((1, 1), (2, 2)) or hp < kh
             or wp < kw
             or list(g.shape[2:]) != [(hp - kh) // sh + 1, (wp - kw) // sw + 1] or o * kh * kw > max_reduction
-            or not 0 <= ph <= kh - 1 or not 0 <= pw <= kw - 1 or not amx_usable(g, w, g_step)):
+            or not 0 <= ph <= kh - 1 or not 0 <= pw <= kw - 1 or not tile_usable(g, w, g_step)):
         return None
     y = torch.empty((n, h, wd, c), dtype=torch.float32, device="cpu")
     if sh == 1:
@@ -204,19 +242,19 @@ def _conv_on_grid(
     t_out = n * hs * ws
     rows = -(-t_out // 64) * 64 + max(offs) + group
     threads = torch.get_num_threads()
-    lib = amx_library()
+    lib, flip = tile_library(), flip_byte()
     if (taps == 1 and group == 1 and cg == c and not s2d_in and pads == (0, 0) and (hs, ws) == (h, wd)
-            and t_out % 64 == 0):
+            and t_out % 64 == 0 and not flip):
         xg = src  # a 1x1 layer over 64k channels: the channels-last input is its own grid (the blocks end at t_out)
     else:
         xg = torch.empty((rows, cg), dtype=torch.int8, device="cpu")
         lib.lq_conv_grid(src.data_ptr(), n, h, wd, c, pads[0], pads[1], int(s2d_in), hs, ws, cg, xg.data_ptr(), rows,
-                         threads)
+                         flip, threads)
     off_arr = (ctypes.c_int64 * taps)(*offs)
     res = lib.lq_amx_conv(
         xg.data_ptr(), cg, kc, t_out, taps, off_arr, wk.data_ptr(), o2, kc, hs, ws, out_hw[0], out_hw[1],
         float(x_step), steps.data_ptr(), _ptr(None if bias is None else _vector(bias, o2)), y.data_ptr(), y.shape[1],
-        y.shape[2], int(s2d_out), crop[0], crop[1], threads,
+        y.shape[2], int(s2d_out), crop[0], crop[1], threads, int(flip != 0),
     )
     return res == 0
 
@@ -230,19 +268,25 @@ def phase_grids(x: torch.Tensor, padding, stride, grid: tuple[int, int], rows: i
     s = tuple(stride)
     if (s not in ((1, 1), (2, 2)) or x.dtype != torch.int8 or not fused.is_channels_last(x) or min(padding) < 0
             or grid != (-(-(h + 2 * padding[0]) // s[0]), -(-(w + 2 * padding[1]) // s[1]))
-            or rows < n * grid[0] * grid[1] or not amx_usable(x)):
+            or rows < n * grid[0] * grid[1] or not tile_usable(x)):
         return None
     f = s[0]
     buf = torch.empty((rows, f * f * c), dtype=torch.int8, device="cpu")
-    amx_library().lq_conv_grid(x.data_ptr(), n, h, w, c, padding[0], padding[1], int(f == 2), grid[0], grid[1],
-                               f * f * c, buf.data_ptr(), rows, torch.get_num_threads())
+    tile_library().lq_conv_grid(x.data_ptr(), n, h, w, c, padding[0], padding[1], int(f == 2), grid[0], grid[1],
+                                f * f * c, buf.data_ptr(), rows, 0, torch.get_num_threads())
     return {(p, q): buf[:, (p * f + q) * c : (p * f + q + 1) * c] for p in range(f) for q in range(f)}
 
 
 def amx_usable(*tensors: torch.Tensor) -> bool:
-    """Whether the tile-unit kernels (:func:`amx_mm`, :func:`amx_conv`, :func:`amx_taps`) may run on these tensors:
-    AMX and the kernels built, plain CPU tensors, not traced (``None`` entries are skipped)."""
+    """Whether :func:`amx_mm` may run on these tensors: AMX and the kernels built, plain CPU tensors, not traced
+    (``None`` entries are skipped)."""
     return _usable(*(t for t in tensors if t is not None)) and amx_library() is not None
+
+
+def tile_usable(*tensors: torch.Tensor) -> bool:
+    """Whether the convolution kernels (:func:`amx_conv`, :func:`amx_conv_grad_input`, :func:`amx_taps`) may run on
+    these tensors: a :func:`tile_unit`, plain CPU tensors, not traced (``None`` entries are skipped)."""
+    return _usable(*(t for t in tensors if t is not None)) and tile_library() is not None
 
 
 def amx_taps(
@@ -254,8 +298,9 @@ def amx_taps(
     operand a shifted view of ``ge``): ``ge`` int8 ``[rows >= o rounded up to 32, lead + tx rounded up to 64]``,
     the gradient on the grid at columns ``[lead, lead + T)``, zero elsewhere; ``phases`` int8 ``[tx, C]``
     (``position_major``) or ``[C, tx]``; ``g_step`` ``[O]`` or ``[1]``, ``x_step`` ``[1]``. Returns the fp32
-    ``weight_size`` gradient, or ``None`` where the kernel does not apply."""
-    if x_step.numel() != 1 or g_step.numel() not in (1, o) or not amx_usable(ge, *phases, g_step, x_step):
+    ``weight_size`` gradient, or ``None`` where the kernel does not apply. On VNNI ``ge`` is stored xor
+    :func:`flip_byte` (every byte, the zeros too: ``grid_rows(..., flip=flip_byte())``)."""
+    if x_step.numel() != 1 or g_step.numel() not in (1, o) or not tile_usable(ge, *phases, g_step, x_step):
         return None
     taps = len(offs)
     if (len(weight_size) != 4 or list(weight_size[:2]) != [o, c] or weight_size[2] * weight_size[3] != taps
@@ -274,9 +319,9 @@ def amx_taps(
     off_arr = (ctypes.c_int64 * taps)(*offs)
     phase_arr = (ctypes.c_int32 * taps)(*phase_of)
     ptrs = (ctypes.c_void_p * len(phases))(*[b.data_ptr() for b in phases])
-    res = amx_library().lq_amx_taps(
+    res = tile_library().lq_amx_taps(
         ge.data_ptr(), o, ge.shape[1], lead, taps, off_arr, phase_arr, len(phases), ptrs, xc, xt, c, tx,
-        steps.data_ptr(), float(x_step), out.data_ptr(), torch.get_num_threads(),
+        steps.data_ptr(), float(x_step), out.data_ptr(), torch.get_num_threads(), int(flip_byte() != 0),
     )
     return out if res == 0 else None
 
@@ -296,7 +341,7 @@ def amx_mm(
     sa, sb = _vector(a_step, a_step.numel()), _vector(b_step, n)
     c = None if bias is None else _vector(bias, n)
     out = _floats(m, n)
-    res = amx_library().lq_amx_mm(
+    res = _amx_source().lq_amx_mm(
         a.data_ptr(), m, k, a.stride(0), a.stride(1), b.data_ptr(), n, b.stride(0), b.stride(1), sa.data_ptr(),
         0 if sa.numel() == 1 else 1, sb.data_ptr(), _ptr(c), out.data_ptr(),
         torch.get_num_threads(),
@@ -331,7 +376,7 @@ def library() -> ctypes.CDLL | None:
         _F, _P, _F, _P, _P, _P, _I32,
     ]
     lib.lq_grid_rows.restype = None
-    lib.lq_grid_rows.argtypes = [_P, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _P, _I32]
+    lib.lq_grid_rows.argtypes = [_P, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _P, _I32, _I32]
     lib.lq_scale_sums.restype = None
     lib.lq_scale_sums.argtypes = [_P, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _I32]
     return lib
@@ -559,10 +604,11 @@ def _operand_results(res: int, args: dict, first, second, ops: list[tuple], part
     return [done[axis] for axis, *_ in ops]
 
 
-def grid_rows(g: torch.Tensor, dst: torch.Tensor, hs: int, ws: int, lead: int = 0) -> bool:
+def grid_rows(g: torch.Tensor, dst: torch.Tensor, hs: int, ws: int, lead: int = 0, flip: int = 0) -> bool:
     """Write a channels-last int8 gradient ``g [N, O, Ho, Wo]`` into the channel rows of ``dst`` (int8, contiguous,
     ``[>= O, >= lead + N * hs * ws]``) on the ``hs x ws`` grid: ``dst[o, lead + n * hs * ws + a * ws + b] = g[n, o, a,
-    b]``, and zeros in every other byte of ``dst``; ``False`` (nothing written) where the kernel does not apply."""
+    b]``, and zeros in every other byte of ``dst``, every byte xor ``flip`` (:func:`flip_byte`); ``False`` (nothing
+    written) where the kernel does not apply."""
     if (g.dtype != torch.int8 or dst.dtype != torch.int8 or not fused.is_channels_last(g) or dst.dim() != 2
             or not dst.is_contiguous() or not _usable(g, dst)):
         return False
@@ -570,7 +616,7 @@ def grid_rows(g: torch.Tensor, dst: torch.Tensor, hs: int, ws: int, lead: int = 
     if ho > hs or wo > ws or dst.shape[0] < o or lead < 0 or dst.shape[1] < lead + n * hs * ws:
         return False
     library().lq_grid_rows(g.data_ptr(), n, ho, wo, o, hs, ws, lead, dst.shape[1], dst.shape[0], dst.data_ptr(),
-                           torch.get_num_threads())
+                           flip, torch.get_num_threads())
     return True
 
 

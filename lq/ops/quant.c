@@ -523,15 +523,16 @@ int64_t lq_grad_conv(const float *g, int64_t rows, int64_t cols, int32_t channel
     return result;
 }
 
-
 /* A channels-last int8 output gradient g [N, Ho, Wo, O] (memory order) laid out on a convolution's grid as channel
    rows (lq.ops.int8_conv_kernels._grad_weight_taps): dst [rows, width] row-major gets
    dst[o, lead + n * hs * ws + a * ws + b] = g[n, a, b, o] for a < Ho, b < Wo, and zeros everywhere else (the lead,
    the grid positions without an output, the tail, rows o >= O): no separate fill of the buffer. 16 x 16 byte
    transposes: torch's strided copy of the same permutation took 5 ms for a 32 x 64 x 56 x 56 gradient on the 2-core
-   host. */
+   host. With flip = 0x80 every byte is written xor-ed with 0x80 (the unsigned operand of amx.c's VNNI kernels:
+   value + 128, zeros as 0x80). */
 void lq_grid_rows(const int8_t *g, int64_t n, int64_t ho, int64_t wo, int64_t o, int64_t hs, int64_t ws, int64_t lead,
-                  int64_t width, int64_t rows, int8_t *dst, int32_t threads) {
+                  int64_t width, int64_t rows, int8_t *dst, int32_t flip, int32_t threads) {
+    const int fill = flip & 0xff; /* the byte of a zero: 0, or 0x80 with flip (every byte xor-ed with 0x80) */
 #pragma omp parallel num_threads(threads)
     {
         /* the zeros, one channel row at a time */
@@ -539,18 +540,18 @@ void lq_grid_rows(const int8_t *g, int64_t n, int64_t ho, int64_t wo, int64_t o,
         for (int64_t oo = 0; oo < rows; oo++) {
             int8_t *row = dst + oo * width;
             if (oo >= o) {
-                memset(row, 0, (size_t)width);
+                memset(row, fill, (size_t)width);
                 continue;
             }
-            memset(row, 0, (size_t)lead);
+            memset(row, fill, (size_t)lead);
             for (int64_t na = 0; na < n * hs; na++) {
                 int8_t *seg = row + lead + na * ws;
                 if (na % hs < ho)
-                    memset(seg + wo, 0, (size_t)(ws - wo));
+                    memset(seg + wo, fill, (size_t)(ws - wo));
                 else
-                    memset(seg, 0, (size_t)ws);
+                    memset(seg, fill, (size_t)ws);
             }
-            memset(row + lead + n * hs * ws, 0, (size_t)(width - lead - n * hs * ws));
+            memset(row + lead + n * hs * ws, fill, (size_t)(width - lead - n * hs * ws));
         }
         /* the gradient */
 #pragma omp for schedule(static)
@@ -561,12 +562,13 @@ void lq_grid_rows(const int8_t *g, int64_t n, int64_t ho, int64_t wo, int64_t o,
                 for (int64_t o0 = 0; o0 < o; o0 += 16) {
 #ifdef LQ_SSE2
                     if (b0 + 16 <= wo && o0 + 16 <= o) {
-                        transpose16(src + b0 * o + o0, o, at + o0 * width + b0, width);
+                        transpose16(src + b0 * o + o0, o, at + o0 * width + b0, width, (int8_t)fill);
                         continue;
                     }
 #endif
                     for (int64_t oo = o0; oo < o && oo < o0 + 16; oo++)
-                        for (int64_t b = b0; b < wo && b < b0 + 16; b++) at[oo * width + b] = src[b * o + oo];
+                        for (int64_t b = b0; b < wo && b < b0 + 16; b++)
+                            at[oo * width + b] = (int8_t)(src[b * o + oo] ^ fill);
                 }
             }
         }
