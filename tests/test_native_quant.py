@@ -419,11 +419,12 @@ def test_amx_conv_weight_gradients_equal_the_int_mm_paths(geometry, layout, monk
     monkeypatch.setenv("LQ_NATIVE", "0")
     with hw.record_kernels() as ran_plain:
         want = K._conv_grad_weight_cpu(*args)
-    stacked = c * k * k <= o
-    pointwise = k == 1 and s == 1 and layout == "channels-last"
-    pointwise = pointwise and unit == "amx"  # (one AMX product; VNNI hosts keep the im2col _int_mm path)
+    stacked = c * k * k <= o and (k > 1 or s > 1)  # (a 1x1 stride-1 layer has nothing to stack)
+    pointwise = k == 1 and s == 1 and layout == "channels-last" and unit == "amx"  # (one AMX product)
     kernel = "pointwise_amx" if pointwise else "taps_int_mm" if stacked else f"taps_{unit}"
-    assert ran == [f"int8_conv2d_grad_weight:{kernel}"] or (k == 1 and s == 1 and not pointwise), (ran, ran_plain)
+    # (on AMX a row-major 1x1 stride-1 layer runs the im2col lq::int8_mm; VNNI takes it by taps)
+    amx_im2col = k == 1 and s == 1 and unit == "amx" and not pointwise
+    assert ran == [f"int8_conv2d_grad_weight:{kernel}"] or amx_im2col, (ran, ran_plain)
     assert torch.equal(got, want)
     exact = torch.nn.grad.conv2d_weight(x.double(), [o, c, k, k], g.double(), (s, s), (p, p))
     scaled = exact * g_step.double().reshape(-1, 1, 1, 1) * x_step.double()
@@ -672,3 +673,21 @@ def test_sums_whose_unsigned_form_passes_int32_stay_exact(unit) -> None:
                                      [1, 1], 1)
     assert ran == [f"int8_conv2d_grad_weight:taps_{unit}"]
     assert torch.equal(gw.double(), torch.full((16, 32, 1, 1), hw_ * hw_ * 127 * 127.0))
+
+
+@pytest.mark.parametrize("flip", [0, 0x80])
+def test_grid_rows_writes_every_byte_for_any_width_and_channel_count(flip) -> None:
+    """``grid_rows`` (the taps' gradient operand): the gradient at its grid positions and zeros everywhere else, each
+    byte xor ``flip`` (VNNI's unsigned form), for rows and channel counts that are and are not multiples of 16 (the
+    16 x 16 transposes' partial blocks overlap the previous block) and a grid wider than the gradient."""
+    gen = torch.Generator().manual_seed(flip)
+    for n, o, ho, wo, hs, ws, lead in ((2, 16, 28, 28, 30, 30, 31), (1, 17, 5, 31, 6, 33, 0), (3, 40, 7, 7, 9, 9, 10),
+                                       (1, 33, 16, 16, 16, 16, 3), (2, 8, 3, 20, 4, 21, 2)):
+        g = torch.randint(-128, 128, (n, o, ho, wo), dtype=torch.int8, generator=gen).contiguous(
+            memory_format=torch.channels_last)
+        rows, width = -(-o // 32) * 32, lead + n * hs * ws + 37
+        dst = torch.full((rows, width), 55, dtype=torch.int8)
+        assert native_quant.grid_rows(g, dst, hs, ws, lead, flip)
+        want = torch.zeros((rows, width), dtype=torch.int8)
+        want[:o, lead : lead + n * hs * ws].view(o, n, hs, ws)[:, :, :ho, :wo] = g.permute(1, 0, 2, 3)
+        assert torch.equal(dst, want.view(torch.uint8).bitwise_xor(flip).view(torch.int8)), (n, o, ho, wo)

@@ -417,7 +417,9 @@ def _phase_grid(x_hw: tuple[int, int], padding, stride) -> tuple[int, int]:
 def grad_weight_taps_apply(x_size, weight_size, stride, padding, dilation, groups, g_qmax: int, x_qmax: int) -> bool:
     """Whether :func:`_grad_weight_taps` computes this weight gradient: a CPU with fast ``torch._int_mm`` (VNNI),
     dilation 1, one group, a non-empty batch, more than one tap or a stride (a 1x1 stride-1 weight gradient is
-    one GEMM on the input as it is), and the reduction over the phase grid's positions within int32."""
+    one GEMM on the input as it is; on VNNI without the tile unit it takes the taps kernel too: 128 x 128 channels
+    at 28 x 28, batch 32: 0.82-0.88 ms against 1.9-2.8 for the im2col ``lq::int8_mm``), and the reduction over the
+    phase grid's positions within int32."""
     n, c, h, w = x_size
     kh, kw = weight_size[2:]
     sh, sw = stride
@@ -425,7 +427,8 @@ def grad_weight_taps_apply(x_size, weight_size, stride, padding, dilation, group
     t = n * hs * ws + ((kh - 1) // sh) * ws + (kw - 1) // sw  # the phase grid's positions + the last tap's reach
     return (
         hw.cpu_int_mm_is_fast() and tuple(dilation) == (1, 1) and groups == 1 and n > 0
-        and (kh * kw > 1 or tuple(stride) != (1, 1)) and 2 <= t <= hw.max_exact_reduction(g_qmax, x_qmax)
+        and (kh * kw > 1 or tuple(stride) != (1, 1) or native_quant.tile_unit() == "vnni")
+        and 2 <= t <= hw.max_exact_reduction(g_qmax, x_qmax)
     )
 
 
@@ -496,7 +499,8 @@ def _grad_weight_taps(g, x, g_step, x_step, weight_size, padding, stride=(1, 1))
     phase_of = [(i % sh, j % sw) for i, j in taps]
     tx = t + max(offs)
     dev = g.device
-    stacked = c * len(taps) <= o  # few input channels: the taps' shifted rows of X stacked, one GEMM
+    # few input channels: the taps' shifted rows of X stacked, one GEMM (a 1x1 stride-1 layer has nothing to stack)
+    stacked = c * len(taps) <= o and (len(taps) > 1 or tuple(stride) != (1, 1))
     position_major = not stacked and fused.is_channels_last(x)
     wanted = sorted(set(phase_of))
     if not stacked and native_quant.tile_usable(g, x, g_step, x_step) and x_step.numel() == 1:

@@ -561,8 +561,12 @@ void lq_grid_rows(const int8_t *g, int64_t n, int64_t ho, int64_t wo, int64_t o,
             for (int64_t b0 = 0; b0 < wo; b0 += 16) {
                 for (int64_t o0 = 0; o0 < o; o0 += 16) {
 #ifdef LQ_SSE2
-                    if (b0 + 16 <= wo && o0 + 16 <= o) {
-                        transpose16(src + b0 * o + o0, o, at + o0 * width + b0, width, (int8_t)fill);
+                    /* a partial block at the end of a row or of the channels, where there are 16: the last full block
+                       (overlapping the previous one: those bytes are written twice, alike). 28-wide rows had 12 of
+                       their 28 columns in the scalar loop below. */
+                    int64_t bb = b0 + 16 <= wo ? b0 : wo - 16, oo0 = o0 + 16 <= o ? o0 : o - 16;
+                    if (bb >= 0 && oo0 >= 0) {
+                        transpose16(src + bb * o + oo0, o, at + oo0 * width + bb, width, (int8_t)fill);
                         continue;
                     }
 #endif
