@@ -13,10 +13,11 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from common import add_cpu_malloc_flag, apply_cpu_malloc, median_time
+from common import add_cpu_malloc_flag, apply_cpu_malloc, interleaved, median_time, without_tile_kernels
 
 from lq.ops import Int8ComputeConfig, int8_conv2d
 from lq.ops import hardware as hw
+from lq.ops import native_quant
 
 # (channels, spatial size, kernel): ResNet-50 stage shapes, same channels in and out, stride 1
 SHAPES = [(64, 56, 3), (256, 14, 3), (128, 28, 1)]
@@ -60,9 +61,13 @@ def run_shape(c: int, hw_size: int, k: int, cfg: Int8ComputeConfig, args: argpar
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         t32 = median_time(step(fp32), args.warmup, args.repeats)
-        t8 = median_time(step(int8), args.warmup, args.repeats)
+        if native_quant.tile_unit() is None:
+            t8, t8_off = median_time(step(int8), args.warmup, args.repeats), float("nan")
+        else:  # with and without amx.c's conv kernels, interleaved (the host's noise hits both alike)
+            both = interleaved({"on": step(int8), "off": without_tile_kernels(step(int8))}, args.repeats, args.warmup)
+            t8, t8_off = both["on"], both["off"]
         tbf = median_time(step(bf16), 1, 2) if args.bf16 else float("nan")
-    return t32, t8, tbf, tk32, tk8
+    return t32, t8, tbf, tk32, tk8, t8_off
 
 
 def main() -> None:
@@ -87,13 +92,15 @@ def main() -> None:
     print(f"Conv2d fwd+bwd (grad_input, grad_weight), N={args.batch}, int8 config {label}; median of {args.repeats}")
     totals = {"fp32": 0.0, "int8": 0.0, "bf16": 0.0}
     for c, hw_size, k in SHAPES:
-        t32, t8, tbf, tk32, tk8 = run_shape(c, hw_size, k, cfg, args)
+        t32, t8, tbf, tk32, tk8, t8_off = run_shape(c, hw_size, k, cfg, args)
         totals["fp32"] += t32
         totals["int8"] += t8
         totals["bf16"] += tbf
         print(f"  {c:4d}ch {hw_size:3d}x{hw_size:<3d} {k}x{k}: fp32 {t32 * 1e3:8.1f} ms  bf16 {tbf * 1e3:8.1f} ms  "
               f"int8 {t8 * 1e3:8.1f} ms   int8/fp32 speedup {t32 / t8:5.2f}x   int8/bf16 speedup {tbf / t8:5.2f}x   "
-              f"(kernel limit, forward conv alone: {tk32 / tk8:.2f}x)")
+              f"(kernel limit, forward conv alone: {tk32 / tk8:.2f}x)"
+              + (f"   without {native_quant.tile_unit()} conv kernels {t8_off * 1e3:.1f} ms ({t8_off / t8:.2f}x slower)"
+                 if t8_off == t8_off else ""))
     print(f"  all three: int8/fp32 speedup {totals['fp32'] / totals['int8']:.2f}x, "
           f"int8/bf16 speedup {totals['bf16'] / totals['int8']:.2f}x")
 

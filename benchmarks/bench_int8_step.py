@@ -26,7 +26,7 @@ import copy
 import warnings
 
 import torch
-from common import interleaved, train_step, add_cpu_malloc_flag, apply_cpu_malloc
+from common import add_cpu_malloc_flag, apply_cpu_malloc, interleaved, train_step, without_tile_kernels
 from torch import nn
 
 import lq
@@ -75,6 +75,11 @@ def bench_step(args) -> None:
         "int8, no clip search": train_step(
             int8_model(base, Int8ComputeConfig.for_this_machine(grad_clip=False)), x, y, momentum=0.9),
     }
+    from lq.ops import native_quant
+
+    if native_quant.tile_unit() is not None:  # the same int8 model without amx.c's conv kernels (oneDNN, _int_mm)
+        fns[f"int8, without the {native_quant.tile_unit()} conv kernels (LQ_TILE_UNIT=off)"] = without_tile_kernels(
+            train_step(int8_model(base, cfg), x, y, momentum=0.9))
     if args.compile:  # torch.compile of the int8 model (one graph; clip searched every step) and of fp32
         fns["int8, torch.compile (clip searched every step)"] = train_step(
             torch.compile(int8_model(base, cfg)), x, y, momentum=0.9)

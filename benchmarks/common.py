@@ -34,6 +34,29 @@ def interleaved(
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def without_tile_kernels(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` run with ``LQ_TILE_UNIT=off`` (``lq/ops/amx.c``'s convolution kernels off: oneDNN and ``torch._int_mm``
+    instead), the setting restored after each call, so one process can time both interleaved."""
+    import os
+
+    from lq.ops import native_quant
+
+    def run() -> object:
+        before = os.environ.get("LQ_TILE_UNIT")
+        os.environ["LQ_TILE_UNIT"] = "off"
+        native_quant.tile_unit.cache_clear()
+        try:
+            return fn()
+        finally:
+            if before is None:
+                del os.environ["LQ_TILE_UNIT"]
+            else:
+                os.environ["LQ_TILE_UNIT"] = before
+            native_quant.tile_unit.cache_clear()
+
+    return run
+
+
 def median_time(fn: Callable[[], object], warmup: int, repeats: int) -> float:
     """Median seconds of ``fn`` over ``repeats`` calls after ``warmup`` untimed ones."""
     return interleaved({"fn": fn}, repeats, warmup)["fn"]
