@@ -397,10 +397,10 @@ def test_amx_packing_buffers_do_not_outlive_their_thread_or_a_large_call() -> No
 ])
 @pytest.mark.parametrize("layout", ["row-major", "channels-last"])
 def test_amx_conv_weight_gradients_equal_the_int_mm_paths(geometry, layout, monkeypatch, unit) -> None:
-    """The tile unit's (and VNNI's: ``unit``) conv weight gradients (every tap from each phase packed once, the reduction in chunks
-    shared by the threads; at most 16 x 16 channels four taps at a time, several chunks and phases included; 1x1
-    layers on channels-last operands as one product of transposed views) give the
-    numbers of the `_int_mm` tap and im2col paths (tested against the reference elsewhere) bit for bit, and the
+    """The tile unit's (and VNNI's: ``unit``) conv weight gradients (every tap from each phase packed once, the
+    reduction in chunks shared by the threads; at most 16 x 16 channels four taps at a time, several chunks and
+    phases included; 1x1 layers on channels-last operands as one product of transposed views) give the numbers of
+    the `_int_mm` tap and im2col paths (tested against the reference elsewhere) bit for bit, and the
     float64 convolution's within fp32 scaling; the channels-last gradient reaches the grid by 16 x 16 transposes."""
     from lq.ops import hardware as hw
     from lq.ops import int8_conv_kernels as K
@@ -479,8 +479,9 @@ def test_amx_taps_scratch_does_not_grow_with_idle_threads(unit) -> None:
                                       (4, 64, 128, 4, 4, 1, 0)])  # (1x1, 64 positions: the input is its own grid)
 @pytest.mark.parametrize("layout", ["row-major", "channels-last"])
 def test_amx_convolution_is_exact_and_scales_as_eq10(geometry, layout, threads, unit) -> None:
-    """The tile unit's (and VNNI's: ``unit``; its unsigned input grid and the offset it subtracts) convolution (implicit GEMM over the padded input's grid; fewer than 64 channels as several
-    taps a step, stride 2 on the space-to-depth grid): the integer sums of the convolution exactly (unit steps, -128
+    """The tile unit's (and VNNI's: ``unit``; its unsigned input grid and the offset it subtracts) convolution
+    (implicit GEMM over the padded input's grid; fewer than 64 channels as several taps a step, stride 2 on the
+    space-to-depth grid): the integer sums of the convolution exactly (unit steps, -128
     and 127 included) at strides 1 and 2, eq. 10's output stage ((acc * x_step) * w_step[o] + bias[o]) within fp32
     rounding, a channels-last output; and the grad-input route (a transposed convolution on the zero-inserted
     gradient) for strides 1 and 2."""

@@ -14,6 +14,9 @@
  * Threads share the 32 x 32 output blocks, row blocks outer.
  *
  * Output stage, the same fp32 operations as lq.ops.int8_mm._epilogue: ((float)acc * a_step[m]) * b_step[n] + bias[n].
+ *
+ * The convolution kernels (lq_amx_conv, lq_amx_taps) also run on AVX-512 VNNI where there is no tile unit (their
+ * vnni argument; see "The same products on AVX-512 VNNI" below): the same packed operands and output stages.
  */
 #include <pthread.h>
 #include <stdint.h>
@@ -611,7 +614,8 @@ int64_t lq_amx_taps(const int8_t *ge, int64_t o, int64_t ge_row, int64_t lead, i
                 int64_t oo = i * 32 + r;
                 float *dst = out + (oo * c + j * 32) * taps + k;
                 for (int64_t qq = 0; qq < cols; qq++) {
-                    int32_t sum = corr ? (int32_t)((uint32_t)first[r * 32 + qq] - (uint32_t)corr[qq]) : first[r * 32 + qq];
+                    int32_t sum = first[r * 32 + qq];
+                    if (corr) sum = (int32_t)((uint32_t)sum - (uint32_t)corr[qq]);
                     dst[qq * taps] = (float)sum * g_step[oo] * x_step;
                 }
             }

@@ -100,7 +100,8 @@ def amx_conv(
     x: torch.Tensor, w: torch.Tensor, x_step: torch.Tensor, w_step: torch.Tensor, bias: torch.Tensor | None,
     padding: list[int], max_reduction: int, stride: list[int] | tuple[int, int] = (1, 1),
 ) -> torch.Tensor | None:
-    """A one-group, undilated int8 convolution of stride 1 or 2 on the tile unit (``amx.c`` ``lq_amx_conv``: an
+    """A one-group, undilated int8 convolution of stride 1 or 2 on the tile unit or VNNI (:func:`tile_unit`; ``amx.c``
+    ``lq_amx_conv``: an
     implicit GEMM over the zero-padded input's grid, each tap a row shift of it, the weight packed once a call, the
     output stage ``((acc * x_step) * w_step[o]) + bias[o]`` applied per block in L1): ``x`` int8 ``[N, C, H, W]``
     (channels-last is read in place, another layout copied to it), ``w`` int8 ``[O, C, kh, kw]``, ``x_step [1]``,
@@ -131,7 +132,7 @@ def amx_conv_grad_input(
     g: torch.Tensor, w: torch.Tensor, g_step: torch.Tensor, input_size: list[int], stride: list[int],
     padding: list[int], max_reduction: int,
 ) -> torch.Tensor | None:
-    """The input gradient of a one-group, undilated convolution of stride 1 or 2 on the tile unit, from the int8
+    """The input gradient of a one-group, undilated convolution of stride 1 or 2 on the tile unit or VNNI, from the int8
     output gradient ``g [N, O, Ho, Wo]`` (per-tensor ``g_step``) and the int8 weight ``w [O, C, kh, kw]``: fp32
     ``input_size`` ``[N, C, H, W]``, channels-last, ``g_step * sum`` (eq. 10 with the weight steps folded into ``g``),
     or ``None`` where the kernel does not apply.
@@ -293,7 +294,7 @@ def amx_taps(
     ge: torch.Tensor, o: int, lead: int, offs: list[int], phase_of: list[int], phases: list[torch.Tensor],
     position_major: bool, c: int, tx: int, g_step: torch.Tensor, x_step: torch.Tensor, weight_size: list[int],
 ) -> torch.Tensor | None:
-    """A convolution's weight gradient by taps on the tile unit (``amx.c`` ``lq_amx_taps``; the algorithm of
+    """A convolution's weight gradient by taps on the tile unit or VNNI (``amx.c`` ``lq_amx_taps``; the algorithm of
     ``lq.ops.int8_conv_kernels._grad_weight_taps``, each phase packed once for all its taps, each tap's gradient
     operand a shifted view of ``ge``): ``ge`` int8 ``[rows >= o rounded up to 32, lead + tx rounded up to 64]``,
     the gradient on the grid at columns ``[lead, lead + T)``, zero elsewhere; ``phases`` int8 ``[tx, C]``
