@@ -101,12 +101,11 @@ def amx_conv(
     padding: list[int], max_reduction: int, stride: list[int] | tuple[int, int] = (1, 1),
 ) -> torch.Tensor | None:
     """A one-group, undilated int8 convolution of stride 1 or 2 on the tile unit or VNNI (:func:`tile_unit`; ``amx.c``
-    ``lq_amx_conv``: an
-    implicit GEMM over the zero-padded input's grid, each tap a row shift of it, the weight packed once a call, the
-    output stage ``((acc * x_step) * w_step[o]) + bias[o]`` applied per block in L1): ``x`` int8 ``[N, C, H, W]``
-    (channels-last is read in place, another layout copied to it), ``w`` int8 ``[O, C, kh, kw]``, ``x_step [1]``,
-    ``w_step [O]`` or ``[1]``. Returns the fp32 ``[N, O, Ho, Wo]`` output, channels-last, or ``None`` where the
-    kernel does not apply (no AMX, a reduction ``C * kh * kw`` beyond ``max_reduction``, ...).
+    ``lq_amx_conv``: an implicit GEMM over the zero-padded input's grid, each tap a row shift of it, the weight packed
+    once a call, the output stage ``((acc * x_step) * w_step[o]) + bias[o]`` applied per block in L1): ``x`` int8
+    ``[N, C, H, W]`` (channels-last is read in place, another layout copied to it), ``w`` int8 ``[O, C, kh, kw]``,
+    ``x_step [1]``, ``w_step [O]`` or ``[1]``. Returns the fp32 ``[N, O, Ho, Wo]`` output, channels-last, or ``None``
+    where the kernel does not apply (no tile unit or VNNI, a reduction ``C * kh * kw`` beyond ``max_reduction``, ...).
 
     Stride 2 is the stride-1 convolution of the input's space-to-depth grid (2 x 2 pixels -> ``4 C`` channels) with
     the weight cut into its ``ceil(k / 2)^2`` phases (:func:`_phase_weight`)."""
