@@ -229,8 +229,8 @@ VNNI_TARGET static void vnni_16x16(const int8_t *a, int64_t lda, int64_t a_step,
 #undef VNNI_ROW2
 #undef VNNI_ROW1
 
-/* block_sums on VNNI: a 32 x 32 block (c [32][32]) as four 8-row blockings; a1 must be a0 + 16 * lda and b1 b0 + b_col
-   (how every caller lays them out) */
+/* block_sums on VNNI: a 32 x 32 block (c [32][32]) as four 8-row blockings, rows 8 rg.. of a at a0 + 8 rg * lda,
+   the second 16-column block of b b_col bytes after b0 (block_sums' a1 = a0 + 16 * lda and b1 = b0 + b_col) */
 static const int64_t ONE_SEGMENT[1] = {0};
 
 static void vnni_block_sums(const int8_t *a0, int64_t a_step, int64_t lda, const int8_t *b0, int64_t b_col,
