@@ -57,11 +57,11 @@ class ReleaseProcessGroup(Callback):
     """Destroy the gloo process group in each worker once fit is over. Lightning registers that clean-up only for
     NCCL; a spawned worker that exits with the gloo group alive can abort in gloo's threads at interpreter exit
     ("terminate called without an active exception", pytorch/pytorch#190489): on the Zen 5 host of 2026-11-30
-    two runs in ten did. Runs after the strategy's own teardown; nothing after it communicates."""
+    two runs in ten did. Runs after the strategy's own teardown; nothing after it communicates. (No barrier first: a
+    rank that failed would leave the others waiting in it for gloo's 30-minute timeout.)"""
 
     def teardown(self, trainer, pl_module, stage):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
 
