@@ -13,7 +13,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from common import add_cpu_malloc_flag, apply_cpu_malloc, interleaved, median_time, without_tile_kernels
+from common import add_cpu_malloc_flag, apply_cpu_malloc, interleaved, without_tile_kernels
 
 from lq.ops import Int8ComputeConfig, int8_conv2d
 from lq.ops import hardware as hw
@@ -55,19 +55,22 @@ def run_shape(c: int, hw_size: int, k: int, cfg: Int8ComputeConfig, args: argpar
     x8 = torch.randint(-qx, qx + 1, tuple(x.shape), dtype=torch.int8)
     w8 = torch.randint(-qw, qw + 1, tuple(w.shape), dtype=torch.int8)
     one, ones = torch.ones(1), torch.ones(c)
-    tk32 = median_time(lambda: F.conv2d(x.detach(), w.detach(), None, 1, pad), 1, args.repeats)
-    tk8 = median_time(lambda: torch.ops.lq.int8_conv2d(x8, w8, one, ones, qx, qw, None, [1, 1], [pad, pad], [1, 1], 1),
-                1, args.repeats)
+    kernels = interleaved({
+        "fp32": lambda: F.conv2d(x.detach(), w.detach(), None, 1, pad),
+        "int8": lambda: torch.ops.lq.int8_conv2d(x8, w8, one, ones, qx, qw, None, [1, 1], [pad, pad], [1, 1], 1),
+    }, args.repeats, 1)
+    # every variant in turn within each round, each after one untimed call of itself (the shared hosts' load moved
+    # fp32 alone 57-85 ms between runs on one shape; interleaved, it hits all of them alike)
+    fns = {"fp32": step(fp32), "int8": step(int8)}
+    if native_quant.tile_unit() is not None:  # and without amx.c's conv kernels
+        fns["int8 off"] = without_tile_kernels(step(int8))
+    if args.bf16:
+        fns["bf16"] = step(bf16)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        t32 = median_time(step(fp32), args.warmup, args.repeats)
-        if native_quant.tile_unit() is None:
-            t8, t8_off = median_time(step(int8), args.warmup, args.repeats), float("nan")
-        else:  # with and without amx.c's conv kernels, interleaved (the host's noise hits both alike)
-            both = interleaved({"on": step(int8), "off": without_tile_kernels(step(int8))}, args.repeats, args.warmup)
-            t8, t8_off = both["on"], both["off"]
-        tbf = median_time(step(bf16), 1, 2) if args.bf16 else float("nan")
-    return t32, t8, tbf, tk32, tk8, t8_off
+        t = interleaved(fns, args.repeats, args.warmup, settle=1)
+    nan = float("nan")
+    return t["fp32"], t["int8"], t.get("bf16", nan), kernels["fp32"], kernels["int8"], t.get("int8 off", nan)
 
 
 def main() -> None:
@@ -79,7 +82,7 @@ def main() -> None:
     ap.add_argument("--channels-last", action="store_true",
                     help="input and output gradient channels-last (as inside a CNN) for every variant")
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
-                    help="also time bf16 autocast (very slow on CPUs without AVX512-BF16)")
+                    help="also time bf16 autocast (very slow on CPUs without AVX512-BF16: --no-bf16 there)")
     add_cpu_malloc_flag(ap)
     args = ap.parse_args()
     print(apply_cpu_malloc(args))
