@@ -99,13 +99,15 @@ def main() -> None:
         totals["fp32"] += t32
         totals["int8"] += t8
         totals["bf16"] += tbf
-        print(f"  {c:4d}ch {hw_size:3d}x{hw_size:<3d} {k}x{k}: fp32 {t32 * 1e3:8.1f} ms  bf16 {tbf * 1e3:8.1f} ms  "
-              f"int8 {t8 * 1e3:8.1f} ms   int8/fp32 speedup {t32 / t8:5.2f}x   int8/bf16 speedup {tbf / t8:5.2f}x   "
+        bf16 = f"  bf16 {tbf * 1e3:8.1f} ms" if args.bf16 else ""
+        vs_bf16 = f"   int8/bf16 speedup {tbf / t8:5.2f}x" if args.bf16 else ""
+        print(f"  {c:4d}ch {hw_size:3d}x{hw_size:<3d} {k}x{k}: fp32 {t32 * 1e3:8.1f} ms{bf16}  "
+              f"int8 {t8 * 1e3:8.1f} ms   int8/fp32 speedup {t32 / t8:5.2f}x{vs_bf16}   "
               f"(kernel limit, forward conv alone: {tk32 / tk8:.2f}x)"
               + (f"   without {native_quant.tile_unit()} conv kernels {t8_off * 1e3:.1f} ms ({t8_off / t8:.2f}x slower)"
                  if t8_off == t8_off else ""))
-    print(f"  all three: int8/fp32 speedup {totals['fp32'] / totals['int8']:.2f}x, "
-          f"int8/bf16 speedup {totals['bf16'] / totals['int8']:.2f}x")
+    print(f"  all three: int8/fp32 speedup {totals['fp32'] / totals['int8']:.2f}x"
+          + (f", int8/bf16 speedup {totals['bf16'] / totals['int8']:.2f}x" if args.bf16 else ""))
 
 
 if __name__ == "__main__":
