@@ -498,6 +498,13 @@ static void taps_item(const int8_t *ge, int64_t ge_row, int64_t lead, int64_t ta
     else
         block_sums(a, a + 16 * ge_row, 64, ge_row, b0, b0 + chunk * 1024, steps, acc + it * 1024, 1);
 }
+
+/* lq_amx_taps' packing of a phase's tile (pack_b_tile), and on VNNI (csum not NULL) its column sums added to csum */
+static void pack_phase_tile(const int8_t *x, int64_t c, int64_t tx, int64_t xc, int64_t xt, int64_t j, int64_t s,
+                            int8_t *tile, int32_t *csum) {
+    pack_b_tile(x, c, tx, xc, xt, j, s, tile);
+    if (csum) tile_column_sums(tile, csum);
+}
 #endif
 
 /* A convolution's weight gradient by taps (lq.ops.int8_conv_kernels._grad_weight_taps) on the tile unit:
@@ -560,11 +567,9 @@ int64_t lq_amx_taps(const int8_t *ge, int64_t o, int64_t ge_row, int64_t lead, i
 #pragma omp for schedule(static) collapse(3)
             for (int64_t p = 0; p < phases; p++)
                 for (int64_t j = 0; j < jpack; j++)
-                    for (int64_t ss = 0; ss < ks; ss++) {
-                        int8_t *tile = buf + ((p * jn + j) * chunk + ss) * 1024;
-                        pack_b_tile(x[p], c, tx, xc, xt, j, ss, tile);
-                        if (vnni) tile_column_sums(tile, csum + (p * jn + j) * 16);
-                    }
+                    for (int64_t ss = 0; ss < ks; ss++)
+                        pack_phase_tile(x[p], c, tx, xc, xt, j, ss, buf + ((p * jn + j) * chunk + ss) * 1024,
+                                        csum ? csum + (p * jn + j) * 16 : NULL);
             if (!vnni) configure_tiles();
 #pragma omp for schedule(static)
             for (int64_t it = 0; it < groups; it++)
@@ -579,11 +584,10 @@ int64_t lq_amx_taps(const int8_t *ge, int64_t o, int64_t ge_row, int64_t lead, i
                 int64_t s0 = q * ks / chunks, steps = (q + 1) * ks / chunks - s0;
                 for (int64_t p = 0; p < phases; p++)
                     for (int64_t j = 0; j < jpack; j++)
-                        for (int64_t ss = 0; ss < steps; ss++) {
-                            int8_t *tile = bchunk + ((p * jn + j) * chunk + ss) * 1024;
-                            pack_b_tile(x[p], c, tx, xc, xt, j, s0 + ss, tile);
-                            if (vnni) tile_column_sums(tile, csum + (p * jn + j) * 16);
-                        }
+                        for (int64_t ss = 0; ss < steps; ss++)
+                            pack_phase_tile(x[p], c, tx, xc, xt, j, s0 + ss,
+                                            bchunk + ((p * jn + j) * chunk + ss) * 1024,
+                                            csum ? csum + (p * jn + j) * 16 : NULL);
                 for (int64_t it = 0; it < groups; it++)
                     taps_item(ge, ge_row, lead, taps, off, phase_of, narrow, ob, cb, jn, it, s0, steps, bchunk, chunk,
                               acc, vnni);

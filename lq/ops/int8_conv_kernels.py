@@ -206,6 +206,12 @@ def _qconv(u, zp, u_scale, w, w_scale, bias, stride, padding, dilation, groups):
     ))
 
 
+def _beyond_onednn(u_qmax: int, w_qmax: int, reduction: int) -> bool:
+    """Whether a ``reduction``-term sum could overflow oneDNN's int32 accumulator of biased-uint8 x int8 products
+    (the signed kernels of ``amx.c`` keep a larger limit)."""
+    return reduction > hw.max_exact_reduction(hw.biased_u8_max(u_qmax), w_qmax)
+
+
 def _fast_conv_ok(kind: str, u_qmax: int, w_qmax: int, reduction: int) -> bool:
     if not hw.u8s8_exact(u_qmax, w_qmax):
         hw.warn_once(
@@ -215,7 +221,7 @@ def _fast_conv_ok(kind: str, u_qmax: int, w_qmax: int, reduction: int) -> bool:
             "Int8ComputeConfig.for_cpu_without_vnni() (7-bit activations and weights) enables the fast kernel.",
         )
         return False
-    if reduction > hw.max_exact_reduction(hw.biased_u8_max(u_qmax), w_qmax):
+    if _beyond_onednn(u_qmax, w_qmax, reduction):
         hw.warn_once(
             f"conv:{kind}:reduction",
             f"lq::{kind}: reduction length {reduction} could overflow oneDNN's int32 accumulator; "
@@ -250,7 +256,7 @@ def amx_conv_applies(op: str, stride, dilation, groups: int, beyond_onednn: bool
 @int8_conv2d_fwd.register_kernel("cpu")
 def _conv_fwd_cpu(x, w, x_step, w_step, x_qmax, w_qmax, bias, stride, padding, dilation, groups):
     reduction = w.shape[1] * w.shape[2] * w.shape[3]
-    beyond = reduction > hw.max_exact_reduction(hw.biased_u8_max(x_qmax), w_qmax)
+    beyond = _beyond_onednn(x_qmax, w_qmax, reduction)
     if amx_conv_applies("int8_conv2d", stride, dilation, groups, beyond):  # (its own int32 limit: signed operands)
         y = native_quant.amx_conv(x, w, x_step, w_step, bias, list(padding), hw.max_exact_reduction(x_qmax, w_qmax),
                                   list(stride))
@@ -282,7 +288,7 @@ def transposed_conv_weight(w: torch.Tensor, groups: int) -> torch.Tensor:
 def _conv_grad_input_cpu(g, w, g_step, g_qmax, w_qmax, input_size, stride, padding, dilation, groups):
     o, _, kh, kw = w.shape
     reduction = (o // groups) * kh * kw
-    beyond = reduction > hw.max_exact_reduction(hw.biased_u8_max(g_qmax), w_qmax)
+    beyond = _beyond_onednn(g_qmax, w_qmax, reduction)
     tile = amx_conv_applies("int8_conv2d_grad_input", stride, dilation, groups, beyond)
     if tile and native_quant.tile_usable(g, w, g_step):
         limit = hw.max_exact_reduction(g_qmax, w_qmax)

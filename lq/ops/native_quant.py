@@ -73,10 +73,10 @@ def tile_unit() -> str | None:
     forced = os.environ.get("LQ_TILE_UNIT", "").strip().lower()
     if forced not in ("", "amx", "vnni", "off"):
         raise ValueError(f"LQ_TILE_UNIT={forced!r}: use 'amx', 'vnni' or 'off' (or leave it unset)")
-    amx, vnni = bool(lib.lq_amx_available()), bool(lib.lq_vnni_available())
-    if forced == "off" or forced == "amx" and not amx or forced == "vnni" and not vnni:
-        return None
-    return "vnni" if forced == "vnni" or not amx and vnni else "amx" if amx else None
+    has = {"amx": bool(lib.lq_amx_available()), "vnni": bool(lib.lq_vnni_available())}
+    if forced:  # the one asked for, where the CPU has it
+        return forced if has.get(forced) else None
+    return next((unit for unit in ("amx", "vnni") if has[unit]), None)
 
 
 def tile_library() -> ctypes.CDLL | None:
