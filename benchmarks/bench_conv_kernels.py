@@ -13,10 +13,8 @@ routing already sends an op to oneDNN (VNNI forwards), ``--force`` times amx.c's
 from __future__ import annotations
 
 import argparse
-import time
-
 import torch
-from common import without_tile_kernels
+from common import interleaved, without_tile_kernels
 
 from lq.ops import hardware as hw
 from lq.ops import int8_conv_kernels as K
@@ -28,20 +26,6 @@ SHAPES = [
     (64, 16, 16, 28, 3, 1, 1), (64, 16, 32, 28, 3, 2, 1), (64, 16, 32, 28, 1, 2, 0), (64, 32, 64, 14, 3, 2, 1),
     (64, 64, 64, 7, 3, 1, 1), (64, 64, 128, 28, 3, 2, 1), (64, 128, 128, 14, 3, 1, 1),
 ]
-
-
-def medians(fns: list, repeats: int) -> list[float]:
-    """Median ms of each callable, run in turn within every round."""
-    times: list[list[float]] = [[] for _ in fns]
-    for f in fns:
-        f()
-        f()
-    for _ in range(repeats):
-        for i, f in enumerate(fns):
-            t0 = time.perf_counter()
-            f()
-            times[i].append(time.perf_counter() - t0)
-    return [sorted(t)[len(t) // 2] * 1e3 for t in times]
 
 
 def main() -> None:
@@ -76,8 +60,8 @@ def main() -> None:
                 g, w, xs, [n, c, h, h], [s, s], [p, p], 1 << 17)
         with hw.record_kernels() as ran:
             fwd(), gi(), gw()
-        r = medians([fwd_on, without_tile_kernels(fwd), gi_on, without_tile_kernels(gi), gw,
-                     without_tile_kernels(gw)], args.repeats)
+        fns = [fwd_on, without_tile_kernels(fwd), gi_on, without_tile_kernels(gi), gw, without_tile_kernels(gw)]
+        r = [t * 1e3 for t in interleaved(dict(enumerate(fns)), args.repeats).values()]
         kernels = ", ".join(sorted({e.split(":")[1] for e in ran}))
         print(f"  {n:3d} x {c:3d} -> {o:3d} @{h:2d} k{k} s{s}: forward {r[0]:5.2f} / {r[1]:5.2f}   grad-input "
               f"{r[2]:5.2f} / {r[3]:5.2f}   grad-weight {r[4]:5.2f} / {r[5]:5.2f}   (routed: {kernels})")
