@@ -486,8 +486,8 @@ def _ties(inv: float, n: int = 64) -> torch.Tensor:
 @pytest.mark.parametrize("exact", [True, False], ids=["reciprocal-exact", "reciprocal-inexact"])
 def test_lean_program_quantizes_a_float_input_as_eq7_at_every_tie(exact: bool, monkeypatch) -> None:
     """The batch-1 program's first layer quantizes a float input with torch's fake quantization and lets fbgemm
-    read the integers back (kernels.fake_quant_step) where the step allows it, else as ``run`` does: equal to
-    ``run`` and to eq. 7 (float64) for inputs at, above and below every rounding tie and beyond the clip."""
+    read the integers back (kernels.fake_quant_step) where the step allows it, else (and for inputs of
+    ``kernels.NATIVE_GRID`` floats or more) as ``run`` does: equal to ``run`` and to eq. 7 (float64) for inputs at, above and below every rounding tie and beyond the clip."""
     torch.manual_seed(17)
     x = torch.randn(64, 64)
     fq = _calibrated(nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 5)), x)
@@ -502,7 +502,8 @@ def test_lean_program_quantizes_a_float_input_as_eq7_at_every_tie(exact: bool, m
         m[0]._cache.clear()
     with torch.no_grad():
         xs = _ties(float(s))
-        for xb in (xs, xs[:1]):
+        big = xs.repeat(-(-kernels.NATIVE_GRID // xs.numel()), 1)  # quantized to the grid, not fake-quantized
+        for xb in (xs, xs[:1], big):
             torch.testing.assert_close(fused(xb), generic(xb), rtol=0, atol=0)
         if kernels.fbgemm_mode() == kernels.FULL_RANGE:
             assert fused._lean[0] is not None  # the program ran
@@ -525,11 +526,11 @@ def test_lean_program_raises_for_nan_inf_and_overflowing_inputs() -> None:
     with torch.no_grad():
         fused(x[:1])
         for bad, what in ((float("nan"), "NaN"), (float("inf"), "Inf"), (-float("inf"), "Inf"), (3e38, "Inf")):
-            xb = x[:1].clone()
-            xb[0, 3] = bad
-            for m in (fused, plain):
-                with pytest.raises(FloatingPointError, match=f"0: {what}"):
-                    m(xb)
+            for xb in (x[:1].clone(), x.repeat(kernels.NATIVE_GRID // x.numel() + 1, 1)):  # (the large: C's grid)
+                xb[-1, 3] = bad
+                for m in (fused, plain):
+                    with pytest.raises(FloatingPointError, match=f"0: {what}"):
+                        m(xb)
         torch.testing.assert_close(fused(x[:1]), plain(x[:1]), rtol=0, atol=0)  # and runs on afterwards
 
 

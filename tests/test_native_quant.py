@@ -692,3 +692,33 @@ def test_grid_rows_writes_every_byte_for_any_width_and_channel_count(flip) -> No
         want = torch.zeros((rows, width), dtype=torch.int8)
         want[:o, lead : lead + n * hs * ws].view(o, n, hs, ws)[:, :, :ho, :wo] = g.permute(1, 0, 2, 3)
         assert torch.equal(dst, want.view(torch.uint8).bitwise_xor(flip).view(torch.int8)), (n, o, ho, wo)
+
+
+@pytest.mark.parametrize("shape", [(1,), (17,), (64, 1024), (3, 5, 7, 2), (70001,)])
+def test_grid_is_the_torch_ops_and_reports_non_finite_products(shape, threads) -> None:
+    """``native_quant.grid`` (the converted layers' eq. 7 as fp32 integers) equals ``(x * s).round_().clamp_()``
+    in fp32 (ties to even) for row-major and channels-last tensors, in place too, and flags a NaN, an Inf and a
+    finite input whose product with ``s`` overflows fp32."""
+    torch.manual_seed(len(shape))
+    s = 37.25
+    x = torch.randn(*shape) * 3
+    flat = x.view(-1)
+    flat[1::5] = (torch.arange(flat[1::5].numel()) % 300 - 150 + 0.5) / s  # ties of eq. 7, some beyond the clip
+    layouts = [x] + ([x.contiguous(memory_format=torch.channels_last)] if x.dim() == 4 else [])
+    for xx in layouts:
+        for lo, hi in ((-127, 127), (0, 127), (0, 255)):
+            ref = (xx * torch.tensor(s)).round_().clamp_(lo, hi)
+            out, finite = native_quant.grid(xx, s, lo, hi)
+            assert finite and out.stride() == xx.stride() and torch.equal(out, ref)
+            inplace = xx.clone()
+            assert native_quant.grid(inplace, s, lo, hi, out=inplace)[0] is inplace and torch.equal(inplace, ref)
+    ties = flat[1::5] * s - (flat[1::5] * s).floor() == 0.5
+    assert flat.numel() < 5 or ties.float().mean() > 0.8  # real ties, most of them
+    for bad in (float("nan"), float("inf"), -float("inf"), 3e38):
+        y = x.clone()
+        y.view(-1)[-1] = bad
+        assert native_quant.grid(y, s, -127, 127)[1] is False
+    assert native_quant.grid(x.half(), s, -127, 127) is None
+    if x.dim() == 2:
+        assert native_quant.grid(x.t(), s, -127, 127) is None  # a transposed view
+        assert native_quant.grid(x, s, -127, 127, out=torch.empty(x.shape[::-1]).t()) is None

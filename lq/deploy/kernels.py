@@ -43,6 +43,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lq.ops import native_quant
 from lq.ops.hardware import (
     FULL_RANGE,
     HALF_RANGE,
@@ -61,11 +62,14 @@ BACKENDS = ("auto", "fbgemm", "onednn", "int_mm", "reference")
 #: self-test in ``lq.ops.hardware`` (imported above).
 
 _FP32_EXACT = 2**24
+#: floats from which :func:`quantize_to_grid` runs the native kernel
+NATIVE_GRID = 4096
 
 
 # ------------------------------------------------------------------------------------------ activations
 def quantize_to_grid(
-    x: torch.Tensor, inv_step: torch.Tensor, qmax: int, relu: bool = False, check: bool = True
+    x: torch.Tensor, inv_step: torch.Tensor, qmax: int, relu: bool = False, check: bool = True,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Eq. 7 on an activation: ``clip(round(x * s), -qmax, qmax)``, kept as an fp32 tensor of integers.
 
@@ -76,8 +80,17 @@ def quantize_to_grid(
     Raises ``FloatingPointError`` when ``x`` holds NaN or Inf (the caller adds the layer name): the clamp
     would turn Inf into ``qmax`` and the uint8 cast of the kernels NaN into a number, silently, on every host.
     One ``aminmax`` pass finds both (it propagates NaN). ``check=False`` skips it for values an integer
-    kernel just produced (finite by construction).
+    kernel just produced (finite by construction). ``out``: where the native kernel may write (``x`` itself for
+    an in-place hand-over); a new tensor is returned wherever it does not run.
+
+    Dense fp32 CPU inputs of :data:`NATIVE_GRID` floats or more take one pass of ``lq/ops/quant.c``
+    (``native_quant.grid``: the same values, the check included) instead of the four passes of torch ops below
+    (64 x 1024: 12 against 23 us; below ~4k floats its call costs more than it saves).
     """
+    if x.numel() >= NATIVE_GRID and x.device.type == "cpu" and inv_step.device.type == "cpu":
+        done = native_quant.grid(x, float(inv_step), 0 if relu else -qmax, qmax, out)
+        if done is not None and (done[1] or not check):
+            return done[0]
     t = (x if x.dtype == torch.float32 else x.float()) * inv_step
     if check and t.numel():
         lo, hi = torch.aminmax(t)

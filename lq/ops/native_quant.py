@@ -26,7 +26,7 @@ from lq.quant.functional import AMAX_EPS
 
 __all__ = [
     "amx_conv", "amx_conv_grad_input", "amx_library", "amx_mm", "amx_taps", "amx_usable", "grad_operands", "grid_rows",
-    "dequantize", "flip_byte", "library", "pack_activation",
+    "dequantize", "flip_byte", "grid", "library", "pack_activation",
     "quantize_rows", "quantize_tensor", "scale_sums", "tile_library", "tile_unit", "tile_usable",
 ]
 
@@ -363,6 +363,8 @@ def library() -> ctypes.CDLL | None:
     lib.lq_pack_activation.argtypes = [_P, _I64, _I32, _F, _P, _P, _P, _P, _I32]
     lib.lq_quant_tensor.restype = _I64
     lib.lq_quant_tensor.argtypes = [_P, _I64, _I32, _F, _I32, _F, _P, _P, _P, _I32]
+    lib.lq_grid.restype = _I64
+    lib.lq_grid.argtypes = [_P, _I64, _F, _F, _F, _P, _I32]
     lib.lq_grad_pair.restype = _I64
     lib.lq_grad_pair.argtypes = [
         _P, _I64, _I64, _I64, _I32, _F,
@@ -463,6 +465,30 @@ def quantize_tensor(
                                     0.0 if amax is None else float(amax), q.data_ptr(), step.data_ptr(),
                                     data_amax.data_ptr(), torch.get_num_threads())
     return q, step, data_amax, bad == 0
+
+
+#: floats below which :func:`grid` runs on one thread (an OpenMP region costs more than it saves)
+GRID_SERIAL = 1 << 15
+
+
+def grid(x: torch.Tensor, s: float, lo: int, hi: int, out: torch.Tensor | None = None) -> tuple[torch.Tensor, bool] | None:
+    """Eq. 7 with one scale as fp32 integers, ``clamp(round(x * s), lo, hi)`` (fp32 product, ties to even: the
+    values of ``(x * s).round_().clamp_(lo, hi)``), one pass over a dense fp32 ``x`` of any memory format, into
+    ``out`` (may be ``x``; default a new tensor with ``x``'s strides). ``(out, finite)``: ``finite`` is False when
+    some ``x * s`` is NaN or infinite (``out`` is then meaningless). ``None`` where the kernel does not apply
+    (another dtype or device, a view with gaps, autograd recording, no kernel)."""
+    if x.dtype != torch.float32 or x.requires_grad and torch.is_grad_enabled() or not _usable(x):
+        return None
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        return None
+    out = torch.empty_like(x) if out is None else out
+    if (type(out) is not torch.Tensor or out.device != x.device or out.dtype != torch.float32 or out.shape != x.shape
+            or out.stride() != x.stride()):
+        return None
+    n = x.numel()
+    threads = 1 if n < GRID_SERIAL else torch.get_num_threads()
+    bad = library().lq_grid(x.data_ptr(), n, s, float(lo), float(hi), out.data_ptr(), threads) if n else 0
+    return out, bad == 0
 
 
 def dequantize(q: torch.Tensor, step: torch.Tensor, axis: int | None) -> torch.Tensor | None:

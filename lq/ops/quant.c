@@ -153,6 +153,21 @@ LQ_CLONES static void row_floor_cs(const float *x, float c, float s, const int8_
     }
 }
 
+/* eq. 7 as fp32 integers: out[j] = clamp(rint(x[j] * s), lo, hi) (out may be x); returns max |x[j] * s| as bits
+   (a NaN orders above +inf), so the caller sees a product that is not finite */
+LQ_CLONES static uint32_t row_grid(const float *x, float s, float lo, float hi, int64_t n, float *out) {
+    uint32_t m = 0;
+    for (int64_t j = 0; j < n; j++) {
+        float t = x[j] * s;
+        uint32_t a = bits_of(t) & ABS_BITS;
+        m = a > m ? a : m;
+        float r = rintf(t);
+        r = r < lo ? lo : r;
+        out[j] = r > hi ? hi : r;
+    }
+    return m;
+}
+
 LQ_CLONES static void row_scale(const int32_t *acc, float a, const float *b, const float *bias, int64_t n,
                                 float *out) {
     if (bias) {
@@ -257,6 +272,20 @@ int64_t lq_quant_tensor(const float *x, int64_t n, int32_t qmax, float eps, int3
     *step = 1.0f / s;
     round_chunks(x, n, s, qmax, q, threads);
     return !isfinite(a);
+}
+
+/* lq.deploy.kernels.quantize_to_grid: eq. 7 of n dense floats with one scale s, clip [lo, hi], written as fp32
+   integers (out may be x: the converted layers' float-in kernels and their hand-over to the next layer). Returns 1
+   when some x * s is not finite (NaN, Inf, or a product that overflows; out is then meaningless), else 0. */
+int64_t lq_grid(const float *x, int64_t n, float s, float lo, float hi, float *out, int32_t threads) {
+    uint32_t m = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(max : m)
+    for (int64_t c = 0; c < (n + CHUNK - 1) / CHUNK; c++) {
+        int64_t at = c * CHUNK;
+        uint32_t v = row_grid(x + at, s, lo, hi, piece(n, CHUNK, c), out + at);
+        m = v > m ? v : m;
+    }
+    return !isfinite(float_of(m));
 }
 
 /* float bits -> an int32 with the float order (negative floats' magnitude bits flipped); its own inverse */
