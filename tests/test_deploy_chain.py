@@ -487,7 +487,8 @@ def _ties(inv: float, n: int = 64) -> torch.Tensor:
 def test_lean_program_quantizes_a_float_input_as_eq7_at_every_tie(exact: bool, monkeypatch) -> None:
     """The batch-1 program's first layer quantizes a float input with torch's fake quantization and lets fbgemm
     read the integers back (kernels.fake_quant_step) where the step allows it, else (and for inputs of
-    ``kernels.NATIVE_GRID`` floats or more) as ``run`` does: equal to ``run`` and to eq. 7 (float64) for inputs at, above and below every rounding tie and beyond the clip."""
+    ``kernels.NATIVE_GRID`` floats or more) as ``run`` does: equal to ``run`` and to eq. 7 (float64) for inputs at,
+    above and below every rounding tie and beyond the clip."""
     torch.manual_seed(17)
     x = torch.randn(64, 64)
     fq = _calibrated(nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 5)), x)

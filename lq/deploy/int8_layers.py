@@ -345,7 +345,9 @@ class Int8Linear(Int8Module):
                     y = y.div_(divisor)
                 if cap is not None:
                     return y.clamp_(max=cap)
-                return y if inv_out is None else kernels.quantize_to_grid(y, inv_out, top, relu=True, check=False, out=y)
+                if inv_out is None:
+                    return y
+                return kernels.quantize_to_grid(y, inv_out, top, relu=True, check=False, out=y)
 
             made = (step, hands_on)
         self._cache[key] = made

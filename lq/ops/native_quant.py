@@ -471,7 +471,9 @@ def quantize_tensor(
 GRID_SERIAL = 1 << 15
 
 
-def grid(x: torch.Tensor, s: float, lo: int, hi: int, out: torch.Tensor | None = None) -> tuple[torch.Tensor, bool] | None:
+def grid(
+    x: torch.Tensor, s: float, lo: int, hi: int, out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, bool] | None:
     """Eq. 7 with one scale as fp32 integers, ``clamp(round(x * s), lo, hi)`` (fp32 product, ties to even: the
     values of ``(x * s).round_().clamp_(lo, hi)``), one pass over a dense fp32 ``x`` of any memory format, into
     ``out`` (may be ``x``; default a new tensor with ``x``'s strides). ``(out, finite)``: ``finite`` is False when
