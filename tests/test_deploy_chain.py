@@ -710,3 +710,25 @@ def test_a_divisor_registered_after_a_fused_call_is_honoured(backend: str) -> No
                 m[2].register_buffer("input_smoothing", divisor.clone())
             for xb in (x, x[:1]):
                 torch.testing.assert_close(fused(xb), plain(xb), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("size", [100, kernels.NATIVE_GRID + 5], ids=["torch ops", "native grid"])
+def test_quantize_to_grid_is_eq7_and_names_nan_and_inf_on_both_paths(size: int) -> None:
+    """``kernels.quantize_to_grid`` below and above ``NATIVE_GRID`` floats (torch ops / ``quant.c``): eq. 7 in fp32
+    (ties to even, both clips), and the same error for NaN, Inf and an overflowing ``x * s``, also when asked to
+    write in place (the input a caller passes is never the only record of the error)."""
+    torch.manual_seed(5)
+    s = torch.tensor(9.5)
+    x = torch.randn(size) * 20
+    x[::3] = (torch.arange(x[::3].numel()) % 41 - 20 + 0.5) / s
+    for relu in (False, True):
+        ref = (x * s).round().clamp(0 if relu else -127, 127)
+        assert torch.equal(kernels.quantize_to_grid(x, s, 127, relu=relu), ref)
+        y = x.clone()
+        assert torch.equal(kernels.quantize_to_grid(y, s, 127, relu=relu, out=y), ref)
+    for bad, what in ((float("nan"), "NaN"), (float("inf"), "Inf"), (-3e38, "Inf")):
+        for inplace in (False, True):
+            y = x.clone()
+            y[-2] = bad
+            with pytest.raises(FloatingPointError, match=what):
+                kernels.quantize_to_grid(y, s, 127, out=y if inplace else None)

@@ -87,19 +87,27 @@ def quantize_to_grid(
     (``native_quant.grid``: the same values, the check included) instead of the four passes of torch ops below
     (64 x 1024: 12 against 23 us; below ~4k floats its call costs more than it saves).
     """
-    if x.numel() >= NATIVE_GRID and x.device.type == "cpu" and inv_step.device.type == "cpu":
+    if (x.numel() >= NATIVE_GRID and x.device.type == "cpu" and inv_step.device.type == "cpu"
+            and inv_step.numel() == 1 and inv_step.dtype == torch.float32):
         done = native_quant.grid(x, float(inv_step), 0 if relu else -qmax, qmax, out)
-        if done is not None and (done[1] or not check):
-            return done[0]
+        if done is not None:
+            if not (check and not done[1]):
+                return done[0]
+            _non_finite(done[0])  # (NaN stays NaN in the output; an Inf or overflowing product does not)
     t = (x if x.dtype == torch.float32 else x.float()) * inv_step
     if check and t.numel():
         lo, hi = torch.aminmax(t)
         if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
-            what = "NaN" if bool(torch.isnan(t).any()) else "Inf"
-            raise FloatingPointError(
-                f"{what} in the input: int8 kernels cannot represent it (check the data or the previous layer)"
-            )
+            _non_finite(t)
     return t.round_().clamp_(0 if relu else -qmax, qmax)
+
+
+def _non_finite(t: torch.Tensor) -> None:
+    """Raise :func:`quantize_to_grid`'s error for ``t``, which holds a NaN or an infinite ``x * s``."""
+    what = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+    raise FloatingPointError(
+        f"{what} in the input: int8 kernels cannot represent it (check the data or the previous layer)"
+    )
 
 
 @dataclass(frozen=True, eq=False)
