@@ -730,5 +730,9 @@ def test_quantize_to_grid_is_eq7_and_names_nan_and_inf_on_both_paths(size: int) 
         for inplace in (False, True):
             y = x.clone()
             y[-2] = bad
+            before = y.clone()
             with pytest.raises(FloatingPointError, match=what):
                 kernels.quantize_to_grid(y, s, 127, out=y if inplace else None)
+            assert torch.equal(y.nan_to_num(), before.nan_to_num())  # left as it was
+    assert torch.equal(kernels.quantize_to_grid(x, 9.5, 127), (x * s).round().clamp(-127, 127))  # a float scale
+    assert kernels.quantize_to_grid(x, s.reshape(1, 1), 127).shape == (1, size)  # broadcasts as the torch ops

@@ -80,16 +80,18 @@ def quantize_to_grid(
     Raises ``FloatingPointError`` when ``x`` holds NaN or Inf (the caller adds the layer name): the clamp
     would turn Inf into ``qmax`` and the uint8 cast of the kernels NaN into a number, silently, on every host.
     One ``aminmax`` pass finds both (it propagates NaN). ``check=False`` skips it for values an integer
-    kernel just produced (finite by construction). ``out``: where the native kernel may write (``x`` itself for
-    an in-place hand-over); a new tensor is returned wherever it does not run.
+    kernel just produced (finite by construction). ``out``: where the native kernel may write with
+    ``check=False`` (``x`` itself for an in-place hand-over); a new tensor is returned wherever it does not run.
 
     Dense fp32 CPU inputs of :data:`NATIVE_GRID` floats or more take one pass of ``lq/ops/quant.c``
     (``native_quant.grid``: the same values, the check included) instead of the four passes of torch ops below
     (64 x 1024: 12 against 23 us; below ~4k floats its call costs more than it saves).
     """
-    if (x.numel() >= NATIVE_GRID and x.device.type == "cpu" and inv_step.device.type == "cpu"
-            and inv_step.numel() == 1 and inv_step.dtype == torch.float32):
-        done = native_quant.grid(x, float(inv_step), 0 if relu else -qmax, qmax, out)
+    if (x.numel() >= NATIVE_GRID and isinstance(inv_step, torch.Tensor) and x.device.type == "cpu"
+            and inv_step.device.type == "cpu" and inv_step.shape in ((), (1,)) and inv_step.dtype == torch.float32
+            and not (inv_step.requires_grad and torch.is_grad_enabled())):
+        # (with the check, never in place: an input with a NaN or Inf is left as it was when the error is raised)
+        done = native_quant.grid(x, float(inv_step), 0 if relu else -qmax, qmax, None if check else out)
         if done is not None:
             if not (check and not done[1]):
                 return done[0]
