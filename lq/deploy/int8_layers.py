@@ -306,9 +306,10 @@ class Int8Linear(Int8Module):
             else:
                 zp = 0 if form == "grid" else kernels.onednn_zero_point(mode)
                 packed, a_scale = self._packed_fbgemm(False), 1.0
-            # (a float input of NATIVE_GRID floats or more is quantized to the grid instead: fake quantization is
-            # scalar code in torch, 134 us for 64 x 1024 against 12 us; the grid takes the integer-input weights)
-            grid_packed = self._packed_fbgemm(False) if fake_step is not None else None
+            # a float input quantized to the grid goes in as integers, with the integer-input weights (also where
+            # the step allows fake quantization, from NATIVE_GRID floats on: torch's fake quantization is scalar
+            # code, 134 us for 64 x 1024 against 12 us)
+            grid_packed = self._packed_fbgemm(False) if form == "float" else None
             inv_in, q_in, name = self.input_scale, self.qmax_input, self.name
             inv_f = float(inv_in)
             smooth = self._buffers.get("input_smoothing")  # lq.smooth_quant's divisor of a float input
@@ -336,8 +337,7 @@ class Int8Linear(Int8Module):
                             h = kernels.quantize_to_grid(h, inv_in, q_in)
                         except FloatingPointError as err:
                             raise FloatingPointError(f"{name}: {err}") from None
-                        if grid_packed is not None:
-                            return finish(op(h, 1.0, zp, grid_packed))
+                        return finish(op(h, 1.0, zp, grid_packed))
                 return finish(op(h, a_scale, zp, packed))
 
             def finish(y: torch.Tensor) -> torch.Tensor:

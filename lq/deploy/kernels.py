@@ -93,9 +93,10 @@ def quantize_to_grid(
         # (with the check, never in place: an input with a NaN or Inf is left as it was when the error is raised)
         done = native_quant.grid(x, float(inv_step), 0 if relu else -qmax, qmax, None if check else out)
         if done is not None:
-            if not (check and not done[1]):
-                return done[0]
-            _non_finite(done[0])  # (NaN stays NaN in the output; an Inf or overflowing product does not)
+            grid, finite = done
+            if finite or not check:
+                return grid
+            _non_finite(grid)  # (NaN stays NaN in the output; an Inf or overflowing product does not)
     t = (x if x.dtype == torch.float32 else x.float()) * inv_step
     if check and t.numel():
         lo, hi = torch.aminmax(t)
