@@ -37,7 +37,7 @@ def expected_conv_kernel(
     dilation, groups; ``lq.ops.int8_conv_kernels.grad_weight_taps_apply``; on AMX CPUs the tile kernel takes the taps
     unless few input channels stack them into one GEMM), a 1x1 stride-1 layer with both operands ``channels_last``
     one AMX product, else ``lq::int8_mm`` on an im2col. On CPUs with AVX-512 VNNI but no tile unit the same kernels run
-    their VNNI form (``native_quant.tile_unit() == "vnni"``: the taps, and the grad-inputs of strided layers)."""
+    their VNNI form (``native_quant.tile_unit() == "vnni"``)."""
     if op == "int8_conv2d_grad_weight":
         if not hw.cpu_int_mm_is_fast() and hw.u8s8_exact(u_qmax, w_qmax):
             return "onednn"
@@ -64,9 +64,8 @@ def expected_conv_kernel(
     if geometry is not None and native_quant.tile_unit() is not None:
         _, _, stride, _, dilation, groups = geometry
         # the tile unit first (its own limit: signed operands): forward at strides 1 and 2, every grad-input, of
-        # undilated one-group layers (on VNNI the strided grad-inputs)
-        beyond = reduction > hw.max_exact_reduction(hw.biased_u8_max(u_qmax), w_qmax)
-        if (amx_conv_applies(op, stride, dilation, groups, beyond)
+        # undilated one-group layers (VNNI: the same kernels)
+        if (amx_conv_applies(op, stride, dilation, groups)
                 and reduction <= hw.max_exact_reduction(u_qmax, w_qmax)):
             return native_quant.tile_unit()
     exact = hw.u8s8_exact(u_qmax, w_qmax) and reduction <= hw.max_exact_reduction(hw.biased_u8_max(u_qmax), w_qmax)

@@ -524,8 +524,7 @@ def test_amx_convolution_is_exact_and_scales_as_eq10(geometry, layout, threads, 
 def test_conv_ops_run_the_tile_unit_exactly(stride, channels, unit) -> None:
     """The custom ops route undilated one-group layers to the tile unit (forward at strides 1 and 2; grad-input at
     every stride: strides 1-2 directly, others through the zero-inserted gradient; output-padding cases included)
-    with exact integer results, few channels (several taps a step) and many. On VNNI only the strided grad-inputs
-    (``amx_conv_applies``: oneDNN is as fast on the rest)."""
+    with exact integer results, few channels (several taps a step) and many; the same on VNNI."""
     import torch.nn.functional as F
 
     from lq.ops import hardware as hw
@@ -540,12 +539,12 @@ def test_conv_ops_run_the_tile_unit_exactly(stride, channels, unit) -> None:
     args = ([stride] * 2, [p, p], [1, 1], 1)
     with hw.record_kernels() as ran:
         y = K.int8_conv2d_fwd(x, wt, one, ones, 127, 127, None, *args)
-    assert ran == ["int8_conv2d:" + ("amx" if stride < 3 and unit == "amx" else "onednn")]
+    assert ran == ["int8_conv2d:" + (unit if stride < 3 else "onednn")]
     assert torch.equal(y.double(), F.conv2d(x.double(), wt.double(), None, stride, p))
     g = torch.randint(-127, 128, tuple(y.shape), dtype=torch.int8, generator=gen)
     with hw.record_kernels() as ran:
         gx = K.int8_conv2d_grad_input(g, wt, one, 127, 127, [n, c, h, w], *args)
-    assert ran == ["int8_conv2d_grad_input:" + (unit if unit == "amx" or stride > 1 else "onednn")]
+    assert ran == ["int8_conv2d_grad_input:" + unit]
     assert tuple(gx.shape) == (n, c, h, w)
     assert torch.equal(gx.double(), torch.nn.grad.conv2d_input([n, c, h, w], wt.double(), g.double(), stride, p))
 

@@ -15,10 +15,10 @@ scaled afterwards; ground truth in tests, runs on any device with float64 conv) 
   reduction (N * H_out * W_out, up to ~10^5 in ResNets) so int32 can never overflow (the algorithm lives
   in ``lq.ops.int8_conv_gemm``, whose padded variant is the CUDA kernel).
 
-On CPUs with AMX-INT8 the tile unit (``lq/ops/amx.c`` through ``lq.ops.native_quant``) takes these ops first where
-it applies: forwards of stride 1 and 2 and every grad-input of undilated one-group layers (``amx_conv_applies``:
-an implicit GEMM over the padded input's grid, the stride-2 ones on its space-to-depth grid) and the weight
-gradients by taps (``_grad_weight_taps``), all with exact int32 sums of signed operands.
+On CPUs with AMX-INT8 the tile unit (``lq/ops/amx.c`` through ``lq.ops.native_quant``), or VNNI without it, takes
+these ops first where it applies: forwards of stride 1 and 2 and every grad-input of undilated one-group layers
+(``amx_conv_applies``: an implicit GEMM over the padded input's grid, the stride-2 ones on its space-to-depth grid)
+and the weight gradients by taps (``_grad_weight_taps``), all with exact int32 sums of signed operands.
 
 CUDA kernels of all three ops: int8 im2col + ``torch._int_mm`` (``lq.ops.int8_conv_gemm``).
 Shapes/ranges the fast kernel cannot compute exactly fall back to the reference with a one-time warning.
@@ -231,33 +231,33 @@ def _fast_conv_ok(kind: str, u_qmax: int, w_qmax: int, reduction: int) -> bool:
     return True
 
 
-def amx_conv_applies(op: str, stride, dilation, groups: int, beyond_onednn: bool = False) -> bool:
-    """Whether ``op`` (``int8_conv2d`` or ``int8_conv2d_grad_input``) of this geometry runs on the tile unit where the
-    CPU has one (``native_quant.amx_conv`` / ``amx_conv_grad_input``): undilated one-group layers, forward at strides
-    1 and 2, the input gradient at every stride. It beats or ties oneDNN on every ResNet shape measured (forward /
-    grad-input, batch 64 channels-last, 2-core host, ms tile vs oneDNN: 16 x 16 @28 0.41 / 0.55 and 0.43 / 0.59;
-    16 -> 32 stride 2 @28 0.29 / 0.48 and 0.48 / 0.69; 64 x 64 @7 0.21 / 0.37 and 0.24 / 0.47; 64 x 64 @56 batch 32
-    2.27 / 2.54 and 2.28 / 2.84; 256 x 256 @14 batch 32 2.65 / 3.47 and 2.68 / 3.93; the 1-channel stem 0.46 / 0.45):
-    no weight prepacking per call, no biased-uint8 copy, fewer than 64 channels packed as several taps a step.
+def amx_conv_applies(op: str, stride, dilation, groups: int) -> bool:
+    """Whether ``op`` (``int8_conv2d`` or ``int8_conv2d_grad_input``) of this geometry runs on ``amx.c``'s kernels where
+    the CPU has the tile unit or VNNI (``native_quant.amx_conv`` / ``amx_conv_grad_input``): undilated one-group
+    layers, forward at strides 1 and 2, the input gradient at every stride: no weight prepacking per call, no
+    biased-uint8 copy, fewer than 64 channels packed as several taps a step, exact int32 sums of signed operands (so
+    also where the reduction is beyond oneDNN's biased-uint8 limit). Results are bit-identical to
+    oneDNN's (the same fp32 output stage ``(acc * x_step) * w_step[o]``).
 
-    On VNNI (``native_quant.tile_unit() == "vnni"``, no tile unit) only the input gradients of strided layers: there
-    the kernel's space-to-depth sub-pixel form skips the zero-inserted canvas oneDNN convolves (ms VNNI / oneDNN,
-    interleaved, AMD Zen 5 2-core host: 16 -> 32 @28 0.41 / 0.54, 32 -> 64 @14 0.34 / 0.51, 64 -> 128 @28 3.24 /
-    4.55); oneDNN's own VNNI convolutions were as fast or faster on the others (64 x 64 @56 batch 32 forward 4.63
-    against 5.69, grad-input 4.51 against 5.51; the stem forward 0.27 against 0.41), except where the reduction is
-    beyond what oneDNN's biased-uint8 sums keep exact (``beyond_onednn``; else the float64 reference would run)."""
+    Tile unit (AMX), forward / grad-input, batch 64 channels-last, 2-core host, ms tile vs oneDNN: 16 x 16 @28 0.41 /
+    0.55 and 0.43 / 0.59; 16 -> 32 stride 2 @28 0.29 / 0.48 and 0.48 / 0.69; 64 x 64 @7 0.21 / 0.37 and 0.24 / 0.47;
+    64 x 64 @56 batch 32 2.27 / 2.54 and 2.28 / 2.84; 256 x 256 @14 batch 32 2.65 / 3.47 and 2.68 / 3.93.
+
+    VNNI (AMD Zen 5, 2 cores): timed alone, oneDNN's forwards looked as fast or faster (the stem 0.29 against 0.42 ms,
+    64 x 64 @56 batch 32 4.91 against 5.61), but inside the ops they serve, fwd + bwd interleaved, VNNI everywhere
+    was faster: the SmallResNet training step 1.34x / 1.20x / 1.09x at batch 2 / 16 / 64 (1.04x at 64 with the
+    stem on oneDNN), ``int8_conv2d`` fwd + bwd on 64 x 64 @56 batch 32 1.18x (NCHW) / 1.05x (channels-last), 256 x
+    256 @14 1.02-1.04x, 128 x 128 1x1 @28 0.97-1.02x, 128 x 128 @14 0.97-1.00x, 64 -> 128 stride 2 @28 0.95-0.98x
+    (the one loss: the space-to-depth weight is 1.78x the true work). benchmarks/RESULTS.md, 2026-12-01."""
     if tuple(dilation) != (1, 1) or groups != 1:
         return False
-    if native_quant.tile_unit() == "vnni" and not beyond_onednn:
-        return op == "int8_conv2d_grad_input" and tuple(stride) != (1, 1)
     return op == "int8_conv2d_grad_input" or tuple(stride) in ((1, 1), (2, 2))
 
 
 @int8_conv2d_fwd.register_kernel("cpu")
 def _conv_fwd_cpu(x, w, x_step, w_step, x_qmax, w_qmax, bias, stride, padding, dilation, groups):
     reduction = w.shape[1] * w.shape[2] * w.shape[3]
-    beyond = _beyond_onednn(x_qmax, w_qmax, reduction)
-    if amx_conv_applies("int8_conv2d", stride, dilation, groups, beyond):  # (its own int32 limit: signed operands)
+    if amx_conv_applies("int8_conv2d", stride, dilation, groups):  # (its own int32 limit: signed operands)
         y = native_quant.amx_conv(x, w, x_step, w_step, bias, list(padding), hw.max_exact_reduction(x_qmax, w_qmax),
                                   list(stride))
         if y is not None:  # (the tile unit or VNNI: no weight prepacking, no biased-uint8 copy of the input)
@@ -288,8 +288,7 @@ def transposed_conv_weight(w: torch.Tensor, groups: int) -> torch.Tensor:
 def _conv_grad_input_cpu(g, w, g_step, g_qmax, w_qmax, input_size, stride, padding, dilation, groups):
     o, _, kh, kw = w.shape
     reduction = (o // groups) * kh * kw
-    beyond = _beyond_onednn(g_qmax, w_qmax, reduction)
-    tile = amx_conv_applies("int8_conv2d_grad_input", stride, dilation, groups, beyond)
+    tile = amx_conv_applies("int8_conv2d_grad_input", stride, dilation, groups)
     if tile and native_quant.tile_usable(g, w, g_step):
         limit = hw.max_exact_reduction(g_qmax, w_qmax)
         y = native_quant.amx_conv_grad_input(g, w, g_step, list(input_size), list(stride), list(padding), limit)
