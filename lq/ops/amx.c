@@ -830,6 +830,15 @@ static inline void copy_flipped(int8_t *dst, const int8_t *src, int64_t len, int
     for (int64_t e = 0; e < len; e++) dst[e] = (int8_t)(src[e] ^ fill);
 }
 
+/* out[i] = src[index[i]] for index[i] < numel, else 0: a weight laid out as the kernels' packed-tap operand
+   (native_quant._tap_index's positions; numel marks a zero), in one call instead of a chain of torch ops. */
+void lq_gather_i8(const int8_t *src, int64_t numel, const int32_t *index, int64_t m, int8_t *out) {
+    for (int64_t i = 0; i < m; i++) {
+        int32_t k = index[i];
+        out[i] = (k >= 0 && k < numel) ? src[k] : 0;
+    }
+}
+
 /* lq_amx_conv's input grid from a channels-last int8 x [N, H, W, C] (memory order): grid rows of cg bytes (cg >= C,
    or >= 4C with s2d), rows_total of them (the N * hs * ws grid positions first; the rest zero). flip = 0x80: every
    byte xor-ed with 0x80 (the VNNI kernels' unsigned operand; zeros as 0x80).
