@@ -676,13 +676,15 @@ def test_sums_whose_unsigned_form_passes_int32_stay_exact(unit) -> None:
 
 
 @pytest.mark.parametrize("flip", [0, 0x80])
-def test_grid_rows_writes_every_byte_for_any_width_and_channel_count(flip) -> None:
+def test_grid_rows_writes_every_byte_for_any_width_and_channel_count(flip, threads) -> None:
     """``grid_rows`` (the taps' gradient operand): the gradient at its grid positions and zeros everywhere else, each
     byte xor ``flip`` (VNNI's unsigned form), for rows and channel counts that are and are not multiples of 16 (the
-    16 x 16 transposes' partial blocks overlap the previous block) and a grid wider than the gradient."""
+    16 x 16 transposes' partial blocks overlap the previous block), a grid wider and taller than the gradient, and
+    fewer grid rows than threads (the zeros are split between the threads by bytes, not by channel rows)."""
     gen = torch.Generator().manual_seed(flip)
     for n, o, ho, wo, hs, ws, lead in ((2, 16, 28, 28, 30, 30, 31), (1, 17, 5, 31, 6, 33, 0), (3, 40, 7, 7, 9, 9, 10),
-                                       (1, 33, 16, 16, 16, 16, 3), (2, 8, 3, 20, 4, 21, 2)):
+                                       (1, 33, 16, 16, 16, 16, 3), (2, 8, 3, 20, 4, 21, 2), (1, 64, 1, 2, 1, 2, 0),
+                                       (1, 3, 1, 2, 3, 5, 1)):
         g = torch.randint(-128, 128, (n, o, ho, wo), dtype=torch.int8, generator=gen).contiguous(
             memory_format=torch.channels_last)
         rows, width = -(-o // 32) * 32, lead + n * hs * ws + 37

@@ -562,25 +562,34 @@ int64_t lq_grad_conv(const float *g, int64_t rows, int64_t cols, int32_t channel
 void lq_grid_rows(const int8_t *g, int64_t n, int64_t ho, int64_t wo, int64_t o, int64_t hs, int64_t ws, int64_t lead,
                   int64_t width, int64_t rows, int8_t *dst, int32_t flip, int32_t threads) {
     const int fill = flip & 0xff; /* the byte of a zero: 0, or 0x80 with flip (every byte xor-ed with 0x80) */
+    const int64_t span = n * hs * ws;          /* the grid's positions, after `lead` bytes of each channel row */
+    const int64_t pad = (rows - o) * width;    /* the rows past the channels: all zeros, one block */
 #pragma omp parallel num_threads(threads)
     {
-        /* the zeros, one channel row at a time */
+        /* the zeros, split evenly: each thread's share of the padding rows, each channel row's lead and tail, and
+           per grid row (n * hs of them) the columns past wo, or the whole row past ho. (One loop over the channel
+           rows gave a 16-channel gradient's real rows to one thread and the padding to the other: the second
+           thread waited for most of the call.) */
+        int nt = 1, t = 0;
+#ifdef _OPENMP
+        nt = omp_get_num_threads();
+        t = omp_get_thread_num();
+#endif
+        if (pad > 0) {
+            int64_t b0 = pad * t / nt, b1 = pad * (t + 1) / nt;
+            memset(dst + o * width + b0, fill, (size_t)(b1 - b0));
+        }
 #pragma omp for schedule(static)
-        for (int64_t oo = 0; oo < rows; oo++) {
+        for (int64_t oo = 0; oo < o; oo++) {
             int8_t *row = dst + oo * width;
-            if (oo >= o) {
-                memset(row, fill, (size_t)width);
-                continue;
-            }
             memset(row, fill, (size_t)lead);
-            for (int64_t na = 0; na < n * hs; na++) {
-                int8_t *seg = row + lead + na * ws;
-                if (na % hs < ho)
-                    memset(seg + wo, fill, (size_t)(ws - wo));
-                else
-                    memset(seg, fill, (size_t)ws);
-            }
-            memset(row + lead + n * hs * ws, fill, (size_t)(width - lead - n * hs * ws));
+            memset(row + lead + span, fill, (size_t)(width - lead - span));
+        }
+#pragma omp for schedule(static)
+        for (int64_t na = 0; na < n * hs; na++) {
+            int64_t at = lead + na * ws, from = na % hs < ho ? wo : 0;
+            if (from < ws)
+                for (int64_t oo = 0; oo < o; oo++) memset(dst + oo * width + at + from, fill, (size_t)(ws - from));
         }
         /* the gradient */
 #pragma omp for schedule(static)
