@@ -519,12 +519,13 @@ def test_amx_convolution_is_exact_and_scales_as_eq10(geometry, layout, threads, 
         assert torch.equal(gx.double(), want) and gx.is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("channels", [(16, 16), (16, 32), (128, 130)])
+@pytest.mark.parametrize("channels", [(1, 16), (3, 8), (16, 16), (16, 32), (128, 130)])
 @pytest.mark.parametrize("stride", [1, 2, 3])
 def test_conv_ops_run_the_tile_unit_exactly(stride, channels, unit) -> None:
     """The custom ops route undilated one-group layers to the tile unit (forward at strides 1 and 2; grad-input at
     every stride: strides 1-2 directly, others through the zero-inserted gradient; output-padding cases included)
-    with exact integer results, few channels (several taps a step) and many; the same on VNNI."""
+    with exact integer results, few channels (several taps a step; on VNNI the steps' all-zero 4-byte rows skipped:
+    a 1- or 3-channel input fills 3 of 16) and many; the same on VNNI."""
     import torch.nn.functional as F
 
     from lq.ops import hardware as hw
@@ -547,6 +548,31 @@ def test_conv_ops_run_the_tile_unit_exactly(stride, channels, unit) -> None:
     assert ran == ["int8_conv2d_grad_input:" + unit]
     assert tuple(gx.shape) == (n, c, h, w)
     assert torch.equal(gx.double(), torch.nn.grad.conv2d_input([n, c, h, w], wt.double(), g.double(), stride, p))
+
+
+def test_conv_weights_with_zero_rows_stay_exact(unit) -> None:
+    """The VNNI kernels skip the 4-byte rows of a step that are zero in every output channel (``amx.c`` ``kn``): a
+    weight whose trailing input channels, right-hand taps or every entry are zero, by data rather than by layout,
+    still gives the exact convolution plus bias (the skipped rows add nothing to the sums nor to the +128 offset's
+    correction)."""
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randint(-127, 128, (2, 16, 9, 9), dtype=torch.int8, generator=gen).contiguous(
+        memory_format=torch.channels_last)
+    bias = torch.randn(24, generator=gen)
+    for zero in ("channels", "taps", "all"):
+        w = torch.randint(-127, 128, (24, 16, 3, 3), dtype=torch.int8, generator=gen)
+        if zero == "channels":
+            w[:, 10:] = 0
+        elif zero == "taps":
+            w[:, :, :, 1:] = 0
+        else:
+            w.zero_()
+        y = native_quant.amx_conv(x, w, torch.ones(1), torch.ones(24), bias, [1, 1], 1 << 20)
+        acc = F.conv2d(x.double(), w.double(), None, 1, 1)  # (exact: integer sums far below 2^53)
+        want = acc.float() + bias.reshape(1, -1, 1, 1)  # the kernel's fp32 output stage, steps 1
+        assert y is not None and torch.equal(y, want), zero
 
 
 def test_a_reduction_beyond_onednns_limit_runs_the_tile_unit_exactly(unit) -> None:

@@ -165,7 +165,10 @@ __attribute__((target("avx512f"))) static inline void finish_row(const int32_t *
 /* c (+)= the sums over `segs` segments of `steps` 64-deep steps each: segment g reads rows of a from a + a_off[g]
    (row r, step s at + r * lda + s * a_step; unsigned) and packed b tiles from b + b_off[g] (step s at + s * b_step,
    the second column block b_col further). A convolution's taps are its segments, so the sums stay in registers over
-   all of them (stored once: storing a block per tap cost ~40% of a 64-channel layer). Two register blockings, every
+   all of them (stored once: storing a block per tap cost ~40% of a 64-channel layer). The _rows variants take
+   kn: the 4-byte rows of step s of segment g that hold a nonzero weight, kn[g * steps + s] of them, the rest zero in
+   every column and skipped (a 3-wide tap row of a 1-channel stem fills 3 of the 16); the plain ones all 16 (a variable bound
+   there cost the 64-channel layers ~5%); full steps run the unrolled loop in both. Two register blockings, every
    accumulator a named variable (GCC kept an array of them partly on the stack): 8 rows x 32 columns (c [8][ldc], 16
    accumulators, 2 b rows) and 16 rows x 16 columns (c [16][ldc]). */
 static inline __attribute__((always_inline)) int32_t word_at(const int8_t *p) {
@@ -185,44 +188,64 @@ static inline __attribute__((always_inline)) int32_t word_at(const int8_t *p) {
     }
 #define VNNI_ROW1(R)                                                                                                \
     acc##R##0 = _mm512_dpbusd_epi32(acc##R##0, _mm512_set1_epi32(word_at(as + R * lda + 4 * kk)), b0);
-#define VNNI_SEGMENTS(BODY)                                                                                         \
+#define VNNI_SEGMENTS(KEND, BODY)                                                                                   \
     for (int64_t g = 0; g < segs; g++)                                                                              \
         for (int64_t s = 0; s < steps; s++) {                                                                       \
             const int8_t *as = a + a_off[g] + s * a_step, *bs = b + b_off[g] + s * b_step;                          \
-            for (int kk = 0; kk < 16; kk++) {                                                                       \
-                BODY                                                                                                \
+            const int kend = KEND;                                                                                  \
+            if (kend == 16) {                                                                                       \
+                for (int kk = 0; kk < 16; kk++) {                                                                   \
+                    BODY                                                                                            \
+                }                                                                                                   \
+            } else {                                                                                                \
+                for (int kk = 0; kk < kend; kk++) {                                                                 \
+                    BODY                                                                                            \
+                }                                                                                                   \
             }                                                                                                       \
         }
 
-VNNI_TARGET static void vnni_8x32(const int8_t *a, int64_t lda, int64_t a_step, const int8_t *b, int64_t b_step,
-                                  int64_t b_col, int64_t steps, int64_t segs, const int64_t *a_off,
-                                  const int64_t *b_off, int32_t *c, int64_t ldc, int add) {
-    VNNI_LOAD(0, 0) VNNI_LOAD(0, 1) VNNI_LOAD(1, 0) VNNI_LOAD(1, 1) VNNI_LOAD(2, 0) VNNI_LOAD(2, 1)
-    VNNI_LOAD(3, 0) VNNI_LOAD(3, 1) VNNI_LOAD(4, 0) VNNI_LOAD(4, 1) VNNI_LOAD(5, 0) VNNI_LOAD(5, 1)
-    VNNI_LOAD(6, 0) VNNI_LOAD(6, 1) VNNI_LOAD(7, 0) VNNI_LOAD(7, 1)
-    VNNI_SEGMENTS(__m512i b0 = _mm512_loadu_si512((const void *)(bs + kk * 64));
-                  __m512i b1 = _mm512_loadu_si512((const void *)(bs + b_col + kk * 64));
-                  VNNI_ROW2(0) VNNI_ROW2(1) VNNI_ROW2(2) VNNI_ROW2(3) VNNI_ROW2(4) VNNI_ROW2(5) VNNI_ROW2(6)
-                  VNNI_ROW2(7))
-    VNNI_STORE(0, 0) VNNI_STORE(0, 1) VNNI_STORE(1, 0) VNNI_STORE(1, 1) VNNI_STORE(2, 0) VNNI_STORE(2, 1)
-    VNNI_STORE(3, 0) VNNI_STORE(3, 1) VNNI_STORE(4, 0) VNNI_STORE(4, 1) VNNI_STORE(5, 0) VNNI_STORE(5, 1)
-    VNNI_STORE(6, 0) VNNI_STORE(6, 1) VNNI_STORE(7, 0) VNNI_STORE(7, 1)
-}
+/* NAME: the 8 x 32 blocking with KEND 4-byte rows a step (16: every row, the loop unrolled; kn[g * steps + s]) */
+#define VNNI_8X32(NAME, KEND)                                                                                       \
+    VNNI_TARGET static void NAME(const int8_t *a, int64_t lda, int64_t a_step, const int8_t *b, int64_t b_step,     \
+                                 int64_t b_col, int64_t steps, int64_t segs, const int64_t *a_off,                  \
+                                 const int64_t *b_off, const uint8_t *kn, int32_t *c, int64_t ldc, int add) {       \
+        (void)kn;                                                                                                   \
+        VNNI_LOAD(0, 0) VNNI_LOAD(0, 1) VNNI_LOAD(1, 0) VNNI_LOAD(1, 1) VNNI_LOAD(2, 0) VNNI_LOAD(2, 1)             \
+        VNNI_LOAD(3, 0) VNNI_LOAD(3, 1) VNNI_LOAD(4, 0) VNNI_LOAD(4, 1) VNNI_LOAD(5, 0) VNNI_LOAD(5, 1)             \
+        VNNI_LOAD(6, 0) VNNI_LOAD(6, 1) VNNI_LOAD(7, 0) VNNI_LOAD(7, 1)                                             \
+        VNNI_SEGMENTS(KEND, __m512i b0 = _mm512_loadu_si512((const void *)(bs + kk * 64));                          \
+                      __m512i b1 = _mm512_loadu_si512((const void *)(bs + b_col + kk * 64));                        \
+                      VNNI_ROW2(0) VNNI_ROW2(1) VNNI_ROW2(2) VNNI_ROW2(3) VNNI_ROW2(4) VNNI_ROW2(5) VNNI_ROW2(6)     \
+                      VNNI_ROW2(7))                                                                                 \
+        VNNI_STORE(0, 0) VNNI_STORE(0, 1) VNNI_STORE(1, 0) VNNI_STORE(1, 1) VNNI_STORE(2, 0) VNNI_STORE(2, 1)       \
+        VNNI_STORE(3, 0) VNNI_STORE(3, 1) VNNI_STORE(4, 0) VNNI_STORE(4, 1) VNNI_STORE(5, 0) VNNI_STORE(5, 1)       \
+        VNNI_STORE(6, 0) VNNI_STORE(6, 1) VNNI_STORE(7, 0) VNNI_STORE(7, 1)                                         \
+    }
 
-VNNI_TARGET static void vnni_16x16(const int8_t *a, int64_t lda, int64_t a_step, const int8_t *b, int64_t b_step,
-                                   int64_t steps, int64_t segs, const int64_t *a_off, const int64_t *b_off,
-                                   int32_t *c, int64_t ldc, int add) {
-    VNNI_LOAD(0, 0) VNNI_LOAD(1, 0) VNNI_LOAD(2, 0) VNNI_LOAD(3, 0) VNNI_LOAD(4, 0) VNNI_LOAD(5, 0)
-    VNNI_LOAD(6, 0) VNNI_LOAD(7, 0) VNNI_LOAD(8, 0) VNNI_LOAD(9, 0) VNNI_LOAD(10, 0) VNNI_LOAD(11, 0)
-    VNNI_LOAD(12, 0) VNNI_LOAD(13, 0) VNNI_LOAD(14, 0) VNNI_LOAD(15, 0)
-    VNNI_SEGMENTS(__m512i b0 = _mm512_loadu_si512((const void *)(bs + kk * 64));
-                  VNNI_ROW1(0) VNNI_ROW1(1) VNNI_ROW1(2) VNNI_ROW1(3) VNNI_ROW1(4) VNNI_ROW1(5) VNNI_ROW1(6)
-                  VNNI_ROW1(7) VNNI_ROW1(8) VNNI_ROW1(9) VNNI_ROW1(10) VNNI_ROW1(11) VNNI_ROW1(12) VNNI_ROW1(13)
-                  VNNI_ROW1(14) VNNI_ROW1(15))
-    VNNI_STORE(0, 0) VNNI_STORE(1, 0) VNNI_STORE(2, 0) VNNI_STORE(3, 0) VNNI_STORE(4, 0) VNNI_STORE(5, 0)
-    VNNI_STORE(6, 0) VNNI_STORE(7, 0) VNNI_STORE(8, 0) VNNI_STORE(9, 0) VNNI_STORE(10, 0) VNNI_STORE(11, 0)
-    VNNI_STORE(12, 0) VNNI_STORE(13, 0) VNNI_STORE(14, 0) VNNI_STORE(15, 0)
-}
+/* NAME: the 16 x 16 blocking, KEND as for VNNI_8X32 */
+#define VNNI_16X16(NAME, KEND)                                                                                      \
+    VNNI_TARGET static void NAME(const int8_t *a, int64_t lda, int64_t a_step, const int8_t *b, int64_t b_step,     \
+                                 int64_t steps, int64_t segs, const int64_t *a_off, const int64_t *b_off,           \
+                                 const uint8_t *kn, int32_t *c, int64_t ldc, int add) {                             \
+        (void)kn;                                                                                                   \
+        VNNI_LOAD(0, 0) VNNI_LOAD(1, 0) VNNI_LOAD(2, 0) VNNI_LOAD(3, 0) VNNI_LOAD(4, 0) VNNI_LOAD(5, 0)             \
+        VNNI_LOAD(6, 0) VNNI_LOAD(7, 0) VNNI_LOAD(8, 0) VNNI_LOAD(9, 0) VNNI_LOAD(10, 0) VNNI_LOAD(11, 0)           \
+        VNNI_LOAD(12, 0) VNNI_LOAD(13, 0) VNNI_LOAD(14, 0) VNNI_LOAD(15, 0)                                         \
+        VNNI_SEGMENTS(KEND, __m512i b0 = _mm512_loadu_si512((const void *)(bs + kk * 64));                          \
+                      VNNI_ROW1(0) VNNI_ROW1(1) VNNI_ROW1(2) VNNI_ROW1(3) VNNI_ROW1(4) VNNI_ROW1(5) VNNI_ROW1(6)     \
+                      VNNI_ROW1(7) VNNI_ROW1(8) VNNI_ROW1(9) VNNI_ROW1(10) VNNI_ROW1(11) VNNI_ROW1(12)               \
+                      VNNI_ROW1(13) VNNI_ROW1(14) VNNI_ROW1(15))                                                    \
+        VNNI_STORE(0, 0) VNNI_STORE(1, 0) VNNI_STORE(2, 0) VNNI_STORE(3, 0) VNNI_STORE(4, 0) VNNI_STORE(5, 0)       \
+        VNNI_STORE(6, 0) VNNI_STORE(7, 0) VNNI_STORE(8, 0) VNNI_STORE(9, 0) VNNI_STORE(10, 0) VNNI_STORE(11, 0)     \
+        VNNI_STORE(12, 0) VNNI_STORE(13, 0) VNNI_STORE(14, 0) VNNI_STORE(15, 0)                                     \
+    }
+
+VNNI_8X32(vnni_8x32, 16)
+VNNI_8X32(vnni_8x32_rows, kn[g * steps + s])
+VNNI_16X16(vnni_16x16, 16)
+VNNI_16X16(vnni_16x16_rows, kn[g * steps + s])
+#undef VNNI_8X32
+#undef VNNI_16X16
 #undef VNNI_SEGMENTS
 #undef VNNI_LOAD
 #undef VNNI_STORE
@@ -236,7 +259,7 @@ static const int64_t ONE_SEGMENT[1] = {0};
 static void vnni_block_sums(const int8_t *a0, int64_t a_step, int64_t lda, const int8_t *b0, int64_t b_col,
                             int64_t steps, int32_t *c, int add) {
     for (int rg = 0; rg < 4; rg++)
-        vnni_8x32(a0 + 8 * rg * lda, lda, a_step, b0, 1024, b_col, steps, 1, ONE_SEGMENT, ONE_SEGMENT,
+        vnni_8x32(a0 + 8 * rg * lda, lda, a_step, b0, 1024, b_col, steps, 1, ONE_SEGMENT, ONE_SEGMENT, NULL,
                   c + 8 * rg * 32, 32, add);
 }
 
@@ -487,7 +510,7 @@ static void taps_item(const int8_t *ge, int64_t ge_row, int64_t lead, int64_t ta
         }
         for (int64_t k = kb; k < ke; k++) /* (the 16 x 16 sums at the top-left of tap k's 32 x 32 block) */
             vnni_16x16(ge + (lead - off[k]) + s0 * 64, ge_row, 64, bchunk + (phase_of[k] * jn * chunk) * 1024, 1024,
-                       steps, 1, ONE_SEGMENT, ONE_SEGMENT, acc + k * 1024, 32, 1);
+                       steps, 1, ONE_SEGMENT, ONE_SEGMENT, NULL, acc + k * 1024, 32, 1);
         return;
     }
     int64_t k = it / (ob * cb), i = (it / cb) % ob, j = it % cb;
@@ -682,14 +705,16 @@ __attribute__((target("amx-tile,amx-int8"))) static void conv_block_narrow(const
    of column blocks 2jb, 2jb + 1 into c [32][32]; narrow = 1, 64 positions x 16 channels into c [64][16]. The taps
    are the kernels' segments: a_off[k] = off[k] * lda, b_off[k] = k * jn * ks * 1024. */
 static void conv_block_vnni(const int8_t *xg, int64_t lda, int64_t t0, int64_t taps, const int64_t *a_off,
-                            const int64_t *b_off, const int8_t *wp, int64_t ks, int64_t jb, int narrow, int32_t *c) {
+                            const int64_t *b_off, const uint8_t *kn, const int8_t *wp, int64_t ks, int64_t jb,
+                            int narrow, int32_t *c) {
     const int8_t *b = wp + 2 * jb * ks * 1024;
     for (int rg = 0; rg < 4; rg++) {
         if (narrow)
-            vnni_16x16(xg + (t0 + 16 * rg) * lda, lda, 64, b, 1024, ks, taps, a_off, b_off, c + 16 * rg * 16, 16, 0);
+            (kn ? vnni_16x16_rows : vnni_16x16)(xg + (t0 + 16 * rg) * lda, lda, 64, b, 1024, ks, taps, a_off, b_off,
+                                                kn, c + 16 * rg * 16, 16, 0);
         else
-            vnni_8x32(xg + (t0 + 8 * rg) * lda, lda, 64, b, 1024, ks * 1024, ks, taps, a_off, b_off, c + 8 * rg * 32,
-                      32, 0);
+            (kn ? vnni_8x32_rows : vnni_8x32)(xg + (t0 + 8 * rg) * lda, lda, 64, b, 1024, ks * 1024, ks, taps, a_off,
+                                              b_off, kn, c + 8 * rg * 32, 32, 0);
     }
 }
 
@@ -765,9 +790,12 @@ int64_t lq_amx_conv(const int8_t *xg, int64_t lda, int64_t kc, int64_t t_out, in
     int8_t *wp = scratch(0, (size_t)(taps * jn * ks) * 1024);
     int32_t *corr = vnni ? (int32_t *)calloc((size_t)op, sizeof(int32_t)) : NULL;
     int64_t *seg = vnni ? (int64_t *)malloc((size_t)(2 * taps) * sizeof(int64_t)) : NULL; /* a_off, b_off */
-    if (!wp || (vnni && (!corr || !seg))) {
+    uint8_t *kn = vnni ? (uint8_t *)malloc((size_t)(taps * ks)) : NULL; /* the used 4-byte rows of each step */
+    const uint8_t *kn_use = NULL; /* kn, or NULL where every step is full (set once inside the parallel region) */
+    if (!wp || (vnni && (!corr || !seg || !kn))) {
         free(corr);
         free(seg);
+        free(kn);
         return -2;
     }
     for (int64_t k = 0; vnni && k < taps; k++) {
@@ -788,12 +816,38 @@ int64_t lq_amx_conv(const int8_t *xg, int64_t lda, int64_t kc, int64_t t_out, in
             for (int64_t j = 0; j < jn; j++)
                 for (int64_t s = 0; s < ks; s++)
                     pack_b_tile(w + k, o, c, c * taps, taps, j, s, wp + ((k * jn + j) * ks + s) * 1024);
+        if (vnni) { /* per tap and step: 1 + the last 4-byte row with a nonzero weight in any column (the rows after
+                       it are zero in every column, so the kernels skip them: no product and no offset correction;
+                       fewer than 64 channels leave whole rows of a step zero, e.g. a 3-wide 1-channel tap 13 of 16);
+                       none (kn_use NULL, the kernels' unrolled 16 rows) where every step is full */
+#pragma omp single
+            {
+                int partial = 0;
+                for (int64_t ts = 0; ts < taps * ks; ts++) {
+                    int64_t k = ts / ks, st = ts % ks;
+                    int used = 0;
+                    for (int64_t j = 0; j < jn && used < 16; j++) {
+                        const uint64_t *tile = (const uint64_t *)(wp + ((k * jn + j) * ks + st) * 1024);
+                        for (int r = 15; r >= used; r--) {
+                            const uint64_t *row = tile + r * 8;
+                            if (row[0] | row[1] | row[2] | row[3] | row[4] | row[5] | row[6] | row[7]) {
+                                used = r + 1;
+                                break;
+                            }
+                        }
+                    }
+                    kn[ts] = (uint8_t)used;
+                    partial |= used < 16;
+                }
+                kn_use = partial ? kn : NULL;
+            }
+        }
         if (!vnni) configure_tiles();
         if (o <= 16) {
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < (t_out + 63) / 64; i++) {
                 if (vnni)
-                    conv_block_vnni(xg, lda, i * 64, taps, seg, seg + taps, wp, ks, 0, 1, acc);
+                    conv_block_vnni(xg, lda, i * 64, taps, seg, seg + taps, kn_use, wp, ks, 0, 1, acc);
                 else
                     conv_block_narrow(xg, lda, i * 64, taps, off, wp, ks, jn, acc);
                 finish_block(acc, 64, 16, i * 64, t_out, hs, ws, ho, wo, 0, o, x_step, w_step, bias, corr, &out);
@@ -804,7 +858,8 @@ int64_t lq_amx_conv(const int8_t *xg, int64_t lda, int64_t kc, int64_t t_out, in
                 for (int64_t jb = 0; jb < ob; jb++) {
                     int64_t cols = o - jb * 32 < 32 ? o - jb * 32 : 32;
                     if (vnni)
-                        conv_block_vnni(xg, lda, i * 32, taps, seg, seg + taps, wp, ks, jb, 0, acc);
+                        conv_block_vnni(xg, lda, i * 32, taps, seg, seg + taps, kn_use, wp, ks, jb, 0,
+                                        acc);
                     else
                         conv_block(xg, lda, i * 32, taps, off, wp, ks, jn, jb, acc);
                     finish_block(acc, 32, 32, i * 32, t_out, hs, ws, ho, wo, jb * 32, cols, x_step, w_step, bias,
@@ -816,6 +871,7 @@ int64_t lq_amx_conv(const int8_t *xg, int64_t lda, int64_t kc, int64_t t_out, in
     }
     free(corr);
     free(seg);
+    free(kn);
     scratch_trim();
     return 0;
 #endif
