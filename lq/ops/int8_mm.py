@@ -337,8 +337,10 @@ def plain_cpu_eager(*tensors: torch.Tensor) -> bool:
     tracers see it)."""
     from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-    return (all(t.device.type == "cpu" and type(t) is torch.Tensor for t in tensors)
-            and not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
+    for t in tensors:  # (a loop and is_cpu: ~3x cheaper than all() over a generator and device.type)
+        if type(t) is not torch.Tensor or not t.is_cpu:
+            return False
+    return (not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
             and not torch._C._is_torch_function_mode_enabled())
 
 

@@ -284,13 +284,13 @@ def phase_grids(x: torch.Tensor, padding, stride, grid: tuple[int, int], rows: i
 def amx_usable(*tensors: torch.Tensor) -> bool:
     """Whether :func:`amx_mm` may run on these tensors: AMX and the kernels built, plain CPU tensors, not traced
     (``None`` entries are skipped)."""
-    return _usable(*(t for t in tensors if t is not None)) and amx_library() is not None
+    return _usable(*[t for t in tensors if t is not None]) and amx_library() is not None
 
 
 def tile_usable(*tensors: torch.Tensor) -> bool:
     """Whether the convolution kernels (:func:`amx_conv`, :func:`amx_conv_grad_input`, :func:`amx_taps`) may run on
     these tensors: a :func:`tile_unit`, plain CPU tensors, not traced (``None`` entries are skipped)."""
-    return _usable(*(t for t in tensors if t is not None)) and tile_library() is not None
+    return _usable(*[t for t in tensors if t is not None]) and tile_library() is not None
 
 
 def amx_taps(
@@ -412,15 +412,17 @@ def _noise_fits(noise: torch.Tensor | None, shift: torch.Tensor | None, g: torch
             and shift.dtype == torch.float32 and shift.numel() == 1)
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def _usable(*tensors: torch.Tensor) -> bool:
     """Plain CPU tensors (not fake, functional or other subclasses whose data pointer is not their data) outside a
-    compiled trace, with the kernel built."""
-    return (
-        all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu" for t in tensors)
-        and not torch.compiler.is_compiling()
-        and native.enabled()
-        and library() is not None
-    )
+    compiled trace, with the kernel built. (Called several times per kernel call: a loop and ``is_cpu`` rather than
+    ``all()`` over a generator and ``device.type``, ~3x cheaper.)"""
+    for t in tensors:
+        if type(t) not in _PLAIN or not t.is_cpu:
+            return False
+    return not torch.compiler.is_compiling() and native.enabled() and library() is not None
 
 
 def _rows(t: torch.Tensor) -> bool:
