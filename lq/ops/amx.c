@@ -790,7 +790,8 @@ int64_t lq_amx_conv(const int8_t *xg, int64_t lda, int64_t kc, int64_t t_out, in
     int8_t *wp = scratch(0, (size_t)(taps * jn * ks) * 1024);
     int32_t *corr = vnni ? (int32_t *)calloc((size_t)op, sizeof(int32_t)) : NULL;
     int64_t *seg = vnni ? (int64_t *)malloc((size_t)(2 * taps) * sizeof(int64_t)) : NULL; /* a_off, b_off */
-    uint8_t *kn = vnni ? (uint8_t *)malloc((size_t)(taps * ks)) : NULL; /* the used 4-byte rows of each step */
+    /* the used 4-byte rows of each step, per block of 32 output columns: kn[(jb * taps + tap) * ks + step] */
+    uint8_t *kn = vnni ? (uint8_t *)malloc((size_t)(ob * taps * ks)) : NULL;
     const uint8_t *kn_use = NULL; /* kn, or NULL where every step is full (set once inside the parallel region) */
     if (!wp || (vnni && (!corr || !seg || !kn))) {
         free(corr);
@@ -816,17 +817,20 @@ int64_t lq_amx_conv(const int8_t *xg, int64_t lda, int64_t kc, int64_t t_out, in
             for (int64_t j = 0; j < jn; j++)
                 for (int64_t s = 0; s < ks; s++)
                     pack_b_tile(w + k, o, c, c * taps, taps, j, s, wp + ((k * jn + j) * ks + s) * 1024);
-        if (vnni) { /* per tap and step: 1 + the last 4-byte row with a nonzero weight in any column (the rows after
-                       it are zero in every column, so the kernels skip them: no product and no offset correction;
-                       fewer than 64 channels leave whole rows of a step zero, e.g. a 3-wide 1-channel tap 13 of 16);
-                       none (kn_use NULL, the kernels' unrolled 16 rows) where every step is full */
+        if (vnni) { /* per block of 32 output columns, tap and step: 1 + the last 4-byte row with a nonzero weight in
+                       any of the block's columns (the rows after it are zero in all of them, so the kernels skip them:
+                       no product and no offset correction). Fewer than 64 input channels leave whole rows of a step
+                       zero (a 3-wide 1-channel tap 13 of 16); a stride-2 layer's phases leave whole taps zero (its
+                       input gradient's output phase (0, 0) needs 1 of the 2 x 2 taps: 9 of 16 overall, phase-major
+                       channels, so each block of 32 holds one phase where C >= 32). None (kn_use NULL, the kernels'
+                       unrolled 16 rows) where every step is full. */
 #pragma omp single
             {
                 int partial = 0;
-                for (int64_t ts = 0; ts < taps * ks; ts++) {
-                    int64_t k = ts / ks, st = ts % ks;
+                for (int64_t e = 0; e < ob * taps * ks; e++) {
+                    int64_t jb = e / (taps * ks), k = e / ks % taps, st = e % ks;
                     int used = 0;
-                    for (int64_t j = 0; j < jn && used < 16; j++) {
+                    for (int64_t j = 2 * jb; j < 2 * jb + 2 && used < 16; j++) {
                         const uint64_t *tile = (const uint64_t *)(wp + ((k * jn + j) * ks + st) * 1024);
                         for (int r = 15; r >= used; r--) {
                             const uint64_t *row = tile + r * 8;
@@ -836,7 +840,7 @@ int64_t lq_amx_conv(const int8_t *xg, int64_t lda, int64_t kc, int64_t t_out, in
                             }
                         }
                     }
-                    kn[ts] = (uint8_t)used;
+                    kn[e] = (uint8_t)used;
                     partial |= used < 16;
                 }
                 kn_use = partial ? kn : NULL;
@@ -858,8 +862,8 @@ int64_t lq_amx_conv(const int8_t *xg, int64_t lda, int64_t kc, int64_t t_out, in
                 for (int64_t jb = 0; jb < ob; jb++) {
                     int64_t cols = o - jb * 32 < 32 ? o - jb * 32 : 32;
                     if (vnni)
-                        conv_block_vnni(xg, lda, i * 32, taps, seg, seg + taps, kn_use, wp, ks, jb, 0,
-                                        acc);
+                        conv_block_vnni(xg, lda, i * 32, taps, seg, seg + taps,
+                                        kn_use ? kn_use + jb * taps * ks : NULL, wp, ks, jb, 0, acc);
                     else
                         conv_block(xg, lda, i * 32, taps, off, wp, ks, jn, jb, acc);
                     finish_block(acc, 32, 32, i * 32, t_out, hs, ws, ho, wo, jb * 32, cols, x_step, w_step, bias,
