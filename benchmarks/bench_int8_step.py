@@ -1,6 +1,6 @@
 """Whole training step with int8 compute vs fp32 and bf16 autocast, and int8 Linear vs its peers (issue 4).
 
-    python benchmarks/bench_int8_step.py [--threads 2] [--repeats 10] [--compile]
+    python benchmarks/bench_int8_step.py [--threads 2] [--repeats 10] [--compile] [--widths 64,128,256] [--step-only]
 
 1. SmallResNet (lq.models, the fashion_int8_train recipe's model) train step -- forward, backward, SGD --
    on a Fashion-MNIST-sized batch: fp32, bf16 autocast, and lq int8 compute (what ``Int8Training`` runs:
@@ -10,7 +10,9 @@
    load hits every variant alike, each timed on its second call in a row (``common.interleaved(settle=1)``:
    a variant timed right after another one paid for the other's heap state); medians. ``--compile`` adds the
    int8 and fp32 models under ``torch.compile`` (the int8 graph searches the clip every step: no Python state
-   or host reads inside a graph; its noise bytes come from the opaque ``lq::noise_bytes`` op).
+   or host reads inside a graph; its noise bytes come from the opaque ``lq::noise_bytes`` op). ``--widths``: the
+   stages' channels (default 16,32,64, the recipe's; 64,128,256 is a ResNet-18-wide variant on the same input, where
+   int8's products, not its per-layer overhead, decide the step).
 2. Linear(1024, 1024) on a 1024-row batch against the int8 peers that exist in the ecosystem:
    bitsandbytes ``Linear8bitLt`` (trainable, has_fp16_weights=True) and torch.ao dynamic quantization
    (``quantize_dynamic``: inference only, no backward). Forward+backward where the peer supports it,
@@ -56,7 +58,7 @@ def bench_step(args) -> None:
     torch.manual_seed(0)
     x = torch.randn(args.batch, 1, 28, 28)
     y = torch.randint(0, 10, (args.batch,))
-    base = SmallResNet().train()
+    base = SmallResNet(widths=args.widths).train()
     cfg = Int8ComputeConfig.for_this_machine()
     qa = qmax(cfg.act_bits)  # Int8Training(int8_saved=True): saved activations kept as int8 (lq.ops.saved_int8)
     fns = {
@@ -89,7 +91,8 @@ def bench_step(args) -> None:
     if args.no_bf16:
         fns.pop("bf16 autocast")
     times = interleaved(fns, args.repeats, settle=1)
-    report(f"SmallResNet train step, batch {args.batch} x 1 x 28 x 28 (median of {args.repeats})", times)
+    report(f"SmallResNet (widths {','.join(map(str, args.widths))}) train step, batch {args.batch} x 1 x 28 x 28 "
+           f"(median of {args.repeats})", times)
     if "bf16 autocast" in times:
         k8 = next(k for k in times if k.startswith("int8 ("))
         print(f"  int8 / bf16 autocast speed: {times['bf16 autocast'] / times[k8]:.2f}x")
@@ -153,6 +156,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--no-bf16", action="store_true", help="skip bf16 autocast (very slow without AVX512-BF16)")
     ap.add_argument("--compile", action="store_true", help="add torch.compile'd int8 and fp32 steps (~1 min to compile)")
+    ap.add_argument("--widths", type=lambda v: tuple(int(w) for w in v.split(",")), default=(16, 32, 64),
+                    help="SmallResNet's stage widths, comma-separated (default 16,32,64)")
+    ap.add_argument("--step-only", action="store_true", help="only the SmallResNet step, not the Linear peers")
     add_cpu_malloc_flag(ap)
     args = ap.parse_args()
     print(apply_cpu_malloc(args))
@@ -162,7 +168,8 @@ def main() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         bench_step(args)
-        bench_linear_peers(args)
+        if not args.step_only:
+            bench_linear_peers(args)
 
 
 if __name__ == "__main__":

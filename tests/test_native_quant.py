@@ -749,3 +749,18 @@ def test_grid_is_the_torch_ops_and_reports_non_finite_products(shape, threads) -
     if x.dim() == 2:
         assert native_quant.grid(x.t(), s, -127, 127) is None  # a transposed view
         assert native_quant.grid(x, s, -127, 127, out=torch.empty(x.shape[::-1]).t()) is None
+
+
+@pytest.mark.parametrize("shape", [(2, 17, 5, 7), (3, 40, 14, 14), (1, 3, 100, 100), (4, 16, 28, 28), (2, 130, 4, 4)])
+def test_channels_last_i8_is_torchs_layout_copy(shape, threads) -> None:
+    """``channels_last_i8`` (``quant.c`` ``lq_to_nhwc_i8``: 16 x 16 byte transposes, a channel tail as an overlapping
+    block, a position tail bytewise) gives exactly ``contiguous(memory_format=torch.channels_last)``: values and
+    strides, for channel and position counts that are and are not multiples of 16; other tensors go to torch."""
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = torch.randint(-128, 128, shape, dtype=torch.int8, generator=gen)
+    want = x.contiguous(memory_format=torch.channels_last)
+    got = native_quant.channels_last_i8(x)
+    assert torch.equal(got, want) and got.stride() == want.stride()
+    assert native_quant.channels_last_i8(want) is want  # (already channels-last: no copy)
+    f = x.float()
+    assert torch.equal(native_quant.channels_last_i8(f), f.contiguous(memory_format=torch.channels_last))

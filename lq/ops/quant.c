@@ -617,6 +617,31 @@ void lq_grid_rows(const int8_t *g, int64_t n, int64_t ho, int64_t wo, int64_t o,
     }
 }
 
+/* dst [N, HW, C] = src [N, C, HW]: an int8 tensor from row-major (NCHW) to channels-last (NHWC) in 16 x 16 byte
+   transposes, a channel tail as an overlapping last block (those bytes written twice, alike, by the same thread), a
+   position tail bytewise; parallel over images x blocks of 16 positions. torch's permuted copy of int8 ran at
+   ~2.5 GB/s (1.3 ms for 32 x 128 x 28 x 28), slower than of fp32. */
+void lq_to_nhwc_i8(const int8_t *src, int64_t n, int64_t c, int64_t hw, int8_t *dst, int32_t threads) {
+    const int64_t pb = (hw + 15) / 16;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t e = 0; e < n * pb; e++) {
+        const int64_t img = e / pb, p0 = (e % pb) * 16, pw = hw - p0 < 16 ? hw - p0 : 16;
+        const int8_t *s = src + img * c * hw;
+        int8_t *d = dst + img * hw * c;
+        for (int64_t c0 = 0; c0 < c; c0 += 16) {
+#ifdef LQ_SSE2
+            int64_t cc0 = c0 + 16 <= c ? c0 : c - 16;
+            if (pw == 16 && cc0 >= 0) {
+                transpose16(s + cc0 * hw + p0, hw, d + p0 * c + cc0, c, 0);
+                continue;
+            }
+#endif
+            for (int64_t cc = c0; cc < c && cc < c0 + 16; cc++)
+                for (int64_t p = p0; p < p0 + pw; p++) d[p * c + cc] = s[cc * hw + p];
+        }
+    }
+}
+
 /* eq. 10's output stage: out [m, n] = ((float)acc * a_step[i * a_stride]) * b_step[j] + bias[j] (bias may be
    NULL); acc row stride lda; out contiguous, and may be acc's own memory (each element is read before it is
    written, by the same thread). */
