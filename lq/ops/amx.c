@@ -167,10 +167,10 @@ __attribute__((target("avx512f"))) static inline void finish_row(const int32_t *
    the second column block b_col further). A convolution's taps are its segments, so the sums stay in registers over
    all of them (stored once: storing a block per tap cost ~40% of a 64-channel layer). The _rows variants take
    kn: the 4-byte rows of step s of segment g that hold a nonzero weight, kn[g * steps + s] of them, the rest zero in
-   every column and skipped (a 3-wide tap row of a 1-channel stem fills 3 of the 16); the plain ones all 16 (a variable bound
-   there cost the 64-channel layers ~5%); full steps run the unrolled loop in both. Two register blockings, every
-   accumulator a named variable (GCC kept an array of them partly on the stack): 8 rows x 32 columns (c [8][ldc], 16
-   accumulators, 2 b rows) and 16 rows x 16 columns (c [16][ldc]). */
+   every column and skipped (a 3-wide tap row of a 1-channel stem fills 3 of the 16); the plain ones all 16 (a
+   variable bound there cost the 64-channel layers ~5%); full steps run the unrolled loop in both. Two register
+   blockings, every accumulator a named variable (GCC kept an array of them partly on the stack): 8 rows x 32 columns
+   (c [8][ldc], 16 accumulators, 2 b rows) and 16 rows x 16 columns (c [16][ldc]). */
 static inline __attribute__((always_inline)) int32_t word_at(const int8_t *p) {
     int32_t v;
     memcpy(&v, p, 4);
