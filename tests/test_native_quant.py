@@ -764,3 +764,29 @@ def test_channels_last_i8_is_torchs_layout_copy(shape, threads) -> None:
     assert native_quant.channels_last_i8(want) is want  # (already channels-last: no copy)
     f = x.float()
     assert torch.equal(native_quant.channels_last_i8(f), f.contiguous(memory_format=torch.channels_last))
+
+
+@pytest.mark.parametrize("flip", [0, 0x80])
+def test_conv_grid_writes_every_byte(flip, threads, unit) -> None:
+    """``amx.c`` ``lq_conv_grid`` (the convolution kernels' input grid): row ``(n, u, v)`` holds ``x[n, u - ph, v - pw]``
+    (its ``C`` bytes, then zeros up to ``cg``), zeros outside the image and in the rows past the grid, every byte xor
+    ``flip``, for paddings 0-3, grids wider and taller than the padded image, channel counts equal to ``cg`` (the
+    row copy with only the borders filled) and not."""
+    gen = torch.Generator().manual_seed(flip + threads)
+    lib = native_quant.tile_library()
+    for n, c, cg, h, w, ph, pw, hs, ws in ((2, 16, 16, 5, 7, 1, 1, 7, 9), (1, 64, 64, 4, 4, 0, 0, 4, 4),
+                                           (2, 16, 16, 3, 3, 3, 2, 8, 9), (1, 3, 4, 6, 5, 2, 0, 9, 6),
+                                           (1, 32, 32, 2, 9, 0, 3, 3, 16), (1, 16, 16, 4, 4, 1, 1, 3, 3)):
+        x = torch.randint(-128, 128, (n, c, h, w), dtype=torch.int8, generator=gen).contiguous(
+            memory_format=torch.channels_last)
+        rows = n * hs * ws + 5
+        xg = torch.full((rows, cg), 55, dtype=torch.int8)
+        lib.lq_conv_grid(x.data_ptr(), n, h, w, c, ph, pw, 0, hs, ws, cg, xg.data_ptr(), rows, flip,
+                         torch.get_num_threads())
+        want = torch.zeros((rows, cg), dtype=torch.int8)
+        grid = want[: n * hs * ws].view(n, hs, ws, cg)
+        xl = x.permute(0, 2, 3, 1)  # [N, H, W, C]
+        u1, v1 = min(hs, h + ph), min(ws, w + pw)
+        if u1 > ph and v1 > pw:
+            grid[:, ph:u1, pw:v1, :c] = xl[:, : u1 - ph, : v1 - pw]
+        assert torch.equal(xg, want.view(torch.uint8).bitwise_xor(flip).view(torch.int8)), (n, c, h, w, ph, pw, hs, ws)

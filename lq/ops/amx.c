@@ -914,16 +914,22 @@ void lq_conv_grid(const int8_t *x, int64_t n, int64_t h, int64_t w, int64_t c, i
         for (int64_t nu = 0; nu < n * hs; nu++) {
             int64_t img = nu / hs, u = nu % hs;
             int8_t *dst = xg + nu * ws * cg;
+            if (!s2d && cg == c) { /* the row's image pixels copied, only the borders filled (each byte written once) */
+                int64_t r = u - ph, v0 = pw > 0 ? pw : 0, x0 = v0 - pw, len = (w - x0 < ws - v0 ? w - x0 : ws - v0);
+                if (r < 0 || r >= h || len <= 0) {
+                    memset(dst, fill, (size_t)(ws * cg));
+                    continue;
+                }
+                memset(dst, fill, (size_t)(v0 * cg));
+                copy_flipped(dst + v0 * cg, x + ((img * h + r) * w + x0) * c, len * c, fill);
+                memset(dst + (v0 + len) * cg, fill, (size_t)((ws - v0 - len) * cg));
+                continue;
+            }
             memset(dst, fill, (size_t)(ws * cg));
             for (int64_t p = 0; p < f; p++) {
                 int64_t r = f * u + p - ph;
                 if (r < 0 || r >= h) continue;
                 const int8_t *src = x + (img * h + r) * w * c;
-                if (!s2d && cg == c) {
-                    int64_t v0 = pw > 0 ? pw : 0, x0 = v0 - pw, len = (w - x0 < ws - v0 ? w - x0 : ws - v0);
-                    if (len > 0) copy_flipped(dst + v0 * cg, src + x0 * c, len * c, fill);
-                    continue;
-                }
                 for (int64_t v = 0; v < ws; v++)
                     for (int64_t q = 0; q < f; q++) {
                         int64_t col = f * v + q - pw;
