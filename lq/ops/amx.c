@@ -831,9 +831,10 @@ int64_t lq_amx_conv(const int8_t *xg, int64_t lda, int64_t kc, int64_t t_out, in
                     int64_t jb = e / (taps * ks), k = e / ks % taps, st = e % ks;
                     int used = 0;
                     for (int64_t j = 2 * jb; j < 2 * jb + 2 && used < 16; j++) {
-                        const uint64_t *tile = (const uint64_t *)(wp + ((k * jn + j) * ks + st) * 1024);
+                        const int8_t *tile = wp + ((k * jn + j) * ks + st) * 1024;
                         for (int r = 15; r >= used; r--) {
-                            const uint64_t *row = tile + r * 8;
+                            uint64_t row[8]; /* (memcpy: the int8 buffer read as words without aliasing it) */
+                            memcpy(row, tile + r * 64, sizeof row);
                             if (row[0] | row[1] | row[2] | row[3] | row[4] | row[5] | row[6] | row[7]) {
                                 used = r + 1;
                                 break;

@@ -45,12 +45,15 @@ class Int8Conv2dFunction(torch.autograd.Function):
                 raise ValueError(f"int8_conv2d '{name}': act_scale='static' needs act_amax (a calibrated amax)")
             amax = torch.as_tensor(act_amax, device=x.device)
             xq, x_step = quantize_along(x, qa, None, amax=amax, name=name)
+            xq = _kernel_layout(xq)
         else:
             shared = shared_int8(x, qa)  # already int8 for a ReLU's backward (Int8Training's saved activations)
-            xq, x_step = shared if shared is not None else quantize_along(x, qa, None, name=name)
-            if shared is None:
+            if shared is not None:  # (as it is: a channels-last copy would be kept for backward beside it)
+                xq, x_step = shared
+            else:
+                xq, x_step = quantize_along(x, qa, None, name=name)
+                xq = _kernel_layout(xq)
                 share_int8(x, xq, x_step, qa)
-        xq = _kernel_layout(xq)
         wq, w_step = quantize_along(weight, qw, 0, name=name, what="weight")
         fast = config.use_fast_kernels
         fwd = _kernel(K.int8_conv2d_fwd, K.conv2d_fwd_reference, fast, xq, wq)
