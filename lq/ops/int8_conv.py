@@ -113,7 +113,8 @@ def _kernel_layout(xq: torch.Tensor) -> torch.Tensor:
     """The int8 input in channels-last where ``amx.c``'s kernels take the products on CPU (tile unit or VNNI): they
     read that layout, the forward's grid from it and the weight gradient's position-major phases, so one fast copy
     here (``native_quant.channels_last_i8``) replaces a copy in the forward and the slower channel-row phases in
-    backward (64 x 64 @56 batch 32, NCHW: weight gradient 6.9 -> 5.6 ms). Other layouts and devices as they are."""
+    backward (64 x 64 @56 batch 32, NCHW: weight gradient 6.9 -> 5.6 ms). Other devices, traced graphs and CPUs
+    without those kernels get ``xq`` as it is."""
     if torch.compiler.is_compiling() or xq.device.type != "cpu" or xq.dim() != 4 or native_quant.tile_unit() is None:
         return xq  # (a compiled graph: the op's kernel converts what it needs)
     return native_quant.channels_last_i8(xq)

@@ -236,8 +236,8 @@ def amx_conv_applies(op: str, stride, dilation, groups: int) -> bool:
     the CPU has the tile unit or VNNI (``native_quant.amx_conv`` / ``amx_conv_grad_input``): undilated one-group
     layers, forward at strides 1 and 2, the input gradient at every stride: no weight prepacking per call, no
     biased-uint8 copy, fewer than 64 channels packed as several taps a step, exact int32 sums of signed operands (so
-    also where the reduction is beyond oneDNN's biased-uint8 limit). Results are bit-identical to
-    oneDNN's (the same fp32 output stage ``(acc * x_step) * w_step[o]``).
+    also where the reduction is beyond oneDNN's biased-uint8 limit). Results are bit-identical to oneDNN's (the same
+    fp32 output stage ``(acc * x_step) * w_step[o]``).
 
     Tile unit (AMX), forward / grad-input, batch 64 channels-last, 2-core host, ms tile vs oneDNN: 16 x 16 @28 0.41 /
     0.55 and 0.43 / 0.59; 16 -> 32 stride 2 @28 0.29 / 0.48 and 0.48 / 0.69; 64 x 64 @7 0.21 / 0.37 and 0.24 / 0.47;
@@ -245,8 +245,8 @@ def amx_conv_applies(op: str, stride, dilation, groups: int) -> bool:
 
     VNNI (AMD Zen 5, 2 cores): timed alone, oneDNN's forwards looked as fast or faster (the stem 0.29 against 0.42 ms,
     64 x 64 @56 batch 32 4.91 against 5.61), but inside the ops they serve, fwd + bwd interleaved, VNNI everywhere
-    was faster: the SmallResNet training step 1.34x / 1.20x / 1.09x at batch 2 / 16 / 64 (1.04x at 64 with the
-    stem on oneDNN), ``int8_conv2d`` fwd + bwd on 64 x 64 @56 batch 32 1.18x (NCHW) / 1.05x (channels-last), 256 x
+    was faster: the SmallResNet training step 1.34-1.49x / 1.20-1.25x / 1.05-1.13x at batch 2 / 16 / 64 (the stem
+    alone on oneDNN: 1.31-1.39x / 1.17-1.21x / 1.04-1.12x), ``int8_conv2d`` fwd + bwd on 64 x 64 @56 batch 32 1.18x (NCHW) / 1.05x (channels-last), 256 x
     256 @14 1.02-1.04x, 128 x 128 1x1 @28 0.97-1.02x, 128 x 128 @14 0.97-1.00x, 64 -> 128 stride 2 @28 0.95-0.98x
     (the one loss: the space-to-depth weight is 1.78x the true work). benchmarks/RESULTS.md, 2026-12-01."""
     if tuple(dilation) != (1, 1) or groups != 1:
