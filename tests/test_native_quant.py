@@ -517,6 +517,10 @@ def test_amx_convolution_is_exact_and_scales_as_eq10(geometry, layout, threads, 
         # the direct route (stride 2 on the space-to-depth grid, written back depth-to-space)
         gx = native_quant.amx_conv_grad_input(g, wt, torch.ones(1), [n, c, h, w], [stride] * 2, [p, p], 1 << 20)
         assert torch.equal(gx.double(), want) and gx.is_contiguous(memory_format=torch.channels_last)
+        # written row-major by the kernel's output stage (the gradient of a row-major input)
+        gx = native_quant.amx_conv_grad_input(g, wt, torch.ones(1), [n, c, h, w], [stride] * 2, [p, p], 1 << 20,
+                                              channels_last=False)
+        assert torch.equal(gx.double(), want) and gx.is_contiguous()
 
 
 @pytest.mark.parametrize("channels", [(1, 16), (3, 8), (16, 16), (16, 32), (128, 130)])
@@ -548,6 +552,40 @@ def test_conv_ops_run_the_tile_unit_exactly(stride, channels, unit) -> None:
     assert ran == ["int8_conv2d_grad_input:" + unit]
     assert tuple(gx.shape) == (n, c, h, w)
     assert torch.equal(gx.double(), torch.nn.grad.conv2d_input([n, c, h, w], wt.double(), g.double(), stride, p))
+
+
+@pytest.mark.parametrize("geometry", [(16, 16, 28, 28, 3, 1, 1), (5, 7, 9, 11, 3, 1, 1), (32, 16, 14, 13, 3, 2, 1),
+                                      (40, 3, 7, 9, 1, 1, 0), (24, 48, 11, 13, 5, 2, 2), (17, 33, 6, 5, 3, 2, 0)])
+def test_row_major_input_gradient_is_written_row_major(geometry, unit, threads) -> None:
+    """The input gradient of a row-major input comes out of the tile unit's (or VNNI's) output stage row-major (runs of
+    each image row copied out per channel, depth-to-space with the crop at stride 2), the same numbers as the
+    channels-last result and as the exact float64 transposed convolution, at 1 and 2 threads; through the op,
+    ``x.grad`` of a row-major leaf is row-major with the same values as for a channels-last one."""
+    (o, c, h, w, k, stride, p), n = geometry, 2
+    gen = torch.Generator().manual_seed(o * h + k)
+    ho, wo = (h + 2 * p - k) // stride + 1, (w + 2 * p - k) // stride + 1
+    g = torch.randint(-127, 128, (n, o, ho, wo), dtype=torch.int8, generator=gen)
+    wt = torch.randint(-127, 128, (o, c, k, k), dtype=torch.int8, generator=gen)
+    step = torch.tensor([0.03])
+    args = (g, wt, step, [n, c, h, w], [stride] * 2, [p, p], 1 << 20)
+    last, rows = native_quant.amx_conv_grad_input(*args), native_quant.amx_conv_grad_input(*args, channels_last=False)
+    want = torch.nn.grad.conv2d_input([n, c, h, w], wt.double(), g.double(), [stride] * 2, [p, p]) * 0.03
+    assert rows.is_contiguous() and not rows.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(rows, last) and torch.allclose(rows.double(), want, rtol=1e-6, atol=1e-4)
+
+    from lq.ops import Int8ComputeConfig, int8_conv2d
+
+    xf = torch.randn(n, c, h, w, generator=gen)
+    wf = torch.randn(o, c, k, k, generator=gen)
+    gf = torch.randn(n, o, ho, wo, generator=gen)
+    grads = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = xf.clone(memory_format=fmt).requires_grad_()
+        cfg = Int8ComputeConfig(grad_rounding="nearest")
+        int8_conv2d(x, wf, None, stride, p, config=cfg, clip_state={}).backward(gf)
+        grads.append(x.grad)
+    assert grads[0].is_contiguous() and grads[1].is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(grads[0], grads[1])
 
 
 def test_conv_weights_with_zero_rows_stay_exact(unit) -> None:

@@ -64,6 +64,7 @@ class Int8Conv2dFunction(torch.autograd.Function):
         ctx.config, ctx.name, ctx.x_dtype = config, name, x.dtype
         ctx.clip_state = clip_state  # the layer's own dict: periodic clip ratios (config.clip_every)
         ctx.static, ctx.has_bias = config.act_scale == "static", bias is not None
+        ctx.row_major = x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
         return y.to(x.dtype)
 
     @staticmethod
@@ -86,7 +87,11 @@ class Int8Conv2dFunction(torch.autograd.Function):
             if "x" in quantized:
                 r = quantized.pop("x")  # (freed once its GEMM has run)
                 op = _kernel(K.int8_conv2d_grad_input, K.conv2d_grad_input_reference, fast, r.q, wq)
-                grad_x = op(r.q, wq, r.step, qg, qw, list(xq.shape), stride, padding, dilation, groups)
+                args = (r.q, wq, r.step, qg, qw, list(xq.shape), stride, padding, dilation, groups)
+                if ctx.row_major and op is K.CPU_KERNELS.get(K.int8_conv2d_grad_input):
+                    grad_x = op(*args, channels_last=False)  # (the input's layout, written by the kernel)
+                else:
+                    grad_x = op(*args)
             else:
                 w = dequantize_along(wq, w_step, 0)
                 grad_x = torch.nn.grad.conv2d_input(list(xq.shape), w, g, stride, padding, dilation, groups)

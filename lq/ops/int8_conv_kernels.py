@@ -285,13 +285,18 @@ def transposed_conv_weight(w: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 @int8_conv2d_grad_input.register_kernel("cpu")
-def _conv_grad_input_cpu(g, w, g_step, g_qmax, w_qmax, input_size, stride, padding, dilation, groups):
+def _conv_grad_input_cpu(g, w, g_step, g_qmax, w_qmax, input_size, stride, padding, dilation, groups,
+                         channels_last: bool = True):
+    """The op's CPU kernel. ``channels_last=False`` (``lq.ops.int8_conv``'s backward of a row-major input, calling this
+    directly): the tile unit's kernels write the result row-major, the layout autograd would copy a leaf's gradient
+    into (~3 ms for 32 x 64 x 56 x 56); the other kernels return channels-last as the op does."""
     o, _, kh, kw = w.shape
     reduction = (o // groups) * kh * kw
     tile = amx_conv_applies("int8_conv2d_grad_input", stride, dilation, groups)
     if tile and native_quant.tile_usable(g, w, g_step):
         limit = hw.max_exact_reduction(g_qmax, w_qmax)
-        y = native_quant.amx_conv_grad_input(g, w, g_step, list(input_size), list(stride), list(padding), limit)
+        y = native_quant.amx_conv_grad_input(g, w, g_step, list(input_size), list(stride), list(padding), limit,
+                                             channels_last)
         if y is None:  # (other strides and paddings: a stride-1 convolution of the zero-inserted gradient)
             canvas, conv_pad = transposed_conv_input(
                 g, w.shape, input_size, stride, padding, dilation, memory_format=torch.channels_last

@@ -51,7 +51,7 @@ def _amx_source() -> ctypes.CDLL | None:
     lib.lq_amx_mm.argtypes = [_P, _I64, _I64, _I64, _I64, _P, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _I32]
     lib.lq_amx_conv.restype = _I64
     lib.lq_amx_conv.argtypes = [_P, _I64, _I64, _I64, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _F, _P, _P,
-                                _P, _I64, _I64, _I32, _I64, _I64, _I32, _I32]
+                                _P, _I64, _I64, _I32, _I64, _I64, _I32, _I32, _I32]
     lib.lq_conv_grid.restype = None
     lib.lq_conv_grid.argtypes = [_P, _I64, _I64, _I64, _I64, _I64, _I64, _I32, _I64, _I64, _I64, _P, _I64, _I32, _I32]
     lib.lq_amx_taps.restype = _I64
@@ -131,7 +131,7 @@ def amx_conv(
 
 def amx_conv_grad_input(
     g: torch.Tensor, w: torch.Tensor, g_step: torch.Tensor, input_size: list[int], stride: list[int],
-    padding: list[int], max_reduction: int,
+    padding: list[int], max_reduction: int, channels_last: bool = True,
 ) -> torch.Tensor | None:
     """The input gradient of a one-group, undilated convolution of stride 1 or 2 on the tile unit or VNNI, from the int8
     output gradient ``g [N, O, Ho, Wo]`` (per-tensor ``g_step``) and the int8 weight ``w [O, C, kh, kw]``: fp32
@@ -142,7 +142,10 @@ def amx_conv_grad_input(
     swapped. Stride 2 (no zero-inserted canvas, whose zeros were 3/4 of the work): the padded input's space-to-depth
     grid, ``dx[2u + p, 2v + q, c] = sum_(i', j', o) g'[u + i', v + j', o] w[o, c, 2(k2 - 1 - i') + p, 2(k2 - 1 - j')
     + q]`` with ``g'`` = ``g`` shifted by ``k2 - 1 = ceil(k / 2) - 1``: a stride-1 convolution with ``4 C`` outputs,
-    written back depth-to-space (``lq_amx_conv``'s ``s2d`` output) with the padding cropped."""
+    written back depth-to-space (``lq_amx_conv``'s ``s2d`` output) with the padding cropped.
+
+    ``channels_last=False``: the result row-major instead (the kernel's output stage writes that layout: the gradient
+    of a row-major leaf input, which autograd would otherwise copy into its input's layout)."""
     if g.dim() != 4 or w.dim() != 4 or g.dtype != torch.int8 or w.dtype != torch.int8 or g_step.numel() != 1:
         return None
     n, c, h, wd = input_size
@@ -154,7 +157,7 @@ def amx_conv_grad_input(
             or list(g.shape[2:]) != [(hp - kh) // sh + 1, (wp - kw) // sw + 1] or o * kh * kw > max_reduction
             or not 0 <= ph <= kh - 1 or not 0 <= pw <= kw - 1 or not tile_usable(g, w, g_step)):
         return None
-    y = torch.empty((n, h, wd, c), dtype=torch.float32, device="cpu")
+    y = torch.empty((n, h, wd, c) if channels_last else (n, c, h, wd), dtype=torch.float32, device="cpu")
     if sh == 1:
         pads, out_hw, crop = (kh - 1 - ph, kw - 1 - pw), (h, wd), (0, 0)
         grid = (g.shape[2] + 2 * pads[0], g.shape[3] + 2 * pads[1])
@@ -163,8 +166,11 @@ def amx_conv_grad_input(
         pads, out_hw, crop = (kh2 - 1, kw2 - 1), (-(-hp // 2), -(-wp // 2)), (ph, pw)
         grid = (out_hw[0] + kh2 - 1, out_hw[1] + kw2 - 1)
     ones = _floats(4 * c if sh == 2 else c).fill_(1.0)
-    ok = _conv_on_grid(g, pads, False, grid, w, f"grad{sh}", g_step, ones, None, out_hw, y, sh == 2, crop)
-    return y.permute(0, 3, 1, 2) if ok else None
+    ok = _conv_on_grid(g, pads, False, grid, w, f"grad{sh}", g_step, ones, None, out_hw, y, sh == 2, crop,
+                       not channels_last)
+    if not ok:
+        return None
+    return y.permute(0, 3, 1, 2) if channels_last else y
 
 
 def _phase_weight(w: torch.Tensor, kind: str) -> torch.Tensor:
@@ -225,12 +231,13 @@ def _tap_index(kind: str, shape: tuple[int, int, int, int]) -> tuple[torch.Tenso
 def _conv_on_grid(
     src: torch.Tensor, pads: tuple[int, int], s2d_in: bool, grid: tuple[int, int], w: torch.Tensor, kind: str,
     x_step: torch.Tensor, steps: torch.Tensor, bias: torch.Tensor | None, out_hw: tuple[int, int], y: torch.Tensor,
-    s2d_out: bool, crop: tuple[int, int],
+    s2d_out: bool, crop: tuple[int, int], nchw: bool = False,
 ) -> bool:
     """Run ``lq_amx_conv`` for the int8 ``src [N, C, H, W]`` (any layout) on its ``grid`` (rows x columns per
     image; zero padding ``pads`` at the top/left; space-to-depth when ``s2d_in``) with the weight ``w`` made a
     stride-1 one by :func:`_phase_weight` ``kind``, outputs at the grid's first ``out_hw`` rows and columns into the
-    channels-last fp32 ``y`` (depth-to-space when ``s2d_out``, ``crop`` cut at the top/left)."""
+    channels-last fp32 ``y`` ``[N, yh, yw, C]`` (depth-to-space when ``s2d_out``, ``crop`` cut at the top/left), or
+    the row-major ``y [N, C, yh, yw]`` with ``nchw``."""
     src = channels_last_i8(src)
     n, c, h, wd = src.shape
     lib, flip = tile_library(), flip_byte()
@@ -257,8 +264,9 @@ def _conv_on_grid(
     off_arr = (ctypes.c_int64 * taps)(*offs)
     res = lib.lq_amx_conv(
         xg.data_ptr(), cg, kc, t_out, taps, off_arr, wk.data_ptr(), o2, kc, hs, ws, out_hw[0], out_hw[1],
-        float(x_step), steps.data_ptr(), _ptr(None if bias is None else _vector(bias, o2)), y.data_ptr(), y.shape[1],
-        y.shape[2], int(s2d_out), crop[0], crop[1], threads, int(flip != 0),
+        float(x_step), steps.data_ptr(), _ptr(None if bias is None else _vector(bias, o2)), y.data_ptr(),
+        y.shape[2 if nchw else 1], y.shape[3 if nchw else 2], int(s2d_out), crop[0], crop[1], threads, int(flip != 0),
+        int(nchw),
     )
     return res == 0
 
