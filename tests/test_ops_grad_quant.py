@@ -473,3 +473,51 @@ def test_quantize_grad_pair_does_not_recompile_when_its_two_operands_coincide(mo
     for _ in range(2):
         quantize_grad_pair(g, 127, a, b, stochastic=True)
     assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs
+
+
+@pytest.mark.parametrize("layout", ["channels-last", "row-major"])
+@pytest.mark.parametrize("shape", [(64, 16, 28, 28), (3, 5, 7, 9), (40, 24, 10, 10), (2, 130, 5, 3)])
+def test_convolution_clip_search_in_c_matches_the_compiled_search(shape, layout, monkeypatch) -> None:
+    """A convolution's gradient operands on CPU score their clip candidates in C (``lq_grad_conv_search``): the same
+    sample (whole images per layer, whole channels per channel), amax and cosines as the compiled search to within
+    float rounding of the sums, so the same ratio (on gradients whose best candidates differ by more than that),
+    the same integers and steps after the same noise draws, and the tracker gets the same cosine distance."""
+    from lq.ops import grad_quant as gq
+    from lq.ops import native_quant
+
+    if native_quant.library() is None:
+        pytest.skip("no C compiler")
+    gen = torch.Generator().manual_seed(shape[1])
+    g = torch.randn(shape, generator=gen) * torch.rand(shape, generator=gen).pow(6) * 10  # heavy tails: clipping pays
+    if layout == "channels-last":
+        g = g.contiguous(memory_format=torch.channels_last)
+    mult = torch.rand(1, shape[1], 1, 1, generator=gen) + 0.5
+    calls = []
+    native = gq._conv_search_native
+    monkeypatch.setattr(gq, "_conv_search_native", lambda *a: calls.append(1) or native(*a))
+    results = {}
+    for way in ("c", "compiled"):
+        if way == "compiled":
+            monkeypatch.setattr(gq, "_conv_search_native", lambda *a: None)
+        torch.manual_seed(0)
+        with GradDeviationTracker() as tracker:
+            a = quantize_grad(g, 127, None, RATIOS, mult=mult, stochastic=True, name="conv", what="x")
+            b = quantize_grad(g, 127, 1, RATIOS, stochastic=True, name="conv", what="w")
+        results[way] = (a, b, tracker.deviations)
+    assert len(calls) == 2  # both operands scored in C on the first pass
+    for c_res, t_res in zip(results["c"][:2], results["compiled"][:2]):
+        assert c_res.ratio == t_res.ratio
+        assert abs(c_res.cos - t_res.cos) < 1e-6
+        assert torch.equal(c_res.q, t_res.q) and torch.equal(c_res.step, t_res.step)
+    for key, devs in results["c"][2].items():
+        assert devs == pytest.approx(results["compiled"][2][key], abs=1e-6)
+    if g.numel() > 10000:  # (on the larger gradients clipping pays: a search that chose something)
+        assert results["c"][0].ratio < 1.0 or results["c"][1].ratio < 1.0
+
+
+def test_convolution_clip_search_in_c_raises_on_non_finite_gradients() -> None:
+    g = torch.randn(4, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    g[2, 3, 1, 1] = float("nan")
+    for axis, mult in ((None, torch.ones(1, 8, 1, 1)), (1, None)):
+        with pytest.raises(FloatingPointError, match="layer 'conv3'"):
+            quantize_grad(g, 127, axis, RATIOS, mult=mult, name="conv3")

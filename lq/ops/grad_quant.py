@@ -9,7 +9,9 @@ Network* (CVPR; arXiv 1912.12607).
   the cosine distance ``1 - cos(g, Q_c(g))`` between the float gradient and its quantize-dequantize
   ``Q_c(g) = step * clamp(round(g / step), -qmax, qmax)``, ``step = c / qmax``. We search ``c = r * amax``
   over a few ratios ``r``, all candidates at once in fused (compiled) reductions: per-layer scales exactly
-  on the whole gradient, per-row/channel scales exactly on a sample of whole rows/channels.
+  on the whole gradient, per-row/channel scales exactly on a sample of whole rows/channels. A convolution's
+  gradient on CPU scores its candidates in C instead (``native_quant.conv_clip_search``: the same sample, sums in
+  double), 2-5x cheaper.
 * **Deviation-counteractive learning-rate scaling** (Sec. 4.2): ``deviation_lr_factor`` returns the factor
   ``phi(d) = max(exp(-alpha * d), beta)`` by which to multiply the learning rate, where ``d`` is the
   gradient's cosine distance (averaged over layers); the paper's defaults are ``alpha = 20``,
@@ -310,7 +312,19 @@ def _quantize_planned(
     compiling = torch.compiler.is_compiling()
     noise, seed = fused.rounding_inputs(g, stochastic)
     r = _ratio_tensor(plan.cand, g.device)
-    if plan.search or _ACTIVE:
+    scored = None
+    if (plan.search or _ACTIVE) and not compiling and stochastic != "hash":
+        scored = _conv_search_native(g, qmax, axis, mult, plan.cand, num_samples)
+    if scored is not None:  # a convolution's gradient on CPU: the candidates scored in C, then quantized as below
+        cosines, amax = scored
+        require_finite(torch.isfinite(amax).all(), amax, what, name)
+        best = max(range(len(cosines)), key=cosines.__getitem__)  # (the first maximum, as torch.argmax)
+        ratio, cos = plan.cand[best], float(cosines[best])
+        if plan.periodic and plan.search:  # searched this call (not a reuse): restart the count
+            plan.state[plan.what] = [1, ratio]
+        q, step, amax, finite = _quantize_fixed(g, qmax, axis, mult, ratio, noise, seed, stochastic)
+        require_finite(finite, amax, what, name)
+    elif plan.search or _ACTIVE:
         gs = ms = sample = sel = None
         if axis is None:
             gs, ms = _leading_slices(g, mult, num_samples * 16)
@@ -328,16 +342,40 @@ def _quantize_planned(
         if plan.periodic and plan.search:  # searched this call (not a reuse): restart the count
             plan.state[plan.what] = [1, ratio]
     else:
-        ops = [(axis, mult, plan.cand[0], noise, seed)]
-        done = None if stochastic == "hash" else native_quant.grad_operands(g, qmax, ops)
-        if done is not None:
-            q, step, amax, finite = done[0]
-        else:
-            q, step, amax, finite = fused.call("grad_quant_fixed", _fused_fixed, g, mult, r, qmax, axis, noise, seed)
+        q, step, amax, finite = _quantize_fixed(g, qmax, axis, mult, plan.cand[0], noise, seed, stochastic)
         require_finite(finite, amax, what, name)
     if not compiling:
         _report(name, what, 1.0 - cos)
     return GradQuantResult(q=q, step=step, ratio=ratio, cos=cos)
+
+
+def _quantize_fixed(g, qmax: int, axis, mult, ratio: float, noise, seed, stochastic):
+    """``(q, step, amax, finite)`` of ``g * mult`` clipped at ``ratio * amax``: the C kernels where they apply, else
+    the compiled :func:`_fused_fixed` (the same numbers)."""
+    done = None if stochastic == "hash" else native_quant.grad_operands(g, qmax, [(axis, mult, ratio, noise, seed)])
+    if done is not None:
+        return done[0]
+    return fused.call("grad_quant_fixed", _fused_fixed, g, mult, _ratio_tensor((ratio,), g.device), qmax, axis, noise,
+                      seed)
+
+
+def _conv_search_native(g, qmax: int, axis, mult, cand: tuple[float, ...], num_samples: int):
+    """The clip candidates ``cand`` scored in C for a convolution's gradient operand on CPU
+    (``native_quant.conv_clip_search``) on the sample :func:`_fused_search` scores (whole images of at most ``16 *
+    num_samples`` elements per layer, whole channels of about ``num_samples`` per channel): ``(cosines, amax)``, or
+    ``None`` where that does not apply. The cosines agree with the compiled search's to ~1e-7 (double sums instead of
+    fp32 ones): only candidates that close could be ranked otherwise. 64 x 16 x 28 x 28 gradient, 6 candidates, 2
+    threads: 0.22 / 0.09 ms per layer / per channel scoring against 0.54 / 0.52 ms for the compiled search and
+    quantization (AVX-512 host)."""
+    if g.dim() != 4 or g.device.type != "cpu":
+        return None
+    if axis is None:
+        sel = _leading_rows(g, num_samples * 16)
+    elif axis == 1 and mult is None:
+        sel = _sample_slices(g, 1, num_samples)
+    else:
+        return None
+    return native_quant.conv_clip_search(g, qmax, axis, mult, cand, sel)
 
 
 def _fused_fixed_pair(g, mult_a, r_a, axis_a, noise_a, seed_a, mult_b, r_b, axis_b, noise_b, seed_b, qmax: int):

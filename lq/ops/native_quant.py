@@ -402,6 +402,9 @@ def library() -> ctypes.CDLL | None:
         _P, _F, _P, _F, _P, _P, _P,
         _F, _P, _F, _P, _P, _P, _I32,
     ]
+    lib.lq_grad_conv_search.restype = _I64
+    lib.lq_grad_conv_search.argtypes = [_P, _I64, _I64, _I64, _I32, _I32, _F, _P, _P, _I64, _P, _I64, _P, _I64, _P, _P,
+                                        _P, _P, _I32]
     lib.lq_grid_rows.restype = None
     lib.lq_grid_rows.argtypes = [_P, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _P, _I32, _I32]
     lib.lq_to_nhwc_i8.restype = None
@@ -642,6 +645,42 @@ def _conv_grad_operands(g: torch.Tensor, qmax: int, ops: list[tuple]) -> list[tu
         rb, _ptr(nb), sb, _ptr(qb), _ptr(step_b), _ptr(amax_b), torch.get_num_threads(),
     )
     return _operand_results(res, args, None, 1, ops, f"{o} channel maxima")
+
+
+def conv_clip_search(
+    g: torch.Tensor, qmax: int, axis: int | None, mult: torch.Tensor | None, ratios: tuple[float, ...],
+    sel: torch.Tensor | None,
+) -> tuple[list[float], torch.Tensor] | None:
+    """The cosines of Zhu et al.'s clip candidates ``ratios`` for one operand of a convolution's output gradient ``g
+    [N, O, H, W]`` (fp32, row-major or channels-last), as ``grad_quant._fused_search`` scores them: grad_input's
+    (``axis`` None: ``g * mult``, ``mult`` ``[1, O, 1, 1]`` or None, one scale, on the images ``sel`` or all with
+    ``None``) or grad_weight's (``axis`` 1, no ``mult``, a scale per channel, on the whole channels ``sel``), in C
+    (``lq_grad_conv_search``: the sums in double). Returns ``(cosines, amax)`` (``amax`` ``[1]`` or ``[O]``, from every
+    element), or ``None`` where the kernel does not apply."""
+    if g.dim() != 4 or g.dtype != torch.float32 or g.numel() == 0 or not 1 <= len(ratios) <= 64 or not _usable(g):
+        return None
+    n, o, h, w = g.shape
+    last = fused.is_channels_last(g)
+    if not (last or g.is_contiguous()) or axis not in (None, 1) or axis == 1 and mult is not None:
+        return None
+    if mult is not None and (mult.shape != (1, o, 1, 1) or mult.dtype != torch.float32 or not _usable(mult)):
+        return None
+    m = _floats(o).fill_(1.0) if mult is None else mult.reshape(o).contiguous()
+    if sel is None:
+        sel = torch.arange(n if axis is None else o, dtype=torch.int64)
+    sel = sel.to(torch.int64).contiguous()
+    r = torch.tensor(ratios, dtype=torch.float32)
+    amax, cos = _floats(1 if axis is None else o), torch.empty(len(ratios), dtype=torch.float64)
+    a, b = (amax, cos) if axis is None else (None, None), (amax, cos) if axis == 1 else (None, None)
+    res = library().lq_grad_conv_search(
+        g.data_ptr(), n, h * w, o, last, qmax, AMAX_EPS, m.data_ptr(),
+        sel.data_ptr() if axis is None else None, sel.numel() if axis is None else 0,
+        sel.data_ptr() if axis == 1 else None, sel.numel() if axis == 1 else 0, r.data_ptr(), len(ratios),
+        _ptr(a[0]), _ptr(b[0]), _ptr(a[1]), _ptr(b[1]), torch.get_num_threads(),
+    )
+    if res & 4:
+        raise MemoryError("lq clip search: could not allocate its per-thread sums")
+    return (cos.tolist(), amax) if res == 0 else None
 
 
 #: an operand the kernels skip: (mult, ratio, noise, shift, q, step, amax)

@@ -552,6 +552,208 @@ int64_t lq_grad_conv(const float *g, int64_t rows, int64_t cols, int32_t channel
     return result;
 }
 
+/* lanes of the clip search's sums (independent double accumulators: a vectorizable loop without reassociation) */
+#define LANES 16
+
+/* the clip search's sums of one candidate over n floats y[j] = x[j] * mult[j] (mult NULL: * c): dot[l] +=
+   Q(y) y, nq[l] += Q(y)^2 with Q(y) = clamp(rint(y / st), lo, hi) * st (fp32 products, double sums per lane, kept in
+   registers for the call) */
+#define CLIP_BODY(Y)                                                                                                    \
+    do {                                                                                                               \
+        float y = (Y), q = rintf(y / st);                                                                              \
+        q = q < lo ? lo : q;                                                                                           \
+        q = q > hi ? hi : q;                                                                                           \
+        float dq = q * st;                                                                                             \
+        d[l] += (double)(dq * y);                                                                                      \
+        e[l] += (double)(dq * dq);                                                                                     \
+    } while (0)
+LQ_CLONES static void clip_sums(const float *restrict x, const float *restrict mult, float c, int64_t n, float st,
+                                float lo, float hi, double *restrict dot, double *restrict nq) {
+    double d[LANES] = {0}, e[LANES] = {0};
+    int64_t j = 0;
+    if (mult) {
+        for (; j + LANES <= n; j += LANES)
+            for (int l = 0; l < LANES; l++) CLIP_BODY(x[j + l] * mult[j + l]);
+        for (int l = 0; j < n; j++, l++) CLIP_BODY(x[j] * mult[j]);
+    } else {
+        for (; j + LANES <= n; j += LANES)
+            for (int l = 0; l < LANES; l++) CLIP_BODY(x[j + l] * c);
+        for (int l = 0; j < n; j++, l++) CLIP_BODY(x[j] * c);
+    }
+    for (int l = 0; l < LANES; l++) {
+        dot[l] += d[l];
+        nq[l] += e[l];
+    }
+}
+#undef CLIP_BODY
+
+/* ny[l] += y^2 over n floats y[j] = x[j] * mult[j] (mult NULL: * c), per lane */
+LQ_CLONES static void square_sums(const float *restrict x, const float *restrict mult, float c, int64_t n,
+                                  double *restrict ny) {
+    double a[LANES] = {0};
+    int64_t j = 0;
+    for (; j + LANES <= n; j += LANES)
+        for (int l = 0; l < LANES; l++) {
+            float y = x[j + l] * (mult ? mult[j + l] : c);
+            a[l] += (double)(y * y);
+        }
+    for (int l = 0; j < n; j++, l++) {
+        float y = x[j] * (mult ? mult[j] : c);
+        a[l] += (double)(y * y);
+    }
+    for (int l = 0; l < LANES; l++) ny[l] += a[l];
+}
+
+/* Zhu et al.'s direction-sensitive clip search (Sec. 4.1; lq.ops.grad_quant) for a convolution's two gradient operands
+   as grad_quant._fused_search scores them: A (grad_input's: y = g * mult_a[o], one scale for the tensor) and B
+   (grad_weight's: y = g, a scale per channel). Candidate k clips at ratios[k] * amax: step_k = max(ratios[k] * amax,
+   eps) / qmax (amax_a for A, amax_b[o] per channel for B), Q_k(y) = clamp(rint(y / step_k), -qmax, qmax) * step_k,
+   cos_k = sum(Q_k(y) y) / sqrt(sum(Q_k(y)^2) sum(y^2)) (1 where that norm is 0), the sums over A's sample (whole
+   images sel_a[0 .. na)) and B's (whole channels sel_b[0 .. nb)), the products in fp32 as torch forms them, the sums
+   in double (torch's fp32 sums agree to ~1e-7: only candidates that close could be ranked differently). amax from
+   every element (the channel maxima, as lq_grad_conv). g as in lq_grad_conv (channel_on_cols: [n * hw, o]
+   channels-last, else [n * o, hw]); mult_a [o]. Writes amax_a [1] and cos_a [nr] when cos_a is not NULL, amax_b [o]
+   and cos_b [nr] when cos_b is not NULL; returns 4 when scratch could not be allocated. */
+int64_t lq_grad_conv_search(const float *g, int64_t n, int64_t hw, int64_t o, int32_t channel_on_cols, int32_t qmax,
+                            float eps, const float *mult_a, const int64_t *sel_a, int64_t na, const int64_t *sel_b,
+                            int64_t nb, const float *ratios, int64_t nr, float *amax_a, float *amax_b, double *cos_a,
+                            double *cos_b, int32_t threads) {
+    if (nr < 1 || nr > 64) return 8;
+    const int64_t rows = channel_on_cols ? n * hw : n * o, cols = channel_on_cols ? o : hw;
+    const int64_t per = (2 * nr + 1) * LANES;          /* one operand's lane sums: dot [nr], nq [nr], ny */
+    const int64_t chunk = 1024;                         /* B's channel column gathered this many rows at a time */
+    const int64_t per_rows = span_rows(o); /* channels-last rows per call of the row loops (as lq_grad_conv) */
+    const int64_t mspan = channel_on_cols ? per_rows * o : o, mspans = channel_on_cols ? (rows + per_rows - 1) / per_rows
+                                                                                      : rows;
+    uint32_t *part = (uint32_t *)calloc((size_t)threads * (size_t)mspan, sizeof(uint32_t));
+    float *chmax = (float *)malloc((size_t)o * sizeof(float));
+    float *steps = (float *)malloc((size_t)(nr * (o + 1)) * sizeof(float)); /* [nr] for A, then [nr][o] for B */
+    double *sums = (double *)calloc((size_t)threads * (size_t)(2 * per), sizeof(double));
+    float *cbuf = (float *)malloc((size_t)threads * (size_t)chunk * sizeof(float));
+    float *m_rep = (float *)malloc((size_t)(per_rows * o) * sizeof(float));
+    if (!part || !chmax || !steps || !sums || !cbuf || !m_rep) {
+        free(part);
+        free(chmax);
+        free(steps);
+        free(sums);
+        free(cbuf);
+        free(m_rep);
+        return 4;
+    }
+    repeat(m_rep, mult_a, per_rows * o, o);
+    const float fq = (float)qmax, lo = -fq, hi = fq;
+#pragma omp parallel num_threads(threads)
+    {
+        int t = thread_num();
+        uint32_t *mine = part + (size_t)t * (size_t)mspan;
+        /* the channel maxima of |g| (channels-last: per span position, spans of whole rows) */
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < mspans; i++) {
+            if (channel_on_cols) {
+                col_amax_mul(g + i * mspan, 1.0f, piece(rows, per_rows, i) * o, mine);
+            } else {
+                uint32_t v = row_amax(g + i * cols, cols);
+                int64_t c = i % o;
+                mine[c] = v > mine[c] ? v : mine[c];
+            }
+        }
+#pragma omp single
+        {
+            uint32_t a_bits = 0;
+            for (int64_t c = 0; c < o; c++) {
+                uint32_t mb = 0;
+                for (int64_t r = c; r < mspan; r += o) {
+                    uint32_t v = merged_max(part, threads, mspan, r);
+                    mb = v > mb ? v : mb;
+                }
+                chmax[c] = float_of(mb);
+                uint32_t v = bits_of(chmax[c] * fabsf(mult_a[c])) & ABS_BITS;
+                a_bits = v > a_bits ? v : a_bits;
+            }
+            float aa = float_of(a_bits);
+            for (int64_t k = 0; k < nr; k++) {
+                float v = ratios[k] * aa;
+                steps[k] = (v < eps ? eps : v) / fq;
+                for (int64_t c = 0; c < o; c++) {
+                    float w = ratios[k] * chmax[c];
+                    steps[nr + k * o + c] = (w < eps ? eps : w) / fq;
+                }
+            }
+            if (cos_a) amax_a[0] = aa;
+            if (cos_b) memcpy(amax_b, chmax, (size_t)o * sizeof(float));
+        }
+        double *sa = sums + (size_t)t * (size_t)(2 * per), *sb = sa + per;
+        if (cos_a) { /* A over the sampled images: channels-last in spans of whole rows (mult repeated over a span: one
+                        call per ~SPAN_FLOATS floats, not per 16-float row), row-major row by row (one channel each) */
+            const int64_t pieces = channel_on_cols ? (hw + per_rows - 1) / per_rows : o;
+#pragma omp for schedule(static)
+            for (int64_t e = 0; e < na * pieces; e++) {
+                int64_t img = sel_a[e / pieces], p = e % pieces, len;
+                const float *gr, *m;
+                float c1;
+                if (channel_on_cols) {
+                    len = piece(hw, per_rows, p) * o;
+                    gr = g + (img * hw + p * per_rows) * o;
+                    m = m_rep;
+                    c1 = 1.0f;
+                } else {
+                    len = hw;
+                    gr = g + (img * o + p) * hw;
+                    m = NULL;
+                    c1 = mult_a[p];
+                }
+                square_sums(gr, m, c1, len, sa + 2 * nr * LANES);
+                for (int64_t k = 0; k < nr; k++)
+                    clip_sums(gr, m, c1, len, steps[k], lo, hi, sa + k * LANES, sa + (nr + k) * LANES);
+            }
+        }
+        if (cos_b) { /* B over the sampled channels (channels-last: the channel's column gathered in chunks of rows) */
+            float *buf = cbuf + (size_t)t * (size_t)chunk;
+            const int64_t pieces = channel_on_cols ? (rows + chunk - 1) / chunk : n;
+#pragma omp for schedule(static)
+            for (int64_t e = 0; e < nb * pieces; e++) {
+                int64_t c = sel_b[e / pieces], p = e % pieces, len;
+                const float *src;
+                if (channel_on_cols) {
+                    len = piece(rows, chunk, p);
+                    for (int64_t j = 0; j < len; j++) buf[j] = g[(p * chunk + j) * cols + c];
+                    src = buf;
+                } else {
+                    len = hw;
+                    src = g + (p * o + c) * hw;
+                }
+                square_sums(src, NULL, 1.0f, len, sb + 2 * nr * LANES);
+                for (int64_t k = 0; k < nr; k++)
+                    clip_sums(src, NULL, 1.0f, len, steps[nr + k * o + c], lo, hi, sb + k * LANES, sb + (nr + k) * LANES);
+            }
+        }
+    }
+    /* the lanes and threads summed, then the cosines */
+    double tot[2][2 * 64 + 1];
+    for (int op = 0; op < 2; op++)
+        for (int64_t e = 0; e < 2 * nr + 1; e++) {
+            double v = 0.0;
+            for (int u = 0; u < threads; u++)
+                for (int l = 0; l < LANES; l++) v += sums[(size_t)u * (size_t)(2 * per) + op * per + e * LANES + l];
+            tot[op][e] = v;
+        }
+    for (int64_t k = 0; k < nr; k++) {
+        for (int op = 0; op < 2; op++) {
+            double *out = op ? cos_b : cos_a;
+            if (!out) continue;
+            double norm = sqrt(tot[op][nr + k] * tot[op][2 * nr]);
+            out[k] = norm > 0 ? tot[op][k] / (norm > 1e-30 ? norm : 1e-30) : 1.0;
+        }
+    }
+    free(part);
+    free(chmax);
+    free(steps);
+    free(sums);
+    free(cbuf);
+    free(m_rep);
+    return 0;
+}
+
 /* A channels-last int8 output gradient g [N, Ho, Wo, O] (memory order) laid out on a convolution's grid as channel
    rows (lq.ops.int8_conv_kernels._grad_weight_taps): dst [rows, width] row-major gets
    dst[o, lead + n * hs * ws + a * ws + b] = g[n, a, b, o] for a < Ho, b < Wo, and zeros everywhere else (the lead,
