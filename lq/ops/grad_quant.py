@@ -417,13 +417,16 @@ def quantize_grad_pair(
     if first.what == second.what:
         raise ValueError(f"quantize_grad_pair: the two operands need different labels (their clip state), got "
                          f"{first.what!r} twice")
-    ops = [replace(op, axis=None if op.axis is None else op.axis % g.dim()) for op in (first, second)]
-    ahead = [_plan(ratios, clip, name, op.what, every, state, advance=False) for op in ops]
-    if g.numel() == 0 or any(p.search for p in ahead) or _ACTIVE or torch.compiler.is_compiling():
+    ops = [op if op.axis is None or 0 <= op.axis < g.dim() else replace(op, axis=op.axis % g.dim())
+           for op in (first, second)]
+    plans = [_plan(ratios, clip, name, op.what, every, state, advance=False) for op in ops]
+    if g.numel() == 0 or any(p.search for p in plans) or _ACTIVE or torch.compiler.is_compiling():
         # one quantize_grad each, in order (the second decides after the first ran, as two calls would)
         return tuple(quantize_grad(g, qmax, op.axis, ratios, clip, num_samples, name, op.what, op.mult, every,
                                    state, stochastic) for op in ops)
-    plans = [_plan(ratios, clip, name, op.what, every, state) for op in ops]
+    for p in plans:  # neither searches: each reused ratio's count advances, as _plan(advance=True) would
+        if p.periodic:
+            p.state[p.what][0] += 1
     inputs, native = [], []
     for op, p in zip(ops, plans):
         noise, seed = fused.rounding_inputs(g, stochastic)

@@ -26,6 +26,8 @@ Shapes/ranges the fast kernel cannot compute exactly fall back to the reference 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -482,6 +484,19 @@ def _grid_rows(g: torch.Tensor, dst: torch.Tensor, hs: int, ws: int, lead: int =
             dst.view(torch.uint8).bitwise_xor_(flip)
 
 
+@functools.lru_cache(maxsize=256)
+def _taps_geometry(x_shape: tuple, weight_size: tuple, padding: tuple, stride: tuple):
+    """:func:`_grad_weight_taps`' geometry for one shape (cached: the same lists every step)."""
+    n = x_shape[0]
+    o, c, kh, kw = weight_size
+    sh, sw = stride
+    hs, ws = _phase_grid(x_shape[2:], padding, stride)
+    taps = [(i, j) for i in range(kh) for j in range(kw)]
+    offs = [(i // sh) * ws + j // sw for i, j in taps]
+    phase_of = [(i % sh, j % sw) for i, j in taps]
+    return hs, ws, n * hs * ws, tuple(offs), tuple(phase_of), tuple(sorted(set(phase_of)))
+
+
 def _grad_weight_taps(g, x, g_step, x_step, weight_size, padding, stride=(1, 1)) -> torch.Tensor:
     """The weight gradient of a convolution (dilation 1, one group) without im2col: integer GEMMs on shifted
     views of the input's stride phases.
@@ -501,19 +516,13 @@ def _grad_weight_taps(g, x, g_step, x_step, weight_size, padding, stride=(1, 1))
     reads ``G`` once (1.26 -> 0.52 ms on 64x1x28x28). The same integer sums (int32, one chunk:
     ``grad_weight_taps_apply``) scaled as ``lq::int8_mm`` scales them, so bit-identical to the im2col kernels."""
     o, c, kh, kw = weight_size
-    n, _, ho, wo = g.shape
-    sh, sw = stride
-    hs, ws = _phase_grid(x.shape[2:], padding, stride)
-    t = n * hs * ws
-    taps = [(i, j) for i in range(kh) for j in range(kw)]
-    offs = [(i // sh) * ws + j // sw for i, j in taps]
-    phase_of = [(i % sh, j % sw) for i, j in taps]
+    hs, ws, t, offs, phase_of, wanted = _taps_geometry(tuple(x.shape), tuple(weight_size), tuple(padding), tuple(stride))
+    taps = kh * kw
     tx = t + max(offs)
     dev = g.device
     # few input channels: the taps' shifted rows of X stacked, one GEMM (a 1x1 stride-1 layer has nothing to stack)
-    stacked = c * len(taps) <= o and (len(taps) > 1 or tuple(stride) != (1, 1))
+    stacked = c * taps <= o and (taps > 1 or tuple(stride) != (1, 1))
     position_major = not stacked and fused.is_channels_last(x)
-    wanted = sorted(set(phase_of))
     if not stacked and native_quant.tile_usable(g, x, g_step, x_step) and x_step.numel() == 1:
         # the tile unit (or VNNI): each phase packed once for all its taps, each tap reading the gradient at a shift
         # (ge with a zero lead of max(offs) columns, rows up to a multiple of 32; on VNNI stored xor 0x80, its
@@ -535,12 +544,12 @@ def _grad_weight_taps(g, x, g_step, x_step, weight_size, padding, stride=(1, 1))
     ge = torch.empty((o, t), dtype=torch.int8, device=dev)
     _grid_rows(g, ge, hs, ws)
     if stacked:
-        xs = torch.empty((len(taps), c, t), dtype=torch.int8, device=dev)
+        xs = torch.empty((taps, c, t), dtype=torch.int8, device=dev)
         for k, off in enumerate(offs):
             xs[k].copy_(phases[phase_of[k]][:, off : off + t])
-        acc = torch._int_mm(ge, xs.view(len(taps) * c, t).t()).view(o, len(taps), c).permute(1, 0, 2)
+        acc = torch._int_mm(ge, xs.view(taps * c, t).t()).view(o, taps, c).permute(1, 0, 2)
     else:
-        acc = torch.empty((len(taps), o, c), dtype=torch.int32, device=dev)
+        acc = torch.empty((taps, o, c), dtype=torch.int32, device=dev)
         for k, off in enumerate(offs):
             buf = phases[phase_of[k]]
             b = buf[off : off + t] if position_major else _canonical(buf[:, off : off + t].t())

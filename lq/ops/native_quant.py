@@ -165,8 +165,8 @@ def amx_conv_grad_input(
         kh2, kw2 = -(-kh // 2), -(-kw // 2)
         pads, out_hw, crop = (kh2 - 1, kw2 - 1), (-(-hp // 2), -(-wp // 2)), (ph, pw)
         grid = (out_hw[0] + kh2 - 1, out_hw[1] + kw2 - 1)
-    ones = _floats(4 * c if sh == 2 else c).fill_(1.0)
-    ok = _conv_on_grid(g, pads, False, grid, w, f"grad{sh}", g_step, ones, None, out_hw, y, sh == 2, crop,
+    ok = _conv_on_grid(g, pads, False, grid, w, f"grad{sh}", g_step, _ones(4 * c if sh == 2 else c), None, out_hw, y,
+                       sh == 2, crop,
                        not channels_last)
     if not ok:
         return None
@@ -250,9 +250,8 @@ def _conv_on_grid(
         lib.lq_gather_i8(w.data_ptr(), w.numel(), index.data_ptr(), index.numel(), wk.data_ptr())
     o2, kc, taps = wk.shape
     hs, ws = grid
-    offs = [i * ws + j * group for i in range(kh2) for j in range(tj)]
     t_out = n * hs * ws
-    rows = -(-t_out // 64) * 64 + max(offs) + group
+    off_arr, rows = _grid_offsets(kh2, tj, ws, group, t_out)
     threads = torch.get_num_threads()
     if (taps == 1 and group == 1 and cg == c and not s2d_in and pads == (0, 0) and (hs, ws) == (h, wd)
             and t_out % 64 == 0 and not flip):
@@ -261,7 +260,6 @@ def _conv_on_grid(
         xg = torch.empty((rows, cg), dtype=torch.int8, device="cpu")
         lib.lq_conv_grid(src.data_ptr(), n, h, wd, c, pads[0], pads[1], int(s2d_in), hs, ws, cg, xg.data_ptr(), rows,
                          flip, threads)
-    off_arr = (ctypes.c_int64 * taps)(*offs)
     res = lib.lq_amx_conv(
         xg.data_ptr(), cg, kc, t_out, taps, off_arr, wk.data_ptr(), o2, kc, hs, ws, out_hw[0], out_hw[1],
         float(x_step), steps.data_ptr(), _ptr(None if bias is None else _vector(bias, o2)), y.data_ptr(),
@@ -269,6 +267,19 @@ def _conv_on_grid(
         int(nchw),
     )
     return res == 0
+
+
+@functools.lru_cache(maxsize=256)
+def _grid_offsets(kh2: int, tj: int, ws: int, group: int, t_out: int):
+    """``lq_amx_conv``'s tap offsets on a grid ``ws`` wide (a ctypes array, read only) and the grid rows it reads."""
+    offs = [i * ws + j * group for i in range(kh2) for j in range(tj)]
+    return (ctypes.c_int64 * len(offs))(*offs), -(-t_out // 64) * 64 + max(offs) + group
+
+
+@functools.lru_cache(maxsize=64)
+def _ones(n: int) -> torch.Tensor:
+    """``n`` fp32 ones on CPU, read only (unit steps of a kernel's output stage)."""
+    return torch.ones(n, dtype=torch.float32, device="cpu")
 
 
 def channels_last_i8(t: torch.Tensor) -> torch.Tensor:
@@ -341,14 +352,19 @@ def amx_taps(
             return None
     steps = _vector(g_step, o)
     out = torch.empty(weight_size, dtype=torch.float32, device="cpu")
-    off_arr = (ctypes.c_int64 * taps)(*offs)
-    phase_arr = (ctypes.c_int32 * taps)(*phase_of)
+    off_arr, phase_arr = _taps_arrays(tuple(offs), tuple(phase_of))
     ptrs = (ctypes.c_void_p * len(phases))(*[b.data_ptr() for b in phases])
     res = tile_library().lq_amx_taps(
         ge.data_ptr(), o, ge.shape[1], lead, taps, off_arr, phase_arr, len(phases), ptrs, xc, xt, c, tx,
         steps.data_ptr(), float(x_step), out.data_ptr(), torch.get_num_threads(), int(flip_byte() != 0),
     )
     return out if res == 0 else None
+
+
+@functools.lru_cache(maxsize=256)
+def _taps_arrays(offs: tuple[int, ...], phase_of: tuple[int, ...]):
+    """:func:`amx_taps`' offsets and phase indices as ctypes arrays (read only)."""
+    return (ctypes.c_int64 * len(offs))(*offs), (ctypes.c_int32 * len(phase_of))(*phase_of)
 
 
 def amx_mm(
