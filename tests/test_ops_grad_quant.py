@@ -406,7 +406,7 @@ def test_random_bytes_are_reproducible_windows_of_a_fixed_table():
 def test_quantize_grad_pair_equals_two_quantize_grad_calls(stochastic: bool, monkeypatch) -> None:
     """quantize_grad_pair (both backward products' operands of one gradient): bit for bit the results of two
     quantize_grad calls, the same periodic-search decisions and state, and one compiled call on the steps where
-    neither searches its clip (the searching steps make one call each)."""
+    neither searches its clip (the searching steps make one call each, or none where the C search scores them)."""
     from lq.ops import fused, native_quant
     from lq.ops.grad_quant import GradOperand, quantize_grad_pair
 
@@ -438,9 +438,11 @@ def test_quantize_grad_pair_equals_two_quantize_grad_calls(stochastic: bool, mon
             assert torch.equal(r.q, w.q) and torch.equal(r.step, w.step) and r.ratio == w.ratio
         assert paired == single
         searched = step % 4 == 0
-        # (between searches one call: the C kernel's where it is built, else the compiled pair)
-        paired_call = [] if native_quant.library() is not None else ["grad_quant_fixed_pair"]
-        assert pair_names == (["grad_quant_search"] * 2 if searched else paired_call)
+        # (between searches one call: the C kernel's where it is built, else the compiled pair; searching steps score
+        # the candidates in C where it is built, else one compiled search each)
+        built = native_quant.library() is not None
+        paired_call = [] if built else ["grad_quant_fixed_pair"]
+        assert pair_names == (([] if built else ["grad_quant_search"] * 2) if searched else paired_call)
     assert any(ratio != 1.0 for _, ratio in paired.values())
 
 
@@ -521,3 +523,53 @@ def test_convolution_clip_search_in_c_raises_on_non_finite_gradients() -> None:
     for axis, mult in ((None, torch.ones(1, 8, 1, 1)), (1, None)):
         with pytest.raises(FloatingPointError, match="layer 'conv3'"):
             quantize_grad(g, 127, axis, RATIOS, mult=mult, name="conv3")
+
+
+@pytest.mark.parametrize("shape", [(64, 10), (1024, 256), (2000, 33)])
+@pytest.mark.parametrize("axis", [0, 1])
+def test_linear_clip_search_in_c_matches_the_compiled_search(shape, axis, monkeypatch) -> None:
+    """A Linear's per-row (grad_input's) and per-column (grad_weight's) operands score their candidates in C too
+    (``lq_grad_rows_search``): the same whole rows / columns and per-slice amax as the compiled search, the same
+    ratio, integers and steps after the same noise draws."""
+    from lq.ops import grad_quant as gq
+    from lq.ops import native_quant
+
+    if native_quant.library() is None:
+        pytest.skip("no C compiler")
+    gen = torch.Generator().manual_seed(shape[0] + axis)
+    g = torch.randn(shape, generator=gen) * torch.rand(shape, generator=gen).pow(6) * 10
+    mult = torch.rand((1, shape[1]) if axis == 0 else (shape[0], 1), generator=gen) + 0.5
+    results = []
+    for native in (True, False):
+        if not native:
+            monkeypatch.setattr(gq, "_conv_search_native", lambda *a: None)
+        torch.manual_seed(0)
+        results.append(quantize_grad(g, 127, axis, RATIOS, mult=mult, stochastic=True, name="fc"))
+    c_res, t_res = results
+    assert c_res.ratio == t_res.ratio and abs(c_res.cos - t_res.cos) < 1e-6
+    assert torch.equal(c_res.q, t_res.q) and torch.equal(c_res.step, t_res.step)
+
+
+def test_clip_search_in_c_keeps_the_least_clipping_on_ties() -> None:
+    """Slices of one element score every candidate 1 (each element is its own amax): the C search keeps the first
+    candidate (no clipping) instead of following the sums' last-bit rounding (the compiled fp32 search picked 0.9 on
+    such a gradient), and a non-finite value raises naming the layer."""
+    g = torch.randn(300, 1)
+    assert quantize_grad(g, 127, 0, RATIOS).ratio == 1.0
+    g[7, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match="layer 'fc7'"):
+        quantize_grad(g, 127, 0, RATIOS, name="fc7")
+
+
+def test_clip_search_in_c_with_overflowing_squares_picks_as_the_compiled_search(monkeypatch) -> None:
+    """Gradients beyond ~1e19 overflow fp32 squares, so some cosines are NaN: the C search then picks the first NaN
+    candidate as ``torch.argmax`` does in the compiled search (review finding), the same ratio and step."""
+    from lq.ops import grad_quant as gq
+
+    g = torch.zeros(2, 4, 3, 3)
+    g[0, 0, 0, 0], g[1, 2, 1, 1] = 2e19, -1e19
+    mult = torch.ones(1, 4, 1, 1)
+    c_res = quantize_grad(g, 127, None, (0.5, 1.0), mult=mult, name="L")
+    monkeypatch.setattr(gq, "_conv_search_native", lambda *a: None)
+    t_res = quantize_grad(g, 127, None, (0.5, 1.0), mult=mult, name="L")
+    assert c_res.ratio == t_res.ratio and torch.equal(c_res.step, t_res.step)

@@ -318,7 +318,7 @@ def _quantize_planned(
     if scored is not None:  # a convolution's gradient on CPU: the candidates scored in C, then quantized as below
         cosines, amax = scored
         require_finite(torch.isfinite(amax).all(), amax, what, name)
-        best = max(range(len(cosines)), key=cosines.__getitem__)  # (the first maximum, as torch.argmax)
+        best = _best_candidate(cosines)
         ratio, cos = plan.cand[best], float(cosines[best])
         if plan.periodic and plan.search:  # searched this call (not a reuse): restart the count
             plan.state[plan.what] = [1, ratio]
@@ -349,6 +349,22 @@ def _quantize_planned(
     return GradQuantResult(q=q, step=step, ratio=ratio, cos=cos)
 
 
+#: cosines this close count as equal in the C search (its double sums are ~1e-9 from float64; the compiled search's fp32
+#: sums ~2e-7): a slice of one element scores every ratio 1 +- 1e-8, and the earliest (least clipping) is kept
+_TIE = 1e-7
+
+
+def _best_candidate(cosines: list[float]) -> int:
+    """The candidate the C search picks: the earliest within :data:`_TIE` of the best cosine (near-ties below the
+    compiled search's own fp32 rounding go to the least clipping), or the first NaN where one is (as ``torch.argmax``:
+    squares of gradients beyond ~1e19 overflow fp32, in the compiled search too)."""
+    for k, c in enumerate(cosines):
+        if c != c:
+            return k
+    top = max(cosines)
+    return next(k for k, c in enumerate(cosines) if c >= top - _TIE)
+
+
 def _quantize_fixed(g, qmax: int, axis, mult, ratio: float, noise, seed, stochastic):
     """``(q, step, amax, finite)`` of ``g * mult`` clipped at ``ratio * amax``: the C kernels where they apply, else
     the compiled :func:`_fused_fixed` (the same numbers)."""
@@ -362,12 +378,17 @@ def _quantize_fixed(g, qmax: int, axis, mult, ratio: float, noise, seed, stochas
 def _conv_search_native(g, qmax: int, axis, mult, cand: tuple[float, ...], num_samples: int):
     """The clip candidates ``cand`` scored in C for a convolution's gradient operand on CPU
     (``native_quant.conv_clip_search``) on the sample :func:`_fused_search` scores (whole images of at most ``16 *
-    num_samples`` elements per layer, whole channels of about ``num_samples`` per channel): ``(cosines, amax)``, or
-    ``None`` where that does not apply. The cosines agree with the compiled search's to ~1e-7 (double sums instead of
+    num_samples`` elements per layer, whole channels of about ``num_samples`` per channel), or a Linear's per-row /
+    per-column operand (``native_quant.rows_clip_search``, whole rows / columns): ``(cosines, amax)``, or ``None``
+    where that does not apply. The cosines agree with the compiled search's to ~1e-7 (double sums instead of
     fp32 ones): only candidates that close could be ranked otherwise. 64 x 16 x 28 x 28 gradient, 6 candidates, 2
     threads: 0.22 / 0.09 ms per layer / per channel scoring against 0.54 / 0.52 ms for the compiled search and
     quantization (AVX-512 host)."""
-    if g.dim() != 4 or g.device.type != "cpu":
+    if g.device.type != "cpu":
+        return None
+    if g.dim() == 2 and axis in (0, 1):  # a Linear's per-row / per-column scales: whole rows / columns
+        return native_quant.rows_clip_search(g, qmax, axis, mult, cand, _sample_slices(g, axis, num_samples))
+    if g.dim() != 4:
         return None
     if axis is None:
         sel = _leading_rows(g, num_samples * 16)

@@ -421,6 +421,9 @@ def library() -> ctypes.CDLL | None:
     lib.lq_grad_conv_search.restype = _I64
     lib.lq_grad_conv_search.argtypes = [_P, _I64, _I64, _I64, _I32, _I32, _F, _P, _P, _I64, _P, _I64, _P, _I64, _P, _P,
                                         _P, _P, _I32]
+    lib.lq_grad_rows_search.restype = _I64
+    lib.lq_grad_rows_search.argtypes = [_P, _I64, _I64, _I64, _I32, _I32, _F, _P, _I64, _P, _I64, _P, _I64, _P, _P,
+                                        _I32]
     lib.lq_grid_rows.restype = None
     lib.lq_grid_rows.argtypes = [_P, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _P, _I32, _I32]
     lib.lq_to_nhwc_i8.restype = None
@@ -694,6 +697,39 @@ def conv_clip_search(
         sel.data_ptr() if axis == 1 else None, sel.numel() if axis == 1 else 0, r.data_ptr(), len(ratios),
         _ptr(a[0]), _ptr(b[0]), _ptr(a[1]), _ptr(b[1]), torch.get_num_threads(),
     )
+    if res & 4:
+        raise MemoryError("lq clip search: could not allocate its per-thread sums")
+    return (cos.tolist(), amax) if res == 0 else None
+
+
+def rows_clip_search(
+    g: torch.Tensor, qmax: int, axis: int, mult: torch.Tensor | None, ratios: tuple[float, ...], sel: torch.Tensor,
+) -> tuple[list[float], torch.Tensor] | None:
+    """:func:`conv_clip_search` for a Linear's gradient ``g [m, n]`` (fp32, row-major): grad_input's operand (``axis``
+    0: a scale per row, ``mult`` ``[1, n]`` or None) or grad_weight's (``axis`` 1: a scale per column, ``mult`` ``[m,
+    1]``, ``[1, 1]`` or None) on the whole rows / columns ``sel`` (``lq_grad_rows_search``). Returns ``(cosines, amax
+    of the sampled slices)``, or ``None`` where the kernel does not apply."""
+    if (g.dim() != 2 or g.dtype != torch.float32 or not g.is_contiguous() or g.numel() == 0 or axis not in (0, 1)
+            or not 1 <= len(ratios) <= 64 or not _usable(g)):
+        return None
+    m, n = g.shape
+    stride = 0
+    if mult is not None:
+        if mult.dtype != torch.float32 or not _usable(mult):
+            return None
+        if axis == 0 and mult.shape == (1, n):
+            mult = mult.reshape(n).contiguous()
+        elif axis == 1 and mult.shape in ((m, 1), (1, 1)):
+            stride = 1 if mult.numel() > 1 else 0
+            mult = mult.reshape(-1).contiguous()
+        else:
+            return None
+    sel = sel.to(torch.int64).contiguous()
+    r = torch.tensor(ratios, dtype=torch.float32)
+    amax, cos = _floats(sel.numel()), torch.empty(len(ratios), dtype=torch.float64)
+    res = library().lq_grad_rows_search(g.data_ptr(), m, n, n, int(axis == 0), qmax, AMAX_EPS, _ptr(mult), stride,
+                                        sel.data_ptr(), sel.numel(), r.data_ptr(), len(ratios), amax.data_ptr(),
+                                        cos.data_ptr(), torch.get_num_threads())
     if res & 4:
         raise MemoryError("lq clip search: could not allocate its per-thread sums")
     return (cos.tolist(), amax) if res == 0 else None

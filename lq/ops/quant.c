@@ -754,6 +754,80 @@ int64_t lq_grad_conv_search(const float *g, int64_t n, int64_t hw, int64_t o, in
     return 0;
 }
 
+/* lq_grad_conv_search for a Linear's gradient g [m, n] (row-major, row stride ldg): one operand's candidates scored on
+   whole slices, as grad_quant._fused_search scores a per-row or per-column scale. by_row = 1 (grad_input's, a scale
+   per row): y = g[i, j] * mult[j] (mult [n] or NULL) on the rows sel[0 .. ns); by_row = 0 (grad_weight's, a scale per
+   column): y = g[i, j] * mult[i * mult_stride] (mult [m] or one value, or NULL) on the columns sel[0 .. ns). Each
+   sampled slice's amax from the whole slice (written to amax[0 .. ns)), step_k = max(ratios[k] * amax, eps) / qmax,
+   cos [nr] as lq_grad_conv_search. Returns 4 when scratch could not be allocated, 8 for nr outside 1 .. 64. */
+int64_t lq_grad_rows_search(const float *g, int64_t m, int64_t n, int64_t ldg, int32_t by_row, int32_t qmax, float eps,
+                            const float *mult, int64_t mult_stride, const int64_t *sel, int64_t ns,
+                            const float *ratios, int64_t nr, float *amax, double *cos, int32_t threads) {
+    if (nr < 1 || nr > 64) return 8;
+    const int64_t per = (2 * nr + 1) * LANES, len = by_row ? n : m, chunk = 1024;
+    double *sums = (double *)calloc((size_t)threads * (size_t)per, sizeof(double));
+    float *cbuf = (float *)malloc((size_t)threads * (size_t)chunk * sizeof(float));
+    if (!sums || !cbuf) {
+        free(sums);
+        free(cbuf);
+        return 4;
+    }
+    const float fq = (float)qmax, lo = -fq, hi = fq;
+#pragma omp parallel num_threads(threads)
+    {
+        int t = thread_num();
+        double *acc = sums + (size_t)t * (size_t)per;
+        float *buf = cbuf + (size_t)t * (size_t)chunk;
+#pragma omp for schedule(static)
+        for (int64_t e = 0; e < ns; e++) {
+            int64_t s = sel[e];
+            uint32_t mb = 0;
+            if (by_row) {
+                mb = mult ? row_amax_mul(g + s * ldg, mult, n) : row_amax(g + s * ldg, n);
+            } else {
+                for (int64_t i = 0; i < m; i++) {
+                    float y = g[i * ldg + s] * (mult ? mult[i * mult_stride] : 1.0f);
+                    uint32_t a = bits_of(y) & ABS_BITS;
+                    mb = a > mb ? a : mb;
+                }
+            }
+            float a = float_of(mb);
+            amax[e] = a;
+            for (int64_t p = 0; p < len; p += chunk) {
+                int64_t w = len - p < chunk ? len - p : chunk;
+                const float *src, *mm = NULL;
+                if (by_row) {
+                    src = g + s * ldg + p;
+                    mm = mult ? mult + p : NULL;
+                } else {
+                    for (int64_t j = 0; j < w; j++)
+                        buf[j] = g[(p + j) * ldg + s] * (mult ? mult[(p + j) * mult_stride] : 1.0f);
+                    src = buf;
+                }
+                square_sums(src, mm, 1.0f, w, acc + 2 * nr * LANES);
+                for (int64_t k = 0; k < nr; k++) {
+                    float v = ratios[k] * a, st = (v < eps ? eps : v) / fq;
+                    clip_sums(src, mm, 1.0f, w, st, lo, hi, acc + k * LANES, acc + (nr + k) * LANES);
+                }
+            }
+        }
+    }
+    double tot[2 * 64 + 1];
+    for (int64_t e = 0; e < 2 * nr + 1; e++) {
+        double v = 0.0;
+        for (int u = 0; u < threads; u++)
+            for (int l = 0; l < LANES; l++) v += sums[(size_t)u * (size_t)per + e * LANES + l];
+        tot[e] = v;
+    }
+    for (int64_t k = 0; k < nr; k++) {
+        double norm = sqrt(tot[nr + k] * tot[2 * nr]);
+        cos[k] = norm > 0 ? tot[k] / (norm > 1e-30 ? norm : 1e-30) : 1.0;
+    }
+    free(sums);
+    free(cbuf);
+    return 0;
+}
+
 /* A channels-last int8 output gradient g [N, Ho, Wo, O] (memory order) laid out on a convolution's grid as channel
    rows (lq.ops.int8_conv_kernels._grad_weight_taps): dst [rows, width] row-major gets
    dst[o, lead + n * hs * ws + a * ws + b] = g[n, a, b, o] for a < Ho, b < Wo, and zeros everywhere else (the lead,
