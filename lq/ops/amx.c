@@ -824,7 +824,8 @@ __attribute__((target("avx512f"))) static void finish_block(const int32_t *acc, 
    horizontal taps of a kernel row (the caller's weight holds them as one "tap" of 64 channels). xg holds rows up
    to t_out rounded up to 64 plus the largest off (and the bytes a row reads beyond); w: int8 [O, c, taps]
    (row-major; k >= c reads as 0); y: fp32 channels-last, [N, Ho, Wo, O] (s2d = 0; yh = ho, yw = wo) or, with
-   s2d = 1, [N, yh, yw, O / 4] written depth-to-space (conv_out); nchw = 1: y row-major, [N, O (/ 4), yh, yw]. The weight is packed once per call, each
+   s2d = 1, [N, yh, yw, O / 4] written depth-to-space (conv_out); nchw = 1: y row-major, [N, O (/ 4), yh, yw].
+   The weight is packed once per call, each
    output block of 32 positions x 32 channels sums every tap and step in the tile registers, and the output stage is
    applied in L1. vnni = 1: AVX-512 VNNI instead of the tile unit, xg stored xor 0x80 (lq_conv_grid's flip: every
    byte a row reads, the zeros too), each sum less 128 * the sum of its output channel's weights.

@@ -558,7 +558,7 @@ int64_t lq_grad_conv(const float *g, int64_t rows, int64_t cols, int32_t channel
 /* the clip search's sums of one candidate over n floats y[j] = x[j] * mult[j] (mult NULL: * c): dot[l] +=
    Q(y) y, nq[l] += Q(y)^2 with Q(y) = clamp(rint(y / st), lo, hi) * st (fp32 products, double sums per lane, kept in
    registers for the call) */
-#define CLIP_BODY(Y)                                                                                                    \
+#define CLIP_BODY(Y)                                                                                                   \
     do {                                                                                                               \
         float y = (Y), q = rintf(y / st);                                                                              \
         q = q < lo ? lo : q;                                                                                           \
@@ -623,8 +623,8 @@ int64_t lq_grad_conv_search(const float *g, int64_t n, int64_t hw, int64_t o, in
     const int64_t per = (2 * nr + 1) * LANES;          /* one operand's lane sums: dot [nr], nq [nr], ny */
     const int64_t chunk = 1024;                         /* B's channel column gathered this many rows at a time */
     const int64_t per_rows = span_rows(o); /* channels-last rows per call of the row loops (as lq_grad_conv) */
-    const int64_t mspan = channel_on_cols ? per_rows * o : o, mspans = channel_on_cols ? (rows + per_rows - 1) / per_rows
-                                                                                      : rows;
+    const int64_t mspan = channel_on_cols ? per_rows * o : o;
+    const int64_t mspans = channel_on_cols ? (rows + per_rows - 1) / per_rows : rows;
     uint32_t *part = (uint32_t *)calloc((size_t)threads * (size_t)mspan, sizeof(uint32_t));
     float *chmax = (float *)malloc((size_t)o * sizeof(float));
     float *steps = (float *)malloc((size_t)(nr * (o + 1)) * sizeof(float)); /* [nr] for A, then [nr][o] for B */
@@ -724,7 +724,8 @@ int64_t lq_grad_conv_search(const float *g, int64_t n, int64_t hw, int64_t o, in
                 }
                 square_sums(src, NULL, 1.0f, len, sb + 2 * nr * LANES);
                 for (int64_t k = 0; k < nr; k++)
-                    clip_sums(src, NULL, 1.0f, len, steps[nr + k * o + c], lo, hi, sb + k * LANES, sb + (nr + k) * LANES);
+                    clip_sums(src, NULL, 1.0f, len, steps[nr + k * o + c], lo, hi, sb + k * LANES,
+                              sb + (nr + k) * LANES);
             }
         }
     }
