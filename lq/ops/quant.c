@@ -436,6 +436,35 @@ int64_t lq_grad_pair(const float *g, int64_t m, int64_t n, int64_t ldg, int32_t 
     return result;
 }
 
+/* A convolution gradient's channel maxima of |g|, each thread's into mine (an orphaned worksharing loop over the
+   enclosing region's threads): channels-last rows (channel_on_cols) in spans of `per` whole rows of `cols` floats, per
+   span position (one call of the row loop each: 16-float rows one call each cost 12x their memory traffic), row-major
+   rows one at a time (row r's channel r % channels). */
+static void channel_maxima(const float *g, int64_t rows, int64_t cols, int32_t channel_on_cols, int64_t channels,
+                           int64_t per, uint32_t *mine) {
+    const int64_t span = per * cols, spans = (rows + per - 1) / per;
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < spans; i++) {
+        if (channel_on_cols) {
+            col_amax_mul(g + i * span, 1.0f, piece(rows, per, i) * cols, mine);
+        } else {
+            uint32_t v = row_amax(g + i * cols, cols);
+            int64_t o = i % channels;
+            mine[o] = v > mine[o] ? v : mine[o];
+        }
+    }
+}
+
+/* channel o's maximum (bits) from the threads' partial maxima of channel_maxima (span entries a thread) */
+static uint32_t channel_max(const uint32_t *part, int32_t threads, int64_t span, int64_t channels, int64_t o) {
+    uint32_t m = 0;
+    for (int64_t r = o; r < span; r += channels) {
+        uint32_t v = merged_max(part, threads, span, r);
+        m = v > m ? v : m;
+    }
+    return m;
+}
+
 /* Both backward operands of a convolution's output gradient g [N, O, H, W] (lq.ops.int8_conv), each skipped when
    its q is NULL:
      A (grad_input's): y = g * mult_a[o], one scale for the tensor  -> qa, step_a / amax_a [1]
@@ -469,27 +498,13 @@ int64_t lq_grad_conv(const float *g, int64_t rows, int64_t cols, int32_t channel
         int t = thread_num();
         uint32_t *mine = part + (size_t)t * (size_t)span;
         /* pass 1: each thread's maxima of |g| per channel (channels-last: per span position) */
-#pragma omp for schedule(static)
-        for (int64_t i = 0; i < spans; i++) {
-            if (channel_on_cols) {
-                col_amax_mul(g + i * span, 1.0f, piece(rows, per, i) * cols, mine);
-            } else {
-                uint32_t v = row_amax(g + i * cols, cols);
-                int64_t o = i % channels;
-                mine[o] = v > mine[o] ? v : mine[o];
-            }
-        }
+        channel_maxima(g, rows, cols, channel_on_cols, channels, per, mine);
         /* the channel maxima merged, B's scales, A's amax and scale (one thread) */
 #pragma omp single
         {
             uint32_t a_bits = 0;
             for (int64_t o = 0; o < channels; o++) {
-                uint32_t m = 0;
-                for (int64_t r = o; r < span; r += channels) {
-                    uint32_t v = merged_max(part, threads, span, r);
-                    m = v > m ? v : m;
-                }
-                float amax = float_of(m);
+                float amax = float_of(channel_max(part, threads, span, channels, o));
                 if (qb) {
                     amax_b[o] = amax;
                     s_b[o] = scale_of(amax * ratio_b, eps, qmax);
@@ -624,21 +639,16 @@ int64_t lq_grad_conv_search(const float *g, int64_t n, int64_t hw, int64_t o, in
     const int64_t chunk = 1024;                         /* B's channel column gathered this many rows at a time */
     const int64_t per_rows = span_rows(o); /* channels-last rows per call of the row loops (as lq_grad_conv) */
     const int64_t mspan = channel_on_cols ? per_rows * o : o;
-    const int64_t mspans = channel_on_cols ? (rows + per_rows - 1) / per_rows : rows;
     uint32_t *part = (uint32_t *)calloc((size_t)threads * (size_t)mspan, sizeof(uint32_t));
     float *chmax = (float *)malloc((size_t)o * sizeof(float));
     float *steps = (float *)malloc((size_t)(nr * (o + 1)) * sizeof(float)); /* [nr] for A, then [nr][o] for B */
     double *sums = (double *)calloc((size_t)threads * (size_t)(2 * per), sizeof(double));
     float *cbuf = (float *)malloc((size_t)threads * (size_t)chunk * sizeof(float));
     float *m_rep = (float *)malloc((size_t)(per_rows * o) * sizeof(float));
+    int64_t result = 0;
     if (!part || !chmax || !steps || !sums || !cbuf || !m_rep) {
-        free(part);
-        free(chmax);
-        free(steps);
-        free(sums);
-        free(cbuf);
-        free(m_rep);
-        return 4;
+        result = 4;
+        goto done;
     }
     repeat(m_rep, mult_a, per_rows * o, o);
     const float fq = (float)qmax, lo = -fq, hi = fq;
@@ -646,27 +656,12 @@ int64_t lq_grad_conv_search(const float *g, int64_t n, int64_t hw, int64_t o, in
     {
         int t = thread_num();
         uint32_t *mine = part + (size_t)t * (size_t)mspan;
-        /* the channel maxima of |g| (channels-last: per span position, spans of whole rows) */
-#pragma omp for schedule(static)
-        for (int64_t i = 0; i < mspans; i++) {
-            if (channel_on_cols) {
-                col_amax_mul(g + i * mspan, 1.0f, piece(rows, per_rows, i) * o, mine);
-            } else {
-                uint32_t v = row_amax(g + i * cols, cols);
-                int64_t c = i % o;
-                mine[c] = v > mine[c] ? v : mine[c];
-            }
-        }
+        channel_maxima(g, rows, cols, channel_on_cols, o, channel_on_cols ? per_rows : 1, mine); /* as lq_grad_conv */
 #pragma omp single
         {
             uint32_t a_bits = 0;
             for (int64_t c = 0; c < o; c++) {
-                uint32_t mb = 0;
-                for (int64_t r = c; r < mspan; r += o) {
-                    uint32_t v = merged_max(part, threads, mspan, r);
-                    mb = v > mb ? v : mb;
-                }
-                chmax[c] = float_of(mb);
+                chmax[c] = float_of(channel_max(part, threads, mspan, o, c));
                 uint32_t v = bits_of(chmax[c] * fabsf(mult_a[c])) & ABS_BITS;
                 a_bits = v > a_bits ? v : a_bits;
             }
@@ -746,13 +741,14 @@ int64_t lq_grad_conv_search(const float *g, int64_t n, int64_t hw, int64_t o, in
             out[k] = norm > 0 ? tot[op][k] / (norm > 1e-30 ? norm : 1e-30) : 1.0;
         }
     }
+done:
     free(part);
     free(chmax);
     free(steps);
     free(sums);
     free(cbuf);
     free(m_rep);
-    return 0;
+    return result;
 }
 
 /* lq_grad_conv_search for a Linear's gradient g [m, n] (row-major, row stride ldg): one operand's candidates scored on
