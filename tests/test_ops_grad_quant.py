@@ -495,12 +495,12 @@ def test_convolution_clip_search_in_c_matches_the_compiled_search(shape, layout,
         g = g.contiguous(memory_format=torch.channels_last)
     mult = torch.rand(1, shape[1], 1, 1, generator=gen) + 0.5
     calls = []
-    native = gq._conv_search_native
-    monkeypatch.setattr(gq, "_conv_search_native", lambda *a: calls.append(1) or native(*a))
+    native = gq._search_native
+    monkeypatch.setattr(gq, "_search_native", lambda *a: calls.append(1) or native(*a))
     results = {}
     for way in ("c", "compiled"):
         if way == "compiled":
-            monkeypatch.setattr(gq, "_conv_search_native", lambda *a: None)
+            monkeypatch.setattr(gq, "_search_native", lambda *a: None)
         torch.manual_seed(0)
         with GradDeviationTracker() as tracker:
             a = quantize_grad(g, 127, None, RATIOS, mult=mult, stochastic=True, name="conv", what="x")
@@ -542,7 +542,7 @@ def test_linear_clip_search_in_c_matches_the_compiled_search(shape, axis, monkey
     results = []
     for native in (True, False):
         if not native:
-            monkeypatch.setattr(gq, "_conv_search_native", lambda *a: None)
+            monkeypatch.setattr(gq, "_search_native", lambda *a: None)
         torch.manual_seed(0)
         results.append(quantize_grad(g, 127, axis, RATIOS, mult=mult, stochastic=True, name="fc"))
     c_res, t_res = results
@@ -570,6 +570,6 @@ def test_clip_search_in_c_with_overflowing_squares_picks_as_the_compiled_search(
     g[0, 0, 0, 0], g[1, 2, 1, 1] = 2e19, -1e19
     mult = torch.ones(1, 4, 1, 1)
     c_res = quantize_grad(g, 127, None, (0.5, 1.0), mult=mult, name="L")
-    monkeypatch.setattr(gq, "_conv_search_native", lambda *a: None)
+    monkeypatch.setattr(gq, "_search_native", lambda *a: None)
     t_res = quantize_grad(g, 127, None, (0.5, 1.0), mult=mult, name="L")
     assert c_res.ratio == t_res.ratio and torch.equal(c_res.step, t_res.step)

@@ -9,9 +9,9 @@ Network* (CVPR; arXiv 1912.12607).
   the cosine distance ``1 - cos(g, Q_c(g))`` between the float gradient and its quantize-dequantize
   ``Q_c(g) = step * clamp(round(g / step), -qmax, qmax)``, ``step = c / qmax``. We search ``c = r * amax``
   over a few ratios ``r``, all candidates at once in fused (compiled) reductions: per-layer scales exactly
-  on the whole gradient, per-row/channel scales exactly on a sample of whole rows/channels. A convolution's
-  gradient on CPU scores its candidates in C instead (``native_quant.conv_clip_search``: the same sample, sums in
-  double), 2-5x cheaper.
+  on the whole gradient, per-row/channel scales exactly on a sample of whole rows/channels. A convolution's or
+  Linear's gradient on CPU scores its candidates in C instead (``native_quant.conv_clip_search`` /
+  ``rows_clip_search``: the same sample, sums in double), 2-5x cheaper.
 * **Deviation-counteractive learning-rate scaling** (Sec. 4.2): ``deviation_lr_factor`` returns the factor
   ``phi(d) = max(exp(-alpha * d), beta)`` by which to multiply the learning rate, where ``d`` is the
   gradient's cosine distance (averaged over layers); the paper's defaults are ``alpha = 20``,
@@ -314,8 +314,8 @@ def _quantize_planned(
     r = _ratio_tensor(plan.cand, g.device)
     scored = None
     if (plan.search or _ACTIVE) and not compiling and stochastic != "hash":
-        scored = _conv_search_native(g, qmax, axis, mult, plan.cand, num_samples)
-    if scored is not None:  # a convolution's gradient on CPU: the candidates scored in C, then quantized as below
+        scored = _search_native(g, qmax, axis, mult, plan.cand, num_samples)
+    if scored is not None:  # a conv's or Linear's gradient on CPU: the candidates scored in C, then quantized
         cosines, amax = scored
         require_finite(torch.isfinite(amax).all(), amax, what, name)
         best = _best_candidate(cosines)
@@ -375,15 +375,15 @@ def _quantize_fixed(g, qmax: int, axis, mult, ratio: float, noise, seed, stochas
                       seed)
 
 
-def _conv_search_native(g, qmax: int, axis, mult, cand: tuple[float, ...], num_samples: int):
+def _search_native(g, qmax: int, axis, mult, cand: tuple[float, ...], num_samples: int):
     """The clip candidates ``cand`` scored in C for a convolution's gradient operand on CPU
     (``native_quant.conv_clip_search``) on the sample :func:`_fused_search` scores (whole images of at most ``16 *
     num_samples`` elements per layer, whole channels of about ``num_samples`` per channel), or a Linear's per-row /
     per-column operand (``native_quant.rows_clip_search``, whole rows / columns): ``(cosines, amax)``, or ``None``
-    where that does not apply. The cosines agree with the compiled search's to ~1e-7 (double sums instead of
-    fp32 ones): only candidates that close could be ranked otherwise. 64 x 16 x 28 x 28 gradient, 6 candidates, 2
-    threads: 0.22 / 0.09 ms per layer / per channel scoring against 0.54 / 0.52 ms for the compiled search and
-    quantization (AVX-512 host)."""
+    where that does not apply. The cosines are ~1e-8 from float64 sums of the same fp32 products (the compiled search's
+    fp32 sums: 1e-7 to 1e-6), so only candidates that close could be ranked otherwise (:func:`_best_candidate`).
+    64 x 16 x 28 x 28 gradient, 6 candidates, 2 threads: 0.22 / 0.09 ms per layer / per channel scoring against
+    0.54 / 0.52 ms for the compiled search and its quantization (AVX-512 Zen 5 host)."""
     if g.device.type != "cpu":
         return None
     if g.dim() == 2 and axis in (0, 1):  # a Linear's per-row / per-column scales: whole rows / columns

@@ -26,8 +26,8 @@ from lq.quant.functional import AMAX_EPS
 
 __all__ = [
     "amx_conv", "amx_conv_grad_input", "amx_library", "amx_mm", "amx_taps", "amx_usable", "grad_operands", "grid_rows",
-    "dequantize", "flip_byte", "grid", "library", "pack_activation",
-    "quantize_rows", "quantize_tensor", "scale_sums", "tile_library", "tile_unit", "tile_usable",
+    "conv_clip_search", "dequantize", "flip_byte", "grid", "library", "pack_activation",
+    "quantize_rows", "quantize_tensor", "rows_clip_search", "scale_sums", "tile_library", "tile_unit", "tile_usable",
 ]
 
 SOURCE = Path(__file__).with_name("quant.c")
@@ -166,8 +166,7 @@ def amx_conv_grad_input(
         pads, out_hw, crop = (kh2 - 1, kw2 - 1), (-(-hp // 2), -(-wp // 2)), (ph, pw)
         grid = (out_hw[0] + kh2 - 1, out_hw[1] + kw2 - 1)
     ok = _conv_on_grid(g, pads, False, grid, w, f"grad{sh}", g_step, _ones(4 * c if sh == 2 else c), None, out_hw, y,
-                       sh == 2, crop,
-                       not channels_last)
+                       sh == 2, crop, not channels_last)
     if not ok:
         return None
     return y.permute(0, 3, 1, 2) if channels_last else y
