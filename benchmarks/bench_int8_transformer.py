@@ -2,6 +2,7 @@
 MLP and MiniLM rows).
 
     python benchmarks/bench_int8_transformer.py [--threads 2] [--repeats 5] [--skip-minilm] [--compile]
+        [--clip-every-step]
 
 1. MLP of four ``Linear(1024, 1024)`` with ReLU, batch 1024: one train step (forward, MSE loss, backward,
    SGD with momentum).
@@ -11,6 +12,10 @@ MLP and MiniLM rows).
    forward and backward, this machine's ``Int8ComputeConfig``); attention matmuls, LayerNorm, GELU and
    softmax stay float. Also prints the cosine of all parameter gradients, int8 vs fp32, on the same batch
    (issue 12 asks >= 0.97).
+
+``--clip-every-step`` adds the int8 variant with the direction-sensitive clip searched on every backward
+(``clip_every=1``; the default searches every 16th), once with the C search and once with the compiled one
+(``grad_quant._search_native`` off).
 
 Variants run in turn within every round (``common.interleaved``), medians; prints fp32 / variant and
 bf16 / variant ratios (> 1: the variant is faster). Time it on an otherwise idle machine.
@@ -32,13 +37,37 @@ from lq.ops import Int8ComputeConfig
 from lq.ops import hardware as hw
 
 
-def int8_prepared(base: nn.Module, skip: list[str] | None = None) -> nn.Module:
-    """``base`` as ``Int8Training`` prepares it: Linear layers on int8 GEMMs, no fake quantization."""
+def int8_prepared(base: nn.Module, skip: list[str] | None = None, **config) -> nn.Module:
+    """``base`` as ``Int8Training`` prepares it: Linear layers on int8 GEMMs, no fake quantization (``config``: fields
+    of this machine's ``Int8ComputeConfig`` to override)."""
     m = copy.deepcopy(base)
     off = lq.QuantSpec(enabled=False)
     lq.quantize(m, lq.QuantConfig(weight=off, activation=off, layers=["Linear"], skip=skip or []))
-    use_int8_compute(m, Int8ComputeConfig.for_this_machine())
+    use_int8_compute(m, Int8ComputeConfig.for_this_machine(**config))
     return m
+
+
+def compiled_search(fn):
+    """``fn`` run with the clip candidates scored by the compiled search instead of C (the code before the 2026-12-01
+    twelfth session)."""
+    from lq.ops import grad_quant
+
+    def run() -> None:
+        native = grad_quant._search_native
+        grad_quant._search_native = lambda *a: None
+        try:
+            fn()
+        finally:
+            grad_quant._search_native = native
+
+    return run
+
+
+def add_clip_variants(fns: dict, make, args) -> None:
+    """``--clip-every-step``: the int8 variant with the clip searched on every backward, C and compiled search."""
+    if args.clip_every_step:
+        fns["int8, clip_every=1"] = make(clip_every=1)
+        fns["int8, clip_every=1, compiled search"] = compiled_search(make(clip_every=1))
 
 
 def report(title: str, times: dict[str, float]) -> None:
@@ -76,6 +105,7 @@ def bench_mlp(args) -> None:
     }
     if args.compile:
         fns["int8, torch.compile"] = step_fn(torch.compile(int8_prepared(base)))
+    add_clip_variants(fns, lambda **c: step_fn(int8_prepared(base, **c)), args)
     times = interleaved(fns, args.repeats, settle=1)
     report(f"MLP 4x1024, batch {args.mlp_batch}: train step (median of {args.repeats})", times)
 
@@ -117,6 +147,7 @@ def bench_minilm(args) -> None:
     }
     if args.compile:  # ~2 min to compile on 2 cores
         fns["int8, torch.compile"] = fwd_bwd(torch.compile(int8_prepared(base, skip=["bert.pooler.*"])))
+    add_clip_variants(fns, lambda **c: fwd_bwd(int8_prepared(base, skip=["bert.pooler.*"], **c)), args)
     times = interleaved(fns, args.repeats, warmup=1)
     report(f"MiniLM (all-MiniLM-L6-v2), batch {args.minilm_batch} x 128 tokens: forward + backward "
            f"(median of {args.repeats})", times)
@@ -134,6 +165,8 @@ def main() -> None:
     ap.add_argument("--mlp-batch", type=int, default=1024)
     ap.add_argument("--minilm-batch", type=int, default=64)
     ap.add_argument("--skip-minilm", action="store_true")
+    ap.add_argument("--clip-every-step", action="store_true",
+                    help="add int8 with the clip searched every backward (clip_every=1), C and compiled search")
     ap.add_argument("--compile", action="store_true",
                     help="add the int8 models under torch.compile (clip searched every step inside a graph)")
     add_cpu_malloc_flag(ap)
