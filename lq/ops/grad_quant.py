@@ -311,7 +311,6 @@ def _quantize_planned(
     ratio, cos = plan.ratio, 1.0
     compiling = torch.compiler.is_compiling()
     noise, seed = fused.rounding_inputs(g, stochastic)
-    r = _ratio_tensor(plan.cand, g.device)
     scored = None
     if (plan.search or _ACTIVE) and not compiling and stochastic != "hash":
         scored = _search_native(g, qmax, axis, mult, plan.cand, num_samples)
@@ -320,11 +319,10 @@ def _quantize_planned(
         require_finite(torch.isfinite(amax).all(), amax, what, name)
         best = _best_candidate(cosines)
         ratio, cos = plan.cand[best], float(cosines[best])
-        if plan.periodic and plan.search:  # searched this call (not a reuse): restart the count
-            plan.state[plan.what] = [1, ratio]
         q, step, amax, finite = _quantize_fixed(g, qmax, axis, mult, ratio, noise, seed, stochastic)
         require_finite(finite, amax, what, name)
     elif plan.search or _ACTIVE:
+        r = _ratio_tensor(plan.cand, g.device)
         gs = ms = sample = sel = None
         if axis is None:
             gs, ms = _leading_slices(g, mult, num_samples * 16)
@@ -339,11 +337,11 @@ def _quantize_planned(
         if compiling:
             return GradQuantResult(q=q, step=step, ratio=r.index_select(0, best), cos=best_cos)
         ratio, cos = plan.cand[int(best)], float(best_cos)
-        if plan.periodic and plan.search:  # searched this call (not a reuse): restart the count
-            plan.state[plan.what] = [1, ratio]
     else:
         q, step, amax, finite = _quantize_fixed(g, qmax, axis, mult, plan.cand[0], noise, seed, stochastic)
         require_finite(finite, amax, what, name)
+    if plan.periodic and plan.search:  # searched this call (not a reuse): restart the count
+        plan.state[plan.what] = [1, ratio]
     if not compiling:
         _report(name, what, 1.0 - cos)
     return GradQuantResult(q=q, step=step, ratio=ratio, cos=cos)

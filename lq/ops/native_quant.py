@@ -683,7 +683,7 @@ def conv_clip_search(
         return None
     if mult is not None and (mult.shape != (1, o, 1, 1) or mult.dtype != torch.float32 or not _usable(mult)):
         return None
-    m = _floats(o).fill_(1.0) if mult is None else mult.reshape(o).contiguous()
+    m = _ones(o) if mult is None else mult.reshape(o).contiguous()
     if sel is None:
         sel = torch.arange(n if axis is None else o, dtype=torch.int64)
     sel = sel.to(torch.int64).contiguous()

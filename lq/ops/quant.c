@@ -619,6 +619,22 @@ LQ_CLONES static void square_sums(const float *restrict x, const float *restrict
     for (int l = 0; l < LANES; l++) ny[l] += a[l];
 }
 
+/* cos[k] of a clip search from the threads' lane sums (thread u's at sums + u * stride, LANES doubles each of dot [nr],
+   nq [nr], ny): dot / sqrt(nq ny), 1 where that norm is 0 (torch.where(norm > 0, dot / norm.clamp_min(1e-30), 1)) */
+static void lane_cosines(const double *sums, int32_t threads, int64_t stride, int64_t nr, double *cos) {
+    double tot[2 * 64 + 1];
+    for (int64_t e = 0; e < 2 * nr + 1; e++) {
+        double v = 0.0;
+        for (int u = 0; u < threads; u++)
+            for (int l = 0; l < LANES; l++) v += sums[(size_t)u * (size_t)stride + e * LANES + l];
+        tot[e] = v;
+    }
+    for (int64_t k = 0; k < nr; k++) {
+        double norm = sqrt(tot[nr + k] * tot[2 * nr]);
+        cos[k] = norm > 0 ? tot[k] / (norm > 1e-30 ? norm : 1e-30) : 1.0;
+    }
+}
+
 /* Zhu et al.'s direction-sensitive clip search (Sec. 4.1; lq.ops.grad_quant) for a convolution's two gradient operands
    as grad_quant._fused_search scores them: A (grad_input's: y = g * mult_a[o], one scale for the tensor) and B
    (grad_weight's: y = g, a scale per channel). Candidate k clips at ratios[k] * amax: step_k = max(ratios[k] * amax,
@@ -724,23 +740,8 @@ int64_t lq_grad_conv_search(const float *g, int64_t n, int64_t hw, int64_t o, in
             }
         }
     }
-    /* the lanes and threads summed, then the cosines */
-    double tot[2][2 * 64 + 1];
-    for (int op = 0; op < 2; op++)
-        for (int64_t e = 0; e < 2 * nr + 1; e++) {
-            double v = 0.0;
-            for (int u = 0; u < threads; u++)
-                for (int l = 0; l < LANES; l++) v += sums[(size_t)u * (size_t)(2 * per) + op * per + e * LANES + l];
-            tot[op][e] = v;
-        }
-    for (int64_t k = 0; k < nr; k++) {
-        for (int op = 0; op < 2; op++) {
-            double *out = op ? cos_b : cos_a;
-            if (!out) continue;
-            double norm = sqrt(tot[op][nr + k] * tot[op][2 * nr]);
-            out[k] = norm > 0 ? tot[op][k] / (norm > 1e-30 ? norm : 1e-30) : 1.0;
-        }
-    }
+    if (cos_a) lane_cosines(sums, threads, 2 * per, nr, cos_a);
+    if (cos_b) lane_cosines(sums + per, threads, 2 * per, nr, cos_b);
 done:
     free(part);
     free(chmax);
@@ -809,17 +810,7 @@ int64_t lq_grad_rows_search(const float *g, int64_t m, int64_t n, int64_t ldg, i
             }
         }
     }
-    double tot[2 * 64 + 1];
-    for (int64_t e = 0; e < 2 * nr + 1; e++) {
-        double v = 0.0;
-        for (int u = 0; u < threads; u++)
-            for (int l = 0; l < LANES; l++) v += sums[(size_t)u * (size_t)per + e * LANES + l];
-        tot[e] = v;
-    }
-    for (int64_t k = 0; k < nr; k++) {
-        double norm = sqrt(tot[nr + k] * tot[2 * nr]);
-        cos[k] = norm > 0 ? tot[k] / (norm > 1e-30 ? norm : 1e-30) : 1.0;
-    }
+    lane_cosines(sums, threads, per, nr, cos);
     free(sums);
     free(cbuf);
     return 0;
