@@ -610,9 +610,9 @@ def grad_operands(
         if mult is not None and (mult.dtype != torch.float32 or not _usable(mult)):
             return None
         if axis == 0 and (mult is None or mult.shape == (1, n)):
-            mult = _floats(n).fill_(1.0) if mult is None else mult.reshape(n).contiguous()
+            mult = _ones(n) if mult is None else mult.reshape(n).contiguous()
         elif axis == 1 and (mult is None or mult.shape in ((m, 1), (1, 1))):
-            mult = _floats(1).fill_(1.0) if mult is None else mult.reshape(-1).contiguous()
+            mult = _ones(1) if mult is None else mult.reshape(-1).contiguous()
         else:
             return None
         size = m if axis == 0 else n
@@ -645,7 +645,7 @@ def _conv_grad_operands(g: torch.Tensor, qmax: int, ops: list[tuple]) -> list[tu
             return None
         if axis is None and (mult is None or (mult.shape == (1, o, 1, 1) and mult.dtype == torch.float32
                                               and _usable(mult))):
-            mult = _floats(o).fill_(1.0) if mult is None else mult.reshape(o).contiguous()
+            mult = _ones(o) if mult is None else mult.reshape(o).contiguous()
         elif axis != 1 or mult is not None:
             return None
         q = torch.empty_like(g, dtype=torch.int8)
