@@ -37,7 +37,13 @@ def expected_conv_kernel(
     dilation, groups; ``lq.ops.int8_conv_kernels.grad_weight_taps_apply``; on AMX CPUs the tile kernel takes the taps
     unless few input channels stack them into one GEMM), a 1x1 stride-1 layer with both operands ``channels_last``
     one AMX product, else ``lq::int8_mm`` on an im2col. On CPUs with AVX-512 VNNI but no tile unit the same kernels run
-    their VNNI form (``native_quant.tile_unit() == "vnni"``)."""
+    their VNNI form (``native_quant.tile_unit() == "vnni"``). A 1x1 unpadded strided layer runs as the stride-1 one on
+    its subsampled input (``pointwise_subsampled``)."""
+    from lq.ops.int8_conv_kernels import pointwise_subsampled
+
+    if geometry is not None and pointwise_subsampled(geometry[1], geometry[2], geometry[3]):
+        (n, c, h, w), stride = geometry[0], geometry[2]
+        geometry = ([n, c, -(-h // stride[0]), -(-w // stride[1])], geometry[1], (1, 1), (0, 0), (1, 1), geometry[5])
     if op == "int8_conv2d_grad_weight":
         if not hw.cpu_int_mm_is_fast() and hw.u8s8_exact(u_qmax, w_qmax):
             return "onednn"

@@ -419,16 +419,62 @@ def test_amx_conv_weight_gradients_equal_the_int_mm_paths(geometry, layout, monk
     monkeypatch.setenv("LQ_NATIVE", "0")
     with hw.record_kernels() as ran_plain:
         want = K._conv_grad_weight_cpu(*args)
-    stacked = c * k * k <= o and (k > 1 or s > 1)  # (a 1x1 stride-1 layer has nothing to stack)
-    pointwise = k == 1 and s == 1 and layout == "channels-last" and unit == "amx"  # (one AMX product)
+    sr = 1 if k == 1 and p == 0 else s  # (a 1x1 strided layer runs as the stride-1 one on its subsampled input)
+    stacked = c * k * k <= o and (k > 1 or sr > 1)  # (a 1x1 stride-1 layer has nothing to stack)
+    pointwise = k == 1 and sr == 1 and layout == "channels-last" and unit == "amx"  # (one AMX product)
     kernel = "pointwise_amx" if pointwise else "taps_int_mm" if stacked else f"taps_{unit}"
     # (on AMX a row-major 1x1 stride-1 layer runs the im2col lq::int8_mm; VNNI takes it by taps)
-    amx_im2col = k == 1 and s == 1 and unit == "amx" and not pointwise
+    amx_im2col = k == 1 and sr == 1 and unit == "amx" and not pointwise
     assert ran == [f"int8_conv2d_grad_weight:{kernel}"] or amx_im2col, (ran, ran_plain)
     assert torch.equal(got, want)
     exact = torch.nn.grad.conv2d_weight(x.double(), [o, c, k, k], g.double(), (s, s), (p, p))
     scaled = exact * g_step.double().reshape(-1, 1, 1, 1) * x_step.double()
     assert torch.allclose(got.double(), scaled, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("geometry", [(2, 16, 32, 28, 28, (2, 2)), (3, 33, 17, 9, 8, (2, 2)), (2, 5, 7, 7, 10, (3, 3)),
+                                      (2, 16, 16, 8, 8, (1, 2)), (4, 3, 9, 1, 5, (2, 2)), (2, 70, 40, 13, 11, (2, 2))])
+@pytest.mark.parametrize("layout", ["row-major", "channels-last"])
+def test_strided_pointwise_layers_run_the_stride_1_products_on_the_subsampled_input(geometry, layout) -> None:
+    """A 1x1 unpadded strided layer (a ResNet shortcut) reads only the pixels ``x[:, :, ::sh, ::sw]``: its CPU kernels
+    compute the three products there at stride 1 (``pointwise_subsampled``), so each equals the stride-1 kernel on
+    that subsampled input bit for bit, the input gradient is exactly zero at every other pixel, and all three match
+    the float64 strided convolution within fp32 scaling, in the layouts the op promises (channels-last, or row-major
+    where the backward of a row-major input asks for it), at odd sizes and unequal strides too."""
+    from lq.ops import int8_conv_kernels as K
+
+    n, c, o, h, w, s = geometry
+    gen = torch.Generator().manual_seed(n * c + o)
+    x = torch.randint(-127, 128, (n, c, h, w), dtype=torch.int8, generator=gen)
+    ho, wo = -(-h // s[0]), -(-w // s[1])
+    g = torch.randint(-127, 128, (n, o, ho, wo), dtype=torch.int8, generator=gen)
+    if layout == "channels-last":
+        x, g = (t.contiguous(memory_format=torch.channels_last) for t in (x, g))
+    wt = torch.randint(-127, 128, (o, c, 1, 1), dtype=torch.int8, generator=gen)
+    x_step, g_step, w_step = (torch.rand(k, generator=gen) + 0.1 for k in (1, 1, o))
+    geo, one = (list(s), [0, 0], [1, 1], 1), ([1, 1], [0, 0], [1, 1], 1)
+    sub = x[:, :, :: s[0], :: s[1]]
+    y = K._conv_fwd_cpu(x, wt, x_step, w_step, 127, 127, None, *geo)
+    assert torch.equal(y, K._conv_fwd_cpu(sub, wt, x_step, w_step, 127, 127, None, *one))
+    want = torch.nn.functional.conv2d(x.double(), wt.double(), None, s) * x_step.double() * w_step.double().reshape(
+        1, -1, 1, 1)
+    assert torch.allclose(y.double(), want, rtol=1e-6, atol=0)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    gw = K._conv_grad_weight_cpu(g, x, w_step, x_step, 127, 127, [o, c, 1, 1], *geo)
+    assert torch.equal(gw, K._conv_grad_weight_cpu(g, sub, w_step, x_step, 127, 127, [o, c, 1, 1], *one))
+    want = torch.nn.grad.conv2d_weight(x.double(), [o, c, 1, 1], g.double(), s) * w_step.double().reshape(
+        -1, 1, 1, 1) * x_step.double()
+    assert torch.allclose(gw.double(), want, rtol=1e-6, atol=0)
+    want = torch.nn.grad.conv2d_input([n, c, h, w], wt.double(), g.double(), s) * g_step.double()
+    for channels_last in (True, False):
+        gi = K._conv_grad_input_cpu(g, wt, g_step, 127, 127, [n, c, h, w], *geo, channels_last=channels_last)
+        small = K._conv_grad_input_cpu(g, wt, g_step, 127, 127, [n, c, ho, wo], *one)
+        assert torch.equal(gi[:, :, :: s[0], :: s[1]], small)
+        assert torch.allclose(gi.double(), want, rtol=1e-6, atol=0)
+        skipped = torch.ones(h, w, dtype=torch.bool)
+        skipped[:: s[0], :: s[1]] = False
+        assert not gi[:, :, skipped].any()
+        assert gi.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def test_the_conv_wrappers_decline_inconsistent_sizes_and_overlapping_rows() -> None:
@@ -735,7 +781,8 @@ def test_sums_whose_unsigned_form_passes_int32_stay_exact(unit) -> None:
     with hw.record_kernels() as ran:
         gw = K._conv_grad_weight_cpu(g, x, torch.ones(16), torch.ones(1), 127, 127, [16, 32, 1, 1], [2, 2], [0, 0],
                                      [1, 1], 1)
-    assert ran == [f"int8_conv2d_grad_weight:taps_{unit}"]
+    # (the stride-1 product on the subsampled input: on AMX one product of the channels-last operands)
+    assert ran == [f"int8_conv2d_grad_weight:{'taps_vnni' if unit == 'vnni' else 'pointwise_amx'}"]
     assert torch.equal(gw.double(), torch.full((16, 32, 1, 1), hw_ * hw_ * 127 * 127.0))
 
 

@@ -256,8 +256,28 @@ def amx_conv_applies(op: str, stride, dilation, groups: int) -> bool:
     return op == "int8_conv2d_grad_input" or tuple(stride) in ((1, 1), (2, 2))
 
 
+def pointwise_subsampled(weight_size, stride, padding) -> bool:
+    """Whether a convolution is 1x1, unpadded and strided (a ResNet's downsampling shortcut): then each of its three
+    products is the stride-1 product on the input's subsampled grid ``x[:, :, ::sh, ::sw]`` (the forward and the
+    weight gradient read only those pixels; the input gradient is zero at every other pixel), which the CPU kernels
+    compute instead: the same integer sums and output stage, bit-identical, without the stride-2 kernels'
+    space-to-depth weight (four phases, three of them zero for a 1x1 kernel) or a zero-inserted gradient. Measured
+    (AVX-512 VNNI, 2 threads, forward / input gradient / weight gradient, ms before -> after): 16 -> 32 channels @28
+    batch 64 0.10 -> 0.08 / 0.22 -> 0.09 / 0.26 -> 0.23; 32 -> 64 @14 0.056 -> 0.053 / 0.088 -> 0.057 / 0.16 ->
+    0.12; 256 -> 512 @28 batch 32 1.82 -> 1.32 / 3.0 -> 1.4 / 2.6 -> 1.6."""
+    return tuple(weight_size[2:]) == (1, 1) and tuple(stride) != (1, 1) and not any(padding)
+
+
+def _subsampled(t: torch.Tensor, stride) -> torch.Tensor:
+    """The pixels ``t[:, :, ::sh, ::sw]`` that a 1x1 strided convolution reads, densely in ``t``'s layout."""
+    fmt = torch.channels_last if fused.is_channels_last(t) and not t.is_contiguous() else torch.contiguous_format
+    return t[:, :, :: stride[0], :: stride[1]].contiguous(memory_format=fmt)
+
+
 @int8_conv2d_fwd.register_kernel("cpu")
 def _conv_fwd_cpu(x, w, x_step, w_step, x_qmax, w_qmax, bias, stride, padding, dilation, groups):
+    if pointwise_subsampled(w.shape, stride, padding):
+        x, stride, dilation = _subsampled(x, stride), [1, 1], [1, 1]
     reduction = w.shape[1] * w.shape[2] * w.shape[3]
     if amx_conv_applies("int8_conv2d", stride, dilation, groups):  # (its own int32 limit: signed operands)
         y = native_quant.amx_conv(x, w, x_step, w_step, bias, list(padding), hw.max_exact_reduction(x_qmax, w_qmax),
@@ -291,8 +311,19 @@ def _conv_grad_input_cpu(g, w, g_step, g_qmax, w_qmax, input_size, stride, paddi
                          channels_last: bool = True):
     """The op's CPU kernel. ``channels_last=False`` (``lq.ops.int8_conv``'s backward of a row-major input, calling this
     directly): the tile unit's kernels write the result row-major, the layout autograd would copy a leaf's gradient
-    into (~3 ms for 32 x 64 x 56 x 56); the other kernels return channels-last as the op does."""
+    into (~3 ms for 32 x 64 x 56 x 56), as does a 1x1 strided layer's on any kernel (:func:`pointwise_subsampled`);
+    the other kernels return channels-last as the op does."""
     o, _, kh, kw = w.shape
+    n, c, h, wd = input_size
+    sampled = [-(-h // stride[0]), -(-wd // stride[1])]  # (the pixels a 1x1 strided layer reads)
+    if pointwise_subsampled(w.shape, stride, padding) and list(g.shape[2:]) == sampled:
+        # (the stride-1 input gradient at the pixels the layer read, zeros elsewhere)
+        small = _conv_grad_input_cpu(g, w, g_step, g_qmax, w_qmax, [n, c, *g.shape[2:]], [1, 1], [0, 0], [1, 1],
+                                     groups, channels_last)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        out = torch.empty(list(input_size), dtype=torch.float32, device=g.device, memory_format=fmt).zero_()
+        out[:, :, :: stride[0], :: stride[1]] = small
+        return out
     reduction = (o // groups) * kh * kw
     tile = amx_conv_applies("int8_conv2d_grad_input", stride, dilation, groups)
     if tile and native_quant.tile_usable(g, w, g_step):
@@ -576,6 +607,8 @@ def _grad_weight_pointwise(g, x, g_step, x_step, g_qmax, x_qmax, weight_size, st
 
 @int8_conv2d_grad_weight.register_kernel("cpu")
 def _conv_grad_weight_cpu(g, x, g_step, x_step, g_qmax, x_qmax, weight_size, stride, padding, dilation, groups):
+    if pointwise_subsampled(weight_size, stride, padding):
+        x, stride, dilation = _subsampled(x, stride), [1, 1], [1, 1]
     if not hw.cpu_int_mm_is_fast() and hw.u8s8_exact(x_qmax, g_qmax):
         hw.ran("int8_conv2d_grad_weight", "onednn")
         return _grad_weight_onednn(
