@@ -819,43 +819,29 @@ int64_t lq_grad_rows_search(const float *g, int64_t m, int64_t n, int64_t ldg, i
 /* A channels-last int8 output gradient g [N, Ho, Wo, O] (memory order) laid out on a convolution's grid as channel
    rows (lq.ops.int8_conv_kernels._grad_weight_taps): dst [rows, width] row-major gets
    dst[o, lead + n * hs * ws + a * ws + b] = g[n, a, b, o] for a < Ho, b < Wo, and zeros everywhere else (the lead,
-   the grid positions without an output, the tail, rows o >= O): no separate fill of the buffer. 16 x 16 byte
-   transposes: torch's strided copy of the same permutation took 5 ms for a 32 x 64 x 56 x 56 gradient on the 2-core
-   host. With flip = 0x80 every byte is written xor-ed with 0x80 (the unsigned operand of amx.c's VNNI kernels:
-   value + 128, zeros as 0x80). */
+   the grid positions without an output, the tail, rows o >= O). 16 x 16 byte transposes: torch's strided copy of the
+   same permutation took 5 ms for a 32 x 64 x 56 x 56 gradient on the 2-core host. With flip = 0x80 every byte is
+   written xor-ed with 0x80 (the unsigned operand of amx.c's VNNI kernels: value + 128, zeros as 0x80).
+   The zeros: one fill of the whole buffer, split between the threads by bytes, then the gradient over it (its bytes
+   are written twice). Filling only the bytes without an output took a memset per grid row and channel (32,768 of
+   2 bytes for a 64 x 32 x 14 x 14 gradient): with rows narrower than 16, which took the scalar loop, most of the
+   call (0.12 ms there, 0.07 ms for 64 x 64 x 7 x 7). Rows narrower than 16 positions now take the transposes too:
+   16 positions from the row's first (the next rows' beyond it, inside g) into a buffer, the row's bytes copied per
+   channel. */
 void lq_grid_rows(const int8_t *g, int64_t n, int64_t ho, int64_t wo, int64_t o, int64_t hs, int64_t ws, int64_t lead,
                   int64_t width, int64_t rows, int8_t *dst, int32_t flip, int32_t threads) {
     const int fill = flip & 0xff; /* the byte of a zero: 0, or 0x80 with flip (every byte xor-ed with 0x80) */
-    const int64_t span = n * hs * ws;          /* the grid's positions, after `lead` bytes of each channel row */
-    const int64_t pad = (rows - o) * width;    /* the rows past the channels: all zeros, one block */
+    const int64_t total = rows * width, positions = n * ho * wo;
 #pragma omp parallel num_threads(threads)
     {
-        /* the zeros, split evenly: each thread's share of the padding rows, each channel row's lead and tail, and
-           per grid row (n * hs of them) the columns past wo, or the whole row past ho. (One loop over the channel
-           rows gave a 16-channel gradient's real rows to one thread and the padding to the other: the second
-           thread waited for most of the call.) */
         int nt = 1, t = 0;
 #ifdef _OPENMP
         nt = omp_get_num_threads();
         t = omp_get_thread_num();
 #endif
-        if (pad > 0) {
-            int64_t b0 = pad * t / nt, b1 = pad * (t + 1) / nt;
-            memset(dst + o * width + b0, fill, (size_t)(b1 - b0));
-        }
-#pragma omp for schedule(static)
-        for (int64_t oo = 0; oo < o; oo++) {
-            int8_t *row = dst + oo * width;
-            memset(row, fill, (size_t)lead);
-            memset(row + lead + span, fill, (size_t)(width - lead - span));
-        }
-#pragma omp for schedule(static)
-        for (int64_t na = 0; na < n * hs; na++) {
-            int64_t at = lead + na * ws, from = na % hs < ho ? wo : 0;
-            if (from < ws)
-                for (int64_t oo = 0; oo < o; oo++) memset(dst + oo * width + at + from, fill, (size_t)(ws - from));
-        }
-        /* the gradient */
+        int64_t z0 = total * t / nt, z1 = total * (t + 1) / nt;
+        memset(dst + z0, fill, (size_t)(z1 - z0));
+#pragma omp barrier
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < n * ho; r++) {
             const int8_t *src = g + r * wo * o;
@@ -869,6 +855,12 @@ void lq_grid_rows(const int8_t *g, int64_t n, int64_t ho, int64_t wo, int64_t o,
                     int64_t bb = b0 + 16 <= wo ? b0 : wo - 16, oo0 = o0 + 16 <= o ? o0 : o - 16;
                     if (bb >= 0 && oo0 >= 0) {
                         transpose16(src + bb * o + oo0, o, at + oo0 * width + bb, width, (int8_t)fill);
+                        continue;
+                    }
+                    if (oo0 >= 0 && r * wo + b0 + 16 <= positions) { /* a row narrower than 16 */
+                        int8_t buf[256];
+                        transpose16(src + b0 * o + oo0, o, buf, 16, (int8_t)fill);
+                        for (int64_t k = 0; k < 16; k++) memcpy(at + (oo0 + k) * width + b0, buf + 16 * k, (size_t)wo);
                         continue;
                     }
 #endif
