@@ -435,12 +435,14 @@ def test_amx_conv_weight_gradients_equal_the_int_mm_paths(geometry, layout, monk
 @pytest.mark.parametrize("geometry", [(2, 16, 32, 28, 28, (2, 2)), (3, 33, 17, 9, 8, (2, 2)), (2, 5, 7, 7, 10, (3, 3)),
                                       (2, 16, 16, 8, 8, (1, 2)), (4, 3, 9, 1, 5, (2, 2)), (2, 70, 40, 13, 11, (2, 2))])
 @pytest.mark.parametrize("layout", ["row-major", "channels-last"])
-def test_strided_pointwise_layers_run_the_stride_1_products_on_the_subsampled_input(geometry, layout) -> None:
+def test_strided_pointwise_layers_run_the_stride_1_products_on_the_subsampled_input(geometry, layout,
+                                                                                    monkeypatch) -> None:
     """A 1x1 unpadded strided layer (a ResNet shortcut) reads only the pixels ``x[:, :, ::sh, ::sw]``: its CPU kernels
     compute the three products there at stride 1 (``pointwise_subsampled``), so each equals the stride-1 kernel on
     that subsampled input bit for bit, the input gradient is exactly zero at every other pixel, and all three match
-    the float64 strided convolution within fp32 scaling, in the layouts the op promises (channels-last, or row-major
-    where the backward of a row-major input asks for it), at odd sizes and unequal strides too."""
+    the float64 strided convolution within fp32 scaling and the strided kernels that ran before bit for bit, in the
+    layouts the op promises (channels-last, or row-major where the backward of a row-major input asks for it), at odd
+    sizes and unequal strides too."""
     from lq.ops import int8_conv_kernels as K
 
     n, c, o, h, w, s = geometry
@@ -475,6 +477,11 @@ def test_strided_pointwise_layers_run_the_stride_1_products_on_the_subsampled_in
         skipped[:: s[0], :: s[1]] = False
         assert not gi[:, :, skipped].any()
         assert gi.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    # the strided kernels (space-to-depth, zero-inserted gradient, stride phases) give the same numbers bit for bit
+    monkeypatch.setattr(K, "pointwise_subsampled", lambda *args: False)
+    assert torch.equal(y, K._conv_fwd_cpu(x, wt, x_step, w_step, 127, 127, None, *geo))
+    assert torch.equal(gw, K._conv_grad_weight_cpu(g, x, w_step, x_step, 127, 127, [o, c, 1, 1], *geo))
+    assert torch.equal(gi, K._conv_grad_input_cpu(g, wt, g_step, 127, 127, [n, c, h, w], *geo))
 
 
 def test_the_conv_wrappers_decline_inconsistent_sizes_and_overlapping_rows() -> None:
@@ -795,7 +802,8 @@ def test_grid_rows_writes_every_byte_for_any_width_and_channel_count(flip, threa
     gen = torch.Generator().manual_seed(flip)
     for n, o, ho, wo, hs, ws, lead in ((2, 16, 28, 28, 30, 30, 31), (1, 17, 5, 31, 6, 33, 0), (3, 40, 7, 7, 9, 9, 10),
                                        (1, 33, 16, 16, 16, 16, 3), (2, 8, 3, 20, 4, 21, 2), (1, 64, 1, 2, 1, 2, 0),
-                                       (1, 3, 1, 2, 3, 5, 1)):
+                                       (1, 3, 1, 2, 3, 5, 1), (2, 33, 5, 3, 6, 4, 3), (1, 16, 4, 1, 4, 2, 0),
+                                       (4, 20, 3, 15, 3, 15, 5), (3, 48, 14, 14, 16, 16, 34)):
         g = torch.randint(-128, 128, (n, o, ho, wo), dtype=torch.int8, generator=gen).contiguous(
             memory_format=torch.channels_last)
         rows, width = -(-o // 32) * 32, lead + n * hs * ws + 37

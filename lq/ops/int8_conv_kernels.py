@@ -270,7 +270,7 @@ def pointwise_subsampled(weight_size, stride, padding) -> bool:
 
 def _subsampled(t: torch.Tensor, stride) -> torch.Tensor:
     """The pixels ``t[:, :, ::sh, ::sw]`` that a 1x1 strided convolution reads, densely in ``t``'s layout."""
-    fmt = torch.channels_last if fused.is_channels_last(t) and not t.is_contiguous() else torch.contiguous_format
+    fmt = torch.channels_last if fused.is_channels_last(t) else torch.contiguous_format
     return t[:, :, :: stride[0], :: stride[1]].contiguous(memory_format=fmt)
 
 

@@ -825,9 +825,9 @@ int64_t lq_grad_rows_search(const float *g, int64_t m, int64_t n, int64_t ldg, i
    The zeros: one fill of the whole buffer, split between the threads by bytes, then the gradient over it (its bytes
    are written twice). Filling only the bytes without an output took a memset per grid row and channel (32,768 of
    2 bytes for a 64 x 32 x 14 x 14 gradient): with rows narrower than 16, which took the scalar loop, most of the
-   call (0.12 ms there, 0.07 ms for 64 x 64 x 7 x 7). Rows narrower than 16 positions now take the transposes too:
-   16 positions from the row's first (the next rows' beyond it, inside g) into a buffer, the row's bytes copied per
-   channel. */
+   call (0.12 ms there, 0.07 ms for 64 x 64 x 7 x 7). Rows narrower than 16 positions now take the transposes too
+   where there are 16 channels or more: 16 positions from the row's first (the next rows' beyond it, while inside g)
+   into a buffer, the row's bytes copied per channel. */
 void lq_grid_rows(const int8_t *g, int64_t n, int64_t ho, int64_t wo, int64_t o, int64_t hs, int64_t ws, int64_t lead,
                   int64_t width, int64_t rows, int8_t *dst, int32_t flip, int32_t threads) {
     const int fill = flip & 0xff; /* the byte of a zero: 0, or 0x80 with flip (every byte xor-ed with 0x80) */
