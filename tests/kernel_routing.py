@@ -57,7 +57,9 @@ def expected_conv_kernel(
             x_size, w_size = geometry[0], geometry[1]
             stacked = x_size[1] * w_size[2] * w_size[3] <= w_size[0]  # few input channels: one stacked _int_mm
             stacked = stacked and (w_size[2] * w_size[3] > 1 or tuple(geometry[2]) != (1, 1))  # (1x1: nothing to stack)
-            return f"taps_{unit}" if unit and not stacked else "taps_int_mm"
+            if unit:  # (few input channels: one VNNI dot product per output channel, input channel and tap)
+                return "taps_dots" if stacked else f"taps_{unit}"
+            return "taps_int_mm"
         if (geometry is not None and amx and channels_last and tuple(geometry[1][2:]) == (1, 1)
                 and tuple(geometry[2]) == (1, 1) and tuple(geometry[3]) == (0, 0) and tuple(geometry[4]) == (1, 1)
                 and geometry[5] == 1):

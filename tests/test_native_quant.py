@@ -394,6 +394,7 @@ def test_amx_packing_buffers_do_not_outlive_their_thread_or_a_large_call() -> No
     (2, 8, 8, 6, 6, 5, 1, 2), (4, 40, 33, 6, 6, 1, 1, 0), (2, 3, 5, 4, 7, 1, 1, 0),
     (2, 16, 16, 9, 9, 3, 2, 1), (3, 12, 10, 7, 8, 3, 1, 1), (40, 16, 16, 12, 12, 3, 1, 1),
     (24, 256, 256, 14, 14, 3, 2, 1),  # (3 reduction chunks rounded up to 4 for two threads: 6/6/6/7 steps)
+    (4, 1, 16, 9, 9, 3, 1, 1), (2, 2, 32, 7, 8, 3, 2, 1), (3, 1, 9, 6, 5, 3, 1, 0),  # (few input channels: dots)
 ])
 @pytest.mark.parametrize("layout", ["row-major", "channels-last"])
 def test_amx_conv_weight_gradients_equal_the_int_mm_paths(geometry, layout, monkeypatch, unit) -> None:
@@ -422,7 +423,7 @@ def test_amx_conv_weight_gradients_equal_the_int_mm_paths(geometry, layout, monk
     sr = 1 if k == 1 and p == 0 else s  # (a 1x1 strided layer runs as the stride-1 one on its subsampled input)
     stacked = c * k * k <= o and (k > 1 or sr > 1)  # (a 1x1 stride-1 layer has nothing to stack)
     pointwise = k == 1 and sr == 1 and layout == "channels-last" and unit == "amx"  # (one AMX product)
-    kernel = "pointwise_amx" if pointwise else "taps_int_mm" if stacked else f"taps_{unit}"
+    kernel = "pointwise_amx" if pointwise else "taps_dots" if stacked else f"taps_{unit}"
     # (on AMX a row-major 1x1 stride-1 layer runs the im2col lq::int8_mm; VNNI takes it by taps)
     amx_im2col = k == 1 and sr == 1 and unit == "amx" and not pointwise
     assert ran == [f"int8_conv2d_grad_weight:{kernel}"] or amx_im2col, (ran, ran_plain)
@@ -494,6 +495,18 @@ def test_the_conv_wrappers_decline_inconsistent_sizes_and_overlapping_rows() -> 
                                      torch.ones(1), size) is None
     g = torch.randint(-100, 100, (2, 32, 4, 4), dtype=torch.int8).contiguous(memory_format=torch.channels_last)
     assert not native_quant.grid_rows(g, torch.zeros(1, 32, dtype=torch.int8).expand(32, 32), 4, 4)
+    # the dot-product taps (few input channels): a weight size, gradient rows or phase rows that disagree with the
+    # sizes it reads are declined, not read past
+    o, c, tx, lead = 16, 1, 100, 3
+    ge, phase = torch.zeros(o, lead + tx, dtype=torch.int8), torch.ones(c, tx, dtype=torch.int8)
+    args = (o, lead, [0, 1, 2], [0, 0, 0], [phase], c, tx, torch.ones(o), torch.ones(1))
+    assert native_quant.taps_dots(ge[:, : lead + tx - 1].contiguous(), *args, [o, c, 1, 3]) is None
+    assert native_quant.taps_dots(ge, *args, [o, c, 3, 3]) is None
+    assert native_quant.taps_dots(ge, o, lead, [0, 1, 4], [0, 0, 0], [phase], c, tx, torch.ones(o), torch.ones(1),
+                                  [o, c, 1, 3]) is None  # (an offset beyond the lead)
+    assert native_quant.taps_dots(ge, *args[:4], [phase[:, :-1]], c, tx, *args[7:], [o, c, 1, 3]) is None
+    if native_quant.tile_unit() is not None:
+        assert native_quant.taps_dots(ge, *args, [o, c, 1, 3]) is not None
 
 
 def test_amx_taps_scratch_does_not_grow_with_idle_threads(unit) -> None:
@@ -791,6 +804,16 @@ def test_sums_whose_unsigned_form_passes_int32_stay_exact(unit) -> None:
     # (the stride-1 product on the subsampled input: on AMX one product of the channels-last operands)
     assert ran == [f"int8_conv2d_grad_weight:{'taps_vnni' if unit == 'vnni' else 'pointwise_amx'}"]
     assert torch.equal(gw.double(), torch.full((16, 32, 1, 1), hw_ * hw_ * 127 * 127.0))
+    # a 1-channel 3x3 stem's weight gradient by dot products (126,025 positions per interior tap; the gradient rows'
+    # unsigned form passes int32 in every sum)
+    x = torch.full((1, 1, hw_, hw_), 127, dtype=torch.int8)
+    g = torch.full((1, 16, hw_, hw_), 127, dtype=torch.int8).contiguous(memory_format=torch.channels_last)
+    with hw.record_kernels() as ran:
+        gw = K._conv_grad_weight_cpu(g, x, torch.ones(16), torch.ones(1), 127, 127, [16, 1, 3, 3], [1, 1], [1, 1],
+                                     [1, 1], 1)
+    assert ran == ["int8_conv2d_grad_weight:taps_dots"]
+    exact = torch.nn.grad.conv2d_weight(x.double(), [16, 1, 3, 3], g.double(), 1, 1)
+    assert exact.max() > 2**31 / 255 and torch.equal(gw, exact.float())  # (the int32 sums, rounded to fp32)
 
 
 @pytest.mark.parametrize("flip", [0, 0x80])

@@ -27,7 +27,8 @@ from lq.quant.functional import AMAX_EPS
 __all__ = [
     "amx_conv", "amx_conv_grad_input", "amx_library", "amx_mm", "amx_taps", "amx_usable", "grad_operands", "grid_rows",
     "conv_clip_search", "dequantize", "flip_byte", "grid", "library", "pack_activation",
-    "quantize_rows", "quantize_tensor", "rows_clip_search", "scale_sums", "tile_library", "tile_unit", "tile_usable",
+    "quantize_rows", "quantize_tensor", "rows_clip_search", "scale_sums", "taps_dots", "tile_library", "tile_unit",
+    "tile_usable",
 ]
 
 SOURCE = Path(__file__).with_name("quant.c")
@@ -57,6 +58,8 @@ def _amx_source() -> ctypes.CDLL | None:
     lib.lq_amx_taps.restype = _I64
     lib.lq_amx_taps.argtypes = [_P, _I64, _I64, _I64, _I64, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, _P, _F, _P,
                                 _I32, _I32]
+    lib.lq_taps_dots.restype = _I64
+    lib.lq_taps_dots.argtypes = [_P, _I64, _I64, _I64, _I64, _P, _P, _I64, _P, _I64, _I64, _P, _F, _P, _I32]
     lib.lq_gather_i8.restype = None
     lib.lq_gather_i8.argtypes = [_P, _I64, _P, _I64, _P]
     return lib
@@ -357,6 +360,37 @@ def amx_taps(
         ge.data_ptr(), o, ge.shape[1], lead, taps, off_arr, phase_arr, len(phases), ptrs, xc, xt, c, tx,
         steps.data_ptr(), float(x_step), out.data_ptr(), torch.get_num_threads(), int(flip_byte() != 0),
     )
+    return out if res == 0 else None
+
+
+def taps_dots(
+    ge: torch.Tensor, o: int, lead: int, offs: list[int], phase_of: list[int], phases: list[torch.Tensor], c: int,
+    tx: int, g_step: torch.Tensor, x_step: torch.Tensor, weight_size: list[int],
+) -> torch.Tensor | None:
+    """:func:`amx_taps` for few input channels (``C * taps <= O``: a 1-channel stem) as one VNNI dot product per output
+    channel, input channel and tap (``amx.c`` ``lq_taps_dots``): ``ge`` int8 ``[>= o, >= lead + tx]`` (contiguous)
+    the gradient on the grid at columns ``[lead, lead + T)``, every byte xor 0x80 (``grid_rows(..., flip=0x80)``),
+    ``phases`` int8 channel rows ``[C, tx]`` (contiguous). Returns the fp32 ``weight_size`` gradient, or ``None`` where
+    the kernel does not apply (no VNNI, other layouts, inconsistent sizes)."""
+    taps = len(offs)
+    if (x_step.numel() != 1 or g_step.numel() not in (1, o) or tile_unit() is None
+            or not tile_usable(ge, *phases, g_step, x_step) or len(weight_size) != 4
+            or list(weight_size[:2]) != [o, c] or weight_size[2] * weight_size[3] != taps or len(phase_of) != taps
+            or not phases or min(phase_of) < 0 or max(phase_of) >= len(phases) or min(offs) < 0 or max(offs) > lead):
+        return None
+    if (ge.dtype != torch.int8 or not ge.is_contiguous() or ge.dim() != 2 or ge.shape[0] < o
+            or ge.shape[1] < lead + tx):
+        return None
+    if any(b.dtype != torch.int8 or b.shape != (c, tx) or not b.is_contiguous() for b in phases):
+        return None
+    steps = _vector(g_step, o)
+    out = torch.empty(weight_size, dtype=torch.float32, device="cpu")
+    off_arr, phase_arr = _taps_arrays(tuple(offs), tuple(phase_of))
+    ptrs = (ctypes.c_void_p * len(phases))(*[b.data_ptr() for b in phases])
+    res = _amx_source().lq_taps_dots(ge.data_ptr(), o, ge.shape[1], lead, taps, off_arr, phase_arr, len(phases), ptrs,
+                                     c, tx, steps.data_ptr(), float(x_step), out.data_ptr(), torch.get_num_threads())
+    if res == -2:
+        raise MemoryError("lq taps_dots: could not allocate its channel sums")
     return out if res == 0 else None
 
 
