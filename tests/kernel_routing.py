@@ -55,7 +55,7 @@ def expected_conv_kernel(
         unit = native_quant.tile_unit()
         if geometry is not None and grad_weight_taps_apply(*geometry, w_qmax, u_qmax):
             x_size, w_size = geometry[0], geometry[1]
-            stacked = x_size[1] * w_size[2] * w_size[3] <= w_size[0]  # few input channels: one stacked _int_mm
+            stacked = x_size[1] * w_size[2] * w_size[3] <= w_size[0]  # few input channels: dots or a stacked _int_mm
             stacked = stacked and (w_size[2] * w_size[3] > 1 or tuple(geometry[2]) != (1, 1))  # (1x1: nothing to stack)
             if unit:  # (few input channels: one VNNI dot product per output channel, input channel and tap)
                 return "taps_dots" if stacked else f"taps_{unit}"

@@ -203,9 +203,9 @@ def conv_cases(draw):
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_grad_weight_taps_both_forms_are_exact(o, c, kernel, padding, stride, channels_last):
     """``_grad_weight_taps``' forms (one GEMM per tap on shifted views of the input's stride phases,
-    position-major rows for a channels-last input, channel rows else; or, with ``C * taps <= O``, the taps'
-    shifted input rows stacked into one GEMM), strides 1-3, against float64 ``conv2d_weight`` on the same
-    integers."""
+    position-major rows for a channels-last input, channel rows else; or, with ``C * taps <= O``, dot products of the
+    rows where the CPU has VNNI, else the taps' shifted input rows stacked into one GEMM), strides 1-3, against float64
+    ``conv2d_weight`` on the same integers."""
     if not hw.cpu_int_mm_is_fast():
         pytest.skip("the taps kernel runs where CPU torch._int_mm is fast (VNNI)")
     from lq.ops.int8_conv_kernels import _grad_weight_taps, grad_weight_taps_apply

@@ -813,7 +813,8 @@ def test_sums_whose_unsigned_form_passes_int32_stay_exact(unit) -> None:
                                      [1, 1], 1)
     assert ran == ["int8_conv2d_grad_weight:taps_dots"]
     exact = torch.nn.grad.conv2d_weight(x.double(), [16, 1, 3, 3], g.double(), 1, 1)
-    assert exact.max() > 2**31 / 255 and torch.equal(gw, exact.float())  # (the int32 sums, rounded to fp32)
+    assert exact.max() * 255 / 127 > 2**31  # (the sums of the gradient's unsigned form, 255 for 127, pass int32)
+    assert torch.equal(gw, exact.float())  # (the int32 sums, rounded to fp32)
 
 
 @pytest.mark.parametrize("flip", [0, 0x80])

@@ -655,8 +655,23 @@ int64_t lq_amx_taps(const int8_t *ge, int64_t o, int64_t ge_row, int64_t lead, i
 }
 
 #ifdef LQ_AMX
-/* the wrapping int32 sum of the products of two byte rows of len: a unsigned (stored xor 0x80), b signed; the tail
-   by masked loads (nothing read past either row's len bytes) */
+/* the lanes of v added in wrapping int32 arithmetic (_mm512_reduce_add_epi32 ends in a scalar int addition: signed
+   overflow when the lanes' offset sums wrap, found by review under UBSan) */
+VNNI_TARGET static inline int32_t lanes_sum(__m512i v) {
+    __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
+    __m128i q = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+    q = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0x4e));
+    q = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0xb1));
+    return _mm_cvtsi128_si32(q);
+}
+
+/* the 64-byte steps of row[0, len): a full load, or the tail masked (nothing read past len) */
+VNNI_TARGET static inline __m512i row_step(const int8_t *row, int64_t u, int64_t len) {
+    if (len - u >= 64) return _mm512_loadu_si512((const void *)(row + u));
+    return _mm512_maskz_loadu_epi8(((__mmask64)1 << (len - u)) - 1, row + u);
+}
+
+/* the wrapping int32 sum of the products of two byte rows of len: a unsigned (stored xor 0x80), b signed */
 VNNI_TARGET static int32_t vnni_row_dot(const int8_t *a, const int8_t *b, int64_t len) {
     __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
     int64_t u = 0;
@@ -666,11 +681,15 @@ VNNI_TARGET static int32_t vnni_row_dot(const int8_t *a, const int8_t *b, int64_
         s1 = _mm512_dpbusd_epi32(s1, _mm512_loadu_si512((const void *)(a + u + 64)),
                                  _mm512_loadu_si512((const void *)(b + u + 64)));
     }
-    for (; u < len; u += 64) {
-        __mmask64 m = len - u >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (len - u)) - 1);
-        s0 = _mm512_dpbusd_epi32(s0, _mm512_maskz_loadu_epi8(m, a + u), _mm512_maskz_loadu_epi8(m, b + u));
-    }
-    return _mm512_reduce_add_epi32(_mm512_add_epi32(s0, s1));
+    for (; u < len; u += 64) s0 = _mm512_dpbusd_epi32(s0, row_step(a, u, len), row_step(b, u, len));
+    return lanes_sum(_mm512_add_epi32(s0, s1));
+}
+
+/* the wrapping int32 sum of a signed byte row of len (VPDPBUSD with ones as the unsigned operand) */
+VNNI_TARGET static int32_t vnni_row_sum(const int8_t *b, int64_t len) {
+    __m512i s = _mm512_setzero_si512(), ones = _mm512_set1_epi8(1);
+    for (int64_t u = 0; u < len; u += 64) s = _mm512_dpbusd_epi32(s, ones, row_step(b, u, len));
+    return lanes_sum(s);
 }
 #endif
 
@@ -681,7 +700,8 @@ VNNI_TARGET static int32_t vnni_row_dot(const int8_t *a, const int8_t *b, int64_
    VPDPBUSD's unsigned operand; rows >= o, row stride ge_row >= lead + tx), X_p the phases' channel rows (c, t) at
    x[p][c * tx + t]. Each sum less 128 * sum_t X_p[c, t] (the offset, the same for every tap of a phase), in wrapping
    int32 arithmetic: exact wherever the true sum fits int32 (the caller's limit). The stacked torch._int_mm GEMM this
-   replaces ran at ~50 GMAC/s on the stem's 16 x 9 x 57,600 (N = 9). Returns 0, -1 without VNNI. */
+   replaces ran at ~50 GMAC/s on the stem's 16 x 9 x 57,600 (N = 9). Returns 0, -1 without VNNI, -2 when its
+   channel sums could not be allocated. */
 int64_t lq_taps_dots(const int8_t *ge, int64_t o, int64_t ge_row, int64_t lead, int64_t taps, const int64_t *off,
                      const int32_t *phase_of, int64_t phases, const int8_t *const *x, int64_t c, int64_t tx,
                      const float *g_step, float x_step, float *out, int32_t threads) {
@@ -691,21 +711,11 @@ int64_t lq_taps_dots(const int8_t *ge, int64_t o, int64_t ge_row, int64_t lead, 
     if (!lq_vnni_available()) return -1;
     int32_t *corr = (int32_t *)malloc((size_t)(phases * c) * sizeof(int32_t));
     if (!corr) return -2;
-    static const int8_t ones[64] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
-                                    1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
-                                    1, 1, 1, 1, 1, 1, 1, 1};
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(static)
-        for (int64_t e = 0; e < phases * c; e++) { /* 128 * the sum of each channel row (wrapping) */
-            const int8_t *row = x[e / c] + (e % c) * tx;
-            uint32_t total = 0;
-            for (int64_t u = 0; u < tx; u += 64) {
-                int64_t len = tx - u < 64 ? tx - u : 64;
-                total += (uint32_t)vnni_row_dot(ones, row + u, len);
-            }
-            corr[e] = (int32_t)(128u * total);
-        }
+        for (int64_t e = 0; e < phases * c; e++) /* 128 * the sum of each channel row (wrapping) */
+            corr[e] = (int32_t)(128u * (uint32_t)vnni_row_sum(x[e / c] + (e % c) * tx, tx));
 #pragma omp for schedule(static) collapse(2)
         for (int64_t oo = 0; oo < o; oo++)
             for (int64_t cc = 0; cc < c; cc++)

@@ -543,8 +543,9 @@ def _grad_weight_taps(g, x, g_step, x_step, weight_size, padding, stride=(1, 1))
     host, 2 threads). The phases are position-major
     (``[T, C]`` rows, copied from a channels-last input without transposing: 0.03 against 0.27 ms for a
     64x16x28x28 input) or channel rows (``[C, T]``, from a contiguous one). With few input channels (``C * taps
-    <= O``: the first layer's ``C = 1``) the taps' shifted rows are stacked into one operand and a single GEMM
-    reads ``G`` once (1.26 -> 0.52 ms on 64x1x28x28). The same integer sums (int32, one chunk:
+    <= O``: the first layer's ``C = 1``) each output channel, input channel and tap is one dot product of the rows on
+    a CPU with VNNI (``native_quant.taps_dots``: 0.28 -> 0.12 ms on 64x1x28x28), else the taps' shifted rows are
+    stacked into one operand and a single GEMM reads ``G`` once (1.26 -> 0.52 ms). The same integer sums (int32, one chunk:
     ``grad_weight_taps_apply``) scaled as ``lq::int8_mm`` scales them, so bit-identical to the im2col kernels."""
     o, c, kh, kw = weight_size
     geometry = _taps_geometry(tuple(x.shape), tuple(weight_size), tuple(padding), tuple(stride))
@@ -552,7 +553,8 @@ def _grad_weight_taps(g, x, g_step, x_step, weight_size, padding, stride=(1, 1))
     taps = kh * kw
     tx = t + max(offs)
     dev = g.device
-    # few input channels: the taps' shifted rows of X stacked, one GEMM (a 1x1 stride-1 layer has nothing to stack)
+    # few input channels: dot products, or the taps' shifted rows of X stacked into one GEMM (a 1x1 stride-1 layer
+    # has nothing to stack)
     stacked = c * taps <= o and (taps > 1 or tuple(stride) != (1, 1))
     position_major = not stacked and fused.is_channels_last(x)
     if not stacked and native_quant.tile_usable(g, x, g_step, x_step) and x_step.numel() == 1:
@@ -571,7 +573,7 @@ def _grad_weight_taps(g, x, g_step, x_step, weight_size, padding, stride=(1, 1))
         if out is not None:
             hw.ran("int8_conv2d_grad_weight", "taps_" + native_quant.tile_unit())
             return out
-    if stacked and x_step.numel() == 1 and native_quant.tile_unit() is not None:
+    if stacked and x_step.numel() == 1 and native_quant.tile_usable(g, x, g_step, x_step):
         # few input channels on a CPU with VNNI: one dot product per output channel, input channel and tap of the
         # gradient's rows (stored xor 0x80, a zero lead of max(offs) columns) with the phases' channel rows, instead of
         # the stacked GEMM below (1-channel stem, 64 x 16 x 28 x 28: 0.17 ms in torch._int_mm with N = 9)
@@ -628,7 +630,7 @@ def _conv_grad_weight_cpu(g, x, g_step, x_step, g_qmax, x_qmax, weight_size, str
             g, x, g_step, x_step, g_qmax, x_qmax, weight_size, stride, padding, dilation, groups
         ).contiguous()
     if grad_weight_taps_apply(x.shape, weight_size, stride, padding, dilation, groups, g_qmax, x_qmax):
-        return _grad_weight_taps(g, x, g_step, x_step, weight_size, padding, stride)  # (records taps_amx / taps_int_mm)
+        return _grad_weight_taps(g, x, g_step, x_step, weight_size, padding, stride)  # (records its kernel, taps_*)
     pointwise = _grad_weight_pointwise(g, x, g_step, x_step, g_qmax, x_qmax, weight_size, stride, padding, dilation,
                                        groups)
     if pointwise is not None:

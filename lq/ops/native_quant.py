@@ -373,7 +373,7 @@ def taps_dots(
     ``phases`` int8 channel rows ``[C, tx]`` (contiguous). Returns the fp32 ``weight_size`` gradient, or ``None`` where
     the kernel does not apply (no VNNI, other layouts, inconsistent sizes)."""
     taps = len(offs)
-    if (x_step.numel() != 1 or g_step.numel() not in (1, o) or tile_unit() is None
+    if (not offs or x_step.numel() != 1 or g_step.numel() not in (1, o) or tile_unit() is None
             or not tile_usable(ge, *phases, g_step, x_step) or len(weight_size) != 4
             or list(weight_size[:2]) != [o, c] or weight_size[2] * weight_size[3] != taps or len(phase_of) != taps
             or not phases or min(phase_of) < 0 or max(phase_of) >= len(phases) or min(offs) < 0 or max(offs) > lead):
