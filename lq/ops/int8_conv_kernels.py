@@ -545,8 +545,8 @@ def _grad_weight_taps(g, x, g_step, x_step, weight_size, padding, stride=(1, 1))
     64x16x28x28 input) or channel rows (``[C, T]``, from a contiguous one). With few input channels (``C * taps
     <= O``: the first layer's ``C = 1``) each output channel, input channel and tap is one dot product of the rows on
     a CPU with VNNI (``native_quant.taps_dots``: 0.28 -> 0.12 ms on 64x1x28x28), else the taps' shifted rows are
-    stacked into one operand and a single GEMM reads ``G`` once (1.26 -> 0.52 ms). The same integer sums (int32, one chunk:
-    ``grad_weight_taps_apply``) scaled as ``lq::int8_mm`` scales them, so bit-identical to the im2col kernels."""
+    stacked into one operand and a single GEMM reads ``G`` once (1.26 -> 0.52 ms). The same integer sums (int32, one
+    chunk: ``grad_weight_taps_apply``) scaled as ``lq::int8_mm`` scales them, so bit-identical to the im2col kernels."""
     o, c, kh, kw = weight_size
     geometry = _taps_geometry(tuple(x.shape), tuple(weight_size), tuple(padding), tuple(stride))
     hs, ws, t, offs, phase_of, wanted = geometry
