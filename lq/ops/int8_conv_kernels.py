@@ -517,7 +517,8 @@ def _grid_rows(g: torch.Tensor, dst: torch.Tensor, hs: int, ws: int, lead: int =
 
 @functools.lru_cache(maxsize=256)
 def _taps_geometry(x_shape: tuple, weight_size: tuple, padding: tuple, stride: tuple):
-    """:func:`_grad_weight_taps`' geometry for one shape (cached: the same lists every step)."""
+    """:func:`_grad_weight_taps`' geometry for one shape (cached: the same lists every step): ``(hs, ws, t, offs,
+    phase_of, wanted, phase_idx)``, ``phase_idx`` each tap's index into the phases ``wanted`` (the kernels' operand)."""
     n = x_shape[0]
     o, c, kh, kw = weight_size
     sh, sw = stride
@@ -525,7 +526,8 @@ def _taps_geometry(x_shape: tuple, weight_size: tuple, padding: tuple, stride: t
     taps = [(i, j) for i in range(kh) for j in range(kw)]
     offs = [(i // sh) * ws + j // sw for i, j in taps]
     phase_of = [(i % sh, j % sw) for i, j in taps]
-    return hs, ws, n * hs * ws, tuple(offs), tuple(phase_of), tuple(sorted(set(phase_of)))
+    wanted = tuple(sorted(set(phase_of)))
+    return hs, ws, n * hs * ws, tuple(offs), tuple(phase_of), wanted, tuple(wanted.index(p) for p in phase_of)
 
 
 def _grad_weight_taps(g, x, g_step, x_step, weight_size, padding, stride=(1, 1)) -> torch.Tensor:
@@ -549,7 +551,7 @@ def _grad_weight_taps(g, x, g_step, x_step, weight_size, padding, stride=(1, 1))
     chunk: ``grad_weight_taps_apply``) scaled as ``lq::int8_mm`` scales them, so bit-identical to the im2col kernels."""
     o, c, kh, kw = weight_size
     geometry = _taps_geometry(tuple(x.shape), tuple(weight_size), tuple(padding), tuple(stride))
-    hs, ws, t, offs, phase_of, wanted = geometry
+    hs, ws, t, offs, phase_of, wanted, phase_idx = geometry
     taps = kh * kw
     tx = t + max(offs)
     dev = g.device
@@ -567,9 +569,8 @@ def _grad_weight_taps(g, x, g_step, x_step, weight_size, padding, stride=(1, 1))
         lead = max(offs)
         geb = torch.empty((-(-o // 32) * 32, lead + -(-tx // 64) * 64), dtype=torch.int8, device=dev)
         _grid_rows(g, geb, hs, ws, lead, native_quant.flip_byte())
-        out = native_quant.amx_taps(geb, o, lead, offs, [wanted.index(p) for p in phase_of],
-                                    [phases[p] for p in wanted], position_major, c, tx, g_step, x_step,
-                                    list(weight_size))
+        out = native_quant.amx_taps(geb, o, lead, offs, phase_idx, [phases[p] for p in wanted], position_major, c,
+                                    tx, g_step, x_step, list(weight_size))
         if out is not None:
             hw.ran("int8_conv2d_grad_weight", "taps_" + native_quant.tile_unit())
             return out
@@ -581,8 +582,8 @@ def _grad_weight_taps(g, x, g_step, x_step, weight_size, padding, stride=(1, 1))
         lead = max(offs)
         geb = torch.empty((o, lead + tx), dtype=torch.int8, device=dev)
         _grid_rows(g, geb, hs, ws, lead, 0x80)
-        out = native_quant.taps_dots(geb, o, lead, offs, [wanted.index(p) for p in phase_of],
-                                     [phases[p] for p in wanted], c, tx, g_step, x_step, list(weight_size))
+        out = native_quant.taps_dots(geb, o, lead, offs, phase_idx, [phases[p] for p in wanted], c, tx, g_step,
+                                     x_step, list(weight_size))
         if out is not None:
             hw.ran("int8_conv2d_grad_weight", "taps_dots")
             return out
