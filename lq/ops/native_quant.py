@@ -338,26 +338,18 @@ def amx_taps(
     (``position_major``) or ``[C, tx]``; ``g_step`` ``[O]`` or ``[1]``, ``x_step`` ``[1]``. Returns the fp32
     ``weight_size`` gradient, or ``None`` where the kernel does not apply. On VNNI ``ge`` is stored xor
     :func:`flip_byte` (every byte, the zeros too: ``grid_rows(..., flip=flip_byte())``)."""
-    if x_step.numel() != 1 or g_step.numel() not in (1, o) or not tile_usable(ge, *phases, g_step, x_step):
+    if not _taps_consistent(ge, o, lead, offs, phase_of, phases, c, g_step, x_step, weight_size):
         return None
-    taps = len(offs)
-    if (len(weight_size) != 4 or list(weight_size[:2]) != [o, c] or weight_size[2] * weight_size[3] != taps
-            or len(phase_of) != taps or not phases or min(phase_of) < 0 or max(phase_of) >= len(phases)):
-        return None
-    if (ge.dtype != torch.int8 or not ge.is_contiguous() or ge.shape[0] < -(-o // 32) * 32
-            or ge.shape[1] < lead + -(-tx // 64) * 64 or min(offs) < 0 or max(offs) > lead):
+    if ge.shape[0] < -(-o // 32) * 32 or ge.shape[1] < lead + -(-tx // 64) * 64:
         return None
     xc, xt = (1, phases[0].stride(0)) if position_major else (tx, 1)
     for buf in phases:  # position-major rows may be strided (views of a space-to-depth grid), all alike
         if (buf.dtype != torch.int8 or buf.shape != ((tx, c) if position_major else (c, tx))
                 or buf.stride() != ((xt, 1) if position_major else (tx, 1)) or position_major and xt < c):
             return None
-    steps = _vector(g_step, o)
-    out = torch.empty(weight_size, dtype=torch.float32, device="cpu")
-    off_arr, phase_arr = _taps_arrays(tuple(offs), tuple(phase_of))
-    ptrs = (ctypes.c_void_p * len(phases))(*[b.data_ptr() for b in phases])
+    steps, out, off_arr, phase_arr, ptrs = _taps_arguments(o, offs, phase_of, phases, g_step, weight_size)
     res = tile_library().lq_amx_taps(
-        ge.data_ptr(), o, ge.shape[1], lead, taps, off_arr, phase_arr, len(phases), ptrs, xc, xt, c, tx,
+        ge.data_ptr(), o, ge.shape[1], lead, len(offs), off_arr, phase_arr, len(phases), ptrs, xc, xt, c, tx,
         steps.data_ptr(), float(x_step), out.data_ptr(), torch.get_num_threads(), int(flip_byte() != 0),
     )
     return out if res == 0 else None
@@ -372,26 +364,40 @@ def taps_dots(
     the gradient on the grid at columns ``[lead, lead + T)``, every byte xor 0x80 (``grid_rows(..., flip=0x80)``),
     ``phases`` int8 channel rows ``[C, tx]`` (contiguous). Returns the fp32 ``weight_size`` gradient, or ``None`` where
     the kernel does not apply (no VNNI, other layouts, inconsistent sizes)."""
-    taps = len(offs)
-    if (not offs or x_step.numel() != 1 or g_step.numel() not in (1, o) or tile_unit() is None
-            or not tile_usable(ge, *phases, g_step, x_step) or len(weight_size) != 4
-            or list(weight_size[:2]) != [o, c] or weight_size[2] * weight_size[3] != taps or len(phase_of) != taps
-            or not phases or min(phase_of) < 0 or max(phase_of) >= len(phases) or min(offs) < 0 or max(offs) > lead):
+    if not _taps_consistent(ge, o, lead, offs, phase_of, phases, c, g_step, x_step, weight_size):
         return None
-    if (ge.dtype != torch.int8 or not ge.is_contiguous() or ge.dim() != 2 or ge.shape[0] < o
-            or ge.shape[1] < lead + tx):
+    if ge.shape[0] < o or ge.shape[1] < lead + tx:
         return None
     if any(b.dtype != torch.int8 or b.shape != (c, tx) or not b.is_contiguous() for b in phases):
         return None
-    steps = _vector(g_step, o)
-    out = torch.empty(weight_size, dtype=torch.float32, device="cpu")
-    off_arr, phase_arr = _taps_arrays(tuple(offs), tuple(phase_of))
-    ptrs = (ctypes.c_void_p * len(phases))(*[b.data_ptr() for b in phases])
-    res = _amx_source().lq_taps_dots(ge.data_ptr(), o, ge.shape[1], lead, taps, off_arr, phase_arr, len(phases), ptrs,
-                                     c, tx, steps.data_ptr(), float(x_step), out.data_ptr(), torch.get_num_threads())
+    steps, out, off_arr, phase_arr, ptrs = _taps_arguments(o, offs, phase_of, phases, g_step, weight_size)
+    res = _amx_source().lq_taps_dots(ge.data_ptr(), o, ge.shape[1], lead, len(offs), off_arr, phase_arr, len(phases),
+                                     ptrs, c, tx, steps.data_ptr(), float(x_step), out.data_ptr(),
+                                     torch.get_num_threads())
     if res == -2:
         raise MemoryError("lq taps_dots: could not allocate its channel sums")
     return out if res == 0 else None
+
+
+def _taps_consistent(ge, o: int, lead: int, offs, phase_of, phases, c: int, g_step, x_step, weight_size) -> bool:
+    """What :func:`amx_taps` and :func:`taps_dots` both require of their arguments (each then checks the sizes and
+    layouts its own kernel reads): a tile unit or VNNI and plain CPU tensors, one input step, ``[1]`` or ``[O]``
+    gradient steps, ``weight_size`` ``[O, C, kh, kw]`` with a tap per offset, each tap's phase among ``phases``, the
+    offsets within the gradient's zero lead, ``ge`` a contiguous 2-d int8 buffer."""
+    taps = len(offs)
+    return (taps > 0 and x_step.numel() == 1 and g_step.numel() in (1, o) and tile_usable(ge, *phases, g_step, x_step)
+            and len(weight_size) == 4 and list(weight_size[:2]) == [o, c] and weight_size[2] * weight_size[3] == taps
+            and len(phase_of) == taps and len(phases) > 0 and min(phase_of) >= 0 and max(phase_of) < len(phases)
+            and min(offs) >= 0 and max(offs) <= lead and ge.dtype == torch.int8 and ge.dim() == 2
+            and ge.is_contiguous())
+
+
+def _taps_arguments(o: int, offs, phase_of, phases, g_step, weight_size) -> tuple:
+    """The taps kernels' shared arguments: ``(steps, out, offsets, phase indices, phase pointers)``, the fp32 output
+    ``weight_size`` allocated."""
+    off_arr, phase_arr = _taps_arrays(tuple(offs), tuple(phase_of))
+    ptrs = (ctypes.c_void_p * len(phases))(*[b.data_ptr() for b in phases])
+    return _vector(g_step, o), torch.empty(weight_size, dtype=torch.float32, device="cpu"), off_arr, phase_arr, ptrs
 
 
 @functools.lru_cache(maxsize=256)
